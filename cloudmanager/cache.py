@@ -1,0 +1,426 @@
+"""CacheStore: the storage directory of content-addressed files.
+
+Layout under ``storage_path``::
+
+    ab/abcdef...   a cached file, named by its SHA-256 (256 shards, one level)
+    tmp/           temp files of writes in flight, named after their session
+
+The byte total is a running counter in the database, so usage, admission and
+eviction never walk the directory. Space for a write is *reserved* before the
+first byte lands, and reservations count against the capacity with the
+cached bytes, so temp files cannot push the cache past it.
+
+Eviction takes the least recently used file that is on at least one host and
+not pinned, through a partial index: O(log n) per file evicted. Cache hits
+update recency in memory and are written in batches; every eviction flushes
+them first, so eviction decisions always see them.
+
+A publish (rename into place) and an eviction (unlink) each happen inside the
+database's write transaction, so the directory and the rows change together
+as far as other processes can see. A crash between the two leaves at worst an
+orphan file or a row whose file is gone; the next open finds the dead session
+and reconciles.
+"""
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import socket
+import stat
+import threading
+import time
+
+from . import fsutil
+from .errors import CacheError, CacheFullError, IntegrityError
+from .validation import check_hash, is_hash
+
+log = logging.getLogger(__name__)
+
+#: Deferred recency updates are written after this many hits...
+TOUCH_BATCH = 1000
+#: ...or once this many seconds have passed since the last write.
+TOUCH_INTERVAL_S = 1.0
+#: Files evicted per round trip when making room.
+EVICT_BATCH = 64
+
+
+class CacheStore:
+    """A bounded, content-addressed cache directory with LRU eviction.
+
+    :param db: the :class:`~cloudmanager.database.FileDatabase`
+    :param storage_path: the directory; created (mode 0700) if missing
+    :param capacity: the most bytes it may hold, temp files included
+    :param fsync: fsync files and directories on write (turn off only for
+        throwaway pools and benchmarks)
+    :param reconcile: ``None`` reconciles when a dead session or a new
+        database calls for it; True always; False never
+    :raises CacheError: if the directory cannot be used or the capacity is not
+        a positive number
+    """
+
+    def __init__(self, db, storage_path, capacity, fsync=True, reconcile=None):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
+            raise CacheError("storage_size must be a positive number of bytes, not %r"
+                             % (capacity,))
+        self.db = db
+        self.root = os.path.abspath(os.fspath(storage_path))
+        self.capacity = capacity
+        self.fsync = fsync
+        self.tmp_dir = os.path.join(self.root, "tmp")
+        self._prepare_directories()
+        self.node = socket.gethostname()
+        self.token = secrets.token_hex(8)
+        self.owner = "%s:%d:%s" % (self.node, os.getpid(), self.token)
+        self._lock = threading.Lock()
+        self._touches = {}
+        self._hits = self._misses = 0
+        self._last_flush = time.monotonic()
+        self.reconcile(full=reconcile)
+        db.open_session(self.owner, self.node, os.getpid())
+
+    def _prepare_directories(self):
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise CacheError("storage path %s exists and is not a directory" % self.root)
+        try:
+            os.makedirs(self.root, fsutil.DIR_MODE, exist_ok=True)
+            os.makedirs(self.tmp_dir, fsutil.DIR_MODE, exist_ok=True)
+            for i in range(256):
+                shard = os.path.join(self.root, "%02x" % i)
+                if not os.path.isdir(shard):
+                    os.mkdir(shard, fsutil.DIR_MODE)
+        except OSError as exc:
+            raise CacheError("cannot prepare storage directory %s: %s" % (self.root, exc)) from exc
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise CacheError("storage directory %s is not writable" % self.root)
+
+    # -- paths ---------------------------------------------------------------
+
+    def path_for(self, file_hash):
+        """The path a file with this hash has in the cache (whether or not it is there)."""
+        file_hash = check_hash(file_hash)
+        return os.path.join(self.root, file_hash[:2], file_hash)
+
+    # -- reading -------------------------------------------------------------
+
+    def lookup(self, file_hash):
+        """Return the cached file's path on a hit, or ``None``; counts hits and misses.
+
+        A row whose file has vanished or has the wrong size is marked not
+        cached, and the lookup is a miss.
+        """
+        state = self.db.cache_state(file_hash)
+        if state is None:
+            return None
+        size, cached = state
+        path = os.path.join(self.root, file_hash[:2], file_hash)
+        if cached:
+            try:
+                st = os.lstat(path)
+                ok = stat.S_ISREG(st.st_mode) and st.st_size == size
+            except FileNotFoundError:
+                ok = False
+            if ok:
+                self._note_use(file_hash, hit=True)
+                return path
+            log.warning("cached file %s is missing or damaged; marking it not cached",
+                        file_hash)
+            self.drop(file_hash)
+        self._note_use(None, hit=False)
+        return None
+
+    def contains(self, file_hash):
+        """Whether the database says the cache holds this file (no I/O, not a use)."""
+        return self.db.is_cached(file_hash)
+
+    def _note_use(self, file_hash, hit):
+        with self._lock:
+            if hit:
+                self._hits += 1
+                self._touches[file_hash] = time.time()
+            else:
+                self._misses += 1
+            due = (len(self._touches) >= TOUCH_BATCH
+                   or time.monotonic() - self._last_flush >= TOUCH_INTERVAL_S)
+        if due:
+            self.flush()
+
+    def flush(self):
+        """Write deferred recency updates and hit/miss counts to the database."""
+        with self._lock:
+            touches, self._touches = self._touches, {}
+            hits, misses = self._hits, self._misses
+            self._hits = self._misses = 0
+            self._last_flush = time.monotonic()
+        if touches:
+            self.db.touch_many(touches.items())
+        if hits or misses:
+            self.db.add_hits(hits, misses)
+
+    # -- space -----------------------------------------------------------------
+
+    def used_bytes(self):
+        """Bytes held by cached files (the running total; no directory walk)."""
+        return self.db.counter("cached_bytes")
+
+    def usage_ratio(self):
+        """Cached bytes over capacity, clamped to [0, 1]."""
+        return min(max(self.used_bytes() / self.capacity, 0.0), 1.0)
+
+    def _make_room(self, conn, needed):
+        """Evict LRU files until ``needed`` more bytes fit; inside a transaction.
+
+        :return: False if even evicting every evictable file is not enough
+        """
+        while True:
+            used = self.db.counter("cached_bytes") + self.db.reserved_bytes(conn)
+            excess = used + needed - self.capacity
+            if excess <= 0:
+                return True
+            victims = self.db.eviction_candidates(conn, EVICT_BATCH)
+            if not victims:
+                return False
+            for victim, size in victims:
+                self.db.set_cached(conn, victim, False)
+                self._unlink_cached(victim)
+                log.debug("evicted %s (%d bytes)", victim, size)
+                excess -= size
+                if excess <= 0:
+                    break
+
+    def _unlink_cached(self, file_hash):
+        # lstat first: a symlink planted in the storage directory is removed
+        # as a link and never followed.
+        fsutil.remove_quietly(os.path.join(self.root, file_hash[:2], file_hash))
+
+    @contextlib.contextmanager
+    def reserve(self, size):
+        """Reserve room for a ``size``-byte write, evicting LRU files as needed.
+
+        Yields a :class:`Reservation`, whose ``temp`` is where to write. The
+        reservation is released on exit; the temp file is removed unless it
+        was committed.
+
+        :raises CacheFullError: if pinned files leave no room
+        """
+        if size > self.capacity:
+            raise CacheFullError("%d bytes do not fit a %d-byte cache" % (size, self.capacity))
+        self.flush()  # eviction must see every recent hit
+        with self.db.transaction() as conn:
+            if not self._make_room(conn, size):
+                raise CacheFullError(
+                    "no room for %d bytes: %d of %d bytes are pinned or in flight"
+                    % (size, self.used_bytes() + self.db.reserved_bytes(conn), self.capacity))
+            reservation = Reservation(self.db.add_reservation(conn, self.owner, size), size)
+        try:
+            reservation.temp = os.path.join(
+                self.tmp_dir, "%s-%d.tmp" % (self.token, reservation.id))
+            yield reservation
+        finally:
+            fsutil.remove_quietly(reservation.temp)
+            if not reservation.committed:
+                with self.db.transaction() as conn:
+                    self.db.drop_reservation(conn, reservation.id)
+
+    def make_room(self, needed=0):
+        """Evict LRU files until ``needed`` bytes are free. :return: False if impossible."""
+        self.flush()
+        with self.db.transaction() as conn:
+            return self._make_room(conn, needed)
+
+    def evict(self, target_bytes):
+        """Evict LRU files until at most ``target_bytes`` are cached.
+
+        :return: the number of files evicted
+        """
+        self.flush()
+        evicted = 0
+        with self.db.transaction() as conn:
+            while self.db.counter("cached_bytes") > target_bytes:
+                victims = self.db.eviction_candidates(conn, 1)
+                if not victims:
+                    break
+                self.db.set_cached(conn, victims[0][0], False)
+                self._unlink_cached(victims[0][0])
+                evicted += 1
+        return evicted
+
+    # -- writing ---------------------------------------------------------------
+
+    def ingest(self, source_path, filename, created=None, queue=True):
+        """Copy a file into the cache, hashing it on the way (one read).
+
+        The bytes go to a temp file under a reservation, are fsynced, and are
+        renamed to their hash's path in the same transaction that records the
+        file as cached (and queued for upload, if ``queue``).
+
+        :return: ``(hash, size)``
+        :raises CacheFullError: if there is no room for it
+        :raises OSError: if the source cannot be read
+        """
+        with open(source_path, "rb", buffering=0) as src:
+            size = os.fstat(src.fileno()).st_size
+            with self.reserve(size) as res:
+                fd, res.temp = fsutil.open_temp(self.tmp_dir, "%s-%d-" % (self.token, res.id))
+                try:
+                    file_hash, nbytes = fsutil.copy_and_hash(src, fd, limit=size)
+                    if self.fsync:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+                if nbytes != size:
+                    raise CacheError("%s changed size while it was read" % source_path)
+                self.commit(res, file_hash, nbytes, filename, created, queue=queue)
+        return file_hash, nbytes
+
+    def commit(self, reservation, file_hash, size, filename="", created=None, queue=False):
+        """Publish a reservation's verified temp file as the cached copy of ``file_hash``.
+
+        If the file is already cached, the temp file is dropped and the
+        cached copy counts as used.
+
+        :raises IntegrityError: if the pool knows this hash with another size
+        """
+        path = self.path_for(file_hash)
+        now = time.time()
+        with self.db.transaction() as conn:
+            outcome = self.db.add_file(conn, file_hash, filename, size,
+                                       int(created if created is not None else now))
+            if outcome == "conflict":
+                raise IntegrityError("%s is recorded with another size than %d" % (file_hash, size))
+            if self.db.is_cached(file_hash) and os.path.isfile(path):
+                self.db.touch_many([(file_hash, now)])
+            else:
+                fsutil.publish(reservation.temp, path, self.fsync)
+                self.db.set_cached(conn, file_hash, True, now)
+            self.db.drop_reservation(conn, reservation.id)
+            if queue and self.db.copies(file_hash) == 0:
+                self.db.enqueue(conn, file_hash, now)
+            reservation.committed = True
+        return path
+
+    def drop(self, file_hash):
+        """Remove a file from the cache (its record stays)."""
+        with self.db.transaction() as conn:
+            self.db.set_cached(conn, file_hash, False)
+            self._unlink_cached(file_hash)
+
+    # -- reconciliation --------------------------------------------------------
+
+    def _dead_sessions(self):
+        dead = []
+        for owner, node, pid in self.db.sessions():
+            if node == self.node and pid != os.getpid() and not _pid_alive(pid):
+                dead.append(owner)
+        return dead
+
+    def reconcile(self, full=None):
+        """Bring the directory and the database back into agreement.
+
+        Always: remove temp files left by sessions that no longer run.
+        When ``full`` (or, with ``full=None``, when a session died without
+        closing or the database is new): walk the shards, remove orphan,
+        misplaced and foreign files (symlinks are removed, never followed),
+        mark rows whose file is missing or the wrong size as not cached, and
+        recount the usage total.
+
+        :return: a dict of what was found and fixed
+        """
+        dead = self._dead_sessions()
+        live_tokens = {owner.rsplit(":", 1)[-1] for owner, _, _ in self.db.sessions()
+                       if owner not in dead}
+        live_tokens.add(getattr(self, "token", ""))
+        report = {"temp_removed": 0, "orphans_removed": 0, "missing_marked": 0,
+                  "dead_sessions": len(dead), "full": False}
+        for entry in _scandir(self.tmp_dir):
+            if entry.name.split("-", 1)[0] not in live_tokens:
+                _remove_entry(entry)
+                report["temp_removed"] += 1
+        if full is None:
+            full = bool(dead) or self.db.file_count() == 0 and self._has_any_file()
+        if full:
+            report["full"] = True
+            report.update(self._full_reconcile())
+        if dead:
+            with self.db.transaction() as conn:
+                self.db.end_sessions(conn, dead)
+        if any(report[k] for k in ("temp_removed", "orphans_removed", "missing_marked")):
+            log.info("reconciled %s: %s", self.root, report)
+        return report
+
+    def _has_any_file(self):
+        for i in range(256):
+            for _ in _scandir(os.path.join(self.root, "%02x" % i)):
+                return True
+        return False
+
+    def _full_reconcile(self):
+        on_disk = {}
+        removed = 0
+        for i in range(256):
+            shard = "%02x" % i
+            for entry in _scandir(os.path.join(self.root, shard)):
+                if entry.is_file(follow_symlinks=False) and is_hash(entry.name) \
+                        and entry.name.startswith(shard):
+                    on_disk[entry.name] = entry.stat(follow_symlinks=False).st_size
+                else:
+                    _remove_entry(entry)
+                    removed += 1
+        missing = 0
+        # Under the write lock, no other process can publish or evict while
+        # the rows and the walk are compared.
+        with self.db.transaction() as conn:
+            for file_hash, size in self.db.cached_hashes():
+                if on_disk.pop(file_hash, None) != size:
+                    self.db.set_cached(conn, file_hash, False)
+                    self._unlink_cached(file_hash)
+                    missing += 1
+            for orphan in on_disk:  # on disk, but no row says cached
+                self._unlink_cached(orphan)
+                removed += 1
+            self.db.recount_cache(conn)
+        return {"orphans_removed": removed, "missing_marked": missing}
+
+    def close(self):
+        """Flush deferred updates and end this session."""
+        self.flush()
+        with self.db.transaction() as conn:
+            self.db.end_sessions(conn, [self.owner])
+
+
+class Reservation:
+    """Room promised to one write. ``temp`` is the temp file's path."""
+
+    __slots__ = ("id", "size", "temp", "committed")
+
+    def __init__(self, reservation_id, size):
+        self.id = reservation_id
+        self.size = size
+        self.temp = None
+        self.committed = False
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _scandir(path):
+    try:
+        with os.scandir(path) as it:
+            yield from it
+    except FileNotFoundError:
+        return
+
+
+def _remove_entry(entry):
+    if entry.is_dir(follow_symlinks=False):
+        shutil.rmtree(entry.path, ignore_errors=True)
+    else:
+        fsutil.remove_quietly(entry.path)

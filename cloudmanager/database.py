@@ -1,0 +1,564 @@
+"""FileDatabase: every SQL statement of cloudmanager lives here.
+
+The database is SQLite in WAL mode. Each thread gets its own connection (and
+a forked child gets new ones). Writes go through :meth:`FileDatabase.transaction`,
+which takes the write lock up front with ``BEGIN IMMEDIATE`` and retries a
+bounded number of times when another process holds it.
+
+The schema is in ``schema.sql`` beside this module, versioned with
+``PRAGMA user_version``. :data:`MIGRATIONS` lists the steps from each version
+to the next.
+"""
+
+import contextlib
+import logging
+import os
+import random
+import sqlite3
+import threading
+import time
+from importlib import resources
+
+from .errors import DatabaseError
+
+log = logging.getLogger(__name__)
+
+#: The schema version this code writes and expects.
+SCHEMA_VERSION = 1
+
+#: ``{from_version: sql}``: the script that moves a database from
+#: ``from_version`` to ``from_version + 1``. Each script ends by setting
+#: ``PRAGMA user_version``. Empty until the schema first changes.
+MIGRATIONS = {}
+
+#: How long one attempt waits for a lock held by another connection.
+BUSY_TIMEOUT_S = 10.0
+#: How many times a transaction start is retried when SQLite still says busy.
+BUSY_RETRIES = 8
+
+
+def schema_sql():
+    """Return the text of ``schema.sql``."""
+    return resources.files(__package__).joinpath("schema.sql").read_text("utf-8")
+
+
+def _is_busy(exc):
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def month_key(timestamp=None):
+    """Return the ``'YYYY-MM'`` (UTC) of a unix time, for the transfer meter."""
+    return time.strftime("%Y-%m", time.gmtime(timestamp))
+
+
+class FileDatabase:
+    """The pool's records in one SQLite file.
+
+    :param path: the database file; created, and given the schema, if new
+    :raises DatabaseError: if the file cannot be opened, is not a
+        cloudmanager database, or is newer than this code
+    """
+
+    def __init__(self, path):
+        self.path = os.path.abspath(os.fspath(path))
+        self._local = threading.local()
+        self._closed = False
+        self._all_connections = []
+        self._connections_lock = threading.Lock()
+        self.ensure_schema()
+
+    # -- connections and transactions ------------------------------------
+
+    @property
+    def connection(self):
+        """This thread's connection, opened on first use (and after a fork)."""
+        if self._closed:
+            raise DatabaseError("database %s is closed" % self.path)
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            conn = self._connect()
+            local.conn, local.pid, local.depth = conn, os.getpid(), 0
+        return conn
+
+    def _connect(self):
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=BUSY_TIMEOUT_S,
+                isolation_level=None,  # we issue BEGIN ourselves
+                check_same_thread=False,  # closed from close(), never shared
+            )
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as exc:
+            raise DatabaseError("cannot open database %s: %s" % (self.path, exc)) from exc
+        with self._connections_lock:
+            self._all_connections.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """A write transaction, as a context manager yielding the connection.
+
+        It starts with ``BEGIN IMMEDIATE``, so the write lock is held from the
+        start and the transaction cannot fail later for want of it. When
+        another process holds the lock longer than the busy timeout, the start
+        is retried with backoff, up to :data:`BUSY_RETRIES` times. Nested use
+        on one thread joins the outer transaction.
+
+        :raises DatabaseError: if the lock cannot be had, or a statement fails
+        """
+        conn = self.connection
+        local = self._local
+        if local.depth:
+            local.depth += 1
+            try:
+                yield conn
+            finally:
+                local.depth -= 1
+            return
+        for attempt in range(BUSY_RETRIES + 1):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or attempt == BUSY_RETRIES:
+                    raise DatabaseError("cannot start a transaction on %s: %s"
+                                        % (self.path, exc)) from exc
+                log.debug("database busy, retry %d: %s", attempt + 1, exc)
+                time.sleep(min(0.05 * 2 ** attempt, 1.0) * random.uniform(0.5, 1.5))
+        local.depth = 1
+        try:
+            yield conn
+        except BaseException:
+            local.depth = 0
+            conn.execute("ROLLBACK")
+            raise
+        local.depth = 0
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            raise DatabaseError("commit failed on %s: %s" % (self.path, exc)) from exc
+
+    def _read(self, sql, params=()):
+        try:
+            return self.connection.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise DatabaseError("query failed on %s: %s" % (self.path, exc)) from exc
+
+    def close(self):
+        """Close every connection this instance opened."""
+        self._closed = True
+        with self._connections_lock:
+            conns, self._all_connections = self._all_connections, []
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    # -- schema ------------------------------------------------------------
+
+    def schema_version(self):
+        """Return the database's ``PRAGMA user_version``."""
+        return self._read("PRAGMA user_version").fetchone()[0]
+
+    def ensure_schema(self):
+        """Create the schema on a new database, or migrate an older one.
+
+        :return: the version the database had before (0 for a new one)
+        :raises DatabaseError: if the database is newer than this code, or a
+            migration fails
+        """
+        try:
+            before = self.schema_version()
+        except DatabaseError:
+            raise
+        except sqlite3.Error as exc:  # pragma: no cover - defensive
+            raise DatabaseError("cannot read %s: %s" % (self.path, exc)) from exc
+        if before > SCHEMA_VERSION:
+            raise DatabaseError(
+                "database %s has schema version %d; this cloudmanager knows up to %d"
+                % (self.path, before, SCHEMA_VERSION))
+        if before == 0:
+            if self._read("SELECT count(*) FROM sqlite_master WHERE name = 'files'"
+                          ).fetchone()[0]:
+                raise DatabaseError("%s has a 'files' table but no cloudmanager "
+                                    "schema version; refusing to touch it" % self.path)
+            self._run_script(schema_sql())
+            log.info("created schema version %d in %s", SCHEMA_VERSION, self.path)
+        version = self.schema_version()
+        while version < SCHEMA_VERSION:
+            self._run_script(MIGRATIONS[version])
+            log.info("migrated %s from schema version %d to %d",
+                     self.path, version, version + 1)
+            version = self.schema_version()
+        return before
+
+    def _run_script(self, script):
+        # executescript() commits first and runs each statement itself; the
+        # explicit BEGIN IMMEDIATE ... COMMIT makes the whole script atomic.
+        conn = self.connection
+        try:
+            conn.executescript("BEGIN IMMEDIATE;\n%s\nCOMMIT;" % script)
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise DatabaseError("schema change failed on %s: %s" % (self.path, exc)) from exc
+
+    # -- files ---------------------------------------------------------------
+
+    def file_exists(self, file_hash):
+        """Whether the pool has a record of ``file_hash``."""
+        return self._read("SELECT 1 FROM files WHERE hash = ?", (file_hash,)).fetchone() is not None
+
+    def is_cached(self, file_hash):
+        """Whether the cache holds ``file_hash``, as far as the database knows."""
+        row = self._read("SELECT cached FROM files WHERE hash = ?", (file_hash,)).fetchone()
+        return bool(row and row[0])
+
+    def get_file(self, file_hash):
+        """Return the file's row as a dict, or ``None``.
+
+        Keys: hash, filename, size, created, copies, cached, last_access, pinned.
+        """
+        cur = self._read(
+            "SELECT hash, filename, size, created, copies, cached, last_access, pinned"
+            " FROM files WHERE hash = ?", (file_hash,))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip([d[0] for d in cur.description], row))
+
+    def cache_state(self, file_hash):
+        """Return ``(size, cached)`` for a known file, or ``None``. The hit path."""
+        return self._read("SELECT size, cached FROM files WHERE hash = ?",
+                          (file_hash,)).fetchone()
+
+    def add_file(self, conn, file_hash, filename, size, created):
+        """Insert a file row if it is new, or fill in a missing filename.
+
+        Call inside :meth:`transaction`.
+
+        :return: ``"new"``, ``"named"`` (a filename was filled in), ``"same"``,
+            or ``"conflict"`` when the pool knows this hash with another size
+        """
+        row = conn.execute("SELECT size, filename FROM files WHERE hash = ?",
+                           (file_hash,)).fetchone()
+        if row is None:
+            conn.execute("INSERT INTO files (hash, filename, size, created) VALUES (?, ?, ?, ?)",
+                         (file_hash, filename, size, created))
+            return "new"
+        if row[0] != size:
+            return "conflict"
+        if filename and not row[1]:
+            conn.execute("UPDATE files SET filename = ? WHERE hash = ?", (filename, file_hash))
+            return "named"
+        return "same"
+
+    def delete_file(self, conn, file_hash):
+        """Forget a file and its uploads and queue entry (inside a transaction)."""
+        conn.execute("DELETE FROM files WHERE hash = ?", (file_hash,))
+
+    def set_cached(self, conn, file_hash, cached, when=None):
+        """Mark a file cached (with its LRU clock set to ``when``) or not."""
+        if cached:
+            conn.execute("UPDATE files SET cached = 1, last_access = ? WHERE hash = ?",
+                         (when if when is not None else time.time(), file_hash))
+        else:
+            conn.execute("UPDATE files SET cached = 0 WHERE hash = ?", (file_hash,))
+
+    def set_pinned(self, file_hash, pinned):
+        """Set or clear the explicit pin of a file. :return: True if it exists."""
+        with self.transaction() as conn:
+            return conn.execute("UPDATE files SET pinned = ? WHERE hash = ?",
+                                (1 if pinned else 0, file_hash)).rowcount == 1
+
+    def touch_many(self, accesses):
+        """Apply deferred LRU clock updates: an iterable of ``(hash, when)``."""
+        with self.transaction() as conn:
+            conn.executemany(
+                "UPDATE files SET last_access = max(last_access, ?)"
+                " WHERE hash = ? AND cached = 1",
+                [(when, h) for h, when in accesses])
+
+    def eviction_candidates(self, conn, limit):
+        """Least recently used evictable files: ``[(hash, size)]``, oldest first.
+
+        Evictable means cached, on at least one host, and not pinned. The
+        WHERE clause matches the partial index ``files_lru``, so this is an
+        index range scan: O(log n + limit).
+        """
+        return conn.execute(
+            "SELECT hash, size FROM files"
+            " WHERE cached = 1 AND copies > 0 AND pinned = 0"
+            " ORDER BY last_access LIMIT ?", (limit,)).fetchall()
+
+    def cached_hashes(self):
+        """All ``(hash, size)`` the database says are cached. For reconciliation only."""
+        return self._read("SELECT hash, size FROM files WHERE cached = 1").fetchall()
+
+    def below_target(self, target, limit=None):
+        """Hashes of files with fewer than ``target`` good copies, fewest first."""
+        sql = "SELECT hash FROM files WHERE copies < ? ORDER BY copies, hash"
+        params = (target,)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params += (limit,)
+        return [r[0] for r in self._read(sql, params)]
+
+    # -- uploads -------------------------------------------------------------
+
+    def uploads(self, file_hash):
+        """The file's upload rows: ``[{host_name, url, error, time}]``."""
+        return [
+            {"host_name": h, "url": u, "error": bool(e), "time": t}
+            for h, u, e, t in self._read(
+                "SELECT host_name, url, error, time FROM uploads WHERE hash = ?"
+                " ORDER BY time, host_name, url", (file_hash,))
+        ]
+
+    def record_upload(self, conn, file_hash, host_name, url, when):
+        """Record a good copy, and drop earlier failure rows of that host."""
+        conn.execute(
+            "INSERT INTO uploads (hash, host_name, url, error, time) VALUES (?, ?, ?, 0, ?)"
+            " ON CONFLICT (hash, host_name, url) DO UPDATE SET error = 0, time = excluded.time",
+            (file_hash, host_name, url, when))
+        conn.execute("DELETE FROM uploads WHERE hash = ? AND host_name = ? AND url = ''"
+                     " AND error = 1", (file_hash, host_name))
+
+    def record_upload_failure(self, conn, file_hash, host_name, when):
+        """Record that uploading to ``host_name`` failed (unless it holds a copy)."""
+        conn.execute(
+            "INSERT INTO uploads (hash, host_name, url, error, time)"
+            " SELECT ?, ?, '', 1, ? WHERE NOT EXISTS ("
+            "  SELECT 1 FROM uploads WHERE hash = ? AND host_name = ? AND error = 0)"
+            " ON CONFLICT (hash, host_name, url) DO UPDATE SET time = excluded.time",
+            (file_hash, host_name, when, file_hash, host_name))
+
+    def mark_copy_bad(self, file_hash, host_name, url):
+        """Flag a copy that failed verification; it is never tried again."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE uploads SET error = 1 WHERE hash = ? AND host_name = ? AND url = ?",
+                         (file_hash, host_name, url))
+
+    def copies(self, file_hash):
+        """Number of distinct hosts holding a good copy of the file."""
+        row = self._read("SELECT copies FROM files WHERE hash = ?", (file_hash,)).fetchone()
+        return row[0] if row else 0
+
+    # -- the upload queue ----------------------------------------------------
+
+    def enqueue(self, conn, file_hash, when):
+        """Queue a file for upload (inside a transaction); a no-op if queued."""
+        conn.execute("INSERT OR IGNORE INTO upload_queue (hash, queued) VALUES (?, ?)",
+                     (file_hash, when))
+
+    def dequeue(self, conn, file_hash):
+        """Take a file off the upload queue."""
+        conn.execute("DELETE FROM upload_queue WHERE hash = ?", (file_hash,))
+
+    def queue_failure(self, file_hash, error, retry_at):
+        """Note a failed attempt at a queued upload and when to try again."""
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE upload_queue SET attempts = attempts + 1, next_attempt = ?,"
+                " last_error = ? WHERE hash = ?", (retry_at, error, file_hash))
+
+    def queued(self, now=None):
+        """Queued hashes that are due (all of them when ``now`` is None)."""
+        if now is None:
+            return [r[0] for r in self._read("SELECT hash FROM upload_queue ORDER BY queued")]
+        return [r[0] for r in self._read(
+            "SELECT hash FROM upload_queue WHERE next_attempt <= ? ORDER BY queued", (now,))]
+
+    # -- reservations and sessions ------------------------------------------
+
+    def reserved_bytes(self, conn=None):
+        """Bytes promised to writes in flight."""
+        conn = conn or self.connection
+        return conn.execute("SELECT coalesce(sum(size), 0) FROM reservations").fetchone()[0]
+
+    def add_reservation(self, conn, owner, size):
+        """Promise ``size`` bytes to a write; return the reservation's id."""
+        return conn.execute(
+            "INSERT INTO reservations (owner, size, created) VALUES (?, ?, ?)",
+            (owner, size, time.time())).lastrowid
+
+    def name_reservation(self, reservation_id, file_hash):
+        """Record the hash a reservation's temp file is about to be renamed to."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE reservations SET hash = ? WHERE id = ?",
+                         (file_hash, reservation_id))
+
+    def drop_reservation(self, conn, reservation_id):
+        """Release a reservation."""
+        conn.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
+
+    def reservations_of(self, owners):
+        """``[(id, owner, hash)]`` of the reservations made by ``owners``."""
+        owners = list(owners)
+        if not owners:
+            return []
+        marks = ",".join("?" * len(owners))
+        return self._read("SELECT id, owner, hash FROM reservations WHERE owner IN (%s)"
+                          % marks, owners).fetchall()
+
+    def reserved_hashes(self):
+        """Hashes named by reservations (renames that may be in flight)."""
+        return {r[0] for r in self._read("SELECT hash FROM reservations WHERE hash IS NOT NULL")}
+
+    def open_session(self, owner, node, pid):
+        """Register an open instance."""
+        with self.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO sessions (owner, node, pid, started)"
+                         " VALUES (?, ?, ?, ?)", (owner, node, pid, time.time()))
+
+    def sessions(self):
+        """``[(owner, node, pid)]`` of every registered instance."""
+        return self._read("SELECT owner, node, pid FROM sessions").fetchall()
+
+    def end_sessions(self, conn, owners):
+        """Remove sessions and the reservations they left (inside a transaction)."""
+        for owner in owners:
+            conn.execute("DELETE FROM reservations WHERE owner = ?", (owner,))
+            conn.execute("DELETE FROM sessions WHERE owner = ?", (owner,))
+
+    # -- counters, transfers, hosts -------------------------------------------
+
+    def counter(self, name):
+        """Value of a running total: cached_bytes, cached_files, hits, misses."""
+        row = self._read("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else 0
+
+    def set_counter(self, conn, name, value):
+        """Overwrite a running total (reconciliation only)."""
+        conn.execute("UPDATE counters SET value = ? WHERE name = ?", (value, name))
+
+    def add_hits(self, hits, misses):
+        """Add to the cache hit and miss counters."""
+        with self.transaction() as conn:
+            conn.executemany("UPDATE counters SET value = value + ? WHERE name = ?",
+                             [(hits, "hits"), (misses, "misses")])
+
+    def add_transfer(self, uploaded=0, downloaded=0, when=None):
+        """Add bytes to this month's transfer meter."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO transfers (month, uploaded, downloaded) VALUES (?, ?, ?)"
+                " ON CONFLICT (month) DO UPDATE SET uploaded = uploaded + excluded.uploaded,"
+                " downloaded = downloaded + excluded.downloaded",
+                (month_key(when), uploaded, downloaded))
+
+    def transfers(self):
+        """``{month: (uploaded, downloaded)}`` for every month on record."""
+        return {m: (u, d) for m, u, d in self._read(
+            "SELECT month, uploaded, downloaded FROM transfers ORDER BY month")}
+
+    def record_host_result(self, host_name, ok, latency_ms=None, error=None):
+        """Update a host's health after one operation."""
+        now = time.time()
+        with self.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO host_health (host_name) VALUES (?)", (host_name,))
+            if ok:
+                conn.execute(
+                    "UPDATE host_health SET successes = successes + 1,"
+                    " consecutive_failures = 0, last_success = ?,"
+                    " latency_ms = CASE WHEN latency_ms IS NULL THEN ?"
+                    "  ELSE 0.8 * latency_ms + 0.2 * ? END WHERE host_name = ?",
+                    (now, latency_ms, latency_ms, host_name))
+            else:
+                conn.execute(
+                    "UPDATE host_health SET failures = failures + 1,"
+                    " consecutive_failures = consecutive_failures + 1,"
+                    " last_failure = ?, last_error = ? WHERE host_name = ?",
+                    (now, (error or "")[:500], host_name))
+
+    def host_health(self):
+        """``{host_name: {successes, failures, consecutive_failures, ...}}``."""
+        cur = self._read(
+            "SELECT host_name, successes, failures, consecutive_failures, last_error,"
+            " last_success, last_failure, latency_ms FROM host_health ORDER BY host_name")
+        names = [d[0] for d in cur.description]
+        return {row[0]: dict(zip(names[1:], row[1:])) for row in cur}
+
+    def file_count(self):
+        """Number of files in the pool. Counts rows: for stats, not hot paths."""
+        return self._read("SELECT count(*) FROM files").fetchone()[0]
+
+    def queue_length(self):
+        """Number of files on the upload queue."""
+        return self._read("SELECT count(*) FROM upload_queue").fetchone()[0]
+
+    def count_below(self, target):
+        """Number of files with fewer than ``target`` good copies (uses an index)."""
+        return self._read("SELECT count(*) FROM files WHERE copies < ?", (target,)).fetchone()[0]
+
+    # -- records: export and import -------------------------------------------
+
+    def iter_records(self, hashes=None):
+        """Yield ``(hash, filename, size, created, [(host, url, error)])`` per file.
+
+        Streams from one cursor, in hash order, so memory stays flat however
+        large the pool is. ``hashes`` limits it to those files.
+        """
+        sql = ("SELECT f.hash, f.filename, f.size, f.created, u.host_name, u.url, u.error"
+               " FROM files AS f LEFT JOIN uploads AS u ON u.hash = f.hash")
+        params = ()
+        if hashes is not None:
+            hashes = list(hashes)
+            sql += " WHERE f.hash IN (%s)" % ",".join("?" * len(hashes))
+            params = hashes
+        sql += " ORDER BY f.hash, u.time, u.host_name, u.url"
+        current = None
+        for h, name, size, created, host, url, error in self._read(sql, params):
+            if current is None or current[0] != h:
+                if current is not None:
+                    yield current
+                current = (h, name, size, created, [])
+            if host is not None:
+                current[4].append((host, url, bool(error)))
+        if current is not None:
+            yield current
+
+    def merge_records(self, records):
+        """Merge imported records into the pool, in one transaction.
+
+        A new file is inserted. A known file gains the uploads it lacked (a
+        union, so merging twice changes nothing) and a filename if it had none.
+        The error flag of an upload this node already knows is kept: local
+        knowledge wins over a remote claim. A record whose size disagrees with
+        the known size is refused.
+
+        :param records: objects with ``hash``, ``filename``, ``size``,
+            ``datetime`` and ``uploads`` (``[(host_name, url, error)]``)
+        :return: ``(changed, refused)``: how many records added something, and
+            the hashes refused for a size conflict
+        """
+        changed, refused = 0, []
+        with self.transaction() as conn:
+            for rec in records:
+                outcome = self.add_file(conn, rec.hash, rec.filename, rec.size, rec.datetime)
+                if outcome == "conflict":
+                    refused.append(rec.hash)
+                    continue
+                did = outcome != "same"
+                for host_name, url, error in rec.uploads:
+                    did |= conn.execute(
+                        "INSERT OR IGNORE INTO uploads (hash, host_name, url, error, time)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (rec.hash, host_name, url, 1 if error else 0, rec.datetime)).rowcount > 0
+                changed += did
+        return changed, refused
+
+    # -- reconciliation -------------------------------------------------------
+
+    def recount_cache(self, conn):
+        """Recompute the cached bytes and files totals from the rows."""
+        size, count = conn.execute(
+            "SELECT coalesce(sum(size), 0), count(*) FROM files WHERE cached = 1").fetchone()
+        self.set_counter(conn, "cached_bytes", size)
+        self.set_counter(conn, "cached_files", count)
+        return size, count

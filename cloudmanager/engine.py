@@ -1,0 +1,208 @@
+"""UploadEngine: moving bytes to and from hosts.
+
+Uploads go to ``redundancy`` hosts in parallel threads, healthiest first
+(fewest consecutive failures, then random). When one fails, the next
+candidate starts, until the target is met or the hosts run out.
+
+Downloads try the copies in the health order of their hosts. Each attempt
+writes a temp file beside the destination and is verified against the
+SHA-256 (and size) before it is renamed into place; a copy that does not
+match, or that the host no longer has, is marked bad in the database and is
+never tried again. Every outcome updates the host's health and the monthly
+transfer meter.
+"""
+
+import concurrent.futures
+import logging
+import os
+import random
+import threading
+import time
+from typing import List, NamedTuple
+
+from . import fsutil
+from .errors import (
+    DownloadError,
+    HostError,
+    HostNotFoundError,
+    IntegrityError,
+    InvalidInputError,
+    PermanentHostError,
+    TransientHostError,
+)
+from .hosts.base import Location
+
+log = logging.getLogger(__name__)
+
+
+class UploadResult(NamedTuple):
+    """What one round of uploads achieved."""
+
+    successes: List[Location]
+    failures: List[HostError]
+
+
+class UploadEngine:
+    """Parallel, health-ordered uploads and verified, failing-over downloads.
+
+    :param db: the :class:`~cloudmanager.database.FileDatabase` (for host
+        health, bad copies and the transfer meter)
+    :param hosts: :class:`~cloudmanager.hosts.base.Host` objects; names must be unique
+    :param redundancy: the target number of hosts per file
+    :raises InvalidInputError: if two hosts share a name
+    """
+
+    def __init__(self, db, hosts, redundancy):
+        self.db = db
+        self.redundancy = redundancy
+        self.hosts = {}
+        for host in hosts:
+            if host.name in self.hosts:
+                raise InvalidInputError("two hosts are named %r" % host.name)
+            self.hosts[host.name] = host
+        self._slots = {h.name: threading.BoundedSemaphore(max(1, h.max_connections))
+                       for h in self.hosts.values()}
+        workers = max(4, sum(h.max_connections for h in self.hosts.values()))
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(workers, 32), thread_name_prefix="cloudmanager")
+
+    # -- choosing hosts --------------------------------------------------------
+
+    def ranked(self, hosts):
+        """Order hosts healthiest first: fewest consecutive failures, then random."""
+        health = self.db.host_health()
+        return sorted(hosts, key=lambda h: (
+            health.get(h.name, {}).get("consecutive_failures", 0), random.random()))
+
+    def host_for(self, host_name, url):
+        """The configured host that can fetch ``url``: the one named
+        ``host_name``, else any host that accepts the URL. None if there is none."""
+        host = self.hosts.get(host_name)
+        if host is not None and host.accepts(url):
+            return host
+        for candidate in self.hosts.values():
+            if candidate.accepts(url):
+                return candidate
+        return None
+
+    # -- uploads ---------------------------------------------------------------
+
+    def upload(self, path, file_hash, size, holders=(), target=None):
+        """Upload a file until ``target`` hosts beyond ``holders`` hold it.
+
+        :param path: the local file (the cached copy, or the source itself)
+        :param holders: names of hosts that already hold a good copy
+        :param target: total hosts wanted (default: the engine's redundancy)
+        :return: an :class:`UploadResult`
+        """
+        target = self.redundancy if target is None else target
+        needed = target - len(set(holders))
+        candidates = self.ranked([h for n, h in self.hosts.items() if n not in holders])
+        successes, failures = [], []
+        running = set()
+        while needed > len(successes) and (candidates or running):
+            while candidates and len(running) + len(successes) < needed:
+                host = candidates.pop(0)
+                running.add(self._pool.submit(self._upload_one, host, path, file_hash, size))
+            done, running = concurrent.futures.wait(
+                running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                outcome = future.result()
+                (successes if isinstance(outcome, Location) else failures).append(outcome)
+        for future in running:  # pragma: no cover - only when target shrank
+            outcome = future.result()
+            (successes if isinstance(outcome, Location) else failures).append(outcome)
+        return UploadResult(successes, failures)
+
+    def _upload_one(self, host, path, file_hash, size):
+        started = time.monotonic()
+        try:
+            with self._slots[host.name]:
+                location = host.upload(path, file_hash)
+        except HostError as exc:
+            return self._failed(host, exc, "upload of %s" % file_hash)
+        except Exception as exc:  # a host bug must not take the engine down
+            return self._failed(host, TransientHostError(host.name, repr(exc)),
+                                "upload of %s" % file_hash)
+        self.db.record_host_result(host.name, True, (time.monotonic() - started) * 1000)
+        self.db.add_transfer(uploaded=size)
+        log.info("uploaded %s to %s", file_hash, host.name)
+        return location
+
+    def _failed(self, host, exc, what):
+        log.warning("%s failed on %s: %s", what, host.name, exc.message)
+        self.db.record_host_result(host.name, False, error=exc.message)
+        return exc
+
+    # -- downloads -------------------------------------------------------------
+
+    def download(self, file_hash, size, sources, dest_path):
+        """Fetch a verified copy into ``dest_path`` from the first source that has one.
+
+        :param sources: good copies as ``(host_name, url)`` pairs
+        :return: the :class:`Location` the bytes came from
+        :raises DownloadError: if no source delivered a good copy; its
+            ``failures`` list each attempt's error
+        """
+        plan = []
+        unreachable = []
+        for host_name, url in sources:
+            host = self.host_for(host_name, url)
+            if host is None:
+                unreachable.append(host_name)
+            else:
+                plan.append((host, Location(host_name, url)))
+        order = {h.name: i for i, h in enumerate(self.ranked({h for h, _ in plan}))}
+        plan.sort(key=lambda item: order[item[0].name])
+        failures = []
+        directory = os.path.dirname(os.path.abspath(dest_path))
+        for host, location in plan:
+            fd, temp = fsutil.open_temp(directory, ".cm-download-")
+            os.close(fd)
+            started = time.monotonic()
+            try:
+                with self._slots[host.name]:
+                    host.download(location.url, temp)
+                got_hash, got_size = fsutil.hash_file(temp)
+                if got_hash != file_hash or got_size != size:
+                    raise IntegrityError("%s sent %d bytes hashing to %s" % (
+                        host.name, got_size, got_hash))
+                os.replace(temp, dest_path)
+            except (HostError, IntegrityError, OSError) as exc:
+                fsutil.remove_quietly(temp)
+                failures.append(self._download_failed(file_hash, host, location, exc))
+                continue
+            except BaseException:
+                fsutil.remove_quietly(temp)
+                raise
+            self.db.record_host_result(host.name, True, (time.monotonic() - started) * 1000)
+            self.db.add_transfer(downloaded=size)
+            log.info("downloaded %s from %s", file_hash, host.name)
+            return location
+        reason = "no host delivered a good copy of %s" % file_hash
+        if unreachable:
+            reason += " (no configured host can reach copies on %s)" % ", ".join(
+                sorted(set(unreachable)))
+        raise DownloadError(reason, failures)
+
+    def _download_failed(self, file_hash, host, location, exc):
+        if isinstance(exc, IntegrityError):
+            log.warning("bad copy of %s on %s (%s): %s; marking it bad",
+                        file_hash, host.name, location.url, exc)
+            self.db.mark_copy_bad(file_hash, location.host_name, location.url)
+            exc = PermanentHostError(host.name, str(exc))
+        elif isinstance(exc, HostNotFoundError):
+            log.warning("%s no longer holds %s; marking the copy bad", host.name, file_hash)
+            self.db.mark_copy_bad(file_hash, location.host_name, location.url)
+        elif isinstance(exc, OSError):
+            exc = TransientHostError(host.name, "local error: %s" % exc)
+        return self._failed(host, exc, "download of %s" % file_hash)
+
+    def close(self):
+        """Wait for running transfers, then close every host."""
+        self._pool.shutdown(wait=True)
+        for host in self.hosts.values():
+            try:
+                host.close()
+            except Exception as exc:  # closing must not fail the caller
+                log.debug("closing %s: %s", host.name, exc)

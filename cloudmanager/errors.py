@@ -1,0 +1,101 @@
+"""Typed exceptions of cloudmanager.
+
+The :class:`~cloudmanager.CloudManager` facade keeps the seed's return values
+(``hash | False``, ``path | None | False``) and logs every failure. The layers
+below it raise these exceptions instead, for callers who want them. They form
+one shallow tree, so ``except CloudManagerError`` catches them all::
+
+    CloudManagerError
+    ├── DatabaseError
+    ├── CacheError
+    │   └── CacheFullError
+    ├── HostError                      (.host: the host's name)
+    │   ├── HostUnavailableError       down, timed out, refused: try again later
+    │   ├── HostNotFoundError          the host does not hold that object
+    │   ├── TransientHostError         anything else worth retrying
+    │   └── PermanentHostError         retrying will not help
+    ├── IntegrityError                 bytes did not match their SHA-256
+    ├── UploadError                    (.failures: per-host errors)
+    ├── DownloadError                  (.failures: per-host errors)
+    ├── InvalidInputError              a hash, URL, spec or path was refused
+    └── SerializationError             a JSON document could not be read
+"""
+
+
+class CloudManagerError(Exception):
+    """Root of every exception raised by cloudmanager."""
+
+
+class DatabaseError(CloudManagerError):
+    """The SQLite database could not be opened, migrated or written."""
+
+
+class CacheError(CloudManagerError):
+    """The storage directory could not be used."""
+
+
+class CacheFullError(CacheError):
+    """There is no room in the cache, even after evicting every unpinned file."""
+
+
+class HostError(CloudManagerError):
+    """A host failed. ``host`` names it.
+
+    :param host: the host's name
+    :param message: what went wrong
+    """
+
+    #: Whether trying again later may succeed.
+    transient = True
+
+    def __init__(self, host, message):
+        super().__init__("%s: %s" % (host, message))
+        self.host = host
+        self.message = message
+
+
+class HostUnavailableError(HostError):
+    """The host could not be reached, or did not answer in time."""
+
+
+class HostNotFoundError(HostError):
+    """The host does not hold the requested object (the link is dead)."""
+
+    transient = False
+
+
+class TransientHostError(HostError):
+    """A failure that may go away if the operation is retried."""
+
+
+class PermanentHostError(HostError):
+    """A failure that retrying will not cure (bad request, refused file)."""
+
+    transient = False
+
+
+class IntegrityError(CloudManagerError):
+    """Downloaded or cached bytes did not match the expected SHA-256."""
+
+
+class _FailuresError(CloudManagerError):
+    def __init__(self, message, failures=()):
+        super().__init__(message)
+        #: list of :class:`HostError`, one per host that failed
+        self.failures = list(failures)
+
+
+class UploadError(_FailuresError):
+    """No host accepted the file. ``failures`` lists each host's error."""
+
+
+class DownloadError(_FailuresError):
+    """No host delivered a good copy. ``failures`` lists each host's error."""
+
+
+class InvalidInputError(CloudManagerError, ValueError):
+    """An argument was refused: a malformed hash, URL, host spec or path."""
+
+
+class SerializationError(CloudManagerError, ValueError):
+    """A JSON document could not be read as cloudmanager records."""

@@ -1,0 +1,98 @@
+"""A folder host: copies live as files in a local or mounted directory.
+
+Spec: ``dir:/absolute/path`` or ``file:///absolute/path``. Objects are stored
+as ``ROOT/<hash>`` and recorded with ``file://`` URLs. It needs no account and
+no server, so it is the default for demos and tests, and it suits a NAS or a
+USB disk.
+"""
+
+import os
+import shutil
+from urllib.parse import quote, unquote, urlsplit
+
+from .. import fsutil
+from ..errors import HostNotFoundError, InvalidInputError, PermanentHostError, TransientHostError
+from ..validation import check_url, is_hash
+from .base import Host, Location
+
+
+class FolderHost(Host):
+    """Store copies in a directory.
+
+    :param root: an absolute directory path; created if missing
+    :param name: the host name recorded with uploads (default ``dir:ROOT``)
+    :param fsync: fsync each stored file
+    """
+
+    can_delete = True
+    can_check = True
+
+    def __init__(self, root, name=None, fsync=True, timeout=None):
+        root = os.fspath(root)
+        if not os.path.isabs(root):
+            raise InvalidInputError("a folder host needs an absolute path, not %r" % root)
+        self.root = os.path.normpath(root)
+        self.name = name or "dir:" + self.root
+        self.fsync = fsync
+        if timeout is not None:
+            self.timeout = timeout
+
+    @classmethod
+    def from_spec(cls, scheme, target, **options):
+        """Build from ``dir:/path`` or ``file:///path``."""
+        if scheme == "file":
+            parts = urlsplit("file:" + target)
+            if parts.netloc not in ("", "localhost"):
+                raise InvalidInputError("file: host spec must be local: %r" % target)
+            target = unquote(parts.path)
+        return cls(target, **options)
+
+    def _object_path(self, name):
+        if not is_hash(name):
+            raise InvalidInputError("folder objects are named by SHA-256, not %r" % (name,))
+        return os.path.join(self.root, name)
+
+    def _path_of(self, url):
+        check_url(url, schemes={"file"})
+        path = os.path.normpath(unquote(urlsplit(url).path))
+        if os.path.dirname(path) != self.root or not is_hash(os.path.basename(path)):
+            raise PermanentHostError(self.name, "URL is not an object of this folder: %s" % url)
+        return path
+
+    def accepts(self, url):
+        """Whether ``url`` names an object in this folder."""
+        try:
+            self._path_of(url)
+        except (InvalidInputError, PermanentHostError):
+            return False
+        return True
+
+    def upload(self, local_path, name):
+        """Copy ``local_path`` to ``ROOT/name`` atomically."""
+        dest = self._object_path(name)
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            with open(local_path, "rb") as src, fsutil.atomic_write(dest, self.fsync) as out:
+                shutil.copyfileobj(src, out, fsutil.CHUNK)
+        except OSError as exc:
+            raise TransientHostError(self.name, "cannot store %s: %s" % (name, exc)) from exc
+        return Location(self.name, "file://" + quote(dest))
+
+    def download(self, url, dest_path):
+        """Copy the object to ``dest_path`` atomically."""
+        path = self._path_of(url)
+        try:
+            with open(path, "rb") as src, fsutil.atomic_write(dest_path) as out:
+                shutil.copyfileobj(src, out, fsutil.CHUNK)
+        except FileNotFoundError as exc:
+            raise HostNotFoundError(self.name, "no object at %s" % url) from exc
+        except OSError as exc:
+            raise TransientHostError(self.name, "cannot read %s: %s" % (url, exc)) from exc
+
+    def exists(self, url):
+        """Whether the object file exists."""
+        return os.path.isfile(self._path_of(url))
+
+    def delete(self, url):
+        """Remove the object file (a missing one is not an error)."""
+        fsutil.remove_quietly(self._path_of(url))

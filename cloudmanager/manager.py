@@ -1,0 +1,534 @@
+"""CloudManager: the facade of the library.
+
+It keeps the original cloud-manager's API and return values (``hash | False``,
+``path | None | False``) and logs the cause of every ``False`` and ``None``
+on the ``cloudmanager`` logger. Work is done by the parts below it: the
+:class:`~cloudmanager.database.FileDatabase`, the
+:class:`~cloudmanager.cache.CacheStore` and the
+:class:`~cloudmanager.engine.UploadEngine` with its hosts.
+"""
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+
+from . import fsutil, serializers
+from .cache import CacheStore
+from .database import FileDatabase, month_key
+from .engine import UploadEngine
+from .errors import (
+    CacheError,
+    CacheFullError,
+    CloudManagerError,
+    DownloadError,
+    InvalidInputError,
+    SerializationError,
+    UploadError,
+)
+from .hosts import from_spec
+from .validation import check_hash, safe_basename
+
+log = logging.getLogger("cloudmanager")
+
+#: Seconds before a queued upload that failed is tried again (doubling per
+#: attempt, up to :data:`RETRY_MAX_S`).
+RETRY_BASE_S = 30.0
+RETRY_MAX_S = 6 * 3600.0
+#: Records merged per transaction by :meth:`CloudManager.load_from`.
+LOAD_BATCH = 5000
+
+
+class CloudManager:
+    """A pool of files kept on several hosts, with a bounded local cache.
+
+    Each file is addressed by its SHA-256 and recorded in a SQLite database
+    with every host and URL that holds a copy. Uploads go to ``redundancy``
+    hosts; the cache keeps the most recently used files and evicts by LRU,
+    but never a file that no host holds yet.
+
+    :param database_path: the SQLite file; created with the schema if new
+    :param storage_path: the cache directory; created if missing
+    :param storage_size: the cache capacity in bytes (> 0)
+    :param hosts: host specs (``"plowshare:MODULE"``, ``"dir:/path"``) or
+        :class:`~cloudmanager.hosts.base.Host` objects; ``None`` means the
+        plowshare-wrapper's default module list
+    :param redundancy: the target number of hosts for each file
+    :param defer_uploads: if True, :meth:`upload` only caches and queues the
+        file and :meth:`sync` uploads it; if False (the default, as in the
+        original) :meth:`upload` uploads to hosts before it returns
+    :param fsync: fsync cache writes (turn off only for throwaway pools)
+    :param host_timeout: seconds one plowshare transfer may take, for hosts
+        built from specs
+    :raises CloudManagerError: if the database, the directory, the capacity
+        or a host spec cannot be used; the message says which
+
+    Use it as a context manager, or call :meth:`close`::
+
+        with CloudManager("pool.sqlite3", "cache/", 20 * 2**30,
+                          hosts=["dir:/mnt/nas/pool"]) as cm:
+            digest = cm.upload("photo.jpg")
+            path = cm.warm_up(digest)
+    """
+
+    def __init__(self, database_path, storage_path, storage_size, *, hosts=None,
+                 redundancy=3, defer_uploads=False, fsync=True, host_timeout=None):
+        if isinstance(redundancy, bool) or not isinstance(redundancy, int) or redundancy < 1:
+            raise InvalidInputError("redundancy must be a positive integer, not %r" % (redundancy,))
+        self.redundancy = redundancy
+        self.defer_uploads = defer_uploads
+        self._closed = False
+        self._fetch_locks = {}
+        self._fetch_locks_guard = threading.Lock()
+        host_objects = self._build_hosts(hosts, host_timeout)
+        self.db = FileDatabase(database_path)
+        try:
+            self.cache = CacheStore(self.db, storage_path, storage_size, fsync=fsync)
+            self.engine = UploadEngine(self.db, host_objects, redundancy)
+        except BaseException:
+            self.db.close()
+            raise
+
+    @staticmethod
+    def _build_hosts(hosts, timeout):
+        options = {} if timeout is None else {"timeout": timeout}
+        if hosts is None:
+            from .hosts.plowshare import default_modules
+
+            hosts = ["plowshare:" + module for module in default_modules()]
+        return [from_spec(spec, **options) if isinstance(spec, str) else spec for spec in hosts]
+
+    # -- context manager and lifetime ----------------------------------------
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self):
+        """Flush pending cache bookkeeping, stop transfers and close the database.
+
+        Calling it twice is harmless. Files queued for upload stay queued in
+        the database for the next :meth:`sync`.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.engine.close()
+            self.cache.close()
+        finally:
+            self.db.close()
+
+    # -- the seed's API ------------------------------------------------------
+
+    def upload(self, path, *, defer=None):
+        """Add a file to the pool.
+
+        The file is copied into the cache while it is hashed (one read),
+        pinned and queued; then, unless uploads are deferred, it is uploaded
+        to ``redundancy`` hosts in parallel. Once one host holds it, the pin
+        is lifted. A file larger than the cache, or one that finds the cache
+        full of pinned files, is uploaded straight from ``path``.
+
+        :param path: a regular file
+        :param defer: override the instance's ``defer_uploads`` for this call
+        :return: the file's SHA-256 hex once it is in the pool (on a host, or
+            pinned in the cache and queued); ``False`` if neither was possible
+        """
+        defer = self.defer_uploads if defer is None else defer
+        try:
+            path = os.fspath(path)
+            st = os.stat(path)
+            if not os.path.isfile(path):
+                raise InvalidInputError("%s is not a regular file" % path)
+            filename = safe_basename(os.path.basename(path))
+            if st.st_size <= self.cache.capacity:
+                try:
+                    file_hash, _ = self.cache.ingest(path, filename, created=int(time.time()))
+                except CacheFullError as exc:
+                    log.info("not caching %s: %s; uploading it from its source", path, exc)
+                else:
+                    if not defer:
+                        self._replicate(file_hash)
+                    return file_hash
+            return self._upload_uncached(path, filename)
+        except (OSError, CloudManagerError) as exc:
+            log.error("upload of %s failed: %s", path, exc)
+            return False
+
+    def _upload_uncached(self, path, filename):
+        """Upload a file that will not be cached straight from its source."""
+        file_hash, size = fsutil.hash_file(path)
+        holders = self._holders(file_hash)
+        result = self.engine.upload(path, file_hash, size, holders=holders)
+        if not holders and not result.successes:
+            raise UploadError("no host accepted %s (and it cannot be cached)" % path,
+                              result.failures)
+        now = int(time.time())
+        with self.db.transaction() as conn:
+            self.db.add_file(conn, file_hash, filename, size, now)
+            self._record_result(conn, file_hash, result, now)
+        return file_hash
+
+    def _holders(self, file_hash):
+        return {u["host_name"] for u in self.db.uploads(file_hash) if not u["error"]}
+
+    def _record_result(self, conn, file_hash, result, now):
+        for location in result.successes:
+            self.db.record_upload(conn, file_hash, location.host_name, location.url, now)
+        for failure in result.failures:
+            self.db.record_upload_failure(conn, file_hash, failure.host, now)
+
+    def _replicate(self, file_hash):
+        """Upload a pool file until it reaches the redundancy target.
+
+        The source is the cached copy, or a verified copy fetched from a host.
+        The queue entry is kept until the target is met.
+
+        :return: the number of new copies
+        """
+        record = self.db.get_file(file_hash)
+        if record is None:
+            return 0
+        holders = self._holders(file_hash)
+        if len(holders) >= self.redundancy or not set(self.engine.hosts) - holders:
+            if holders:  # at target, or as close as the configured hosts allow
+                with self.db.transaction() as conn:
+                    self.db.dequeue(conn, file_hash)
+            return 0
+        with self._source_of(file_hash, record["size"]) as source:
+            result = self.engine.upload(source, file_hash, record["size"], holders=holders)
+        now = time.time()
+        copies = len(holders) + len(result.successes)
+        with self.db.transaction() as conn:
+            self._record_result(conn, file_hash, result, int(now))
+            if copies >= self.redundancy:
+                self.db.dequeue(conn, file_hash)
+            else:
+                self.db.enqueue(conn, file_hash, now)
+        if copies < self.redundancy:
+            delay = min(RETRY_BASE_S * 2 ** min(len(result.failures), 10), RETRY_MAX_S)
+            errors = "; ".join(f.message for f in result.failures) or "not enough hosts"
+            self.db.queue_failure(file_hash, errors[:500], now + delay)
+            log.warning("%s has %d of %d copies: %s", file_hash, copies,
+                        self.redundancy, errors)
+        return len(result.successes)
+
+    @contextlib.contextmanager
+    def _source_of(self, file_hash, size):
+        """Yield a local path holding the file's verified bytes."""
+        path = self.cache.lookup(file_hash)
+        if path is not None:
+            yield path
+            return
+        if size <= self.cache.capacity:
+            path = self.warm_up(file_hash)
+            if path:
+                yield path
+                return
+        # Too big for the cache (or no room): a private temp dir, removed after.
+        with tempfile.TemporaryDirectory(prefix="cm-sync-") as scratch:
+            dest = os.path.join(scratch, file_hash)
+            self.engine.download(file_hash, size, self._sources(file_hash), dest)
+            yield dest
+
+    def _sources(self, file_hash):
+        return [(u["host_name"], u["url"]) for u in self.db.uploads(file_hash)
+                if not u["error"] and u["url"]]
+
+    def warm_up(self, file_hash):
+        """Put a file in the cache and return its local path.
+
+        A hit only updates the LRU order. A miss downloads the file from its
+        healthiest host, verifies its SHA-256, and evicts least recently used
+        files to make room.
+
+        :param file_hash: the file's SHA-256 hex
+        :return: the cached file's path; ``None`` for a malformed or unknown
+            hash; ``False`` if it cannot be cached (larger than the cache, no
+            room, or no host delivered a good copy)
+        """
+        try:
+            file_hash = check_hash(file_hash)
+        except InvalidInputError as exc:
+            log.warning("warm_up: %s", exc)
+            return None
+        path = self.cache.lookup(file_hash)
+        if path is not None:
+            return path
+        record = self.db.get_file(file_hash)
+        if record is None:
+            log.warning("warm_up: %s is not in the pool", file_hash)
+            return None
+        try:
+            return self._fetch_into_cache(file_hash, record["size"])
+        except (OSError, CloudManagerError) as exc:
+            log.error("warm_up of %s failed: %s", file_hash, exc)
+            return False
+
+    def _fetch_into_cache(self, file_hash, size):
+        # One download per hash at a time in this process; later callers find
+        # it cached.
+        with self._fetch_locks_guard:
+            lock = self._fetch_locks.setdefault(file_hash, threading.Lock())
+        with lock:
+            try:
+                path = self.cache.lookup(file_hash)
+                if path is not None:
+                    return path
+                sources = self._sources(file_hash)
+                if not sources:
+                    raise DownloadError("no host holds a good copy of %s" % file_hash)
+                with self.cache.reserve(size) as reservation:
+                    self.engine.download(file_hash, size, sources, reservation.temp)
+                    return self.cache.commit(reservation, file_hash, size)
+            finally:
+                with self._fetch_locks_guard:
+                    self._fetch_locks.pop(file_hash, None)
+
+    def download(self, file_hash, destination=None):
+        """Get a file: into the cache, or to ``destination``.
+
+        :param file_hash: the file's SHA-256 hex
+        :param destination: ``None`` to behave like :meth:`warm_up`; a
+            directory to write the file there under its recorded name (or its
+            hash if it has none); or a file path. The file is written
+            atomically and verified, from the cache or streamed from a host,
+            whether or not it fits in the cache.
+        :return: like :meth:`warm_up` without a destination; with one, the
+            path written, ``None`` for a malformed or unknown hash, or
+            ``False`` on failure
+        """
+        if destination is None:
+            return self.warm_up(file_hash)
+        try:
+            file_hash = check_hash(file_hash)
+        except InvalidInputError as exc:
+            log.warning("download: %s", exc)
+            return None
+        record = self.db.get_file(file_hash)
+        if record is None:
+            log.warning("download: %s is not in the pool", file_hash)
+            return None
+        try:
+            dest = os.fspath(destination)
+            if os.path.isdir(dest):
+                dest = os.path.join(dest, record["filename"] or file_hash)
+            return self._deliver(file_hash, record["size"], dest)
+        except (OSError, CloudManagerError) as exc:
+            log.error("download of %s to %s failed: %s", file_hash, destination, exc)
+            return False
+
+    def _deliver(self, file_hash, size, dest):
+        cached = self.cache.lookup(file_hash)
+        if cached is None and size <= self.cache.capacity:
+            try:
+                cached = self._fetch_into_cache(file_hash, size) or None
+            except (CacheError, DownloadError) as exc:
+                log.info("not caching %s (%s); streaming it to %s", file_hash, exc, dest)
+        if cached is not None:
+            with open(cached, "rb") as src, fsutil.atomic_write(dest) as out:
+                got, _ = fsutil.copy_and_hash(src, out.fileno(), limit=size)
+                if got != file_hash:  # bit rot or tampering in the cache
+                    self.cache.drop(file_hash)
+                    raise CacheError("cached copy of %s is corrupt; dropped it" % file_hash)
+            return dest
+        self.engine.download(file_hash, size, self._sources(file_hash), dest)
+        return dest
+
+    def exists(self, file_hash):
+        """Whether the pool has a record of the file (on a host or in the cache).
+
+        :return: bool; False for a malformed hash
+        """
+        try:
+            return self.db.file_exists(check_hash(file_hash))
+        except InvalidInputError:
+            return False
+
+    def on_cache(self, file_hash):
+        """Whether the file is in the local cache (a check, not a use).
+
+        :return: bool; False for a malformed hash
+        """
+        try:
+            return self.cache.contains(check_hash(file_hash))
+        except InvalidInputError:
+            return False
+
+    def usage_ratio(self):
+        """Cached bytes over capacity, in [0, 1]. Reads a running total."""
+        return self.cache.usage_ratio()
+
+    def info(self, file_hash):
+        """The file's record in the v0.2 JSON format (as a dict), or ``None``."""
+        try:
+            file_hash = check_hash(file_hash)
+        except InvalidInputError as exc:
+            log.warning("info: %s", exc)
+            return None
+        for record in self._records([file_hash]):
+            return serializers.record_to_dict(record)
+        return None
+
+    def sync(self):
+        """Upload queued files and top up files below the redundancy target.
+
+        Every queued or short file is tried, whatever its retry time; the
+        queue's attempt counts and last errors show in :meth:`stats`.
+
+        :return: a summary dict: ``checked``, ``uploads`` (new copies),
+            ``complete`` (files now at target), ``short`` (still below it)
+        """
+        self.cache.flush()
+        todo = list(dict.fromkeys(self.db.queued()
+                                  + self.db.below_target(self.redundancy)))
+        summary = {"checked": len(todo), "uploads": 0, "complete": 0, "short": 0}
+        for file_hash in todo:
+            try:
+                summary["uploads"] += self._replicate(file_hash)
+            except (OSError, CloudManagerError) as exc:
+                log.error("sync of %s failed: %s", file_hash, exc)
+            if self.db.copies(file_hash) >= self.redundancy:
+                summary["complete"] += 1
+            else:
+                summary["short"] += 1
+        log.info("sync: %s", summary)
+        return summary
+
+    # -- node sync -----------------------------------------------------------
+
+    def _records(self, hashes=None):
+        for h, name, size, created, uploads in self.db.iter_records(hashes):
+            yield serializers.Record(h, name, size, created, tuple(uploads))
+
+    def data_dump(self):
+        """Every file's record, as a JSON array of v0.2 records (a str)."""
+        out = io.StringIO()
+        serializers.dump_to(self._records(), out)
+        return out.getvalue()
+
+    def dump_to(self, fileobj):
+        """Stream every record as a JSON array to a text file object.
+
+        :return: the number of records written
+        """
+        return serializers.dump_to(self._records(), fileobj)
+
+    def data_load(self, text):
+        """Merge records exported by another node (the text of :meth:`data_dump`).
+
+        Upload lists are merged as a union; loading the same text twice
+        changes nothing. Invalid records are skipped with a logged reason.
+
+        :return: how many records were imported or updated; ``None`` if the
+            text is not JSON records. Never raises on bad data.
+        """
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                log.error("data_load: not UTF-8 text: %s", exc)
+                return None
+        if not isinstance(text, str):
+            log.error("data_load: expected JSON text, got %s", type(text).__name__)
+            return None
+        try:
+            document = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            log.error("data_load: not JSON: %s", exc)
+            return None
+        if isinstance(document, dict):
+            document = [document]
+        if not isinstance(document, list):
+            log.error("data_load: expected a JSON array of records, got %s",
+                      type(document).__name__)
+            return None
+        return self._merge(_parse_all(document))
+
+    def load_from(self, fileobj):
+        """Merge records streamed from a text file object holding a JSON array.
+
+        :return: how many records were imported or updated; ``None`` if the
+            document is not JSON records (records before the fault stay merged)
+        """
+        try:
+            return self._merge(serializers.load_from(fileobj))
+        except SerializationError as exc:
+            log.error("load_from: %s", exc)
+            return None
+
+    def _merge(self, records):
+        changed = 0
+        batch = []
+        for record in records:
+            batch.append(record)
+            if len(batch) >= LOAD_BATCH:
+                changed += self._merge_batch(batch)
+                batch = []
+        if batch:
+            changed += self._merge_batch(batch)
+        return changed
+
+    def _merge_batch(self, batch):
+        changed, refused = self.db.merge_records(batch)
+        for file_hash in refused:
+            log.warning("refused a record of %s: its size differs from the known one",
+                        file_hash)
+        return changed
+
+    # -- beyond the seed -----------------------------------------------------
+
+    def stats(self):
+        """Counts and totals of the pool, as a dict.
+
+        Keys: ``files``, ``cached_files``, ``cached_bytes``, ``capacity``,
+        ``usage_ratio``, ``queued``, ``below_target``, ``redundancy``,
+        ``uploaded_bytes``/``downloaded_bytes`` (``total`` and ``this_month``),
+        ``hits``, ``misses``, ``transfers`` (per month) and ``hosts`` (health).
+        """
+        self.cache.flush()
+        transfers = self.db.transfers()
+        this_month = transfers.get(month_key(), (0, 0))
+        return {
+            "files": self.db.file_count(),
+            "cached_files": self.db.counter("cached_files"),
+            "cached_bytes": self.db.counter("cached_bytes"),
+            "capacity": self.cache.capacity,
+            "usage_ratio": self.usage_ratio(),
+            "queued": self.db.queue_length(),
+            "below_target": self.db.count_below(self.redundancy),
+            "redundancy": self.redundancy,
+            "uploaded_bytes": {"total": sum(u for u, _ in transfers.values()),
+                               "this_month": this_month[0]},
+            "downloaded_bytes": {"total": sum(d for _, d in transfers.values()),
+                                 "this_month": this_month[1]},
+            "hits": self.db.counter("hits"),
+            "misses": self.db.counter("misses"),
+            "transfers": {m: {"uploaded": u, "downloaded": d} for m, (u, d) in transfers.items()},
+            "hosts": self.db.host_health(),
+        }
+
+    def evict(self, target_bytes=0):
+        """Evict least recently used files until at most ``target_bytes`` are cached.
+
+        Pinned files (not yet on any host) stay.
+
+        :return: the number of files evicted
+        """
+        return self.cache.evict(target_bytes)
+
+
+def _parse_all(document):
+    for index, obj in enumerate(document):
+        try:
+            yield serializers.parse_record(obj)
+        except SerializationError as exc:
+            log.warning("data_load: skipping record #%d: %s", index, exc)
+

@@ -1,0 +1,245 @@
+"""The JSON record format that nodes exchange.
+
+One record per file, version 0.2, exactly as the original cloud-manager wrote
+it (``datetime`` and ``filesize`` as strings)::
+
+    {"version": "0.2", "datetime": "1391212800", "filename": "README.md",
+     "filesize": "23124", "filehash": "6e16...1b1b",
+     "uploads": [{"host_name": "mediafire", "url": "http://..."},
+                 {"host_name": "anonfiles", "error": true}]}
+
+Version 0.1 records (no ``filename``) are read too, and numbers are accepted
+as ints or strings. Every field is validated; a bad record is skipped with a
+logged reason and never raises.
+
+>>> rec = parse_record({"version": "0.2", "datetime": 1391212800,
+...     "filename": "../README.md", "filesize": "23124", "filehash": "6e" * 32,
+...     "uploads": [{"host_name": "mediafire", "url": "http://mediafire.com/?q"},
+...                 {"host_name": "anonfiles", "error": True}]})
+>>> rec.filename, rec.size, rec.uploads[1]
+('README.md', 23124, ('anonfiles', '', True))
+>>> record_to_dict(rec)["filesize"]
+'23124'
+>>> parse_record(record_to_dict(rec)) == rec
+True
+"""
+
+import json
+import logging
+from typing import NamedTuple, Tuple
+
+from .errors import InvalidInputError, SerializationError
+from .validation import check_hash, check_host_name, check_url, safe_basename
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.2"
+READABLE_VERSIONS = ("0.1", "0.2")
+MAX_INT = 2 ** 63 - 1
+MAX_UPLOADS = 1000
+
+
+class Record(NamedTuple):
+    """One file as nodes exchange it. ``uploads`` holds ``(host_name, url, error)``."""
+
+    hash: str
+    filename: str
+    size: int
+    datetime: int
+    uploads: Tuple[Tuple[str, str, bool], ...]
+
+
+def _count(value, field):
+    if isinstance(value, bool):
+        raise SerializationError("%s is a boolean, not a number" % field)
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+        number = int(value)
+    else:
+        raise SerializationError("%s is not a non-negative integer: %.40r" % (field, value))
+    if not 0 <= number <= MAX_INT:
+        raise SerializationError("%s out of range: %d" % (field, number))
+    return number
+
+
+def _upload(entry):
+    if not isinstance(entry, dict):
+        raise SerializationError("an upload is not an object: %.60r" % (entry,))
+    host_name = check_host_name(entry.get("host_name"))
+    error = entry.get("error", False)
+    if not isinstance(error, bool):
+        raise SerializationError("upload 'error' is not a boolean: %.40r" % (error,))
+    url = entry.get("url")
+    if url is None or (error and url == ""):
+        if not error:
+            raise SerializationError("upload to %s has neither url nor error" % host_name)
+        return host_name, "", True
+    return host_name, check_url(url), error
+
+
+def parse_record(obj):
+    """Validate one decoded JSON record and return a :class:`Record`.
+
+    Upload entries that fail validation are dropped with a warning; the rest
+    of the record is kept.
+
+    :raises SerializationError: if the record itself is invalid
+    """
+    if not isinstance(obj, dict):
+        raise SerializationError("a record is not an object: %.60r" % (obj,))
+    version = obj.get("version")
+    if version not in READABLE_VERSIONS:
+        raise SerializationError("unknown record version %.20r" % (version,))
+    try:
+        file_hash = check_hash(obj.get("filehash"))
+    except InvalidInputError as exc:
+        raise SerializationError(str(exc)) from exc
+    size = _count(obj.get("filesize"), "filesize")
+    when = _count(obj.get("datetime"), "datetime")
+    filename = safe_basename(obj.get("filename", "")) if version != "0.1" else ""
+    raw_uploads = obj.get("uploads", [])
+    if not isinstance(raw_uploads, list):
+        raise SerializationError("uploads of %s is not a list" % file_hash)
+    if len(raw_uploads) > MAX_UPLOADS:
+        raise SerializationError("%s lists %d uploads; at most %d are accepted"
+                                 % (file_hash, len(raw_uploads), MAX_UPLOADS))
+    uploads = []
+    for entry in raw_uploads:
+        try:
+            item = _upload(entry)
+        except (SerializationError, InvalidInputError) as exc:
+            log.warning("record %s: skipping an upload entry: %s", file_hash, exc)
+            continue
+        if item not in uploads:
+            uploads.append(item)
+    return Record(file_hash, filename, size, when, tuple(uploads))
+
+
+def record_to_dict(record):
+    """Return a :class:`Record` as a v0.2 JSON object (a dict)."""
+    uploads = []
+    for host_name, url, error in record.uploads:
+        entry = {"host_name": host_name}
+        if url:
+            entry["url"] = url
+        if error:
+            entry["error"] = True
+        uploads.append(entry)
+    return {
+        "version": VERSION,
+        "datetime": str(record.datetime),
+        "filename": record.filename,
+        "filesize": str(record.size),
+        "filehash": record.hash,
+        "uploads": uploads,
+    }
+
+
+def dump_to(records, fileobj):
+    """Write records to a text file object as a JSON array, one record a line.
+
+    Streams: memory use does not grow with the number of records.
+
+    :return: the number of records written
+    """
+    count = 0
+    fileobj.write("[")
+    for record in records:
+        fileobj.write(",\n" if count else "\n")
+        fileobj.write(json.dumps(record_to_dict(record), ensure_ascii=False))
+        count += 1
+    fileobj.write("\n]\n" if count else "]\n")
+    return count
+
+
+def iter_documents(fileobj, chunk_size=1 << 16):
+    """Yield each element of a JSON array read from a text file object.
+
+    The array is decoded element by element, so a large dump is never held in
+    memory whole. A document that is a single object yields that object.
+
+    :raises SerializationError: if the text is not JSON, or not an array or object
+    """
+    decoder = json.JSONDecoder()
+    buf = ""
+    pos = 0
+    eof = False
+
+    def fill():
+        nonlocal buf, pos, eof
+        data = fileobj.read(chunk_size)
+        if not data:
+            eof = True
+        buf = buf[pos:] + data
+        pos = 0
+
+    def skip_space():
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or eof:
+                return
+            fill()
+
+    skip_space()
+    if pos >= len(buf):
+        raise SerializationError("empty document")
+    if buf[pos] == "{":
+        while not eof:
+            fill()
+        try:
+            yield decoder.decode(buf[pos:])
+        except ValueError as exc:
+            raise SerializationError("not JSON: %s" % exc) from exc
+        return
+    if buf[pos] != "[":
+        raise SerializationError("a document of records is a JSON array")
+    pos += 1
+    first = True
+    while True:
+        skip_space()
+        if pos >= len(buf):
+            raise SerializationError("unterminated JSON array")
+        if buf[pos] == "]":
+            pos += 1
+            skip_space()
+            if pos < len(buf):
+                raise SerializationError("text after the JSON array")
+            return
+        if not first:
+            if buf[pos] != ",":
+                raise SerializationError("expected ',' between records")
+            pos += 1
+            skip_space()
+        while True:
+            try:
+                value, end = decoder.raw_decode(buf, pos)
+            except ValueError as exc:
+                if eof:
+                    raise SerializationError("not JSON: %s" % exc) from exc
+                fill()  # the element may continue in the next chunk
+                continue
+            if end == len(buf) and not eof and isinstance(value, (int, float)):
+                fill()  # a number cut at the chunk's end; decode again
+                continue
+            break
+        pos = end
+        first = False
+        yield value
+
+
+def load_from(fileobj):
+    """Read records from a JSON document, validating each.
+
+    :return: a generator of :class:`Record`; invalid records are skipped with
+        a warning
+    :raises SerializationError: when the document itself is not JSON records
+        (raised as the generator is consumed)
+    """
+    for index, obj in enumerate(iter_documents(fileobj)):
+        try:
+            yield parse_record(obj)
+        except SerializationError as exc:
+            log.warning("skipping record #%d: %s", index, exc)

@@ -1,0 +1,134 @@
+"""Checks for everything that comes from outside: hashes, names, URLs.
+
+Each ``check_*`` function returns the cleaned value or raises
+:class:`~cloudmanager.errors.InvalidInputError` with the reason. They are
+pure, so their examples run as doctests.
+"""
+
+import re
+import unicodedata
+from urllib.parse import urlsplit
+
+from .errors import InvalidInputError
+
+_HASH = re.compile(r"[0-9a-f]{64}")
+_HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
+
+#: URL schemes a record may carry. ``file`` is what folder hosts write.
+URL_SCHEMES = frozenset({"http", "https", "ftp", "file"})
+MAX_URL_LENGTH = 2048
+MAX_NAME_BYTES = 255
+
+
+def is_hash(value):
+    """Whether ``value`` is a SHA-256 in lowercase hex.
+
+    >>> is_hash("0" * 64), is_hash("0" * 63), is_hash("A" * 64), is_hash(None)
+    (True, False, False, False)
+    """
+    return isinstance(value, str) and _HASH.fullmatch(value) is not None
+
+
+def check_hash(value):
+    """Return ``value`` as a lowercase hex SHA-256, or raise.
+
+    Uppercase is accepted and lowered; anything else is refused.
+
+    >>> check_hash("AB" * 32) == "ab" * 32
+    True
+    >>> check_hash("../etc/passwd")
+    Traceback (most recent call last):
+    ...
+    cloudmanager.errors.InvalidInputError: not a SHA-256 hex digest: '../etc/passwd'
+    """
+    if isinstance(value, str) and len(value) == 64:
+        lowered = value.lower()
+        if _HASH.fullmatch(lowered):
+            return lowered
+    raise InvalidInputError("not a SHA-256 hex digest: %r" % (_short(value),))
+
+
+def safe_basename(name):
+    """Reduce a file name to a basename that is safe to create anywhere.
+
+    Directory parts (``/`` and ``\\``), control characters and leading dots
+    and dashes go; the result is NFC-normalized and cut to 255 bytes of UTF-8.
+    It may be empty.
+
+    >>> safe_basename("../../etc/passwd"), safe_basename("C:\\\\x\\\\My File.txt")
+    ('passwd', 'My File.txt')
+    >>> safe_basename("..."), safe_basename("-rf"), safe_basename("a\\x00b")
+    ('', 'rf', 'ab')
+    """
+    if not isinstance(name, str):
+        return ""
+    name = unicodedata.normalize("NFC", name)
+    name = re.split(r"[/\\]", name)[-1]
+    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
+    name = name.strip().lstrip(".-").strip()
+    encoded = name.encode("utf-8")[:MAX_NAME_BYTES]
+    return encoded.decode("utf-8", "ignore")
+
+
+def check_host_name(value):
+    """Return a host name if it is plain text of at most 128 characters.
+
+    >>> check_host_name("mediafire")
+    'mediafire'
+    >>> check_host_name("--run-after=x")
+    Traceback (most recent call last):
+    ...
+    cloudmanager.errors.InvalidInputError: not a valid host name: '--run-after=x'
+    """
+    if isinstance(value, str) and _HOST_NAME.fullmatch(value):
+        return value
+    raise InvalidInputError("not a valid host name: %r" % (_short(value),))
+
+
+def check_url(value, schemes=URL_SCHEMES):
+    """Return ``value`` if it is a URL safe to hand to a host or a tool.
+
+    Refused: anything that is not a string, longer than 2048 characters,
+    containing whitespace or control characters, starting with ``-`` (it
+    would be read as an option), or with a scheme outside ``schemes``.
+    Network URLs need a host part; ``file`` URLs need an absolute path.
+
+    >>> check_url("http://www.mediafire.com/?qorncpzfe74s9")
+    'http://www.mediafire.com/?qorncpzfe74s9'
+    >>> check_url("--run-after=/bin/sh")
+    Traceback (most recent call last):
+    ...
+    cloudmanager.errors.InvalidInputError: URL starts with '-': '--run-after=/bin/sh'
+    >>> check_url("javascript:alert(1)")
+    Traceback (most recent call last):
+    ...
+    cloudmanager.errors.InvalidInputError: URL scheme 'javascript' not allowed: 'javascript:alert(1)'
+    """
+    if not isinstance(value, str) or not value:
+        raise InvalidInputError("URL is not a non-empty string: %r" % (_short(value),))
+    if len(value) > MAX_URL_LENGTH:
+        raise InvalidInputError("URL longer than %d characters" % MAX_URL_LENGTH)
+    if value.startswith("-"):
+        raise InvalidInputError("URL starts with '-': %r" % (_short(value),))
+    if any(ch.isspace() or unicodedata.category(ch)[0] == "C" for ch in value):
+        raise InvalidInputError("URL contains whitespace or control characters: %r"
+                                % (_short(value),))
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:
+        raise InvalidInputError("URL does not parse: %r (%s)" % (_short(value), exc)) from exc
+    scheme = parts.scheme.lower()
+    if scheme not in schemes:
+        raise InvalidInputError("URL scheme %r not allowed: %r" % (scheme, _short(value)))
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise InvalidInputError("file URL needs an absolute local path: %r"
+                                    % (_short(value),))
+    elif not parts.hostname:
+        raise InvalidInputError("URL has no host: %r" % (_short(value),))
+    return value
+
+
+def _short(value, limit=80):
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

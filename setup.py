@@ -1,0 +1,30 @@
+"""Packaging for cloudmanager. Metadata lives here; pyproject.toml names the build backend."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="cloudmanager",
+    version="0.3.0",
+    description="A pool of files kept on several hosts, addressed by SHA-256, "
+                "with a bounded local LRU cache",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cloudmanager", "cloudmanager.*"]),
+    package_data={"cloudmanager": ["schema.sql"]},
+    install_requires=[
+        "plowshare>=0.3.6",  # plowshare-wrapper: the plowup/plowdown adapter
+    ],
+    extras_require={
+        "develop": ["pytest>=7", "tox>=4"],
+    },
+    entry_points={"console_scripts": ["cm_setup_db=cloudmanager.setup_db:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "License :: OSI Approved :: MIT License",
+        "Operating System :: POSIX",
+        "Topic :: System :: Archiving :: Backup",
+    ],
+)

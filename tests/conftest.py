@@ -1,0 +1,90 @@
+"""Shared fixtures: real SQLite files, real directories, fake plowshare tools.
+
+The fake ``plowup``/``plowdown`` in ``tests/fakes/`` follow the real tools'
+command lines and exit codes, with fault injection (see ``fakeplow.py``).
+"""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+FAKES = Path(__file__).parent / "fakes"
+sys.path.insert(0, str(FAKES))
+
+import fakeplow  # noqa: E402
+
+from cloudmanager import CloudManager  # noqa: E402
+
+
+class FakePlowshare:
+    """Handle on the fake tools' state directory."""
+
+    def __init__(self, state_dir):
+        self.dir = state_dir
+
+    def faults(self, module, **knobs):
+        fakeplow.set_faults(self.dir, module, **knobs)
+
+    def clear(self):
+        fakeplow.clear_faults(self.dir)
+
+    def log(self):
+        return fakeplow.read_log(self.dir)
+
+    def objects(self, module):
+        return fakeplow.stored_objects(self.dir, module)
+
+
+@pytest.fixture
+def fake_plowshare(tmp_path, monkeypatch):
+    """Put the fake plowup/plowdown first on PATH, with a fresh state directory."""
+    state = tmp_path / "plowstate"
+    state.mkdir()
+    monkeypatch.setenv("PATH", "%s%s%s" % (FAKES, os.pathsep, os.environ.get("PATH", "")))
+    monkeypatch.setenv("FAKE_PLOWSHARE_DIR", str(state))
+    return FakePlowshare(state)
+
+
+@pytest.fixture
+def make_pool(tmp_path):
+    """Factory for CloudManager instances on real files under tmp_path.
+
+    ``make_pool(capacity, hosts=..., **kw)``; hosts default to three folder
+    hosts. Every instance is closed at teardown.
+    """
+    made = []
+
+    def make(capacity=1 << 20, hosts=None, name="node", **kwargs):
+        base = tmp_path / name
+        if hosts is None:
+            hosts = ["dir:%s" % (tmp_path / "hosts" / h) for h in ("h1", "h2", "h3")]
+        kwargs.setdefault("fsync", False)
+        cm = CloudManager(base / "db.sqlite3", base / "cache", capacity, hosts=hosts, **kwargs)
+        made.append(cm)
+        return cm
+
+    yield make
+    for cm in made:
+        cm.close()
+
+
+@pytest.fixture
+def write_file(tmp_path):
+    """``write_file(name, data)`` → Path of a new file under tmp_path/src."""
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+
+    def write(name, data):
+        path = src / name
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+        return path
+
+    return write
+
+
+@pytest.fixture(autouse=True)
+def _debug_logs(caplog):
+    caplog.set_level(logging.DEBUG, logger="cloudmanager")
