@@ -87,9 +87,8 @@ class CacheStore:
             os.makedirs(self.root, fsutil.DIR_MODE, exist_ok=True)
             os.makedirs(self.tmp_dir, fsutil.DIR_MODE, exist_ok=True)
             for i in range(256):
-                shard = os.path.join(self.root, "%02x" % i)
-                if not os.path.isdir(shard):
-                    os.mkdir(shard, fsutil.DIR_MODE)
+                # exist_ok: another process may be creating them right now
+                os.makedirs(os.path.join(self.root, "%02x" % i), fsutil.DIR_MODE, exist_ok=True)
         except OSError as exc:
             raise CacheError("cannot prepare storage directory %s: %s" % (self.root, exc)) from exc
         if not os.access(self.root, os.W_OK | os.X_OK):

@@ -55,7 +55,8 @@ def month_key(timestamp=None):
 class FileDatabase:
     """The pool's records in one SQLite file.
 
-    :param path: the database file; created, and given the schema, if new
+    :param path: the database file; it and its directory are created, and
+        given the schema, if new
     :raises DatabaseError: if the file cannot be opened, is not a
         cloudmanager database, or is newer than this code
     """
@@ -84,20 +85,37 @@ class FileDatabase:
 
     def _connect(self):
         try:
+            os.makedirs(os.path.dirname(self.path), 0o700, exist_ok=True)
             conn = sqlite3.connect(
                 self.path,
                 timeout=BUSY_TIMEOUT_S,
                 isolation_level=None,  # we issue BEGIN ourselves
                 check_same_thread=False,  # closed from close(), never shared
             )
-            conn.execute("PRAGMA journal_mode = WAL")
+            self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise DatabaseError("cannot open database %s: %s" % (self.path, exc)) from exc
         with self._connections_lock:
             self._all_connections.append(conn)
         return conn
+
+    @staticmethod
+    def _enable_wal(conn):
+        # WAL is a property of the file: only its first opener switches it.
+        # The switch can fail with "locked" while another process creates the
+        # database, and SQLite's busy handler does not cover it, so retry here.
+        for attempt in range(BUSY_RETRIES * 10):
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                    return
+                conn.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                time.sleep(0.01 * random.uniform(1, 3))
+        conn.execute("PRAGMA journal_mode = WAL")
 
     @contextlib.contextmanager
     def transaction(self):
@@ -168,44 +186,51 @@ class FileDatabase:
     def ensure_schema(self):
         """Create the schema on a new database, or migrate an older one.
 
+        The version is read again under the write lock, so processes opening
+        a new database at the same moment create the schema once.
+
         :return: the version the database had before (0 for a new one)
-        :raises DatabaseError: if the database is newer than this code, or a
-            migration fails
+        :raises DatabaseError: if the database is newer than this code, is not
+            a cloudmanager database, or a migration fails
         """
-        try:
-            before = self.schema_version()
-        except DatabaseError:
-            raise
-        except sqlite3.Error as exc:  # pragma: no cover - defensive
-            raise DatabaseError("cannot read %s: %s" % (self.path, exc)) from exc
-        if before > SCHEMA_VERSION:
-            raise DatabaseError(
-                "database %s has schema version %d; this cloudmanager knows up to %d"
-                % (self.path, before, SCHEMA_VERSION))
-        if before == 0:
-            if self._read("SELECT count(*) FROM sqlite_master WHERE name = 'files'"
-                          ).fetchone()[0]:
-                raise DatabaseError("%s has a 'files' table but no cloudmanager "
-                                    "schema version; refusing to touch it" % self.path)
-            self._run_script(schema_sql())
-            log.info("created schema version %d in %s", SCHEMA_VERSION, self.path)
-        version = self.schema_version()
-        while version < SCHEMA_VERSION:
-            self._run_script(MIGRATIONS[version])
-            log.info("migrated %s from schema version %d to %d",
-                     self.path, version, version + 1)
-            version = self.schema_version()
+        before = self.schema_version()
+        if before == SCHEMA_VERSION:
+            return before
+        with self.transaction() as conn:
+            before = version = self.schema_version()
+            if version > SCHEMA_VERSION:
+                raise DatabaseError(
+                    "database %s has schema version %d; this cloudmanager knows up to %d"
+                    % (self.path, version, SCHEMA_VERSION))
+            if version == 0:
+                if conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'files'"
+                                ).fetchone()[0]:
+                    raise DatabaseError("%s has a 'files' table but no cloudmanager "
+                                        "schema version; refusing to touch it" % self.path)
+                self._run_script(conn, schema_sql())
+                log.info("created schema version %d in %s", SCHEMA_VERSION, self.path)
+                version = self.schema_version()
+            while version < SCHEMA_VERSION:
+                self._run_script(conn, MIGRATIONS[version])
+                log.info("migrated %s from schema version %d to %d",
+                         self.path, version, version + 1)
+                version = self.schema_version()
         return before
 
-    def _run_script(self, script):
-        # executescript() commits first and runs each statement itself; the
-        # explicit BEGIN IMMEDIATE ... COMMIT makes the whole script atomic.
-        conn = self.connection
+    def _run_script(self, conn, script):
+        """Run a script statement by statement inside the current transaction."""
+        statement = ""
         try:
-            conn.executescript("BEGIN IMMEDIATE;\n%s\nCOMMIT;" % script)
+            # Grow the statement one ';' at a time: a trigger body holds
+            # several, and only complete_statement() knows where it ends.
+            for piece in script.split(";"):
+                statement += piece + ";"
+                if sqlite3.complete_statement(statement):
+                    conn.execute(statement)
+                    statement = ""
+            if statement.strip(" \t\r\n;"):
+                conn.execute(statement)
         except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
             raise DatabaseError("schema change failed on %s: %s" % (self.path, exc)) from exc
 
     # -- files ---------------------------------------------------------------
