@@ -168,25 +168,42 @@ class CacheStore:
         return min(max(self.used_bytes() / self.capacity, 0.0), 1.0)
 
     def _make_room(self, conn, needed):
-        """Evict LRU files until ``needed`` more bytes fit; inside a transaction.
+        """Evict LRU files so ``needed`` more bytes fit; inside a transaction.
 
-        :return: False if even evicting every evictable file is not enough
+        :return: False, having evicted nothing, if even every evictable file
+            is not enough
         """
-        while True:
-            used = self.db.counter("cached_bytes") + self.db.reserved_bytes(conn)
-            excess = used + needed - self.capacity
-            if excess <= 0:
-                return True
-            victims = self.db.eviction_candidates(conn, EVICT_BATCH)
-            if not victims:
-                return False
-            for victim, size in victims:
-                self.db.set_cached(conn, victim, False)
-                self._unlink_cached(victim)
-                log.debug("evicted %s (%d bytes)", victim, size)
-                excess -= size
-                if excess <= 0:
+        used = self.db.counter("cached_bytes") + self.db.reserved_bytes(conn)
+        excess = used + needed - self.capacity
+        return excess <= 0 or self._evict_bytes(conn, excess, all_or_nothing=True) is not None
+
+    def _evict_bytes(self, conn, excess, all_or_nothing):
+        """Evict least recently used files totalling at least ``excess`` bytes.
+
+        Victims are chosen first and files unlinked only once enough are
+        found, so a refusal leaves the directory and the rows untouched.
+
+        :return: the number of files evicted, or None if ``all_or_nothing``
+            and the evictable files do not add up to ``excess``
+        """
+        victims, freed, after = [], 0, None
+        while freed < excess:
+            page = self.db.eviction_candidates(conn, EVICT_BATCH, after)
+            if not page:
+                break
+            for file_hash, size, last_access in page:
+                victims.append(file_hash)
+                freed += size
+                after = (last_access, file_hash)
+                if freed >= excess:
                     break
+        if freed < excess and all_or_nothing:
+            return None
+        self.db.set_uncached_many(conn, victims)
+        for file_hash in victims:
+            self._unlink_cached(file_hash)
+        log.debug("evicted %d files (%d bytes)", len(victims), freed)
+        return len(victims)
 
     def _unlink_cached(self, file_hash):
         # lstat first: a symlink planted in the storage directory is removed
@@ -234,16 +251,9 @@ class CacheStore:
         :return: the number of files evicted
         """
         self.flush()
-        evicted = 0
         with self.db.transaction() as conn:
-            while self.db.counter("cached_bytes") > target_bytes:
-                victims = self.db.eviction_candidates(conn, 1)
-                if not victims:
-                    break
-                self.db.set_cached(conn, victims[0][0], False)
-                self._unlink_cached(victims[0][0])
-                evicted += 1
-        return evicted
+            excess = self.db.counter("cached_bytes") - target_bytes
+            return self._evict_bytes(conn, excess, all_or_nothing=False) if excess > 0 else 0
 
     # -- writing ---------------------------------------------------------------
 
@@ -266,6 +276,8 @@ class CacheStore:
                     file_hash, nbytes = fsutil.copy_and_hash(src, fd, limit=size)
                     if self.fsync:
                         os.fsync(fd)
+                except OverflowError:
+                    raise CacheError("%s grew while it was read" % source_path) from None
                 finally:
                     os.close(fd)
                 if nbytes != size:
@@ -355,21 +367,11 @@ class CacheStore:
         return False
 
     def _full_reconcile(self):
-        on_disk = {}
-        removed = 0
-        for i in range(256):
-            shard = "%02x" % i
-            for entry in _scandir(os.path.join(self.root, shard)):
-                if entry.is_file(follow_symlinks=False) and is_hash(entry.name) \
-                        and entry.name.startswith(shard):
-                    on_disk[entry.name] = entry.stat(follow_symlinks=False).st_size
-                else:
-                    _remove_entry(entry)
-                    removed += 1
-        missing = 0
-        # Under the write lock, no other process can publish or evict while
-        # the rows and the walk are compared.
+        # The walk and the comparison both happen under the write lock, so no
+        # other process can publish or evict in between.
         with self.db.transaction() as conn:
+            on_disk, removed = self._walk_shards()
+            missing = 0
             for file_hash, size in self.db.cached_hashes():
                 if on_disk.pop(file_hash, None) != size:
                     self.db.set_cached(conn, file_hash, False)
@@ -380,6 +382,24 @@ class CacheStore:
                 removed += 1
             self.db.recount_cache(conn)
         return {"orphans_removed": removed, "missing_marked": missing}
+
+    def _walk_shards(self):
+        """``({hash: size}, removed)``: cache files found, and foreign entries removed.
+
+        Anything that is not a regular file named by a hash in its own shard
+        (symlinks included) is removed without being followed.
+        """
+        on_disk, removed = {}, 0
+        for i in range(256):
+            shard = "%02x" % i
+            for entry in _scandir(os.path.join(self.root, shard)):
+                if entry.is_file(follow_symlinks=False) and is_hash(entry.name) \
+                        and entry.name.startswith(shard):
+                    on_disk[entry.name] = entry.stat(follow_symlinks=False).st_size
+                else:
+                    _remove_entry(entry)
+                    removed += 1
+        return on_disk, removed
 
     def close(self):
         """Flush deferred updates and end this session."""

@@ -92,7 +92,6 @@ class FileDatabase:
                 isolation_level=None,  # we issue BEGIN ourselves
                 check_same_thread=False,  # closed from close(), never shared
             )
-            self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
         except (sqlite3.Error, OSError) as exc:
@@ -194,10 +193,15 @@ class FileDatabase:
             a cloudmanager database, or a migration fails
         """
         before = self.schema_version()
-        if before == SCHEMA_VERSION:
-            return before
+        if before != SCHEMA_VERSION:
+            self._create_or_migrate()
+        # Only now, with the file known to be ours: WAL persists in the file.
+        self._enable_wal(self.connection)
+        return before
+
+    def _create_or_migrate(self):
         with self.transaction() as conn:
-            before = version = self.schema_version()
+            version = self.schema_version()
             if version > SCHEMA_VERSION:
                 raise DatabaseError(
                     "database %s has schema version %d; this cloudmanager knows up to %d"
@@ -215,7 +219,6 @@ class FileDatabase:
                 log.info("migrated %s from schema version %d to %d",
                          self.path, version, version + 1)
                 version = self.schema_version()
-        return before
 
     def _run_script(self, conn, script):
         """Run a script statement by statement inside the current transaction."""
@@ -309,17 +312,29 @@ class FileDatabase:
                 " WHERE hash = ? AND cached = 1",
                 [(when, h) for h, when in accesses])
 
-    def eviction_candidates(self, conn, limit):
-        """Least recently used evictable files: ``[(hash, size)]``, oldest first.
+    def eviction_candidates(self, conn, limit, after=None):
+        """Least recently used evictable files: ``[(hash, size, last_access)]``.
 
         Evictable means cached, on at least one host, and not pinned. The
-        WHERE clause matches the partial index ``files_lru``, so this is an
-        index range scan: O(log n + limit).
+        WHERE clause matches the partial index ``files_lru`` (whose entries
+        are ``(last_access, hash)``), so this is an index range scan:
+        O(log n + limit). ``after`` is the ``(last_access, hash)`` of the last
+        row of the previous page.
         """
+        if after is None:
+            return conn.execute(
+                "SELECT hash, size, last_access FROM files"
+                " WHERE cached = 1 AND copies > 0 AND pinned = 0"
+                " ORDER BY last_access, hash LIMIT ?", (limit,)).fetchall()
         return conn.execute(
-            "SELECT hash, size FROM files"
+            "SELECT hash, size, last_access FROM files"
             " WHERE cached = 1 AND copies > 0 AND pinned = 0"
-            " ORDER BY last_access LIMIT ?", (limit,)).fetchall()
+            " AND (last_access, hash) > (?, ?)"
+            " ORDER BY last_access, hash LIMIT ?", (after[0], after[1], limit)).fetchall()
+
+    def set_uncached_many(self, conn, hashes):
+        """Mark files not cached (inside a transaction)."""
+        conn.executemany("UPDATE files SET cached = 0 WHERE hash = ?", [(h,) for h in hashes])
 
     def cached_hashes(self):
         """All ``(hash, size)`` the database says are cached. For reconciliation only."""

@@ -221,13 +221,25 @@ def iter_documents(fileobj, chunk_size=1 << 16):
                     raise SerializationError("not JSON: %s" % exc) from exc
                 fill()  # the element may continue in the next chunk
                 continue
-            if end == len(buf) and not eof and isinstance(value, (int, float)):
-                fill()  # a number cut at the chunk's end; decode again
+            if not eof and _may_continue(value, buf, end):
+                fill()  # a number cut at the chunk's end ("1." or "2e"); decode again
                 continue
             break
         pos = end
         first = False
         yield value
+
+
+def _may_continue(value, buf, end):
+    """Whether a decoded number may be the head of a longer one cut by a chunk end.
+
+    In an array a value is followed by ``,`` or ``]``; until one of those is in
+    the buffer, a number such as ``1`` from ``1.5`` cannot be trusted.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    rest = buf[end:].lstrip(" \t\r\n")
+    return not rest or rest[0] not in ",]"
 
 
 def load_from(fileobj):

@@ -117,10 +117,6 @@ def test_foreign_files_table_is_refused(db_path):
         conn.close()
 
 
-@pytest.mark.xfail(reason="BUG: FileDatabase._connect sets the persistent PRAGMA "
-                          "journal_mode = WAL before ensure_schema refuses a foreign "
-                          "database, so the database it 'refuses to touch' is converted "
-                          "to WAL", strict=True)
 def test_refused_foreign_database_keeps_its_journal_mode(db_path):
     _foreign_db(db_path)
     with pytest.raises(DatabaseError):
@@ -267,12 +263,12 @@ def test_eviction_candidates_lru_order_skipping_pinned_and_uncopied(db):
     assert db.set_pinned(H[4], True)  # oldest with a copy, but pinned
     add(db, H[5])  # not cached at all
     upload(db, H[5], "h1", "http://h1.example/x")
-    assert db.eviction_candidates(db.connection, 10) == [(H[1], 10), (H[2], 10), (H[0], 10)]
-    assert db.eviction_candidates(db.connection, 1) == [(H[1], 10)]
+    assert [c[:2] for c in db.eviction_candidates(db.connection, 10)] == [(H[1], 10), (H[2], 10), (H[0], 10)]
+    assert [c[:2] for c in db.eviction_candidates(db.connection, 1)] == [(H[1], 10)]
     db.touch_many([(H[1], 40.0)])
-    assert [h for h, _ in db.eviction_candidates(db.connection, 10)] == [H[2], H[0], H[1]]
+    assert [c[0] for c in db.eviction_candidates(db.connection, 10)] == [H[2], H[0], H[1]]
     assert db.set_pinned(H[4], False)
-    assert db.eviction_candidates(db.connection, 1) == [(H[4], 10)]
+    assert [c[:2] for c in db.eviction_candidates(db.connection, 1)] == [(H[4], 10)]
     assert db.set_pinned("f" * 64, True) is False
 
 

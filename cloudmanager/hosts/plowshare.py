@@ -181,7 +181,13 @@ class PlowshareHost(Host):
                 raise PermanentHostError(self.name, "temp dir %r is unsafe for plowup" % staging)
             link = os.path.join(staging, name)
             os.symlink(os.path.abspath(local_path), link)
-            result = self._plowshare.upload_to_host(link, self.module)
+            try:
+                result = self._plowshare.upload_to_host(link, self.module)
+            except (UnicodeDecodeError, IndexError) as exc:
+                # The wrapper decodes strictly and takes the last token: bytes
+                # that are not UTF-8, or no output at all, end up here.
+                raise TransientHostError(self.name, "plowup printed no usable URL (%s)"
+                                         % type(exc).__name__) from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if "error" in result:

@@ -1,0 +1,257 @@
+"""FolderHost: copies kept as ROOT/<sha256> files, recorded with file:// URLs."""
+
+import hashlib
+import os
+from urllib.parse import urlsplit
+
+import pytest
+
+from cloudmanager.errors import (
+    HostError,
+    HostNotFoundError,
+    InvalidInputError,
+    TransientHostError,
+)
+from cloudmanager.hosts import Location, from_spec
+from cloudmanager.hosts.folder import FolderHost
+from cloudmanager.validation import check_url
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def root(tmp_path):
+    return tmp_path / "pool"
+
+
+@pytest.fixture
+def host(root):
+    return FolderHost(str(root), fsync=False)
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    return d
+
+
+def put(tmp_path, data, name="src.bin"):
+    src = tmp_path / name
+    src.write_bytes(data)
+    return src
+
+
+def test_round_trip_is_byte_exact(host, root, tmp_path, out_dir):
+    # Over several copy chunks (1 MiB), not a multiple of the chunk size.
+    data = os.urandom(3 * (1 << 20) + 12345)
+    src = put(tmp_path, data)
+    loc = host.upload(str(src), sha(data))
+    assert isinstance(loc, Location)
+    assert loc.host_name == "dir:" + str(root)
+    assert (root / sha(data)).read_bytes() == data
+    dest = out_dir / "copy.bin"
+    assert host.download(loc.url, str(dest)) is None
+    assert dest.read_bytes() == data
+    assert [p.name for p in out_dir.iterdir()] == ["copy.bin"]
+    assert src.read_bytes() == data
+
+
+def test_custom_name_is_recorded(root, tmp_path):
+    src = put(tmp_path, b"x")
+    loc = FolderHost(str(root), name="nas", fsync=False).upload(str(src), sha(b"x"))
+    assert loc.host_name == "nas"
+
+
+def test_empty_file_round_trip(host, root, tmp_path, out_dir):
+    src = put(tmp_path, b"")
+    loc = host.upload(str(src), sha(b""))
+    assert (root / sha(b"")).read_bytes() == b""
+    dest = out_dir / "empty"
+    dest.write_bytes(b"stale")
+    host.download(loc.url, str(dest))
+    assert dest.exists() and dest.read_bytes() == b""
+
+
+def test_upload_is_atomic_and_leaves_no_temp(host, root, tmp_path):
+    first = b"first version " * 1000
+    name = sha(first)
+    host.upload(str(put(tmp_path, first)), name)
+    assert sorted(os.listdir(root)) == [name]
+    # A second upload under the same name replaces the object whole.
+    (root / name).write_bytes(b"garbage that is much longer than anything else " * 5000)
+    host.upload(str(put(tmp_path, first, "again.bin")), name)
+    assert (root / name).read_bytes() == first
+    assert sorted(os.listdir(root)) == [name]
+
+
+def test_failed_upload_leaves_nothing(host, root, tmp_path):
+    with pytest.raises(TransientHostError):
+        host.upload(str(tmp_path / "does-not-exist"), sha(b"x"))
+    with pytest.raises(TransientHostError):
+        host.upload(str(tmp_path), sha(b"y"))  # a directory is not a readable file
+    assert not root.exists() or os.listdir(root) == []
+
+
+@pytest.mark.parametrize("bad", ["../escape", "A" * 64, "0" * 63, "", "x" * 64, "/etc/passwd"])
+def test_upload_refuses_non_hash_name(host, root, tmp_path, bad):
+    src = put(tmp_path, b"x")
+    with pytest.raises(InvalidInputError):
+        host.upload(str(src), bad)
+    assert not root.exists() or os.listdir(root) == []
+    assert not (tmp_path / "escape").exists()
+
+
+@pytest.mark.parametrize("dirname", ["with space", "pct%20sign", "hash#and?query", "été ü",
+                                     "semi;colon,comma"])
+def test_urls_are_percent_encoded_and_still_download(tmp_path, out_dir, dirname):
+    root = tmp_path / dirname / "pool"
+    host = FolderHost(str(root), fsync=False)
+    data = b"percent " * 333
+    loc = host.upload(str(put(tmp_path, data)), sha(data))
+    assert loc.url.startswith("file:///")
+    assert " " not in loc.url and "#" not in loc.url and "?" not in loc.url
+    assert check_url(loc.url) == loc.url
+    parts = urlsplit(loc.url)
+    assert parts.query == "" and parts.fragment == ""
+    assert host.accepts(loc.url)
+    dest = out_dir / "d.bin"
+    host.download(loc.url, str(dest))
+    assert dest.read_bytes() == data
+    # Another FolderHost on the same root (another node, same NAS) reads it too.
+    other = FolderHost(str(root) + os.sep, name="other", fsync=False)
+    assert other.accepts(loc.url)
+
+
+@pytest.mark.xfail(reason="BUG: FolderHost.upload raises UnicodeEncodeError (not a HostError) "
+                          "when the root path has non-UTF-8 bytes: quote() is strict on "
+                          "surrogate-escaped names, and the object is already written",
+                   strict=True)
+def test_root_with_undecodable_bytes(tmp_path, out_dir):
+    root = os.fsdecode(os.fsencode(str(tmp_path)) + b"/latin1-\xe9t\xe9")
+    host = FolderHost(root, fsync=False)
+    data = b"bytes in a latin-1 named directory"
+    loc = host.upload(str(put(tmp_path, data)), sha(data))
+    dest = out_dir / "d.bin"
+    host.download(loc.url, str(dest))
+    assert dest.read_bytes() == data
+
+
+def test_accepts_only_hash_named_objects_of_its_root(host, root, tmp_path):
+    h = sha(b"x")
+    good = "file://" + str(root) + "/" + h
+    assert host.accepts(good)
+    assert host.accepts("file://localhost" + str(root) + "/" + h)
+    refused = [
+        "file://" + str(root) + "/../" + h,                     # parent of root
+        "file://" + str(root) + "/../../etc/passwd",
+        "file://" + str(root) + "/%2e%2e/%2e%2e/etc/passwd",
+        "file://" + str(root) + "/%2e%2e/" + h,
+        "file://" + str(root) + "/sub/" + h,                    # below root
+        "file://" + str(root) + "-evil/" + h,                   # sibling with same prefix
+        "file://" + str(root) + "/" + h.upper(),
+        "file://" + str(root) + "/" + h[:-1],
+        "file://" + str(root) + "/" + h + ".tmp",
+        "file://" + str(root) + "/passwd",
+        "file://" + str(root) + "/",
+        "file://" + str(root),
+        "file://remote.example" + str(root) + "/" + h,
+        "file:relative/" + h,
+        "http://example.com" + str(root) + "/" + h,
+        "-file://" + str(root) + "/" + h,
+        "file://" + str(root) + "/" + h + " x",
+        "/" + h,
+        "",
+        None,
+    ]
+    for url in refused:
+        assert host.accepts(url) is False, url
+
+
+def test_traversal_url_is_refused_by_download_and_exists(host, root, tmp_path, out_dir):
+    # A hash-named file outside the root must not be readable through the host.
+    secret = b"outside the root"
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / sha(secret)).write_bytes(secret)
+    url = "file://" + str(root) + "/../elsewhere/" + sha(secret)
+    dest = out_dir / "d.bin"
+    with pytest.raises((HostError, InvalidInputError)):
+        host.download(url, str(dest))
+    with pytest.raises((HostError, InvalidInputError)):
+        host.exists(url)
+    with pytest.raises((HostError, InvalidInputError)):
+        host.delete(url)
+    assert not dest.exists()
+    assert list(out_dir.iterdir()) == []
+    assert (outside / sha(secret)).read_bytes() == secret  # delete did not reach it
+
+
+def test_download_of_missing_object_is_not_found(host, root, out_dir):
+    root.mkdir()
+    url = "file://" + str(root) + "/" + sha(b"never stored")
+    dest = out_dir / "d.bin"
+    with pytest.raises(HostNotFoundError) as info:
+        host.download(url, str(dest))
+    assert info.value.host == host.name
+    assert not dest.exists()
+    assert list(out_dir.iterdir()) == []
+
+
+def test_download_of_missing_object_keeps_existing_dest(host, root, out_dir):
+    root.mkdir()
+    dest = out_dir / "d.bin"
+    dest.write_bytes(b"keep me")
+    with pytest.raises(HostNotFoundError):
+        host.download("file://" + str(root) + "/" + sha(b"never"), str(dest))
+    assert dest.read_bytes() == b"keep me"
+    assert [p.name for p in out_dir.iterdir()] == ["d.bin"]
+
+
+@pytest.mark.xfail(reason="BUG: FolderHost.download reports a missing *destination* directory "
+                          "as HostNotFoundError (the FileNotFoundError from atomic_write is "
+                          "caught with the one from opening the object), although the host "
+                          "holds the object; the engine would mark a good copy bad",
+                   strict=True)
+def test_missing_destination_directory_is_not_reported_as_missing_object(host, tmp_path):
+    data = b"present"
+    loc = host.upload(str(put(tmp_path, data)), sha(data))
+    with pytest.raises(HostError) as info:
+        host.download(loc.url, str(tmp_path / "no" / "such" / "dir" / "d.bin"))
+    assert not isinstance(info.value, HostNotFoundError)
+
+
+def test_exists_and_delete(host, root, tmp_path):
+    assert host.can_check and host.can_delete
+    data = b"to be deleted"
+    loc = host.upload(str(put(tmp_path, data)), sha(data))
+    keep = b"to be kept"
+    kept = host.upload(str(put(tmp_path, keep, "k.bin")), sha(keep))
+    assert host.exists(loc.url) is True
+    host.delete(loc.url)
+    assert host.exists(loc.url) is False
+    assert not (root / sha(data)).exists()
+    host.delete(loc.url)  # deleting a missing object is not an error
+    assert host.exists(kept.url) is True
+    assert (root / sha(keep)).read_bytes() == keep
+
+
+def test_from_spec_file_and_dir(tmp_path):
+    a = from_spec("file://" + str(tmp_path / "a"))
+    assert isinstance(a, FolderHost) and a.root == str(tmp_path / "a")
+    b = from_spec("dir:" + str(tmp_path / "b"))
+    assert isinstance(b, FolderHost) and b.root == str(tmp_path / "b")
+    c = from_spec("file://localhost" + str(tmp_path / "c%20d"))
+    assert c.root == str(tmp_path / "c d")
+    named = from_spec("dir:" + str(tmp_path), name="usb", fsync=False)
+    assert named.name == "usb"
+
+
+@pytest.mark.parametrize("spec", ["dir:relative", "dir:./x", "dir:", "file:relative",
+                                  "file://remote.example/abs", "file://", "folder:/abs", "/abs",
+                                  "dir"])
+def test_from_spec_refuses(spec):
+    with pytest.raises(InvalidInputError):
+        from_spec(spec)

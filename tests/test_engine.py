@@ -1,0 +1,470 @@
+"""UploadEngine over a real FileDatabase and real hosts.
+
+Hosts are folder hosts and PlowshareHosts driven through the fake
+plowup/plowdown (real subprocesses). A few tiny Host subclasses defined here
+fail on purpose: they are hosts, not the layer under test.
+"""
+
+import hashlib
+import os
+import time
+
+import pytest
+
+from cloudmanager.database import FileDatabase
+from cloudmanager.engine import UploadEngine, UploadResult
+from cloudmanager.errors import (
+    DownloadError,
+    HostError,
+    HostNotFoundError,
+    InvalidInputError,
+    TransientHostError,
+)
+from cloudmanager.hosts.base import Host, Location
+from cloudmanager.hosts.folder import FolderHost
+from cloudmanager.hosts.plowshare import PlowshareHost
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def db(tmp_path):
+    database = FileDatabase(tmp_path / "db.sqlite3")
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def make_engine(db):
+    made = []
+
+    def make(hosts, redundancy=3):
+        engine = UploadEngine(db, hosts, redundancy)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.close()
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def source(tmp_path, db):
+    """``source(data)`` → (path, hash, size) of a file registered in the database."""
+
+    def make(data, name="src.bin"):
+        src_dir = tmp_path / "src"
+        src_dir.mkdir(exist_ok=True)
+        path = src_dir / name
+        path.write_bytes(data)
+        digest = sha(data)
+        with db.transaction() as conn:
+            db.add_file(conn, digest, name, len(data), int(time.time()))
+        return str(path), digest, len(data)
+
+    return make
+
+
+def folder(tmp_path, name):
+    return FolderHost(str(tmp_path / "hosts" / name), name=name, fsync=False)
+
+
+def record(db, file_hash, locations):
+    with db.transaction() as conn:
+        for loc in locations:
+            db.record_upload(conn, file_hash, loc.host_name, loc.url, int(time.time()))
+
+
+def demote(db, *names):
+    """Give hosts a recorded failure so that ranked() tries them last."""
+    for name in names:
+        db.record_host_result(name, False, error="seeded by the test")
+
+
+def uploads_by_host(db, file_hash):
+    return {row["host_name"]: row for row in db.uploads(file_hash)}
+
+
+def total_transfers(db):
+    up = sum(u for u, _ in db.transfers().values())
+    down = sum(d for _, d in db.transfers().values())
+    return up, down
+
+
+class ExplodingHost(Host):
+    """A host with a bug: it raises something that is not a HostError."""
+
+    def __init__(self, name):
+        self.name = name
+        self.calls = 0
+
+    def upload(self, local_path, name):
+        self.calls += 1
+        raise RuntimeError("host bug")
+
+    def download(self, url, dest_path):
+        self.calls += 1
+        raise RuntimeError("host bug")
+
+    def accepts(self, url):
+        return url.startswith("boom://")
+
+
+# -- construction --------------------------------------------------------------
+
+
+def test_duplicate_host_names_are_refused(db, tmp_path):
+    with pytest.raises(InvalidInputError):
+        UploadEngine(db, [folder(tmp_path, "a"), FolderHost(str(tmp_path / "b"), name="a")], 2)
+
+
+# -- uploads -------------------------------------------------------------------
+
+
+def test_upload_runs_in_parallel_on_redundancy_hosts(fake_plowshare, make_engine, source):
+    for module in ("m1", "m2", "m3"):
+        fake_plowshare.faults(module, slow=0.5)
+    hosts = [PlowshareHost(m, timeout=30) for m in ("m1", "m2", "m3")]
+    engine = make_engine(hosts, redundancy=3)
+    data = b"parallel " * 1000
+    path, digest, size = source(data)
+
+    started = time.monotonic()
+    result = engine.upload(path, digest, size)
+    elapsed = time.monotonic() - started
+
+    assert isinstance(result, UploadResult)
+    assert result.failures == []
+    assert sorted(loc.host_name for loc in result.successes) == ["m1", "m2", "m3"]
+    assert elapsed >= 0.5  # the slowness really applied
+    assert elapsed < 1.5, "3 x 0.5 s uploads took %.2f s: not parallel" % elapsed
+    for module in ("m1", "m2", "m3"):
+        objects = fake_plowshare.objects(module)
+        assert len(objects) == 1 and objects[0].read_bytes() == data
+
+
+def test_upload_stops_at_redundancy(make_engine, source, tmp_path):
+    hosts = [folder(tmp_path, "h%d" % i) for i in range(5)]
+    engine = make_engine(hosts, redundancy=2)
+    path, digest, size = source(b"just two")
+    result = engine.upload(path, digest, size)
+    assert len(result.successes) == 2 and result.failures == []
+    held = [h for h in hosts if os.path.exists(os.path.join(h.root, digest))]
+    assert sorted(h.name for h in held) == sorted(loc.host_name for loc in result.successes)
+    # holders count toward the target: one more host is enough for 3
+    more = engine.upload(path, digest, size, holders=[loc.host_name for loc in result.successes],
+                         target=3)
+    assert len(more.successes) == 1
+    assert more.successes[0].host_name not in {loc.host_name for loc in result.successes}
+
+
+def test_upload_fails_over_to_the_next_host(fake_plowshare, make_engine, source, db, tmp_path):
+    good = [folder(tmp_path, n) for n in ("f1", "f2", "f3")]
+    down = PlowshareHost("down", timeout=30)
+    fake_plowshare.faults("down", down=True)
+    engine = make_engine(good + [down], redundancy=3)
+    demote(db, "f1", "f2", "f3")  # so the down host is among the first three tried
+    data = b"failover"
+    path, digest, size = source(data)
+
+    result = engine.upload(path, digest, size)
+
+    assert sorted(loc.host_name for loc in result.successes) == ["f1", "f2", "f3"]
+    assert len(result.failures) == 1
+    assert isinstance(result.failures[0], TransientHostError)
+    assert result.failures[0].host == "down"
+    for host in good:
+        with open(os.path.join(host.root, digest), "rb") as f:
+            assert f.read() == data
+    health = db.host_health()
+    assert health["down"]["consecutive_failures"] == 1
+    assert health["down"]["failures"] == 1
+    assert health["down"]["successes"] == 0
+    for name in ("f1", "f2", "f3"):
+        assert health[name]["consecutive_failures"] == 0
+        assert health[name]["successes"] == 1
+
+
+def test_ranked_puts_failing_host_last(fake_plowshare, make_engine, source, db, tmp_path):
+    hosts = [folder(tmp_path, n) for n in ("f1", "f2", "f3")]
+    down = PlowshareHost("down", timeout=30)
+    fake_plowshare.faults("down", down=True)
+    engine = make_engine(hosts + [down], redundancy=4)
+    path, digest, size = source(b"rank me")
+    result = engine.upload(path, digest, size)  # target 4: every host is tried
+    assert len(result.successes) == 3 and [e.host for e in result.failures] == ["down"]
+    for _ in range(30):
+        order = engine.ranked(hosts + [down])
+        assert order[-1] is down
+        assert sorted(h.name for h in order) == ["down", "f1", "f2", "f3"]
+
+
+def test_upload_runs_out_of_hosts(fake_plowshare, make_engine, source, db, tmp_path):
+    down = PlowshareHost("down", timeout=30)
+    fake_plowshare.faults("down", down=True)
+    engine = make_engine([folder(tmp_path, "only"), down], redundancy=3)
+    path, digest, size = source(b"not enough hosts")
+    result = engine.upload(path, digest, size)
+    assert [loc.host_name for loc in result.successes] == ["only"]
+    assert [e.host for e in result.failures] == ["down"]
+
+
+def test_host_bug_during_upload_is_a_failure_not_a_crash(make_engine, source, db, tmp_path):
+    broken = ExplodingHost("broken")
+    engine = make_engine([broken, folder(tmp_path, "ok")], redundancy=2)
+    path, digest, size = source(b"survive a host bug")
+    result = engine.upload(path, digest, size)
+    assert broken.calls == 1
+    assert [loc.host_name for loc in result.successes] == ["ok"]
+    assert len(result.failures) == 1 and isinstance(result.failures[0], HostError)
+    assert result.failures[0].host == "broken"
+    assert db.host_health()["broken"]["consecutive_failures"] == 1
+
+
+# -- downloads -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["corrupt_download", "truncate_download"])
+def test_download_skips_bad_copy_and_marks_it(fake_plowshare, make_engine, source, db, out_dir,
+                                              fault):
+    good, bad = PlowshareHost("good", timeout=30), PlowshareHost("bad", timeout=30)
+    engine = make_engine([good, bad], redundancy=2)
+    data = os.urandom(200_000)
+    path, digest, size = source(data)
+    result = engine.upload(path, digest, size)
+    assert len(result.successes) == 2
+    record(db, digest, result.successes)
+    assert db.copies(digest) == 2
+    fake_plowshare.faults("bad", **{fault: True})
+    demote(db, "good")  # so the bad copy is tried first
+    assert [h.name for h in engine.ranked([good, bad])] == ["bad", "good"]
+    sources = [(loc.host_name, loc.url) for loc in result.successes]
+    dest = out_dir / "dest.bin"
+
+    got = engine.download(digest, size, sources, str(dest))
+
+    assert got.host_name == "good"
+    assert dest.read_bytes() == data
+    assert [p.name for p in out_dir.iterdir()] == ["dest.bin"]  # no temp left
+    rows = uploads_by_host(db, digest)
+    assert rows["bad"]["error"] is True
+    assert rows["bad"]["url"] == next(l.url for l in result.successes if l.host_name == "bad")
+    assert rows["good"]["error"] is False
+    assert db.copies(digest) == 1
+    health = db.host_health()
+    assert health["bad"]["consecutive_failures"] == 1
+    assert health["good"]["consecutive_failures"] == 0
+    # the bad host really was asked
+    assert any(e["tool"] == "plowdown" and any("bad.fake" in a for a in e["argv"])
+               for e in fake_plowshare.log())
+
+
+def test_download_verifies_even_a_single_source(fake_plowshare, make_engine, source, db,
+                                                out_dir):
+    bad = PlowshareHost("bad", timeout=30)
+    engine = make_engine([bad], redundancy=1)
+    data = b"only copy " * 100
+    path, digest, size = source(data)
+    [loc] = engine.upload(path, digest, size).successes
+    record(db, digest, [loc])
+    fake_plowshare.faults("bad", corrupt_download=True)
+    dest = out_dir / "dest.bin"
+    dest.write_bytes(b"previous content")
+    with pytest.raises(DownloadError):
+        engine.download(digest, size, [(loc.host_name, loc.url)], str(dest))
+    assert dest.read_bytes() == b"previous content"  # never replaced by bad bytes
+    assert [p.name for p in out_dir.iterdir()] == ["dest.bin"]
+
+
+def test_download_not_found_marks_copy_bad(make_engine, source, db, tmp_path, out_dir):
+    gone, kept = folder(tmp_path, "gone"), folder(tmp_path, "kept")
+    engine = make_engine([gone, kept], redundancy=2)
+    data = b"one copy will vanish"
+    path, digest, size = source(data)
+    result = engine.upload(path, digest, size)
+    record(db, digest, result.successes)
+    urls = {loc.host_name: loc.url for loc in result.successes}
+    gone.delete(urls["gone"])
+    demote(db, "kept")  # try the vanished copy first
+    dest = out_dir / "dest.bin"
+
+    got = engine.download(digest, size, sorted(urls.items()), str(dest))
+
+    assert got == Location("kept", urls["kept"])
+    assert dest.read_bytes() == data
+    rows = uploads_by_host(db, digest)
+    assert rows["gone"]["error"] is True
+    assert rows["kept"]["error"] is False
+    assert db.copies(digest) == 1
+    assert db.host_health()["gone"]["consecutive_failures"] == 1
+
+
+def test_download_dead_plowshare_link_marks_copy_bad(fake_plowshare, make_engine, source, db,
+                                                     tmp_path, out_dir):
+    locker, disk = PlowshareHost("locker", timeout=30), folder(tmp_path, "disk")
+    engine = make_engine([locker, disk], redundancy=2)
+    data = b"dead link"
+    path, digest, size = source(data)
+    [disk_loc] = engine.upload(path, digest, size, holders=["locker"], target=2).successes
+    dead = Location("locker", "http://locker.fake/dl/0123456789abcdef")
+    record(db, digest, [disk_loc, dead])
+    demote(db, "disk")
+    got = engine.download(digest, size, [tuple(dead), tuple(disk_loc)],
+                          str(out_dir / "dest.bin"))
+    assert got.host_name == "disk"
+    assert (out_dir / "dest.bin").read_bytes() == data
+    assert uploads_by_host(db, digest)["locker"]["error"] is True
+
+
+def test_transient_failure_does_not_mark_copy_bad(fake_plowshare, make_engine, source, db,
+                                                  tmp_path, out_dir):
+    locker, disk = PlowshareHost("locker", timeout=30), folder(tmp_path, "disk")
+    engine = make_engine([locker, disk], redundancy=2)
+    data = b"temporarily down"
+    path, digest, size = source(data)
+    result = engine.upload(path, digest, size)
+    record(db, digest, result.successes)
+    fake_plowshare.faults("locker", down=True)
+    demote(db, "disk")
+    got = engine.download(digest, size, [tuple(l) for l in result.successes],
+                          str(out_dir / "dest.bin"))
+    assert got.host_name == "disk"
+    assert uploads_by_host(db, digest)["locker"]["error"] is False  # it may come back
+    assert db.copies(digest) == 2
+
+
+def test_all_sources_bad_raises_download_error(fake_plowshare, make_engine, source, db,
+                                               tmp_path, out_dir):
+    locker, disk = PlowshareHost("locker", timeout=30), folder(tmp_path, "disk")
+    engine = make_engine([locker, disk], redundancy=2)
+    data = b"nobody has a good copy"
+    path, digest, size = source(data)
+    result = engine.upload(path, digest, size)
+    record(db, digest, result.successes)
+    urls = {loc.host_name: loc.url for loc in result.successes}
+    fake_plowshare.faults("locker", corrupt_download=True)
+    disk.delete(urls["disk"])
+    dest = out_dir / "dest.bin"
+
+    with pytest.raises(DownloadError) as info:
+        engine.download(digest, size, sorted(urls.items()), str(dest))
+
+    err = info.value
+    assert digest in str(err)
+    assert sorted(f.host for f in err.failures) == ["disk", "locker"]
+    assert all(isinstance(f, HostError) for f in err.failures)
+    assert any(isinstance(f, HostNotFoundError) for f in err.failures)
+    assert not dest.exists()
+    assert list(out_dir.iterdir()) == []
+    assert all(row["error"] for row in db.uploads(digest))
+    assert db.copies(digest) == 0
+    assert total_transfers(db)[1] == 0
+
+
+def test_transfer_meter_counts_bytes(make_engine, source, db, tmp_path, out_dir):
+    hosts = [folder(tmp_path, n) for n in ("a", "b", "c")]
+    engine = make_engine(hosts, redundancy=3)
+    data = os.urandom(12_345)
+    path, digest, size = source(data)
+    assert total_transfers(db) == (0, 0)
+    result = engine.upload(path, digest, size)
+    assert len(result.successes) == 3
+    assert total_transfers(db) == (3 * size, 0)
+    engine.download(digest, size, [tuple(l) for l in result.successes],
+                    str(out_dir / "d1"))
+    engine.download(digest, size, [tuple(l) for l in result.successes],
+                    str(out_dir / "d2"))
+    assert total_transfers(db) == (3 * size, 2 * size)
+    assert len(db.transfers()) == 1  # one month on record
+
+
+def test_failed_upload_is_not_metered(fake_plowshare, make_engine, source, db):
+    down = PlowshareHost("down", timeout=30)
+    fake_plowshare.faults("down", down=True)
+    engine = make_engine([down], redundancy=1)
+    path, digest, size = source(b"goes nowhere")
+    result = engine.upload(path, digest, size)
+    assert result.successes == [] and len(result.failures) == 1
+    assert total_transfers(db) == (0, 0)
+
+
+def test_host_for_falls_back_to_any_accepting_host(make_engine, source, db, tmp_path,
+                                                    out_dir):
+    here, other = folder(tmp_path, "here"), folder(tmp_path, "other")
+    engine = make_engine([here, other], redundancy=1)
+    data = b"recorded by another node"
+    path, digest, size = source(data)
+    loc = here.upload(path, digest)
+
+    assert engine.host_for("here", loc.url) is here
+    assert engine.host_for("not-configured-here", loc.url) is here
+    assert engine.host_for("other", loc.url) is here  # named host cannot reach this URL
+    assert engine.host_for("here", "ftp://nowhere.example/x") is None
+
+    record(db, digest, [Location("old-node-disk", loc.url)])
+    dest = out_dir / "d.bin"
+    got = engine.download(digest, size, [("old-node-disk", loc.url)], str(dest))
+    assert got == Location("old-node-disk", loc.url)
+    assert dest.read_bytes() == data
+    assert db.host_health()["here"]["successes"] == 1
+
+
+def test_unreachable_source_is_named_in_download_error(make_engine, source, db, tmp_path,
+                                                       out_dir):
+    engine = make_engine([folder(tmp_path, "local")], redundancy=1)
+    path, digest, size = source(b"unreachable")
+    dest = out_dir / "d.bin"
+    with pytest.raises(DownloadError) as info:
+        engine.download(digest, size, [("mystery-locker", "ftp://mystery.example/f")],
+                        str(dest))
+    assert "mystery-locker" in str(info.value)
+    assert info.value.failures == []
+    assert not dest.exists()
+    assert list(out_dir.iterdir()) == []
+
+
+def test_download_with_no_sources_raises(make_engine, source, out_dir, tmp_path):
+    engine = make_engine([folder(tmp_path, "local")], redundancy=1)
+    path, digest, size = source(b"no sources")
+    with pytest.raises(DownloadError):
+        engine.download(digest, size, [], str(out_dir / "d.bin"))
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.xfail(reason="BUG: UploadEngine.download only catches HostError/IntegrityError/"
+                          "OSError from host.download; any other exception from a host (a host "
+                          "bug) aborts the whole download and the remaining good sources are "
+                          "never tried, while UploadEngine.upload converts the same exception "
+                          "into a failure ('a host bug must not take the engine down')",
+                   strict=True)
+def test_host_bug_during_download_fails_over(make_engine, source, db, tmp_path, out_dir):
+    broken, disk = ExplodingHost("broken"), folder(tmp_path, "disk")
+    engine = make_engine([broken, disk], redundancy=1)
+    data = b"should still arrive"
+    path, digest, size = source(data)
+    loc = disk.upload(path, digest)
+    demote(db, "disk")  # the broken host is tried first
+    dest = out_dir / "d.bin"
+    got = engine.download(digest, size, [("broken", "boom://x"), tuple(loc)], str(dest))
+    assert got.host_name == "disk"
+    assert dest.read_bytes() == data
+
+
+def test_host_bug_during_download_leaves_no_temp(make_engine, source, db, tmp_path, out_dir):
+    """Whatever the engine does with a host bug, it leaves no temp file behind."""
+    broken = ExplodingHost("broken")
+    engine = make_engine([broken], redundancy=1)
+    path, digest, size = source(b"x")
+    with pytest.raises(Exception):
+        engine.download(digest, size, [("broken", "boom://x")], str(out_dir / "d.bin"))
+    assert broken.calls == 1
+    assert list(out_dir.iterdir()) == []
