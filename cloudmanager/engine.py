@@ -172,6 +172,11 @@ class UploadEngine:
                 fsutil.remove_quietly(temp)
                 failures.append(self._download_failed(file_hash, host, location, exc))
                 continue
+            except Exception as exc:  # a host bug must not stop the failover
+                fsutil.remove_quietly(temp)
+                failures.append(self._download_failed(
+                    file_hash, host, location, TransientHostError(host.name, repr(exc))))
+                continue
             except BaseException:
                 fsutil.remove_quietly(temp)
                 raise

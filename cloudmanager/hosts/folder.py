@@ -8,7 +8,7 @@ USB disk.
 
 import os
 import shutil
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from .. import fsutil
 from ..errors import HostNotFoundError, InvalidInputError, PermanentHostError, TransientHostError
@@ -44,7 +44,7 @@ class FolderHost(Host):
             parts = urlsplit("file:" + target)
             if parts.netloc not in ("", "localhost"):
                 raise InvalidInputError("file: host spec must be local: %r" % target)
-            target = unquote(parts.path)
+            target = os.fsdecode(unquote_to_bytes(parts.path))
         return cls(target, **options)
 
     def _object_path(self, name):
@@ -54,7 +54,7 @@ class FolderHost(Host):
 
     def _path_of(self, url):
         check_url(url, schemes={"file"})
-        path = os.path.normpath(unquote(urlsplit(url).path))
+        path = os.path.normpath(os.fsdecode(unquote_to_bytes(urlsplit(url).path)))
         if os.path.dirname(path) != self.root or not is_hash(os.path.basename(path)):
             raise PermanentHostError(self.name, "URL is not an object of this folder: %s" % url)
         return path
@@ -76,18 +76,25 @@ class FolderHost(Host):
                 shutil.copyfileobj(src, out, fsutil.CHUNK)
         except OSError as exc:
             raise TransientHostError(self.name, "cannot store %s: %s" % (name, exc)) from exc
-        return Location(self.name, "file://" + quote(dest))
+        # fsencode: a root that is not valid UTF-8 still gets an exact URL
+        return Location(self.name, "file://" + quote(os.fsencode(dest)))
 
     def download(self, url, dest_path):
         """Copy the object to ``dest_path`` atomically."""
         path = self._path_of(url)
         try:
-            with open(path, "rb") as src, fsutil.atomic_write(dest_path) as out:
-                shutil.copyfileobj(src, out, fsutil.CHUNK)
+            src = open(path, "rb")
         except FileNotFoundError as exc:
             raise HostNotFoundError(self.name, "no object at %s" % url) from exc
         except OSError as exc:
             raise TransientHostError(self.name, "cannot read %s: %s" % (url, exc)) from exc
+        # Errors from here on are about the destination or the copy, not a
+        # missing object: they must not get a good copy marked bad.
+        try:
+            with src, fsutil.atomic_write(dest_path) as out:
+                shutil.copyfileobj(src, out, fsutil.CHUNK)
+        except OSError as exc:
+            raise TransientHostError(self.name, "cannot copy %s: %s" % (url, exc)) from exc
 
     def exists(self, url):
         """Whether the object file exists."""

@@ -125,11 +125,9 @@ def test_urls_are_percent_encoded_and_still_download(tmp_path, out_dir, dirname)
     assert other.accepts(loc.url)
 
 
-@pytest.mark.xfail(reason="BUG: FolderHost.upload raises UnicodeEncodeError (not a HostError) "
-                          "when the root path has non-UTF-8 bytes: quote() is strict on "
-                          "surrogate-escaped names, and the object is already written",
-                   strict=True)
 def test_root_with_undecodable_bytes(tmp_path, out_dir):
+    # Regression: FolderHost.upload raised UnicodeEncodeError (quote() on a
+    # surrogate-escaped root) after the object was already written.
     root = os.fsdecode(os.fsencode(str(tmp_path)) + b"/latin1-\xe9t\xe9")
     host = FolderHost(root, fsync=False)
     data = b"bytes in a latin-1 named directory"
@@ -210,12 +208,9 @@ def test_download_of_missing_object_keeps_existing_dest(host, root, out_dir):
     assert [p.name for p in out_dir.iterdir()] == ["d.bin"]
 
 
-@pytest.mark.xfail(reason="BUG: FolderHost.download reports a missing *destination* directory "
-                          "as HostNotFoundError (the FileNotFoundError from atomic_write is "
-                          "caught with the one from opening the object), although the host "
-                          "holds the object; the engine would mark a good copy bad",
-                   strict=True)
 def test_missing_destination_directory_is_not_reported_as_missing_object(host, tmp_path):
+    # Regression: a missing destination directory was reported as
+    # HostNotFoundError, which makes the engine mark a good copy bad.
     data = b"present"
     loc = host.upload(str(put(tmp_path, data)), sha(data))
     with pytest.raises(HostError) as info:

@@ -187,11 +187,9 @@ def _fake_plowup(tmp_path, monkeypatch, script):
     monkeypatch.setenv("PATH", "%s%s%s" % (bindir, os.pathsep, os.environ["PATH"]))
 
 
-@pytest.mark.xfail(reason="BUG: PlowshareHost.upload lets IndexError escape when plowup exits 0 "
-                          "with empty stdout (the wrapper's parse_output does output.split()[-1] "
-                          "inside upload_to_host, outside the try that maps IndexError)",
-                   strict=True)
 def test_upload_with_silent_plowup_raises_host_error(tmp_path, monkeypatch):
+    # Regression: the wrapper's parse_output did output.split()[-1] and let
+    # IndexError escape PlowshareHost.upload.
     _fake_plowup(tmp_path, monkeypatch, "exit 0\n")
     src = tmp_path / "a.bin"
     src.write_bytes(b"abc")
@@ -199,10 +197,9 @@ def test_upload_with_silent_plowup_raises_host_error(tmp_path, monkeypatch):
         PlowshareHost("mod", timeout=30).upload(str(src), sha(b"abc"))
 
 
-@pytest.mark.xfail(reason="BUG: PlowshareHost.upload lets UnicodeDecodeError escape when plowup "
-                          "prints non-UTF-8 bytes (the wrapper's parse_output decodes strictly)",
-                   strict=True)
 def test_upload_with_non_utf8_plowup_output_raises_host_error(tmp_path, monkeypatch):
+    # Regression: the wrapper's parse_output decoded strictly and let
+    # UnicodeDecodeError escape PlowshareHost.upload.
     _fake_plowup(tmp_path, monkeypatch, "printf 'http://m.fake/dl/\\377x\\n'\nexit 0\n")
     src = tmp_path / "a.bin"
     src.write_bytes(b"abc")
