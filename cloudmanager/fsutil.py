@@ -58,6 +58,17 @@ def remove_quietly(path):
         os.unlink(path)
 
 
+def _chunks(f):
+    """Yield memoryviews of successive reads of a binary file object, reusing one buffer."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while True:
+        n = f.readinto(buf)
+        if not n:
+            return
+        yield view[:n]
+
+
 def copy_and_hash(src, dst_fd, limit=None):
     """Copy a readable binary file object into ``dst_fd``, hashing as it goes.
 
@@ -69,16 +80,10 @@ def copy_and_hash(src, dst_fd, limit=None):
     """
     digest = hashlib.sha256()
     total = 0
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    while True:
-        n = src.readinto(buf)
-        if not n:
-            break
-        total += n
+    for chunk in _chunks(src):
+        total += len(chunk)
         if limit is not None and total > limit:
             raise OverflowError("more than %d bytes" % limit)
-        chunk = view[:n]
         digest.update(chunk)
         while chunk:
             written = os.write(dst_fd, chunk)
@@ -91,14 +96,9 @@ def hash_file(path):
     digest = hashlib.sha256()
     total = 0
     with open(path, "rb", buffering=0) as f:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            digest.update(view[:n])
-            total += n
+        for chunk in _chunks(f):
+            digest.update(chunk)
+            total += len(chunk)
     return digest.hexdigest(), total
 
 

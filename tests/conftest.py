@@ -88,3 +88,13 @@ def write_file(tmp_path):
 @pytest.fixture(autouse=True)
 def _debug_logs(caplog):
     caplog.set_level(logging.DEBUG, logger="cloudmanager")
+
+
+@pytest.fixture
+def db(tmp_path):
+    """A FileDatabase on a real file, closed at teardown."""
+    from cloudmanager.database import FileDatabase
+
+    database = FileDatabase(tmp_path / "db.sqlite3")
+    yield database
+    database.close()

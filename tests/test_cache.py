@@ -1,7 +1,6 @@
 """CacheStore with a FileDatabase, on real files: layout, capacity, LRU
 eviction, pins, reservations and reconciliation."""
 
-import hashlib
 import io
 import os
 import socket
@@ -17,17 +16,9 @@ import cloudmanager.cache as cache_mod
 from cloudmanager.cache import CacheStore
 from cloudmanager.database import FileDatabase
 from cloudmanager.errors import CacheError, CacheFullError
+from helpers import sha
 
 
-def sha(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def db(tmp_path):
-    d = FileDatabase(tmp_path / "db.sqlite3")
-    yield d
-    d.close()
 
 
 @pytest.fixture

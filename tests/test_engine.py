@@ -5,7 +5,6 @@ plowup/plowdown (real subprocesses). A few tiny Host subclasses defined here
 fail on purpose: they are hosts, not the layer under test.
 """
 
-import hashlib
 import os
 import time
 
@@ -23,17 +22,9 @@ from cloudmanager.errors import (
 from cloudmanager.hosts.base import Host, Location
 from cloudmanager.hosts.folder import FolderHost
 from cloudmanager.hosts.plowshare import PlowshareHost
+from helpers import sha
 
 
-def sha(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def db(tmp_path):
-    database = FileDatabase(tmp_path / "db.sqlite3")
-    yield database
-    database.close()
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """CloudManager end to end: real SQLite, real directories, real subprocesses."""
 
-import hashlib
 import json
 import logging
 import os
@@ -12,10 +11,8 @@ import pytest
 
 from cloudmanager import CloudManager
 from cloudmanager.errors import CloudManagerError
+from helpers import sha
 
-
-def sha(data):
-    return hashlib.sha256(data).hexdigest()
 
 
 def plow_hosts(*modules):

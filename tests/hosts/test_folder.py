@@ -1,6 +1,5 @@
 """FolderHost: copies kept as ROOT/<sha256> files, recorded with file:// URLs."""
 
-import hashlib
 import os
 from urllib.parse import urlsplit
 
@@ -15,10 +14,8 @@ from cloudmanager.errors import (
 from cloudmanager.hosts import Location, from_spec
 from cloudmanager.hosts.folder import FolderHost
 from cloudmanager.validation import check_url
+from helpers import sha
 
-
-def sha(data):
-    return hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture

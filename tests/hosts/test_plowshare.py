@@ -7,7 +7,6 @@ tests exercise the real safety properties of the adapter.
 """
 
 import concurrent.futures
-import hashlib
 import os
 import re
 import stat
@@ -26,13 +25,11 @@ from cloudmanager.errors import (
 )
 from cloudmanager.hosts import Location, from_spec
 from cloudmanager.hosts.plowshare import PlowshareHost
+from helpers import sha
 
 DL_URL = re.compile(r"http://([a-z0-9_]+)\.fake/dl/([0-9a-f]{16})")
 DEAD_ID = "0123456789abcdef"
 
-
-def sha(data):
-    return hashlib.sha256(data).hexdigest()
 
 
 def tool_calls(fake, tool):
