@@ -113,16 +113,10 @@ class CacheStore:
         if state is None:
             return None
         size, cached = state
-        path = os.path.join(self.root, file_hash[:2], file_hash)
         if cached:
-            try:
-                st = os.lstat(path)
-                ok = stat.S_ISREG(st.st_mode) and st.st_size == size
-            except FileNotFoundError:
-                ok = False
-            if ok:
+            if self._file_ok(file_hash, size):
                 self._note_use(file_hash, hit=True)
-                return path
+                return os.path.join(self.root, file_hash[:2], file_hash)
             log.warning("cached file %s is missing or damaged; marking it not cached",
                         file_hash)
             self.drop(file_hash)
@@ -130,8 +124,26 @@ class CacheStore:
         return None
 
     def contains(self, file_hash):
-        """Whether the database says the cache holds this file (no I/O, not a use)."""
-        return self.db.is_cached(file_hash)
+        """Whether the cache holds this file: its row says so and the file is there.
+
+        A check, not a use: it counts no hit and leaves the LRU order alone.
+        A row whose file has vanished is marked not cached.
+        """
+        state = self.db.cache_state(file_hash)
+        if not state or not state[1]:
+            return False
+        if self._file_ok(file_hash, state[0]):
+            return True
+        self.drop(file_hash)
+        return False
+
+    def _file_ok(self, file_hash, size):
+        """Whether the cached file is a regular file of the recorded size (one lstat)."""
+        try:
+            st = os.lstat(os.path.join(self.root, file_hash[:2], file_hash))
+        except FileNotFoundError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == size
 
     def _note_use(self, file_hash, hit):
         with self._lock:

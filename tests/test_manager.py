@@ -485,3 +485,12 @@ def test_help_documents_the_api():
                  "info", "sync", "data_dump", "data_load", "close", "stats"):
         assert name in text
         assert getattr(CloudManager, name).__doc__, name
+
+
+def test_a_cached_file_deleted_behind_our_back_is_noticed(make_pool, write_file):
+    cm = make_pool(capacity=1000)
+    digest = cm.upload(write_file("f", b"gone soon"))
+    os.unlink(cm.cache.path_for(digest))
+    assert cm.on_cache(digest) is False
+    assert cm.stats()["cached_bytes"] == 0
+    assert open(cm.warm_up(digest), "rb").read() == b"gone soon"  # fetched again
