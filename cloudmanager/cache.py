@@ -77,8 +77,9 @@ class CacheStore:
         self._touches = {}
         self._hits = self._misses = 0
         self._last_flush = time.monotonic()
+        self.proc_start = _process_start(os.getpid())
         self.reconcile(full=reconcile)
-        db.open_session(self.owner, self.node, os.getpid())
+        db.open_session(self.owner, self.node, os.getpid(), self.proc_start)
 
     def _prepare_directories(self):
         if os.path.exists(self.root) and not os.path.isdir(self.root):
@@ -98,7 +99,10 @@ class CacheStore:
 
     def path_for(self, file_hash):
         """The path a file with this hash has in the cache (whether or not it is there)."""
-        file_hash = check_hash(file_hash)
+        return self._path(check_hash(file_hash))
+
+    def _path(self, file_hash):
+        # For hashes already validated: the hot path skips the regex.
         return os.path.join(self.root, file_hash[:2], file_hash)
 
     # -- reading -------------------------------------------------------------
@@ -116,10 +120,8 @@ class CacheStore:
         if cached:
             if self._file_ok(file_hash, size):
                 self._note_use(file_hash, hit=True)
-                return os.path.join(self.root, file_hash[:2], file_hash)
-            log.warning("cached file %s is missing or damaged; marking it not cached",
-                        file_hash)
-            self.drop(file_hash)
+                return self._path(file_hash)
+            self.drop(file_hash, only_if_damaged=True)
         self._note_use(None, hit=False)
         return None
 
@@ -134,13 +136,13 @@ class CacheStore:
             return False
         if self._file_ok(file_hash, state[0]):
             return True
-        self.drop(file_hash)
+        self.drop(file_hash, only_if_damaged=True)
         return False
 
     def _file_ok(self, file_hash, size):
         """Whether the cached file is a regular file of the recorded size (one lstat)."""
         try:
-            st = os.lstat(os.path.join(self.root, file_hash[:2], file_hash))
+            st = os.lstat(self._path(file_hash))
         except FileNotFoundError:
             return False
         return stat.S_ISREG(st.st_mode) and st.st_size == size
@@ -220,7 +222,7 @@ class CacheStore:
     def _unlink_cached(self, file_hash):
         # lstat first: a symlink planted in the storage directory is removed
         # as a link and never followed.
-        fsutil.remove_quietly(os.path.join(self.root, file_hash[:2], file_hash))
+        fsutil.remove_quietly(self._path(file_hash))
 
     @contextlib.contextmanager
     def reserve(self, size):
@@ -283,7 +285,7 @@ class CacheStore:
         with open(source_path, "rb", buffering=0) as src:
             size = os.fstat(src.fileno()).st_size
             with self.reserve(size) as res:
-                fd, res.temp = fsutil.open_temp(self.tmp_dir, "%s-%d-" % (self.token, res.id))
+                fd = os.open(res.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, fsutil.FILE_MODE)
                 try:
                     file_hash, nbytes = fsutil.copy_and_hash(src, fd, limit=size)
                     if self.fsync:
@@ -309,23 +311,35 @@ class CacheStore:
         now = time.time()
         with self.db.transaction() as conn:
             outcome = self.db.add_file(conn, file_hash, filename, size,
-                                       int(created if created is not None else now))
+                                       int(created if created is not None else now),
+                                       size_known=True)
             if outcome == "conflict":
                 raise IntegrityError("%s is recorded with another size than %d" % (file_hash, size))
-            if self.db.is_cached(file_hash) and os.path.isfile(path):
+            if self.db.is_cached(file_hash) and self._file_ok(file_hash, size):
                 self.db.touch_many([(file_hash, now)])
             else:
                 fsutil.publish(reservation.temp, path, self.fsync)
                 self.db.set_cached(conn, file_hash, True, now)
             self.db.drop_reservation(conn, reservation.id)
-            if queue and self.db.copies(file_hash) == 0:
+            if queue and self.db.verified_copies(file_hash) == 0:
                 self.db.enqueue(conn, file_hash, now)
             reservation.committed = True
         return path
 
-    def drop(self, file_hash):
-        """Remove a file from the cache (its record stays)."""
+    def drop(self, file_hash, only_if_damaged=False):
+        """Remove a file from the cache (its record stays).
+
+        :param only_if_damaged: look again under the write lock and drop it
+            only if the file is still missing or of the wrong size (another
+            process may have replaced it since the caller looked)
+        """
         with self.db.transaction() as conn:
+            if only_if_damaged:
+                state = self.db.cache_state(file_hash)
+                if not state or not state[1] or self._file_ok(file_hash, state[0]):
+                    return
+                log.warning("cached file %s is missing or damaged; marking it not cached",
+                            file_hash)
             self.db.set_cached(conn, file_hash, False)
             self._unlink_cached(file_hash)
 
@@ -333,8 +347,12 @@ class CacheStore:
 
     def _dead_sessions(self):
         dead = []
-        for owner, node, pid in self.db.sessions():
-            if node == self.node and pid != os.getpid() and not _pid_alive(pid):
+        for owner, node, pid, proc_start in self.db.sessions():
+            if node != self.node:
+                continue  # another machine sharing the directory: cannot tell
+            if pid == os.getpid() and proc_start == self.proc_start:
+                continue  # this process (another instance, or this one)
+            if not _pid_alive(pid) or proc_start != _process_start(pid):
                 dead.append(owner)
         return dead
 
@@ -351,17 +369,18 @@ class CacheStore:
         :return: a dict of what was found and fixed
         """
         dead = self._dead_sessions()
-        live_tokens = {owner.rsplit(":", 1)[-1] for owner, _, _ in self.db.sessions()
+        live_tokens = {owner.rsplit(":", 1)[-1] for owner, *_ in self.db.sessions()
                        if owner not in dead}
-        live_tokens.add(getattr(self, "token", ""))
+        live_tokens.add(self.token)
         report = {"temp_removed": 0, "orphans_removed": 0, "missing_marked": 0,
                   "dead_sessions": len(dead), "full": False}
         for entry in _scandir(self.tmp_dir):
-            if entry.name.split("-", 1)[0] not in live_tokens:
+            # Every temp name starts with its session's token, after any dots.
+            if entry.name.lstrip(".").split("-", 1)[0] not in live_tokens:
                 _remove_entry(entry)
                 report["temp_removed"] += 1
         if full is None:
-            full = bool(dead) or self.db.file_count() == 0 and self._has_any_file()
+            full = bool(dead) or not self.db.has_files() and self._has_any_file()
         if full:
             report["full"] = True
             report.update(self._full_reconcile())
@@ -430,6 +449,19 @@ class Reservation:
         self.size = size
         self.temp = None
         self.committed = False
+
+
+def _process_start(pid):
+    """When a process started, as the kernel tells it (Linux); '' elsewhere.
+
+    With the pid, it tells a live session from a dead one whose pid was reused.
+    """
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            # Field 22, counted after the parenthesized command name.
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
 
 
 def _pid_alive(pid):

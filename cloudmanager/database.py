@@ -250,10 +250,11 @@ class FileDatabase:
     def get_file(self, file_hash):
         """Return the file's row as a dict, or ``None``.
 
-        Keys: hash, filename, size, created, copies, cached, last_access, pinned.
+        Keys: hash, filename, size, created, copies, verified, cached,
+        last_access, pinned.
         """
         cur = self._read(
-            "SELECT hash, filename, size, created, copies, cached, last_access, pinned"
+            "SELECT hash, filename, size, created, copies, verified, cached, last_access, pinned"
             " FROM files WHERE hash = ?", (file_hash,))
         row = cur.fetchone()
         if row is None:
@@ -265,30 +266,35 @@ class FileDatabase:
         return self._read("SELECT size, cached FROM files WHERE hash = ?",
                           (file_hash,)).fetchone()
 
-    def add_file(self, conn, file_hash, filename, size, created):
+    def add_file(self, conn, file_hash, filename, size, created, size_known=False):
         """Insert a file row if it is new, or fill in a missing filename.
 
         Call inside :meth:`transaction`.
 
+        :param size_known: the caller hashed the bytes itself, so ``size`` is
+            right; it corrects a size that came from an import (the row cannot
+            be cached then, since caching records a measured size)
         :return: ``"new"``, ``"named"`` (a filename was filled in), ``"same"``,
-            or ``"conflict"`` when the pool knows this hash with another size
+            ``"corrected"`` (the size was fixed), or ``"conflict"`` when the
+            pool knows this hash with another size
         """
-        row = conn.execute("SELECT size, filename FROM files WHERE hash = ?",
+        row = conn.execute("SELECT size, filename, cached FROM files WHERE hash = ?",
                            (file_hash,)).fetchone()
         if row is None:
             conn.execute("INSERT INTO files (hash, filename, size, created) VALUES (?, ?, ?, ?)",
                          (file_hash, filename, size, created))
             return "new"
         if row[0] != size:
-            return "conflict"
+            if not size_known or row[2]:
+                return "conflict"
+            conn.execute("UPDATE files SET size = ? WHERE hash = ?", (size, file_hash))
+            log.warning("%s was recorded with %d bytes (from an import); it has %d",
+                        file_hash, row[0], size)
+            return "corrected"
         if filename and not row[1]:
             conn.execute("UPDATE files SET filename = ? WHERE hash = ?", (filename, file_hash))
             return "named"
         return "same"
-
-    def delete_file(self, conn, file_hash):
-        """Forget a file and its uploads and queue entry (inside a transaction)."""
-        conn.execute("DELETE FROM files WHERE hash = ?", (file_hash,))
 
     def set_cached(self, conn, file_hash, cached, when=None):
         """Mark a file cached (with its LRU clock set to ``when``) or not."""
@@ -315,7 +321,8 @@ class FileDatabase:
     def eviction_candidates(self, conn, limit, after=None):
         """Least recently used evictable files: ``[(hash, size, last_access)]``.
 
-        Evictable means cached, on at least one host, and not pinned. The
+        Evictable means cached, on at least one host this node uploaded to or
+        verified a download from, and not pinned. The
         WHERE clause matches the partial index ``files_lru`` (whose entries
         are ``(last_access, hash)``), so this is an index range scan:
         O(log n + limit). ``after`` is the ``(last_access, hash)`` of the last
@@ -324,11 +331,11 @@ class FileDatabase:
         if after is None:
             return conn.execute(
                 "SELECT hash, size, last_access FROM files"
-                " WHERE cached = 1 AND copies > 0 AND pinned = 0"
+                " WHERE cached = 1 AND verified > 0 AND pinned = 0"
                 " ORDER BY last_access, hash LIMIT ?", (limit,)).fetchall()
         return conn.execute(
             "SELECT hash, size, last_access FROM files"
-            " WHERE cached = 1 AND copies > 0 AND pinned = 0"
+            " WHERE cached = 1 AND verified > 0 AND pinned = 0"
             " AND (last_access, hash) > (?, ?)"
             " ORDER BY last_access, hash LIMIT ?", (after[0], after[1], limit)).fetchall()
 
@@ -352,19 +359,20 @@ class FileDatabase:
     # -- uploads -------------------------------------------------------------
 
     def uploads(self, file_hash):
-        """The file's upload rows: ``[{host_name, url, error, time}]``."""
+        """The file's upload rows: ``[{host_name, url, error, verified, time}]``."""
         return [
-            {"host_name": h, "url": u, "error": bool(e), "time": t}
-            for h, u, e, t in self._read(
-                "SELECT host_name, url, error, time FROM uploads WHERE hash = ?"
+            {"host_name": h, "url": u, "error": bool(e), "verified": bool(v), "time": t}
+            for h, u, e, v, t in self._read(
+                "SELECT host_name, url, error, verified, time FROM uploads WHERE hash = ?"
                 " ORDER BY time, host_name, url", (file_hash,))
         ]
 
     def record_upload(self, conn, file_hash, host_name, url, when):
-        """Record a good copy, and drop earlier failure rows of that host."""
+        """Record a good copy this node made, and drop earlier failure rows of that host."""
         conn.execute(
-            "INSERT INTO uploads (hash, host_name, url, error, time) VALUES (?, ?, ?, 0, ?)"
-            " ON CONFLICT (hash, host_name, url) DO UPDATE SET error = 0, time = excluded.time",
+            "INSERT INTO uploads (hash, host_name, url, error, verified, time)"
+            " VALUES (?, ?, ?, 0, 1, ?) ON CONFLICT (hash, host_name, url)"
+            " DO UPDATE SET error = 0, verified = 1, time = excluded.time",
             (file_hash, host_name, url, when))
         conn.execute("DELETE FROM uploads WHERE hash = ? AND host_name = ? AND url = ''"
                      " AND error = 1", (file_hash, host_name))
@@ -384,9 +392,20 @@ class FileDatabase:
             conn.execute("UPDATE uploads SET error = 1 WHERE hash = ? AND host_name = ? AND url = ?",
                          (file_hash, host_name, url))
 
+    def mark_copy_verified(self, file_hash, host_name, url):
+        """Note that a download of this copy matched its SHA-256."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE uploads SET verified = 1 WHERE hash = ? AND host_name = ?"
+                         " AND url = ? AND verified = 0", (file_hash, host_name, url))
+
     def copies(self, file_hash):
         """Number of distinct hosts holding a good copy of the file."""
         row = self._read("SELECT copies FROM files WHERE hash = ?", (file_hash,)).fetchone()
+        return row[0] if row else 0
+
+    def verified_copies(self, file_hash):
+        """Number of distinct hosts with a copy this node made or verified."""
+        row = self._read("SELECT verified FROM files WHERE hash = ?", (file_hash,)).fetchone()
         return row[0] if row else 0
 
     # -- the upload queue ----------------------------------------------------
@@ -407,12 +426,9 @@ class FileDatabase:
                 "UPDATE upload_queue SET attempts = attempts + 1, next_attempt = ?,"
                 " last_error = ? WHERE hash = ?", (retry_at, error, file_hash))
 
-    def queued(self, now=None):
-        """Queued hashes that are due (all of them when ``now`` is None)."""
-        if now is None:
-            return [r[0] for r in self._read("SELECT hash FROM upload_queue ORDER BY queued")]
-        return [r[0] for r in self._read(
-            "SELECT hash FROM upload_queue WHERE next_attempt <= ? ORDER BY queued", (now,))]
+    def queued(self):
+        """Every queued hash, oldest first."""
+        return [r[0] for r in self._read("SELECT hash FROM upload_queue ORDER BY queued")]
 
     # -- reservations and sessions ------------------------------------------
 
@@ -427,38 +443,19 @@ class FileDatabase:
             "INSERT INTO reservations (owner, size, created) VALUES (?, ?, ?)",
             (owner, size, time.time())).lastrowid
 
-    def name_reservation(self, reservation_id, file_hash):
-        """Record the hash a reservation's temp file is about to be renamed to."""
-        with self.transaction() as conn:
-            conn.execute("UPDATE reservations SET hash = ? WHERE id = ?",
-                         (file_hash, reservation_id))
-
     def drop_reservation(self, conn, reservation_id):
         """Release a reservation."""
         conn.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
 
-    def reservations_of(self, owners):
-        """``[(id, owner, hash)]`` of the reservations made by ``owners``."""
-        owners = list(owners)
-        if not owners:
-            return []
-        marks = ",".join("?" * len(owners))
-        return self._read("SELECT id, owner, hash FROM reservations WHERE owner IN (%s)"
-                          % marks, owners).fetchall()
-
-    def reserved_hashes(self):
-        """Hashes named by reservations (renames that may be in flight)."""
-        return {r[0] for r in self._read("SELECT hash FROM reservations WHERE hash IS NOT NULL")}
-
-    def open_session(self, owner, node, pid):
+    def open_session(self, owner, node, pid, proc_start):
         """Register an open instance."""
         with self.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO sessions (owner, node, pid, started)"
-                         " VALUES (?, ?, ?, ?)", (owner, node, pid, time.time()))
+            conn.execute("INSERT OR REPLACE INTO sessions (owner, node, pid, proc_start, started)"
+                         " VALUES (?, ?, ?, ?, ?)", (owner, node, pid, proc_start, time.time()))
 
     def sessions(self):
-        """``[(owner, node, pid)]`` of every registered instance."""
-        return self._read("SELECT owner, node, pid FROM sessions").fetchall()
+        """``[(owner, node, pid, proc_start)]`` of every registered instance."""
+        return self._read("SELECT owner, node, pid, proc_start FROM sessions").fetchall()
 
     def end_sessions(self, conn, owners):
         """Remove sessions and the reservations they left (inside a transaction)."""
@@ -523,6 +520,10 @@ class FileDatabase:
             " last_success, last_failure, latency_ms FROM host_health ORDER BY host_name")
         names = [d[0] for d in cur.description]
         return {row[0]: dict(zip(names[1:], row[1:])) for row in cur}
+
+    def has_files(self):
+        """Whether the pool has any file (one index probe)."""
+        return self._read("SELECT 1 FROM files LIMIT 1").fetchone() is not None
 
     def file_count(self):
         """Number of files in the pool. Counts rows: for stats, not hot paths."""

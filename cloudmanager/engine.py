@@ -140,6 +140,9 @@ class UploadEngine:
         """Fetch a verified copy into ``dest_path`` from the first source that has one.
 
         :param sources: good copies as ``(host_name, url)`` pairs
+        :param size: the recorded size; hosts stop writing past it, and a
+            copy whose hash matches but size does not is refused without
+            being marked bad (the record, not the copy, is wrong)
         :return: the :class:`Location` the bytes came from
         :raises DownloadError: if no source delivered a good copy; its
             ``failures`` list each attempt's error
@@ -156,17 +159,23 @@ class UploadEngine:
         plan.sort(key=lambda item: order[item[0].name])
         failures = []
         directory = os.path.dirname(os.path.abspath(dest_path))
+        # Temp names start with the destination's name, which in the cache
+        # starts with the session token: reconciliation knows whose they are.
+        prefix = os.path.basename(dest_path) + "."
         for host, location in plan:
-            fd, temp = fsutil.open_temp(directory, ".cm-download-")
+            fd, temp = fsutil.open_temp(directory, prefix)
             os.close(fd)
             started = time.monotonic()
             try:
                 with self._slots[host.name]:
-                    host.download(location.url, temp)
+                    host.download(location.url, temp, max_bytes=size)
                 got_hash, got_size = fsutil.hash_file(temp)
-                if got_hash != file_hash or got_size != size:
+                if got_hash != file_hash:
                     raise IntegrityError("%s sent %d bytes hashing to %s" % (
                         host.name, got_size, got_hash))
+                if got_size != size:  # the right bytes: the recorded size is wrong
+                    raise TransientHostError(host.name, "the copy has %d bytes but %d are "
+                                             "recorded; not caching it" % (got_size, size))
                 os.replace(temp, dest_path)
             except (HostError, IntegrityError, OSError) as exc:
                 fsutil.remove_quietly(temp)
@@ -182,6 +191,7 @@ class UploadEngine:
                 raise
             self.db.record_host_result(host.name, True, (time.monotonic() - started) * 1000)
             self.db.add_transfer(downloaded=size)
+            self.db.mark_copy_verified(file_hash, location.host_name, location.url)
             log.info("downloaded %s from %s", file_hash, host.name)
             return location
         reason = "no host delivered a good copy of %s" % file_hash

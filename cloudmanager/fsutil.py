@@ -69,26 +69,28 @@ def _chunks(f):
         yield view[:n]
 
 
-def copy_and_hash(src, dst_fd, limit=None):
+def copy_and_hash(src, dst_fd, limit=None, hashing=True):
     """Copy a readable binary file object into ``dst_fd``, hashing as it goes.
 
     The source is read exactly once.
 
     :param limit: stop with :class:`OverflowError` once more than this many
         bytes have been read (the source grew, or a host sent too much)
+    :param hashing: False to only copy (the digest returned is then None)
     :return: ``(sha256_hex, nbytes)``
     """
-    digest = hashlib.sha256()
+    digest = hashlib.sha256() if hashing else None
     total = 0
     for chunk in _chunks(src):
         total += len(chunk)
         if limit is not None and total > limit:
             raise OverflowError("more than %d bytes" % limit)
-        digest.update(chunk)
+        if digest is not None:
+            digest.update(chunk)
         while chunk:
             written = os.write(dst_fd, chunk)
             chunk = chunk[written:]
-    return digest.hexdigest(), total
+    return (digest.hexdigest() if digest is not None else None), total
 
 
 def hash_file(path):

@@ -87,9 +87,14 @@ class CloudManager:
         host_objects = self._build_hosts(hosts, host_timeout)
         self.db = FileDatabase(database_path)
         try:
-            self.cache = CacheStore(self.db, storage_path, storage_size, fsync=fsync)
             self.engine = UploadEngine(self.db, host_objects, redundancy)
         except BaseException:
+            self.db.close()
+            raise
+        try:
+            self.cache = CacheStore(self.db, storage_path, storage_size, fsync=fsync)
+        except BaseException:
+            self.engine.close()
             self.db.close()
             raise
 
@@ -144,6 +149,10 @@ class CloudManager:
         defer = self.defer_uploads if defer is None else defer
         try:
             path = os.fspath(path)
+        except TypeError as exc:
+            log.error("upload: not a path: %r (%s)", path, exc)
+            return False
+        try:
             st = os.stat(path)
             if not os.path.isfile(path):
                 raise InvalidInputError("%s is not a regular file" % path)
@@ -155,8 +164,8 @@ class CloudManager:
                     log.info("not caching %s: %s; uploading it from its source", path, exc)
                 else:
                     if not defer:
-                        self._replicate(file_hash)
-                    return file_hash
+                        self._replicate_logged(file_hash)
+                    return file_hash  # in the pool: on a host, or pinned and queued
             return self._upload_uncached(path, filename)
         except (OSError, CloudManagerError) as exc:
             log.error("upload of %s failed: %s", path, exc)
@@ -172,12 +181,24 @@ class CloudManager:
                               result.failures)
         now = int(time.time())
         with self.db.transaction() as conn:
-            self.db.add_file(conn, file_hash, filename, size, now)
+            if self.db.add_file(conn, file_hash, filename, size, now,
+                                size_known=True) == "conflict":
+                raise CacheError("%s is cached with another size than %d" % (file_hash, size))
             self._record_result(conn, file_hash, result, now)
         return file_hash
 
-    def _holders(self, file_hash):
-        return {u["host_name"] for u in self.db.uploads(file_hash) if not u["error"]}
+    def _replicate_logged(self, file_hash):
+        """:meth:`_replicate`, logging instead of raising: the file is already
+        safe in the pool (pinned and queued) whatever happens here."""
+        try:
+            return self._replicate(file_hash)
+        except (OSError, CloudManagerError) as exc:
+            log.error("uploading %s to hosts failed: %s; it stays queued", file_hash, exc)
+            return 0
+
+    def _holders(self, file_hash, verified_only=False):
+        return {u["host_name"] for u in self.db.uploads(file_hash)
+                if not u["error"] and (u["verified"] or not verified_only)}
 
     def _record_result(self, conn, file_hash, result, now):
         for location in result.successes:
@@ -197,27 +218,33 @@ class CloudManager:
         if record is None:
             return 0
         holders = self._holders(file_hash)
-        if len(holders) >= self.redundancy or not set(self.engine.hosts) - holders:
+        target = self.redundancy
+        if record["verified"] == 0 and holders:
+            # Only other nodes' claims vouch for it: make one copy of our own,
+            # so the cached copy can be unpinned.
+            holders = set()
+            target = 1
+        if len(holders) >= target or not set(self.engine.hosts) - holders:
             if holders:  # at target, or as close as the configured hosts allow
                 with self.db.transaction() as conn:
                     self.db.dequeue(conn, file_hash)
             return 0
         with self._source_of(file_hash, record["size"]) as source:
-            result = self.engine.upload(source, file_hash, record["size"], holders=holders)
+            result = self.engine.upload(source, file_hash, record["size"], holders=holders,
+                                        target=target)
         now = time.time()
         copies = len(holders) + len(result.successes)
         with self.db.transaction() as conn:
             self._record_result(conn, file_hash, result, int(now))
-            if copies >= self.redundancy:
+            if copies >= target:
                 self.db.dequeue(conn, file_hash)
             else:
                 self.db.enqueue(conn, file_hash, now)
-        if copies < self.redundancy:
+        if copies < target:
             delay = min(RETRY_BASE_S * 2 ** min(len(result.failures), 10), RETRY_MAX_S)
             errors = "; ".join(f.message for f in result.failures) or "not enough hosts"
             self.db.queue_failure(file_hash, errors[:500], now + delay)
-            log.warning("%s has %d of %d copies: %s", file_hash, copies,
-                        self.redundancy, errors)
+            log.warning("%s has %d of %d copies: %s", file_hash, copies, target, errors)
         return len(result.successes)
 
     @contextlib.contextmanager
@@ -329,12 +356,15 @@ class CloudManager:
         cached = self.cache.lookup(file_hash)
         if cached is None and size <= self.cache.capacity:
             try:
-                cached = self._fetch_into_cache(file_hash, size) or None
+                cached = self._fetch_into_cache(file_hash, size)
             except (CacheError, DownloadError) as exc:
                 log.info("not caching %s (%s); streaming it to %s", file_hash, exc, dest)
         if cached is not None:
             with open(cached, "rb") as src, fsutil.atomic_write(dest) as out:
-                got, _ = fsutil.copy_and_hash(src, out.fileno(), limit=size)
+                try:
+                    got, _ = fsutil.copy_and_hash(src, out.fileno(), limit=size)
+                except OverflowError:
+                    got = None  # the cached file grew: it cannot be the file
                 if got != file_hash:  # bit rot or tampering in the cache
                     self.cache.drop(file_hash)
                     raise CacheError("cached copy of %s is corrupt; dropped it" % file_hash)
@@ -387,8 +417,9 @@ class CloudManager:
             ``complete`` (files now at target), ``short`` (still below it)
         """
         self.cache.flush()
-        todo = list(dict.fromkeys(self.db.queued()
-                                  + self.db.below_target(self.redundancy)))
+        # A target above the number of hosts would list every file, every time.
+        reachable = min(self.redundancy, len(self.engine.hosts))
+        todo = list(dict.fromkeys(self.db.queued() + self.db.below_target(reachable)))
         summary = {"checked": len(todo), "uploads": 0, "complete": 0, "short": 0}
         for file_hash in todo:
             try:
@@ -514,6 +545,19 @@ class CloudManager:
             "transfers": {m: {"uploaded": u, "downloaded": d} for m, (u, d) in transfers.items()},
             "hosts": self.db.host_health(),
         }
+
+    def pin(self, file_hash, pinned=True):
+        """Keep a file in the cache whatever the LRU order says (or stop keeping it).
+
+        Files that no host holds yet are pinned anyway; this pins any file.
+
+        :return: True if the file is in the pool
+        """
+        try:
+            return self.db.set_pinned(check_hash(file_hash), pinned)
+        except InvalidInputError as exc:
+            log.warning("pin: %s", exc)
+            return False
 
     def evict(self, target_bytes=0):
         """Evict least recently used files until at most ``target_bytes`` are cached.

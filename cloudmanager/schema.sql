@@ -11,13 +11,16 @@ CREATE TABLE IF NOT EXISTS files (
     filename    TEXT NOT NULL DEFAULT '',       -- a safe basename, for people
     size        INTEGER NOT NULL CHECK (size >= 0),
     created     INTEGER NOT NULL,               -- unix time the pool first saw it
-    -- Distinct hosts holding a good copy. Kept by the uploads_* triggers.
+    -- Distinct hosts holding a good copy, and how many of those this node
+    -- uploaded or downloaded and verified itself (imported claims are not
+    -- trusted to unpin a file). Kept by the uploads_* triggers.
     copies      INTEGER NOT NULL DEFAULT 0,
+    verified    INTEGER NOT NULL DEFAULT 0,
     -- Cache state: whether storage/<shard>/<hash> holds the file, and the
     -- LRU clock (unix time of the last use).
     cached      INTEGER NOT NULL DEFAULT 0 CHECK (cached IN (0, 1)),
     last_access REAL NOT NULL DEFAULT 0,
-    -- An explicit pin by the user. A file with copies = 0 is pinned implicitly.
+    -- An explicit pin by the user. A file with verified = 0 is pinned implicitly.
     pinned      INTEGER NOT NULL DEFAULT 0 CHECK (pinned IN (0, 1))
 ) WITHOUT ROWID;
 
@@ -25,40 +28,49 @@ CREATE TABLE IF NOT EXISTS files (
 -- eviction query repeats this WHERE clause so SQLite picks this index; the
 -- first row is found in O(log n).
 CREATE INDEX IF NOT EXISTS files_lru ON files (last_access)
-    WHERE cached = 1 AND copies > 0 AND pinned = 0;
+    WHERE cached = 1 AND verified > 0 AND pinned = 0;
 
 -- Files below a redundancy target, for sync().
 CREATE INDEX IF NOT EXISTS files_copies ON files (copies);
 
 -- Where copies live. A failed upload is a row with error = 1 and url = ''.
--- A copy found bad keeps its url and gets error = 1.
+-- A copy found bad keeps its url and gets error = 1. `verified` is 1 for a
+-- copy this node uploaded, or downloaded and checked; 0 for one only
+-- imported from another node's records.
 CREATE TABLE IF NOT EXISTS uploads (
     hash      TEXT NOT NULL REFERENCES files (hash) ON DELETE CASCADE,
     host_name TEXT NOT NULL,
     url       TEXT NOT NULL DEFAULT '',
     error     INTEGER NOT NULL DEFAULT 0 CHECK (error IN (0, 1)),
+    verified  INTEGER NOT NULL DEFAULT 0 CHECK (verified IN (0, 1)),
     time      INTEGER NOT NULL,
     PRIMARY KEY (hash, host_name, url)
 ) WITHOUT ROWID;
 
 CREATE TRIGGER IF NOT EXISTS uploads_insert AFTER INSERT ON uploads BEGIN
-    UPDATE files SET copies = (
-        SELECT count(DISTINCT host_name) FROM uploads
-        WHERE hash = NEW.hash AND error = 0)
+    UPDATE files SET
+        copies = (SELECT count(DISTINCT host_name) FROM uploads
+                  WHERE hash = NEW.hash AND error = 0),
+        verified = (SELECT count(DISTINCT host_name) FROM uploads
+                    WHERE hash = NEW.hash AND error = 0 AND verified = 1)
     WHERE hash = NEW.hash;
 END;
 
-CREATE TRIGGER IF NOT EXISTS uploads_update AFTER UPDATE OF error ON uploads BEGIN
-    UPDATE files SET copies = (
-        SELECT count(DISTINCT host_name) FROM uploads
-        WHERE hash = NEW.hash AND error = 0)
+CREATE TRIGGER IF NOT EXISTS uploads_update AFTER UPDATE OF error, verified ON uploads BEGIN
+    UPDATE files SET
+        copies = (SELECT count(DISTINCT host_name) FROM uploads
+                  WHERE hash = NEW.hash AND error = 0),
+        verified = (SELECT count(DISTINCT host_name) FROM uploads
+                    WHERE hash = NEW.hash AND error = 0 AND verified = 1)
     WHERE hash = NEW.hash;
 END;
 
 CREATE TRIGGER IF NOT EXISTS uploads_delete AFTER DELETE ON uploads BEGIN
-    UPDATE files SET copies = (
-        SELECT count(DISTINCT host_name) FROM uploads
-        WHERE hash = OLD.hash AND error = 0)
+    UPDATE files SET
+        copies = (SELECT count(DISTINCT host_name) FROM uploads
+                  WHERE hash = OLD.hash AND error = 0),
+        verified = (SELECT count(DISTINCT host_name) FROM uploads
+                    WHERE hash = OLD.hash AND error = 0 AND verified = 1)
     WHERE hash = OLD.hash;
 END;
 
@@ -133,10 +145,11 @@ CREATE TABLE IF NOT EXISTS transfers (
 -- Open CloudManager instances. A row left by a process that no longer runs
 -- means it did not close cleanly, and the next open reconciles the cache.
 CREATE TABLE IF NOT EXISTS sessions (
-    owner   TEXT PRIMARY KEY,                      -- 'node:pid:token'
-    node    TEXT NOT NULL,
-    pid     INTEGER NOT NULL,
-    started REAL NOT NULL
+    owner      TEXT PRIMARY KEY,                   -- 'node:pid:token'
+    node       TEXT NOT NULL,
+    pid        INTEGER NOT NULL,
+    proc_start TEXT NOT NULL DEFAULT '',           -- tells a reused pid apart
+    started    REAL NOT NULL
 ) WITHOUT ROWID;
 
 PRAGMA user_version = 1;

@@ -191,7 +191,7 @@ def iter_documents(fileobj, chunk_size=1 << 16):
             fill()
         try:
             yield decoder.decode(buf[pos:])
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise SerializationError("not JSON: %s" % exc) from exc
         return
     if buf[pos] != "[":
@@ -216,6 +216,8 @@ def iter_documents(fileobj, chunk_size=1 << 16):
         while True:
             try:
                 value, end = decoder.raw_decode(buf, pos)
+            except RecursionError as exc:
+                raise SerializationError("nested too deeply") from exc
             except ValueError as exc:
                 if eof:
                     raise SerializationError("not JSON: %s" % exc) from exc

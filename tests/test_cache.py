@@ -90,7 +90,7 @@ def dead_pid():
 def plant_dead_session(db, token="deadbeefdeadbeef"):
     node = socket.gethostname()
     pid = dead_pid()
-    db.open_session("%s:%d:%s" % (node, pid, token), node, pid)
+    db.open_session("%s:%d:%s" % (node, pid, token), node, pid, "")
     return token
 
 
@@ -327,14 +327,14 @@ def test_dead_sessions_temp_files_are_removed_on_open(make_store, db, root):
     dead_temp.write_bytes(b"partial")
     live_token = "0123456789abcdef"  # a session of this (running) process
     db.open_session("%s:%d:%s" % (socket.gethostname(), os.getpid(), live_token),
-                    socket.gethostname(), os.getpid())
+                    socket.gethostname(), os.getpid(), cache_mod._process_start(os.getpid()))
     live_temp = root / "tmp" / ("%s-2.tmp" % live_token)
     live_temp.write_bytes(b"in flight")
     store = make_store()
     assert not dead_temp.exists()
     assert live_temp.exists()
-    assert token not in {o.rsplit(":", 1)[-1] for o, _, _ in db.sessions()}
-    assert store.owner in {o for o, _, _ in db.sessions()}
+    assert token not in {o.rsplit(":", 1)[-1] for o, *_ in db.sessions()}
+    assert store.owner in {o for o, *_ in db.sessions()}
 
 
 def test_orphan_in_shard_removed_after_dead_session(make_store, src, db, root):
@@ -450,3 +450,37 @@ def test_capacity_must_be_a_positive_int(db, root, capacity):
     with pytest.raises(CacheError, match="storage_size"):
         CacheStore(db, root, capacity, fsync=False)
     assert db.sessions() == []
+
+
+# -- regressions from review ------------------------------------------------------------
+
+
+def test_drop_if_damaged_spares_a_healthy_file(make_store, src, db):
+    store = make_store(1000)
+    digest, _ = store.ingest(src("a", b"healthy"), "a")
+    store.drop(digest, only_if_damaged=True)
+    assert store.contains(digest) and os.path.exists(store.path_for(digest))
+
+
+def test_a_reused_pid_is_recognised_as_a_dead_session(make_store, db, root):
+    make_store().close()
+    node = socket.gethostname()
+    token = "feedfacefeedface"
+    # Same pid as this process, but another process start: a previous life.
+    db.open_session("%s:%d:%s" % (node, os.getpid(), token), node, os.getpid(), "1")
+    (root / "tmp" / ("%s-7.tmp" % token)).write_bytes(b"left by the dead")
+    make_store()
+    assert not (root / "tmp" / ("%s-7.tmp" % token)).exists()
+    assert token not in {o.rsplit(":", 1)[-1] for o, *_ in db.sessions()}
+
+
+def test_in_flight_temp_names_of_a_live_session_survive_another_open(make_store, db, root):
+    store = make_store(1000)
+    with store.reserve(10) as res:
+        # The names the engine and the hosts derive from the reservation's.
+        derived = [res.temp + ".abc123.tmp", os.path.join(
+            os.path.dirname(res.temp), "." + os.path.basename(res.temp) + ".x.tmp")]
+        for path in derived:
+            open(path, "wb").close()
+        make_store(1000)  # another instance opens and reconciles
+        assert all(os.path.exists(p) for p in derived)

@@ -201,10 +201,10 @@ def test_cache_counters_follow_insert_update_delete(db):
         db.set_cached(conn, H[1], False)  # already not cached: not subtracted twice
     assert (db.counter("cached_bytes"), db.counter("cached_files")) == (107, 2)
     with db.transaction() as conn:
-        db.delete_file(conn, H[0])
+        conn.execute("DELETE FROM files WHERE hash = ?", (H[0],))
     assert (db.counter("cached_bytes"), db.counter("cached_files")) == (7, 1)
     with db.transaction() as conn:
-        db.delete_file(conn, H[1])  # deleting an uncached file changes nothing
+        conn.execute("DELETE FROM files WHERE hash = ?", (H[1],))  # deleting an uncached file changes nothing
     assert (db.counter("cached_bytes"), db.counter("cached_files")) == (7, 1)
     with db.transaction() as conn:
         assert db.recount_cache(conn) == (7, 1)
@@ -222,7 +222,8 @@ def test_copies_counts_distinct_good_hosts(db):
     assert db.copies(H[0]) == 2
     # the good copy replaced the failure row of h2
     assert [u for u in db.uploads(H[0]) if u["host_name"] == "h2"] == [
-        {"host_name": "h2", "url": "http://h2.example/a", "error": False, "time": 2000}]
+        {"host_name": "h2", "url": "http://h2.example/a", "error": False, "verified": True,
+         "time": 2000}]
     db.mark_copy_bad(H[0], "h1", "http://h1.example/a")
     assert db.copies(H[0]) == 2  # h1 still has a good url
     db.mark_copy_bad(H[0], "h1", "http://h1.example/b")
@@ -239,7 +240,8 @@ def test_upload_failure_not_recorded_over_a_good_copy(db):
     with db.transaction() as conn:
         db.record_upload_failure(conn, H[0], "h1", 3000)
     assert db.uploads(H[0]) == [
-        {"host_name": "h1", "url": "http://h1.example/a", "error": False, "time": 2000}]
+        {"host_name": "h1", "url": "http://h1.example/a", "error": False, "verified": True,
+         "time": 2000}]
     assert db.copies(H[0]) == 1
 
 

@@ -102,7 +102,7 @@ class ExplodingHost(Host):
         self.calls += 1
         raise RuntimeError("host bug")
 
-    def download(self, url, dest_path):
+    def download(self, url, dest_path, max_bytes=None):
         self.calls += 1
         raise RuntimeError("host bug")
 

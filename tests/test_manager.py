@@ -494,3 +494,91 @@ def test_a_cached_file_deleted_behind_our_back_is_noticed(make_pool, write_file)
     assert cm.on_cache(digest) is False
     assert cm.stats()["cached_bytes"] == 0
     assert open(cm.warm_up(digest), "rb").read() == b"gone soon"  # fetched again
+
+
+# -- trust in imported records (regressions from review) ------------------------------
+
+
+def test_an_imported_claim_does_not_unpin_a_file_no_host_of_ours_holds(make_pool, write_file,
+                                                                       fake_plowshare):
+    fake_plowshare.faults("dead", down=True)
+    cm = make_pool(capacity=300, hosts=plow_hosts("dead"), redundancy=1)
+    data = b"only copy" * 10
+    digest = cm.upload(write_file("f", data))
+    claim = {"version": "0.2", "datetime": "1", "filename": "f", "filesize": str(len(data)),
+             "filehash": digest,
+             "uploads": [{"host_name": "evil", "url": "http://example.invalid/x"}]}
+    assert cm.data_load(json.dumps([claim])) == 1
+    assert cm.evict(0) == 0, "an unverified claim must not make the only copy evictable"
+    cm.sync()  # the dead host still fails: the file stays pinned and queued
+    assert cm.stats()["queued"] == 1 and cm.evict(0) == 0
+    for i in range(3):  # pressure: other files cannot push it out
+        cm.upload(write_file("g%d" % i, bytes([i]) * 100))
+    assert open(cm.warm_up(digest), "rb").read() == data
+    fake_plowshare.clear()
+    cm.sync()  # one copy of our own: now it may go
+    assert cm.db.verified_copies(digest) == 1 and cm.stats()["queued"] == 0
+
+
+def test_a_verified_download_makes_an_imported_copy_trusted(make_pool, write_file, tmp_path):
+    hosts = ["dir:%s" % (tmp_path / "hosts" / "shared")]
+    node_a = make_pool(name="a", hosts=hosts, redundancy=1)
+    node_b = make_pool(name="b", hosts=hosts, redundancy=1)
+    digest = node_a.upload(write_file("f", b"from a"))
+    node_b.data_load(node_a.data_dump())
+    assert node_b.db.verified_copies(digest) == 0
+    assert node_b.warm_up(digest)
+    assert node_b.db.verified_copies(digest) == 1
+    assert node_b.evict(0) == 1
+
+
+def test_a_poisoned_size_is_corrected_by_the_real_file(make_pool, write_file, tmp_path):
+    cm = make_pool(capacity=100, redundancy=1)
+    data = os.urandom(5000)
+    digest = sha(data)
+    lie = {"version": "0.2", "datetime": "1", "filename": "x", "filesize": "7",
+           "filehash": digest, "uploads": []}
+    assert cm.data_load(json.dumps([lie])) == 1
+    assert cm.upload(write_file("big", data)) == digest  # bigger than the cache
+    assert cm.info(digest)["filesize"] == "5000"
+    dest = tmp_path / "copy"
+    assert cm.download(digest, dest) == str(dest) and dest.read_bytes() == data
+    assert not any(u.get("error") for u in cm.info(digest)["uploads"])
+
+
+def test_a_lying_size_does_not_get_good_copies_marked_bad(make_pool, write_file, tmp_path):
+    hosts = ["dir:%s" % (tmp_path / "hosts" / "h")]
+    node_a = make_pool(name="a", hosts=hosts, redundancy=1)
+    node_b = make_pool(name="b", hosts=hosts, redundancy=1, capacity=1000)
+    digest = node_a.upload(write_file("f", b"z" * 600))
+    record = json.loads(node_a.data_dump())[0]
+    record["filesize"] = "10"
+    node_b.data_load(json.dumps([record]))
+    assert node_b.warm_up(digest) is False
+    assert node_b.db.copies(digest) == 1, "the copy is fine: the record lied"
+    leftovers = list((tmp_path / "b" / "cache" / "tmp").iterdir())
+    assert leftovers == []
+
+
+def test_load_from_never_raises_on_deep_nesting(make_pool):
+    import io
+
+    cm = make_pool()
+    assert cm.load_from(io.StringIO("[" * 100000 + "]" * 100000)) is None
+    assert cm.data_load("[" * 100000 + "]" * 100000) is None
+
+
+def test_upload_of_a_non_path_returns_false(make_pool, caplog):
+    cm = make_pool()
+    assert cm.upload(None) is False and "not a path" in caplog.text
+
+
+def test_pin_keeps_a_file_through_eviction(make_pool, write_file):
+    cm = make_pool(capacity=200)
+    keep = cm.upload(write_file("keep", b"k" * 100))
+    assert cm.pin(keep) is True
+    cm.upload(write_file("a", b"a" * 100))
+    cm.upload(write_file("b", b"b" * 100))
+    assert cm.on_cache(keep)
+    assert cm.pin(keep, False) is True and cm.evict(0) == 2
+    assert cm.pin("ab" * 32) is False and cm.pin("nonsense") is False

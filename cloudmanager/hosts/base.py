@@ -46,11 +46,15 @@ class Host:
         """
         raise NotImplementedError
 
-    def download(self, url, dest_path):
+    def download(self, url, dest_path, max_bytes=None):
         """Fetch the object at ``url`` into ``dest_path``, atomically.
 
         On success ``dest_path`` holds the bytes the host returned (the caller
         verifies them). On failure nothing is left at ``dest_path``.
+
+        :param max_bytes: the expected size; a host that can stop writing
+            past it raises :class:`~cloudmanager.errors.TransientHostError`
+            instead of filling the disk
 
         :raises HostNotFoundError: if the host does not hold the object
         :raises HostError: on any other failure

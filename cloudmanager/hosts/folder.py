@@ -79,8 +79,8 @@ class FolderHost(Host):
         # fsencode: a root that is not valid UTF-8 still gets an exact URL
         return Location(self.name, "file://" + quote(os.fsencode(dest)))
 
-    def download(self, url, dest_path):
-        """Copy the object to ``dest_path`` atomically."""
+    def download(self, url, dest_path, max_bytes=None):
+        """Copy the object to ``dest_path`` atomically, stopping past ``max_bytes``."""
         path = self._path_of(url)
         try:
             src = open(path, "rb")
@@ -91,8 +91,11 @@ class FolderHost(Host):
         # Errors from here on are about the destination or the copy, not a
         # missing object: they must not get a good copy marked bad.
         try:
-            with src, fsutil.atomic_write(dest_path) as out:
-                shutil.copyfileobj(src, out, fsutil.CHUNK)
+            with src, fsutil.atomic_write(dest_path, self.fsync) as out:
+                fsutil.copy_and_hash(src, out.fileno(), limit=max_bytes, hashing=False)
+        except OverflowError as exc:
+            raise TransientHostError(self.name, "%s is larger than the %d bytes expected"
+                                     % (url, max_bytes)) from exc
         except OSError as exc:
             raise TransientHostError(self.name, "cannot copy %s: %s" % (url, exc)) from exc
 

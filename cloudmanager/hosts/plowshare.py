@@ -198,8 +198,12 @@ class PlowshareHost(Host):
             raise TransientHostError(self.name, "plowup printed no usable URL: %s" % exc) from exc
         return Location(self.name, url)
 
-    def download(self, url, dest_path):
-        """Run ``plowdown URL -o DIR --temp-rename`` into a private directory."""
+    def download(self, url, dest_path, max_bytes=None):
+        """Run ``plowdown URL -o DIR --temp-rename`` into a private directory.
+
+        plowdown cannot be told a size limit; a file larger than ``max_bytes``
+        is refused once it has arrived.
+        """
         check_url(url, schemes={"http", "https"})  # never an option of plowdown
         workdir = tempfile.mkdtemp(prefix=os.path.basename(dest_path) + ".",
                                    dir=os.path.dirname(os.path.abspath(dest_path)))
@@ -209,6 +213,9 @@ class PlowshareHost(Host):
             if "error" in result:
                 raise self._error(result, "plowdown")
             got = self._downloaded_file(workdir, result["output"])
+            if max_bytes is not None and os.path.getsize(got) > max_bytes:
+                raise TransientHostError(self.name, "%s is larger than the %d bytes expected"
+                                         % (url, max_bytes))
             os.replace(got, dest_path)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
