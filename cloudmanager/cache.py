@@ -248,8 +248,8 @@ class CacheStore:
                 self.tmp_dir, "%s-%d.tmp" % (self.token, reservation.id))
             yield reservation
         finally:
-            fsutil.remove_quietly(reservation.temp)
             if not reservation.committed:
+                fsutil.remove_quietly(reservation.temp)
                 with self.db.transaction() as conn:
                     self.db.drop_reservation(conn, reservation.id)
 
@@ -317,13 +317,14 @@ class CacheStore:
                 raise IntegrityError("%s is recorded with another size than %d" % (file_hash, size))
             if self.db.is_cached(file_hash) and self._file_ok(file_hash, size):
                 self.db.touch_many([(file_hash, now)])
+                fsutil.remove_quietly(reservation.temp)  # a duplicate of the cached copy
             else:
                 fsutil.publish(reservation.temp, path, self.fsync)
                 self.db.set_cached(conn, file_hash, True, now)
             self.db.drop_reservation(conn, reservation.id)
             if queue and self.db.verified_copies(file_hash) == 0:
                 self.db.enqueue(conn, file_hash, now)
-            reservation.committed = True
+        reservation.committed = True
         return path
 
     def drop(self, file_hash, only_if_damaged=False):

@@ -107,7 +107,8 @@ END;
 -- against the capacity with the cached bytes, so temp files never push the
 -- cache over it. `owner` names the session that made it.
 CREATE TABLE IF NOT EXISTS reservations (
-    id      INTEGER PRIMARY KEY,
+    -- AUTOINCREMENT: an id is never reused, so neither is a temp file name.
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
     owner   TEXT NOT NULL,
     size    INTEGER NOT NULL CHECK (size >= 0),
     hash    TEXT,                                -- set just before the rename

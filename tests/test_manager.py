@@ -62,6 +62,7 @@ def test_upload_is_deduplicated(make_pool, write_file):
     assert a == b
     assert cm.stats()["files"] == 1 and cm.stats()["cached_files"] == 1
     assert len(cm.info(a)["uploads"]) == 3
+    assert os.listdir(os.path.join(cm.cache.root, "tmp")) == []  # the duplicate is gone
 
 
 def test_names_with_spaces_and_non_ascii(make_pool, write_file, tmp_path, fake_plowshare):
