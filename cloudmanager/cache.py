@@ -242,7 +242,7 @@ class CacheStore:
                 raise CacheFullError(
                     "no room for %d bytes: %d of %d bytes are pinned or in flight"
                     % (size, self.used_bytes() + self.db.reserved_bytes(conn), self.capacity))
-            reservation = Reservation(self.db.add_reservation(conn, self.owner, size), size)
+            reservation = Reservation(self.db.add_reservation(conn, self.owner, size))
         try:
             reservation.temp = os.path.join(
                 self.tmp_dir, "%s-%d.tmp" % (self.token, reservation.id))
@@ -252,12 +252,6 @@ class CacheStore:
                 fsutil.remove_quietly(reservation.temp)
                 with self.db.transaction() as conn:
                     self.db.drop_reservation(conn, reservation.id)
-
-    def make_room(self, needed=0):
-        """Evict LRU files until ``needed`` bytes are free. :return: False if impossible."""
-        self.flush()
-        with self.db.transaction() as conn:
-            return self._make_room(conn, needed)
 
     def evict(self, target_bytes):
         """Evict LRU files until at most ``target_bytes`` are cached.
@@ -443,11 +437,10 @@ class CacheStore:
 class Reservation:
     """Room promised to one write. ``temp`` is the temp file's path."""
 
-    __slots__ = ("id", "size", "temp", "committed")
+    __slots__ = ("id", "temp", "committed")
 
-    def __init__(self, reservation_id, size):
+    def __init__(self, reservation_id):
         self.id = reservation_id
-        self.size = size
         self.temp = None
         self.committed = False
 

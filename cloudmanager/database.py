@@ -347,14 +347,10 @@ class FileDatabase:
         """All ``(hash, size)`` the database says are cached. For reconciliation only."""
         return self._read("SELECT hash, size FROM files WHERE cached = 1").fetchall()
 
-    def below_target(self, target, limit=None):
+    def below_target(self, target):
         """Hashes of files with fewer than ``target`` good copies, fewest first."""
-        sql = "SELECT hash FROM files WHERE copies < ? ORDER BY copies, hash"
-        params = (target,)
-        if limit is not None:
-            sql += " LIMIT ?"
-            params += (limit,)
-        return [r[0] for r in self._read(sql, params)]
+        return [r[0] for r in self._read(
+            "SELECT hash FROM files WHERE copies < ? ORDER BY copies, hash", (target,))]
 
     # -- uploads -------------------------------------------------------------
 
@@ -419,12 +415,11 @@ class FileDatabase:
         """Take a file off the upload queue."""
         conn.execute("DELETE FROM upload_queue WHERE hash = ?", (file_hash,))
 
-    def queue_failure(self, file_hash, error, retry_at):
-        """Note a failed attempt at a queued upload and when to try again."""
+    def queue_failure(self, file_hash, error):
+        """Note a failed attempt at a queued upload, and why."""
         with self.transaction() as conn:
-            conn.execute(
-                "UPDATE upload_queue SET attempts = attempts + 1, next_attempt = ?,"
-                " last_error = ? WHERE hash = ?", (retry_at, error, file_hash))
+            conn.execute("UPDATE upload_queue SET attempts = attempts + 1, last_error = ?"
+                         " WHERE hash = ?", (error, file_hash))
 
     def queued(self):
         """Every queued hash, oldest first."""

@@ -35,10 +35,6 @@ from .validation import check_hash, safe_basename
 
 log = logging.getLogger("cloudmanager")
 
-#: Seconds before a queued upload that failed is tried again (doubling per
-#: attempt, up to :data:`RETRY_MAX_S`).
-RETRY_BASE_S = 30.0
-RETRY_MAX_S = 6 * 3600.0
 #: Records merged per transaction by :meth:`CloudManager.load_from`.
 LOAD_BATCH = 5000
 
@@ -196,9 +192,8 @@ class CloudManager:
             log.error("uploading %s to hosts failed: %s; it stays queued", file_hash, exc)
             return 0
 
-    def _holders(self, file_hash, verified_only=False):
-        return {u["host_name"] for u in self.db.uploads(file_hash)
-                if not u["error"] and (u["verified"] or not verified_only)}
+    def _holders(self, file_hash):
+        return {u["host_name"] for u in self.db.uploads(file_hash) if not u["error"]}
 
     def _record_result(self, conn, file_hash, result, now):
         for location in result.successes:
@@ -241,18 +236,20 @@ class CloudManager:
             else:
                 self.db.enqueue(conn, file_hash, now)
         if copies < target:
-            delay = min(RETRY_BASE_S * 2 ** min(len(result.failures), 10), RETRY_MAX_S)
             errors = "; ".join(f.message for f in result.failures) or "not enough hosts"
-            self.db.queue_failure(file_hash, errors[:500], now + delay)
+            self.db.queue_failure(file_hash, errors[:500])
             log.warning("%s has %d of %d copies: %s", file_hash, copies, target, errors)
         return len(result.successes)
 
     @contextlib.contextmanager
     def _source_of(self, file_hash, size):
-        """Yield a local path holding the file's verified bytes."""
-        path = self.cache.lookup(file_hash)
-        if path is not None:
-            yield path
+        """Yield a local path holding the file's verified bytes.
+
+        Reading the cached copy for a top-up is not a use: no hit is counted
+        and the LRU order stays as it was.
+        """
+        if self.cache.contains(file_hash):
+            yield self.cache.path_for(file_hash)
             return
         if size <= self.cache.capacity:
             path = self.warm_up(file_hash)
@@ -306,9 +303,10 @@ class CloudManager:
             lock = self._fetch_locks.setdefault(file_hash, threading.Lock())
         with lock:
             try:
-                path = self.cache.lookup(file_hash)
-                if path is not None:
-                    return path
+                # Another thread may have fetched it while we waited; the
+                # caller already counted this request's hit or miss.
+                if self.cache.contains(file_hash):
+                    return self.cache.path_for(file_hash)
                 sources = self._sources(file_hash)
                 if not sources:
                     raise DownloadError("no host holds a good copy of %s" % file_hash)

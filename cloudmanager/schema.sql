@@ -120,7 +120,6 @@ CREATE TABLE IF NOT EXISTS upload_queue (
     hash         TEXT PRIMARY KEY REFERENCES files (hash) ON DELETE CASCADE,
     queued       REAL NOT NULL,
     attempts     INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL DEFAULT 0,
     last_error   TEXT
 ) WITHOUT ROWID;
 

@@ -178,7 +178,9 @@ def test_pinned_by_no_copies_are_never_evicted(make_store, src, db, root):
     assert db.reserved_bytes() == 0
     assert os.listdir(root / "tmp") == []
     assert not db.file_exists(sha(b"d" * 100))
-    assert store.make_room(1) is False
+    with pytest.raises(CacheFullError):  # not one more byte fits
+        with store.reserve(1):
+            pass
     assert store.evict(0) == 0
 
 

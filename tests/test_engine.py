@@ -65,6 +65,21 @@ def source(tmp_path, db):
     return make
 
 
+@pytest.fixture
+def stored(make_engine, source, db):
+    """``stored(hosts, data)`` → ``(engine, digest, size, successes)``: an engine
+    over ``hosts`` with ``data`` uploaded to all of them and recorded."""
+
+    def store(hosts, data):
+        engine = make_engine(hosts, redundancy=len(hosts))
+        path, digest, size = source(data)
+        result = engine.upload(path, digest, size)
+        record(db, digest, result.successes)
+        return engine, digest, size, result.successes
+
+    return store
+
+
 def folder(tmp_path, name):
     return FolderHost(str(tmp_path / "hosts" / name), name=name, fsync=False)
 
@@ -225,20 +240,16 @@ def test_host_bug_during_upload_is_a_failure_not_a_crash(make_engine, source, db
 
 
 @pytest.mark.parametrize("fault", ["corrupt_download", "truncate_download"])
-def test_download_skips_bad_copy_and_marks_it(fake_plowshare, make_engine, source, db, out_dir,
-                                              fault):
+def test_download_skips_bad_copy_and_marks_it(fake_plowshare, stored, db, out_dir, fault):
     good, bad = PlowshareHost("good", timeout=30), PlowshareHost("bad", timeout=30)
-    engine = make_engine([good, bad], redundancy=2)
     data = os.urandom(200_000)
-    path, digest, size = source(data)
-    result = engine.upload(path, digest, size)
-    assert len(result.successes) == 2
-    record(db, digest, result.successes)
+    engine, digest, size, successes = stored([good, bad], data)
+    assert len(successes) == 2
     assert db.copies(digest) == 2
     fake_plowshare.faults("bad", **{fault: True})
     demote(db, "good")  # so the bad copy is tried first
     assert [h.name for h in engine.ranked([good, bad])] == ["bad", "good"]
-    sources = [(loc.host_name, loc.url) for loc in result.successes]
+    sources = [(loc.host_name, loc.url) for loc in successes]
     dest = out_dir / "dest.bin"
 
     got = engine.download(digest, size, sources, str(dest))
@@ -248,7 +259,7 @@ def test_download_skips_bad_copy_and_marks_it(fake_plowshare, make_engine, sourc
     assert [p.name for p in out_dir.iterdir()] == ["dest.bin"]  # no temp left
     rows = uploads_by_host(db, digest)
     assert rows["bad"]["error"] is True
-    assert rows["bad"]["url"] == next(l.url for l in result.successes if l.host_name == "bad")
+    assert rows["bad"]["url"] == next(l.url for l in successes if l.host_name == "bad")
     assert rows["good"]["error"] is False
     assert db.copies(digest) == 1
     health = db.host_health()
@@ -276,14 +287,11 @@ def test_download_verifies_even_a_single_source(fake_plowshare, make_engine, sou
     assert [p.name for p in out_dir.iterdir()] == ["dest.bin"]
 
 
-def test_download_not_found_marks_copy_bad(make_engine, source, db, tmp_path, out_dir):
+def test_download_not_found_marks_copy_bad(stored, db, tmp_path, out_dir):
     gone, kept = folder(tmp_path, "gone"), folder(tmp_path, "kept")
-    engine = make_engine([gone, kept], redundancy=2)
     data = b"one copy will vanish"
-    path, digest, size = source(data)
-    result = engine.upload(path, digest, size)
-    record(db, digest, result.successes)
-    urls = {loc.host_name: loc.url for loc in result.successes}
+    engine, digest, size, successes = stored([gone, kept], data)
+    urls = {loc.host_name: loc.url for loc in successes}
     gone.delete(urls["gone"])
     demote(db, "kept")  # try the vanished copy first
     dest = out_dir / "dest.bin"
@@ -316,32 +324,23 @@ def test_download_dead_plowshare_link_marks_copy_bad(fake_plowshare, make_engine
     assert uploads_by_host(db, digest)["locker"]["error"] is True
 
 
-def test_transient_failure_does_not_mark_copy_bad(fake_plowshare, make_engine, source, db,
-                                                  tmp_path, out_dir):
+def test_transient_failure_does_not_mark_copy_bad(fake_plowshare, stored, db, tmp_path,
+                                                  out_dir):
     locker, disk = PlowshareHost("locker", timeout=30), folder(tmp_path, "disk")
-    engine = make_engine([locker, disk], redundancy=2)
-    data = b"temporarily down"
-    path, digest, size = source(data)
-    result = engine.upload(path, digest, size)
-    record(db, digest, result.successes)
+    engine, digest, size, successes = stored([locker, disk], b"temporarily down")
     fake_plowshare.faults("locker", down=True)
     demote(db, "disk")
-    got = engine.download(digest, size, [tuple(l) for l in result.successes],
+    got = engine.download(digest, size, [tuple(l) for l in successes],
                           str(out_dir / "dest.bin"))
     assert got.host_name == "disk"
     assert uploads_by_host(db, digest)["locker"]["error"] is False  # it may come back
     assert db.copies(digest) == 2
 
 
-def test_all_sources_bad_raises_download_error(fake_plowshare, make_engine, source, db,
-                                               tmp_path, out_dir):
+def test_all_sources_bad_raises_download_error(fake_plowshare, stored, db, tmp_path, out_dir):
     locker, disk = PlowshareHost("locker", timeout=30), folder(tmp_path, "disk")
-    engine = make_engine([locker, disk], redundancy=2)
-    data = b"nobody has a good copy"
-    path, digest, size = source(data)
-    result = engine.upload(path, digest, size)
-    record(db, digest, result.successes)
-    urls = {loc.host_name: loc.url for loc in result.successes}
+    engine, digest, size, successes = stored([locker, disk], b"nobody has a good copy")
+    urls = {loc.host_name: loc.url for loc in successes}
     fake_plowshare.faults("locker", corrupt_download=True)
     disk.delete(urls["disk"])
     dest = out_dir / "dest.bin"

@@ -583,3 +583,23 @@ def test_pin_keeps_a_file_through_eviction(make_pool, write_file):
     assert cm.on_cache(keep)
     assert cm.pin(keep, False) is True and cm.evict(0) == 2
     assert cm.pin("ab" * 32) is False and cm.pin("nonsense") is False
+
+
+def test_hits_and_misses_count_each_request_once(make_pool, write_file, tmp_path):
+    hosts = ["dir:%s" % (tmp_path / "hosts" / h) for h in ("h1", "h2")]
+    cm = make_pool(capacity=1000, hosts=hosts[:1], redundancy=1)
+    digest = cm.upload(write_file("f", b"count me"))
+    cm.evict(0)
+    before = cm.stats()
+    assert cm.warm_up(digest)  # one miss, fetched from the host
+    assert cm.warm_up(digest)  # one hit
+    after = cm.stats()
+    assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (1, 1)
+    cm.close()
+    # A top-up reads the cached copy but is not a use of it.
+    cm = make_pool(capacity=1000, hosts=hosts, redundancy=2)
+    last_access = cm.db.get_file(digest)["last_access"]
+    assert cm.sync()["uploads"] == 1
+    stats = cm.stats()
+    assert (stats["hits"], stats["misses"]) == (after["hits"], after["misses"])
+    assert cm.db.get_file(digest)["last_access"] == last_access

@@ -184,31 +184,20 @@ def _fake_plowup(tmp_path, monkeypatch, script):
     monkeypatch.setenv("PATH", "%s%s%s" % (bindir, os.pathsep, os.environ["PATH"]))
 
 
-def test_upload_with_silent_plowup_raises_host_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("script, error", [
     # Regression: the wrapper's parse_output did output.split()[-1] and let
     # IndexError escape PlowshareHost.upload.
-    _fake_plowup(tmp_path, monkeypatch, "exit 0\n")
-    src = tmp_path / "a.bin"
-    src.write_bytes(b"abc")
-    with pytest.raises(HostError):
-        PlowshareHost("mod", timeout=30).upload(str(src), sha(b"abc"))
-
-
-def test_upload_with_non_utf8_plowup_output_raises_host_error(tmp_path, monkeypatch):
+    ("exit 0\n", HostError),
     # Regression: the wrapper's parse_output decoded strictly and let
     # UnicodeDecodeError escape PlowshareHost.upload.
-    _fake_plowup(tmp_path, monkeypatch, "printf 'http://m.fake/dl/\\377x\\n'\nexit 0\n")
+    ("printf 'http://m.fake/dl/\\377x\\n'\nexit 0\n", HostError),
+    ("echo 'all done'\nexit 0\n", TransientHostError),
+], ids=["silent", "non-utf8", "no-url"])
+def test_upload_with_unusable_plowup_output_is_host_error(tmp_path, monkeypatch, script, error):
+    _fake_plowup(tmp_path, monkeypatch, script)
     src = tmp_path / "a.bin"
     src.write_bytes(b"abc")
-    with pytest.raises(HostError):
-        PlowshareHost("mod", timeout=30).upload(str(src), sha(b"abc"))
-
-
-def test_upload_with_plowup_printing_no_url_is_host_error(tmp_path, monkeypatch):
-    _fake_plowup(tmp_path, monkeypatch, "echo 'all done'\nexit 0\n")
-    src = tmp_path / "a.bin"
-    src.write_bytes(b"abc")
-    with pytest.raises(TransientHostError):
+    with pytest.raises(error):
         PlowshareHost("mod", timeout=30).upload(str(src), sha(b"abc"))
 
 
