@@ -17,7 +17,18 @@ setup(
         "plowshare>=0.3.6",  # plowshare-wrapper: the plowup/plowdown adapter
     ],
     extras_require={
-        "develop": ["pytest>=7", "tox>=4"],
+        # Optional host kinds, imported only when a spec needs them.
+        "s3": ["boto3>=1.34"],
+        "fsspec": ["fsspec>=2023.1"],
+        "webdav": ["fsspec>=2023.1", "webdav4>=0.9"],
+        # Python 3.10 has no tomllib.
+        ":python_version < '3.11'": ["tomli>=1.1"],
+        "develop": [
+            "pytest>=7", "tox>=4",
+            # Real servers on loopback for the host tests: S3 and WebDAV.
+            "boto3>=1.34", "moto[server]>=5", "fsspec>=2023.1", "webdav4>=0.9",
+            "wsgidav>=4", "cheroot>=10",
+        ],
     },
     entry_points={"console_scripts": ["cm_setup_db=cloudmanager.setup_db:main"]},
     classifiers=[

@@ -11,10 +11,12 @@ to the next.
 """
 
 import contextlib
+import json
 import logging
 import os
 import random
 import sqlite3
+import statistics
 import threading
 import time
 from importlib import resources
@@ -24,12 +26,25 @@ from .errors import DatabaseError
 log = logging.getLogger(__name__)
 
 #: The schema version this code writes and expects.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: ``{from_version: sql}``: the script that moves a database from
 #: ``from_version`` to ``from_version + 1``. Each script ends by setting
-#: ``PRAGMA user_version``. Empty until the schema first changes.
-MIGRATIONS = {}
+#: ``PRAGMA user_version``.
+MIGRATIONS = {
+    # 2: verify() records when it checked each copy; host latency is kept as
+    # recent samples, so a median can be reported instead of a moving average.
+    1: """
+        ALTER TABLE uploads ADD COLUMN checked INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX IF NOT EXISTS uploads_checked ON uploads (checked) WHERE error = 0;
+        ALTER TABLE host_health ADD COLUMN latency_samples TEXT NOT NULL DEFAULT '[]';
+        ALTER TABLE host_health DROP COLUMN latency_ms;
+        PRAGMA user_version = 2;
+    """,
+}
+
+#: How many recent transfer times per host the latency median is taken over.
+LATENCY_SAMPLES = 31
 
 #: How long one attempt waits for a lock held by another connection.
 BUSY_TIMEOUT_S = 10.0
@@ -394,6 +409,51 @@ class FileDatabase:
             conn.execute("UPDATE uploads SET verified = 1 WHERE hash = ? AND host_name = ?"
                          " AND url = ? AND verified = 0", (file_hash, host_name, url))
 
+    def copies_to_verify(self, hashes=None, host_names=None, checked_before=None, limit=None):
+        """Good copies for :meth:`~cloudmanager.CloudManager.verify`, least recently checked first.
+
+        :param hashes: only these files
+        :param host_names: only copies recorded under these host names
+        :param checked_before: only copies last checked before this unix time
+        :param limit: at most this many copies
+        :return: ``[(hash, host_name, url, size)]``
+        """
+        sql = ("SELECT u.hash, u.host_name, u.url, f.size FROM uploads AS u"
+               " JOIN files AS f ON f.hash = u.hash WHERE u.error = 0 AND u.url != ''")
+        params = []
+        for column, values in (("u.hash", hashes), ("u.host_name", host_names)):
+            if values is not None:
+                values = list(values)
+                sql += " AND %s IN (%s)" % (column, ",".join("?" * len(values)))
+                params += values
+        if checked_before is not None:
+            sql += " AND u.checked < ?"
+            params.append(checked_before)
+        sql += " ORDER BY u.checked, u.hash"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return self._read(sql, params).fetchall()
+
+    def mark_copy_checked(self, file_hash, host_name, url, when, verified):
+        """Note that verify() found this copy good; ``verified`` if its SHA-256 was seen."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE uploads SET checked = ?, verified = max(verified, ?)"
+                         " WHERE hash = ? AND host_name = ? AND url = ?",
+                         (int(when), 1 if verified else 0, file_hash, host_name, url))
+
+    def good_copies(self):
+        """Yield ``(hash, host_name, url)`` of every good copy, in hash order (one cursor)."""
+        return self._read("SELECT hash, host_name, url FROM uploads"
+                          " WHERE error = 0 AND url != '' ORDER BY hash")
+
+    def forget_file(self, conn, file_hash):
+        """Delete a file's record, its copies' rows and its queue entry.
+
+        :return: True if the pool had the file
+        """
+        return conn.execute("DELETE FROM files WHERE hash = ?", (file_hash,)).rowcount > 0
+
     def copies(self, file_hash):
         """Number of distinct hosts holding a good copy of the file."""
         row = self._read("SELECT copies FROM files WHERE hash = ?", (file_hash,)).fetchone()
@@ -495,12 +555,15 @@ class FileDatabase:
         with self.transaction() as conn:
             conn.execute("INSERT OR IGNORE INTO host_health (host_name) VALUES (?)", (host_name,))
             if ok:
+                samples = json.loads(conn.execute(
+                    "SELECT latency_samples FROM host_health WHERE host_name = ?",
+                    (host_name,)).fetchone()[0])
+                if latency_ms is not None:
+                    samples = (samples + [round(latency_ms, 3)])[-LATENCY_SAMPLES:]
                 conn.execute(
                     "UPDATE host_health SET successes = successes + 1,"
-                    " consecutive_failures = 0, last_success = ?,"
-                    " latency_ms = CASE WHEN latency_ms IS NULL THEN ?"
-                    "  ELSE 0.8 * latency_ms + 0.2 * ? END WHERE host_name = ?",
-                    (now, latency_ms, latency_ms, host_name))
+                    " consecutive_failures = 0, last_success = ?, latency_samples = ?"
+                    " WHERE host_name = ?", (now, json.dumps(samples), host_name))
             else:
                 conn.execute(
                     "UPDATE host_health SET failures = failures + 1,"
@@ -509,12 +572,20 @@ class FileDatabase:
                     (now, (error or "")[:500], host_name))
 
     def host_health(self):
-        """``{host_name: {successes, failures, consecutive_failures, ...}}``."""
+        """``{host_name: {successes, failures, consecutive_failures, last_error,
+        last_success, last_failure, latency_ms}}``; ``latency_ms`` is the median
+        of the latest transfers (None before the first success)."""
         cur = self._read(
             "SELECT host_name, successes, failures, consecutive_failures, last_error,"
-            " last_success, last_failure, latency_ms FROM host_health ORDER BY host_name")
-        names = [d[0] for d in cur.description]
-        return {row[0]: dict(zip(names[1:], row[1:])) for row in cur}
+            " last_success, last_failure, latency_samples FROM host_health ORDER BY host_name")
+        health = {}
+        for name, *values, samples in cur:
+            samples = json.loads(samples)
+            row = dict(zip(("successes", "failures", "consecutive_failures", "last_error",
+                            "last_success", "last_failure"), values))
+            row["latency_ms"] = statistics.median(samples) if samples else None
+            health[name] = row
+        return health
 
     def has_files(self):
         """Whether the pool has any file (one index probe)."""

@@ -34,6 +34,9 @@ from .hosts.base import Location
 
 log = logging.getLogger(__name__)
 
+#: The longest a host's breaker stays open, in seconds.
+MAX_COOLDOWN = 3600.0
+
 
 class UploadResult(NamedTuple):
     """What one round of uploads achieved."""
@@ -45,16 +48,25 @@ class UploadResult(NamedTuple):
 class UploadEngine:
     """Parallel, health-ordered uploads and verified, failing-over downloads.
 
+    A host that fails ``breaker_threshold`` times in a row is skipped for a
+    cool-down (a circuit breaker): ``cooldown`` seconds, doubled for each
+    further failure up to :data:`MAX_COOLDOWN`. After it, one transfer tries
+    the host again; a success closes the breaker.
+
     :param db: the :class:`~cloudmanager.database.FileDatabase` (for host
         health, bad copies and the transfer meter)
     :param hosts: :class:`~cloudmanager.hosts.base.Host` objects; names must be unique
     :param redundancy: the target number of hosts per file
+    :param breaker_threshold: consecutive failures that open a host's breaker
+    :param cooldown: seconds a host is skipped once its breaker opens
     :raises InvalidInputError: if two hosts share a name
     """
 
-    def __init__(self, db, hosts, redundancy):
+    def __init__(self, db, hosts, redundancy, breaker_threshold=3, cooldown=60.0):
         self.db = db
         self.redundancy = redundancy
+        self.breaker_threshold = breaker_threshold
+        self.cooldown = cooldown
         self.hosts = {}
         for host in hosts:
             if host.name in self.hosts:
@@ -68,11 +80,34 @@ class UploadEngine:
 
     # -- choosing hosts --------------------------------------------------------
 
+    def retry_after(self, health, now=None):
+        """When a host's breaker lets it be tried again (unix time), or None if closed.
+
+        :param health: the host's row of :meth:`FileDatabase.host_health`, or None
+        """
+        failures = (health or {}).get("consecutive_failures", 0)
+        if failures < self.breaker_threshold or not health.get("last_failure"):
+            return None
+        extra = min(failures - self.breaker_threshold, 16)
+        until = health["last_failure"] + min(self.cooldown * 2 ** extra, MAX_COOLDOWN)
+        return until if until > (time.time() if now is None else now) else None
+
     def ranked(self, hosts):
-        """Order hosts healthiest first: fewest consecutive failures, then random."""
+        """Split hosts into ``(usable, cooling)``, each ordered healthiest first.
+
+        Usable hosts sort by fewest consecutive failures, then highest weight,
+        then at random (spreading load among equals). ``cooling`` holds the
+        hosts whose breaker is open.
+        """
         health = self.db.host_health()
-        return sorted(hosts, key=lambda h: (
-            health.get(h.name, {}).get("consecutive_failures", 0), random.random()))
+        now = time.time()
+        usable, cooling = [], []
+        for host in hosts:
+            row = health.get(host.name)
+            (cooling if self.retry_after(row, now) else usable).append(host)
+        key = lambda h: (health.get(h.name, {}).get("consecutive_failures", 0),  # noqa: E731
+                         -h.weight, random.random())
+        return sorted(usable, key=key), sorted(cooling, key=key)
 
     def host_for(self, host_name, url):
         """The configured host that can fetch ``url``: the one named
@@ -97,7 +132,10 @@ class UploadEngine:
         """
         target = self.redundancy if target is None else target
         needed = target - len(set(holders))
-        candidates = self.ranked([h for n, h in self.hosts.items() if n not in holders])
+        candidates, cooling = self.ranked([h for n, h in self.hosts.items() if n not in holders])
+        for host in cooling:
+            log.info("not uploading %s to %s: it failed too often lately; cooling down",
+                     file_hash, host.name)
         successes, failures = [], []
         running = set()
         while needed > len(successes) and (candidates or running):
@@ -155,7 +193,9 @@ class UploadEngine:
                 unreachable.append(host_name)
             else:
                 plan.append((host, Location(host_name, url)))
-        order = {h.name: i for i, h in enumerate(self.ranked({h for h, _ in plan}))}
+        # Hosts cooling down are tried last: a slow answer beats no file.
+        usable, cooling = self.ranked({h for h, _ in plan})
+        order = {h.name: i for i, h in enumerate(usable + cooling)}
         plan.sort(key=lambda item: order[item[0].name])
         failures = []
         directory = os.path.dirname(os.path.abspath(dest_path))

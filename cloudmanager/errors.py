@@ -18,6 +18,8 @@ one shallow tree, so ``except CloudManagerError`` catches them all::
     ├── UploadError                    (.failures: per-host errors)
     ├── DownloadError                  (.failures: per-host errors)
     ├── InvalidInputError              a hash, URL, spec or path was refused
+    ├── ConfigError                    a cloudmanager.toml could not be used
+    ├── MissingDependencyError         an optional backend is not installed
     └── SerializationError             a JSON document could not be read
 """
 
@@ -95,6 +97,18 @@ class DownloadError(_FailuresError):
 
 class InvalidInputError(CloudManagerError, ValueError):
     """An argument was refused: a malformed hash, URL, host spec or path."""
+
+
+class ConfigError(CloudManagerError, ValueError):
+    """A configuration file could not be read, or holds an invalid setting."""
+
+
+class MissingDependencyError(CloudManagerError, ImportError):
+    """A host kind needs an optional dependency that is not installed.
+
+    The message names the extra that installs it, e.g.
+    ``pip install 'cloudmanager[s3]'``.
+    """
 
 
 class SerializationError(CloudManagerError, ValueError):

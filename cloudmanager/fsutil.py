@@ -59,7 +59,16 @@ def remove_quietly(path):
 
 
 def _chunks(f):
-    """Yield memoryviews of successive reads of a binary file object, reusing one buffer."""
+    """Yield memoryviews of successive reads of a binary file object, reusing one buffer.
+
+    A stream without ``readinto`` (a network response body) is read in chunks.
+    """
+    if not hasattr(f, "readinto"):
+        while True:
+            data = f.read(CHUNK)
+            if not data:
+                return
+            yield memoryview(data)
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     while True:

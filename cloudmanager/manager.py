@@ -19,6 +19,7 @@ import time
 
 from . import fsutil, serializers
 from .cache import CacheStore
+from .config import Config, load_config
 from .database import FileDatabase, month_key
 from .engine import UploadEngine
 from .errors import (
@@ -38,6 +39,10 @@ log = logging.getLogger("cloudmanager")
 #: Records merged per transaction by :meth:`CloudManager.load_from`.
 LOAD_BATCH = 5000
 
+#: Settings a pool gets when neither the caller nor the config file sets them.
+DEFAULTS = {"redundancy": 3, "defer_uploads": False, "fsync": True, "host_timeout": None,
+            "host_cooldown": 60.0}
+
 
 class CloudManager:
     """A pool of files kept on several hosts, with a bounded local cache.
@@ -50,18 +55,24 @@ class CloudManager:
     :param database_path: the SQLite file; created with the schema if new
     :param storage_path: the cache directory; created if missing
     :param storage_size: the cache capacity in bytes (> 0)
-    :param hosts: host specs (``"plowshare:MODULE"``, ``"dir:/path"``) or
-        :class:`~cloudmanager.hosts.base.Host` objects; ``None`` means the
-        plowshare-wrapper's default module list
+    :param config: a ``cloudmanager.toml`` path (or a parsed
+        :class:`~cloudmanager.config.Config`) supplying the arguments above
+        and the hosts; arguments given explicitly win over the file
+    :param hosts: host specs (``"dir:/path"``, ``"s3://bucket/prefix"``,
+        ``"plowshare:MODULE"``...) or :class:`~cloudmanager.hosts.base.Host`
+        objects; ``None`` means the config file's enabled hosts, or without
+        one the plowshare-wrapper's default module list
     :param redundancy: the target number of hosts for each file
     :param defer_uploads: if True, :meth:`upload` only caches and queues the
         file and :meth:`sync` uploads it; if False (the default, as in the
         original) :meth:`upload` uploads to hosts before it returns
     :param fsync: fsync cache writes (turn off only for throwaway pools)
-    :param host_timeout: seconds one plowshare transfer may take, for hosts
-        built from specs
-    :raises CloudManagerError: if the database, the directory, the capacity
-        or a host spec cannot be used; the message says which
+    :param host_timeout: seconds one transfer may take, for hosts built from
+        specs
+    :param host_cooldown: seconds a host is skipped after it failed three
+        times in a row (the circuit breaker); doubled for each further failure
+    :raises CloudManagerError: if the database, the directory, the capacity,
+        the config file or a host spec cannot be used; the message says which
 
     Use it as a context manager, or call :meth:`close`::
 
@@ -69,33 +80,63 @@ class CloudManager:
                           hosts=["dir:/mnt/nas/pool"]) as cm:
             digest = cm.upload("photo.jpg")
             path = cm.warm_up(digest)
+
+        with CloudManager(config="cloudmanager.toml") as cm:
+            cm.sync()
     """
 
-    def __init__(self, database_path, storage_path, storage_size, *, hosts=None,
-                 redundancy=3, defer_uploads=False, fsync=True, host_timeout=None):
+    def __init__(self, database_path=None, storage_path=None, storage_size=None, *,
+                 config=None, hosts=None, redundancy=None, defer_uploads=None, fsync=None,
+                 host_timeout=None, host_cooldown=None):
+        settings = self._settings(config, dict(
+            database=database_path, storage=storage_path, capacity=storage_size,
+            redundancy=redundancy, defer_uploads=defer_uploads, fsync=fsync,
+            host_timeout=host_timeout, host_cooldown=host_cooldown))
+        redundancy = settings["redundancy"]
         if isinstance(redundancy, bool) or not isinstance(redundancy, int) or redundancy < 1:
             raise InvalidInputError("redundancy must be a positive integer, not %r" % (redundancy,))
         self.redundancy = redundancy
-        self.defer_uploads = defer_uploads
+        self.defer_uploads = settings["defer_uploads"]
+        self.config = settings["config"]
         self._closed = False
         self._fetch_locks = {}
         self._fetch_locks_guard = threading.Lock()
-        host_objects = self._build_hosts(hosts, host_timeout)
-        self.db = FileDatabase(database_path)
+        host_objects = self._build_hosts(hosts, self.config, settings["host_timeout"])
+        self.db = FileDatabase(settings["database"])
         try:
-            self.engine = UploadEngine(self.db, host_objects, redundancy)
+            self.engine = UploadEngine(self.db, host_objects, redundancy,
+                                       cooldown=settings["host_cooldown"])
         except BaseException:
             self.db.close()
             raise
         try:
-            self.cache = CacheStore(self.db, storage_path, storage_size, fsync=fsync)
+            self.cache = CacheStore(self.db, settings["storage"], settings["capacity"],
+                                    fsync=settings["fsync"])
         except BaseException:
             self.engine.close()
             self.db.close()
             raise
 
     @staticmethod
-    def _build_hosts(hosts, timeout):
+    def _settings(config, explicit):
+        """Merge explicit arguments over the config file's ``[pool]`` and the defaults."""
+        if config is not None and not isinstance(config, Config):
+            config = load_config(config)
+        settings = dict(DEFAULTS)
+        if config is not None:
+            settings.update(config.pool)
+        settings.update({k: v for k, v in explicit.items() if v is not None})
+        missing = [k for k in ("database", "storage", "capacity") if settings.get(k) is None]
+        if missing:
+            raise InvalidInputError("no %s given (pass it, or a config file that sets it)"
+                                    % " or ".join(missing))
+        settings["config"] = config
+        return settings
+
+    @staticmethod
+    def _build_hosts(hosts, config, timeout):
+        if hosts is None and config is not None:
+            return [h.build(timeout) for h in config.enabled_hosts()]
         options = {} if timeout is None else {"timeout": timeout}
         if hosts is None:
             from .hosts.plowshare import default_modules

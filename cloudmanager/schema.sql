@@ -1,4 +1,4 @@
--- cloudmanager database schema, version 1.
+-- cloudmanager database schema, version 2.
 --
 -- Applied by FileDatabase on a new database and by `cm_setup_db PATH`.
 -- Every statement is idempotent, so applying it twice (or from two processes
@@ -44,8 +44,12 @@ CREATE TABLE IF NOT EXISTS uploads (
     error     INTEGER NOT NULL DEFAULT 0 CHECK (error IN (0, 1)),
     verified  INTEGER NOT NULL DEFAULT 0 CHECK (verified IN (0, 1)),
     time      INTEGER NOT NULL,
+    checked   INTEGER NOT NULL DEFAULT 0,   -- unix time verify() last looked; 0 never
     PRIMARY KEY (hash, host_name, url)
 ) WITHOUT ROWID;
+
+-- verify() takes the copies checked longest ago first, a slice at a time.
+CREATE INDEX IF NOT EXISTS uploads_checked ON uploads (checked) WHERE error = 0;
 
 CREATE TRIGGER IF NOT EXISTS uploads_insert AFTER INSERT ON uploads BEGIN
     UPDATE files SET
@@ -132,7 +136,8 @@ CREATE TABLE IF NOT EXISTS host_health (
     last_error           TEXT,
     last_success         REAL,
     last_failure         REAL,
-    latency_ms           REAL                      -- moving average
+    -- The latest transfer times in ms, a JSON array; the median is reported.
+    latency_samples      TEXT NOT NULL DEFAULT '[]'
 ) WITHOUT ROWID;
 
 -- The transfer meter: bytes moved to and from hosts, per calendar month (UTC).
@@ -152,4 +157,4 @@ CREATE TABLE IF NOT EXISTS sessions (
     started    REAL NOT NULL
 ) WITHOUT ROWID;
 
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;

@@ -15,7 +15,11 @@ _HASH = re.compile(r"[0-9a-f]{64}")
 _HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
 
 #: URL schemes a record may carry. ``file`` is what folder hosts write.
-URL_SCHEMES = frozenset({"http", "https", "ftp", "file"})
+URL_SCHEMES = frozenset({
+    "http", "https", "ftp", "file",             # plowshare lockers, folders
+    "s3", "memory",                             # S3-compatible stores, in-memory hosts
+    "sftp", "ssh", "webdav", "dav", "gs", "gcs", "az", "abfs", "abfss",  # through fsspec
+})
 MAX_URL_LENGTH = 2048
 MAX_NAME_BYTES = 255
 

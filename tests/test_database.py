@@ -128,20 +128,24 @@ def test_refused_foreign_database_keeps_its_journal_mode(db_path):
         conn.close()
 
 
+NOW = database.SCHEMA_VERSION
+NEXT = NOW + 1
+
+
 def test_migration_runs_exactly_once(opened, db_path, monkeypatch):
     db = opened()
     add(db, H[0])
     db.close()
-    monkeypatch.setattr(database, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(database, "SCHEMA_VERSION", NEXT)
     monkeypatch.setattr(database, "MIGRATIONS", {
-        1: "ALTER TABLE files ADD COLUMN note TEXT NOT NULL DEFAULT 'migrated';"
-           " PRAGMA user_version = 2;"})
+        **database.MIGRATIONS, NOW: "ALTER TABLE files ADD COLUMN note TEXT NOT NULL DEFAULT 'migrated';"
+           " PRAGMA user_version = %d;" % NEXT})
     db = opened()  # runs the migration; a second ALTER would fail on the duplicate column
-    assert db.schema_version() == 2
-    assert db.ensure_schema() == 2
+    assert db.schema_version() == NEXT
+    assert db.ensure_schema() == NEXT
     db.close()
     db = opened()
-    assert db.schema_version() == 2
+    assert db.schema_version() == NEXT
     conn = raw(db_path)
     try:
         cols = [r[1] for r in conn.execute("PRAGMA table_info(files)")]
@@ -153,11 +157,11 @@ def test_migration_runs_exactly_once(opened, db_path, monkeypatch):
 
 
 def test_new_database_is_created_then_migrated(opened, db_path, monkeypatch):
-    monkeypatch.setattr(database, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(database, "SCHEMA_VERSION", NEXT)
     monkeypatch.setattr(database, "MIGRATIONS", {
-        1: "ALTER TABLE files ADD COLUMN note TEXT; PRAGMA user_version = 2;"})
+        **database.MIGRATIONS, NOW: "ALTER TABLE files ADD COLUMN note TEXT; PRAGMA user_version = %d;" % NEXT})
     db = opened()
-    assert db.schema_version() == 2
+    assert db.schema_version() == NEXT
     conn = raw(db_path)
     try:
         assert "note" in [r[1] for r in conn.execute("PRAGMA table_info(files)")]
@@ -167,14 +171,14 @@ def test_new_database_is_created_then_migrated(opened, db_path, monkeypatch):
 
 def test_failed_migration_is_atomic(opened, db_path, monkeypatch):
     opened().close()
-    monkeypatch.setattr(database, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(database, "SCHEMA_VERSION", NEXT)
     monkeypatch.setattr(database, "MIGRATIONS", {
-        1: "ALTER TABLE files ADD COLUMN note TEXT; NOT VALID SQL; PRAGMA user_version = 2;"})
+        **database.MIGRATIONS, NOW: "ALTER TABLE files ADD COLUMN note TEXT; NOT VALID SQL; PRAGMA user_version = %d;" % NEXT})
     with pytest.raises(DatabaseError, match="schema change failed"):
         opened()
     conn = raw(db_path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == NOW
         assert "note" not in [r[1] for r in conn.execute("PRAGMA table_info(files)")]
     finally:
         conn.close()
@@ -459,7 +463,7 @@ def test_host_health_updates(db):
     db.record_host_result("h1", True, latency_ms=200.0)
     h1 = db.host_health()["h1"]
     assert h1["successes"] == 2 and h1["failures"] == 0
-    assert h1["latency_ms"] == pytest.approx(0.8 * 100 + 0.2 * 200)
+    assert h1["latency_ms"] == pytest.approx(150)  # the median of 100 and 200
     assert h1["last_success"] is not None and h1["last_failure"] is None
     db.record_host_result("h1", False, error="x" * 1000)
     db.record_host_result("h1", False, error="timeout")
@@ -468,7 +472,56 @@ def test_host_health_updates(db):
     db.record_host_result("h1", True, latency_ms=120.0)
     h1 = db.host_health()["h1"]
     assert (h1["successes"], h1["failures"], h1["consecutive_failures"]) == (3, 2, 0)
+    assert h1["latency_ms"] == pytest.approx(120)
     db.record_host_result("h2", False, error="y" * 1000)
     h2 = db.host_health()["h2"]
     assert h2["last_error"] == "y" * 500 and h2["successes"] == 0
     assert list(db.host_health()) == ["h1", "h2"]
+
+
+def test_latency_is_the_median_of_recent_samples(db):
+    from cloudmanager.database import LATENCY_SAMPLES
+
+    assert db.host_health() == {}
+    db.record_host_result("h", True, latency_ms=None)
+    assert db.host_health()["h"]["latency_ms"] is None
+    for _ in range(LATENCY_SAMPLES):
+        db.record_host_result("h", True, latency_ms=10.0)
+    db.record_host_result("h", True, latency_ms=60_000.0)  # one stall does not move it
+    assert db.host_health()["h"]["latency_ms"] == 10.0
+    for _ in range(LATENCY_SAMPLES):
+        db.record_host_result("h", True, latency_ms=500.0)  # old samples age out
+    assert db.host_health()["h"]["latency_ms"] == 500.0
+
+
+def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
+    import sqlite3
+    from pathlib import Path
+
+    from cloudmanager.database import SCHEMA_VERSION, FileDatabase, schema_sql
+
+    path = tmp_path / "v1.sqlite3"
+    v1 = (Path(__file__).parent / "data" / "schema_v1.sql").read_text()
+    conn = sqlite3.connect(path)
+    conn.executescript(v1)
+    conn.execute("INSERT INTO files (hash, size, created) VALUES (?, 3, 1)", ("a" * 64,))
+    conn.execute("INSERT INTO uploads (hash, host_name, url, verified, time)"
+                 " VALUES (?, 'h', 'http://x.example/1', 1, 1)", ("a" * 64,))
+    conn.execute("INSERT INTO host_health (host_name, successes, latency_ms) VALUES ('h', 4, 9.5)")
+    conn.commit()
+    conn.close()
+
+    db = FileDatabase(path)
+    try:
+        assert db.schema_version() == SCHEMA_VERSION == 2
+        assert db.copies("a" * 64) == 1
+        assert db.host_health()["h"]["successes"] == 4
+        assert db.host_health()["h"]["latency_ms"] is None  # the average is not a median
+        # The migrated tables have the columns a new database gets.
+        fresh = sqlite3.connect(":memory:")
+        fresh.executescript(schema_sql())
+        for table in ("uploads", "host_health"):
+            columns = [r[1] for r in db.connection.execute("PRAGMA table_info(%s)" % table)]
+            assert columns == [r[1] for r in fresh.execute("PRAGMA table_info(%s)" % table)]
+    finally:
+        db.close()

@@ -209,8 +209,9 @@ def test_ranked_puts_failing_host_last(fake_plowshare, make_engine, source, db, 
     result = engine.upload(path, digest, size)  # target 4: every host is tried
     assert len(result.successes) == 3 and [e.host for e in result.failures] == ["down"]
     for _ in range(30):
-        order = engine.ranked(hosts + [down])
-        assert order[-1] is down
+        usable, cooling = engine.ranked(hosts + [down])
+        order = usable + cooling
+        assert order[-1] is down and cooling == []  # one failure does not trip the breaker
         assert sorted(h.name for h in order) == ["down", "f1", "f2", "f3"]
 
 
@@ -248,7 +249,7 @@ def test_download_skips_bad_copy_and_marks_it(fake_plowshare, stored, db, out_di
     assert db.copies(digest) == 2
     fake_plowshare.faults("bad", **{fault: True})
     demote(db, "good")  # so the bad copy is tried first
-    assert [h.name for h in engine.ranked([good, bad])] == ["bad", "good"]
+    assert [h.name for h in engine.ranked([good, bad])[0]] == ["bad", "good"]
     sources = [(loc.host_name, loc.url) for loc in successes]
     dest = out_dir / "dest.bin"
 

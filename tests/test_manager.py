@@ -121,7 +121,7 @@ def test_capacity_is_never_exceeded(make_pool, write_file):
 
 def test_pinned_files_are_never_evicted(make_pool, write_file, fake_plowshare, caplog):
     fake_plowshare.faults("dead", down=True)
-    cm = make_pool(capacity=300, hosts=plow_hosts("dead"), redundancy=1)
+    cm = make_pool(capacity=300, hosts=plow_hosts("dead"), redundancy=1, host_cooldown=0)
     pinned = [cm.upload(write_file("p%d" % i, bytes([i]) * 100)) for i in range(3)]
     assert all(pinned), "upload returns the hash once the file is pinned and queued"
     assert cm.stats()["queued"] == 3
@@ -503,7 +503,7 @@ def test_a_cached_file_deleted_behind_our_back_is_noticed(make_pool, write_file)
 def test_an_imported_claim_does_not_unpin_a_file_no_host_of_ours_holds(make_pool, write_file,
                                                                        fake_plowshare):
     fake_plowshare.faults("dead", down=True)
-    cm = make_pool(capacity=300, hosts=plow_hosts("dead"), redundancy=1)
+    cm = make_pool(capacity=300, hosts=plow_hosts("dead"), redundancy=1, host_cooldown=0)
     data = b"only copy" * 10
     digest = cm.upload(write_file("f", data))
     claim = {"version": "0.2", "datetime": "1", "filename": "f", "filesize": str(len(data)),

@@ -5,7 +5,9 @@ A *host spec* is a string that names a host:
 - ``plowshare:MODULE``: a file locker through plowshare's ``plowup`` and
   ``plowdown`` (:mod:`cloudmanager.hosts.plowshare`);
 - ``dir:/absolute/path`` or ``file:///absolute/path``: a local or mounted
-  folder (:mod:`cloudmanager.hosts.folder`).
+  folder (:mod:`cloudmanager.hosts.folder`);
+- ``memory:STORE``: objects in this process's memory, for tests and trials
+  (:mod:`cloudmanager.hosts.memory`).
 
 :func:`from_spec` turns a spec into a :class:`~cloudmanager.hosts.base.Host`.
 Host modules are imported only when a spec needs them.
@@ -13,14 +15,18 @@ Host modules are imported only when a spec needs them.
 
 import importlib
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, MissingDependencyError
 from .base import Host, Location
 
-#: scheme → (module, class name). Imported lazily by :func:`from_spec`.
+#: scheme → (module, class name, the extra that installs its dependencies).
+#: Imported lazily by :func:`host_class`.
 REGISTRY = {
-    "plowshare": ("cloudmanager.hosts.plowshare", "PlowshareHost"),
-    "dir": ("cloudmanager.hosts.folder", "FolderHost"),
-    "file": ("cloudmanager.hosts.folder", "FolderHost"),
+    "plowshare": ("cloudmanager.hosts.plowshare", "PlowshareHost", None),
+    "dir": ("cloudmanager.hosts.folder", "FolderHost", None),
+    "file": ("cloudmanager.hosts.folder", "FolderHost", None),
+    "memory": ("cloudmanager.hosts.memory", "MemoryHost", None),
+    "s3": ("cloudmanager.hosts.s3", "S3Host", "s3"),
+    "fsspec": ("cloudmanager.hosts.fsspec", "FsspecHost", "fsspec"),
 }
 
 __all__ = ["Host", "Location", "REGISTRY", "from_spec", "host_class"]
@@ -30,14 +36,23 @@ def host_class(scheme):
     """Return the Host class registered for ``scheme``, importing it on first use.
 
     :raises InvalidInputError: for an unknown scheme
+    :raises MissingDependencyError: if the host kind's optional dependency
+        is not installed; the message names the extra to install
     """
     try:
-        module_name, class_name = REGISTRY[scheme]
+        module_name, class_name, extra = REGISTRY[scheme]
     except KeyError:
         raise InvalidInputError("unknown host kind %r (known: %s)"
                                 % (scheme, ", ".join(sorted(REGISTRY)))) from None
-    return getattr(importlib.import_module(module_name), class_name)
-
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if extra is None or exc.name == module_name:
+            raise
+        raise MissingDependencyError(
+            "%s hosts need %s: pip install 'cloudmanager[%s]'" % (scheme, exc.name, extra)
+        ) from exc
+    return getattr(module, class_name)
 
 def from_spec(spec, **options):
     """Build a host from its spec, e.g. ``"plowshare:mediafire"`` or ``"dir:/srv/pool"``.

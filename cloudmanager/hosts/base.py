@@ -1,15 +1,24 @@
 """The Host interface: one small contract every kind of host implements.
 
-A host stores opaque objects and hands back a URL for each. It knows nothing
-of the database or the cache. Each method translates the host's native
-failures into :class:`~cloudmanager.errors.HostError` subclasses:
+A host stores opaque objects, each named by its SHA-256, and hands back a URL
+for each. It knows nothing of the database or the cache. Each method
+translates the host's native failures into
+:class:`~cloudmanager.errors.HostError` subclasses:
 :class:`~cloudmanager.errors.HostUnavailableError` and
 :class:`~cloudmanager.errors.TransientHostError` (worth retrying),
 :class:`~cloudmanager.errors.HostNotFoundError` and
 :class:`~cloudmanager.errors.PermanentHostError` (not).
+
+Cross-cutting concerns (connection limits, health, failover, verification of
+the bytes) live in the :class:`~cloudmanager.engine.UploadEngine`, not here.
+The shared conformance suite in ``tests/hosts/conformance.py`` states the
+contract as tests; every host class passes it.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
+
+from .. import fsutil
+from ..errors import HostNotFoundError, TransientHostError
 
 
 class Location(NamedTuple):
@@ -17,6 +26,16 @@ class Location(NamedTuple):
 
     host_name: str
     url: str
+
+
+class ObjectInfo(NamedTuple):
+    """What a host can tell about an object without sending it."""
+
+    #: The object's size in bytes.
+    size: int
+    #: The SHA-256 hex digest the host computed and stored itself, when it
+    #: keeps one (S3's checksum of a single-part upload); else None.
+    sha256: Optional[str] = None
 
 
 class Host:
@@ -29,19 +48,26 @@ class Host:
     name = "host"
     #: Whether :meth:`delete` works.
     can_delete = False
-    #: Whether :meth:`exists` works without downloading.
+    #: Whether :meth:`stat` and :meth:`exists` work without downloading.
     can_check = False
+    #: Whether :meth:`list` works.
+    can_list = False
     #: How many transfers may run against this host at once.
     max_connections = 4
     #: Seconds one transfer may take before it is abandoned.
     timeout = 600.0
+    #: Preference among equally healthy hosts: higher is chosen first.
+    weight = 1.0
 
     def upload(self, local_path, name):
         """Store the file at ``local_path`` under the object name ``name``.
 
+        Storing a name that is already there is not an error.
+
         :param local_path: a readable local file; the host never modifies it
         :param name: the object's name, a SHA-256 hex digest
         :return: the :class:`Location` of the new copy
+        :raises InvalidInputError: if ``name`` is not a SHA-256 hex digest
         :raises HostError: on failure
         """
         raise NotImplementedError
@@ -50,12 +76,11 @@ class Host:
         """Fetch the object at ``url`` into ``dest_path``, atomically.
 
         On success ``dest_path`` holds the bytes the host returned (the caller
-        verifies them). On failure nothing is left at ``dest_path``.
+        verifies them). On failure nothing is left at ``dest_path`` or beside it.
 
         :param max_bytes: the expected size; a host that can stop writing
             past it raises :class:`~cloudmanager.errors.TransientHostError`
             instead of filling the disk
-
         :raises HostNotFoundError: if the host does not hold the object
         :raises HostError: on any other failure
         """
@@ -65,16 +90,60 @@ class Host:
         """Whether this host can download ``url`` (one recorded by any node)."""
         return False
 
-    def exists(self, url):
-        """Whether the object at ``url`` exists. Only when :attr:`can_check`."""
+    def stat(self, url):
+        """Size (and stored checksum, if any) of the object at ``url``.
+
+        Only when :attr:`can_check`.
+
+        :return: an :class:`ObjectInfo`
+        :raises HostNotFoundError: if the object is not there
+        """
         raise NotImplementedError
 
+    def exists(self, url):
+        """Whether the object at ``url`` exists. Only when :attr:`can_check`."""
+        try:
+            self.stat(url)
+        except HostNotFoundError:
+            return False
+        return True
+
     def delete(self, url):
-        """Delete the object at ``url``. Only when :attr:`can_delete`."""
+        """Delete the object at ``url``; a missing one is not an error.
+
+        Only when :attr:`can_delete`.
+        """
+        raise NotImplementedError
+
+    def list(self):
+        """Yield ``(name, size)`` for every object the host holds for us.
+
+        Only when :attr:`can_list`.
+        """
         raise NotImplementedError
 
     def close(self):
-        """Release connections and other resources. The default does nothing."""
+        """Release connections and other resources. Calling it twice is harmless."""
 
     def __repr__(self):
         return "<%s %s>" % (type(self).__name__, self.name)
+
+    # -- helpers for subclasses ---------------------------------------------
+
+    def receive(self, stream, url, dest_path, max_bytes=None, fsync=True):
+        """Copy a readable binary ``stream`` to ``dest_path`` atomically.
+
+        For hosts that download by reading a stream. Stops once more than
+        ``max_bytes`` arrive. On any failure the temp file is removed and a
+        :class:`~cloudmanager.errors.TransientHostError` raised: a failure
+        here is about the transfer or the local disk, never proof that the
+        object is missing.
+        """
+        try:
+            with fsutil.atomic_write(dest_path, fsync) as out:
+                fsutil.copy_and_hash(stream, out.fileno(), limit=max_bytes, hashing=False)
+        except OverflowError as exc:
+            raise TransientHostError(self.name, "%s is larger than the %d bytes expected"
+                                     % (url, max_bytes)) from exc
+        except OSError as exc:
+            raise TransientHostError(self.name, "cannot copy %s: %s" % (url, exc)) from exc

@@ -13,7 +13,7 @@ from urllib.parse import quote, unquote_to_bytes, urlsplit
 from .. import fsutil
 from ..errors import HostNotFoundError, InvalidInputError, PermanentHostError, TransientHostError
 from ..validation import check_url, is_hash
-from .base import Host, Location
+from .base import Host, Location, ObjectInfo
 
 
 class FolderHost(Host):
@@ -26,6 +26,7 @@ class FolderHost(Host):
 
     can_delete = True
     can_check = True
+    can_list = True
 
     def __init__(self, root, name=None, fsync=True, timeout=None):
         root = os.fspath(root)
@@ -90,19 +91,31 @@ class FolderHost(Host):
             raise TransientHostError(self.name, "cannot read %s: %s" % (url, exc)) from exc
         # Errors from here on are about the destination or the copy, not a
         # missing object: they must not get a good copy marked bad.
-        try:
-            with src, fsutil.atomic_write(dest_path, self.fsync) as out:
-                fsutil.copy_and_hash(src, out.fileno(), limit=max_bytes, hashing=False)
-        except OverflowError as exc:
-            raise TransientHostError(self.name, "%s is larger than the %d bytes expected"
-                                     % (url, max_bytes)) from exc
-        except OSError as exc:
-            raise TransientHostError(self.name, "cannot copy %s: %s" % (url, exc)) from exc
+        with src:
+            self.receive(src, url, dest_path, max_bytes, self.fsync)
 
-    def exists(self, url):
-        """Whether the object file exists."""
-        return os.path.isfile(self._path_of(url))
+    def stat(self, url):
+        """The object file's size."""
+        try:
+            st = os.stat(self._path_of(url))
+        except FileNotFoundError as exc:
+            raise HostNotFoundError(self.name, "no object at %s" % url) from exc
+        except OSError as exc:
+            raise TransientHostError(self.name, "cannot stat %s: %s" % (url, exc)) from exc
+        return ObjectInfo(st.st_size)
 
     def delete(self, url):
         """Remove the object file (a missing one is not an error)."""
         fsutil.remove_quietly(self._path_of(url))
+
+    def list(self):
+        """Yield ``(hash, size)`` for each object file in the folder."""
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise TransientHostError(self.name, "cannot list %s: %s" % (self.root, exc)) from exc
+        for entry in entries:
+            if is_hash(entry.name) and entry.is_file(follow_symlinks=False):
+                yield entry.name, entry.stat(follow_symlinks=False).st_size

@@ -40,13 +40,12 @@ from ..errors import (
     PermanentHostError,
     TransientHostError,
 )
-from ..validation import check_url
+from ..validation import check_url, is_hash
 from .base import Host, Location
 
 log = logging.getLogger(__name__)
 
 _MODULE = re.compile(r"[a-z0-9_]{1,64}")
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._]{0,127}")
 
 # Plowshare 2 exit codes, grouped by what the engine should do about them.
 _NOT_FOUND = {13}  # ERR_LINK_DEAD
@@ -173,8 +172,8 @@ class PlowshareHost(Host):
 
     def upload(self, local_path, name):
         """Run ``plowup MODULE FILE`` and return the URL it prints last."""
-        if not _SAFE_NAME.fullmatch(name):
-            raise InvalidInputError("unsafe object name for plowup: %r" % (name,))
+        if not is_hash(name):  # also keeps ':' and '-' away from plowup's parser
+            raise InvalidInputError("plowup objects are named by SHA-256, not %r" % (name,))
         staging = tempfile.mkdtemp(prefix="cm-plowup-")
         try:
             if ":" in staging or staging.startswith("-"):

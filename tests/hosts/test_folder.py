@@ -16,6 +16,8 @@ from cloudmanager.hosts.folder import FolderHost
 from cloudmanager.validation import check_url
 from helpers import sha
 
+from .conformance import HostConformance
+
 
 
 @pytest.fixture
@@ -247,3 +249,19 @@ def test_from_spec_file_and_dir(tmp_path):
 def test_from_spec_refuses(spec):
     with pytest.raises(InvalidInputError):
         from_spec(spec)
+
+
+# -- the shared host contract -------------------------------------------------
+
+
+@pytest.fixture
+def unreachable_host(tmp_path):
+    # A root below a regular file: every operation fails as the disk would
+    # if the mount went away.
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"")
+    return FolderHost(str(blocker / "pool"), fsync=False)
+
+
+class TestFolderConformance(HostConformance):
+    pass

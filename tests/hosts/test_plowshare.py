@@ -27,6 +27,8 @@ from cloudmanager.hosts import Location, from_spec
 from cloudmanager.hosts.plowshare import PlowshareHost
 from helpers import sha
 
+from .conformance import HostConformance
+
 DL_URL = re.compile(r"http://([a-z0-9_]+)\.fake/dl/([0-9a-f]{16})")
 DEAD_ID = "0123456789abcdef"
 
@@ -478,3 +480,25 @@ def test_from_spec_builds_plowshare_host():
     assert host.module == "mediafire" and host.name == "mediafire"
     named = from_spec("plowshare:mod", name="mine", timeout=5)
     assert named.name == "mine" and named.timeout == 5.0
+
+
+# -- the shared host contract -------------------------------------------------
+
+
+@pytest.fixture
+def host(fake_plowshare):
+    return PlowshareHost("conform", timeout=30)
+
+
+@pytest.fixture
+def unreachable_host(fake_plowshare):
+    fake_plowshare.faults("offline", down=True)
+    return PlowshareHost("offline", timeout=30)
+
+
+class TestPlowshareConformance(HostConformance):
+    large_size = 3 << 20  # each transfer is a subprocess writing to disk
+
+    @pytest.fixture
+    def missing_url(self, host):
+        return "http://conform.fake/dl/%s" % DEAD_ID

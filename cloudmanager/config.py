@@ -1,0 +1,216 @@
+"""Configuration: a pool and its hosts, declared in a ``cloudmanager.toml`` file.
+
+Example::
+
+    [pool]
+    database = "pool.sqlite3"     # relative paths start at this file's directory
+    storage = "cache"
+    capacity = "20 GiB"           # bytes, or a number with a unit (KiB ... TiB, KB ... TB)
+    redundancy = 2
+
+    [hosts.nas]
+    spec = "dir:/mnt/nas/pool"
+
+    [hosts.b2]
+    spec = "s3://my-bucket/pool"
+    weight = 2                    # preferred among equally healthy hosts
+    options = { endpoint_url = "https://s3.us-west-004.backblazeb2.com", region = "us-west-004" }
+
+    [hosts.old-locker]
+    spec = "plowshare:mediafire"
+    enabled = false               # kept for its recorded copies' sake, not used
+
+Each ``[hosts.NAME]`` table has a ``spec``, and optionally ``options`` (keyword
+options of the host kind), ``weight`` (a positive number, default 1) and
+``enabled`` (default true). ``NAME`` is the name recorded with every upload,
+so keep it stable. Credentials belong in the places each backend reads them
+(the AWS credential chain for S3); option values whose key looks like a
+secret are never shown by :meth:`HostConfig.describe`.
+"""
+
+import os
+import re
+from typing import Dict, List, NamedTuple, Optional
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from .errors import ConfigError, InvalidInputError
+from .validation import check_host_name
+
+#: Settings of the ``[pool]`` table, with the type each must have.
+POOL_KEYS = {
+    "database": str,
+    "storage": str,
+    "capacity": (int, str),
+    "redundancy": int,
+    "defer_uploads": bool,
+    "fsync": bool,
+    "host_timeout": (int, float),
+    "host_cooldown": (int, float),
+}
+_HOST_KEYS = {"spec", "options", "weight", "enabled"}
+_SECRET_KEY = re.compile(r"pass|secret|token|key|auth|credential|cookie", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_size(value):
+    """Turn ``20 GiB``, ``500MB``, ``4096`` or ``1.5 TB`` into a number of bytes.
+
+    >>> parse_size("20 GiB"), parse_size("500MB"), parse_size(4096), parse_size("1.5k")
+    (21474836480, 500000000, 4096, 1500)
+    >>> parse_size("lots")
+    Traceback (most recent call last):
+    ...
+    cloudmanager.errors.InvalidInputError: not a size: 'lots' (try '20 GiB' or a number of bytes)
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value if isinstance(value, str)
+                         else "")
+    if not match or match.group(2).lower() not in _UNITS:
+        raise InvalidInputError("not a size: %r (try '20 GiB' or a number of bytes)" % (value,))
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def redact(options):
+    """A copy of ``options`` with the values of secret-looking keys hidden.
+
+    >>> redact({"region": "eu", "password": "hunter2", "auth": ["u", "p"]})
+    {'region': 'eu', 'password': '***', 'auth': '***'}
+    """
+    return {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in options.items()}
+
+
+class HostConfig(NamedTuple):
+    """One ``[hosts.NAME]`` table."""
+
+    name: str
+    spec: str
+    options: Dict[str, object]
+    weight: float = 1.0
+    enabled: bool = True
+
+    def build(self, default_timeout=None):
+        """Make the :class:`~cloudmanager.hosts.base.Host` this table describes.
+
+        :param default_timeout: the pool's ``host_timeout``, unless the
+            host's options set ``timeout``
+        """
+        from .hosts import from_spec
+
+        options = dict(self.options)
+        if default_timeout is not None:
+            options.setdefault("timeout", default_timeout)
+        host = from_spec(self.spec, name=self.name, **options)
+        host.weight = self.weight
+        return host
+
+    def describe(self):
+        """A dict for people and ``--json`` output, with secrets hidden."""
+        return {"name": self.name, "spec": self.spec, "options": redact(self.options),
+                "weight": self.weight, "enabled": self.enabled}
+
+    def __repr__(self):
+        return "HostConfig(%r)" % (self.describe(),)
+
+
+class Config(NamedTuple):
+    """A parsed configuration file."""
+
+    #: The file it came from (None when built in code).
+    path: Optional[str]
+    #: The ``[pool]`` settings, paths made absolute and sizes in bytes.
+    pool: Dict[str, object]
+    #: Every ``[hosts.NAME]`` table, enabled or not, in file order.
+    hosts: List[HostConfig]
+
+    def enabled_hosts(self):
+        """The host tables with ``enabled = true``."""
+        return [h for h in self.hosts if h.enabled]
+
+
+def load_config(path):
+    """Read and check a ``cloudmanager.toml``.
+
+    :param path: the file
+    :return: a :class:`Config`
+    :raises ConfigError: if the file cannot be read, is not TOML, or holds an
+        unknown or invalid setting; the message names the file and the setting
+    """
+    path = os.path.abspath(os.fspath(path))
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError("cannot read %s: %s" % (path, exc.strerror or exc)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("%s is not valid TOML: %s" % (path, exc)) from exc
+    try:
+        return parse_config(document, base_dir=os.path.dirname(path), path=path)
+    except (ConfigError, InvalidInputError) as exc:
+        raise ConfigError("%s: %s" % (path, exc)) from exc
+
+
+def parse_config(document, base_dir=".", path=None):
+    """Check a configuration already parsed from TOML (a dict).
+
+    :param base_dir: where relative paths in ``[pool]`` start
+    :raises ConfigError: on an unknown or invalid setting
+    """
+    unknown = set(document) - {"pool", "hosts"}
+    if unknown:
+        raise ConfigError("unknown table %s (known: pool, hosts)" % ", ".join(sorted(unknown)))
+    pool = dict(_table(document, "pool"))
+    for key, value in pool.items():
+        if key not in POOL_KEYS:
+            raise ConfigError("unknown setting pool.%s (known: %s)"
+                              % (key, ", ".join(sorted(POOL_KEYS))))
+        kind = POOL_KEYS[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise ConfigError("pool.%s has the wrong type: %r" % (key, value))
+    for key in ("database", "storage"):
+        if key in pool:
+            pool[key] = os.path.join(base_dir, os.path.expanduser(pool[key]))
+    if "capacity" in pool:
+        pool["capacity"] = parse_size(pool["capacity"])
+    hosts = [_host_config(name, table) for name, table in _table(document, "hosts").items()]
+    return Config(path, pool, hosts)
+
+
+def _table(document, key):
+    value = document.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError("%s must be a table" % key)
+    return value
+
+
+def _host_config(name, table):
+    where = "hosts.%s" % name
+    try:
+        check_host_name(name)
+    except InvalidInputError as exc:
+        raise ConfigError("%s: %s" % (where, exc)) from None
+    if not isinstance(table, dict):
+        raise ConfigError("%s must be a table" % where)
+    unknown = set(table) - _HOST_KEYS
+    if unknown:
+        raise ConfigError("unknown setting %s.%s (known: %s)"
+                          % (where, sorted(unknown)[0], ", ".join(sorted(_HOST_KEYS))))
+    spec = table.get("spec")
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ConfigError("%s needs a spec such as 'dir:/path' or 's3://bucket/prefix'" % where)
+    options = table.get("options", {})
+    if not isinstance(options, dict):
+        raise ConfigError("%s.options must be a table" % where)
+    weight = table.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+        raise ConfigError("%s.weight must be a positive number" % where)
+    enabled = table.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError("%s.enabled must be true or false" % where)
+    return HostConfig(name, spec, dict(options), float(weight), enabled)
