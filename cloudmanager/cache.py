@@ -338,6 +338,21 @@ class CacheStore:
             self.db.set_cached(conn, file_hash, False)
             self._unlink_cached(file_hash)
 
+    def forget(self, file_hash):
+        """Delete a file's record and its cached copy, if any.
+
+        The row goes first, in its own transaction; the file after. A crash
+        in between leaves an orphan file that reconciliation removes, never a
+        record pointing at nothing.
+
+        :return: True if the pool had the file
+        """
+        with self.db.transaction() as conn:
+            existed = self.db.forget_file(conn, file_hash)
+        if existed:
+            self._unlink_cached(file_hash)
+        return existed
+
     # -- reconciliation --------------------------------------------------------
 
     def _dead_sessions(self):

@@ -22,12 +22,12 @@ from typing import List, NamedTuple
 
 from . import fsutil
 from .errors import (
+    CorruptCopyError,
     DownloadError,
     HostError,
     HostNotFoundError,
     IntegrityError,
     InvalidInputError,
-    PermanentHostError,
     TransientHostError,
 )
 from .hosts.base import Location
@@ -245,13 +245,88 @@ class UploadEngine:
             log.warning("bad copy of %s on %s (%s): %s; marking it bad",
                         file_hash, host.name, location.url, exc)
             self.db.mark_copy_bad(file_hash, location.host_name, location.url)
-            exc = PermanentHostError(host.name, str(exc))
+            exc = CorruptCopyError(host.name, str(exc))
         elif isinstance(exc, HostNotFoundError):
             log.warning("%s no longer holds %s; marking the copy bad", host.name, file_hash)
             self.db.mark_copy_bad(file_hash, location.host_name, location.url)
         elif isinstance(exc, OSError):
             exc = TransientHostError(host.name, "local error: %s" % exc)
         return self._failed(host, exc, "download of %s" % file_hash)
+
+    # -- checks and deletes ----------------------------------------------------
+
+    def check(self, file_hash, size, location, deep=False, scratch=None):
+        """Check one remote copy: cheaply if its host can, else by download.
+
+        The cheap check compares the size the host reports, and the SHA-256
+        when the host stores one. A deep check (or a host that cannot stat)
+        downloads the copy into ``scratch`` and hashes it. Bad and missing
+        copies are marked bad, so :meth:`~cloudmanager.CloudManager.sync`
+        replaces them.
+
+        :param location: the copy, a :class:`~cloudmanager.hosts.base.Location`
+        :param scratch: a directory for deep checks' downloads
+        :return: ``"good"``, ``"bad"``, ``"missing"``, ``"unreachable"`` (no
+            configured host can reach the URL) or ``"error"`` (the host
+            failed; try later)
+        """
+        host = self.host_for(location.host_name, location.url)
+        if host is None:
+            return "unreachable"
+        if deep or not host.can_check:
+            dest = os.path.join(scratch, file_hash)
+            try:
+                self.download(file_hash, size, [location], dest)
+            except DownloadError as exc:
+                failure = exc.failures[0] if exc.failures else None
+                if isinstance(failure, HostNotFoundError):
+                    return "missing"
+                if isinstance(failure, CorruptCopyError):
+                    return "bad"
+                return "error"
+            finally:
+                fsutil.remove_quietly(dest)
+            self.db.mark_copy_checked(file_hash, location.host_name, location.url,
+                                      time.time(), verified=True)
+            return "good"
+        started = time.monotonic()
+        try:
+            with self._slots[host.name]:
+                info = host.stat(location.url)
+        except HostNotFoundError as exc:
+            self._failed(host, exc, "check of %s" % file_hash)
+            log.warning("%s no longer holds %s; marking the copy bad", host.name, file_hash)
+            self.db.mark_copy_bad(file_hash, location.host_name, location.url)
+            return "missing"
+        except HostError as exc:
+            self._failed(host, exc, "check of %s" % file_hash)
+            return "error"
+        self.db.record_host_result(host.name, True, (time.monotonic() - started) * 1000)
+        if info.size != size or info.sha256 not in (None, file_hash):
+            log.warning("bad copy of %s on %s: %d bytes, SHA-256 %s; marking it bad",
+                        file_hash, host.name, info.size, info.sha256 or "not stored")
+            self.db.mark_copy_bad(file_hash, location.host_name, location.url)
+            return "bad"
+        self.db.mark_copy_checked(file_hash, location.host_name, location.url, time.time(),
+                                  verified=info.sha256 == file_hash)
+        return "good"
+
+    def delete(self, location):
+        """Delete one remote copy if a configured host can.
+
+        :return: True if it is gone (deleted, or already missing); False if no
+            configured host can delete it or the delete failed (logged)
+        """
+        host = self.host_for(location.host_name, location.url)
+        if host is None or not host.can_delete:
+            return False
+        try:
+            with self._slots[host.name]:
+                host.delete(location.url)
+        except HostError as exc:
+            self._failed(host, exc, "delete of %s" % location.url)
+            return False
+        return True
 
     def close(self):
         """Wait for running transfers, then close every host."""

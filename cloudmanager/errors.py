@@ -14,6 +14,7 @@ one shallow tree, so ``except CloudManagerError`` catches them all::
     │   ├── HostNotFoundError          the host does not hold that object
     │   ├── TransientHostError         anything else worth retrying
     │   └── PermanentHostError         retrying will not help
+    │       └── CorruptCopyError       the host sent bytes that do not match
     ├── IntegrityError                 bytes did not match their SHA-256
     ├── UploadError                    (.failures: per-host errors)
     ├── DownloadError                  (.failures: per-host errors)
@@ -74,6 +75,10 @@ class PermanentHostError(HostError):
     """A failure that retrying will not cure (bad request, refused file)."""
 
     transient = False
+
+
+class CorruptCopyError(PermanentHostError):
+    """The host returned bytes whose SHA-256 does not match: its copy is bad."""
 
 
 class IntegrityError(CloudManagerError):

@@ -8,8 +8,10 @@ on the ``cloudmanager`` logger. Work is done by the parts below it: the
 :class:`~cloudmanager.engine.UploadEngine` with its hosts.
 """
 
+import collections
 import contextlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -31,7 +33,7 @@ from .errors import (
     SerializationError,
     UploadError,
 )
-from .hosts import from_spec
+from .hosts import Location, from_spec
 from .validation import check_hash, safe_basename
 
 log = logging.getLogger("cloudmanager")
@@ -472,6 +474,95 @@ class CloudManager:
         log.info("sync: %s", summary)
         return summary
 
+    def verify(self, hashes=None, hosts=None, older_than=None, limit=None, deep=False):
+        """Check that remote copies are still there and intact.
+
+        A host that can answer cheaply is asked for the object's size (and
+        the SHA-256 it stores, as S3 does for single-part uploads); other
+        hosts, or every host with ``deep``, send the copy to a temp directory
+        to be hashed. Missing and bad copies are marked bad, and the next
+        :meth:`sync` restores the redundancy target from a good copy.
+
+        Copies checked longest ago go first, so a large pool can be verified
+        a slice at a time with ``limit`` or ``older_than``.
+
+        :param hashes: only these files
+        :param hosts: only copies recorded under these host names
+        :param older_than: only copies not checked in this many seconds
+        :param limit: check at most this many copies
+        :param deep: download and hash every copy, even where a cheap check exists
+        :return: counts: ``checked``, ``good``, ``bad``, ``missing``,
+            ``error`` (the host failed; try again later), ``unreachable`` (no
+            configured host can reach the URL) and ``cooling`` (the host's
+            circuit breaker is open)
+        """
+        if hashes is not None:
+            hashes = [check_hash(h) for h in hashes]
+        checked_before = None if older_than is None else time.time() - older_than
+        copies = self.db.copies_to_verify(hashes, hosts, checked_before, limit)
+        summary = dict.fromkeys(("checked", "good", "bad", "missing", "error", "unreachable",
+                                 "cooling"), 0)
+        health = self.db.host_health()
+        with tempfile.TemporaryDirectory(prefix="cm-verify-") as scratch:
+            for file_hash, host_name, url, size in copies:
+                host = self.engine.host_for(host_name, url)
+                if host is not None and self.engine.retry_after(health.get(host.name)):
+                    outcome = "cooling"
+                else:
+                    outcome = self.engine.check(file_hash, size, Location(host_name, url),
+                                                deep=deep, scratch=scratch)
+                summary[outcome] += 1
+                summary["checked"] += outcome in ("good", "bad", "missing")
+        log.info("verify: %s", summary)
+        return summary
+
+    def remove(self, file_hash):
+        """Forget a file: delete its copies where hosts allow it, its cached
+        copy and its record.
+
+        Copies on hosts that cannot delete (file lockers), or whose delete
+        failed, stay where they are; their URLs are logged and returned.
+
+        :return: ``{"deleted": [(host_name, url)], "kept": [(host_name, url)]}``;
+            ``None`` for a malformed or unknown hash
+        """
+        try:
+            file_hash = check_hash(file_hash)
+        except InvalidInputError as exc:
+            log.warning("remove: %s", exc)
+            return None
+        if not self.db.file_exists(file_hash):
+            log.warning("remove: %s is not in the pool", file_hash)
+            return None
+        deleted, kept = [], []
+        for host_name, url in self._sources(file_hash):
+            (deleted if self.engine.delete(Location(host_name, url)) else kept).append(
+                (host_name, url))
+        self.cache.forget(file_hash)
+        for host_name, url in kept:
+            log.warning("removed %s from the pool, but its copy on %s stays: %s",
+                        file_hash, host_name, url)
+        log.info("removed %s (%d copies deleted)", file_hash, len(deleted))
+        return {"deleted": deleted, "kept": kept}
+
+    def unreachable(self):
+        """Files whose every good copy is on a host this node has not configured.
+
+        Records imported from other nodes may name hosts (or schemes) this
+        node cannot reach; they are kept, not treated as errors, and become
+        downloadable as soon as a matching host is configured. Cached files
+        are not listed. Reads every copy's row: for reports, not hot paths.
+
+        :return: ``{hash: sorted host names of its copies}``
+        """
+        lost = {}
+        for file_hash, rows in itertools.groupby(self.db.good_copies(), key=lambda r: r[0]):
+            rows = list(rows)
+            if not any(self.engine.host_for(h, u) for _, h, u in rows) \
+                    and not self.cache.contains(file_hash):
+                lost[file_hash] = sorted({h for _, h, _ in rows})
+        return lost
+
     # -- node sync -----------------------------------------------------------
 
     def _records(self, hashes=None):
@@ -536,21 +627,30 @@ class CloudManager:
 
     def _merge(self, records):
         changed = 0
+        unreachable = collections.Counter()  # host names of records we cannot fetch
         batch = []
         for record in records:
             batch.append(record)
             if len(batch) >= LOAD_BATCH:
-                changed += self._merge_batch(batch)
+                changed += self._merge_batch(batch, unreachable)
                 batch = []
         if batch:
-            changed += self._merge_batch(batch)
+            changed += self._merge_batch(batch, unreachable)
+        if unreachable:
+            log.warning("%d imported records have copies only on hosts this node has not "
+                        "configured (%s); they are kept, and listed by unreachable()",
+                        sum(unreachable.values()), ", ".join(sorted(unreachable)))
         return changed
 
-    def _merge_batch(self, batch):
+    def _merge_batch(self, batch, unreachable):
         changed, refused = self.db.merge_records(batch)
         for file_hash in refused:
             log.warning("refused a record of %s: its size differs from the known one",
                         file_hash)
+        for record in batch:
+            copies = [(h, u) for h, u, error in record.uploads if not error]
+            if copies and not any(self.engine.host_for(h, u) for h, u in copies):
+                unreachable.update({h for h, _ in copies})
         return changed
 
     # -- beyond the seed -----------------------------------------------------
@@ -561,7 +661,8 @@ class CloudManager:
         Keys: ``files``, ``cached_files``, ``cached_bytes``, ``capacity``,
         ``usage_ratio``, ``queued``, ``below_target``, ``redundancy``,
         ``uploaded_bytes``/``downloaded_bytes`` (``total`` and ``this_month``),
-        ``hits``, ``misses``, ``transfers`` (per month) and ``hosts`` (health).
+        ``hits``, ``misses``, ``transfers`` (per month) and ``hosts``
+        (:meth:`host_status`).
         """
         self.cache.flush()
         transfers = self.db.transfers()
@@ -582,8 +683,29 @@ class CloudManager:
             "hits": self.db.counter("hits"),
             "misses": self.db.counter("misses"),
             "transfers": {m: {"uploaded": u, "downloaded": d} for m, (u, d) in transfers.items()},
-            "hosts": self.db.host_health(),
+            "hosts": self.host_status(),
         }
+
+    def host_status(self):
+        """Each configured host's kind, weight, capabilities and health.
+
+        :return: ``{host_name: {...}}`` with the health counters of
+            :meth:`FileDatabase.host_health` (``latency_ms`` is a median),
+            ``state`` (``"ok"``, or ``"cooling"`` while its circuit breaker
+            is open) and ``retry_after`` (unix time, or None)
+        """
+        health = self.db.host_health()
+        status = {}
+        for name, host in self.engine.hosts.items():
+            row = dict(health.get(name) or {
+                "successes": 0, "failures": 0, "consecutive_failures": 0, "last_error": None,
+                "last_success": None, "last_failure": None, "latency_ms": None})
+            retry_after = self.engine.retry_after(row)
+            row.update(kind=type(host).__name__, weight=host.weight,
+                       can_delete=host.can_delete, can_check=host.can_check,
+                       state="cooling" if retry_after else "ok", retry_after=retry_after)
+            status[name] = row
+        return status
 
     def pin(self, file_hash, pinned=True):
         """Keep a file in the cache whatever the LRU order says (or stop keeping it).

@@ -1,0 +1,191 @@
+"""verify(), remove(), unreachable() and the circuit breaker, on real pools.
+
+Hosts are folders (real files) and in-memory stores, so lost and corrupted
+copies can be staged exactly; sync() then has to repair them.
+"""
+
+import json
+import os
+import time
+import uuid
+
+import pytest
+
+from cloudmanager import CloudManager
+from cloudmanager.hosts.memory import MemoryHost
+
+
+@pytest.fixture
+def stores():
+    """Three fresh in-memory hosts."""
+    return [MemoryHost(uuid.uuid4().hex, name=n) for n in ("m1", "m2", "m3")]
+
+
+@pytest.fixture
+def pool(make_pool, stores):
+    return make_pool(capacity=1 << 20, hosts=stores, redundancy=2)
+
+
+def object_of(host, digest):
+    return host.objects.get(digest)
+
+
+def holders(cm, digest):
+    return sorted(u["host_name"] for u in cm.db.uploads(digest) if not u["error"])
+
+
+def test_verify_finds_a_lost_copy_and_sync_restores_it(pool, stores, write_file):
+    digest = pool.upload(write_file("a", b"keep me safe"))
+    first = holders(pool, digest)
+    assert len(first) == 2
+    lost = next(h for h in stores if h.name == first[0])
+    del lost.objects[digest]
+    summary = pool.verify()
+    assert summary["checked"] == 2 and summary["missing"] == 1 and summary["good"] == 1
+    assert pool.db.copies(digest) == 1
+    assert pool.stats()["below_target"] == 1
+    pool.evict(0)  # the repair must come from the remaining host, not the cache
+    assert not pool.on_cache(digest)
+    result = pool.sync()
+    assert result["uploads"] == 1 and result["complete"] == 1
+    assert pool.db.copies(digest) == 2
+    assert pool.verify()["good"] == 2
+
+
+def test_verify_marks_a_corrupt_copy_bad_by_its_stored_checksum(pool, stores, write_file):
+    digest = pool.upload(write_file("a", b"original bytes"))
+    bad_host = next(h for h in stores if h.name == holders(pool, digest)[0])
+    bad_host.objects[digest] = b"Original bytes"  # same size, other bytes
+    summary = pool.verify()
+    assert summary["bad"] == 1 and summary["good"] == 1
+    assert bad_host.name not in holders(pool, digest)
+
+
+def test_deep_verify_downloads_and_hashes(make_pool, tmp_path, write_file):
+    # Folder hosts report only sizes: a same-size corruption needs deep.
+    hosts = ["dir:%s" % (tmp_path / ("h%d" % i)) for i in range(2)]
+    cm = make_pool(hosts=hosts, redundancy=2)
+    digest = cm.upload(write_file("a", b"x" * 1000))
+    victim = tmp_path / "h0" / digest
+    victim.write_bytes(b"y" * 1000)
+    assert cm.verify()["good"] == 2  # sizes match: the cheap check cannot tell
+    summary = cm.verify(deep=True)
+    assert summary == dict(summary, checked=2, good=1, bad=1)
+    assert holders(cm, digest) == ["dir:%s" % (tmp_path / "h1")]
+    assert cm.sync()["uploads"] == 1
+    assert victim.read_bytes() == b"x" * 1000  # rewritten from a good copy
+
+
+def test_verify_limits_by_hash_host_count_and_age(pool, stores, write_file):
+    digests = [pool.upload(write_file("f%d" % i, b"file %d" % i)) for i in range(4)]
+    # Least recently checked first: budgeted passes move through the pool.
+    assert pool.verify(limit=3)["checked"] == 3
+    assert pool.verify(older_than=3600)["checked"] == 5  # the 8 copies not yet seen
+    assert pool.verify(older_than=3600)["checked"] == 0
+    time.sleep(1.1)
+    assert pool.verify(older_than=1)["checked"] == 8
+    assert pool.verify(hashes=[digests[0]])["checked"] == 2
+    on_m1 = [d for d in digests if "m1" in holders(pool, d)]
+    assert pool.verify(hosts=["m1"])["checked"] == len(on_m1)
+    assert pool.verify(hosts=["nowhere"])["checked"] == 0
+
+
+def test_verify_reports_hosts_it_cannot_reach_or_are_down(pool, stores, write_file):
+    digest = pool.upload(write_file("a", b"data"))
+    record = pool.info(digest)
+    record["uploads"].append({"host_name": "elsewhere", "url": "s3://other-bucket/" + digest})
+    pool.data_load(json.dumps([record]))
+    down = next(h for h in stores if h.name in holders(pool, digest))
+    down.faults["down"] = True
+    summary = pool.verify()
+    assert summary["unreachable"] == 1 and summary["error"] == 1 and summary["good"] == 1
+    assert pool.db.copies(digest) == 3  # an outage is not a lost copy
+
+
+def test_a_host_that_keeps_failing_cools_down_then_is_tried_again(make_pool, write_file):
+    flaky = MemoryHost(uuid.uuid4().hex, name="flaky")
+    steady = MemoryHost(uuid.uuid4().hex, name="steady")
+    cm = make_pool(hosts=[flaky, steady], redundancy=2, host_cooldown=0.5,
+                   defer_uploads=True)
+    flaky.faults["down"] = True
+    digests = [cm.upload(write_file("f%d" % i, b"f%d" % i)) for i in range(5)]
+    cm.sync()
+    status = cm.host_status()["flaky"]
+    assert status["state"] == "cooling" and status["consecutive_failures"] == 3
+    assert status["retry_after"] > time.time()
+    # Files 4 and 5 were not even tried on the cooling host.
+    assert cm.db.host_health()["flaky"]["failures"] == 3
+    flaky.faults["down"] = False
+    cm.sync()
+    assert cm.db.host_health()["flaky"]["failures"] == 3  # still cooling: skipped
+    time.sleep(0.6)
+    cm.sync()
+    assert cm.host_status()["flaky"]["state"] == "ok"
+    assert all(cm.db.copies(d) == 2 for d in digests)
+    assert cm.stats()["hosts"]["steady"]["latency_ms"] is not None
+
+
+def test_the_breaker_doubles_the_cool_down_per_further_failure(db):
+    from cloudmanager.engine import UploadEngine
+
+    engine = UploadEngine(db, [], 1, breaker_threshold=3, cooldown=10)
+    try:
+        row = {"consecutive_failures": 3, "last_failure": 1000.0}
+        assert engine.retry_after(row, now=1005) == 1010
+        assert engine.retry_after(row, now=1011) is None
+        assert engine.retry_after(dict(row, consecutive_failures=5), now=1011) == 1040
+        assert engine.retry_after(dict(row, consecutive_failures=2), now=1001) is None
+        assert engine.retry_after(None) is None
+    finally:
+        engine.close()
+
+
+def test_cooling_hosts_are_still_tried_last_for_downloads(make_pool, write_file):
+    only = MemoryHost(uuid.uuid4().hex, name="only")
+    cm = make_pool(hosts=[only], redundancy=1, host_cooldown=3600)
+    digest = cm.upload(write_file("a", b"the only copy"))
+    for _ in range(3):
+        cm.db.record_host_result("only", False, error="seeded")
+    assert cm.host_status()["only"]["state"] == "cooling"
+    cm.evict(0)
+    assert open(cm.warm_up(digest), "rb").read() == b"the only copy"
+
+
+def test_remove_deletes_copies_cache_and_record(make_pool, tmp_path, write_file, fake_plowshare):
+    from cloudmanager.hosts.plowshare import PlowshareHost
+
+    hosts = ["dir:%s" % (tmp_path / "nas"), PlowshareHost("locker", timeout=30)]
+    cm = make_pool(hosts=hosts, redundancy=2)
+    digest = cm.upload(write_file("a", b"to be removed"))
+    keep = cm.upload(write_file("b", b"to be kept"))
+    assert (tmp_path / "nas" / digest).exists() and cm.on_cache(digest)
+    used = cm.stats()["cached_bytes"]
+    result = cm.remove(digest)
+    assert [h for h, _ in result["deleted"]] == ["dir:%s" % (tmp_path / "nas")]
+    assert [h for h, _ in result["kept"]] == ["locker"]  # a locker cannot delete
+    assert not (tmp_path / "nas" / digest).exists()
+    assert not cm.exists(digest) and not cm.on_cache(digest)
+    assert not os.path.exists(cm.cache.path_for(digest))
+    assert cm.stats()["cached_bytes"] == used - len(b"to be removed")
+    assert cm.info(digest) is None and digest not in cm.data_dump()
+    assert cm.remove(digest) is None and cm.remove("not a hash") is None
+    assert cm.warm_up(keep)
+
+
+def test_unreachable_lists_imported_files_no_host_here_can_fetch(make_pool, tmp_path,
+                                                                  write_file, caplog):
+    node_a = make_pool(name="a", hosts=["dir:%s" % (tmp_path / "a-only")], redundancy=1)
+    node_b = make_pool(name="b", hosts=[MemoryHost(uuid.uuid4().hex, name="b-mem")],
+                       redundancy=1)
+    digest = node_a.upload(write_file("a", b"from node a"))
+    mine = node_b.upload(write_file("b", b"node b's own"))
+    assert node_b.data_load(node_a.data_dump()) == 1
+    assert "only on hosts this node has not configured" in caplog.text
+    assert node_b.exists(digest)
+    assert node_b.unreachable() == {digest: ["dir:%s" % (tmp_path / "a-only")]}
+    assert node_b.warm_up(digest) is False  # kept, reported, not fetchable
+    # Once node b configures a host of that name, the copy is reachable.
+    node_b2 = make_pool(name="b", hosts=["dir:%s" % (tmp_path / "a-only")], redundancy=1)
+    assert node_b2.unreachable() == {}
+    assert open(node_b2.warm_up(digest), "rb").read() == b"from node a"
+    assert mine not in node_b2.unreachable()
