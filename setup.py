@@ -21,6 +21,7 @@ setup(
         "s3": ["boto3>=1.34"],
         "fsspec": ["fsspec>=2023.1"],
         "webdav": ["fsspec>=2023.1", "webdav4>=0.9"],
+        "sftp": ["fsspec>=2023.1", "paramiko>=3"],
         # Python 3.10 has no tomllib.
         ":python_version < '3.11'": ["tomli>=1.1"],
         "develop": [

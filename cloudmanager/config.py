@@ -38,7 +38,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from .errors import ConfigError, InvalidInputError
-from .validation import check_host_name
+from .validation import SECRET_OPTION, check_host_name
 
 #: Settings of the ``[pool]`` table, with the type each must have.
 POOL_KEYS = {
@@ -52,7 +52,6 @@ POOL_KEYS = {
     "host_cooldown": (int, float),
 }
 _HOST_KEYS = {"spec", "options", "weight", "enabled"}
-_SECRET_KEY = re.compile(r"pass|secret|token|key|auth|credential|cookie", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
           "tib": 2**40}
@@ -83,7 +82,7 @@ def redact(options):
     >>> redact({"region": "eu", "password": "hunter2", "auth": ["u", "p"]})
     {'region': 'eu', 'password': '***', 'auth': '***'}
     """
-    return {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in options.items()}
+    return {k: ("***" if SECRET_OPTION.search(k) else v) for k, v in options.items()}
 
 
 class HostConfig(NamedTuple):

@@ -20,6 +20,9 @@ URL_SCHEMES = frozenset({
     "s3", "memory",                             # S3-compatible stores, in-memory hosts
     "sftp", "ssh", "webdav", "dav", "gs", "gcs", "az", "abfs", "abfss",  # through fsspec
 })
+#: Option names whose values are secrets, matched anywhere in the name.
+SECRET_OPTION = re.compile(r"pass|secret|token|key|auth|credential|cookie|sas|signature|"
+                           r"session|private|connection", re.IGNORECASE)
 MAX_URL_LENGTH = 2048
 MAX_NAME_BYTES = 255
 

@@ -1,0 +1,570 @@
+"""A generic host over any fsspec filesystem: SFTP, WebDAV, GCS, Azure, memory...
+
+Spec: ``fsspec:<URL of a directory>``, for example::
+
+    fsspec:sftp://alice@backup.example.org/srv/pool
+    fsspec:memory://pool
+    fsspec:webdav://pool                 (with the option base_url="https://dav.example.org/dav")
+    fsspec:webdav+https://dav.example.org/dav/pool
+
+Objects are stored as ``ROOT/<sha256 hex>`` and recorded with the URL
+``ROOT_URL/<sha256 hex>``, where ``ROOT_URL`` is the spec's URL without any
+password and without a trailing slash (the user name is kept). The recorded
+URL is an identifier that :meth:`FsspecHost.accepts` recognises, not a link
+that works without this host's configuration: a ``webdav://pool`` path is
+relative to the ``base_url`` option. The default host name is that root
+URL too, so give a ``name`` to each of two hosts that share one (the same
+``webdav://pool`` path on two servers).
+
+``webdav+http://`` and ``webdav+https://`` are a shorthand for WebDAV: the
+scheme and the server part become ``base_url`` (``http://host:port``), the
+path becomes the directory, and ``user:password@`` becomes the ``auth``
+option. Such a host records ``webdav://host:port/path/<hash>`` URLs.
+
+Keyword options: ``name``, ``timeout``, ``max_connections``, ``weight`` and
+``storage_options`` (a dict passed to the fsspec filesystem). Every other
+keyword goes into the storage options too, which keeps configuration files
+flat. In a ``cloudmanager.toml`` a host's ``options`` become these keywords::
+
+    [hosts.nextcloud]
+    spec = "fsspec:webdav://pool"
+
+    [hosts.nextcloud.options]
+    base_url = "https://cloud.example.org/remote.php/dav/files/alice"
+    auth = ["alice", "an app password"]      # a list becomes the (user, password) pair
+    timeout = 120
+
+    [hosts.backup]
+    spec = "fsspec:sftp://alice@backup.example.org/srv/pool"
+    options = { key_filename = "/home/alice/.ssh/id_ed25519" }
+
+Secrets (passwords in the URL, and storage options such as ``password``,
+``auth``, ``token`` or ``key``) are passed to fsspec only: they never appear
+in a recorded URL, the host's name, its ``repr``, an error message or a log
+line.
+
+The filesystem is created on first use, so a server that is down when the
+pool starts (SFTP connects as it is created) costs a failed transfer, not a
+failed start. Uploads go to a temporary name in the root
+(``.<hash>.<random>.tmp``) and are then renamed, so readers never see a
+partial object where the filesystem's rename is atomic (local files, SFTP, a
+WebDAV ``MOVE`` onto a new name on most servers). A temp file left by a crash
+is never listed and may be deleted by hand.
+"""
+
+import errno
+import logging
+import os
+import re
+import secrets
+import socket
+import sys
+import threading
+from urllib.parse import unquote, urlsplit
+
+import fsspec  # the library: absolute imports never resolve to this module
+
+from ..errors import (
+    HostError,
+    HostNotFoundError,
+    HostUnavailableError,
+    InvalidInputError,
+    MissingDependencyError,
+    PermanentHostError,
+    TransientHostError,
+)
+from ..validation import SECRET_OPTION, check_host_name, check_url, is_hash
+from .base import Host, Location, ObjectInfo
+
+log = logging.getLogger(__name__)
+
+#: Shorthand schemes for WebDAV → the scheme of the server's base URL.
+_WEBDAV_SUGAR = {"webdav+http": "http", "webdav+https": "https"}
+_WEBDAV_PROTOCOLS = ("webdav", "dav")
+#: Protocol → the storage option that bounds one network operation.
+_TIMEOUT_OPTION = {"webdav": "timeout", "dav": "timeout", "sftp": "timeout", "ssh": "timeout"}
+#: Which extra of cloudmanager installs a protocol's client library.
+_EXTRA = {"webdav": "webdav", "dav": "webdav", "sftp": "sftp", "ssh": "sftp"}
+
+#: ``scheme://user:password@`` in any text, to drop the password.
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^@/\s]*@")
+
+_NETWORK_ERRNOS = frozenset({
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
+    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN,
+    errno.ENETRESET, errno.EPIPE,
+})
+# Library exceptions recognised by class name, so that no client library has
+# to be imported to classify its errors (httpx, paramiko, aiohttp, azure).
+_UNAVAILABLE_NAMES = frozenset({
+    "TimeoutException", "NetworkError", "ProxyError",      # httpx (webdav4)
+    "NoValidConnectionsError",                             # paramiko (sftp)
+    "ClientConnectionError", "ServerTimeoutError",         # aiohttp (http, gcs)
+    "ServiceRequestError",                                 # azure
+})
+_PERMANENT_NAMES = frozenset({
+    "ForbiddenOperation",                                  # webdav4: 403 on MOVE, MKCOL
+    "AuthenticationException", "BadHostKeyException",      # paramiko
+    "ClientAuthenticationError",                           # azure
+})
+_NOT_FOUND_NAMES = frozenset({"ResourceNotFound", "ResourceNotFoundError"})
+
+
+class FsspecHost(Host):
+    """Store copies in a directory of any fsspec filesystem.
+
+    :param url: the fsspec URL of the directory, e.g. ``sftp://alice@host/srv/pool``
+        (a password in it is used, never recorded)
+    :param name: the host name recorded with uploads (default: the URL
+        without its password)
+    :param timeout: seconds one network operation may take; passed to the
+        WebDAV and SFTP clients as their ``timeout`` option
+    :param max_connections: how many transfers may run at once
+    :param weight: preference among equally healthy hosts
+    :param storage_options: options for the fsspec filesystem (``base_url``,
+        ``auth``, ``password``, ``key_filename``, ``token``...)
+    :param more_options: further storage options, merged into ``storage_options``
+    :raises InvalidInputError: for a malformed URL, an unknown protocol, an
+        option given twice, or a URL or name that could not be recorded
+    :raises MissingDependencyError: if the protocol's client library is missing
+    """
+
+    can_delete = True
+    can_check = True
+    can_list = True
+
+    def __init__(self, url, name=None, timeout=None, max_connections=None, weight=None,
+                 storage_options=None, **more_options):
+        if not isinstance(url, str) or not url:
+            raise InvalidInputError("an fsspec host needs a URL, not %r" % (type(url).__name__,))
+        options = dict(storage_options or {})
+        for key, value in more_options.items():
+            if key in options:
+                raise InvalidInputError("storage option %r given twice" % key)
+            options[key] = value
+        if isinstance(options.get("auth"), list):
+            # TOML and JSON have no tuples; httpx wants (user, password)
+            options["auth"] = tuple(options["auth"])
+        if timeout is not None:
+            self.timeout = float(timeout)
+        if max_connections is not None:
+            self.max_connections = int(max_connections)
+        if weight is not None:
+            self.weight = float(weight)
+
+        self._url, self.root_url, protocol = self._parse(url, options)
+        self._check_protocol(protocol)
+        if timeout is not None and protocol in _TIMEOUT_OPTION:
+            options.setdefault(_TIMEOUT_OPTION[protocol], self.timeout)
+        # Each host gets its own filesystem object: fsspec would otherwise
+        # share one between equal configurations, and close() would close it
+        # under the other host's feet.
+        options.setdefault("skip_instance_cache", True)
+        self._options = options
+        self._secrets = _secrets_of(url, options)
+
+        self._prefix = self.root_url + "/"
+        try:
+            check_url(self._prefix + "0" * 64)
+        except InvalidInputError as exc:
+            raise InvalidInputError("fsspec host %s would record URLs that cannot be stored: %s"
+                                    % (self.root_url, exc)) from None
+        self.name = check_host_name(name) if name is not None else self._default_name(url)
+
+        self._lock = threading.Lock()
+        self._fs = None
+        self._root = None
+        self._root_ready = False
+
+    @classmethod
+    def from_spec(cls, scheme, target, **options):
+        """Build from ``fsspec:<URL>``.
+
+        :param scheme: ``"fsspec"``
+        :param target: the fsspec URL of the directory
+        :param options: keyword options of :class:`FsspecHost`
+        :return: a new :class:`FsspecHost`
+        """
+        return cls(target, **options)
+
+    # -- configuration -------------------------------------------------------
+
+    @staticmethod
+    def _parse(url, options):
+        """Split a spec URL into (URL for fsspec, credential-free root URL, protocol)."""
+        if "::" in url:
+            raise InvalidInputError("chained fsspec URLs are not supported")
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:
+            raise InvalidInputError("fsspec host URL does not parse: %s" % exc) from None
+        scheme = parts.scheme.lower()
+        if not scheme or "://" not in url:
+            raise InvalidInputError("an fsspec host needs a URL with a scheme, like memory://pool")
+        if parts.query or parts.fragment:
+            raise InvalidInputError("an fsspec host URL takes no query or fragment")
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = ("%s@%s" % (user, hostport)) if userinfo else hostport
+        path = parts.path.rstrip("/")
+        if scheme in _WEBDAV_SUGAR:
+            if "base_url" in options:
+                raise InvalidInputError("a %s:// URL already names the server; drop base_url"
+                                        % scheme)
+            if not hostport:
+                raise InvalidInputError("a %s:// URL needs a server" % scheme)
+            options["base_url"] = "%s://%s" % (_WEBDAV_SUGAR[scheme], hostport)
+            if userinfo and "auth" not in options:
+                password = userinfo.split(":", 1)[1] if ":" in userinfo else ""
+                options["auth"] = (unquote(user), unquote(password))
+            # the root path is relative to base_url, which is the server itself
+            fsspec_url = "webdav://" + (path.lstrip("/") or "/")
+            return fsspec_url, "webdav://%s%s" % (netloc, path), "webdav"
+        return url, "%s://%s%s" % (scheme, netloc, path), scheme
+
+    @staticmethod
+    def _check_protocol(protocol):
+        """Fail now, not at the first transfer, on an unknown protocol or a missing library."""
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ValueError:
+            raise InvalidInputError("fsspec knows no protocol %r" % protocol) from None
+        except ImportError as exc:
+            if protocol in _EXTRA:
+                hint = "pip install 'cloudmanager[%s]'" % _EXTRA[protocol]
+            else:  # fsspec's own message names the package
+                hint = "pip install %s" % (getattr(exc.__cause__, "name", None) or "it")
+            raise MissingDependencyError("fsspec:%s hosts need another package (%s): %s"
+                                         % (protocol, exc, hint)) from exc
+
+    def _default_name(self, url):
+        parts = urlsplit(url)
+        name = self.root_url
+        if parts.scheme.lower() in _WEBDAV_SUGAR:
+            name = parts.scheme.lower() + self.root_url[len("webdav"):]
+        try:
+            return check_host_name(name)
+        except InvalidInputError:
+            raise InvalidInputError("%s is not usable as a host name; pass name=..."
+                                    % self._redact(name)) from None
+
+    def _filesystem(self):
+        """The fsspec filesystem and root path, created on first use."""
+        with self._lock:
+            if self._fs is None:
+                fs, root = fsspec.core.url_to_fs(self._url, **self._options)
+                self._fs, self._root = fs, root.rstrip("/")
+            return self._fs, self._root
+
+    def _ensure_root(self, fs, root):
+        # Once per host: a makedirs is several requests on WebDAV.
+        if self._root_ready or root in ("", "/"):
+            return
+        fs.makedirs(root, exist_ok=True)
+        self._root_ready = True
+
+    # -- names and errors ----------------------------------------------------
+
+    def accepts(self, url):
+        """Whether ``url`` names an object under this host's root.
+
+        :param url: a recorded URL
+        :return: True for ``ROOT_URL/<sha256 hex>``, else False
+        """
+        return (isinstance(url, str) and url.startswith(self._prefix)
+                and is_hash(url[len(self._prefix):]))
+
+    def _name_of(self, url):
+        if not self.accepts(url):
+            raise PermanentHostError(self.name, "URL is not an object of %s: %r"
+                                     % (self.root_url, url[:200] if isinstance(url, str) else url))
+        return url[len(self._prefix):]
+
+    def _redact(self, text):
+        text = _URL_PASSWORD.sub(r"\1:***@", text)
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _error(self, exc, what, missing_is_not_found=True):
+        """Translate any exception into a :class:`HostError` whose message holds no secret.
+
+        :param exc: the exception raised by fsspec or its client library
+        :param what: what was being done, e.g. ``"cannot read URL"``
+        :param missing_is_not_found: whether "no such file" means the object
+            is missing (False while storing: the object is not expected there)
+        :return: the :class:`HostError` to raise
+        """
+        if isinstance(exc, HostError):
+            return exc
+        detail = self._redact("%s: %s" % (type(exc).__name__, exc) if str(exc)
+                              else type(exc).__name__)
+        message = "%s: %s" % (what, detail)
+        names = {cls.__name__ for cls in type(exc).__mro__}
+        status = _http_status(exc)
+        if status is not None:
+            if status in (404, 410):
+                kind = HostNotFoundError if missing_is_not_found else TransientHostError
+            elif status in (401, 403, 407):
+                kind = PermanentHostError
+            else:  # 5xx, 408, 429 and the unexpected: worth another try
+                kind = TransientHostError
+        elif isinstance(exc, FileNotFoundError) or names & _NOT_FOUND_NAMES:
+            kind = HostNotFoundError if missing_is_not_found else TransientHostError
+        elif isinstance(exc, PermissionError) or names & _PERMANENT_NAMES:
+            kind = PermanentHostError
+        elif (isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror, socket.herror))
+              or (isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS)
+              or names & _UNAVAILABLE_NAMES):
+            kind = HostUnavailableError
+        else:
+            kind = TransientHostError
+        return kind(self.name, message)
+
+    # -- operations ----------------------------------------------------------
+
+    def _remote_size(self, fs, path):
+        """Size of the file at ``path``, or None if there is none."""
+        fs.invalidate_cache(path)  # object stores cache listings; we want the truth
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            return None
+        if info.get("type", "file") != "file" or info.get("size") is None:
+            return None
+        return int(info["size"])
+
+    def _put(self, fs, local_path, path):
+        if _is_webdav(fs):
+            # webdav4's put_file re-creates the parent directory first: three
+            # requests per upload that _ensure_root made useless.
+            fs.client.upload_file(local_path, path, overwrite=True)
+        else:
+            fs.put_file(local_path, path)
+
+    def _rename(self, fs, src, dst):
+        if _is_webdav(fs):
+            # fsspec's generic mv is COPY then DELETE for webdav4, which
+            # writes the destination in place; MOVE is one rename on the server.
+            fs.client.move(src, dst, overwrite=True)
+        else:
+            fs.mv(src, dst)
+
+    def _remove_quietly(self, fs, path):
+        try:
+            fs.rm_file(path)
+        except Exception as exc:  # best effort: a stray temp file is harmless
+            log.debug("%s: could not remove %s: %s", self.name, path,
+                      self._redact(str(exc)))
+
+    def upload(self, local_path, name):
+        """Store ``local_path`` as ``ROOT/name``: a temp name in the root, then a rename.
+
+        An object of the same size already there is kept and not sent again.
+
+        :param local_path: a readable local file
+        :param name: the object's name, a SHA-256 hex digest
+        :return: the :class:`~cloudmanager.hosts.base.Location` of the copy
+        :raises InvalidInputError: if ``name`` is not a SHA-256 hex digest
+        :raises HostError: on failure (never a raw library exception)
+        """
+        if not is_hash(name):
+            raise InvalidInputError("objects are named by SHA-256, not %r" % (name,))
+        try:
+            size = os.path.getsize(local_path)
+        except OSError as exc:
+            raise TransientHostError(self.name, "cannot read %s: %s"
+                                     % (local_path, exc.strerror or exc)) from exc
+        location = Location(self.name, self._prefix + name)
+        try:
+            fs, root = self._filesystem()
+            final = root + "/" + name
+            self._ensure_root(fs, root)
+            if self._remote_size(fs, final) == size:
+                log.debug("%s already holds %s", self.name, name)
+                return location
+            # A random suffix: concurrent uploads of one object never share a temp.
+            temp = "%s/.%s.%s.tmp" % (root, name, secrets.token_hex(6))
+            renamed = False
+            try:
+                self._put(fs, local_path, temp)
+                try:
+                    self._rename(fs, temp, final)
+                    renamed = True
+                except Exception:
+                    # A concurrent upload of the same object may have won.
+                    if self._remote_size(fs, final) != size:
+                        raise
+                    log.debug("%s: a concurrent upload stored %s first", self.name, name)
+            finally:
+                if not renamed:
+                    self._remove_quietly(fs, temp)
+        except Exception as exc:
+            raise self._error(exc, "cannot store %s" % name, missing_is_not_found=False) from exc
+        log.debug("stored %s at %s", name, location.url)
+        return location
+
+    def download(self, url, dest_path, max_bytes=None):
+        """Stream the object into ``dest_path`` atomically.
+
+        :param url: a URL this host :meth:`accepts`
+        :param dest_path: the local file to write; replaced atomically
+        :param max_bytes: refuse (and stop writing) past this many bytes
+        :raises PermanentHostError: if ``url`` is not an object of this host
+        :raises HostNotFoundError: if the object is not there
+        :raises TransientHostError: if it is larger than ``max_bytes``, or the
+            copy failed
+        :raises HostError: on any other failure
+        """
+        name = self._name_of(url)
+        try:
+            fs, root = self._filesystem()
+            path = root + "/" + name
+            if max_bytes is not None:
+                # one cheap request saves sending a too-large object at all
+                size = self._remote_size(fs, path)
+                if size is None:
+                    raise HostNotFoundError(self.name, "no object at %s" % url)
+                if size > max_bytes:
+                    raise TransientHostError(self.name, "%s is %d bytes, more than the %d expected"
+                                             % (url, size, max_bytes))
+            remote = fs.open(path, "rb")
+        except Exception as exc:
+            raise self._error(exc, "cannot open %s" % url) from exc
+        try:
+            with remote:
+                self.receive(remote, url, dest_path, max_bytes)
+        except Exception as exc:
+            # the object was there when opened: a failure now is the transfer's
+            raise self._error(exc, "cannot read %s" % url, missing_is_not_found=False) from exc
+        log.debug("fetched %s into %s", url, dest_path)
+
+    def stat(self, url):
+        """Size of the object, from the filesystem's metadata.
+
+        :param url: a URL this host :meth:`accepts`
+        :return: an :class:`~cloudmanager.hosts.base.ObjectInfo`; its sha256
+            is set only when the filesystem reports a real SHA-256
+        :raises HostNotFoundError: if the object is not there
+        :raises HostError: on any other failure
+        """
+        name = self._name_of(url)
+        try:
+            fs, root = self._filesystem()
+            path = root + "/" + name
+            fs.invalidate_cache(path)
+            info = fs.info(path)
+        except Exception as exc:
+            raise self._error(exc, "cannot stat %s" % url) from exc
+        if info.get("type", "file") != "file" or info.get("size") is None:
+            raise HostNotFoundError(self.name, "no object at %s" % url)
+        digest = info.get("sha256")
+        return ObjectInfo(int(info["size"]), digest if is_hash(digest) else None)
+
+    def delete(self, url):
+        """Delete the object; a missing one is not an error.
+
+        :param url: a URL this host :meth:`accepts`
+        :raises HostError: on failure
+        """
+        name = self._name_of(url)
+        try:
+            fs, root = self._filesystem()
+            fs.rm_file(root + "/" + name)
+        except Exception as exc:
+            error = self._error(exc, "cannot delete %s" % url)
+            if not isinstance(error, HostNotFoundError):
+                raise error from exc
+        log.debug("deleted %s", url)
+
+    def list(self):
+        """Yield ``(hash, size)`` for each object file in the root.
+
+        Temp files of unfinished uploads and other names are skipped.
+
+        :raises HostError: if the root cannot be listed
+        """
+        try:
+            fs, root = self._filesystem()
+            fs.invalidate_cache(root)
+            entries = fs.ls(root or "/", detail=True)
+        except Exception as exc:
+            error = self._error(exc, "cannot list %s" % self.root_url)
+            if isinstance(error, HostNotFoundError):
+                return  # no root yet: nothing stored
+            raise error from exc
+        for entry in entries:
+            base = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if is_hash(base) and entry.get("type", "file") == "file":
+                yield base, int(entry.get("size") or 0)
+
+    def close(self):
+        """Close the filesystem's connections; the next call opens new ones.
+
+        Calling it twice is harmless.
+        """
+        with self._lock:
+            fs, self._fs, self._root_ready = self._fs, None, False
+        if fs is None:
+            return
+        try:
+            if _is_webdav(fs):
+                fs.client.http.close()
+            elif hasattr(fs, "client") and hasattr(fs, "ftp"):  # fsspec's sftp
+                fs.ftp.close()
+                fs.client.close()
+        except Exception as exc:  # closing must not fail the caller
+            log.debug("closing %s: %s", self.name, self._redact(str(exc)))
+
+
+def _is_webdav(fs):
+    """Whether ``fs`` is webdav4's filesystem (checked without importing webdav4)."""
+    module = sys.modules.get("webdav4.fsspec")
+    return module is not None and isinstance(fs, module.WebdavFileSystem)
+
+
+def _http_status(exc):
+    """The HTTP status an exception carries (httpx, webdav4, aiohttp, gcsfs...), or None."""
+    for holder in (exc, _attribute(exc, "response")):
+        for attr in ("status_code", "status", "code"):
+            value = _attribute(holder, attr)
+            if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+                return value
+    return None
+
+
+def _attribute(obj, attr):
+    # some libraries' exception properties raise when unset (httpx's .request)
+    try:
+        return getattr(obj, attr, None)
+    except Exception:
+        return None
+
+
+def _secrets_of(url, options):
+    """Every secret string of a URL and storage options, longest first."""
+    found = set()
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        found.update({password, unquote(password)})
+
+    def collect(value, secret):
+        if isinstance(value, str):
+            if secret and value:
+                found.add(value)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                collect(item, secret or bool(SECRET_OPTION.search(str(key))))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                collect(item, secret)
+
+    for key, value in options.items():
+        if key == "auth" and isinstance(value, tuple) and len(value) == 2:
+            collect(value[1], True)  # (user, password): the user name is no secret
+        else:
+            collect(value, bool(SECRET_OPTION.search(key)))
+    return sorted(found, key=len, reverse=True)
