@@ -1,0 +1,616 @@
+"""S3 hosts: copies live as objects of an S3 or S3-compatible bucket.
+
+Spec::
+
+    s3://BUCKET[/PREFIX][?endpoint_url=URL&region=REGION&addressing_style=STYLE&profile=NAME]
+
+Objects are stored under the key ``PREFIX/<sha256>`` (just ``<sha256>``
+without a prefix) and recorded as ``s3://BUCKET/PREFIX/<sha256>``. The prefix
+may be nested (``s3://my-bucket/pools/photos``); its segments may use letters,
+digits and ``. _ ~ + = @ , -``.
+
+Query parameters, all optional (each may instead be given as a keyword
+option, e.g. from a configuration file, but not both ways):
+
+- ``endpoint_url``: an S3-compatible service (MinIO, Backblaze B2, Ceph, ...);
+- ``region``: the bucket's region;
+- ``addressing_style``: ``path``, ``virtual`` or ``auto`` (the default);
+- ``profile``: the AWS profile (of ``~/.aws/config``) to take settings and
+  credentials from.
+
+Further keyword options: ``name`` (default ``s3://BUCKET/PREFIX``),
+``timeout`` (seconds), ``max_connections``, ``multipart_threshold`` and
+``multipart_chunksize`` (bytes), ``max_attempts`` (requests per call,
+retries included), ``weight``.
+
+Credentials come only from the standard AWS chain: the
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` environment variables, a
+profile, an instance role. A spec or an option that tries to carry one is
+refused, so that secrets never end up in configuration files, records or
+logs.
+
+Example ``cloudmanager.toml`` table::
+
+    [hosts.b2]
+    spec = "s3://my-bucket/pool?addressing_style=path"
+
+    [hosts.b2.options]
+    endpoint_url = "https://s3.us-west-004.backblazeb2.com"
+    region = "us-west-004"
+    max_connections = 8
+    timeout = 120
+
+Uploads ask the server to check a SHA-256 of the bytes it receives. Files
+above ``multipart_threshold`` go up in parts of ``multipart_chunksize``.
+"""
+
+import base64
+import binascii
+import contextlib
+import logging
+import math
+import os
+import re
+import threading
+from urllib.parse import unquote, urlsplit
+
+import boto3
+import botocore.exceptions as bexc
+from boto3.exceptions import S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+from ..errors import (
+    HostError,
+    HostNotFoundError,
+    HostUnavailableError,
+    InvalidInputError,
+    PermanentHostError,
+    TransientHostError,
+)
+from ..validation import is_hash
+from .base import Host, Location, ObjectInfo
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+#: S3 refuses parts below 5 MiB (except the last) and above 5 GiB.
+MIN_PART_SIZE = 5 * MiB
+MAX_PART_SIZE = 5 << 30
+#: Threads one managed transfer uses for the parts of a multipart upload.
+TRANSFER_THREADS = 4
+
+#: Keys that may come from the spec's query or from keyword options.
+SPEC_KEYS = ("endpoint_url", "region", "addressing_style", "profile")
+#: Keys that only come as keyword options.
+OPTION_KEYS = ("name", "timeout", "max_connections", "multipart_threshold",
+               "multipart_chunksize", "max_attempts", "weight")
+ADDRESSING_STYLES = ("path", "virtual", "auto")
+
+_CREDENTIAL_KEY = re.compile(r"pass|secret|token|key|auth|credential|cookie|session|signature",
+                             re.IGNORECASE)
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]")
+_PREFIX_SEGMENT = re.compile(r"[A-Za-z0-9._~+=@,-]+")
+_CLIENT_ERROR_CODE = re.compile(r"An error occurred \(([A-Za-z0-9.]+)\)")
+_CREDENTIALS_HINT = ("S3 credentials come only from the AWS credential chain: set the "
+                     "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY environment variables, or "
+                     "use profile=NAME with a profile of ~/.aws/config")
+
+# S3 error codes by what retrying can do about them. Codes that are not
+# listed fall back on the HTTP status (see _error_class).
+_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+_PERMANENT_CODES = frozenset({
+    "400", "403", "AccessDenied", "AllAccessDisabled", "AccountProblem",
+    "AuthorizationHeaderMalformed", "ExpiredToken", "InvalidAccessKeyId", "InvalidArgument",
+    "InvalidBucketName", "InvalidRequest", "InvalidToken", "MethodNotAllowed", "NoSuchBucket",
+    "NotImplemented", "PermanentRedirect", "SignatureDoesNotMatch",
+})
+_TRANSIENT_CODES = frozenset({
+    # BadDigest and its kin: the bytes were damaged on the way; a new try
+    # sends them again.
+    "BadDigest", "IncompleteBody", "InternalError", "NoSuchUpload", "OperationAborted",
+    "RequestTimeTooSkewed", "RequestTimeout", "RequestThrottled", "ServiceUnavailable",
+    "SlowDown", "Throttling", "ThrottlingException", "TooManyRequestsException",
+    "XAmzContentSHA256Mismatch",
+})
+# botocore failures that come from the local setup, not from the network.
+_PERMANENT_BOTOCORE = (bexc.NoRegionError, bexc.ParamValidationError, bexc.ProfileNotFound,
+                       bexc.UnknownSignatureVersionError, bexc.InvalidRegionError)
+
+
+def _looks_like_credential(key):
+    return _CREDENTIAL_KEY.search(str(key)) is not None
+
+
+def _error_class(code, status):
+    """The HostError subclass for an S3 error ``code`` and HTTP ``status``."""
+    if code in _NOT_FOUND_CODES:
+        return HostNotFoundError
+    if code in _PERMANENT_CODES:
+        return PermanentHostError
+    if code in _TRANSIENT_CODES:
+        return TransientHostError
+    if status == 404:
+        return HostNotFoundError
+    if status in (408, 429) or (status or 0) >= 500:
+        return TransientHostError
+    if status is not None and 400 <= status < 500:
+        return PermanentHostError
+    return TransientHostError
+
+
+def _status(exc):
+    """The HTTP status of a ClientError, or None."""
+    return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+class S3Host(Host):
+    """Store copies as objects of one bucket, under an optional key prefix.
+
+    :param bucket: the bucket's name
+    :param prefix: the key prefix, without leading or trailing ``/``; may be
+        nested (``a/b``) or empty
+    :param endpoint_url: an S3-compatible service's URL (default: AWS)
+    :param region: the bucket's region (default: from the AWS configuration)
+    :param addressing_style: ``path``, ``virtual`` or ``auto``
+    :param profile: the AWS profile to use (default: the standard chain)
+    :param name: the host name recorded with uploads (default ``s3://BUCKET/PREFIX``)
+    :param timeout: seconds to wait for a connection (at most 60) and for
+        each read from the socket
+    :param max_connections: how many transfers may run at once
+    :param multipart_threshold: files of at least this many bytes are sent
+        in parts (default 64 MiB)
+    :param multipart_chunksize: the size of each part (default 16 MiB,
+        at least 5 MiB)
+    :param max_attempts: requests per call, first try included (default:
+        the AWS configuration's, else botocore's)
+    :param weight: preference among equally healthy hosts
+    :raises InvalidInputError: for a bad bucket, prefix, option or profile
+    """
+
+    can_delete = True
+    can_check = True
+    can_list = True
+
+    def __init__(self, bucket, prefix="", *, endpoint_url=None, region=None,
+                 addressing_style=None, profile=None, name=None, timeout=None,
+                 max_connections=None, multipart_threshold=64 * MiB,
+                 multipart_chunksize=16 * MiB, max_attempts=None, weight=None):
+        self.bucket = _check_bucket(bucket)
+        self.prefix = _check_prefix(prefix)
+        self.name = name or "s3://%s%s" % (self.bucket, "/" + self.prefix if self.prefix else "")
+        if timeout is not None:
+            self.timeout = _positive(timeout, "timeout", float)
+        if max_connections is not None:
+            self.max_connections = _positive(max_connections, "max_connections", int)
+        if weight is not None:
+            self.weight = _positive(weight, "weight", float)
+        self.endpoint_url = _check_endpoint(endpoint_url)
+        self.region = _optional_text(region, "region")
+        self.profile = _optional_text(profile, "profile")
+        self.addressing_style = addressing_style or "auto"
+        if self.addressing_style not in ADDRESSING_STYLES:
+            raise InvalidInputError("addressing_style must be one of %s, not %r"
+                                    % ("/".join(ADDRESSING_STYLES), addressing_style))
+        threshold = _positive(multipart_threshold, "multipart_threshold", int)
+        chunksize = _positive(multipart_chunksize, "multipart_chunksize", int)
+        if not MIN_PART_SIZE <= chunksize <= MAX_PART_SIZE:
+            raise InvalidInputError("multipart_chunksize must be between 5 MiB and 5 GiB, not %d"
+                                    % chunksize)
+        retries = {"mode": "standard"}
+        if max_attempts is not None:
+            # botocore's own "max_attempts" counts retries only.
+            retries["total_max_attempts"] = _positive(max_attempts, "max_attempts", int)
+
+        # The key prefix ends with "/" unless the objects sit at the top of
+        # the bucket; URLs are made by plain concatenation, so accepts() can
+        # compare strings exactly.
+        self._key_prefix = self.prefix + "/" if self.prefix else ""
+        self._url_prefix = "s3://%s/%s" % (self.bucket, self._key_prefix)
+        self._transfer = TransferConfig(multipart_threshold=threshold,
+                                        multipart_chunksize=chunksize,
+                                        max_concurrency=TRANSFER_THREADS, use_threads=True)
+        config = Config(
+            s3={"addressing_style": self.addressing_style},
+            retries=retries,
+            # A connection that takes a minute to open will not open.
+            connect_timeout=min(self.timeout, 60.0),
+            read_timeout=self.timeout,
+            # Every transfer the engine runs at once may use several
+            # connections for its parts; none should wait for a free one.
+            max_pool_connections=max(10, self.max_connections * TRANSFER_THREADS),
+        )
+        try:
+            session = boto3.Session(profile_name=self.profile)
+            self._client = session.client("s3", region_name=self.region,
+                                          endpoint_url=self.endpoint_url, config=config)
+        except bexc.ProfileNotFound:
+            raise InvalidInputError("AWS profile %r not found" % self.profile) from None
+        except bexc.BotoCoreError as exc:
+            raise InvalidInputError("cannot set up the S3 client of %s: %s"
+                                    % (self.name, exc)) from None
+        self._lock = threading.Lock()
+        self._closed = False
+        log.debug("S3 host %s: endpoint %s, region %s, addressing %s", self.name,
+                  self._client.meta.endpoint_url, self._client.meta.region_name,
+                  self.addressing_style)
+
+    @classmethod
+    def from_spec(cls, scheme, target, **options):
+        """Build from ``s3://BUCKET/PREFIX?QUERY`` (``target`` is what follows ``s3:``).
+
+        :param scheme: ``"s3"``
+        :param target: ``//BUCKET/PREFIX`` with an optional query
+        :param options: keyword options (see :class:`S3Host`)
+        :return: a new :class:`S3Host`
+        :raises InvalidInputError: for a malformed spec, an unknown option, an
+            option given both in the query and as a keyword, or anything that
+            looks like a credential
+        """
+        for key in options:
+            _check_option_key(key, SPEC_KEYS + OPTION_KEYS, "option")
+        if not isinstance(target, str) or not target.startswith("//"):
+            raise InvalidInputError("an S3 host spec looks like s3://BUCKET/PREFIX")
+        try:
+            parts = urlsplit(target)
+        except ValueError:
+            raise InvalidInputError("an S3 host spec looks like s3://BUCKET/PREFIX") from None
+        # Say nothing of what precedes "@": it would be a key or a secret.
+        if "@" in parts.netloc:
+            raise InvalidInputError("credentials in an S3 host spec are refused. "
+                                    + _CREDENTIALS_HINT)
+        if parts.fragment:
+            raise InvalidInputError("an S3 host spec has no #fragment")
+        query = _parse_query(parts.query)
+        for key in query:
+            if key in options:
+                raise InvalidInputError("S3 option %r is given both in the spec and as an option"
+                                        % key)
+        return cls(parts.netloc, parts.path, **query, **options)
+
+    @property
+    def client(self):
+        """The host's boto3 S3 client, for inspection and for calls the host does not make."""
+        return self._client
+
+    # -- keys and URLs --------------------------------------------------------
+
+    def _key_of_name(self, name):
+        if not is_hash(name):
+            raise InvalidInputError("S3 objects are named by SHA-256, not %r" % (name,))
+        return self._key_prefix + name
+
+    def _key_of_url(self, url):
+        if not self.accepts(url):
+            raise PermanentHostError(self.name, "URL is not an object of this host: %r"
+                                     % (url if isinstance(url, str) else repr(url))[:200])
+        return url[len("s3://%s/" % self.bucket):]
+
+    def _url_of_key(self, key):
+        return "s3://%s/%s" % (self.bucket, key)
+
+    def accepts(self, url):
+        """Whether ``url`` is ``s3://BUCKET/PREFIX/<sha256>`` of this host's bucket and prefix.
+
+        :param url: any recorded URL
+        :return: True or False, never an error
+        """
+        return (isinstance(url, str) and url.startswith(self._url_prefix)
+                and is_hash(url[len(self._url_prefix):]))
+
+    # -- operations -----------------------------------------------------------
+
+    def upload(self, local_path, name):
+        """Store ``local_path`` as ``PREFIX/name``, unless it is there already.
+
+        An object already present with the file's size (and, when the
+        server keeps one, the right SHA-256) is not sent again. Otherwise
+        the file goes up through boto3's managed transfer, in parts above
+        ``multipart_threshold``, and the server checks a SHA-256 of what it
+        receives.
+
+        :param local_path: the file to send
+        :param name: its SHA-256 hex digest
+        :return: the :class:`~cloudmanager.hosts.base.Location` of the copy
+        :raises InvalidInputError: if ``name`` is not a SHA-256 hex digest
+        :raises HostError: on failure
+        """
+        key = self._key_of_name(name)
+        url = self._url_of_key(key)
+        local_path = os.fspath(local_path)
+        try:
+            size = os.path.getsize(local_path)
+        except OSError as exc:
+            raise TransientHostError(self.name, "cannot read %s: %s" % (local_path, exc)) from exc
+        present = self._present(key, url)
+        if present is not None and present.size == size and present.sha256 in (None, name):
+            log.debug("%s: %s is already there (%d bytes), not sent again", self.name, url, size)
+            return Location(self.name, url)
+        if present is not None:
+            log.info("%s: replacing %s (%d bytes, sha256 %s)", self.name, url,
+                     present.size, present.sha256)
+        with self._translated("upload to", url):
+            self._client.upload_file(local_path, self.bucket, key,
+                                     ExtraArgs={"ChecksumAlgorithm": "SHA256"},
+                                     Config=self._transfer)
+        log.debug("%s: stored %s (%d bytes)", self.name, url, size)
+        return Location(self.name, url)
+
+    def _present(self, key, url):
+        """The ObjectInfo of ``key``, or None if it is missing or cannot be checked."""
+        try:
+            with self._translated("check", url):
+                try:
+                    head = self._client.head_object(Bucket=self.bucket, Key=key,
+                                                    ChecksumMode="ENABLED")
+                except bexc.ClientError as exc:
+                    # 403: a key that may only write gets it for a HEAD,
+                    # and for a missing object when it may not list. The
+                    # upload itself will tell whether writing is allowed.
+                    if _status(exc) in (403, 404):
+                        log.debug("%s: HEAD %s answered %s: sending it", self.name, url,
+                                  _status(exc))
+                        return None
+                    raise
+        except HostNotFoundError:
+            return None
+        return self._object_info(head)
+
+    def download(self, url, dest_path, max_bytes=None):
+        """Stream the object into ``dest_path``, atomically.
+
+        :param url: an ``s3://`` URL this host :meth:`accepts`
+        :param dest_path: the destination file; replaced only on success
+        :param max_bytes: the expected size; a larger object is refused
+            before its bytes are read
+        :raises HostNotFoundError: if the object is not there
+        :raises TransientHostError: if it is larger than ``max_bytes``, or
+            the transfer or the local disk failed
+        :raises HostError: on any other failure
+        """
+        key = self._key_of_url(url)
+        with self._translated("download", url):
+            # ChecksumMode: botocore then checks the bytes against the
+            # stored checksum as they stream (single-part objects).
+            response = self._client.get_object(Bucket=self.bucket, Key=key,
+                                               ChecksumMode="ENABLED")
+            body = response["Body"]
+            try:
+                length = response.get("ContentLength")
+                if max_bytes is not None and length is not None and length > max_bytes:
+                    raise TransientHostError(self.name, "%s has %d bytes, not the %d expected"
+                                             % (url, length, max_bytes))
+                self.receive(body, url, dest_path, max_bytes)
+            finally:
+                body.close()
+
+    def stat(self, url):
+        """The object's size, and its SHA-256 when the server keeps a full-object one.
+
+        :param url: an ``s3://`` URL this host :meth:`accepts`
+        :return: an :class:`~cloudmanager.hosts.base.ObjectInfo`; ``sha256``
+            is None for multipart objects, whose checksum is of the parts
+        :raises HostNotFoundError: if the object is not there
+        :raises PermanentHostError: if the bucket is not there
+        :raises HostError: on any other failure
+        """
+        key = self._key_of_url(url)
+        try:
+            with self._translated("check", url):
+                head = self._client.head_object(Bucket=self.bucket, Key=key,
+                                                ChecksumMode="ENABLED")
+        except HostNotFoundError:
+            # A HEAD has no body to say which is missing, the object or the
+            # bucket; a missing bucket must not condemn every copy in it.
+            self._check_bucket_exists()
+            raise
+        return self._object_info(head)
+
+    def _check_bucket_exists(self):
+        try:
+            with self._translated("check bucket", "s3://" + self.bucket):
+                self._client.head_bucket(Bucket=self.bucket)
+        except HostNotFoundError:
+            raise PermanentHostError(self.name, "bucket %s does not exist" % self.bucket) from None
+        except HostError as exc:
+            # Not allowed to look, or not now: the object is still missing.
+            log.debug("%s: cannot check the bucket: %s", self.name, exc)
+
+    @staticmethod
+    def _object_info(head):
+        """ObjectInfo from a head_object response."""
+        return ObjectInfo(int(head.get("ContentLength", 0)), _full_object_sha256(head))
+
+    def delete(self, url):
+        """Delete the object; a missing one is not an error.
+
+        :param url: an ``s3://`` URL this host :meth:`accepts`
+        :raises HostError: on failure (a missing bucket is a
+            :class:`~cloudmanager.errors.PermanentHostError`)
+        """
+        key = self._key_of_url(url)
+        try:
+            with self._translated("delete", url):
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+        except HostNotFoundError:
+            pass
+        log.debug("%s: deleted %s", self.name, url)
+
+    def list(self):
+        """Yield ``(sha256, size)`` for each object directly under the prefix.
+
+        Keys deeper under the prefix, and keys that are not SHA-256 names,
+        are skipped.
+
+        :raises HostError: on failure
+        """
+        paginator = self._client.get_paginator("list_objects_v2")
+        with self._translated("list", self._url_prefix):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key_prefix,
+                                           Delimiter="/"):
+                for item in page.get("Contents", ()):
+                    name = item["Key"][len(self._key_prefix):]
+                    if is_hash(name):
+                        yield name, int(item.get("Size", 0))
+
+    def close(self):
+        """Close the client's connections. Calling it twice is harmless."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._client.close()
+
+    # -- error translation ----------------------------------------------------
+
+    @contextlib.contextmanager
+    def _translated(self, action, url):
+        """Turn any boto3/botocore failure inside the block into a HostError."""
+        if self._closed:
+            raise PermanentHostError(self.name, "host is closed")
+        try:
+            yield
+        except HostError:
+            raise
+        except (bexc.ClientError, bexc.BotoCoreError, S3UploadFailedError) as exc:
+            raise self._error(exc, action, url) from exc
+        except OSError as exc:
+            # A local file that went away or could not be read mid-upload.
+            raise TransientHostError(self.name, "cannot %s %s: %s" % (action, url, exc)) from exc
+
+    def _error(self, exc, action, url):
+        """The HostError that says what ``exc`` means for ``action`` on ``url``.
+
+        The one place that classifies boto3 and botocore failures.
+        """
+        what = "cannot %s %s" % (action, url)
+        if isinstance(exc, S3UploadFailedError):
+            # boto3 raises it while handling the ClientError of a part, so
+            # the real error is its context; failing that, its message.
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, (bexc.ClientError, bexc.BotoCoreError)):
+                return self._error(cause, action, url)
+            match = _CLIENT_ERROR_CODE.search(str(exc))
+            cls = _error_class(match.group(1), None) if match else TransientHostError
+            return cls(self.name, "%s: %s" % (what, exc))
+        if isinstance(exc, bexc.ClientError):
+            error = exc.response.get("Error", {})
+            code, status = str(error.get("Code", "")), _status(exc)
+            message = error.get("Message") or "HTTP %s" % status
+            return _error_class(code, status)(self.name, "%s: %s (%s)" % (what, message, code))
+        if isinstance(exc, (bexc.NoCredentialsError, bexc.PartialCredentialsError)):
+            return PermanentHostError(self.name, "%s: %s. %s" % (what, exc, _CREDENTIALS_HINT))
+        if isinstance(exc, _PERMANENT_BOTOCORE):
+            return PermanentHostError(self.name, "%s: %s" % (what, exc))
+        if isinstance(exc, (bexc.ConnectionError, bexc.ReadTimeoutError,
+                            bexc.ConnectionClosedError)):
+            return HostUnavailableError(self.name, "%s: %s" % (what, exc))
+        # Streaming failures, checksum mismatches in transit, the rest.
+        return TransientHostError(self.name, "%s: %s" % (what, exc))
+
+
+def _full_object_sha256(head):
+    """The hex SHA-256 of the whole object from a HEAD response, or None.
+
+    A multipart upload's checksum is of its parts' checksums ("COMPOSITE"),
+    not of the bytes. Real S3 marks it with a "-N" suffix and a checksum
+    type; some servers (moto) send neither, so the multipart ETag ("-N")
+    is checked as well.
+    """
+    value = head.get("ChecksumSHA256")
+    if not value or "-" in value or head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+        return None
+    if "-" in head.get("ETag", "") or head.get("PartsCount"):
+        return None
+    try:
+        digest = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return digest.hex() if len(digest) == 32 else None
+
+
+# -- option checks -------------------------------------------------------------
+
+def _check_option_key(key, allowed, kind):
+    if _looks_like_credential(key):
+        raise InvalidInputError("S3 %s %r looks like a credential and is refused. %s"
+                                % (kind, str(key)[:40], _CREDENTIALS_HINT))
+    if key not in allowed:
+        raise InvalidInputError("unknown S3 %s %r (known: %s)"
+                                % (kind, str(key)[:40], ", ".join(allowed)))
+
+
+def _parse_query(query):
+    """The spec's query as a dict; values are never quoted in errors."""
+    result = {}
+    if not query:
+        return result
+    for field in query.split("&"):
+        key, sep, value = field.partition("=")
+        key = unquote(key)
+        _check_option_key(key, SPEC_KEYS, "spec parameter")
+        if not sep or not value:
+            raise InvalidInputError("S3 spec parameter %r needs a value" % key)
+        if key in result:
+            raise InvalidInputError("S3 spec parameter %r is given twice" % key)
+        result[key] = unquote(value)
+    return result
+
+
+def _check_bucket(bucket):
+    if not isinstance(bucket, str) or not _BUCKET.fullmatch(bucket):
+        raise InvalidInputError("not a valid S3 bucket name: %r" % (str(bucket)[:80],))
+    return bucket
+
+
+def _check_prefix(prefix):
+    if prefix is None:
+        return ""
+    if not isinstance(prefix, str):
+        raise InvalidInputError("an S3 key prefix is a string, not %r" % (prefix,))
+    segments = [s for s in prefix.strip("/").split("/")] if prefix.strip("/") else []
+    for segment in segments:
+        if segment in (".", "..") or not _PREFIX_SEGMENT.fullmatch(segment):
+            raise InvalidInputError(
+                "not a valid S3 key prefix: %r (segments of letters, digits and . _ ~ + = @ , -)"
+                % (prefix[:200],))
+    return "/".join(segments)
+
+
+def _check_endpoint(url):
+    if url is None:
+        return None
+    # The URL is never quoted back: it could hold a secret in the wrong place.
+    if not isinstance(url, str):
+        raise InvalidInputError("endpoint_url must be a string")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError:
+        raise InvalidInputError("endpoint_url is not a valid URL") from None
+    if "@" in parts.netloc:
+        raise InvalidInputError("credentials in endpoint_url are refused. " + _CREDENTIALS_HINT)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInputError("endpoint_url must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise InvalidInputError("endpoint_url must not have a query or a fragment")
+    return url
+
+
+def _optional_text(value, what):
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or any(ch.isspace() for ch in value):
+        raise InvalidInputError("%s must be a word, not %r" % (what, str(value)[:80]))
+    return value
+
+
+def _positive(value, what, kind):
+    """``value`` as a positive ``kind`` (int or float), or InvalidInputError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInputError("%s must be a positive number, not %r" % (what, value))
+    if kind is int and value != int(value):
+        raise InvalidInputError("%s must be a whole number, not %r" % (what, value))
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidInputError("%s must be a positive number, not %r" % (what, value))
+    return kind(value)

@@ -1,0 +1,497 @@
+"""S3Host against a real moto S3 server over HTTP on loopback (no in-process mocks)."""
+
+import base64
+import concurrent.futures
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from cloudmanager.errors import (
+    HostNotFoundError,
+    HostUnavailableError,
+    InvalidInputError,
+    PermanentHostError,
+    TransientHostError,
+)
+from cloudmanager.hosts import from_spec
+from cloudmanager.hosts.s3 import S3Host
+
+from .conformance import HostConformance, sha
+from . import s3_server
+from .s3_server import free_port
+
+# The server fixtures, made visible to pytest in this module.
+moto_endpoint = s3_server.moto_endpoint
+aws_env = s3_server.aws_env
+s3_admin = s3_server.s3_admin
+bucket = s3_server.bucket
+error_server = s3_server.error_server
+
+MiB = 1 << 20
+PREFIX = "pool/x"
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYSECRET"
+
+
+def make_host(endpoint, bucket_name, prefix=PREFIX, **options):
+    options.setdefault("multipart_threshold", 5 * MiB)
+    options.setdefault("multipart_chunksize", 5 * MiB)
+    return S3Host(bucket_name, prefix, endpoint_url=endpoint, region="us-east-1",
+                  addressing_style="path", **options)
+
+
+@pytest.fixture
+def host(moto_endpoint, bucket):
+    h = make_host(moto_endpoint, bucket)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def unreachable_host(aws_env):
+    # Nothing listens on the port: connections are refused at once.
+    h = make_host("http://127.0.0.1:%d" % free_port(), "no-such-bucket", timeout=2,
+                  max_attempts=2)
+    yield h
+    h.close()
+
+
+class TestS3Host(HostConformance):
+    large_size = 12 * MiB  # three parts of 5 MiB and less
+
+
+def write(tmp_path, data, filename="src.bin"):
+    path = tmp_path / filename
+    path.write_bytes(data)
+    return str(path)
+
+
+def count_calls(host, *operations):
+    """A dict operation → calls the host's client makes from now on."""
+    counts = dict.fromkeys(operations, 0)
+
+    def counter(event_name, **kwargs):
+        counts[event_name.rsplit(".", 1)[1]] += 1
+
+    for operation in operations:
+        host.client.meta.events.register("before-call.s3." + operation, counter)
+    return counts
+
+
+# -- what lands on the server -------------------------------------------------
+
+def test_objects_are_stored_under_the_prefix(host, bucket, s3_admin, tmp_path):
+    data = b"where does it go"
+    location = host.upload(write(tmp_path, data), sha(data))
+    assert location.url == "s3://%s/pool/x/%s" % (bucket, sha(data))
+    assert location.host_name == host.name == "s3://%s/pool/x" % bucket
+    body = s3_admin.get_object(Bucket=bucket, Key="pool/x/" + sha(data))["Body"]
+    assert body.read() == data
+
+
+def test_single_part_upload_stores_a_sha256_that_stat_returns(host, bucket, s3_admin, tmp_path):
+    data = os.urandom(300_000)
+    location = host.upload(write(tmp_path, data), sha(data))
+    head = s3_admin.head_object(Bucket=bucket, Key="pool/x/" + sha(data), ChecksumMode="ENABLED")
+    assert "-" not in head["ETag"]
+    assert head["ChecksumSHA256"] == base64.b64encode(hashlib.sha256(data).digest()).decode()
+    info = host.stat(location.url)
+    assert info.size == len(data) and info.sha256 == sha(data)
+
+
+def test_a_large_file_goes_up_in_parts(host, bucket, s3_admin, tmp_path):
+    data = os.urandom(12 * MiB)
+    calls = count_calls(host, "PutObject", "CreateMultipartUpload", "UploadPart")
+    location = host.upload(write(tmp_path, data), sha(data))
+    assert calls == {"PutObject": 0, "CreateMultipartUpload": 1, "UploadPart": 3}
+    key = "pool/x/" + sha(data)
+    assert s3_admin.head_object(Bucket=bucket, Key=key)["ETag"].strip('"').endswith("-3")
+    assert s3_admin.head_object(Bucket=bucket, Key=key, PartNumber=1)["PartsCount"] == 3
+    # The checksum of a multipart object is of its parts: not the file's SHA-256.
+    info = host.stat(location.url)
+    assert info.size == len(data) and info.sha256 is None
+    got = tmp_path / "got"
+    host.download(location.url, str(got), max_bytes=len(data))
+    assert got.read_bytes() == data
+
+
+def test_an_object_already_there_is_not_sent_again(host, bucket, s3_admin, tmp_path):
+    data = b"already there"
+    path = write(tmp_path, data)
+    host.upload(path, sha(data))
+    before = s3_admin.head_object(Bucket=bucket, Key="pool/x/" + sha(data))
+    calls = count_calls(host, "PutObject", "CreateMultipartUpload", "HeadObject")
+    location = host.upload(path, sha(data))
+    assert calls == {"PutObject": 0, "CreateMultipartUpload": 0, "HeadObject": 1}
+    after = s3_admin.head_object(Bucket=bucket, Key="pool/x/" + sha(data))
+    assert after["LastModified"] == before["LastModified"] and after["ETag"] == before["ETag"]
+    assert location.url == "s3://%s/pool/x/%s" % (bucket, sha(data))
+
+
+@pytest.mark.parametrize("stored", [b"truncated", b"same size, wrong bytes!"])
+def test_a_wrong_object_under_the_name_is_replaced(host, bucket, s3_admin, tmp_path, stored):
+    data = b"the right bytes, 23 b.."
+    assert len(data) == 23 == len(b"same size, wrong bytes!")
+    key = "pool/x/" + sha(data)
+    s3_admin.put_object(Bucket=bucket, Key=key, Body=stored, ChecksumAlgorithm="SHA256")
+    calls = count_calls(host, "PutObject")
+    host.upload(write(tmp_path, data), sha(data))
+    assert calls == {"PutObject": 1}
+    assert s3_admin.get_object(Bucket=bucket, Key=key)["Body"].read() == data
+
+
+def test_list_sees_only_hash_names_directly_under_the_prefix(host, bucket, s3_admin, tmp_path):
+    data = b"listed"
+    host.upload(write(tmp_path, data), sha(data))
+    for key in ("pool/x/not-a-hash", "pool/x/deeper/" + sha(b"x"), "pool/" + sha(b"y"),
+                "pool/xy/" + sha(b"z"), sha(b"w")):
+        s3_admin.put_object(Bucket=bucket, Key=key, Body=b"other")
+    assert list(host.list()) == [(sha(data), len(data))]
+
+
+def test_list_pages_through_many_objects(host, bucket, s3_admin):
+    names = sorted(sha(str(i).encode()) for i in range(1005))  # a page holds 1000
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda name: s3_admin.put_object(Bucket=bucket, Key="pool/x/" + name,
+                                                       Body=b""), names))
+    assert sorted(n for n, _ in host.list()) == names
+
+
+def test_a_host_without_prefix_uses_the_top_of_the_bucket(moto_endpoint, bucket, s3_admin,
+                                                           tmp_path):
+    s3_admin.put_object(Bucket=bucket, Key="pool/x/" + sha(b"elsewhere"), Body=b"elsewhere")
+    with_spec = from_spec("s3://%s?endpoint_url=%s&addressing_style=path"
+                          % (bucket, moto_endpoint))
+    try:
+        assert with_spec.prefix == "" and with_spec.name == "s3://" + bucket
+        data = b"at the top"
+        location = with_spec.upload(write(tmp_path, data), sha(data))
+        assert location.url == "s3://%s/%s" % (bucket, sha(data))
+        assert with_spec.accepts(location.url)
+        assert not with_spec.accepts("s3://%s/pool/x/%s" % (bucket, sha(b"elsewhere")))
+        assert list(with_spec.list()) == [(sha(data), len(data))]
+        assert with_spec.stat(location.url).sha256 == sha(data)
+    finally:
+        with_spec.close()
+
+
+# -- specs and options --------------------------------------------------------
+
+def test_spec_with_query_parameters(aws_env):
+    h = from_spec("s3://my-bucket/a/b/c/?endpoint_url=http%3A%2F%2F127.0.0.1%3A9000"
+                  "&region=eu-west-3&addressing_style=virtual", timeout=7, max_connections=3,
+                  weight=2.5, multipart_threshold=8 * MiB, multipart_chunksize=6 * MiB,
+                  max_attempts=4)
+    try:
+        assert (h.bucket, h.prefix, h.name) == ("my-bucket", "a/b/c", "s3://my-bucket/a/b/c")
+        assert h.endpoint_url == "http://127.0.0.1:9000"
+        assert h.client.meta.endpoint_url == "http://127.0.0.1:9000"
+        assert h.client.meta.region_name == "eu-west-3"
+        config = h.client.meta.config
+        assert config.s3["addressing_style"] == "virtual"
+        assert config.connect_timeout == 7 and config.read_timeout == 7
+        assert config.max_pool_connections >= 3
+        assert config.retries == {"mode": "standard", "total_max_attempts": 4}
+        assert (h.timeout, h.max_connections, h.weight) == (7.0, 3, 2.5)
+        assert h.accepts("s3://my-bucket/a/b/c/" + "0" * 64)
+    finally:
+        h.close()
+
+
+def test_spec_options_can_come_as_keywords(aws_env):
+    h = from_spec("s3://my-bucket/p", endpoint_url="http://127.0.0.1:9000", region="eu-west-1",
+                  addressing_style="path", name="archive")
+    try:
+        assert h.name == "archive" and h.client.meta.region_name == "eu-west-1"
+        assert repr(h) == "<S3Host archive>"
+    finally:
+        h.close()
+
+
+def test_profile_from_the_aws_config(monkeypatch, tmp_path, aws_env, moto_endpoint, bucket):
+    config = tmp_path / "aws-config"
+    config.write_text("[profile archive]\nregion = eu-central-1\n"
+                      "aws_access_key_id = fromprofile\naws_secret_access_key = fromprofile\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    h = from_spec("s3://%s/p?profile=archive&addressing_style=path&endpoint_url=%s"
+                  % (bucket, moto_endpoint))
+    try:
+        assert h.client.meta.region_name == "eu-central-1"
+        data = b"through a profile"
+        location = h.upload(write(tmp_path, data), sha(data))
+        assert h.exists(location.url)
+    finally:
+        h.close()
+    with pytest.raises(InvalidInputError, match="profile 'nobody' not found"):
+        from_spec("s3://%s/p?profile=nobody" % bucket)
+
+
+@pytest.mark.parametrize("spec, options, message", [
+    ("s3://bkt/p", {"colour": "blue"}, "unknown S3 option 'colour'"),
+    ("s3://bkt/p?colour=blue", {}, "unknown S3 spec parameter 'colour'"),
+    ("s3://bkt/p?timeout=3", {}, "unknown S3 spec parameter 'timeout'"),
+    ("s3://bkt/p?region=eu-west-1", {"region": "eu-west-2"}, "both"),
+    ("s3://bkt/p?region=a&region=b", {}, "twice"),
+    ("s3://bkt/p?region", {}, "needs a value"),
+    ("s3://bkt/p", {"addressing_style": "sideways"}, "addressing_style"),
+    ("s3://bkt/p", {"timeout": -1}, "timeout"),
+    ("s3://bkt/p", {"max_connections": "many"}, "max_connections"),
+    ("s3://bkt/p", {"multipart_chunksize": 1024}, "multipart_chunksize"),
+    ("s3://bkt/p", {"endpoint_url": "ftp://example.com"}, "endpoint_url"),
+    ("s3:bkt/p", {}, "s3://BUCKET/PREFIX"),
+    ("s3://b/p", {}, "bucket"),
+    ("s3://bkt/a/../b", {}, "prefix"),
+    ("s3://bkt/a//b", {}, "prefix"),
+    ("s3://bkt/a b", {}, "prefix"),
+    ("s3://bkt/a%2Fb", {}, "prefix"),
+    ("s3://bkt/p#frag", {}, "fragment"),
+])
+def test_bad_specs_and_options_are_refused(aws_env, spec, options, message):
+    with pytest.raises(InvalidInputError, match=message):
+        from_spec(spec, **options)
+
+
+@pytest.mark.parametrize("spec, options", [
+    ("s3://bkt/p?aws_secret_access_key=" + SECRET, {}),
+    ("s3://bkt/p?aws_access_key_id=AKIA&aws_secret_access_key=" + SECRET, {}),
+    ("s3://bkt/p?secret=" + SECRET, {}),
+    ("s3://bkt/p?password=" + SECRET, {}),
+    ("s3://bkt/p?region=eu-west-1&token=" + SECRET, {}),
+    ("s3://AKIAEXAMPLE:%s@bkt/p" % SECRET, {}),
+    ("s3://bkt/p", {"aws_secret_access_key": SECRET}),
+    ("s3://bkt/p", {"aws_session_token": SECRET}),
+    ("s3://bkt/p", {"secret_key": SECRET}),
+    ("s3://bkt/p", {"access_key": SECRET}),
+    ("s3://bkt/p", {"key": SECRET}),
+    ("s3://bkt/p", {"endpoint_url": "https://AKIA:%s@s3.example.com" % SECRET}),
+    ("s3://bkt/p?endpoint_url=https://s3.example.com/?X-Amz-Security-Token=" + SECRET, {}),
+])
+def test_credentials_are_refused_and_never_shown(aws_env, caplog, spec, options):
+    with pytest.raises(InvalidInputError) as info:
+        from_spec(spec, **options)
+    message = str(info.value)
+    assert SECRET not in message and SECRET not in repr(info.value)
+    assert "endpoint_url" in message or ("AWS_ACCESS_KEY_ID" in message and "profile" in message)
+    assert SECRET not in caplog.text
+
+
+def test_a_host_shows_no_secret(aws_env, caplog, monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    h = from_spec("s3://bkt/p?endpoint_url=http://127.0.0.1:9")
+    try:
+        assert SECRET not in repr(h) and SECRET not in str(vars(h))
+        assert SECRET not in caplog.text
+    finally:
+        h.close()
+
+
+# -- URLs ---------------------------------------------------------------------
+
+def test_accepts_only_hash_names_under_its_own_bucket_and_prefix(host, bucket):
+    name = sha(b"x")
+    assert host.accepts("s3://%s/pool/x/%s" % (bucket, name))
+    for url in [
+        "s3://other-bucket/pool/x/" + name,
+        "s3://%s/pool/y/%s" % (bucket, name),
+        "s3://%s/pool/%s" % (bucket, name),
+        "s3://%s/%s" % (bucket, name),
+        "s3://%s/pool/x/deeper/%s" % (bucket, name),
+        "s3://%s/pool/x/%s" % (bucket, name.upper()),
+        "s3://%s/pool/x/%s" % (bucket, name[:-1]),
+        "s3://%s/pool/x/%s.bin" % (bucket, name),
+        "s3://%s/pool/x/%s?versionId=1" % (bucket, name),
+        "s3://%s/pool/x/../x/%s" % (bucket, name),
+        "https://%s/pool/x/%s" % (bucket, name),
+        "s3://%s/pool/x/" % bucket,
+        None, 42,
+    ]:
+        assert not host.accepts(url), url
+
+
+def test_operations_refuse_a_foreign_url(host, bucket, tmp_path):
+    url = "s3://other-bucket/pool/x/" + sha(b"x")
+    for call in (lambda: host.stat(url), lambda: host.delete(url),
+                 lambda: host.download(url, str(tmp_path / "x"))):
+        with pytest.raises(PermanentHostError) as info:
+            call()
+        assert info.value.host == host.name
+    assert not (tmp_path / "x").exists()
+
+
+# -- failures -----------------------------------------------------------------
+
+def test_a_missing_bucket_is_a_permanent_error(moto_endpoint, aws_env, tmp_path):
+    h = make_host(moto_endpoint, "never-created-bucket")
+    data = b"data"
+    url = "s3://never-created-bucket/pool/x/" + sha(data)
+    try:
+        for call in (lambda: h.upload(write(tmp_path, data), sha(data)),
+                     lambda: h.download(url, str(tmp_path / "out")),
+                     lambda: h.stat(url),
+                     lambda: h.exists(url),
+                     lambda: h.delete(url),
+                     lambda: list(h.list())):
+            with pytest.raises(PermanentHostError) as info:
+                call()
+            assert info.value.host == h.name and not info.value.transient
+        assert not (tmp_path / "out").exists()
+    finally:
+        h.close()
+
+
+def test_an_unreachable_host_is_unavailable(aws_env, tmp_path):
+    h = make_host("http://127.0.0.1:%d" % free_port(), "bkt", timeout=2, max_attempts=1)
+    url = "s3://bkt/pool/x/" + sha(b"x")
+    try:
+        for call in (lambda: h.stat(url), lambda: list(h.list()), lambda: h.delete(url),
+                     lambda: h.download(url, str(tmp_path / "out")),
+                     lambda: h.upload(write(tmp_path, b"x"), sha(b"x"))):
+            with pytest.raises(HostUnavailableError) as info:
+                call()
+            assert info.value.transient and info.value.host == h.name
+        assert not (tmp_path / "out").exists()
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("status, code, expected", [
+    (503, "SlowDown", TransientHostError),
+    (500, "InternalError", TransientHostError),
+    (503, "ServiceUnavailable", TransientHostError),
+    (400, "RequestTimeout", TransientHostError),
+    (429, "SomethingNew", TransientHostError),
+    (403, "AccessDenied", PermanentHostError),
+    (403, "InvalidAccessKeyId", PermanentHostError),
+    (403, "SignatureDoesNotMatch", PermanentHostError),
+    (404, "NoSuchBucket", PermanentHostError),
+    (400, "SomethingNew", PermanentHostError),
+    (404, "NoSuchKey", HostNotFoundError),
+])
+def test_server_errors_are_classified(error_server, aws_env, tmp_path, status, code, expected):
+    error_server.default = (status, code)
+    h = make_host(error_server.url, "bkt", max_attempts=1)
+    url = "s3://bkt/pool/x/" + sha(b"x")
+    try:
+        with pytest.raises(expected) as info:
+            h.download(url, str(tmp_path / "out"))
+        assert type(info.value) is expected and info.value.host == h.name
+        assert code in str(info.value)
+        assert [m for m, _ in error_server.requests] == ["GET"]  # max_attempts=1: no retry
+        if expected is not HostNotFoundError:
+            # The upload's HEAD is told "no such object"; the PUT gets the
+            # error, which boto3 wraps in an S3UploadFailedError.
+            error_server.answers["HEAD"] = (404, "NotFound")
+            with pytest.raises(expected) as info:
+                h.upload(write(tmp_path, b"x"), sha(b"x"))
+            assert type(info.value) is expected and code in str(info.value)
+            assert ("PUT", "/bkt/pool/x/" + sha(b"x")) in error_server.requests
+        assert not (tmp_path / "out").exists()
+    finally:
+        h.close()
+
+
+def test_a_server_that_does_not_answer_times_out(error_server, aws_env, tmp_path):
+    error_server.hang.set()
+    h = make_host(error_server.url, "bkt", timeout=1, max_attempts=1)
+    try:
+        with pytest.raises(HostUnavailableError, match="timeout|timed out"):
+            h.stat("s3://bkt/pool/x/" + sha(b"x"))
+    finally:
+        h.close()
+
+
+def test_missing_credentials_are_a_permanent_error_with_a_hint(moto_endpoint, bucket, aws_env,
+                                                               monkeypatch, tmp_path):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    h = make_host(moto_endpoint, bucket)
+    try:
+        with pytest.raises(PermanentHostError, match="AWS_ACCESS_KEY_ID") as info:
+            h.upload(write(tmp_path, b"x"), sha(b"x"))
+        assert "profile" in str(info.value)
+    finally:
+        h.close()
+
+
+def test_upload_failed_error_is_classified_by_its_message(host):
+    from boto3.exceptions import S3UploadFailedError
+
+    for code, expected in [("AccessDenied", PermanentHostError), ("SlowDown", TransientHostError),
+                           ("NoSuchKey", HostNotFoundError)]:
+        exc = S3UploadFailedError("Failed to upload f to b/k: An error occurred (%s) when "
+                                  "calling the UploadPart operation: no" % code)
+        error = host._error(exc, "upload to", "s3://b/k")
+        assert type(error) is expected and error.host == host.name
+    assert type(host._error(S3UploadFailedError("odd"), "upload to", "u")) is TransientHostError
+
+
+def test_a_closed_host_refuses_work(host, tmp_path):
+    host.close()
+    with pytest.raises(PermanentHostError, match="closed"):
+        host.upload(write(tmp_path, b"x"), sha(b"x"))
+
+
+def test_an_upload_is_logged_without_secrets(host, caplog, tmp_path):
+    caplog.set_level(logging.DEBUG, logger="cloudmanager")
+    data = b"logged"
+    host.upload(write(tmp_path, data), sha(data))
+    host.upload(write(tmp_path, data), sha(data))
+    assert "already there" in caplog.text
+    assert "testing" not in caplog.text
+
+
+# -- the optional dependency --------------------------------------------------
+
+def test_without_boto3_the_error_says_what_to_install():
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["boto3"] = None
+        from cloudmanager.errors import MissingDependencyError
+        from cloudmanager.hosts import from_spec, host_class
+        for call in (lambda: host_class("s3"), lambda: from_spec("s3://bkt/p")):
+            try:
+                call()
+            except MissingDependencyError as exc:
+                print(exc)
+            else:
+                raise SystemExit("no MissingDependencyError")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert "pip install 'cloudmanager[s3]'" in line and "boto3" in line
+
+
+def test_an_oversized_object_is_refused_before_its_bytes_are_read(host, tmp_path):
+    data = os.urandom(5000)
+    location = host.upload(write(tmp_path, data), sha(data))
+    calls = count_calls(host, "GetObject")
+    with pytest.raises(TransientHostError, match="has 5000 bytes, not the 4999 expected"):
+        host.download(location.url, str(tmp_path / "out"), max_bytes=4999)
+    assert calls == {"GetObject": 1} and not (tmp_path / "out").exists()
+
+
+def test_bytes_that_do_not_match_the_stored_checksum_are_refused(host, bucket, s3_admin,
+                                                                 tmp_path):
+    # moto keeps the checksum a client declares without checking it (real
+    # S3 would answer BadDigest): a stand-in for bytes damaged at rest.
+    data = b"these bytes were damaged"
+    wrong = base64.b64encode(hashlib.sha256(b"the original bytes").digest()).decode()
+    s3_admin.put_object(Bucket=bucket, Key="pool/x/" + sha(data), Body=data,
+                        ChecksumAlgorithm="SHA256", ChecksumSHA256=wrong)
+    with pytest.raises(TransientHostError, match="(?i)checksum"):
+        host.download("s3://%s/pool/x/%s" % (bucket, sha(data)), str(tmp_path / "out"))
+    assert list(tmp_path.iterdir()) == []
+    # stat reports the stored checksum as it is: the caller sees the mismatch.
+    assert host.stat("s3://%s/pool/x/%s" % (bucket, sha(data))).sha256 != sha(data)
