@@ -1,9 +1,13 @@
 """The docs are part of the product: the README quick start must run as written."""
 
+import ast
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from hosts.s3_server import aws_env, moto_endpoint, s3_admin  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +29,28 @@ def test_readme_quick_start_runs_as_written(tmp_path):
     assert "'short': 0" in result.stdout
 
 
+def test_readme_walkthrough_runs_on_a_real_s3_server(tmp_path, s3_admin, moto_endpoint):
+    blocks = python_blocks((ROOT / "README.md").read_text(encoding="utf-8"))
+    walkthrough = next(b for b in blocks if "s3://walkthrough-east" in b)
+    for name in ("walkthrough-east", "walkthrough-west"):
+        s3_admin.create_bucket(Bucket=name)
+    env = dict(os.environ, AWS_ENDPOINT_URL_S3=moto_endpoint)
+    result = subprocess.run([sys.executable, "-c", walkthrough], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "['east', 'nas', 'west']"
+    assert lines[1] == "False True"
+    first, after_loss, synced, last = (ast.literal_eval(line) for line in lines[2:6])
+    assert (first["checked"], first["good"]) == (3, 3)
+    assert (after_loss["missing"], after_loss["good"]) == (1, 2)
+    assert synced["uploads"] == 1 and synced["complete"] == 1
+    assert (last["checked"], last["good"]) == (3, 3)
+    for name in ("walkthrough-east", "walkthrough-west"):
+        keys = [o["Key"] for o in s3_admin.list_objects_v2(Bucket=name)["Contents"]]
+        assert len(keys) == 1 and keys[0].startswith("pool/")
+
+
 def test_readme_names_the_test_command():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "pip install -e '.[develop]'" in readme and "\ntox" in readme
@@ -34,12 +60,13 @@ def test_readme_names_the_test_command():
 
 def test_every_public_name_has_a_docstring():
     import cloudmanager
-    from cloudmanager import cache, database, engine, errors, hosts, serializers, validation
-    from cloudmanager.hosts import base, folder, plowshare
+    from cloudmanager import (cache, config, database, engine, errors, hosts, serializers,
+                              validation)
+    from cloudmanager.hosts import base, folder, fsspec, memory, plowshare, s3
 
     missing = []
-    for module in (cloudmanager, cache, database, engine, errors, hosts, serializers,
-                   validation, base, folder, plowshare):
+    for module in (cloudmanager, cache, config, database, engine, errors, hosts, serializers,
+                   validation, base, folder, fsspec, memory, plowshare, s3):
         if not module.__doc__:
             missing.append(module.__name__)
         for name, obj in vars(module).items():

@@ -2,6 +2,10 @@
 
 A *host spec* is a string that names a host:
 
+- ``s3://BUCKET/PREFIX``: an S3-compatible object store through boto3
+  (:mod:`cloudmanager.hosts.s3`; ``pip install 'cloudmanager[s3]'``);
+- ``fsspec:URL``: any fsspec filesystem, e.g. ``fsspec:sftp://user@host/pool``
+  (:mod:`cloudmanager.hosts.fsspec`; ``pip install 'cloudmanager[fsspec]'``);
 - ``plowshare:MODULE``: a file locker through plowshare's ``plowup`` and
   ``plowdown`` (:mod:`cloudmanager.hosts.plowshare`);
 - ``dir:/absolute/path`` or ``file:///absolute/path``: a local or mounted
