@@ -15,6 +15,7 @@ setup(
     package_data={"cloudmanager": ["schema.sql"]},
     install_requires=[
         "plowshare>=0.3.6",  # plowshare-wrapper: the plowup/plowdown adapter
+        "tomli>=1.1; python_version < '3.11'",  # cloudmanager.toml; 3.11+ has tomllib
     ],
     extras_require={
         # Optional host kinds, imported only when a spec needs them.
@@ -22,8 +23,6 @@ setup(
         "fsspec": ["fsspec>=2023.1"],
         "webdav": ["fsspec>=2023.1", "webdav4>=0.9"],
         "sftp": ["fsspec>=2023.1", "paramiko>=3"],
-        # Python 3.10 has no tomllib.
-        ":python_version < '3.11'": ["tomli>=1.1"],
         "develop": [
             "pytest>=7", "tox>=4",
             # Real servers on loopback for the host tests: S3 and WebDAV.

@@ -366,3 +366,35 @@ def test_a_missing_file_while_storing_is_not_a_missing_object():
 def test_a_missing_local_file_is_transient(host, tmp_path):
     with pytest.raises(TransientHostError):
         host.upload(str(tmp_path / "nope"), sha(b"nope"))
+
+
+def test_a_pool_on_webdav_from_a_config_file_keeps_its_password_private(
+        webdav_server, tmp_path, caplog):
+    """Secrets from cloudmanager.toml reach no log line, info(), data_dump() or display."""
+    import json
+    import logging
+
+    from cloudmanager import CloudManager
+
+    caplog.set_level(logging.DEBUG)
+    config = tmp_path / "cloudmanager.toml"
+    config.write_text(
+        '[pool]\ndatabase = "db.sqlite3"\nstorage = "cache"\ncapacity = "1 MiB"\n'
+        'redundancy = 1\nfsync = false\n\n'
+        '[hosts.dav]\nspec = "fsspec:webdav://%s"\n\n'
+        '[hosts.dav.options]\nbase_url = "%s"\nauth = ["%s", "%s"]\ntimeout = 10\n'
+        % (fresh(), webdav_server.base_url, USER, PASSWORD))
+    data = b"private pool" * 100
+    (tmp_path / "f.bin").write_bytes(data)
+    with CloudManager(config=config) as cm:
+        digest = cm.upload(tmp_path / "f.bin")
+        assert digest and cm.db.copies(digest) == 1
+        cm.evict(0)
+        assert open(cm.warm_up(digest), "rb").read() == data
+        assert cm.verify()["good"] == 1
+        shown = [json.dumps(cm.info(digest)), cm.data_dump(), json.dumps(cm.stats()),
+                 repr(cm.config), json.dumps([h.describe() for h in cm.config.hosts]),
+                 repr(cm.engine.hosts)]
+    basic = base64.b64encode(("%s:%s" % (USER, PASSWORD)).encode()).decode()
+    for text in shown + [caplog.text]:
+        assert PASSWORD not in text and basic not in text
