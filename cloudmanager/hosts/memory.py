@@ -81,26 +81,24 @@ class MemoryHost(Host):
             self.objects[name] = f.read()
         return Location(self.name, self._prefix + name)
 
-    def download(self, url, dest_path, max_bytes=None):
-        """Write the object to ``dest_path`` atomically."""
+    def _object(self, url):
         name = self._name_of(url)
         self._call()
         try:
-            data = self.objects[name]
+            return self.objects[name]
         except KeyError:
             raise HostNotFoundError(self.name, "no object at %s" % url) from None
+
+    def download(self, url, dest_path, max_bytes=None):
+        """Write the object to ``dest_path`` atomically."""
+        data = self._object(url)
         if self.faults["corrupt"] and data:
             data = bytes([data[0] ^ 1]) + data[1:]
         self.receive(io.BytesIO(data), url, dest_path, max_bytes, fsync=False)
 
     def stat(self, url):
         """The object's size and the SHA-256 the store computes for it."""
-        name = self._name_of(url)
-        self._call()
-        try:
-            data = self.objects[name]
-        except KeyError:
-            raise HostNotFoundError(self.name, "no object at %s" % url) from None
+        data = self._object(url)
         return ObjectInfo(len(data), hashlib.sha256(data).hexdigest())
 
     def delete(self, url):
