@@ -38,7 +38,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from .errors import ConfigError, InvalidInputError
-from .validation import SECRET_OPTION, check_host_name
+from .validation import SECRET_OPTION, check_host_name, redact_url_passwords
 
 #: Settings of the ``[pool]`` table, with the type each must have.
 POOL_KEYS = {
@@ -77,12 +77,22 @@ def parse_size(value):
 
 
 def redact(options):
-    """A copy of ``options`` with the values of secret-looking keys hidden.
+    """A copy of ``options`` with secret-looking values hidden, at any depth.
 
-    >>> redact({"region": "eu", "password": "hunter2", "auth": ["u", "p"]})
-    {'region': 'eu', 'password': '***', 'auth': '***'}
+    >>> redact({"region": "eu", "password": "hunter2", "auth": ["u", "p"],
+    ...         "storage_options": {"token": "t", "endpoint_url": "https://u:p@x.example"}})
+    {'region': 'eu', 'password': '***', 'auth': '***', 'storage_options': {'token': '***', 'endpoint_url': 'https://u:***@x.example'}}
     """
-    return {k: ("***" if SECRET_OPTION.search(k) else v) for k, v in options.items()}
+    def hide(key, value):
+        if SECRET_OPTION.search(key):
+            return "***"
+        if isinstance(value, dict):
+            return redact(value)
+        if isinstance(value, str):
+            return redact_url_passwords(value)
+        return value
+
+    return {k: hide(k, v) for k, v in options.items()}
 
 
 class HostConfig(NamedTuple):
@@ -105,13 +115,18 @@ class HostConfig(NamedTuple):
         options = dict(self.options)
         if default_timeout is not None:
             options.setdefault("timeout", default_timeout)
-        host = from_spec(self.spec, name=self.name, **options)
+        try:
+            host = from_spec(self.spec, name=self.name, **options)
+        except TypeError as exc:  # an option the host kind does not take
+            raise ConfigError("hosts.%s: %s" % (self.name, redact_url_passwords(str(exc)))
+                              ) from None
         host.weight = self.weight
         return host
 
     def describe(self):
         """A dict for people and ``--json`` output, with secrets hidden."""
-        return {"name": self.name, "spec": self.spec, "options": redact(self.options),
+        return {"name": self.name, "spec": redact_url_passwords(self.spec),
+                "options": redact(self.options),
                 "weight": self.weight, "enabled": self.enabled}
 
     def __repr__(self):
@@ -206,6 +221,10 @@ def _host_config(name, table):
     options = table.get("options", {})
     if not isinstance(options, dict):
         raise ConfigError("%s.options must be a table" % where)
+    for key in ("name", "weight"):
+        if key in options:
+            raise ConfigError("%s.options.%s: set it as %s.%s" % (
+                where, key, where, "weight" if key == "weight" else "NAME (the table's name)"))
     weight = table.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
         raise ConfigError("%s.weight must be a positive number" % where)

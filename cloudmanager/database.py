@@ -34,11 +34,13 @@ SCHEMA_VERSION = 2
 MIGRATIONS = {
     # 2: verify() records when it checked each copy; host latency is kept as
     # recent samples, so a median can be reported instead of a moving average.
+    # The old average column stays, unused: DROP COLUMN needs SQLite 3.35.
     1: """
         ALTER TABLE uploads ADD COLUMN checked INTEGER NOT NULL DEFAULT 0;
         CREATE INDEX IF NOT EXISTS uploads_checked ON uploads (checked) WHERE error = 0;
         ALTER TABLE host_health ADD COLUMN latency_samples TEXT NOT NULL DEFAULT '[]';
-        ALTER TABLE host_health DROP COLUMN latency_ms;
+        UPDATE host_health SET latency_samples = json_array(latency_ms)
+            WHERE latency_ms IS NOT NULL;
         PRAGMA user_version = 2;
     """,
 }
@@ -422,10 +424,9 @@ class FileDatabase:
                " JOIN files AS f ON f.hash = u.hash WHERE u.error = 0 AND u.url != ''")
         params = []
         for column, values in (("u.hash", hashes), ("u.host_name", host_names)):
-            if values is not None:
-                values = list(values)
-                sql += " AND %s IN (%s)" % (column, ",".join("?" * len(values)))
-                params += values
+            if values is not None:  # one JSON parameter: no limit on the list's length
+                sql += " AND %s IN (SELECT value FROM json_each(?))" % column
+                params.append(json.dumps(list(values)))
         if checked_before is not None:
             sql += " AND u.checked < ?"
             params.append(checked_before)
@@ -586,6 +587,19 @@ class FileDatabase:
             row["latency_ms"] = statistics.median(samples) if samples else None
             health[name] = row
         return health
+
+    def host_breakers(self):
+        """``{host_name: {consecutive_failures, last_failure}}``: what the
+        circuit breaker needs, without decoding latency samples."""
+        return {name: {"consecutive_failures": failures, "last_failure": last}
+                for name, failures, last in self._read(
+                    "SELECT host_name, consecutive_failures, last_failure FROM host_health")}
+
+    def host_breaker(self, host_name):
+        """One host's row of :meth:`host_breakers`, or None."""
+        row = self._read("SELECT consecutive_failures, last_failure FROM host_health"
+                         " WHERE host_name = ?", (host_name,)).fetchone()
+        return {"consecutive_failures": row[0], "last_failure": row[1]} if row else None
 
     def has_files(self):
         """Whether the pool has any file (one index probe)."""

@@ -50,8 +50,10 @@ class UploadEngine:
 
     A host that fails ``breaker_threshold`` times in a row is skipped for a
     cool-down (a circuit breaker): ``cooldown`` seconds, doubled for each
-    further failure up to :data:`MAX_COOLDOWN`. After it, one transfer tries
-    the host again; a success closes the breaker.
+    further failure up to :data:`MAX_COOLDOWN`. After it, transfers try the
+    host again; a success closes the breaker. Failures that say nothing about
+    the host being up (a missing or corrupt object, a local disk error) do
+    not count. Downloads still try a cooling host, last.
 
     :param db: the :class:`~cloudmanager.database.FileDatabase` (for host
         health, bad copies and the transfer meter)
@@ -92,6 +94,10 @@ class UploadEngine:
         until = health["last_failure"] + min(self.cooldown * 2 ** extra, MAX_COOLDOWN)
         return until if until > (time.time() if now is None else now) else None
 
+    def cooling(self, host):
+        """Whether ``host``'s circuit breaker is open now."""
+        return self.retry_after(self.db.host_breaker(host.name)) is not None
+
     def ranked(self, hosts):
         """Split hosts into ``(usable, cooling)``, each ordered healthiest first.
 
@@ -99,7 +105,7 @@ class UploadEngine:
         then at random (spreading load among equals). ``cooling`` holds the
         hosts whose breaker is open.
         """
-        health = self.db.host_health()
+        health = self.db.host_breakers()
         now = time.time()
         usable, cooling = [], []
         for host in hosts:
@@ -167,9 +173,13 @@ class UploadEngine:
         log.info("uploaded %s to %s", file_hash, host.name)
         return location
 
-    def _failed(self, host, exc, what):
+    def _failed(self, host, exc, what, counts=True):
+        """Log a failure and return it; ``counts`` toward the host's health
+        unless it says nothing about the host being up (a missing or bad
+        object, a local disk error)."""
         log.warning("%s failed on %s: %s", what, host.name, exc.message)
-        self.db.record_host_result(host.name, False, error=exc.message)
+        if counts:
+            self.db.record_host_result(host.name, False, error=exc.message)
         return exc
 
     # -- downloads -------------------------------------------------------------
@@ -242,16 +252,28 @@ class UploadEngine:
 
     def _download_failed(self, file_hash, host, location, exc):
         if isinstance(exc, IntegrityError):
-            log.warning("bad copy of %s on %s (%s): %s; marking it bad",
-                        file_hash, host.name, location.url, exc)
-            self.db.mark_copy_bad(file_hash, location.host_name, location.url)
             exc = CorruptCopyError(host.name, str(exc))
-        elif isinstance(exc, HostNotFoundError):
-            log.warning("%s no longer holds %s; marking the copy bad", host.name, file_hash)
-            self.db.mark_copy_bad(file_hash, location.host_name, location.url)
         elif isinstance(exc, OSError):
-            exc = TransientHostError(host.name, "local error: %s" % exc)
+            return self._failed(host, TransientHostError(host.name, "local error: %s" % exc),
+                                "download of %s" % file_hash, counts=False)
+        if isinstance(exc, (CorruptCopyError, HostNotFoundError)):
+            self._mark_bad(file_hash, host, location, exc)
+            return self._failed(host, exc, "download of %s" % file_hash, counts=False)
         return self._failed(host, exc, "download of %s" % file_hash)
+
+    def _mark_bad(self, file_hash, host, location, exc):
+        """Mark a copy bad, but only on the word of the host that recorded it.
+
+        A host that merely accepts the URL (another node's host of the same
+        kind) may be a different server holding a different set of objects.
+        """
+        if host.name != location.host_name:
+            log.warning("%s could not serve %s recorded by %s (%s); leaving the record as it is",
+                        host.name, file_hash, location.host_name, exc.message)
+            return
+        log.warning("the copy of %s on %s (%s) is %s; marking it bad", file_hash, host.name,
+                    location.url, "missing" if isinstance(exc, HostNotFoundError) else "corrupt")
+        self.db.mark_copy_bad(file_hash, location.host_name, location.url)
 
     # -- checks and deletes ----------------------------------------------------
 
@@ -279,10 +301,11 @@ class UploadEngine:
                 self.download(file_hash, size, [location], dest)
             except DownloadError as exc:
                 failure = exc.failures[0] if exc.failures else None
-                if isinstance(failure, HostNotFoundError):
-                    return "missing"
-                if isinstance(failure, CorruptCopyError):
-                    return "bad"
+                if host.name == location.host_name:
+                    if isinstance(failure, HostNotFoundError):
+                        return "missing"
+                    if isinstance(failure, CorruptCopyError):
+                        return "bad"
                 return "error"
             finally:
                 fsutil.remove_quietly(dest)
@@ -294,19 +317,21 @@ class UploadEngine:
             with self._slots[host.name]:
                 info = host.stat(location.url)
         except HostNotFoundError as exc:
-            self._failed(host, exc, "check of %s" % file_hash)
-            log.warning("%s no longer holds %s; marking the copy bad", host.name, file_hash)
-            self.db.mark_copy_bad(file_hash, location.host_name, location.url)
-            return "missing"
+            self._mark_bad(file_hash, host, location, exc)
+            self._failed(host, exc, "check of %s" % file_hash, counts=False)
+            return "missing" if host.name == location.host_name else "error"
         except HostError as exc:
             self._failed(host, exc, "check of %s" % file_hash)
             return "error"
         self.db.record_host_result(host.name, True, (time.monotonic() - started) * 1000)
+        if info.sha256 == file_hash and info.size != size:
+            log.warning("%s holds %s with %d bytes, but %d are recorded: the record is wrong, "
+                        "not the copy", host.name, file_hash, info.size, size)
+            return "error"
         if info.size != size or info.sha256 not in (None, file_hash):
-            log.warning("bad copy of %s on %s: %d bytes, SHA-256 %s; marking it bad",
-                        file_hash, host.name, info.size, info.sha256 or "not stored")
-            self.db.mark_copy_bad(file_hash, location.host_name, location.url)
-            return "bad"
+            self._mark_bad(file_hash, host, location, CorruptCopyError(
+                host.name, "%d bytes, SHA-256 %s" % (info.size, info.sha256 or "not stored")))
+            return "bad" if host.name == location.host_name else "error"
         self.db.mark_copy_checked(file_hash, location.host_name, location.url, time.time(),
                                   verified=info.sha256 == file_hash)
         return "good"

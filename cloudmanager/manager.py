@@ -342,23 +342,34 @@ class CloudManager:
     def _fetch_into_cache(self, file_hash, size):
         # One download per hash at a time in this process; later callers find
         # it cached.
+        with self._fetch_lock(file_hash):
+            # Another thread may have fetched it while we waited; the caller
+            # already counted this request's hit or miss.
+            if self.cache.contains(file_hash):
+                return self.cache.path_for(file_hash)
+            sources = self._sources(file_hash)
+            if not sources:
+                raise DownloadError("no host holds a good copy of %s" % file_hash)
+            with self.cache.reserve(size) as reservation:
+                self.engine.download(file_hash, size, sources, reservation.temp)
+                return self.cache.commit(reservation, file_hash, size)
+
+    @contextlib.contextmanager
+    def _fetch_lock(self, file_hash):
+        """Hold this process's lock on one hash (fetches and removal)."""
         with self._fetch_locks_guard:
-            lock = self._fetch_locks.setdefault(file_hash, threading.Lock())
-        with lock:
-            try:
-                # Another thread may have fetched it while we waited; the
-                # caller already counted this request's hit or miss.
-                if self.cache.contains(file_hash):
-                    return self.cache.path_for(file_hash)
-                sources = self._sources(file_hash)
-                if not sources:
-                    raise DownloadError("no host holds a good copy of %s" % file_hash)
-                with self.cache.reserve(size) as reservation:
-                    self.engine.download(file_hash, size, sources, reservation.temp)
-                    return self.cache.commit(reservation, file_hash, size)
-            finally:
-                with self._fetch_locks_guard:
-                    self._fetch_locks.pop(file_hash, None)
+            lock, users = self._fetch_locks.get(file_hash, (threading.Lock(), 0))
+            self._fetch_locks[file_hash] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._fetch_locks_guard:
+                lock, users = self._fetch_locks[file_hash]
+                if users == 1:
+                    del self._fetch_locks[file_hash]
+                else:
+                    self._fetch_locks[file_hash] = (lock, users - 1)
 
     def download(self, file_hash, destination=None):
         """Get a file: into the cache, or to ``destination``.
@@ -502,17 +513,20 @@ class CloudManager:
         copies = self.db.copies_to_verify(hashes, hosts, checked_before, limit)
         summary = dict.fromkeys(("checked", "good", "bad", "missing", "error", "unreachable",
                                  "cooling"), 0)
-        health = self.db.host_health()
         with tempfile.TemporaryDirectory(prefix="cm-verify-") as scratch:
             for file_hash, host_name, url, size in copies:
                 host = self.engine.host_for(host_name, url)
-                if host is not None and self.engine.retry_after(health.get(host.name)):
+                if host is not None and self.engine.cooling(host):  # may open mid-run
                     outcome = "cooling"
                 else:
                     outcome = self.engine.check(file_hash, size, Location(host_name, url),
                                                 deep=deep, scratch=scratch)
+                if outcome in ("good", "bad", "missing"):
+                    summary["checked"] += 1
+                else:  # tried: the next budgeted pass moves on to other copies
+                    self.db.mark_copy_checked(file_hash, host_name, url, time.time(),
+                                              verified=False)
                 summary[outcome] += 1
-                summary["checked"] += outcome in ("good", "bad", "missing")
         log.info("verify: %s", summary)
         return summary
 
@@ -520,8 +534,10 @@ class CloudManager:
         """Forget a file: delete its copies where hosts allow it, its cached
         copy and its record.
 
-        Copies on hosts that cannot delete (file lockers), or whose delete
-        failed, stay where they are; their URLs are logged and returned.
+        Every recorded copy is deleted where a configured host can delete it,
+        bad ones included. Copies on hosts that cannot delete (file lockers),
+        or whose delete failed, stay where they are; their URLs are logged and
+        returned, since the record that knew them is gone.
 
         :return: ``{"deleted": [(host_name, url)], "kept": [(host_name, url)]}``;
             ``None`` for a malformed or unknown hash
@@ -535,10 +551,14 @@ class CloudManager:
             log.warning("remove: %s is not in the pool", file_hash)
             return None
         deleted, kept = [], []
-        for host_name, url in self._sources(file_hash):
-            (deleted if self.engine.delete(Location(host_name, url)) else kept).append(
-                (host_name, url))
-        self.cache.forget(file_hash)
+        # Under the fetch lock: a warm_up in flight finishes first, and one
+        # that starts later finds no record, so nothing brings the file back.
+        with self._fetch_lock(file_hash):
+            copies = [(u["host_name"], u["url"]) for u in self.db.uploads(file_hash) if u["url"]]
+            for host_name, url in copies:  # bad copies too: they still take space
+                (deleted if self.engine.delete(Location(host_name, url)) else kept).append(
+                    (host_name, url))
+            self.cache.forget(file_hash)
         for host_name, url in kept:
             log.warning("removed %s from the pool, but its copy on %s stays: %s",
                         file_hash, host_name, url)

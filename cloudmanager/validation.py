@@ -23,6 +23,8 @@ URL_SCHEMES = frozenset({
 #: Option names whose values are secrets, matched anywhere in the name.
 SECRET_OPTION = re.compile(r"pass|secret|token|key|auth|credential|cookie|sas|signature|"
                            r"session|private|connection", re.IGNORECASE)
+#: ``scheme://user:password@`` anywhere in a text, to hide the password.
+URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^@/\s]*@")
 MAX_URL_LENGTH = 2048
 MAX_NAME_BYTES = 255
 
@@ -90,6 +92,15 @@ def check_host_name(value):
     if isinstance(value, str) and _HOST_NAME.fullmatch(value):
         return value
     raise InvalidInputError("not a valid host name: %r" % (_short(value),))
+
+
+def redact_url_passwords(text):
+    """Hide the passwords of any ``scheme://user:password@host`` in ``text``.
+
+    >>> redact_url_passwords("fsspec:webdav+https://alice:hunter2@dav.example.org/pool")
+    'fsspec:webdav+https://alice:***@dav.example.org/pool'
+    """
+    return URL_PASSWORD.sub(r"\1:***@", text)
 
 
 def check_url(value, schemes=URL_SCHEMES):

@@ -159,3 +159,35 @@ def test_a_missing_optional_dependency_names_the_extra(tmp_path):
                          timeout=60).stdout
     assert out.startswith(MissingDependencyError.__name__)
     assert "pip install 'cloudmanager[s3]'" in out
+
+
+def test_secrets_in_specs_and_nested_options_never_show(tmp_path):
+    path = write_config(tmp_path, """
+        [hosts.dav]
+        spec = "fsspec:webdav+https://alice:hunter2-secret@dav.example.org/pool"
+        [hosts.dav.options]
+        storage_options = { password = "nested-secret", headers = { X-Api-Token = "hdr-secret" } }
+        """)
+    described = json.dumps([h.describe() for h in load_config(path).hosts])
+    for secret in ("hunter2-secret", "nested-secret", "hdr-secret"):
+        assert secret not in described
+    assert "alice:***@dav.example.org" in described
+
+
+@pytest.mark.parametrize("options, message", [
+    ('{ fsynk = false }', "hosts.nas: .*fsynk"),
+    ('{ weight = 2 }', "set it as hosts.nas.weight"),
+    ('{ name = "x" }', "options.name"),
+])
+def test_bad_host_options_are_config_errors(tmp_path, options, message):
+    path = write_config(tmp_path, """
+        [pool]
+        database = "db"
+        storage = "c"
+        capacity = 1000
+        [hosts.nas]
+        spec = "dir:%s"
+        options = %s
+        """ % (tmp_path / "nas", options))
+    with pytest.raises(ConfigError, match=message):
+        CloudManager(config=path)

@@ -189,3 +189,84 @@ def test_unreachable_lists_imported_files_no_host_here_can_fetch(make_pool, tmp_
     assert node_b2.unreachable() == {}
     assert open(node_b2.warm_up(digest), "rb").read() == b"from node a"
     assert mine not in node_b2.unreachable()
+
+
+def test_a_missing_host_folder_is_an_outage_not_lost_copies(make_pool, tmp_path, write_file):
+    hosts = ["dir:%s" % (tmp_path / "nas"), "dir:%s" % (tmp_path / "usb")]
+    cm = make_pool(hosts=hosts, redundancy=2)
+    digests = [cm.upload(write_file("f%d" % i, b"file %d" % i)) for i in range(3)]
+    (tmp_path / "nas").rename(tmp_path / "nas-unmounted")
+    summary = cm.verify()
+    assert summary["missing"] == 0 and summary["error"] == 3 and summary["good"] == 3
+    assert all(cm.db.copies(d) == 2 for d in digests)
+    cm.evict(0)
+    assert cm.warm_up(digests[0])  # served by the other host
+    assert cm.db.copies(digests[0]) == 2
+
+
+def test_budgeted_verify_moves_past_copies_it_cannot_check(pool, stores, write_file):
+    digests = [pool.upload(write_file("f%d" % i, b"file %d" % i)) for i in range(3)]
+    for host in stores:
+        host.faults["down"] = True
+    seen = [pool.verify(limit=2) for _ in range(3)]
+    assert [s["error"] + s["cooling"] for s in seen] == [2, 2, 2]
+    for host in stores:
+        host.faults["down"] = False
+    pool.db.record_host_result("m1", True)  # close the breakers the outage opened
+    pool.db.record_host_result("m2", True)
+    pool.db.record_host_result("m3", True)
+    assert pool.verify(older_than=0)["good"] == 6
+    assert all(pool.db.copies(d) == 2 for d in digests)
+
+
+def test_verify_takes_any_number_of_hashes(pool, write_file):
+    digest = pool.upload(write_file("a", b"needle"))
+    haystack = ["%064x" % i for i in range(40_000)] + [digest]
+    assert pool.verify(hashes=haystack)["good"] == 2
+
+
+def test_a_host_of_the_same_kind_never_marks_another_nodes_copy_bad(make_pool, write_file):
+    # Node a records copies on its store "a"; node b's host accepts such URLs
+    # only if it is that store. A same-named store elsewhere would not; a
+    # foreign host that serves a miss must not condemn the record.
+    shared = uuid.uuid4().hex
+    node_a = make_pool(name="a", hosts=[MemoryHost(shared, name="a-mem")], redundancy=1)
+    digest = node_a.upload(write_file("f", b"node a's file"))
+    impostor = MemoryHost(shared, name="b-mem")  # accepts a's URLs, lacks the object
+    impostor.objects.pop(digest)
+    node_b = make_pool(name="b", hosts=[impostor], redundancy=1)
+    node_b.data_load(node_a.data_dump())
+    assert node_b.warm_up(digest) is False
+    assert node_b.verify()["missing"] == 0
+    assert node_b.db.copies(digest) == 1  # a's record is intact
+
+
+def test_remove_during_a_warm_up_does_not_bring_the_file_back(make_pool, write_file):
+    import threading
+
+    slow = MemoryHost(uuid.uuid4().hex, name="slow")
+    cm = make_pool(hosts=[slow], redundancy=1)
+    digest = cm.upload(write_file("f", b"going away"))
+    cm.evict(0)
+    slow.latency = 0.3
+    fetch = threading.Thread(target=cm.warm_up, args=(digest,))
+    fetch.start()
+    time.sleep(0.1)  # the download is in flight
+    result = cm.remove(digest)
+    fetch.join()
+    assert [h for h, _ in result["deleted"]] == ["slow"] and slow.objects == {}
+    assert not cm.exists(digest) and not cm.on_cache(digest)
+    assert cm.sync()["checked"] == 0 and slow.objects == {}
+    assert cm.stats()["cached_bytes"] == 0
+
+
+def test_remove_deletes_bad_copies_too(pool, stores, write_file):
+    digest = pool.upload(write_file("f", b"one good, one bad"))
+    names = holders(pool, digest)
+    bad = next(h for h in stores if h.name == names[0])
+    bad.objects[digest] = b"x"
+    pool.verify()
+    assert holders(pool, digest) == names[1:]
+    result = pool.remove(digest)
+    assert sorted(h for h, _ in result["deleted"]) == names
+    assert all(digest not in h.objects for h in stores)

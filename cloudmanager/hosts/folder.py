@@ -11,7 +11,13 @@ import shutil
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from .. import fsutil
-from ..errors import HostNotFoundError, InvalidInputError, PermanentHostError, TransientHostError
+from ..errors import (
+    HostNotFoundError,
+    HostUnavailableError,
+    InvalidInputError,
+    PermanentHostError,
+    TransientHostError,
+)
 from ..validation import check_url, is_hash
 from .base import Host, Location, ObjectInfo
 
@@ -60,6 +66,14 @@ class FolderHost(Host):
             raise PermanentHostError(self.name, "URL is not an object of this folder: %s" % url)
         return path
 
+    def _not_found(self, url):
+        # An unmounted disk or a renamed share is an outage, not a lost copy:
+        # it must not get every copy on it marked bad.
+        if not os.path.isdir(self.root):
+            return HostUnavailableError(self.name, "the folder %s is missing (not mounted?)"
+                                        % self.root)
+        return HostNotFoundError(self.name, "no object at %s" % url)
+
     def accepts(self, url):
         """Whether ``url`` names an object in this folder."""
         try:
@@ -86,7 +100,7 @@ class FolderHost(Host):
         try:
             src = open(path, "rb")
         except FileNotFoundError as exc:
-            raise HostNotFoundError(self.name, "no object at %s" % url) from exc
+            raise self._not_found(url) from exc
         except OSError as exc:
             raise TransientHostError(self.name, "cannot read %s: %s" % (url, exc)) from exc
         # Errors from here on are about the destination or the copy, not a
@@ -99,7 +113,7 @@ class FolderHost(Host):
         try:
             st = os.stat(self._path_of(url))
         except FileNotFoundError as exc:
-            raise HostNotFoundError(self.name, "no object at %s" % url) from exc
+            raise self._not_found(url) from exc
         except OSError as exc:
             raise TransientHostError(self.name, "cannot stat %s: %s" % (url, exc)) from exc
         return ObjectInfo(st.st_size)

@@ -55,7 +55,6 @@ is never listed and may be deleted by hand.
 import errno
 import logging
 import os
-import re
 import secrets
 import socket
 import sys
@@ -73,7 +72,13 @@ from ..errors import (
     PermanentHostError,
     TransientHostError,
 )
-from ..validation import SECRET_OPTION, check_host_name, check_url, is_hash
+from ..validation import (
+    SECRET_OPTION,
+    check_host_name,
+    check_url,
+    is_hash,
+    redact_url_passwords,
+)
 from .base import Host, Location, ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -86,8 +91,6 @@ _TIMEOUT_OPTION = {"webdav": "timeout", "dav": "timeout", "sftp": "timeout", "ss
 #: Which extra of cloudmanager installs a protocol's client library.
 _EXTRA = {"webdav": "webdav", "dav": "webdav", "sftp": "sftp", "ssh": "sftp"}
 
-#: ``scheme://user:password@`` in any text, to drop the password.
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^@/\s]*@")
 
 _NETWORK_ERRNOS = frozenset({
     errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
@@ -281,7 +284,7 @@ class FsspecHost(Host):
         return url[len(self._prefix):]
 
     def _redact(self, text):
-        text = _URL_PASSWORD.sub(r"\1:***@", text)
+        text = redact_url_passwords(text)
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
@@ -320,6 +323,23 @@ class FsspecHost(Host):
         else:
             kind = TransientHostError
         return kind(self.name, message)
+
+    def _unless_root_missing(self, error):
+        """A not-found whose pool directory is missing too is an outage, not a
+        lost copy: a wrong base_url or an unmounted share must not get every
+        copy marked bad."""
+        if not isinstance(error, HostNotFoundError):
+            return error
+        try:
+            fs, root = self._filesystem()
+            fs.invalidate_cache(root)
+            root_there = root in ("", "/") or fs.isdir(root)
+        except Exception:  # cannot tell: the object's absence is all we know
+            return error
+        if root_there:
+            return error
+        return HostUnavailableError(self.name, "%s, and the pool directory is missing too "
+                                               "(wrong base URL, or not mounted?)" % error.message)
 
     # -- operations ----------------------------------------------------------
 
@@ -430,7 +450,7 @@ class FsspecHost(Host):
                                              % (url, size, max_bytes))
             remote = fs.open(path, "rb")
         except Exception as exc:
-            raise self._error(exc, "cannot open %s" % url) from exc
+            raise self._unless_root_missing(self._error(exc, "cannot open %s" % url)) from exc
         try:
             with remote:
                 self.receive(remote, url, dest_path, max_bytes)
@@ -455,7 +475,7 @@ class FsspecHost(Host):
             fs.invalidate_cache(path)
             info = fs.info(path)
         except Exception as exc:
-            raise self._error(exc, "cannot stat %s" % url) from exc
+            raise self._unless_root_missing(self._error(exc, "cannot stat %s" % url)) from exc
         if info.get("type", "file") != "file" or info.get("size") is None:
             raise HostNotFoundError(self.name, "no object at %s" % url)
         digest = info.get("sha256")
