@@ -43,6 +43,8 @@ class UploadResult(NamedTuple):
 
     successes: List[Location]
     failures: List[HostError]
+    #: Names of hosts skipped because their circuit breaker is open.
+    cooling: List[str] = []
 
 
 class UploadEngine:
@@ -156,7 +158,7 @@ class UploadEngine:
         for future in running:  # pragma: no cover - only when target shrank
             outcome = future.result()
             (successes if isinstance(outcome, Location) else failures).append(outcome)
-        return UploadResult(successes, failures)
+        return UploadResult(successes, failures, [h.name for h in cooling])
 
     def _upload_one(self, host, path, file_hash, size):
         started = time.monotonic()

@@ -279,7 +279,11 @@ class CloudManager:
             else:
                 self.db.enqueue(conn, file_hash, now)
         if copies < target:
-            errors = "; ".join(f.message for f in result.failures) or "not enough hosts"
+            errors = [f.message for f in result.failures]
+            if result.cooling:
+                errors.append("cooling down after repeated failures: %s"
+                              % ", ".join(result.cooling))
+            errors = "; ".join(errors) or "not enough hosts"
             self.db.queue_failure(file_hash, errors[:500])
             log.warning("%s has %d of %d copies: %s", file_hash, copies, target, errors)
         return len(result.successes)

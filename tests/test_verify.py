@@ -102,7 +102,8 @@ def test_verify_reports_hosts_it_cannot_reach_or_are_down(pool, stores, write_fi
     assert pool.db.copies(digest) == 3  # an outage is not a lost copy
 
 
-def test_a_host_that_keeps_failing_cools_down_then_is_tried_again(make_pool, write_file):
+def test_a_host_that_keeps_failing_cools_down_then_is_tried_again(make_pool, write_file,
+                                                                  caplog):
     flaky = MemoryHost(uuid.uuid4().hex, name="flaky")
     steady = MemoryHost(uuid.uuid4().hex, name="steady")
     cm = make_pool(hosts=[flaky, steady], redundancy=2, host_cooldown=0.5,
@@ -118,6 +119,7 @@ def test_a_host_that_keeps_failing_cools_down_then_is_tried_again(make_pool, wri
     flaky.faults["down"] = False
     cm.sync()
     assert cm.db.host_health()["flaky"]["failures"] == 3  # still cooling: skipped
+    assert "cooling down after repeated failures: flaky" in caplog.text
     time.sleep(0.6)
     cm.sync()
     assert cm.host_status()["flaky"]["state"] == "ok"
