@@ -18,7 +18,7 @@ import os
 import random
 import threading
 import time
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Sequence
 
 from . import fsutil
 from .errors import (
@@ -44,7 +44,7 @@ class UploadResult(NamedTuple):
     successes: List[Location]
     failures: List[HostError]
     #: Names of hosts skipped because their circuit breaker is open.
-    cooling: List[str] = []
+    cooling: Sequence[str] = ()
 
 
 class UploadEngine:
@@ -302,13 +302,7 @@ class UploadEngine:
             try:
                 self.download(file_hash, size, [location], dest)
             except DownloadError as exc:
-                failure = exc.failures[0] if exc.failures else None
-                if host.name == location.host_name:
-                    if isinstance(failure, HostNotFoundError):
-                        return "missing"
-                    if isinstance(failure, CorruptCopyError):
-                        return "bad"
-                return "error"
+                return self._verdict(host, location, exc.failures[0] if exc.failures else None)
             finally:
                 fsutil.remove_quietly(dest)
             self.db.mark_copy_checked(file_hash, location.host_name, location.url,
@@ -321,7 +315,7 @@ class UploadEngine:
         except HostNotFoundError as exc:
             self._mark_bad(file_hash, host, location, exc)
             self._failed(host, exc, "check of %s" % file_hash, counts=False)
-            return "missing" if host.name == location.host_name else "error"
+            return self._verdict(host, location, exc)
         except HostError as exc:
             self._failed(host, exc, "check of %s" % file_hash)
             return "error"
@@ -331,12 +325,27 @@ class UploadEngine:
                         "not the copy", host.name, file_hash, info.size, size)
             return "error"
         if info.size != size or info.sha256 not in (None, file_hash):
-            self._mark_bad(file_hash, host, location, CorruptCopyError(
-                host.name, "%d bytes, SHA-256 %s" % (info.size, info.sha256 or "not stored")))
-            return "bad" if host.name == location.host_name else "error"
+            exc = CorruptCopyError(host.name, "%d bytes, SHA-256 %s" % (
+                info.size, info.sha256 or "not stored"))
+            self._mark_bad(file_hash, host, location, exc)
+            return self._verdict(host, location, exc)
         self.db.mark_copy_checked(file_hash, location.host_name, location.url, time.time(),
                                   verified=info.sha256 == file_hash)
         return "good"
+
+    @staticmethod
+    def _verdict(host, location, failure):
+        """What a failed check says of the copy; only its own host can condemn it."""
+        if host.name == location.host_name:
+            if isinstance(failure, HostNotFoundError):
+                return "missing"
+            if isinstance(failure, CorruptCopyError):
+                return "bad"
+        return "error"
+
+    def reaches(self, copies):
+        """Whether a configured host can fetch any of ``copies`` (``(host_name, url)`` pairs)."""
+        return any(self.host_for(host_name, url) is not None for host_name, url in copies)
 
     def delete(self, location):
         """Delete one remote copy if a configured host can.

@@ -582,7 +582,7 @@ class CloudManager:
         lost = {}
         for file_hash, rows in itertools.groupby(self.db.good_copies(), key=lambda r: r[0]):
             rows = list(rows)
-            if not any(self.engine.host_for(h, u) for _, h, u in rows) \
+            if not self.engine.reaches((h, u) for _, h, u in rows) \
                     and not self.cache.contains(file_hash):
                 lost[file_hash] = sorted({h for _, h, _ in rows})
         return lost
@@ -673,7 +673,7 @@ class CloudManager:
                         file_hash)
         for record in batch:
             copies = [(h, u) for h, u, error in record.uploads if not error]
-            if copies and not any(self.engine.host_for(h, u) for h, u in copies):
+            if copies and not self.engine.reaches(copies):
                 unreachable.update({h for h, _ in copies})
         return changed
 

@@ -18,7 +18,8 @@ contract as tests; every host class passes it.
 from typing import NamedTuple, Optional
 
 from .. import fsutil
-from ..errors import HostNotFoundError, TransientHostError
+from ..errors import HostNotFoundError, PermanentHostError, TransientHostError
+from ..validation import is_hash
 
 
 class Location(NamedTuple):
@@ -58,6 +59,9 @@ class Host:
     timeout = 600.0
     #: Preference among equally healthy hosts: higher is chosen first.
     weight = 1.0
+    #: For hosts whose object URLs are this prefix followed by the hash:
+    #: :meth:`accepts` and :meth:`object_name` then need no override.
+    url_prefix = None
 
     def upload(self, local_path, name):
         """Store the file at ``local_path`` under the object name ``name``.
@@ -87,8 +91,23 @@ class Host:
         raise NotImplementedError
 
     def accepts(self, url):
-        """Whether this host can download ``url`` (one recorded by any node)."""
-        return False
+        """Whether this host can download ``url`` (one recorded by any node).
+
+        The default accepts exactly :attr:`url_prefix` followed by a SHA-256 hex.
+        """
+        prefix = self.url_prefix
+        return (prefix is not None and isinstance(url, str) and url.startswith(prefix)
+                and is_hash(url[len(prefix):]))
+
+    def object_name(self, url):
+        """The object name (hash) of a URL this host :meth:`accepts`.
+
+        :raises PermanentHostError: for any other URL
+        """
+        if not self.accepts(url):
+            shown = url[:200] if isinstance(url, str) else repr(url)
+            raise PermanentHostError(self.name, "URL is not an object of this host: %r" % shown)
+        return url[len(self.url_prefix):]
 
     def stat(self, url):
         """Size (and stored checksum, if any) of the object at ``url``.

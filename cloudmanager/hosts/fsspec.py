@@ -166,9 +166,9 @@ class FsspecHost(Host):
         self._options = options
         self._secrets = _secrets_of(url, options)
 
-        self._prefix = self.root_url + "/"
+        self.url_prefix = self.root_url + "/"
         try:
-            check_url(self._prefix + "0" * 64)
+            check_url(self.url_prefix + "0" * 64)
         except InvalidInputError as exc:
             raise InvalidInputError("fsspec host %s would record URLs that cannot be stored: %s"
                                     % (self.root_url, exc)) from None
@@ -267,21 +267,6 @@ class FsspecHost(Host):
         self._root_ready = True
 
     # -- names and errors ----------------------------------------------------
-
-    def accepts(self, url):
-        """Whether ``url`` names an object under this host's root.
-
-        :param url: a recorded URL
-        :return: True for ``ROOT_URL/<sha256 hex>``, else False
-        """
-        return (isinstance(url, str) and url.startswith(self._prefix)
-                and is_hash(url[len(self._prefix):]))
-
-    def _name_of(self, url):
-        if not self.accepts(url):
-            raise PermanentHostError(self.name, "URL is not an object of %s: %r"
-                                     % (self.root_url, url[:200] if isinstance(url, str) else url))
-        return url[len(self._prefix):]
 
     def _redact(self, text):
         text = redact_url_passwords(text)
@@ -395,7 +380,7 @@ class FsspecHost(Host):
         except OSError as exc:
             raise TransientHostError(self.name, "cannot read %s: %s"
                                      % (local_path, exc.strerror or exc)) from exc
-        location = Location(self.name, self._prefix + name)
+        location = Location(self.name, self.url_prefix + name)
         try:
             fs, root = self._filesystem()
             final = root + "/" + name
@@ -436,7 +421,7 @@ class FsspecHost(Host):
             copy failed
         :raises HostError: on any other failure
         """
-        name = self._name_of(url)
+        name = self.object_name(url)
         try:
             fs, root = self._filesystem()
             path = root + "/" + name
@@ -468,7 +453,7 @@ class FsspecHost(Host):
         :raises HostNotFoundError: if the object is not there
         :raises HostError: on any other failure
         """
-        name = self._name_of(url)
+        name = self.object_name(url)
         try:
             fs, root = self._filesystem()
             path = root + "/" + name
@@ -487,7 +472,7 @@ class FsspecHost(Host):
         :param url: a URL this host :meth:`accepts`
         :raises HostError: on failure
         """
-        name = self._name_of(url)
+        name = self.object_name(url)
         try:
             fs, root = self._filesystem()
             fs.rm_file(root + "/" + name)

@@ -11,7 +11,7 @@ import io
 import threading
 import time
 
-from ..errors import HostNotFoundError, HostUnavailableError, InvalidInputError, PermanentHostError
+from ..errors import HostNotFoundError, HostUnavailableError, InvalidInputError
 from ..validation import is_hash
 from .base import Host, Location, ObjectInfo
 
@@ -49,7 +49,7 @@ class MemoryHost(Host):
         #: Fault switches for rehearsals: ``down`` (every call fails as
         #: unreachable), ``corrupt`` (downloads flip one byte).
         self.faults = {"down": False, "corrupt": False}
-        self._prefix = "memory://%s/" % store_name
+        self.url_prefix = "memory://%s/" % store_name
 
     @classmethod
     def from_spec(cls, scheme, target, **options):
@@ -62,16 +62,6 @@ class MemoryHost(Host):
         if self.latency:
             time.sleep(self.latency)
 
-    def _name_of(self, url):
-        if not self.accepts(url):
-            raise PermanentHostError(self.name, "URL is not an object of this store: %r" % (url,))
-        return url[len(self._prefix):]
-
-    def accepts(self, url):
-        """Whether ``url`` names an object of this store."""
-        return (isinstance(url, str) and url.startswith(self._prefix)
-                and is_hash(url[len(self._prefix):]))
-
     def upload(self, local_path, name):
         """Read the file into the store."""
         if not is_hash(name):
@@ -79,10 +69,10 @@ class MemoryHost(Host):
         self._call()
         with open(local_path, "rb") as f:
             self.objects[name] = f.read()
-        return Location(self.name, self._prefix + name)
+        return Location(self.name, self.url_prefix + name)
 
     def _object(self, url):
-        name = self._name_of(url)
+        name = self.object_name(url)
         self._call()
         try:
             return self.objects[name]
@@ -103,7 +93,7 @@ class MemoryHost(Host):
 
     def delete(self, url):
         """Drop the object."""
-        name = self._name_of(url)
+        name = self.object_name(url)
         self._call()
         self.objects.pop(name, None)
 

@@ -206,7 +206,7 @@ class S3Host(Host):
         # the bucket; URLs are made by plain concatenation, so accepts() can
         # compare strings exactly.
         self._key_prefix = self.prefix + "/" if self.prefix else ""
-        self._url_prefix = "s3://%s/%s" % (self.bucket, self._key_prefix)
+        self.url_prefix = "s3://%s/%s" % (self.bucket, self._key_prefix)
         self._transfer = TransferConfig(multipart_threshold=threshold,
                                         multipart_chunksize=chunksize,
                                         max_concurrency=TRANSFER_THREADS, use_threads=True)
@@ -281,22 +281,10 @@ class S3Host(Host):
         return self._key_prefix + name
 
     def _key_of_url(self, url):
-        if not self.accepts(url):
-            raise PermanentHostError(self.name, "URL is not an object of this host: %r"
-                                     % (url if isinstance(url, str) else repr(url))[:200])
-        return url[len("s3://%s/" % self.bucket):]
+        return self._key_prefix + self.object_name(url)
 
     def _url_of_key(self, key):
         return "s3://%s/%s" % (self.bucket, key)
-
-    def accepts(self, url):
-        """Whether ``url`` is ``s3://BUCKET/PREFIX/<sha256>`` of this host's bucket and prefix.
-
-        :param url: any recorded URL
-        :return: True or False, never an error
-        """
-        return (isinstance(url, str) and url.startswith(self._url_prefix)
-                and is_hash(url[len(self._url_prefix):]))
 
     # -- operations -----------------------------------------------------------
 
@@ -445,7 +433,7 @@ class S3Host(Host):
         :raises HostError: on failure
         """
         paginator = self._client.get_paginator("list_objects_v2")
-        with self._translated("list", self._url_prefix):
+        with self._translated("list", self.url_prefix):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key_prefix,
                                            Delimiter="/"):
                 for item in page.get("Contents", ()):
