@@ -16,6 +16,8 @@ setup(
     install_requires=[
         "plowshare>=0.3.6",  # plowshare-wrapper: the plowup/plowdown adapter
         "tomli>=1.1; python_version < '3.11'",  # cloudmanager.toml; 3.11+ has tomllib
+        # The `cm` command: parsing, progress bars and tables, per-user dirs.
+        "click>=8.1", "rich>=13", "platformdirs>=3",
     ],
     extras_require={
         # Optional host kinds, imported only when a spec needs them.
@@ -23,14 +25,19 @@ setup(
         "fsspec": ["fsspec>=2023.1"],
         "webdav": ["fsspec>=2023.1", "webdav4>=0.9"],
         "sftp": ["fsspec>=2023.1", "paramiko>=3"],
+        # Baselines the benchmarks in bench/ measure us against.
+        "bench": ["diskcache>=5.6"],
         "develop": [
-            "pytest>=7", "tox>=4",
+            "pytest>=7", "tox>=4", "hypothesis>=6.100", "diskcache>=5.6",
             # Real servers on loopback for the host tests: S3 and WebDAV.
             "boto3>=1.34", "moto[server]>=5", "fsspec>=2023.1", "webdav4>=0.9",
             "wsgidav>=4", "cheroot>=10",
         ],
     },
-    entry_points={"console_scripts": ["cm_setup_db=cloudmanager.setup_db:main"]},
+    entry_points={"console_scripts": [
+        "cm=cloudmanager.cli:main",
+        "cm_setup_db=cloudmanager.setup_db:main",
+    ]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Programming Language :: Python :: 3 :: Only",

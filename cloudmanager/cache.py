@@ -23,12 +23,15 @@ and reconciles.
 """
 
 import contextlib
+import errno
+import hashlib
 import logging
 import os
 import secrets
 import shutil
 import socket
 import stat
+import sys
 import threading
 import time
 
@@ -44,6 +47,8 @@ TOUCH_BATCH = 1000
 TOUCH_INTERVAL_S = 1.0
 #: Files evicted per round trip when making room.
 EVICT_BATCH = 64
+#: In a batch ingest, files up to this size are read whole (one read, one write).
+SMALL_FILE = 1 << 20
 
 
 class CacheStore:
@@ -86,10 +91,9 @@ class CacheStore:
             raise CacheError("storage path %s exists and is not a directory" % self.root)
         try:
             os.makedirs(self.root, fsutil.DIR_MODE, exist_ok=True)
-            os.makedirs(self.tmp_dir, fsutil.DIR_MODE, exist_ok=True)
+            own_dir(self.tmp_dir)
             for i in range(256):
-                # exist_ok: another process may be creating them right now
-                os.makedirs(os.path.join(self.root, "%02x" % i), fsutil.DIR_MODE, exist_ok=True)
+                own_dir(os.path.join(self.root, "%02x" % i))
         except OSError as exc:
             raise CacheError("cannot prepare storage directory %s: %s" % (self.root, exc)) from exc
         if not os.access(self.root, os.W_OK | os.X_OK):
@@ -220,9 +224,10 @@ class CacheStore:
         return len(victims)
 
     def _unlink_cached(self, file_hash):
-        # lstat first: a symlink planted in the storage directory is removed
-        # as a link and never followed.
-        fsutil.remove_quietly(self._path(file_hash))
+        # Through the shard's own fd, opened without following a symlink: a
+        # link planted as the file is removed as a link, and a link planted
+        # as the shard (to a folder host's directory, say) is never entered.
+        unlink_in(os.path.join(self.root, file_hash[:2]), file_hash)
 
     @contextlib.contextmanager
     def reserve(self, size):
@@ -321,6 +326,141 @@ class CacheStore:
         reservation.committed = True
         return path
 
+    def ingest_many(self, sources, queue=True):
+        """Copy several files into the cache under one reservation and one transaction.
+
+        Like :meth:`ingest` for each source, but room is reserved once for
+        the whole batch, and the files are published (renamed into place)
+        and recorded in one transaction, with one fsync per shard directory
+        rather than per file. A file the pool already caches is not copied
+        again.
+
+        :param sources: ``[(source_path, filename, created)]``
+        :return: a list, one entry per source in order: ``(hash, size)``, or
+            the exception (:class:`OSError`, :class:`CacheError`) that
+            stopped that file; the others are ingested all the same
+        :raises CacheFullError: if the batch as a whole does not fit (nothing
+            was written)
+        """
+        results = [None] * len(sources)
+        sizes = []
+        for k, (path, _, _) in enumerate(sources):
+            try:
+                sizes.append(os.stat(path).st_size)
+            except OSError as exc:
+                results[k] = exc
+                sizes.append(0)
+        total = sum(sizes)
+        if total > self.capacity:
+            raise CacheFullError("%d bytes do not fit a %d-byte cache" % (total, self.capacity))
+        temps = {}  # k -> temp path, until published or removed
+        try:
+            with self.reserve(total) as res:
+                stem = res.temp[:-len(".tmp")]
+                for k, (path, _, _) in enumerate(sources):
+                    if results[k] is not None:
+                        continue
+                    temps[k] = "%s-%d.tmp" % (stem, k)
+                    try:
+                        results[k] = self._copy_in(path, temps[k], sizes[k])
+                    except (OSError, CacheError) as exc:
+                        results[k] = exc
+                        fsutil.remove_quietly(temps.pop(k))
+                self._publish_many(res, sources, results, temps, queue)
+        finally:
+            for temp in temps.values():
+                fsutil.remove_quietly(temp)
+        return results
+
+    def _copy_in(self, source_path, temp, size):
+        """Copy one file of an :meth:`ingest_many` batch to ``temp``, hashing it.
+
+        A small file is read whole (one read, one write); a larger one is
+        streamed like :meth:`ingest`. It may not grow past the ``size``
+        reserved for it.
+
+        :return: ``(hash, size)``
+        """
+        with open(source_path, "rb", buffering=0) as src:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                         fsutil.FILE_MODE)
+            try:
+                if size <= SMALL_FILE:
+                    data = src.read(size + 1)
+                    while data is not None and len(data) <= size:  # a short read is rare
+                        more = src.read(size + 1 - len(data))
+                        if not more:
+                            break
+                        data += more
+                    if len(data) > size:
+                        raise CacheError("%s grew while it was read" % source_path)
+                    file_hash, nbytes = hashlib.sha256(data).hexdigest(), len(data)
+                    fsutil.write_all(fd, data)
+                else:
+                    try:
+                        file_hash, nbytes = fsutil.copy_and_hash(src, fd, limit=size)
+                    except OverflowError:
+                        raise CacheError("%s grew while it was read" % source_path) from None
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        if nbytes != size:
+            raise CacheError("%s changed size while it was read" % source_path)
+        return file_hash, nbytes
+
+    def _publish_many(self, reservation, sources, results, temps, queue):
+        """Publish a batch's temp files and record them, in one transaction."""
+        now = time.time()
+        done = {}  # hash -> the size published (or found cached) in this batch
+        shards = set()
+        with self.db.transaction() as conn:
+            known = self.db.file_states(conn, {r[0] for r in results if isinstance(r, tuple)})
+            new_rows, to_queue = [], []
+            for k, (_, filename, created) in enumerate(sources):
+                if k not in temps:
+                    continue
+                file_hash, size = results[k]
+                if file_hash in done:  # the same content twice in one batch
+                    if done[file_hash] != size:  # pragma: no cover - a SHA-256 collision
+                        results[k] = IntegrityError("%s twice with two sizes" % file_hash)
+                    fsutil.remove_quietly(temps.pop(k))
+                    continue
+                created = int(created if created is not None else now)
+                state = known.get(file_hash)
+                if state is None:
+                    new_rows.append((file_hash, filename, size, created))
+                    if queue:
+                        to_queue.append(file_hash)
+                else:
+                    # Known already: the per-file rules of commit() apply.
+                    outcome = self.db.add_file(conn, file_hash, filename, size, created,
+                                               size_known=True)
+                    if outcome == "conflict":
+                        results[k] = IntegrityError("%s is recorded with another size than %d"
+                                                    % (file_hash, size))
+                        fsutil.remove_quietly(temps.pop(k))
+                        continue
+                    if state[1] and self._file_ok(file_hash, size):
+                        self.db.touch_many([(file_hash, now)])
+                        fsutil.remove_quietly(temps.pop(k))
+                        done[file_hash] = size
+                        continue
+                    self.db.set_cached(conn, file_hash, True, now)
+                    if queue and state[2] == 0:
+                        to_queue.append(file_hash)
+                fsutil.publish(temps.pop(k), self._path(file_hash), fsync=False)
+                shards.add(file_hash[:2])
+                done[file_hash] = size
+            self.db.insert_cached_files(conn, new_rows, now)
+            if to_queue:
+                self.db.enqueue_many(conn, to_queue, now)
+            if self.fsync:
+                for shard in shards:  # one fsync per directory, not per file
+                    fsutil.fsync_dir(os.path.join(self.root, shard))
+            self.db.drop_reservation(conn, reservation.id)
+        reservation.committed = True
+
     def drop(self, file_hash, only_if_damaged=False):
         """Remove a file from the cache (its record stays).
 
@@ -384,11 +524,12 @@ class CacheStore:
         live_tokens.add(self.token)
         report = {"temp_removed": 0, "orphans_removed": 0, "missing_marked": 0,
                   "dead_sessions": len(dead), "full": False}
-        for entry in _scandir(self.tmp_dir):
-            # Every temp name starts with its session's token, after any dots.
-            if entry.name.lstrip(".").split("-", 1)[0] not in live_tokens:
-                _remove_entry(entry)
-                report["temp_removed"] += 1
+        with open_dir(self.tmp_dir) as fd:
+            for entry in scan(fd):
+                # Every temp name starts with its session's token, after any dots.
+                if entry.name.lstrip(".").split("-", 1)[0] not in live_tokens:
+                    remove_entry(fd, self.tmp_dir, entry)
+                    report["temp_removed"] += 1
         if full is None:
             full = bool(dead) or not self.db.has_files() and self._has_any_file()
         if full:
@@ -403,8 +544,9 @@ class CacheStore:
 
     def _has_any_file(self):
         for i in range(256):
-            for _ in _scandir(os.path.join(self.root, "%02x" % i)):
-                return True
+            with open_dir(os.path.join(self.root, "%02x" % i)) as fd:
+                if scan(fd):
+                    return True
         return False
 
     def _full_reconcile(self):
@@ -433,13 +575,17 @@ class CacheStore:
         on_disk, removed = {}, 0
         for i in range(256):
             shard = "%02x" % i
-            for entry in _scandir(os.path.join(self.root, shard)):
-                if entry.is_file(follow_symlinks=False) and is_hash(entry.name) \
-                        and entry.name.startswith(shard):
-                    on_disk[entry.name] = entry.stat(follow_symlinks=False).st_size
-                else:
-                    _remove_entry(entry)
-                    removed += 1
+            shard_path = os.path.join(self.root, shard)
+            if not own_dir(shard_path):  # a symlink or a file took its place
+                removed += 1
+            with open_dir(shard_path) as fd:
+                for entry in scan(fd):
+                    if entry.is_file(follow_symlinks=False) and is_hash(entry.name) \
+                            and entry.name.startswith(shard):
+                        on_disk[entry.name] = entry.stat(follow_symlinks=False).st_size
+                    else:
+                        remove_entry(fd, shard_path, entry)
+                        removed += 1
         return on_disk, removed
 
     def close(self):
@@ -483,16 +629,81 @@ def _pid_alive(pid):
     return True
 
 
-def _scandir(path):
+# -- the directory, never through a planted symlink ----------------------------
+#
+# Anyone who can write into the storage directory can put a symlink where a
+# shard, the temp directory or a cached file should be. Walks and deletes go
+# through directory fds opened with O_NOFOLLOW, so they never reach outside.
+
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) \
+    | getattr(os, "O_CLOEXEC", 0)
+
+
+@contextlib.contextmanager
+def open_dir(path):
+    """Yield an fd on the directory ``path`` itself, or None if it is missing
+    or is not a real directory (a symlink in its place is not followed)."""
     try:
-        with os.scandir(path) as it:
-            yield from it
-    except FileNotFoundError:
-        return
+        fd = os.open(path, _DIR_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        fd = None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        log.warning("%s is a symlink, not a directory; not following it", path)
+        fd = None
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
-def _remove_entry(entry):
+def scan(fd):
+    """The entries of an open directory (a list; none for a None fd)."""
+    if fd is None:
+        return []
+    with os.scandir(fd) as it:
+        return list(it)
+
+
+def remove_entry(fd, dir_path, entry):
+    """Remove an entry of the directory open as ``fd`` without following it."""
     if entry.is_dir(follow_symlinks=False):
-        shutil.rmtree(entry.path, ignore_errors=True)
+        if sys.version_info >= (3, 11):
+            shutil.rmtree(entry.name, ignore_errors=True, dir_fd=fd)
+        else:  # rmtree refuses a symlink at the top, and never follows one below
+            shutil.rmtree(os.path.join(dir_path, entry.name), ignore_errors=True)
     else:
-        fsutil.remove_quietly(entry.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.name, dir_fd=fd)
+
+
+def unlink_in(dir_path, name):
+    """Unlink ``name`` in ``dir_path``, unless ``dir_path`` is not a real directory."""
+    with open_dir(dir_path) as fd:
+        if fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+
+
+def own_dir(path):
+    """Make ``path`` a real directory (mode 0700 when created).
+
+    A symlink or a file found in its place is removed, never followed.
+
+    :return: True if it was already a directory
+    """
+    try:
+        os.mkdir(path, fsutil.DIR_MODE)
+        return False
+    except FileExistsError:
+        pass  # another process may have made it a moment ago
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode):
+        return True
+    log.warning("%s is not a directory (a symlink or a file); replacing it", path)
+    os.unlink(path)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, fsutil.DIR_MODE)
+    return False

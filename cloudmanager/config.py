@@ -26,6 +26,9 @@ options of the host kind), ``weight`` (a positive number, default 1) and
 so keep it stable. Credentials belong in the places each backend reads them
 (the AWS credential chain for S3); option values whose key looks like a
 secret are never shown by :meth:`HostConfig.describe`.
+
+Which file a command uses is decided by :func:`find_config`; with none,
+:func:`embedded_config` describes a pool that needs no account and no server.
 """
 
 import os
@@ -52,6 +55,17 @@ POOL_KEYS = {
     "host_cooldown": (int, float),
 }
 _HOST_KEYS = {"spec", "options", "weight", "enabled"}
+
+#: The file looked for in the current directory and in the user config dir.
+CONFIG_NAME = "cloudmanager.toml"
+#: The environment variable naming a config file.
+CONFIG_ENV = "CLOUDMANAGER_CONFIG"
+#: The share of the free disk space the embedded defaults give the cache.
+DEFAULT_CAPACITY_SHARE = 0.10
+#: The embedded defaults never make a cache smaller than this...
+MIN_DEFAULT_CAPACITY = 64 * 2**20
+#: ...or larger than this.
+MAX_DEFAULT_CAPACITY = 100 * 2**30
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
           "tib": 2**40}
@@ -191,7 +205,10 @@ def parse_config(document, base_dir=".", path=None):
         if key in pool:
             pool[key] = os.path.join(base_dir, os.path.expanduser(pool[key]))
     if "capacity" in pool:
-        pool["capacity"] = parse_size(pool["capacity"])
+        try:
+            pool["capacity"] = parse_size(pool["capacity"])
+        except InvalidInputError as exc:
+            raise ConfigError("pool.capacity: %s" % exc) from None
     hosts = [_host_config(name, table) for name, table in _table(document, "hosts").items()]
     return Config(path, pool, hosts)
 
@@ -232,3 +249,94 @@ def _host_config(name, table):
     if not isinstance(enabled, bool):
         raise ConfigError("%s.enabled must be true or false" % where)
     return HostConfig(name, spec, dict(options), float(weight), enabled)
+
+
+# -- where the configuration comes from ---------------------------------------
+
+class UserDirs(NamedTuple):
+    """The per-user directories of this platform (from platformdirs)."""
+
+    config: str
+    data: str
+    cache: str
+
+
+def user_dirs():
+    """The user config, data and cache directories for cloudmanager.
+
+    On Linux these follow XDG: ``~/.config/cloudmanager``,
+    ``~/.local/share/cloudmanager`` and ``~/.cache/cloudmanager``, or where
+    ``$XDG_CONFIG_HOME``, ``$XDG_DATA_HOME`` and ``$XDG_CACHE_HOME`` point.
+    """
+    import platformdirs  # only the command line needs it
+
+    return UserDirs(platformdirs.user_config_dir("cloudmanager"),
+                    platformdirs.user_data_dir("cloudmanager"),
+                    platformdirs.user_cache_dir("cloudmanager"))
+
+
+def find_config(explicit=None, environ=None, cwd=None):
+    """Find the config file a command should use.
+
+    The order: ``explicit`` (``cm --config``), then ``$CLOUDMANAGER_CONFIG``,
+    then ``./cloudmanager.toml``, then ``cloudmanager.toml`` in the user
+    config dir. A file named explicitly or by the environment must exist.
+
+    :return: ``(path, source)``: the file (None when none is found, meaning
+        the embedded defaults) and a phrase saying where it came from
+    :raises ConfigError: if a file named by ``explicit`` or the environment
+        does not exist
+    """
+    environ = os.environ if environ is None else environ
+    for path, source in ((explicit, "--config"), (environ.get(CONFIG_ENV), "$" + CONFIG_ENV)):
+        if path:
+            path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+            if not os.path.isfile(path):
+                raise ConfigError("%s names %s, which is not a file" % (source, path))
+            return path, source
+    local = os.path.join(cwd or os.getcwd(), CONFIG_NAME)
+    if os.path.isfile(local):
+        return os.path.abspath(local), "the current directory"
+    user = os.path.join(user_dirs().config, CONFIG_NAME)
+    if os.path.isfile(user):
+        return user, "the user config dir"
+    return None, "embedded defaults (no %s found)" % CONFIG_NAME
+
+
+def default_capacity(storage, cached_bytes=0):
+    """A cache size for a pool nobody sized: a tenth of the free space.
+
+    The bytes the cache already holds count as free, so the capacity does
+    not shrink as the cache fills. Clamped to [64 MiB, 100 GiB].
+
+    :param storage: the cache directory (it need not exist yet)
+    :param cached_bytes: what the cache holds now
+    """
+    probe = os.path.abspath(storage)
+    while not os.path.exists(probe):  # statvfs the filesystem it will be on
+        probe = os.path.dirname(probe)
+    st = os.statvfs(probe)
+    share = int((st.f_bavail * st.f_frsize + cached_bytes) * DEFAULT_CAPACITY_SHARE)
+    return max(MIN_DEFAULT_CAPACITY, min(MAX_DEFAULT_CAPACITY, share))
+
+
+def embedded_config(capacity=None):
+    """The pool used when no config file is found: no account, no server.
+
+    The database lives in the user data dir, the cache in the user cache
+    dir, and the one host is a folder in the user data dir (``hosts/local``),
+    so ``cm upload FILE`` works right after install. Add remote hosts with
+    ``cm init --host``.
+
+    :param capacity: the cache size in bytes; ``None`` leaves it for the
+        caller to set (see :func:`default_capacity`)
+    :return: a :class:`Config` whose ``path`` is None
+    """
+    dirs = user_dirs()
+    pool = {"database": os.path.join(dirs.data, "pool.sqlite3"),
+            "storage": os.path.join(dirs.cache, "pool"),
+            "redundancy": 1}
+    if capacity is not None:
+        pool["capacity"] = capacity
+    local = HostConfig("local", "dir:" + os.path.join(dirs.data, "hosts", "local"), {})
+    return Config(None, pool, [local])

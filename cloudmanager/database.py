@@ -26,7 +26,7 @@ from .errors import DatabaseError
 log = logging.getLogger(__name__)
 
 #: The schema version this code writes and expects.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: ``{from_version: sql}``: the script that moves a database from
 #: ``from_version`` to ``from_version + 1``. Each script ends by setting
@@ -42,6 +42,19 @@ MIGRATIONS = {
         UPDATE host_health SET latency_samples = json_array(latency_ms)
             WHERE latency_ms IS NOT NULL;
         PRAGMA user_version = 2;
+    """,
+    # 3: the hashes of local source files, for `cm upload` to skip known files.
+    2: """
+        CREATE TABLE IF NOT EXISTS sources (
+            path     TEXT PRIMARY KEY,
+            size     INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            ctime_ns INTEGER NOT NULL,
+            inode    INTEGER NOT NULL,
+            device   INTEGER NOT NULL,
+            hash     TEXT NOT NULL CHECK (length(hash) = 64)
+        ) WITHOUT ROWID;
+        PRAGMA user_version = 3;
     """,
 }
 
@@ -103,6 +116,11 @@ class FileDatabase:
     def _connect(self):
         try:
             os.makedirs(os.path.dirname(self.path), 0o700, exist_ok=True)
+            # Private from the start: SQLite gives its -wal and -shm files the
+            # database file's mode, and would create it 0644. (An empty file
+            # is an empty database to SQLite.)
+            os.close(os.open(self.path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                             0o600))
             conn = sqlite3.connect(
                 self.path,
                 timeout=BUSY_TIMEOUT_S,
@@ -617,6 +635,157 @@ class FileDatabase:
         """Number of files with fewer than ``target`` good copies (uses an index)."""
         return self._read("SELECT count(*) FROM files WHERE copies < ?", (target,)).fetchone()[0]
 
+    # -- listing: `cm ls` and hash prefixes ------------------------------------
+
+    def list_files(self):
+        """Yield ``(hash, filename, size, cached, pinned, copies, verified)`` for
+        every file, by filename then hash. Streams from one cursor."""
+        return self._read("SELECT hash, filename, size, cached, pinned, copies, verified"
+                          " FROM files ORDER BY filename, hash")
+
+    def hashes_with_prefix(self, prefix, limit=2):
+        """Up to ``limit`` hashes starting with the hex ``prefix``, in order.
+
+        A range scan on the primary key, so O(log n) however large the pool.
+        """
+        # 'g' sorts after every hex digit: [prefix, prefix + 'g') is the range.
+        return [row[0] for row in self._read(
+            "SELECT hash FROM files WHERE hash >= ? AND hash < ? ORDER BY hash LIMIT ?",
+            (prefix, prefix + "g", limit))]
+
+    # -- local sources: hashes of files `cm upload` has read --------------------
+
+    def source_hashes(self, paths):
+        """``{path: (size, mtime_ns, ctime_ns, inode, device, hash)}`` for the
+        known ones among ``paths`` (absolute)."""
+        found = {}
+        paths = list(paths)
+        for start in range(0, len(paths), 500):  # below SQLite's variable limit
+            chunk = paths[start:start + 500]
+            found.update((row[0], tuple(row[1:])) for row in self._read(
+                "SELECT path, size, mtime_ns, ctime_ns, inode, device, hash FROM sources"
+                " WHERE path IN (%s)" % ",".join("?" * len(chunk)), chunk))
+        return found
+
+    def remember_sources(self, rows):
+        """Store ``(path, size, mtime_ns, ctime_ns, inode, device, hash)`` rows, in one
+        transaction."""
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO sources"
+                " (path, size, mtime_ns, ctime_ns, inode, device, hash)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    # -- batches: CloudManager.upload_many -------------------------------------
+    #
+    # A few statements per batch instead of several transactions per file:
+    # SQLite commits cost far more than the rows they carry.
+
+    def file_states(self, conn, hashes):
+        """``{hash: (size, cached, verified)}`` for the known ones among ``hashes``.
+
+        One statement whatever the number (a JSON array parameter).
+        """
+        return {h: (size, cached, verified) for h, size, cached, verified in conn.execute(
+            "SELECT hash, size, cached, verified FROM files"
+            " WHERE hash IN (SELECT value FROM json_each(?))", (json.dumps(list(hashes)),))}
+
+    def insert_cached_files(self, conn, rows, when):
+        """Record new files as cached, in one statement (inside a transaction).
+
+        :param rows: ``(hash, filename, size, created)`` of files the pool
+            does not know yet
+        :param when: their LRU clock
+        """
+        conn.executemany(
+            "INSERT INTO files (hash, filename, size, created, cached, last_access)"
+            " VALUES (?, ?, ?, ?, 1, ?)", [(h, n, s, c, when) for h, n, s, c in rows])
+
+    def enqueue_many(self, conn, hashes, when):
+        """Queue files for upload (inside a transaction); queued ones stay as they are."""
+        conn.executemany("INSERT OR IGNORE INTO upload_queue (hash, queued) VALUES (?, ?)",
+                         [(h, when) for h in hashes])
+
+    def replication_states(self, hashes):
+        """``{hash: (size, verified, cached, holders)}`` for the known ones among
+        ``hashes``, where ``holders`` is the set of host names with a good
+        copy. Two statements."""
+        param = (json.dumps(list(hashes)),)
+        states = {h: (size, verified, bool(cached), set()) for h, size, verified, cached
+                  in self._read("SELECT hash, size, verified, cached FROM files"
+                                " WHERE hash IN (SELECT value FROM json_each(?))", param)}
+        for h, host_name in self._read(
+                "SELECT hash, host_name FROM uploads WHERE error = 0"
+                " AND hash IN (SELECT value FROM json_each(?))", param):
+            states[h][3].add(host_name)
+        return states
+
+    def record_uploads_many(self, conn, copies, failures, when):
+        """:meth:`record_upload` and :meth:`record_upload_failure` for a batch
+        (inside a transaction), a few statements in all.
+
+        :param copies: ``[(hash, host_name, url)]`` of good copies made
+        :param failures: ``[(hash, host_name)]`` of failed uploads
+        """
+        if copies:
+            conn.executemany(
+                "INSERT INTO uploads (hash, host_name, url, error, verified, time)"
+                " VALUES (?, ?, ?, 0, 1, ?) ON CONFLICT (hash, host_name, url)"
+                " DO UPDATE SET error = 0, verified = 1, time = excluded.time",
+                [(h, host, url, when) for h, host, url in copies])
+            conn.executemany("DELETE FROM uploads WHERE hash = ? AND host_name = ? AND url = ''"
+                             " AND error = 1", [(h, host) for h, host, _ in copies])
+        if failures:
+            conn.executemany(
+                "INSERT INTO uploads (hash, host_name, url, error, time)"
+                " SELECT ?, ?, '', 1, ? WHERE NOT EXISTS ("
+                "  SELECT 1 FROM uploads WHERE hash = ? AND host_name = ? AND error = 0)"
+                " ON CONFLICT (hash, host_name, url) DO UPDATE SET time = excluded.time",
+                [(h, host, when, h, host) for h, host in failures])
+
+    def dequeue_many(self, conn, hashes):
+        """Take files off the upload queue (inside a transaction)."""
+        conn.executemany("DELETE FROM upload_queue WHERE hash = ?", [(h,) for h in hashes])
+
+    def record_host_batch(self, outcomes):
+        """Update hosts' health after a batch of operations, in one transaction.
+
+        :param outcomes: ``{host_name: [(ok, latency_ms, error, when)]}``, each
+            list in the order the operations ended; the result is the same as
+            :meth:`record_host_result` called once for each
+        """
+        with self.transaction() as conn:
+            for host_name, results in outcomes.items():
+                if not results:
+                    continue
+                conn.execute("INSERT OR IGNORE INTO host_health (host_name) VALUES (?)",
+                             (host_name,))
+                consecutive, samples = conn.execute(
+                    "SELECT consecutive_failures, latency_samples FROM host_health"
+                    " WHERE host_name = ?", (host_name,)).fetchone()
+                samples = json.loads(samples)
+                successes = failures = 0
+                last_success = last_failure = last_error = None
+                for ok, latency_ms, error, when in results:
+                    if ok:
+                        successes += 1
+                        consecutive = 0
+                        last_success = when
+                        if latency_ms is not None:
+                            samples.append(round(latency_ms, 3))
+                    else:
+                        failures += 1
+                        consecutive += 1
+                        last_failure, last_error = when, (error or "")[:500]
+                conn.execute(
+                    "UPDATE host_health SET successes = successes + ?, failures = failures + ?,"
+                    " consecutive_failures = ?, latency_samples = ?,"
+                    " last_success = coalesce(?, last_success),"
+                    " last_failure = coalesce(?, last_failure),"
+                    " last_error = coalesce(?, last_error) WHERE host_name = ?",
+                    (successes, failures, consecutive, json.dumps(samples[-LATENCY_SAMPLES:]),
+                     last_success, last_failure, last_error, host_name))
+
     # -- records: export and import -------------------------------------------
 
     def iter_records(self, hashes=None):
@@ -683,3 +852,52 @@ class FileDatabase:
         self.set_counter(conn, "cached_bytes", size)
         self.set_counter(conn, "cached_files", count)
         return size, count
+
+    # -- integrity checks: check.py (CloudManager.check, `cm fsck`) -------------
+
+    def check_cached_rows(self, conn):
+        """``[(hash, size)]`` of every file the database says is cached. Scans rows."""
+        return conn.execute("SELECT hash, size FROM files WHERE cached = 1").fetchall()
+
+    def check_cached_totals(self, conn):
+        """``(bytes, files)`` summed over the cached rows, and the running totals
+        ``(cached_bytes, cached_files)``, read in one statement."""
+        row = conn.execute(
+            "SELECT coalesce(sum(size), 0), count(*),"
+            " (SELECT value FROM counters WHERE name = 'cached_bytes'),"
+            " (SELECT value FROM counters WHERE name = 'cached_files')"
+            " FROM files WHERE cached = 1").fetchone()
+        return (row[0], row[1]), (row[2] or 0, row[3] or 0)
+
+    def check_pins_without_file(self, conn):
+        """Hashes of files pinned explicitly but not cached."""
+        return [r[0] for r in conn.execute(
+            "SELECT hash FROM files WHERE pinned = 1 AND cached = 0 ORDER BY hash")]
+
+    def check_no_remote_copy(self, conn):
+        """``[(hash, cached, queued)]`` of files no host holds a good copy of.
+
+        A range scan of the ``files_copies`` index.
+        """
+        return [(h, bool(c), bool(q)) for h, c, q in conn.execute(
+            "SELECT f.hash, f.cached, q.hash IS NOT NULL FROM files AS f"
+            " LEFT JOIN upload_queue AS q ON q.hash = f.hash"
+            " WHERE f.copies = 0 ORDER BY f.hash")]
+
+    def check_reservations(self, conn):
+        """``[(id, owner, size)]`` of every reservation (writes in flight)."""
+        return conn.execute("SELECT id, owner, size FROM reservations ORDER BY id").fetchall()
+
+    def check_orphan_reservations(self, conn):
+        """Ids of reservations whose owner has no session row: no one will release them."""
+        return [r[0] for r in conn.execute(
+            "SELECT id FROM reservations WHERE owner NOT IN (SELECT owner FROM sessions)")]
+
+    def check_drop_reservations(self, conn, ids):
+        """Release reservations by id (inside a transaction)."""
+        conn.executemany("DELETE FROM reservations WHERE id = ?", [(i,) for i in ids])
+
+    def check_counters_negative(self, conn):
+        """Whether a cache running total is below zero (cheap: two key lookups)."""
+        return conn.execute("SELECT count(*) FROM counters WHERE value < 0"
+                            " AND name IN ('cached_bytes', 'cached_files')").fetchone()[0] > 0

@@ -15,6 +15,7 @@ transfer meter.
 import concurrent.futures
 import logging
 import os
+import queue
 import random
 import threading
 import time
@@ -26,6 +27,7 @@ from .errors import (
     DownloadError,
     HostError,
     HostNotFoundError,
+    HostUnavailableError,
     IntegrityError,
     InvalidInputError,
     TransientHostError,
@@ -36,6 +38,21 @@ log = logging.getLogger(__name__)
 
 #: The longest a host's breaker stays open, in seconds.
 MAX_COOLDOWN = 3600.0
+
+#: Files a batch sends to one host in a row, with one thread (see
+#: :meth:`UploadEngine.upload_many`): a thread per file costs more than a
+#: small file's upload.
+BATCH_GROUP = 16
+#: Groups of a batch queued or running at once: enough to keep every
+#: connection busy, few enough that a host's breaker stops the batch soon.
+BATCH_IN_FLIGHT = 16
+
+#: Seconds the engine waits past a host's own ``timeout`` before it gives up
+#: on a call: the host's own timeout, with its better error, fires first.
+DEADLINE_GRACE = 1.0
+#: Bytes per second a transfer is allowed on top of the host's ``timeout``,
+#: so that a large file on a slow link is not mistaken for a hang.
+DEADLINE_RATE = 64 * 1024
 
 
 class UploadResult(NamedTuple):
@@ -163,8 +180,8 @@ class UploadEngine:
     def _upload_one(self, host, path, file_hash, size):
         started = time.monotonic()
         try:
-            with self._slots[host.name]:
-                location = host.upload(path, file_hash)
+            location = self._call(host, "upload of %s" % file_hash, self.deadline(host, size),
+                                  host.upload, path, file_hash)
         except HostError as exc:
             return self._failed(host, exc, "upload of %s" % file_hash)
         except Exception as exc:  # a host bug must not take the engine down
@@ -174,6 +191,216 @@ class UploadEngine:
         self.db.add_transfer(uploaded=size)
         log.info("uploaded %s to %s", file_hash, host.name)
         return location
+
+    # -- batches (CloudManager.upload_many) --------------------------------------
+
+    def upload_many(self, jobs):
+        """Upload several files, each until its target, all hosts working at once.
+
+        Each job is handled as :meth:`upload` would: healthiest hosts first,
+        and the next candidate when one fails. What differs is the overhead:
+        files go to each host in groups of up to :data:`BATCH_GROUP`, one
+        thread per group, under the same per-file deadline as :meth:`_call`
+        (a group gives up on the rest once one file overruns it); host
+        health and the transfer meter are written once per batch; and a
+        host that fails ``breaker_threshold`` times in a row during the batch
+        gets no more of it.
+
+        :param jobs: ``[(path, file_hash, size, holders, target)]``
+        :return: an :class:`UploadResult` per job, in order
+        """
+        usable, cooling = self.ranked(list(self.hosts.values()))
+        cooling_names = [h.name for h in cooling]
+        if cooling_names and jobs:
+            log.info("not uploading %d files to %s: failed too often lately; cooling down",
+                     len(jobs), ", ".join(cooling_names))
+        plans = [{"job": job, "needed": job[4] - len(set(job[3])), "running": 0,
+                  "candidates": [h for h in usable if h.name not in set(job[3])],
+                  "successes": [], "failures": []} for job in jobs]
+        done_queue = _CompletionQueue()
+        pending = {}  # host name -> (host, [plan index]) waiting to form a group
+        outcomes = {}  # host name -> [(ok, latency_ms, error, when)], for record_host_batch
+        streak = {}  # host name -> failures in a row within this batch
+        tripped = set()
+        counts = {"in_flight": 0, "uploaded": 0}
+
+        def want(index):
+            plan = plans[index]
+            while plan["candidates"] and plan["running"] + len(plan["successes"]) < plan["needed"]:
+                host = plan["candidates"].pop(0)
+                if host.name not in tripped:
+                    plan["running"] += 1
+                    pending.setdefault(host.name, (host, []))[1].append(index)
+
+        def submit(partial):
+            for name in list(pending):
+                host, indexes = pending[name]
+                while indexes and (partial or len(indexes) >= BATCH_GROUP) \
+                        and counts["in_flight"] < BATCH_IN_FLIGHT:
+                    group, indexes[:] = indexes[:BATCH_GROUP], indexes[BATCH_GROUP:]
+                    items = [(i,) + tuple(plans[i]["job"][:3]) for i in group]
+                    done_queue.watch(self._pool.submit(self._upload_group, host, items), host)
+                    counts["in_flight"] += 1
+                if not indexes:
+                    del pending[name]
+
+        scan = iter(range(len(plans)))
+
+        def fill():
+            for index in scan:
+                want(index)
+                submit(partial=False)
+                if counts["in_flight"] >= BATCH_IN_FLIGHT:
+                    return
+            submit(partial=True)  # every job is planned: send the partial groups too
+
+        fill()
+        while counts["in_flight"]:
+            host, future = done_queue.get()
+            counts["in_flight"] -= 1
+            for index, outcome, latency_ms in future.result():
+                plan = plans[index]
+                plan["running"] -= 1
+                ok = isinstance(outcome, Location)
+                outcomes.setdefault(host.name, []).append(
+                    (ok, latency_ms, None if ok else outcome.message, time.time()))
+                if ok:
+                    plan["successes"].append(outcome)
+                    counts["uploaded"] += plan["job"][2]
+                    streak[host.name] = 0
+                    continue
+                plan["failures"].append(outcome)
+                streak[host.name] = streak.get(host.name, 0) + 1
+                if streak[host.name] >= self.breaker_threshold and host.name not in tripped:
+                    tripped.add(host.name)
+                    log.warning("%s failed %d times in a row; no more uploads to it in this "
+                                "batch", host.name, streak[host.name])
+                want(index)  # the next candidate
+            for name in tripped & set(pending):  # not sent yet: to other hosts instead
+                for index in pending.pop(name)[1]:
+                    plans[index]["running"] -= 1
+                    want(index)
+            fill()
+        if outcomes:
+            self.db.record_host_batch(outcomes)
+        if counts["uploaded"]:
+            self.db.add_transfer(uploaded=counts["uploaded"])
+        cooling_names += sorted(tripped)
+        return [UploadResult(p["successes"], p["failures"], cooling_names) for p in plans]
+
+    def _upload_group(self, host, items):
+        """Upload ``[(index, path, file_hash, size)]`` to one host, one after another.
+
+        One daemon thread does the uploads, under one connection slot; the
+        caller waits for each file no longer than :meth:`deadline` would let
+        a single call run. When one overruns, the caller gives up on it and
+        on the rest of the group (the thread stops after the file it is on).
+        No database writes: the batch records them.
+
+        :return: ``[(index, Location or HostError, latency_ms or None)]`` for every item
+        """
+        done = []
+        cond = threading.Condition()
+        state = {"finished": False, "abandoned": False}
+
+        def run():
+            try:
+                with self._slots[host.name]:
+                    for index, path, file_hash, _ in items:
+                        with cond:
+                            if state["abandoned"]:
+                                break
+                        started = time.monotonic()
+                        try:
+                            outcome = host.upload(path, file_hash)
+                            latency_ms = (time.monotonic() - started) * 1000
+                            log.debug("uploaded %s to %s", file_hash, host.name)
+                        except HostError as exc:
+                            outcome, latency_ms = exc, None
+                        except Exception as exc:  # a host bug must not take the engine down
+                            outcome, latency_ms = TransientHostError(host.name, repr(exc)), None
+                        if latency_ms is None:
+                            log.warning("upload of %s failed on %s: %s", file_hash, host.name,
+                                        outcome.message)
+                        with cond:
+                            done.append((index, outcome, latency_ms))
+                            cond.notify()
+            finally:
+                with cond:
+                    state["finished"] = True
+                    cond.notify()
+
+        threading.Thread(target=run, name="cloudmanager-batch", daemon=True).start()
+        with cond:
+            while not state["finished"] and len(done) < len(items):
+                seen = len(done)
+                limit = self.deadline(host, items[seen][3])
+                if not cond.wait_for(lambda: state["finished"] or len(done) > seen, limit):
+                    state["abandoned"] = True
+                    break
+            results = list(done)
+        for index, _, file_hash, _ in items[len(results):]:
+            exc = HostUnavailableError(host.name, "upload of %s did not end within %.1f s; "
+                                       "gave up" % (file_hash, self.deadline(host, 0)))
+            log.warning("%s", exc.message)
+            results.append((index, exc, None))
+        return results
+
+    # -- deadlines -------------------------------------------------------------
+
+    @staticmethod
+    def deadline(host, size=0):
+        """Seconds the engine lets one call to ``host`` run, or None for no limit.
+
+        It is the host's ``timeout``, plus :data:`DEADLINE_GRACE`, plus one
+        second per :data:`DEADLINE_RATE` bytes transferred. A host whose
+        ``timeout`` is None or not positive gets no deadline.
+        """
+        timeout = getattr(host, "timeout", None)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            return None
+        return timeout + DEADLINE_GRACE + size / DEADLINE_RATE
+
+    def _call(self, host, what, deadline, fn, *args, cleanup=None):
+        """Run ``fn(*args)`` under the host's connection slot, within ``deadline`` seconds.
+
+        The call runs in its own daemon thread, so a host that never returns
+        holds that thread, not the caller. If the deadline passes, the
+        caller gets :class:`~cloudmanager.errors.HostUnavailableError`; when
+        the abandoned call ends at last, ``cleanup()`` runs (to remove what
+        it wrote after the caller gave up).
+
+        :raises HostUnavailableError: if the deadline passed
+        """
+        if deadline is None:
+            with self._slots[host.name]:
+                return fn(*args)
+        box = {}
+        lock = threading.Lock()
+
+        def run():
+            try:
+                with self._slots[host.name]:
+                    box["value"] = fn(*args)
+            except BaseException as exc:  # handed to the caller below
+                box["error"] = exc
+            with lock:
+                abandoned = box.setdefault("done", True) == "abandoned"
+            if abandoned:
+                log.info("%s on %s ended after the engine gave up on it", what, host.name)
+                if cleanup is not None:
+                    cleanup()
+
+        worker = threading.Thread(target=run, name="cloudmanager-call", daemon=True)
+        worker.start()
+        worker.join(deadline)
+        with lock:
+            if box.setdefault("done", "abandoned") == "abandoned":
+                raise HostUnavailableError(host.name, "%s did not end within %.1f s; gave up"
+                                           % (what, deadline))
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
 
     def _failed(self, host, exc, what, counts=True):
         """Log a failure and return it; ``counts`` toward the host's health
@@ -219,8 +446,9 @@ class UploadEngine:
             os.close(fd)
             started = time.monotonic()
             try:
-                with self._slots[host.name]:
-                    host.download(location.url, temp, max_bytes=size)
+                self._call(host, "download of %s" % file_hash, self.deadline(host, size),
+                           host.download, location.url, temp, size,
+                           cleanup=lambda temp=temp: fsutil.remove_quietly(temp))
                 got_hash, got_size = fsutil.hash_file(temp)
                 if got_hash != file_hash:
                     raise IntegrityError("%s sent %d bytes hashing to %s" % (
@@ -228,6 +456,8 @@ class UploadEngine:
                 if got_size != size:  # the right bytes: the recorded size is wrong
                     raise TransientHostError(host.name, "the copy has %d bytes but %d are "
                                              "recorded; not caching it" % (got_size, size))
+                # Private, whatever mode the host's tool gave the file.
+                os.chmod(temp, fsutil.FILE_MODE)
                 os.replace(temp, dest_path)
             except (HostError, IntegrityError, OSError) as exc:
                 fsutil.remove_quietly(temp)
@@ -310,8 +540,8 @@ class UploadEngine:
             return "good"
         started = time.monotonic()
         try:
-            with self._slots[host.name]:
-                info = host.stat(location.url)
+            info = self._call(host, "check of %s" % file_hash, self.deadline(host),
+                              host.stat, location.url)
         except HostNotFoundError as exc:
             self._mark_bad(file_hash, host, location, exc)
             self._failed(host, exc, "check of %s" % file_hash, counts=False)
@@ -357,8 +587,8 @@ class UploadEngine:
         if host is None or not host.can_delete:
             return False
         try:
-            with self._slots[host.name]:
-                host.delete(location.url)
+            self._call(host, "delete of %s" % location.url, self.deadline(host),
+                       host.delete, location.url)
         except HostError as exc:
             self._failed(host, exc, "delete of %s" % location.url)
             return False
@@ -372,3 +602,17 @@ class UploadEngine:
                 host.close()
             except Exception as exc:  # closing must not fail the caller
                 log.debug("closing %s: %s", host.name, exc)
+
+
+class _CompletionQueue:
+    """Futures' results in the order they end: one queue, not a wait() over every
+    future (which costs O(n) per call, O(n²) for a batch)."""
+
+    def __init__(self):
+        self._queue = queue.SimpleQueue()
+
+    def watch(self, future, tag):
+        future.add_done_callback(lambda f, tag=tag: self._queue.put((tag, f)))
+
+    def get(self):
+        return self._queue.get()

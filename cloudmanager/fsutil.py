@@ -9,11 +9,27 @@ partial file never takes the target's name.
 import contextlib
 import hashlib
 import os
+import queue
 import secrets
+import stat
+import threading
 
 #: Read size for copying and hashing. Large enough that hashlib releases the
 #: GIL and syscalls are few; small enough to stay in cache.
 CHUNK = 1 << 20
+
+#: Regular files at least this large are copied by a pipeline: a thread reads
+#: and writes while the caller hashes. Below it, a thread costs more than it saves.
+PIPELINE_MIN = 8 << 20
+#: Buffers in flight in the pipeline: how far reading and writing may run
+#: ahead of hashing.
+PIPELINE_DEPTH = 8
+#: The pipeline writes back its destination in windows of this many bytes,
+#: and drops a window from the page cache once it is on disk, this many
+#: windows behind: a large copy streams through a bounded part of memory
+#: and leaves little for the final fsync.
+WRITEBACK_WINDOW = 16 << 20
+WRITEBACK_LAG = 2
 
 #: Mode of files and directories the library creates (private by default).
 FILE_MODE = 0o600
@@ -58,10 +74,13 @@ def remove_quietly(path):
         os.unlink(path)
 
 
-def _chunks(f):
+def _chunks(f, size=None):
     """Yield memoryviews of successive reads of a binary file object, reusing one buffer.
 
     A stream without ``readinto`` (a network response body) is read in chunks.
+
+    :param size: the expected size, when known: a small file gets a small
+        buffer (one byte more than its size, so that growth is still seen)
     """
     if not hasattr(f, "readinto"):
         while True:
@@ -69,7 +88,7 @@ def _chunks(f):
             if not data:
                 return
             yield memoryview(data)
-    buf = bytearray(CHUNK)
+    buf = bytearray(CHUNK if size is None else max(1, min(CHUNK, size + 1)))
     view = memoryview(buf)
     while True:
         n = f.readinto(buf)
@@ -78,28 +97,184 @@ def _chunks(f):
         yield view[:n]
 
 
+def _regular_size(f):
+    """The size of a regular file behind a file object, or None (a pipe, a stream)."""
+    try:
+        st = os.fstat(f.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def write_all(fd, data):
+    """``os.write`` until every byte of ``data`` is written."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def copy_and_hash(src, dst_fd, limit=None, hashing=True):
     """Copy a readable binary file object into ``dst_fd``, hashing as it goes.
 
-    The source is read exactly once.
+    The source is read exactly once, and the digest is of exactly the bytes
+    written. A regular file of :data:`PIPELINE_MIN` bytes or more is copied
+    by a pipeline (see :func:`_copy_pipelined`): reading and writing overlap
+    with hashing, so the copy costs little more than the hash, and the
+    destination streams through a bounded window of the page cache.
 
     :param limit: stop with :class:`OverflowError` once more than this many
         bytes have been read (the source grew, or a host sent too much)
     :param hashing: False to only copy (the digest returned is then None)
     :return: ``(sha256_hex, nbytes)``
+    :raises OverflowError: past ``limit``; ``OSError`` from reading or writing
     """
+    size = _regular_size(src) if hasattr(src, "readinto") else None
+    if hashing and size is not None and size >= PIPELINE_MIN:
+        return _copy_pipelined(src, dst_fd, limit)
     digest = hashlib.sha256() if hashing else None
     total = 0
-    for chunk in _chunks(src):
+    for chunk in _chunks(src, size):
         total += len(chunk)
         if limit is not None and total > limit:
             raise OverflowError("more than %d bytes" % limit)
         if digest is not None:
             digest.update(chunk)
-        while chunk:
-            written = os.write(dst_fd, chunk)
-            chunk = chunk[written:]
+        write_all(dst_fd, chunk)
     return (digest.hexdigest() if digest is not None else None), total
+
+
+_END = object()
+
+
+def _copy_pipelined(src, dst_fd, limit):
+    """Copy and hash with reading and writing in a thread, hashing in the caller's.
+
+    hashlib and the file syscalls release the GIL, so on two cores the copy
+    hides behind the hash. The I/O thread reads a chunk into a free buffer,
+    writes it, and hands it to the caller, who hashes it and gives the buffer
+    back; :data:`PIPELINE_DEPTH` buffers bound how far it runs ahead. Buffers
+    are hashed in read order, so the digest is of exactly the bytes written.
+
+    Written windows are sent to disk and then dropped from the page cache
+    (:class:`_WriteBehind`): a copy larger than memory does not push out the
+    pages other work needs, and new pages are recycled rather than found
+    afresh (which on some virtual machines costs more than the write).
+
+    An error on either side stops both: an I/O error is raised in the caller,
+    and a caller's exception (KeyboardInterrupt included) stops the thread
+    before this returns, so the caller may then close and remove the
+    destination.
+    """
+    free = queue.SimpleQueue()  # empty buffers; None tells the I/O thread to stop
+    full = queue.SimpleQueue()  # (buffer, n) written, to hash; _END; or an exception
+    for _ in range(PIPELINE_DEPTH):
+        free.put(bytearray(CHUNK))
+    stop = threading.Event()
+
+    def pump():
+        total = 0
+        behind = _WriteBehind(dst_fd)
+        try:
+            while not stop.is_set():
+                buf = free.get()
+                if buf is None:
+                    return
+                n = src.readinto(buf)
+                if not n:
+                    break
+                total += n
+                if limit is not None and total > limit:
+                    raise OverflowError("more than %d bytes" % limit)
+                write_all(dst_fd, memoryview(buf)[:n])
+                behind.wrote(total)
+                full.put((buf, n))
+            full.put(_END)
+        except BaseException as exc:  # handed to the caller, who raises it
+            full.put(exc)
+
+    worker = threading.Thread(target=pump, name="cloudmanager-copy", daemon=True)
+    digest = hashlib.sha256()
+    total = 0
+    worker.start()
+    try:
+        while True:
+            item = full.get()
+            if item is _END:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            buf, n = item
+            digest.update(memoryview(buf)[:n])
+            total += n
+            free.put(buf)
+    finally:
+        stop.set()
+        free.put(None)  # wakes the thread if it waits for a buffer
+        worker.join()
+    return digest.hexdigest(), total
+
+
+class _WriteBehind:
+    """Write a file back to disk behind a sequential writer, and drop what is on disk.
+
+    Every :data:`WRITEBACK_WINDOW` bytes, writeback of the new window starts
+    (without waiting); the window :data:`WRITEBACK_LAG` windows back is then
+    waited for and dropped from the page cache. Only hints: durability still
+    comes from the caller's fsync. Linux only (``sync_file_range``); elsewhere,
+    and on files that do not support it, it does nothing.
+    """
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.start = 0
+        self.windows = []
+        self.sync = _sync_range()
+
+    def wrote(self, total):
+        if self.sync is None or total - self.start < WRITEBACK_WINDOW:
+            return
+        try:
+            self.sync(self.fd, self.start, total - self.start, _SFR_WRITE)
+            self.windows.append((self.start, total - self.start))
+            self.start = total
+            if len(self.windows) > WRITEBACK_LAG:
+                offset, length = self.windows.pop(0)
+                self.sync(self.fd, offset, length, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
+                os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            self.sync = None  # not a file this works on: stop trying
+
+
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+_sync_file_range = None
+
+
+def _sync_range():
+    """``sync_file_range(fd, offset, nbytes, flags)`` raising OSError, or None."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        _sync_file_range = _find_sync_file_range() or False
+    return _sync_file_range or None
+
+
+def _find_sync_file_range():
+    if not hasattr(os, "posix_fadvise"):
+        return None
+    try:
+        import ctypes  # only here: it costs start-up time, and few callers need it
+
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (ImportError, OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    func.restype = ctypes.c_int
+
+    def sync_file_range(fd, offset, nbytes, flags):
+        if func(fd, offset, nbytes, flags) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return sync_file_range
 
 
 def hash_file(path):

@@ -10,15 +10,18 @@ on the ``cloudmanager`` logger. Work is done by the parts below it: the
 
 import collections
 import contextlib
+import errno
 import io
 import itertools
 import json
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
 
+from . import check as integrity
 from . import fsutil, serializers
 from .cache import CacheStore
 from .config import Config, load_config
@@ -40,6 +43,14 @@ log = logging.getLogger("cloudmanager")
 
 #: Records merged per transaction by :meth:`CloudManager.load_from`.
 LOAD_BATCH = 5000
+
+#: Files per batch of :meth:`CloudManager.upload_many`: one reservation, one
+#: transaction and one round of host uploads each.
+UPLOAD_BATCH = 500
+
+#: Write errors that mean the cache's disk (or this process's file size
+#: limit) is full: :meth:`CloudManager.upload` then goes straight to the hosts.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 #: Settings a pool gets when neither the caller nor the config file sets them.
 DEFAULTS = {"redundancy": 3, "defer_uploads": False, "fsync": True, "host_timeout": None,
@@ -117,6 +128,12 @@ class CloudManager:
         except BaseException:
             self.engine.close()
             self.db.close()
+            raise
+        try:
+            #: What the cheap open-time check (:func:`cloudmanager.check.on_open`) mended.
+            self.open_check = integrity.on_open(self.cache, self.db)
+        except BaseException:
+            self.close()
             raise
 
     @staticmethod
@@ -201,6 +218,12 @@ class CloudManager:
                     file_hash, _ = self.cache.ingest(path, filename, created=int(time.time()))
                 except CacheFullError as exc:
                     log.info("not caching %s: %s; uploading it from its source", path, exc)
+                except OSError as exc:
+                    if exc.errno not in _NO_SPACE:
+                        raise
+                    # The cache's disk is full: the reservation's temp file
+                    # is gone already; the hosts may still take the file.
+                    log.warning("cannot cache %s: %s; uploading it from its source", path, exc)
                 else:
                     if not defer:
                         self._replicate_logged(file_hash)
@@ -209,6 +232,115 @@ class CloudManager:
         except (OSError, CloudManagerError) as exc:
             log.error("upload of %s failed: %s", path, exc)
             return False
+
+    def upload_many(self, paths, *, defer=None):
+        """Add several files to the pool: :meth:`upload` for each, in batches.
+
+        The result is the same as calling :meth:`upload` on each path, and so
+        are the guarantees (each file is pinned and queued until a host holds
+        it), but it is many times faster for many small files: each batch of
+        up to :data:`UPLOAD_BATCH` files is copied into the cache under one
+        reservation and recorded in one transaction, and its host uploads run
+        concurrently through the engine, with host health written once per
+        batch. A file that cannot go with its batch (too large for the cache,
+        unreadable, changed while read, or a batch that does not fit) goes
+        through :meth:`upload` on its own, so it gets the same result and the
+        same logged reason.
+
+        :param paths: an iterable of regular files' paths (str or path-like)
+        :param defer: override the instance's ``defer_uploads`` for this call:
+            if True, files are only cached and queued, and :meth:`sync`
+            uploads them
+        :return: a list with one entry per path, in order: the file's SHA-256
+            hex, or ``False`` where :meth:`upload` would return ``False``
+        """
+        defer = self.defer_uploads if defer is None else defer
+        paths = list(paths)
+        results = [False] * len(paths)
+        for start in range(0, len(paths), UPLOAD_BATCH):
+            self._upload_batch(paths, range(start, min(start + UPLOAD_BATCH, len(paths))),
+                               results, defer)
+        return results
+
+    def _upload_batch(self, paths, indexes, results, defer):
+        """:meth:`upload_many` for ``paths[i] for i in indexes``; fills ``results``."""
+        batch, alone = [], []  # (index, path, filename); indexes for upload()
+        now = int(time.time())
+        for i in indexes:
+            try:
+                path = os.fspath(paths[i])
+                st = os.stat(path)
+            except (TypeError, OSError):
+                alone.append(i)  # upload() logs why
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_size > self.cache.capacity:
+                alone.append(i)
+                continue
+            batch.append((i, path, safe_basename(os.path.basename(path))))
+        ingested = []
+        if batch:
+            try:
+                outcomes = self.cache.ingest_many([(p, name, now) for _, p, name in batch])
+            except (OSError, CloudManagerError) as exc:  # the batch does not fit, or a
+                log.info("batch of %d files: %s; uploading them one by one", len(batch), exc)
+                outcomes = [exc] * len(batch)  # database error: one by one says more
+            for (i, _, _), outcome in zip(batch, outcomes):
+                if isinstance(outcome, tuple):
+                    results[i] = outcome[0]
+                    ingested.append(outcome[0])
+                else:
+                    alone.append(i)
+        if ingested and not defer:
+            try:
+                self._replicate_many(list(dict.fromkeys(ingested)))
+            except (OSError, CloudManagerError) as exc:
+                # The files are safe in the pool (pinned and queued) whatever happens here.
+                log.error("uploading a batch of %d files to hosts failed: %s; they stay queued",
+                          len(ingested), exc)
+        for i in sorted(alone):
+            results[i] = self.upload(paths[i], defer=defer)
+
+    def _replicate_many(self, hashes):
+        """:meth:`_replicate` for freshly cached files, as one engine batch
+        recorded in one transaction.
+
+        A file no longer in the cache is replicated on its own, from wherever
+        :meth:`_replicate` finds it.
+        """
+        states = self.db.replication_states(hashes)
+        jobs, plans, settled, alone = [], [], [], []
+        for file_hash in hashes:
+            if file_hash not in states:
+                continue
+            size, verified, cached, holders = states[file_hash]
+            holders, target = self._replication_target(verified, holders)
+            if len(holders) >= target or not set(self.engine.hosts) - holders:
+                if holders:
+                    settled.append(file_hash)
+            elif not cached:
+                alone.append(file_hash)
+            else:
+                jobs.append((self.cache.path_for(file_hash), file_hash, size, holders, target))
+                plans.append((file_hash, holders, target))
+        results = self.engine.upload_many(jobs) if jobs else []
+        now = time.time()
+        copies, failures, shorts = [], [], []
+        for (file_hash, holders, target), result in zip(plans, results):
+            copies += [(file_hash, loc.host_name, loc.url) for loc in result.successes]
+            failures += [(file_hash, f.host) for f in result.failures]
+            if len(holders) + len(result.successes) >= target:
+                settled.append(file_hash)
+            else:
+                shorts.append((file_hash, (len(holders) + len(result.successes), target,
+                                           self._short_reason(result))))
+        with self.db.transaction() as conn:
+            self.db.record_uploads_many(conn, copies, failures, int(now))
+            self.db.dequeue_many(conn, settled)
+            self.db.enqueue_many(conn, [h for h, _ in shorts], now)
+        for file_hash, short in shorts:
+            self._note_short(file_hash, *short)
+        for file_hash in alone:
+            self._replicate_logged(file_hash)
 
     def _upload_uncached(self, path, filename):
         """Upload a file that will not be cached straight from its source."""
@@ -255,13 +387,8 @@ class CloudManager:
         record = self.db.get_file(file_hash)
         if record is None:
             return 0
-        holders = self._holders(file_hash)
-        target = self.redundancy
-        if record["verified"] == 0 and holders:
-            # Only other nodes' claims vouch for it: make one copy of our own,
-            # so the cached copy can be unpinned.
-            holders = set()
-            target = 1
+        holders, target = self._replication_target(record["verified"],
+                                                   self._holders(file_hash))
         if len(holders) >= target or not set(self.engine.hosts) - holders:
             if holders:  # at target, or as close as the configured hosts allow
                 with self.db.transaction() as conn:
@@ -271,22 +398,46 @@ class CloudManager:
             result = self.engine.upload(source, file_hash, record["size"], holders=holders,
                                         target=target)
         now = time.time()
-        copies = len(holders) + len(result.successes)
         with self.db.transaction() as conn:
-            self._record_result(conn, file_hash, result, int(now))
-            if copies >= target:
-                self.db.dequeue(conn, file_hash)
-            else:
-                self.db.enqueue(conn, file_hash, now)
-        if copies < target:
-            errors = [f.message for f in result.failures]
-            if result.cooling:
-                errors.append("cooling down after repeated failures: %s"
-                              % ", ".join(result.cooling))
-            errors = "; ".join(errors) or "not enough hosts"
-            self.db.queue_failure(file_hash, errors[:500])
-            log.warning("%s has %d of %d copies: %s", file_hash, copies, target, errors)
+            short = self._settle(conn, file_hash, result, holders, target, now)
+        if short:
+            self._note_short(file_hash, *short)
         return len(result.successes)
+
+    def _replication_target(self, verified, holders):
+        """``(holders, target)`` for a file with ``verified`` copies of this
+        node's own and good copies on the hosts named ``holders``."""
+        if verified == 0 and holders:
+            # Only other nodes' claims vouch for it: make one copy of our own,
+            # so the cached copy can be unpinned.
+            return set(), 1
+        return holders, self.redundancy
+
+    def _settle(self, conn, file_hash, result, holders, target, now):
+        """Record an upload round (inside a transaction); the file stays queued
+        while it is short of ``target``.
+
+        :return: None at target; else ``(copies, target, why)`` for :meth:`_note_short`
+        """
+        copies = len(holders) + len(result.successes)
+        self._record_result(conn, file_hash, result, int(now))
+        if copies >= target:
+            self.db.dequeue(conn, file_hash)
+            return None
+        self.db.enqueue(conn, file_hash, now)
+        return copies, target, self._short_reason(result)
+
+    @staticmethod
+    def _short_reason(result):
+        """Why an upload round left a file short of its target, in a line."""
+        errors = [f.message for f in result.failures]
+        if result.cooling:
+            errors.append("cooling down after repeated failures: %s" % ", ".join(result.cooling))
+        return "; ".join(errors) or "not enough hosts"
+
+    def _note_short(self, file_hash, copies, target, errors):
+        self.db.queue_failure(file_hash, errors[:500])
+        log.warning("%s has %d of %d copies: %s", file_hash, copies, target, errors)
 
     @contextlib.contextmanager
     def _source_of(self, file_hash, size):
@@ -400,7 +551,7 @@ class CloudManager:
             log.warning("download: %s is not in the pool", file_hash)
             return None
         try:
-            dest = os.fspath(destination)
+            dest = os.path.abspath(os.fspath(destination))
             if os.path.isdir(dest):
                 dest = os.path.join(dest, record["filename"] or file_hash)
             return self._deliver(file_hash, record["size"], dest)
@@ -534,6 +685,58 @@ class CloudManager:
         log.info("verify: %s", summary)
         return summary
 
+    def check(self, repair=False, deep=False):
+        """Compare the database with the storage directory (``cm fsck``).
+
+        It walks the storage directory once (and reads every cached byte
+        with ``deep``), under the database's write lock except for the deep
+        reads. It never follows a symlink: one planted in the storage
+        directory is reported as an orphan, and removed as a link with
+        ``repair``; what it points at is neither read nor deleted.
+
+        Every open already runs the cheap part (no walk, no scan of the files
+        table): it releases reservations no session owns, recounts a negative
+        usage total, and evicts down to the capacity if the pool was reopened
+        with a smaller one; after a crash the cache's open also reconciles the
+        directory in full. So a pool that reopened is expected to check clean.
+
+        :param repair: mend what can be mended: mark missing and damaged files
+            not cached (and remove the damaged ones), remove orphans and stale
+            temp files, recount the usage totals, end dead sessions and release
+            their reservations, queue unprotected files for upload, evict down
+            to the capacity, and fetch pinned files back into the cache
+        :param deep: also hash every cached file whose size is right
+        :return: a JSON-serialisable dict:
+
+            - ``clean`` (bool): nothing below was found;
+            - ``missing``: hashes the database says are cached, with no file;
+            - ``size_mismatch``: cached files whose size differs from the record;
+            - ``hash_mismatch``: cached files whose bytes do not match their
+              hash (only with ``deep``; always empty without it);
+            - ``orphans``: paths (relative to the storage directory) of entries
+              no cached row claims: stray files, symlinks, directories, and
+              shards that are not real directories;
+            - ``stale_temp``: temp files left by sessions that no longer run;
+            - ``pins_without_file``: files pinned explicitly but not cached;
+            - ``unprotected``: cached files no host holds a good copy of that
+              are not queued for upload;
+            - ``lost``: files no host holds a good copy of and the cache does
+              not hold either (nothing can bring them back);
+            - ``usage_drift`` / ``count_drift`` (ints): the running totals of
+              cached bytes / files minus the sums over the cached rows;
+            - ``stale_reservations`` (int): space reserved by sessions that no
+              longer run; ``dead_sessions`` (int): such sessions;
+            - ``over_capacity`` (int): bytes held plus bytes reserved beyond the
+              capacity;
+            - ``files_checked`` (int): cached rows compared with the directory;
+            - ``repair`` / ``deep`` (bool): the arguments;
+            - ``repaired``: ``{finding: how many were mended}``;
+            - ``unrepaired``: the findings still there (all of them without
+              ``repair``; ``lost`` always stays).
+        """
+        return integrity.check(self.cache, self.db, repair=repair, deep=deep,
+                               fetch=self.warm_up)
+
     def remove(self, file_hash):
         """Forget a file: delete its copies where hosts allow it, its cached
         copy and its record.
@@ -559,10 +762,14 @@ class CloudManager:
         # that starts later finds no record, so nothing brings the file back.
         with self._fetch_lock(file_hash):
             copies = [(u["host_name"], u["url"]) for u in self.db.uploads(file_hash) if u["url"]]
+            # The record goes first. A crash after it leaves copies no record
+            # knows (garbage on the hosts); the other order would leave a
+            # record of copies already deleted, and an upload of the same
+            # bytes would trust it and never send them again.
+            self.cache.forget(file_hash)
             for host_name, url in copies:  # bad copies too: they still take space
                 (deleted if self.engine.delete(Location(host_name, url)) else kept).append(
                     (host_name, url))
-            self.cache.forget(file_hash)
         for host_name, url in kept:
             log.warning("removed %s from the pool, but its copy on %s stays: %s",
                         file_hash, host_name, url)
@@ -678,6 +885,59 @@ class CloudManager:
         return changed
 
     # -- beyond the seed -----------------------------------------------------
+
+    def status(self, file_hash):
+        """A file's whole state, for people and scripts (``cm info``).
+
+        :return: a dict with ``hash``, ``filename``, ``size``, ``created``,
+            ``cached``, ``pinned`` (explicitly), ``copies`` (hosts with a good
+            copy), ``verified`` (of those, copies this node uploaded or
+            checked), ``target`` (the redundancy) and ``uploads``
+            (``[{host_name, url, error, verified, time}]``); ``None`` for a
+            malformed or unknown hash
+        """
+        try:
+            file_hash = check_hash(file_hash)
+        except InvalidInputError as exc:
+            log.warning("status: %s", exc)
+            return None
+        row = self.db.get_file(file_hash)
+        if row is None:
+            return None
+        status = {k: row[k] for k in ("hash", "filename", "size", "created", "copies",
+                                      "verified")}
+        status.update(cached=self.cache.contains(file_hash), pinned=bool(row["pinned"]),
+                      target=self.redundancy, uploads=self.db.uploads(file_hash))
+        return status
+
+    def files(self):
+        """Iterate over every file, by name then hash (``cm ls``).
+
+        Yields dicts with ``hash``, ``filename``, ``size``, ``cached``,
+        ``pinned``, ``copies`` and ``verified``, streamed from the database.
+        ``cached`` is what the database records; :meth:`on_cache` also looks
+        at the file.
+        """
+        for h, name, size, cached, pinned, copies, verified in self.db.list_files():
+            yield {"hash": h, "filename": name, "size": size, "cached": bool(cached),
+                   "pinned": bool(pinned), "copies": copies, "verified": verified}
+
+    def expand_hash(self, prefix):
+        """The file hash starting with ``prefix`` (4 to 64 hex digits).
+
+        :return: the full hash, or ``None`` if no file's hash starts with it
+        :raises InvalidInputError: if ``prefix`` is not 4 to 64 hex digits, or
+            more than one file's hash starts with it
+        """
+        text = prefix.lower() if isinstance(prefix, str) else ""
+        if len(text) < 4 or len(text) > 64 or text.strip("0123456789abcdef"):
+            raise InvalidInputError("not a SHA-256 or a prefix of one (4 to 64 hex digits): %r"
+                                    % (prefix,))
+        found = self.db.hashes_with_prefix(text, limit=2)
+        if len(found) > 1:
+            raise InvalidInputError("%s is ambiguous: more than one file's hash starts with it"
+                                    % text)
+        return found[0] if found else None
 
     def stats(self):
         """Counts and totals of the pool, as a dict.

@@ -1,4 +1,4 @@
--- cloudmanager database schema, version 2.
+-- cloudmanager database schema, version 3.
 --
 -- Applied by FileDatabase on a new database and by `cm_setup_db PATH`.
 -- Every statement is idempotent, so applying it twice (or from two processes
@@ -157,4 +157,17 @@ CREATE TABLE IF NOT EXISTS sessions (
     started    REAL NOT NULL
 ) WITHOUT ROWID;
 
-PRAGMA user_version = 2;
+-- Hashes of local source files, so `cm upload DIR` run again skips files
+-- already in the pool without reading them. A row is trusted only while the
+-- file's size, mtime, ctime, inode and device are all unchanged.
+CREATE TABLE IF NOT EXISTS sources (
+    path     TEXT PRIMARY KEY,                     -- absolute
+    size     INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    inode    INTEGER NOT NULL,
+    device   INTEGER NOT NULL,
+    hash     TEXT NOT NULL CHECK (length(hash) = 64)
+) WITHOUT ROWID;
+
+PRAGMA user_version = 3;

@@ -513,7 +513,7 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
 
     db = FileDatabase(path)
     try:
-        assert db.schema_version() == SCHEMA_VERSION == 2
+        assert db.schema_version() == SCHEMA_VERSION == 3
         assert db.copies("a" * 64) == 1
         assert db.host_health()["h"]["successes"] == 4
         assert db.host_health()["h"]["latency_ms"] == 9.5  # the old average seeds the samples
@@ -521,10 +521,12 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
         # old latency_ms stays behind, unused).
         fresh = sqlite3.connect(":memory:")
         fresh.executescript(schema_sql())
-        for table in ("uploads", "host_health"):
+        for table in ("uploads", "host_health", "sources"):
             columns = {r[1] for r in db.connection.execute("PRAGMA table_info(%s)" % table)}
             assert columns >= {r[1] for r in fresh.execute("PRAGMA table_info(%s)" % table)}
         db.record_host_result("h", True, latency_ms=20.5)
         assert db.host_health()["h"]["latency_ms"] == 15.0
+        db.remember_sources([("/a", 3, 1, 1, 7, 8, "a" * 64)])  # the v3 table works
+        assert db.source_hashes(["/a", "/b"]) == {"/a": (3, 1, 1, 7, 8, "a" * 64)}
     finally:
         db.close()

@@ -1,6 +1,7 @@
 """The docs are part of the product: the README quick start must run as written."""
 
 import ast
+import hashlib
 import os
 import re
 import subprocess
@@ -79,3 +80,39 @@ def test_every_public_name_has_a_docstring():
                     if not attr.startswith("_") and callable(member) and not member.__doc__:
                         missing.append("%s.%s.%s" % (module.__name__, name, attr))
     assert missing == []
+
+
+def shell_blocks(markdown):
+    return re.findall(r"```sh\n(.*?)```", markdown, flags=re.S)
+
+
+def test_readme_main_job_runs_as_written_on_embedded_defaults(tmp_path):
+    """The README's first block: upload, evict, download, status, as a real shell."""
+    block = shell_blocks((ROOT / "README.md").read_text(encoding="utf-8"))[0]
+    assert block.startswith("pip install -e .")
+    script = "set -euo pipefail\n" + block.split("\n", 1)[1]  # installed already
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "README.md").write_text("a file to keep\n")
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "data"),
+               XDG_CACHE_HOME=str(tmp_path / "cache"), XDG_CONFIG_HOME=str(tmp_path / "config"),
+               PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+    env.pop("CLOUDMANAGER_CONFIG", None)
+    result = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (work / "README.copy.md").read_text() == "a file to keep\n"
+    assert "evicted 1 file;" in result.stdout
+    assert "embedded defaults" in result.stdout and "1 in the pool" in result.stdout
+    digest = hashlib.sha256(b"a file to keep\n").hexdigest()
+    assert (tmp_path / "data" / "cloudmanager" / "hosts" / "local" / digest).is_file()
+
+
+def test_readme_documents_every_cm_subcommand():
+    from cloudmanager.cli import cli
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [name for name in cli.commands if "`cm %s" % name not in readme]
+    assert not missing, "README lacks: %s" % ", ".join(missing)
+    documented = set(re.findall(r"^\| `cm ([a-z]+)", readme, flags=re.M))
+    assert documented == set(cli.commands), documented ^ set(cli.commands)

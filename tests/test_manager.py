@@ -603,3 +603,14 @@ def test_hits_and_misses_count_each_request_once(make_pool, write_file, tmp_path
     stats = cm.stats()
     assert (stats["hits"], stats["misses"]) == (after["hits"], after["misses"])
     assert cm.db.get_file(digest)["last_access"] == last_access
+
+
+def test_download_to_a_relative_path(make_pool, write_file, tmp_path, monkeypatch):
+    cm = make_pool()
+    digest = cm.upload(write_file("rel.txt", b"relative"))
+    monkeypatch.chdir(tmp_path)
+    for cached in (True, False):  # from the cache, and streamed from a host
+        if not cached:
+            cm.evict(0)
+        assert cm.download(digest, "copy.txt") == str(tmp_path / "copy.txt")
+        assert (tmp_path / "copy.txt").read_bytes() == b"relative"

@@ -1,0 +1,124 @@
+"""Local source files: what ``cm upload PATH...`` reads, and what it can skip.
+
+:func:`walk` turns the paths given on a command line into regular files,
+recursing into directories. :class:`SourceIndex` remembers the SHA-256 of
+each file it saw uploaded, keyed by the file's size, mtime, ctime, inode and
+device, so running the same upload again reads none of the unchanged files.
+
+A remembered hash is trusted only while all five are unchanged. ctime cannot
+be set from user space, so a tool that restores an old mtime after writing
+is still caught. A file that was modified in the two seconds before it was
+read is not remembered at all: a second write in the same timestamp tick
+could otherwise leave the stat unchanged (git calls this "racily clean").
+"""
+
+import logging
+import os
+import stat
+from typing import NamedTuple
+
+log = logging.getLogger(__name__)
+
+#: A file changed this recently before it was read is not remembered.
+RACY_WINDOW_NS = 2 * 10**9
+
+
+class SourceFile(NamedTuple):
+    """A regular file to upload, with the stat taken when it was found."""
+
+    path: str  # absolute
+    stat: os.stat_result
+
+    @property
+    def size(self):
+        return self.stat.st_size
+
+    @property
+    def key(self):
+        """What must stay the same for a remembered hash to hold."""
+        st = self.stat
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def walk(paths, follow_symlinks=False):
+    """Yield a :class:`SourceFile` for every regular file under ``paths``.
+
+    Directories are walked recursively, in sorted order. Symbolic links are
+    skipped with a logged notice unless ``follow_symlinks`` (a linked
+    directory is then walked too, once). Sockets, FIFOs and devices are
+    skipped.
+
+    :raises FileNotFoundError: if a path given does not exist
+    """
+    seen_dirs = set()
+    for path in paths:
+        path = os.path.abspath(os.fspath(path))
+        st = os.stat(path) if follow_symlinks else os.lstat(path)
+        yield from _walk_entry(path, st, follow_symlinks, seen_dirs)
+
+
+def _walk_entry(path, st, follow_symlinks, seen_dirs):
+    if stat.S_ISREG(st.st_mode):
+        yield SourceFile(path, st)
+    elif stat.S_ISDIR(st.st_mode):
+        if (st.st_dev, st.st_ino) in seen_dirs:  # a link loop, or given twice
+            return
+        seen_dirs.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as exc:
+            log.warning("skipping %s: %s", path, exc.strerror or exc)
+            return
+        for entry in entries:
+            try:
+                child = entry.stat(follow_symlinks=follow_symlinks)
+            except OSError as exc:  # vanished, or a dangling link
+                log.warning("skipping %s: %s", entry.path, exc.strerror or exc)
+                continue
+            yield from _walk_entry(entry.path, child, follow_symlinks, seen_dirs)
+    elif stat.S_ISLNK(st.st_mode):
+        log.warning("skipping symbolic link %s (use --follow-symlinks to upload its target)",
+                    path)
+    else:
+        log.warning("skipping %s: not a regular file or directory", path)
+
+
+class SourceIndex:
+    """Remembered hashes of source files, stored in the pool's database.
+
+    :param db: the :class:`~cloudmanager.database.FileDatabase`
+    """
+
+    def __init__(self, db):
+        self.db = db
+
+    def known(self, files):
+        """``{path: hash}`` for the files whose remembered stat still matches."""
+        files = list(files)
+        stored = self.db.source_hashes(f.path for f in files)
+        found = {}
+        for f in files:
+            row = stored.get(f.path)
+            if row is not None and row[:5] == f.key:
+                found[f.path] = row[5]
+        return found
+
+    @staticmethod
+    def rememberable(before, after, read_started_ns):
+        """Whether a file read between two stats may be remembered.
+
+        :param before: the :class:`SourceFile` found before the read
+        :param after: ``os.stat_result`` taken after it
+        :param read_started_ns: ``time.time_ns()`` before the read began
+        """
+        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino,
+                after.st_dev) != before.key:
+            return False  # changed while it was read: the hash may mix versions
+        newest = max(after.st_mtime_ns, after.st_ctime_ns)
+        return newest < read_started_ns - RACY_WINDOW_NS
+
+    def remember(self, entries):
+        """Store ``[(SourceFile, hash)]``."""
+        rows = [(f.path,) + f.key + (h,) for f, h in entries]
+        if rows:
+            self.db.remember_sources(rows)
