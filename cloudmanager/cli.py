@@ -39,6 +39,11 @@ log = logging.getLogger("cloudmanager")
 
 #: Concurrent uploads of ``cm upload`` unless ``--jobs`` says otherwise.
 DEFAULT_JOBS = 4
+#: ``cm upload`` hands files to ``upload_many`` in batches of at most this
+#: many files and bytes: large enough to share transactions, small enough
+#: that the progress bar moves and Ctrl-C stops soon.
+UPLOAD_BATCH_FILES = 64
+UPLOAD_BATCH_BYTES = 64 * 2**20
 #: ``cm upload`` stores remembered hashes after this many files, so an
 #: interrupted run keeps what it did.
 REMEMBER_BATCH = 256
@@ -559,27 +564,50 @@ def _pooled(cm, file_hash):
 
 
 def _upload_concurrently(cm, files, jobs, defer):
-    """Yield ``(SourceFile, hash or False, rememberable)`` as uploads finish."""
-    def one(f):
-        started = time.time_ns()
-        file_hash = cm.upload(f.path, defer=defer)
-        if not file_hash:
-            return f, False, False
-        try:
-            after = os.stat(f.path)
-        except OSError:
-            return f, file_hash, False
-        return f, file_hash, SourceIndex.rememberable(f, after, started)
+    """Yield ``(SourceFile, hash or False, rememberable)`` as uploads finish.
 
+    ``jobs`` threads each hand a batch of files to
+    :meth:`~cloudmanager.CloudManager.upload_many`, which records a batch in
+    one transaction and uploads it to the hosts concurrently.
+    """
+    def one(batch):
+        started = time.time_ns()
+        hashes = cm.upload_many([f.path for f in batch], defer=defer)
+        done = []
+        for f, file_hash in zip(batch, hashes):
+            rememberable = False
+            if file_hash:
+                try:
+                    rememberable = SourceIndex.rememberable(f, os.stat(f.path), started)
+                except OSError:
+                    pass
+            done.append((f, file_hash, rememberable))
+        return done
+
+    # Enough batches to keep every job busy, none so big that progress stalls.
+    per_batch = max(1, min(UPLOAD_BATCH_FILES, -(-len(files) // jobs)))
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=jobs,
                                                      thread_name_prefix="cm-upload")
     try:
-        futures = [executor.submit(one, f) for f in files]
+        futures = [executor.submit(one, batch)
+                   for batch in _batches(files, per_batch, UPLOAD_BATCH_BYTES)]
         for future in concurrent.futures.as_completed(futures):
-            yield future.result()
+            yield from future.result()
     finally:
-        # On Ctrl-C, files not started yet are not started.
+        # On Ctrl-C, batches not started yet are not started.
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _batches(files, most_files, most_bytes):
+    batch, size = [], 0
+    for f in files:
+        if batch and (len(batch) >= most_files or size + f.size > most_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(f)
+        size += f.size
+    if batch:
+        yield batch
 
 
 def _report_upload(session, files, results, todo, elapsed, as_json):

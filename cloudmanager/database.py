@@ -185,6 +185,12 @@ class FileDatabase:
         local.depth = 1
         try:
             yield conn
+        except sqlite3.Error as exc:
+            # A constraint that failed (a row another process deleted, say)
+            # is a DatabaseError like any other, never a bare sqlite3 error.
+            local.depth = 0
+            conn.execute("ROLLBACK")
+            raise DatabaseError("%s on %s" % (exc, self.path)) from exc
         except BaseException:
             local.depth = 0
             conn.execute("ROLLBACK")
@@ -400,11 +406,14 @@ class FileDatabase:
 
     def record_upload(self, conn, file_hash, host_name, url, when):
         """Record a good copy this node made, and drop earlier failure rows of that host."""
+        # WHERE EXISTS: the file may have been removed (by another process)
+        # while it was uploaded; then there is nothing to record.
         conn.execute(
             "INSERT INTO uploads (hash, host_name, url, error, verified, time)"
-            " VALUES (?, ?, ?, 0, 1, ?) ON CONFLICT (hash, host_name, url)"
+            " SELECT ?, ?, ?, 0, 1, ? WHERE EXISTS (SELECT 1 FROM files WHERE hash = ?)"
+            " ON CONFLICT (hash, host_name, url)"
             " DO UPDATE SET error = 0, verified = 1, time = excluded.time",
-            (file_hash, host_name, url, when))
+            (file_hash, host_name, url, when, file_hash))
         conn.execute("DELETE FROM uploads WHERE hash = ? AND host_name = ? AND url = ''"
                      " AND error = 1", (file_hash, host_name))
 
@@ -414,8 +423,9 @@ class FileDatabase:
             "INSERT INTO uploads (hash, host_name, url, error, time)"
             " SELECT ?, ?, '', 1, ? WHERE NOT EXISTS ("
             "  SELECT 1 FROM uploads WHERE hash = ? AND host_name = ? AND error = 0)"
+            " AND EXISTS (SELECT 1 FROM files WHERE hash = ?)"
             " ON CONFLICT (hash, host_name, url) DO UPDATE SET time = excluded.time",
-            (file_hash, host_name, when, file_hash, host_name))
+            (file_hash, host_name, when, file_hash, host_name, file_hash))
 
     def mark_copy_bad(self, file_hash, host_name, url):
         """Flag a copy that failed verification; it is never tried again."""
@@ -786,6 +796,19 @@ class FileDatabase:
                     (successes, failures, consecutive, json.dumps(samples[-LATENCY_SAMPLES:]),
                      last_success, last_failure, last_error, host_name))
 
+    def known_records(self, hashes):
+        """``{hash: (size, filename, {(host_name, url)})}`` for the known ones among
+        ``hashes``: what an import is compared with. Two statements."""
+        param = (json.dumps(list(hashes)),)
+        known = {h: (size, name, set()) for h, size, name in self._read(
+            "SELECT hash, size, filename FROM files"
+            " WHERE hash IN (SELECT value FROM json_each(?))", param)}
+        for h, host_name, url in self._read(
+                "SELECT hash, host_name, url FROM uploads"
+                " WHERE hash IN (SELECT value FROM json_each(?))", param):
+            known[h][2].add((host_name, url))
+        return known
+
     # -- records: export and import -------------------------------------------
 
     def iter_records(self, hashes=None):
@@ -827,20 +850,47 @@ class FileDatabase:
         :return: ``(changed, refused)``: how many records added something, and
             the hashes refused for a size conflict
         """
+        records = list(records)
         changed, refused = 0, []
+        # A few set-wise statements per batch, not several per record: what
+        # the pool knows is read once, compared in memory (under the write
+        # lock), and only what is new is written.
         with self.transaction() as conn:
+            hashes = json.dumps(list({rec.hash for rec in records}))
+            known = {h: [size, name] for h, size, name in conn.execute(
+                "SELECT hash, size, filename FROM files"
+                " WHERE hash IN (SELECT value FROM json_each(?))", (hashes,))}
+            have = set(conn.execute(
+                "SELECT hash, host_name, url FROM uploads"
+                " WHERE hash IN (SELECT value FROM json_each(?))", (hashes,)))
+            new_files, named, new_uploads = [], {}, []
             for rec in records:
-                outcome = self.add_file(conn, rec.hash, rec.filename, rec.size, rec.datetime)
-                if outcome == "conflict":
+                row = known.get(rec.hash)
+                if row is None:
+                    known[rec.hash] = [rec.size, rec.filename]
+                    new_files.append((rec.hash, rec.filename, rec.size, rec.datetime))
+                    did = True
+                elif row[0] != rec.size:
                     refused.append(rec.hash)
                     continue
-                did = outcome != "same"
+                elif rec.filename and not row[1]:
+                    row[1] = named[rec.hash] = rec.filename
+                    did = True
+                else:
+                    did = False
                 for host_name, url, error in rec.uploads:
-                    did |= conn.execute(
-                        "INSERT OR IGNORE INTO uploads (hash, host_name, url, error, time)"
-                        " VALUES (?, ?, ?, ?, ?)",
-                        (rec.hash, host_name, url, 1 if error else 0, rec.datetime)).rowcount > 0
+                    if (rec.hash, host_name, url) not in have:
+                        have.add((rec.hash, host_name, url))
+                        new_uploads.append((rec.hash, host_name, url, 1 if error else 0,
+                                            rec.datetime))
+                        did = True
                 changed += did
+            conn.executemany("INSERT INTO files (hash, filename, size, created)"
+                             " VALUES (?, ?, ?, ?)", new_files)
+            conn.executemany("UPDATE files SET filename = ? WHERE hash = ?",
+                             [(name, h) for h, name in named.items()])
+            conn.executemany("INSERT OR IGNORE INTO uploads (hash, host_name, url, error, time)"
+                             " VALUES (?, ?, ?, ?, ?)", new_uploads)
         return changed, refused
 
     # -- reconciliation -------------------------------------------------------

@@ -257,13 +257,33 @@ class CloudManager:
         defer = self.defer_uploads if defer is None else defer
         paths = list(paths)
         results = [False] * len(paths)
-        for start in range(0, len(paths), UPLOAD_BATCH):
-            self._upload_batch(paths, range(start, min(start + UPLOAD_BATCH, len(paths))),
-                               results, defer)
+        uploading = None  # the thread uploading the previous batch to hosts
+        try:
+            for start in range(0, len(paths), UPLOAD_BATCH):
+                ingested, alone = self._ingest_batch(
+                    paths, range(start, min(start + UPLOAD_BATCH, len(paths))), results)
+                # One batch goes to the hosts while the next is copied into the
+                # cache: the two wait on different disks and syscalls.
+                if uploading is not None:
+                    uploading.join()
+                    uploading = None
+                if ingested and not defer:
+                    uploading = threading.Thread(target=self._replicate_many_logged,
+                                                 args=(ingested,), name="cloudmanager-upload")
+                    uploading.start()
+                for i in alone:
+                    results[i] = self.upload(paths[i], defer=defer)
+        finally:
+            if uploading is not None:
+                uploading.join()
         return results
 
-    def _upload_batch(self, paths, indexes, results, defer):
-        """:meth:`upload_many` for ``paths[i] for i in indexes``; fills ``results``."""
+    def _ingest_batch(self, paths, indexes, results):
+        """Cache ``paths[i] for i in indexes`` as one batch; fills ``results``.
+
+        :return: ``(hashes, alone)``: the distinct hashes cached, and the
+            indexes of paths that must go through :meth:`upload` on their own
+        """
         batch, alone = [], []  # (index, path, filename); indexes for upload()
         now = int(time.time())
         for i in indexes:
@@ -290,15 +310,16 @@ class CloudManager:
                     ingested.append(outcome[0])
                 else:
                     alone.append(i)
-        if ingested and not defer:
-            try:
-                self._replicate_many(list(dict.fromkeys(ingested)))
-            except (OSError, CloudManagerError) as exc:
-                # The files are safe in the pool (pinned and queued) whatever happens here.
-                log.error("uploading a batch of %d files to hosts failed: %s; they stay queued",
-                          len(ingested), exc)
-        for i in sorted(alone):
-            results[i] = self.upload(paths[i], defer=defer)
+        return list(dict.fromkeys(ingested)), sorted(alone)
+
+    def _replicate_many_logged(self, hashes):
+        """:meth:`_replicate_many`, logging instead of raising: the files are
+        already safe in the pool (pinned and queued) whatever happens here."""
+        try:
+            self._replicate_many(hashes)
+        except (OSError, CloudManagerError) as exc:
+            log.error("uploading a batch of %d files to hosts failed: %s; they stay queued",
+                      len(hashes), exc)
 
     def _replicate_many(self, hashes):
         """:meth:`_replicate` for freshly cached files, as one engine batch
@@ -566,8 +587,14 @@ class CloudManager:
                 cached = self._fetch_into_cache(file_hash, size)
             except (CacheError, DownloadError) as exc:
                 log.info("not caching %s (%s); streaming it to %s", file_hash, exc, dest)
+        src = None
         if cached is not None:
-            with open(cached, "rb") as src, fsutil.atomic_write(dest) as out:
+            try:
+                src = open(cached, "rb")
+            except FileNotFoundError:  # another process evicted it since the lookup
+                log.info("%s left the cache while it was looked up; fetching it", file_hash)
+        if src is not None:
+            with src, fsutil.atomic_write(dest) as out:
                 try:
                     got, _ = fsutil.copy_and_hash(src, out.fileno(), limit=size)
                 except OverflowError:
@@ -717,7 +744,9 @@ class CloudManager:
               no cached row claims: stray files, symlinks, directories, and
               shards that are not real directories;
             - ``stale_temp``: temp files left by sessions that no longer run;
-            - ``pins_without_file``: files pinned explicitly but not cached;
+            - ``pins_without_file``: files pinned explicitly but not cached
+              (:meth:`pin` does not fetch; a pin set on a file that is not
+              cached, or more pinned than fits, shows here);
             - ``unprotected``: cached files no host holds a good copy of that
               are not queued for upload;
             - ``lost``: files no host holds a good copy of and the cache does
@@ -851,10 +880,38 @@ class CloudManager:
             document is not JSON records (records before the fault stay merged)
         """
         try:
-            return self._merge(serializers.load_from(fileobj))
+            return self._merge(self._new_records(serializers.iter_documents(fileobj)))
         except SerializationError as exc:
             log.error("load_from: %s", exc)
             return None
+
+    def _new_records(self, documents):
+        """Validate decoded JSON records, passing over those the pool knows already.
+
+        A record of a known file with the same size, a filename if it brings
+        one, and only copies the pool has recorded would change nothing: it
+        is skipped unparsed, so reloading a dump costs a lookup per record,
+        not a validation. Every other record is parsed and validated.
+        """
+        batch = []
+        for item in enumerate(documents):
+            batch.append(item)
+            if len(batch) >= LOAD_BATCH:
+                yield from self._parse_unknown(batch)
+                batch = []
+        yield from self._parse_unknown(batch)
+
+    def _parse_unknown(self, batch):
+        known = self.db.known_records(
+            doc["filehash"] for _, doc in batch
+            if isinstance(doc, dict) and isinstance(doc.get("filehash"), str))
+        for index, doc in batch:
+            if isinstance(doc, dict) and _changes_nothing(doc, known.get(doc.get("filehash"))):
+                continue
+            try:
+                yield serializers.parse_record(doc)
+            except SerializationError as exc:
+                log.warning("skipping record #%d: %s", index, exc)
 
     def _merge(self, records):
         changed = 0
@@ -1012,6 +1069,27 @@ class CloudManager:
         :return: the number of files evicted
         """
         return self.cache.evict(target_bytes)
+
+
+def _changes_nothing(doc, known):
+    """Whether merging the raw record ``doc`` would change nothing.
+
+    :param known: ``(size, filename, {(host_name, url)})`` of the pool's
+        record of that hash, or None
+    """
+    if known is None or doc.get("version") not in serializers.READABLE_VERSIONS:
+        return False
+    size, filename, copies = known
+    raw_size = doc.get("filesize")
+    if isinstance(raw_size, bool) or raw_size not in (size, str(size)):
+        return False
+    if not filename and doc.get("version") != "0.1" and doc.get("filename"):
+        return False
+    uploads = doc.get("uploads", [])
+    if not isinstance(uploads, list):
+        return False
+    return all(isinstance(entry, dict) and (entry.get("host_name"), entry.get("url", "")) in copies
+               for entry in uploads)
 
 
 def _parse_all(document):

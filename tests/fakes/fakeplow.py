@@ -26,6 +26,11 @@ Fault knobs
     ``slow`` (float, seconds)
         ``time.sleep`` this long before doing anything for that module
         (killable; meant for timeout tests).  Applied before ``down``.
+    ``duration`` (float, seconds)
+        Make each invocation for that module last at least this long in all,
+        counted from the process's start (interpreter start-up included), by
+        sleeping the rest before doing anything: a host that "takes 0.5 s"
+        (for benchmarks).  Applied after ``slow``, before ``down``.
     ``corrupt_upload`` (bool)
         plowup stores the bytes with the first byte XORed with 0xFF
         (an empty file is stored as the single byte ``b"X"``).
@@ -84,6 +89,7 @@ FAULT_KEYS = {
     "corrupt_upload": bool,
     "corrupt_download": bool,
     "slow": (int, float),
+    "duration": (int, float),
     "empty_download": bool,
     "truncate_download": bool,
     "print_path": str,
@@ -228,8 +234,29 @@ def _apply_common_faults(tool: str, module: str, knobs: dict) -> None:
     slow = knobs.get("slow")
     if slow:
         time.sleep(float(slow))
+    duration = knobs.get("duration")
+    if duration:
+        time.sleep(max(0.0, float(duration) - _elapsed_since_start()))
     if knobs.get("down"):
         raise Exit(ERR_NETWORK, f"{module}: network error (couldn't connect to {module}.fake)")
+
+
+_IMPORTED = time.monotonic()
+
+
+def _elapsed_since_start() -> float:
+    """Seconds since this process started, never more than the truth.
+
+    From the kernel's start time (in clock ticks since boot, rounded down,
+    so one tick is added); without /proc, since this module was imported.
+    """
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            ticks = int(fh.read().rsplit(b")", 1)[1].split()[19])
+        hz = os.sysconf("SC_CLK_TCK")
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - (ticks + 1) / hz)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.monotonic() - _IMPORTED
 
 
 def _aggregate(retvals: list[int]) -> int:

@@ -118,7 +118,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
             pid = zygote.ask("run %d" % rng.getrandbits(32))
             # Short delays land in the open and its reconciliation; longer
             # ones in the middle of the workload.
-            time.sleep(rng.uniform(0, 0.03) if rng.random() < 0.3 else rng.uniform(0.03, 0.25))
+            time.sleep(rng.uniform(0, 0.03) if rng.random() < 0.3 else rng.uniform(0.03, 0.15))
             os.kill(pid, signal.SIGKILL)
             status = zygote.ask("reap %d" % pid)
             if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):

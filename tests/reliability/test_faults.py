@@ -22,7 +22,10 @@ import cloudmanager
 from cloudmanager import CloudManager, database, engine
 from cloudmanager.hosts.memory import MemoryHost
 from helpers import sha
-from hosts.s3_server import MotoServer, aws_env  # noqa: F401  (a fixture)
+from hosts import s3_server
+from hosts.s3_server import MotoServer
+
+aws_env = s3_server.aws_env  # a fixture: fake credentials, no real AWS configuration
 
 from .figures import FAULTS, add
 
@@ -364,7 +367,8 @@ def test_a_remove_killed_midway_never_leaves_a_record_of_deleted_copies(tmp_path
 # -- an S3 server stopped in the middle of an upload --------------------------------
 
 
-def test_an_s3_server_stopped_mid_upload(tmp_path, aws_env):
+@pytest.mark.usefixtures("aws_env")
+def test_an_s3_server_stopped_mid_upload(tmp_path):
     pytest.importorskip("boto3")
     pytest.importorskip("moto")
     import boto3
