@@ -61,14 +61,25 @@ class CacheStore:
         throwaway pools and benchmarks)
     :param reconcile: ``None`` reconciles when a dead session or a new
         database calls for it; True always; False never
-    :raises CacheError: if the directory cannot be used or the capacity is not
-        a positive number
+    :param file_mode: the mode of cached files (default 0600, private); the
+        shard directories get the matching search bits (0640 -> 0750). Temp
+        files stay 0600 until they are published.
+    :raises CacheError: if the directory cannot be used, the capacity is not
+        a positive number, or the mode is not one a cache file can have
     """
 
-    def __init__(self, db, storage_path, capacity, fsync=True, reconcile=None):
+    def __init__(self, db, storage_path, capacity, fsync=True, reconcile=None,
+                 file_mode=fsutil.FILE_MODE):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
             raise CacheError("storage_size must be a positive number of bytes, not %r"
                              % (capacity,))
+        if isinstance(file_mode, bool) or not isinstance(file_mode, int) \
+                or file_mode & ~0o666 or file_mode & 0o600 != 0o600:
+            raise CacheError("file_mode must give the owner read and write and nobody "
+                             "execute (0600 to 0666), not %r" % (file_mode,))
+        self.file_mode = file_mode
+        # Search bits wherever read bits are: 0600 -> 0700, 0640 -> 0750.
+        self.dir_mode = file_mode | (file_mode & 0o444) >> 2
         self.db = db
         self.root = os.path.abspath(os.fspath(storage_path))
         self.capacity = capacity
@@ -93,7 +104,9 @@ class CacheStore:
             os.makedirs(self.root, fsutil.DIR_MODE, exist_ok=True)
             own_dir(self.tmp_dir)
             for i in range(256):
-                own_dir(os.path.join(self.root, "%02x" % i))
+                own_dir(os.path.join(self.root, "%02x" % i), self.dir_mode)
+            if self.dir_mode != fsutil.DIR_MODE:  # configured to share: let others in
+                os.chmod(self.root, self.dir_mode)
         except OSError as exc:
             raise CacheError("cannot prepare storage directory %s: %s" % (self.root, exc)) from exc
         if not os.access(self.root, os.W_OK | os.X_OK):
@@ -104,6 +117,11 @@ class CacheStore:
     def path_for(self, file_hash):
         """The path a file with this hash has in the cache (whether or not it is there)."""
         return self._path(check_hash(file_hash))
+
+    def _set_mode(self, temp):
+        """Give a temp file about to be published the configured mode."""
+        if self.file_mode != fsutil.FILE_MODE:
+            os.chmod(temp, self.file_mode)
 
     def _path(self, file_hash):
         # For hashes already validated: the hot path skips the regex.
@@ -270,13 +288,14 @@ class CacheStore:
 
     # -- writing ---------------------------------------------------------------
 
-    def ingest(self, source_path, filename, created=None, queue=True):
+    def ingest(self, source_path, filename, created=None, queue=True, progress=None):
         """Copy a file into the cache, hashing it on the way (one read).
 
         The bytes go to a temp file under a reservation, are fsynced, and are
         renamed to their hash's path in the same transaction that records the
         file as cached (and queued for upload, if ``queue``).
 
+        :param progress: called with the byte count of each chunk copied
         :return: ``(hash, size)``
         :raises CacheFullError: if there is no room for it
         :raises OSError: if the source cannot be read
@@ -286,7 +305,8 @@ class CacheStore:
             with self.reserve(size) as res:
                 fd = os.open(res.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, fsutil.FILE_MODE)
                 try:
-                    file_hash, nbytes = fsutil.copy_and_hash(src, fd, limit=size)
+                    file_hash, nbytes = fsutil.copy_and_hash(src, fd, limit=size,
+                                                             progress=progress)
                     if self.fsync:
                         os.fsync(fd)
                 except OverflowError:
@@ -318,6 +338,7 @@ class CacheStore:
                 self.db.touch_many([(file_hash, now)])
                 fsutil.remove_quietly(reservation.temp)  # a duplicate of the cached copy
             else:
+                self._set_mode(reservation.temp)
                 fsutil.publish(reservation.temp, path, self.fsync)
                 self.db.set_cached(conn, file_hash, True, now)
             self.db.drop_reservation(conn, reservation.id)
@@ -326,7 +347,7 @@ class CacheStore:
         reservation.committed = True
         return path
 
-    def ingest_many(self, sources, queue=True):
+    def ingest_many(self, sources, queue=True, progress=None):
         """Copy several files into the cache under one reservation and one transaction.
 
         Like :meth:`ingest` for each source, but room is reserved once for
@@ -336,6 +357,8 @@ class CacheStore:
         again.
 
         :param sources: ``[(source_path, filename, created)]``
+        :param progress: called with each chunk's byte count while the larger
+            files are streamed (small ones are read in one go)
         :return: a list, one entry per source in order: ``(hash, size)``, or
             the exception (:class:`OSError`, :class:`CacheError`) that
             stopped that file; the others are ingested all the same
@@ -362,7 +385,7 @@ class CacheStore:
                         continue
                     temps[k] = "%s-%d.tmp" % (stem, k)
                     try:
-                        results[k] = self._copy_in(path, temps[k], sizes[k])
+                        results[k] = self._copy_in(path, temps[k], sizes[k], progress)
                     except (OSError, CacheError) as exc:
                         results[k] = exc
                         fsutil.remove_quietly(temps.pop(k))
@@ -372,7 +395,7 @@ class CacheStore:
                 fsutil.remove_quietly(temp)
         return results
 
-    def _copy_in(self, source_path, temp, size):
+    def _copy_in(self, source_path, temp, size, progress=None):
         """Copy one file of an :meth:`ingest_many` batch to ``temp``, hashing it.
 
         A small file is read whole (one read, one write); a larger one is
@@ -398,7 +421,8 @@ class CacheStore:
                     fsutil.write_all(fd, data)
                 else:
                     try:
-                        file_hash, nbytes = fsutil.copy_and_hash(src, fd, limit=size)
+                        file_hash, nbytes = fsutil.copy_and_hash(src, fd, limit=size,
+                                                                 progress=progress)
                     except OverflowError:
                         raise CacheError("%s grew while it was read" % source_path) from None
                 if self.fsync:
@@ -449,7 +473,9 @@ class CacheStore:
                     self.db.set_cached(conn, file_hash, True, now)
                     if queue and state[2] == 0:
                         to_queue.append(file_hash)
-                fsutil.publish(temps.pop(k), self._path(file_hash), fsync=False)
+                temp = temps.pop(k)
+                self._set_mode(temp)
+                fsutil.publish(temp, self._path(file_hash), fsync=False)
                 shards.add(file_hash[:2])
                 done[file_hash] = size
             self.db.insert_cached_files(conn, new_rows, now)
@@ -687,23 +713,27 @@ def unlink_in(dir_path, name):
                 os.unlink(name, dir_fd=fd)
 
 
-def own_dir(path):
-    """Make ``path`` a real directory (mode 0700 when created).
+def own_dir(path, mode=fsutil.DIR_MODE):
+    """Make ``path`` a real directory with ``mode`` (0700 by default).
 
     A symlink or a file found in its place is removed, never followed.
 
     :return: True if it was already a directory
     """
     try:
-        os.mkdir(path, fsutil.DIR_MODE)
+        os.mkdir(path, mode)
+        if mode & ~fsutil.DIR_MODE:  # wider than the umask may allow
+            os.chmod(path, mode)
         return False
     except FileExistsError:
         pass  # another process may have made it a moment ago
     st = os.lstat(path)
     if stat.S_ISDIR(st.st_mode):
+        if stat.S_IMODE(st.st_mode) != mode:  # the configured mode changed
+            os.chmod(path, mode)
         return True
     log.warning("%s is not a directory (a symlink or a file); replacing it", path)
     os.unlink(path)
     with contextlib.suppress(FileExistsError):
-        os.mkdir(path, fsutil.DIR_MODE)
+        os.mkdir(path, mode)
     return False

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import traceback
 
@@ -290,10 +291,12 @@ def progress(session, description, total_bytes, total_files):
     with bar:
         task = bar.add_task(description, total=max(total_bytes, 1), files_done=0)
         done = [0]
+        lock = threading.Lock()  # upload jobs report from their threads
 
         def advance(nbytes, files=1):
-            done[0] += files
-            bar.update(task, advance=nbytes, files_done=done[0])
+            with lock:
+                done[0] += files
+                bar.update(task, advance=nbytes, files_done=done[0])
 
         yield advance
 
@@ -543,8 +546,7 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
     started = time.monotonic()
     remember = []
     with progress(session, "uploading", sum(f.size for f in todo), len(todo)) as advance:
-        for f, file_hash, rememberable in _upload_concurrently(cm, todo, jobs, defer):
-            advance(f.size)
+        for f, file_hash, rememberable in _upload_concurrently(cm, todo, jobs, defer, advance):
             results[f.path] = (file_hash, "uploaded" if file_hash else "failed")
             if file_hash and not as_json:  # as they land, so an interrupted run shows them
                 click.echo("%s  %s" % (file_hash, _display_path(f.path)))
@@ -563,16 +565,25 @@ def _pooled(cm, file_hash):
     return bool(status and (status["cached"] or status["copies"] > 0))
 
 
-def _upload_concurrently(cm, files, jobs, defer):
+def _upload_concurrently(cm, files, jobs, defer, advance):
     """Yield ``(SourceFile, hash or False, rememberable)`` as uploads finish.
 
-    ``jobs`` threads each hand a batch of files to
+    ``advance(nbytes, files)`` is told of the bytes read and the files done,
+    from the worker threads. ``jobs`` threads each hand a batch of files to
     :meth:`~cloudmanager.CloudManager.upload_many`, which records a batch in
     one transaction and uploads it to the hosts concurrently.
     """
     def one(batch):
         started = time.time_ns()
-        hashes = cm.upload_many([f.path for f in batch], defer=defer)
+        reported = [0]  # bytes the library reported while it read large files
+
+        def read(nbytes):
+            reported[0] += nbytes
+            advance(nbytes, files=0)
+
+        hashes = cm.upload_many([f.path for f in batch], defer=defer, progress=read)
+        # The rest: small files read in one go, files already cached, failures.
+        advance(max(0, sum(f.size for f in batch) - reported[0]), files=len(batch))
         done = []
         for f, file_hash in zip(batch, hashes):
             rememberable = False

@@ -7,6 +7,7 @@ Example::
     storage = "cache"
     capacity = "20 GiB"           # bytes, or a number with a unit (KiB ... TiB, KB ... TB)
     redundancy = 2
+    file_mode = 0o640             # cached files readable by the group (default 0o600)
 
     [hosts.nas]
     spec = "dir:/mnt/nas/pool"
@@ -53,6 +54,7 @@ POOL_KEYS = {
     "fsync": bool,
     "host_timeout": (int, float),
     "host_cooldown": (int, float),
+    "file_mode": int,
 }
 _HOST_KEYS = {"spec", "options", "weight", "enabled"}
 

@@ -113,7 +113,7 @@ def write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
-def copy_and_hash(src, dst_fd, limit=None, hashing=True):
+def copy_and_hash(src, dst_fd, limit=None, hashing=True, progress=None):
     """Copy a readable binary file object into ``dst_fd``, hashing as it goes.
 
     The source is read exactly once, and the digest is of exactly the bytes
@@ -125,12 +125,13 @@ def copy_and_hash(src, dst_fd, limit=None, hashing=True):
     :param limit: stop with :class:`OverflowError` once more than this many
         bytes have been read (the source grew, or a host sent too much)
     :param hashing: False to only copy (the digest returned is then None)
+    :param progress: called with the number of bytes of each chunk copied
     :return: ``(sha256_hex, nbytes)``
     :raises OverflowError: past ``limit``; ``OSError`` from reading or writing
     """
     size = _regular_size(src) if hasattr(src, "readinto") else None
     if hashing and size is not None and size >= PIPELINE_MIN:
-        return _copy_pipelined(src, dst_fd, limit)
+        return _copy_pipelined(src, dst_fd, limit, progress)
     digest = hashlib.sha256() if hashing else None
     total = 0
     for chunk in _chunks(src, size):
@@ -140,13 +141,15 @@ def copy_and_hash(src, dst_fd, limit=None, hashing=True):
         if digest is not None:
             digest.update(chunk)
         write_all(dst_fd, chunk)
+        if progress is not None:
+            progress(len(chunk))
     return (digest.hexdigest() if digest is not None else None), total
 
 
 _END = object()
 
 
-def _copy_pipelined(src, dst_fd, limit):
+def _copy_pipelined(src, dst_fd, limit, progress=None):
     """Copy and hash with reading and writing in a thread, hashing in the caller's.
 
     hashlib and the file syscalls release the GIL, so on two cores the copy
@@ -207,6 +210,8 @@ def _copy_pipelined(src, dst_fd, limit):
             digest.update(memoryview(buf)[:n])
             total += n
             free.put(buf)
+            if progress is not None:
+                progress(n)
     finally:
         stop.set()
         free.put(None)  # wakes the thread if it waits for a buffer

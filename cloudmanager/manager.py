@@ -54,7 +54,7 @@ _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 #: Settings a pool gets when neither the caller nor the config file sets them.
 DEFAULTS = {"redundancy": 3, "defer_uploads": False, "fsync": True, "host_timeout": None,
-            "host_cooldown": 60.0}
+            "host_cooldown": 60.0, "file_mode": 0o600}
 
 
 class CloudManager:
@@ -84,6 +84,9 @@ class CloudManager:
         specs
     :param host_cooldown: seconds a host is skipped after it failed three
         times in a row (the circuit breaker); doubled for each further failure
+    :param file_mode: the mode of cached files: 0o600 (private, the default),
+        or e.g. 0o640 to let the group read the cache; directories get the
+        matching search bits
     :raises CloudManagerError: if the database, the directory, the capacity,
         the config file or a host spec cannot be used; the message says which
 
@@ -100,11 +103,11 @@ class CloudManager:
 
     def __init__(self, database_path=None, storage_path=None, storage_size=None, *,
                  config=None, hosts=None, redundancy=None, defer_uploads=None, fsync=None,
-                 host_timeout=None, host_cooldown=None):
+                 host_timeout=None, host_cooldown=None, file_mode=None):
         settings = self._settings(config, dict(
             database=database_path, storage=storage_path, capacity=storage_size,
             redundancy=redundancy, defer_uploads=defer_uploads, fsync=fsync,
-            host_timeout=host_timeout, host_cooldown=host_cooldown))
+            host_timeout=host_timeout, host_cooldown=host_cooldown, file_mode=file_mode))
         redundancy = settings["redundancy"]
         if isinstance(redundancy, bool) or not isinstance(redundancy, int) or redundancy < 1:
             raise InvalidInputError("redundancy must be a positive integer, not %r" % (redundancy,))
@@ -124,7 +127,7 @@ class CloudManager:
             raise
         try:
             self.cache = CacheStore(self.db, settings["storage"], settings["capacity"],
-                                    fsync=settings["fsync"])
+                                    fsync=settings["fsync"], file_mode=settings["file_mode"])
         except BaseException:
             self.engine.close()
             self.db.close()
@@ -188,7 +191,7 @@ class CloudManager:
 
     # -- the seed's API ------------------------------------------------------
 
-    def upload(self, path, *, defer=None):
+    def upload(self, path, *, defer=None, progress=None):
         """Add a file to the pool.
 
         The file is copied into the cache while it is hashed (one read),
@@ -199,6 +202,9 @@ class CloudManager:
 
         :param path: a regular file
         :param defer: override the instance's ``defer_uploads`` for this call
+        :param progress: called with the number of bytes of each chunk read
+            into the cache (for progress bars); not called for a file that is
+            not cached
         :return: the file's SHA-256 hex once it is in the pool (on a host, or
             pinned in the cache and queued); ``False`` if neither was possible
         """
@@ -215,7 +221,8 @@ class CloudManager:
             filename = safe_basename(os.path.basename(path))
             if st.st_size <= self.cache.capacity:
                 try:
-                    file_hash, _ = self.cache.ingest(path, filename, created=int(time.time()))
+                    file_hash, _ = self.cache.ingest(path, filename, created=int(time.time()),
+                                                     progress=progress)
                 except CacheFullError as exc:
                     log.info("not caching %s: %s; uploading it from its source", path, exc)
                 except OSError as exc:
@@ -233,7 +240,7 @@ class CloudManager:
             log.error("upload of %s failed: %s", path, exc)
             return False
 
-    def upload_many(self, paths, *, defer=None):
+    def upload_many(self, paths, *, defer=None, progress=None):
         """Add several files to the pool: :meth:`upload` for each, in batches.
 
         The result is the same as calling :meth:`upload` on each path, and so
@@ -251,6 +258,8 @@ class CloudManager:
         :param defer: override the instance's ``defer_uploads`` for this call:
             if True, files are only cached and queued, and :meth:`sync`
             uploads them
+        :param progress: called with each chunk's byte count while larger
+            files are read into the cache (small ones are read in one go)
         :return: a list with one entry per path, in order: the file's SHA-256
             hex, or ``False`` where :meth:`upload` would return ``False``
         """
@@ -261,7 +270,7 @@ class CloudManager:
         try:
             for start in range(0, len(paths), UPLOAD_BATCH):
                 ingested, alone = self._ingest_batch(
-                    paths, range(start, min(start + UPLOAD_BATCH, len(paths))), results)
+                    paths, range(start, min(start + UPLOAD_BATCH, len(paths))), results, progress)
                 # One batch goes to the hosts while the next is copied into the
                 # cache: the two wait on different disks and syscalls.
                 if uploading is not None:
@@ -272,13 +281,13 @@ class CloudManager:
                                                  args=(ingested,), name="cloudmanager-upload")
                     uploading.start()
                 for i in alone:
-                    results[i] = self.upload(paths[i], defer=defer)
+                    results[i] = self.upload(paths[i], defer=defer, progress=progress)
         finally:
             if uploading is not None:
                 uploading.join()
         return results
 
-    def _ingest_batch(self, paths, indexes, results):
+    def _ingest_batch(self, paths, indexes, results, progress=None):
         """Cache ``paths[i] for i in indexes`` as one batch; fills ``results``.
 
         :return: ``(hashes, alone)``: the distinct hashes cached, and the
@@ -300,7 +309,8 @@ class CloudManager:
         ingested = []
         if batch:
             try:
-                outcomes = self.cache.ingest_many([(p, name, now) for _, p, name in batch])
+                outcomes = self.cache.ingest_many([(p, name, now) for _, p, name in batch],
+                                                  progress=progress)
             except (OSError, CloudManagerError) as exc:  # the batch does not fit, or a
                 log.info("batch of %d files: %s; uploading them one by one", len(batch), exc)
                 outcomes = [exc] * len(batch)  # database error: one by one says more

@@ -614,3 +614,16 @@ def test_download_to_a_relative_path(make_pool, write_file, tmp_path, monkeypatc
             cm.evict(0)
         assert cm.download(digest, "copy.txt") == str(tmp_path / "copy.txt")
         assert (tmp_path / "copy.txt").read_bytes() == b"relative"
+
+
+def test_upload_reports_the_bytes_it_reads_for_progress_bars(make_pool, write_file):
+    cm = make_pool(capacity=64 << 20)
+    for size in (5000, 9 << 20):  # the plain copy, and the pipelined one
+        seen = []
+        data = os.urandom(size)
+        assert cm.upload(write_file("p%d" % size, data), progress=seen.append)
+        assert sum(seen) == size and len(seen) >= 1
+    seen = []
+    big = write_file("batch-big", os.urandom(9 << 20))
+    assert all(cm.upload_many([write_file("b1", b"small"), big], progress=seen.append))
+    assert sum(seen) == 9 << 20  # the large file, chunk by chunk; the small one in one go

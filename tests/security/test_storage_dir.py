@@ -159,6 +159,34 @@ def test_claim_created_files_and_directories_are_private(tmp_path, fake_plowshar
     assert wrong == {}
 
 
+def test_claim_a_configured_file_mode_shares_the_cache_and_nothing_else(tmp_path, make_pool,
+                                                                         write_file):
+    """``file_mode = 0o640`` lets the group read cached files (shards 0750);
+    temp files and the database stay private. An unsafe mode is refused."""
+    config = tmp_path / "cloudmanager.toml"
+    config.write_text('[pool]\ndatabase = "db.sqlite3"\nstorage = "cache"\ncapacity = 65536\n'
+                      'file_mode = 0o640\n[hosts.nas]\nspec = "dir:%s"\n' % (tmp_path / "nas"))
+    with CloudManager(config=config, fsync=False) as cm:
+        digest = cm.upload(write_file("shared.txt", b"for the group"))
+        cm.evict(0)
+        assert cm.warm_up(digest)  # downloaded into the cache: the same mode
+        many = cm.upload_many([write_file("m%d" % i, b"batch %d" % i) for i in range(3)])
+        cache = tmp_path / "cache"
+        for h in [digest] + many:
+            assert stat.S_IMODE(os.lstat(cache / h[:2] / h).st_mode) == 0o640
+        assert stat.S_IMODE(os.lstat(cache / digest[:2]).st_mode) == 0o750
+        assert stat.S_IMODE(os.lstat(cache).st_mode) == 0o750
+        assert stat.S_IMODE(os.lstat(cache / "tmp").st_mode) == 0o700
+        assert stat.S_IMODE(os.lstat(tmp_path / "db.sqlite3").st_mode) == 0o600
+    for bad in (0o644 | 0o100, 0o400, 0o4600, True, "0640"):
+        with pytest.raises(CloudManagerError):
+            make_pool(file_mode=bad)
+    # Back to the default: the shards are private again.
+    with CloudManager(tmp_path / "db.sqlite3", tmp_path / "cache", 65536, hosts=[],
+                      fsync=False):
+        assert stat.S_IMODE(os.lstat(tmp_path / "cache" / digest[:2]).st_mode) == 0o700
+
+
 # -- a storage directory that cannot be used: a clear error at construction ----------
 
 
