@@ -59,6 +59,11 @@ class OperationFailed(click.ClickException):
     exit_code = 1
 
 
+def fail_quietly():
+    """Exit 1 without another line: the library has logged the reason."""
+    raise click.exceptions.Exit(1)
+
+
 class _Formatter(logging.Formatter):
     def format(self, record):
         return "cm: %s: %s" % (record.levelname.lower(), super().format(record))
@@ -98,7 +103,7 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
+        except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
             raise
         except (CloudManagerError, OSError) as exc:
             self._traceback(ctx)
@@ -127,7 +132,9 @@ class _Group(click.Group):
 
     def _main(self, args, prog_name, complete_var, **extra):
         try:
-            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            # Without standalone mode, click returns an Exit's code instead of exiting.
+            status = super().main(args, prog_name, complete_var, standalone_mode=False,
+                                  **extra)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.UsageError as exc:
@@ -143,7 +150,11 @@ class _Group(click.Group):
         except click.Abort:
             click.echo("cm: aborted", err=True)
             sys.exit(1)
-        sys.exit(0)
+        except BrokenPipeError:  # `cm ls | head`: the reader has what it wanted
+            # Python would complain again when it flushes stdout at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+        sys.exit(status if isinstance(status, int) else 0)
 
 
 # -- the session: configuration and the pool it opens ----------------------------
@@ -401,8 +412,13 @@ def main(argv=None):
 # -- init ---------------------------------------------------------------------------
 
 def _toml_string(value):
-    # JSON's escapes are TOML's, apart from DEL, which TOML wants escaped.
-    return json.dumps(value).replace("\x7f", "\\u007f")
+    """A TOML basic string. JSON's escapes are TOML's, but TOML wants DEL
+    escaped and takes characters beyond the BMP as they are."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes from the command line
+        raise click.BadParameter("%r is not valid UTF-8" % value) from None
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _toml_key(name):
@@ -469,14 +485,16 @@ def init(session, for_user, hosts, database, storage, capacity, redundancy, forc
     base = os.path.dirname(path)
     if capacity is None:
         capacity = default_capacity(os.path.join(base, storage))
-    capacity_text = ("%d GiB" % (capacity // 2**30) if capacity >= 2**30
-                     else "%d MiB" % max(1, capacity // 2**20))
+    capacity_text = next(("%d %s" % (capacity // unit, name)
+                          for unit, name in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"))
+                          if capacity % unit == 0), str(capacity))
     lines = ["# A cloudmanager pool, written by `cm init`. Relative paths start at this",
              "# file's directory; sizes take units (MiB, GiB, TB...).", "",
              "[pool]",
              "database = %s" % _toml_string(database),
              "storage = %s" % _toml_string(storage),
-             "capacity = %s" % _toml_string(capacity_text),
+             "capacity = %s" % (capacity_text if capacity_text.isdigit()
+                                else _toml_string(capacity_text)),
              "redundancy = %d" % (redundancy or min(3, len(hosts)))]
     for name, spec in hosts:
         lines += ["", "[hosts.%s]" % _toml_key(name), "spec = %s" % _toml_string(spec)]
@@ -532,7 +550,8 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
       h=$(cm upload notes.txt | cut -c1-64)
     """
     cm = session.pool()
-    files = list(walk(paths, follow_symlinks=follow_symlinks))
+    problems = []
+    files = list(walk(paths, follow_symlinks=follow_symlinks, problems=problems))
     index = SourceIndex(cm.db)
     known = {} if rehash else index.known(files)
     results = {}  # path -> (hash or None, "uploaded" | "skipped" | "failed")
@@ -556,7 +575,8 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
                 index.remember(remember)
                 remember = []
     index.remember(remember)
-    _report_upload(session, files, results, todo, time.monotonic() - started, as_json)
+    _report_upload(session, files, results, todo, time.monotonic() - started, as_json,
+                   problems)
 
 
 def _pooled(cm, file_hash):
@@ -621,13 +641,15 @@ def _batches(files, most_files, most_bytes):
         yield batch
 
 
-def _report_upload(session, files, results, todo, elapsed, as_json):
-    counts = {"uploaded": 0, "skipped": 0, "failed": 0}
+def _report_upload(session, files, results, todo, elapsed, as_json, problems):
+    counts = {"uploaded": 0, "skipped": 0, "failed": len(problems)}
     listing = []
     for f in files:
         file_hash, state = results[f.path]
         counts[state] += 1
         listing.append({"path": f.path, "hash": file_hash or None, "state": state})
+    listing += [{"path": path, "hash": None, "state": "failed", "error": reason}
+                for path, reason in problems]
     if as_json:
         emit_json({"files": listing, **counts})
     else:
@@ -640,8 +662,7 @@ def _report_upload(session, files, results, todo, elapsed, as_json):
                    % (counts["uploaded"], counts["skipped"], counts["failed"],
                       human_size(nbytes), elapsed), err=True)
     if counts["failed"]:
-        raise OperationFailed("%d of %d files could not be added to the pool (see above)"
-                              % (counts["failed"], len(files)))
+        fail_quietly()  # each failure was logged, and the summary counts them
 
 
 # -- getting files back --------------------------------------------------------------------
@@ -659,12 +680,17 @@ def download(session, file_hash, dest):
     """
     cm = session.pool()
     file_hash = _resolve(cm, file_hash)
+    dest = dest or os.curdir
+    if os.path.lexists(dest) and not os.path.isdir(dest) and not os.path.isfile(dest) \
+            or os.path.islink(dest) and not os.path.isdir(dest):
+        # The copy is renamed into place: it would replace a device, FIFO or link.
+        raise OperationFailed("%s exists and is not a regular file or a directory" % dest)
     size = cm.status(file_hash)["size"]
     with progress(session, "downloading", size, 1) as advance:
-        path = cm.download(file_hash, dest or os.curdir)
+        path = cm.download(file_hash, dest)
         advance(size)
     if not path:
-        raise OperationFailed("could not download %s (see above)" % file_hash)
+        fail_quietly()
     click.echo(path)
 
 
@@ -689,8 +715,7 @@ def warm(session, hashes):
             else:
                 failed += 1
     if failed:
-        raise OperationFailed("%d of %d files could not be cached (see above)"
-                              % (failed, len(wanted)))
+        fail_quietly()  # warm_up logged why, file by file
 
 
 # -- looking -----------------------------------------------------------------------------
@@ -1029,7 +1054,7 @@ def load(session, file):
     cm = session.pool()
     merged = cm.load_from(file)
     if merged is None:
-        raise OperationFailed("%s does not hold JSON records (see above)" % file.name)
+        fail_quietly()  # load_from logged what is wrong with the document
     if not session.quiet:
         unreachable = len(cm.unreachable())
         click.echo("merged %d records%s" % (merged, "; %d files have copies only on hosts "

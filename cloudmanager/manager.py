@@ -338,6 +338,12 @@ class CloudManager:
         A file no longer in the cache is replicated on its own, from wherever
         :meth:`_replicate` finds it.
         """
+        with contextlib.ExitStack() as locks:
+            for file_hash in sorted(set(hashes)):  # one order: no deadlock
+                locks.enter_context(self._fetch_lock(file_hash))
+            self._replicate_many_locked(hashes)
+
+    def _replicate_many_locked(self, hashes):
         states = self.db.replication_states(hashes)
         jobs, plans, settled, alone = [], [], [], []
         for file_hash in hashes:
@@ -415,6 +421,10 @@ class CloudManager:
 
         :return: the number of new copies
         """
+        with self._fetch_lock(file_hash):  # not while remove() deletes its copies
+            return self._replicate_locked(file_hash)
+
+    def _replicate_locked(self, file_hash):
         record = self.db.get_file(file_hash)
         if record is None:
             return 0
@@ -542,9 +552,13 @@ class CloudManager:
 
     @contextlib.contextmanager
     def _fetch_lock(self, file_hash):
-        """Hold this process's lock on one hash (fetches and removal)."""
+        """Hold this process's lock on one hash: fetches, uploads to hosts and
+        removal take it, so a removal never interleaves with the others.
+
+        Re-entrant: an upload may fetch its source while holding it.
+        """
         with self._fetch_locks_guard:
-            lock, users = self._fetch_locks.get(file_hash, (threading.Lock(), 0))
+            lock, users = self._fetch_locks.get(file_hash, (threading.RLock(), 0))
             self._fetch_locks[file_hash] = (lock, users + 1)
         try:
             with lock:
@@ -809,11 +823,26 @@ class CloudManager:
             for host_name, url in copies:  # bad copies too: they still take space
                 (deleted if self.engine.delete(Location(host_name, url)) else kept).append(
                     (host_name, url))
+            self._after_removal(file_hash, deleted)
         for host_name, url in kept:
             log.warning("removed %s from the pool, but its copy on %s stays: %s",
                         file_hash, host_name, url)
         log.info("removed %s (%d copies deleted)", file_hash, len(deleted))
         return {"deleted": deleted, "kept": kept}
+
+    def _after_removal(self, file_hash, deleted):
+        """If the file was added again while its copies were being deleted
+        (another process uploaded the same bytes), its record may name copies
+        that are gone: mark them bad and queue the file, so it stays pinned if
+        cached and :meth:`sync` sends it again."""
+        if not deleted or not self.db.file_exists(file_hash):
+            return
+        for host_name, url in deleted:
+            self.db.mark_copy_bad(file_hash, host_name, url)
+        with self.db.transaction() as conn:
+            self.db.enqueue(conn, file_hash, time.time())
+        log.warning("%s was added again while it was being removed; the copies deleted are "
+                    "marked bad and it is queued for upload", file_hash)
 
     def unreachable(self):
         """Files whose every good copy is on a host this node has not configured.

@@ -40,24 +40,27 @@ class SourceFile(NamedTuple):
         return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
-def walk(paths, follow_symlinks=False):
+def walk(paths, follow_symlinks=False, problems=None):
     """Yield a :class:`SourceFile` for every regular file under ``paths``.
 
-    Directories are walked recursively, in sorted order. Symbolic links are
-    skipped with a logged notice unless ``follow_symlinks`` (a linked
-    directory is then walked too, once). Sockets, FIFOs and devices are
-    skipped.
+    Directories are walked recursively, in sorted order. A path named in
+    ``paths`` is followed if it is a symbolic link (as ``cp -H`` does); links
+    met inside directories are skipped with a logged notice unless
+    ``follow_symlinks`` (a linked directory is then walked too, once).
 
+    :param problems: a list that gets ``(path, reason)`` for what could not
+        be read or is not a file: a directory that cannot be listed, a named
+        socket or FIFO, a dangling link. Each is logged too.
     :raises FileNotFoundError: if a path given does not exist
     """
+    problems = [] if problems is None else problems
     seen_dirs = set()
     for path in paths:
         path = os.path.abspath(os.fspath(path))
-        st = os.stat(path) if follow_symlinks else os.lstat(path)
-        yield from _walk_entry(path, st, follow_symlinks, seen_dirs)
+        yield from _walk_entry(path, os.stat(path), follow_symlinks, seen_dirs, problems)
 
 
-def _walk_entry(path, st, follow_symlinks, seen_dirs):
+def _walk_entry(path, st, follow_symlinks, seen_dirs, problems):
     if stat.S_ISREG(st.st_mode):
         yield SourceFile(path, st)
     elif stat.S_ISDIR(st.st_mode):
@@ -67,20 +70,26 @@ def _walk_entry(path, st, follow_symlinks, seen_dirs):
         try:
             entries = sorted(os.scandir(path), key=lambda e: e.name)
         except OSError as exc:
-            log.warning("skipping %s: %s", path, exc.strerror or exc)
+            _problem(problems, path, exc.strerror or str(exc))
             return
         for entry in entries:
             try:
                 child = entry.stat(follow_symlinks=follow_symlinks)
             except OSError as exc:  # vanished, or a dangling link
-                log.warning("skipping %s: %s", entry.path, exc.strerror or exc)
+                _problem(problems, entry.path, exc.strerror or str(exc))
                 continue
-            yield from _walk_entry(entry.path, child, follow_symlinks, seen_dirs)
+            yield from _walk_entry(entry.path, child, follow_symlinks, seen_dirs, problems)
     elif stat.S_ISLNK(st.st_mode):
+        # Not an error: like rclone, links inside a tree are left out by default.
         log.warning("skipping symbolic link %s (use --follow-symlinks to upload its target)",
                     path)
     else:
-        log.warning("skipping %s: not a regular file or directory", path)
+        _problem(problems, path, "not a regular file or directory")
+
+
+def _problem(problems, path, reason):
+    log.error("cannot upload %s: %s", path, reason)
+    problems.append((path, reason))
 
 
 class SourceIndex:

@@ -627,3 +627,31 @@ def test_upload_reports_the_bytes_it_reads_for_progress_bars(make_pool, write_fi
     big = write_file("batch-big", os.urandom(9 << 20))
     assert all(cm.upload_many([write_file("b1", b"small"), big], progress=seen.append))
     assert sum(seen) == 9 << 20  # the large file, chunk by chunk; the small one in one go
+
+
+def test_an_upload_racing_remove_is_not_lost(make_pool, write_file, tmp_path):
+    """Another instance (as another process would) uploads the same bytes
+    while remove() deletes the copies: the re-added file must survive."""
+    cm = make_pool(hosts=["dir:%s" % (tmp_path / "h1")], redundancy=1)
+    other = CloudManager(tmp_path / "node" / "db.sqlite3", tmp_path / "node" / "cache", 1 << 20,
+                         hosts=["dir:%s" % (tmp_path / "h1")], redundancy=1, fsync=False)
+    source = write_file("raced.txt", b"uploaded twice, removed once")
+    digest = cm.upload(source)
+    real_delete = cm.engine.delete
+
+    def delete_after_a_concurrent_upload(location):
+        assert other.upload(source) == digest  # lands between forget and delete
+        return real_delete(location)
+
+    cm.engine.delete = delete_after_a_concurrent_upload
+    try:
+        assert cm.remove(digest)["deleted"]
+    finally:
+        cm.engine.delete = real_delete
+    assert cm.exists(digest)
+    assert cm.evict(0) == 0  # the cached copy is the only one: pinned
+    assert cm.sync()["uploads"] == 1
+    assert (tmp_path / "h1" / digest).read_bytes() == b"uploaded twice, removed once"
+    cm.evict(0)
+    assert open(cm.warm_up(digest), "rb").read() == b"uploaded twice, removed once"
+    other.close()

@@ -323,9 +323,10 @@ def test_a_failed_upload_exits_1_and_says_which(home):
     home.file("big.bin", b"x" * 1000)  # larger than the cache: straight to the host
     result = home.cm("upload", "big.bin")
     assert result.exit_code == 1
-    assert "cm: error: upload of" in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        "cm: error: 1 of 1 files could not be added to the pool (see above)")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cm: error:")]
+    assert len(errors) == 1 and errors[0].startswith("cm: error: upload of")
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "uploaded 0, skipped 0 already in the pool, failed 1")
 
 
 def test_defer_only_queues_and_sync_uploads(home):
@@ -432,7 +433,8 @@ def test_a_second_node_loads_a_dump_and_downloads_the_file(home, tmp_path):
 
 def test_load_refuses_what_is_not_records(home):
     result = home.cm("load", input="not json at all")
-    assert result.exit_code == 1 and "does not hold JSON records" in result.stderr
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("cm: error: load_from")
     result = home.cm("load", input='[{"version": "0.2", "filehash": "../../etc/passwd"}]')
     assert result.exit_code == 0 and "skipping record #0" in result.stderr
 
@@ -524,3 +526,47 @@ def test_running_cm_in_process_leaves_logging_as_it_found_it(home):
     before = (logger.level, logger.propagate, list(logger.handlers))
     home.cm("-vv", "status")
     assert (logger.level, logger.propagate, list(logger.handlers)) == before
+
+
+def test_named_special_files_and_unreadable_input_make_upload_fail(home):
+    real = home.file("real/a.txt", b"through a link named on the command line")
+    os.symlink(home.work / "real", home.work / "linkdir")
+    report = json.loads(home.cm("upload", "--json", "linkdir").stdout)  # followed, like cp -H
+    assert report["uploaded"] == 1 and report["files"][0]["path"].endswith("linkdir/a.txt")
+    assert report["files"][0]["hash"] == sha(real.read_bytes())
+    os.mkfifo(home.work / "fifo")
+    result = home.cm("upload", "--json", "fifo", "real")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["failed"] == 1 and report["files"][-1]["state"] == "failed"
+    assert "cm: error: cannot upload" in result.stderr and "fifo" in result.stderr
+
+
+def test_download_refuses_to_replace_a_fifo_or_a_link(home):
+    digest = upload_one(home)
+    os.mkfifo(home.work / "pipe")
+    os.symlink(home.root / "elsewhere.txt", home.work / "link")
+    for dest in ("pipe", "link"):
+        result = home.cm("download", digest, dest)
+        assert result.exit_code == 1 and "not a regular file or a directory" in result.stderr
+    assert os.path.islink(home.work / "link") and not (home.root / "elsewhere.txt").exists()
+
+
+def test_a_failed_download_is_one_error_line(home):
+    digest = upload_one(home)
+    home.cm("evict")
+    (home.local_host / digest).unlink()  # the only copy is gone
+    result = home.cm("download", digest, "out.txt")
+    assert result.exit_code == 1
+    assert result.stderr.count("cm: error:") == 1 and "Traceback" not in result.stderr
+
+
+def test_init_writes_the_exact_capacity_and_any_unicode_path(home):
+    odd = home.root / "photos 😀"
+    assert home.cm("init", "--capacity", "1500MiB", "--host", "emoji=dir:%s" % odd).exit_code == 0
+    config = load_config(home.work / "cloudmanager.toml")
+    assert config.pool["capacity"] == 1500 * 2**20 and config.hosts[0].spec == "dir:%s" % odd
+    assert home.cm("init", "--force", "--capacity", "100KiB").exit_code == 0
+    assert load_config(home.work / "cloudmanager.toml").pool["capacity"] == 100 * 1024
+    assert home.cm("init", "--force", "--capacity", "4097").exit_code == 0
+    assert load_config(home.work / "cloudmanager.toml").pool["capacity"] == 4097

@@ -115,3 +115,18 @@ def test_ctrl_c_stops_an_upload_and_leaves_a_consistent_pool(home):
     assert all(pooled.get(h, 0) >= 1 for h in printed)
     finish = home.run("upload", "--json", "many")
     assert finish.returncode == 0 and json.loads(finish.stdout)["failed"] == 0
+
+
+def test_a_closed_pipe_ends_quietly(home):
+    records = [{"version": "0.2", "datetime": "1", "filename": "r%d" % i, "filesize": "1",
+                "filehash": "%064x" % i, "uploads": []} for i in range(3000)]
+    assert home.run("load", input=json.dumps(records)).returncode == 0
+    env = dict(os.environ, **home.env)
+    env.pop("CLOUDMANAGER_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "cloudmanager", "ls"], cwd=home.work,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # like `cm ls | head -1`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert err == ""
