@@ -98,6 +98,8 @@ class UploadEngine:
         workers = max(4, sum(h.max_connections for h in self.hosts.values()))
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=min(workers, 32), thread_name_prefix="cloudmanager")
+        #: Long-lived threads that run host calls under a deadline (see :meth:`_call`).
+        self._calls = _CallPool()
 
     # -- choosing hosts --------------------------------------------------------
 
@@ -330,7 +332,7 @@ class UploadEngine:
                     state["finished"] = True
                     cond.notify()
 
-        threading.Thread(target=run, name="cloudmanager-batch", daemon=True).start()
+        self._calls.submit(run)
         with cond:
             while not state["finished"] and len(done) < len(items):
                 seen = len(done)
@@ -364,8 +366,9 @@ class UploadEngine:
     def _call(self, host, what, deadline, fn, *args, cleanup=None):
         """Run ``fn(*args)`` under the host's connection slot, within ``deadline`` seconds.
 
-        The call runs in its own daemon thread, so a host that never returns
-        holds that thread, not the caller. If the deadline passes, the
+        The call runs on one of the engine's call threads (see
+        :class:`_CallPool`), so a host that never returns holds that thread,
+        not the caller, and a new thread serves the next call. If the deadline passes, the
         caller gets :class:`~cloudmanager.errors.HostUnavailableError`; when
         the abandoned call ends at last, ``cleanup()`` runs (to remove what
         it wrote after the caller gave up).
@@ -386,14 +389,15 @@ class UploadEngine:
                 box["error"] = exc
             with lock:
                 abandoned = box.setdefault("done", True) == "abandoned"
+            finished.set()
             if abandoned:
                 log.info("%s on %s ended after the engine gave up on it", what, host.name)
                 if cleanup is not None:
                     cleanup()
 
-        worker = threading.Thread(target=run, name="cloudmanager-call", daemon=True)
-        worker.start()
-        worker.join(deadline)
+        finished = threading.Event()
+        self._calls.submit(run)
+        finished.wait(deadline)
         with lock:
             if box.setdefault("done", "abandoned") == "abandoned":
                 raise HostUnavailableError(host.name, "%s did not end within %.1f s; gave up"
@@ -597,6 +601,7 @@ class UploadEngine:
     def close(self):
         """Wait for running transfers, then close every host."""
         self._pool.shutdown(wait=True)
+        self._calls.close()
         for host in self.hosts.values():
             try:
                 host.close()
@@ -616,3 +621,62 @@ class _CompletionQueue:
 
     def get(self):
         return self._queue.get()
+
+
+class _CallPool:
+    """Long-lived daemon threads for host calls run under a deadline.
+
+    A thread per call cost more than a small file's upload (a start and a
+    join each time). Here a call goes to an idle thread if there is one, and
+    to a new thread otherwise: a call the engine gave up on (a hung host)
+    keeps its thread, and never makes a later call wait for one. Threads
+    idle for :attr:`IDLE_SECONDS` end, so the pool shrinks back after a burst.
+    """
+
+    IDLE_SECONDS = 30.0
+
+    def __init__(self):
+        self._tasks = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0  # threads waiting for a task, not yet promised one
+        self._closed = False
+
+    def submit(self, fn):
+        """Run ``fn()`` on a call thread; its exceptions are the caller's to catch."""
+        with self._lock:
+            if self._idle:
+                self._idle -= 1  # promised to this task
+                self._tasks.put(fn)
+                return
+        threading.Thread(target=self._work, args=(fn,), name="cloudmanager-call",
+                         daemon=True).start()
+
+    def _work(self, fn):
+        while fn is not None:
+            try:
+                fn()
+            except BaseException:  # pragma: no cover - callers catch their own
+                log.exception("a host call failed outside its handler")
+            fn = None
+            with self._lock:
+                if self._closed:
+                    return
+                self._idle += 1
+            while True:
+                try:
+                    fn = self._tasks.get(timeout=self.IDLE_SECONDS)
+                    break
+                except queue.Empty:
+                    with self._lock:
+                        if self._idle:  # not promised a task: end
+                            self._idle -= 1
+                            return
+                    # promised a task that is on its way: wait for it
+
+    def close(self):
+        """Let idle threads end (busy ones end after their call)."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, 0
+        for _ in range(idle):
+            self._tasks.put(None)

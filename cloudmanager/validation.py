@@ -71,9 +71,17 @@ def safe_basename(name):
     """
     if not isinstance(name, str):
         return ""
-    name = unicodedata.normalize("NFC", name)
-    name = re.split(r"[/\\]", name)[-1]
-    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
+    if name.isascii():
+        # The common case, at C speed: NFC leaves ASCII as it is, and the
+        # only ASCII characters of category C (0-31, 127) are exactly those
+        # isprintable() refuses.
+        name = name.replace("\\", "/").rpartition("/")[2]
+        if not name.isprintable():
+            name = "".join(ch for ch in name if ch.isprintable())
+    else:
+        name = unicodedata.normalize("NFC", name)
+        name = re.split(r"[/\\]", name)[-1]
+        name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
     name = name.strip().lstrip(".-").strip()
     encoded = name.encode("utf-8")[:MAX_NAME_BYTES]
     return encoded.decode("utf-8", "ignore")

