@@ -65,6 +65,12 @@ def timed(fn):
     return time.perf_counter() - started, value
 
 
+def settle():
+    """Write back what earlier steps left dirty, so its writeback is not timed
+    as part of whatever runs next."""
+    os.sync()
+
+
 class Workspace:
     """A fresh directory per benchmark under one run root.
 
@@ -79,6 +85,7 @@ class Workspace:
         self._count = 0
 
     def fresh(self, name):
+        settle()
         self._count += 1
         path = os.path.join(self.root, "%02d-%s" % (self._count, name))
         os.makedirs(path)

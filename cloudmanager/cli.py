@@ -43,11 +43,14 @@ DEFAULT_JOBS = 4
 #: ``cm upload`` hands files to ``upload_many`` in batches of at most this
 #: many files and bytes: large enough to share transactions, small enough
 #: that the progress bar moves and Ctrl-C stops soon.
-UPLOAD_BATCH_FILES = 64
+UPLOAD_BATCH_FILES = 500
 UPLOAD_BATCH_BYTES = 64 * 2**20
+#: Files of at least this size are uploaded ``--jobs`` at a time, each on
+#: its own; smaller ones in batches.
+LARGE_FILE = 8 * 2**20
 #: ``cm upload`` stores remembered hashes after this many files, so an
 #: interrupted run keeps what it did.
-REMEMBER_BATCH = 256
+REMEMBER_BATCH = 2000
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -270,8 +273,8 @@ def _table(title, columns, rows):
     _console().print(table)
 
 
-def _display_path(path):
-    relative = os.path.relpath(path)
+def _display_path(path, cwd=None):
+    relative = os.path.relpath(path, cwd or os.getcwd())
     return path if relative.startswith("..") else relative
 
 
@@ -524,7 +527,8 @@ def _check_config_text(text, base):
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("-j", "--jobs", type=click.IntRange(1, 64), default=DEFAULT_JOBS,
-              show_default=True, help="Files uploaded at the same time.")
+              show_default=True, help="Large files (8 MiB and more) uploaded at the same "
+              "time, beside one stream of batches of small files.")
 @click.option("--defer", is_flag=True,
               help="Only cache and queue the files; `cm sync` uploads them later.")
 @click.option("--rehash", is_flag=True,
@@ -537,7 +541,8 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
     """Add files to the pool; directories are walked recursively.
 
     Each file is hashed while it is copied into the cache, then uploaded to
-    the configured hosts, several files at a time (--jobs). Prints
+    the configured hosts: small files in batches, sent to the hosts while
+    the next batch is read; large ones several at a time (--jobs). Prints
     "SHA256  PATH" per file as it lands, like sha256sum (skipped files
     last). Running it again skips files
     already in the pool whose size and times have not changed, without
@@ -564,13 +569,18 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
             todo.append(f)
     started = time.monotonic()
     remember = []
+    cwd = os.getcwd()
     with progress(session, "uploading", sum(f.size for f in todo), len(todo)) as advance:
-        for f, file_hash, rememberable in _upload_concurrently(cm, todo, jobs, defer, advance):
-            results[f.path] = (file_hash, "uploaded" if file_hash else "failed")
-            if file_hash and not as_json:  # as they land, so an interrupted run shows them
-                click.echo("%s  %s" % (file_hash, _display_path(f.path)))
-            if file_hash and rememberable:
-                remember.append((f, file_hash))
+        for batch in _upload_concurrently(cm, todo, jobs, defer, advance):
+            lines = []
+            for f, file_hash, rememberable in batch:
+                results[f.path] = (file_hash, "uploaded" if file_hash else "failed")
+                if file_hash:
+                    lines.append("%s  %s" % (file_hash, _display_path(f.path, cwd)))
+                    if rememberable:
+                        remember.append((f, file_hash))
+            if lines and not as_json:  # as they land, so an interrupted run shows them
+                click.echo("\n".join(lines))
             if len(remember) >= REMEMBER_BATCH:
                 index.remember(remember)
                 remember = []
@@ -586,7 +596,8 @@ def _pooled(cm, file_hash):
 
 
 def _upload_concurrently(cm, files, jobs, defer, advance):
-    """Yield ``(SourceFile, hash or False, rememberable)`` as uploads finish.
+    """Yield a list of ``(SourceFile, hash or False, rememberable)`` per batch,
+    as batches finish.
 
     ``advance(nbytes, files)`` is told of the bytes read and the files done,
     from the worker threads. ``jobs`` threads each hand a batch of files to
@@ -615,18 +626,26 @@ def _upload_concurrently(cm, files, jobs, defer, advance):
             done.append((f, file_hash, rememberable))
         return done
 
-    # Enough batches to keep every job busy, none so big that progress stalls.
-    per_batch = max(1, min(UPLOAD_BATCH_FILES, -(-len(files) // jobs)))
+    # Small files go in batches down one stream: upload_many already sends a
+    # batch to the hosts while it copies the next, and several streams would
+    # only queue for the GIL and the database's write lock. Large files are
+    # where --jobs pays: each is read, hashed and sent on its own.
+    small = [f for f in files if f.size < LARGE_FILE]
+    large = [[f] for f in files if f.size >= LARGE_FILE]
+    streams = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                    thread_name_prefix="cm-upload-small")
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=jobs,
                                                      thread_name_prefix="cm-upload")
     try:
-        futures = [executor.submit(one, batch)
-                   for batch in _batches(files, per_batch, UPLOAD_BATCH_BYTES)]
+        futures = [streams.submit(one, batch)
+                   for batch in _batches(small, UPLOAD_BATCH_FILES, UPLOAD_BATCH_BYTES)]
+        futures += [executor.submit(one, batch) for batch in large]
         for future in concurrent.futures.as_completed(futures):
-            yield from future.result()
+            yield future.result()
     finally:
         # On Ctrl-C, batches not started yet are not started.
-        executor.shutdown(wait=True, cancel_futures=True)
+        for pool in (streams, executor):
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _batches(files, most_files, most_bytes):

@@ -570,3 +570,14 @@ def test_init_writes_the_exact_capacity_and_any_unicode_path(home):
     assert load_config(home.work / "cloudmanager.toml").pool["capacity"] == 100 * 1024
     assert home.cm("init", "--force", "--capacity", "4097").exit_code == 0
     assert load_config(home.work / "cloudmanager.toml").pool["capacity"] == 4097
+
+
+def test_large_files_go_jobs_at_a_time_beside_the_small_batches(home, monkeypatch):
+    monkeypatch.setattr("cloudmanager.cli.LARGE_FILE", 50)  # most of the tree is "large"
+    files = make_tree(home)
+    assert sum(1 for p in files if p.stat().st_size >= 50) >= 6
+    result = home.cm("upload", "--json", "--jobs", "3", "tree")
+    report = json.loads(result.stdout)
+    assert report["uploaded"] == 12 and report["failed"] == 0
+    assert {f["path"]: f["hash"] for f in report["files"]} == {
+        str(p): h for p, h in files.items()}
