@@ -517,10 +517,8 @@ class CloudManager:
             hash; ``False`` if it cannot be cached (larger than the cache, no
             room, or no host delivered a good copy)
         """
-        try:
-            file_hash = check_hash(file_hash)
-        except InvalidInputError as exc:
-            log.warning("warm_up: %s", exc)
+        file_hash = _checked(file_hash, "warm_up")
+        if file_hash is None:
             return None
         path = self.cache.lookup(file_hash)
         if path is not None:
@@ -586,10 +584,8 @@ class CloudManager:
         """
         if destination is None:
             return self.warm_up(file_hash)
-        try:
-            file_hash = check_hash(file_hash)
-        except InvalidInputError as exc:
-            log.warning("download: %s", exc)
+        file_hash = _checked(file_hash, "download")
+        if file_hash is None:
             return None
         record = self.db.get_file(file_hash)
         if record is None:
@@ -656,10 +652,8 @@ class CloudManager:
 
     def info(self, file_hash):
         """The file's record in the v0.2 JSON format (as a dict), or ``None``."""
-        try:
-            file_hash = check_hash(file_hash)
-        except InvalidInputError as exc:
-            log.warning("info: %s", exc)
+        file_hash = _checked(file_hash, "info")
+        if file_hash is None:
             return None
         for record in self._records([file_hash]):
             return serializers.record_to_dict(record)
@@ -802,10 +796,8 @@ class CloudManager:
         :return: ``{"deleted": [(host_name, url)], "kept": [(host_name, url)]}``;
             ``None`` for a malformed or unknown hash
         """
-        try:
-            file_hash = check_hash(file_hash)
-        except InvalidInputError as exc:
-            log.warning("remove: %s", exc)
+        file_hash = _checked(file_hash, "remove")
+        if file_hash is None:
             return None
         if not self.db.file_exists(file_hash):
             log.warning("remove: %s is not in the pool", file_hash)
@@ -992,10 +984,8 @@ class CloudManager:
             (``[{host_name, url, error, verified, time}]``); ``None`` for a
             malformed or unknown hash
         """
-        try:
-            file_hash = check_hash(file_hash)
-        except InvalidInputError as exc:
-            log.warning("status: %s", exc)
+        file_hash = _checked(file_hash, "status")
+        if file_hash is None:
             return None
         row = self.db.get_file(file_hash)
         if row is None:
@@ -1129,6 +1119,15 @@ def _changes_nothing(doc, known):
         return False
     return all(isinstance(entry, dict) and (entry.get("host_name"), entry.get("url", "")) in copies
                for entry in uploads)
+
+
+def _checked(file_hash, operation):
+    """``file_hash`` as a lowercase SHA-256 hex, or None (with a logged reason)."""
+    try:
+        return check_hash(file_hash)
+    except InvalidInputError as exc:
+        log.warning("%s: %s", operation, exc)
+        return None
 
 
 def _parse_all(document):
