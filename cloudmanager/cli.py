@@ -563,7 +563,7 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
     todo = []
     for f in files:
         file_hash = known.get(f.path)
-        if file_hash and _pooled(cm, file_hash):
+        if file_hash:
             results[f.path] = (file_hash, "skipped")
         else:
             todo.append(f)
@@ -587,12 +587,6 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
     index.remember(remember)
     _report_upload(session, files, results, todo, time.monotonic() - started, as_json,
                    problems)
-
-
-def _pooled(cm, file_hash):
-    """Whether the pool has the file somewhere: cached, or on a host."""
-    status = cm.status(file_hash)
-    return bool(status and (status["cached"] or status["copies"] > 0))
 
 
 def _upload_concurrently(cm, files, jobs, defer, advance):

@@ -680,14 +680,17 @@ class FileDatabase:
 
     def source_hashes(self, paths):
         """``{path: (size, mtime_ns, ctime_ns, inode, device, hash)}`` for the
-        known ones among ``paths`` (absolute)."""
+        ones among ``paths`` (absolute) whose remembered hash is still in the
+        pool: cached, or with a good copy on a host."""
         found = {}
         paths = list(paths)
         for start in range(0, len(paths), 500):  # below SQLite's variable limit
             chunk = paths[start:start + 500]
             found.update((row[0], tuple(row[1:])) for row in self._read(
-                "SELECT path, size, mtime_ns, ctime_ns, inode, device, hash FROM sources"
-                " WHERE path IN (%s)" % ",".join("?" * len(chunk)), chunk))
+                "SELECT s.path, s.size, s.mtime_ns, s.ctime_ns, s.inode, s.device, s.hash"
+                " FROM sources AS s JOIN files AS f ON f.hash = s.hash"
+                " WHERE s.path IN (%s) AND (f.cached = 1 OR f.copies > 0)"
+                % ",".join("?" * len(chunk)), chunk))
         return found
 
     def remember_sources(self, rows):

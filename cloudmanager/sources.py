@@ -102,7 +102,8 @@ class SourceIndex:
         self.db = db
 
     def known(self, files):
-        """``{path: hash}`` for the files whose remembered stat still matches."""
+        """``{path: hash}`` for the files whose remembered stat still matches
+        and whose hash the pool still holds (cached, or on a host)."""
         files = list(files)
         stored = self.db.source_hashes(f.path for f in files)
         found = {}
