@@ -90,10 +90,17 @@ class HangingHost(MemoryHost):
     def __init__(self, store, release, timeout):
         super().__init__(store, name="hanging", timeout=timeout)
         self.release = release
+        self.downloads_ended = threading.Event()
 
     def _call(self):
         self.release.wait(60)
         super()._call()
+
+    def download(self, url, dest_path, max_bytes=None):
+        try:
+            super().download(url, dest_path, max_bytes)
+        finally:
+            self.downloads_ended.set()
 
 
 TIMEOUT = 0.5
@@ -125,14 +132,18 @@ def test_a_hanging_download_returns_within_the_timeout_and_leaves_nothing(make_p
     digest = cm.upload(write_file("f", data))
     cm.evict(0)
     release.clear()
+    hanging.downloads_ended.clear()
     add(FAULTS)
     started = time.monotonic()
     assert cm.warm_up(digest) is False
     assert time.monotonic() - started < TIMEOUT + MARGIN
     assert cm.db.reserved_bytes() == 0
     release.set()  # the abandoned call ends now; what it writes is removed
+    # The caller removed its temp file already: wait for the abandoned call
+    # to end (it writes a temp file of its own first) and its cleanup to run.
     deadline = time.monotonic() + 10
-    while tmp_entries(cm) and time.monotonic() < deadline:
+    while ((not hanging.downloads_ended.is_set() or tmp_entries(cm))
+           and time.monotonic() < deadline):
         time.sleep(0.05)
     assert tmp_entries(cm) == []
     assert cm.check()["clean"]
