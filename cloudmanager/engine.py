@@ -303,16 +303,20 @@ class UploadEngine:
         """
         done = []
         cond = threading.Condition()
-        state = {"finished": False, "abandoned": False}
+        # "current": the item being uploaded and when it started. The caller
+        # is woken only at the end (a wake-up per file costs more than a
+        # small file's copy); its deadline follows the current item.
+        state = {"finished": False, "abandoned": False, "current": (0, time.monotonic())}
 
         def run():
             try:
                 with self._slots[host.name]:
-                    for index, path, file_hash, _ in items:
+                    for position, (index, path, file_hash, _) in enumerate(items):
+                        started = time.monotonic()
                         with cond:
                             if state["abandoned"]:
                                 break
-                        started = time.monotonic()
+                            state["current"] = (position, started)
                         try:
                             outcome = host.upload(path, file_hash)
                             latency_ms = (time.monotonic() - started) * 1000
@@ -326,7 +330,6 @@ class UploadEngine:
                                         outcome.message)
                         with cond:
                             done.append((index, outcome, latency_ms))
-                            cond.notify()
             finally:
                 with cond:
                     state["finished"] = True
@@ -334,12 +337,17 @@ class UploadEngine:
 
         self._calls.submit(run)
         with cond:
-            while not state["finished"] and len(done) < len(items):
-                seen = len(done)
-                limit = self.deadline(host, items[seen][3])
-                if not cond.wait_for(lambda: state["finished"] or len(done) > seen, limit):
+            while not state["finished"]:
+                position, started = state["current"]
+                limit = self.deadline(host, items[position][3])
+                if limit is None:
+                    cond.wait()
+                    continue
+                remaining = started + limit - time.monotonic()
+                if remaining <= 0:
                     state["abandoned"] = True
                     break
+                cond.wait(remaining)
             results = list(done)
         for index, _, file_hash, _ in items[len(results):]:
             exc = HostUnavailableError(host.name, "upload of %s did not end within %.1f s; "

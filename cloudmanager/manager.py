@@ -115,7 +115,7 @@ class CloudManager:
         self.defer_uploads = settings["defer_uploads"]
         self.config = settings["config"]
         self._closed = False
-        self._fetch_locks = {}
+        self._fetch_locks_held = {}  # hash -> (RLock, users)
         self._fetch_locks_guard = threading.Lock()
         host_objects = self._build_hosts(hosts, self.config, settings["host_timeout"])
         self.db = FileDatabase(settings["database"])
@@ -266,25 +266,17 @@ class CloudManager:
         defer = self.defer_uploads if defer is None else defer
         paths = list(paths)
         results = [False] * len(paths)
-        uploading = None  # the thread uploading the previous batch to hosts
-        try:
-            for start in range(0, len(paths), UPLOAD_BATCH):
-                ingested, alone = self._ingest_batch(
-                    paths, range(start, min(start + UPLOAD_BATCH, len(paths))), results, progress)
-                # One batch goes to the hosts while the next is copied into the
-                # cache: the two wait on different disks and syscalls.
-                if uploading is not None:
-                    uploading.join()
-                    uploading = None
-                if ingested and not defer:
-                    uploading = threading.Thread(target=self._replicate_many_logged,
-                                                 args=(ingested,), name="cloudmanager-upload")
-                    uploading.start()
-                for i in alone:
-                    results[i] = self.upload(paths[i], defer=defer, progress=progress)
-        finally:
-            if uploading is not None:
-                uploading.join()
+        for start in range(0, len(paths), UPLOAD_BATCH):
+            ingested, alone = self._ingest_batch(
+                paths, range(start, min(start + UPLOAD_BATCH, len(paths))), results, progress)
+            # The batch goes to the hosts before the next one is read: uploads
+            # to slow hosts overlap in the engine, and a fast local one would
+            # only contend with the reading for the GIL (measured: a folder
+            # host in a thread beside the reading made the whole 30 % slower).
+            if ingested and not defer:
+                self._replicate_many_logged(ingested)
+            for i in alone:
+                results[i] = self.upload(paths[i], defer=defer, progress=progress)
         return results
 
     def _ingest_batch(self, paths, indexes, results, progress=None):
@@ -338,9 +330,7 @@ class CloudManager:
         A file no longer in the cache is replicated on its own, from wherever
         :meth:`_replicate` finds it.
         """
-        with contextlib.ExitStack() as locks:
-            for file_hash in sorted(set(hashes)):  # one order: no deadlock
-                locks.enter_context(self._fetch_lock(file_hash))
+        with self._fetch_locks(hashes):
             self._replicate_many_locked(hashes)
 
     def _replicate_many_locked(self, hashes):
@@ -548,26 +538,41 @@ class CloudManager:
                 self.engine.download(file_hash, size, sources, reservation.temp)
                 return self.cache.commit(reservation, file_hash, size)
 
-    @contextlib.contextmanager
     def _fetch_lock(self, file_hash):
         """Hold this process's lock on one hash: fetches, uploads to hosts and
         removal take it, so a removal never interleaves with the others.
 
         Re-entrant: an upload may fetch its source while holding it.
         """
+        return self._fetch_locks((file_hash,))
+
+    @contextlib.contextmanager
+    def _fetch_locks(self, hashes):
+        """:meth:`_fetch_lock` on several hashes at once, taken in sorted
+        order so two callers never deadlock; one pass over the lock table."""
+        hashes = sorted(set(hashes))
         with self._fetch_locks_guard:
-            lock, users = self._fetch_locks.get(file_hash, (threading.RLock(), 0))
-            self._fetch_locks[file_hash] = (lock, users + 1)
+            locks = []
+            for file_hash in hashes:
+                lock, users = self._fetch_locks_held.get(file_hash) or (threading.RLock(), 0)
+                self._fetch_locks_held[file_hash] = (lock, users + 1)
+                locks.append(lock)
+        taken = 0
         try:
-            with lock:
-                yield
+            for lock in locks:
+                lock.acquire()
+                taken += 1
+            yield
         finally:
+            for lock in locks[:taken]:
+                lock.release()
             with self._fetch_locks_guard:
-                lock, users = self._fetch_locks[file_hash]
-                if users == 1:
-                    del self._fetch_locks[file_hash]
-                else:
-                    self._fetch_locks[file_hash] = (lock, users - 1)
+                for file_hash in hashes:
+                    lock, users = self._fetch_locks_held[file_hash]
+                    if users == 1:
+                        del self._fetch_locks_held[file_hash]
+                    else:
+                        self._fetch_locks_held[file_hash] = (lock, users - 1)
 
     def download(self, file_hash, destination=None):
         """Get a file: into the cache, or to ``destination``.

@@ -7,7 +7,6 @@ USB disk.
 """
 
 import os
-import shutil
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from .. import fsutil
@@ -95,9 +94,13 @@ class FolderHost(Host):
         """Copy ``local_path`` to ``ROOT/name`` atomically."""
         dest = self._object_path(name)
         try:
-            os.makedirs(self.root, exist_ok=True)
-            with open(local_path, "rb") as src, fsutil.atomic_write(dest, self.fsync) as out:
-                shutil.copyfileobj(src, out, fsutil.CHUNK)
+            try:
+                fsutil.copy_file(local_path, dest, self.fsync)
+            except FileNotFoundError:
+                if os.path.isdir(self.root):
+                    raise  # the source is missing
+                os.makedirs(self.root, exist_ok=True)
+                fsutil.copy_file(local_path, dest, self.fsync)
         except OSError as exc:
             raise TransientHostError(self.name, "cannot store %s: %s" % (name, exc)) from exc
         # fsencode: a root that is not valid UTF-8 still gets an exact URL

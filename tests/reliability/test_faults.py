@@ -151,6 +151,34 @@ def test_a_hanging_download_returns_within_the_timeout_and_leaves_nothing(make_p
         assert f.read() == data
 
 
+def test_a_hanging_host_in_a_batch_upload_returns_within_the_timeout(make_pool, write_file):
+    release = threading.Event()
+    hanging = HangingHost("hang-" + uuid.uuid4().hex, release, TIMEOUT)
+    (good,) = memory_hosts("good")
+    cm = make_pool(hosts=[hanging, good], redundancy=2)
+    paths = [write_file("f%d" % i, b"%03d" % i * 100) for i in range(40)]  # 3 groups
+    add(FAULTS)
+    started = time.monotonic()
+    digests = cm.upload_many(paths)
+    assert time.monotonic() - started < TIMEOUT + MARGIN
+    release.set()
+    assert all(digests) and sorted(cm.db.queued()) == sorted(digests)
+    assert all(cm.db.copies(d) == 1 for d in digests)
+    assert "did not end within" in cm.db.host_health()["hanging"]["last_error"]
+
+
+def test_a_slow_host_in_a_batch_upload_gets_its_deadline_per_file(make_pool, write_file):
+    """A group of files, each well within the deadline, may take longer in
+    all than one deadline: nothing is given up."""
+    slow = MemoryHost("slow-" + uuid.uuid4().hex, name="slow", latency=0.1, timeout=0.2)
+    cm = make_pool(hosts=[slow], redundancy=1)
+    files = 16  # one group, 1.6 s in all; the deadline is 1.2 s per file
+    assert files * slow.latency > engine.DEADLINE_GRACE + slow.timeout
+    digests = cm.upload_many([write_file("f%d" % i, b"%03d" % i * 10) for i in range(files)])
+    assert all(digests) and cm.db.queued() == []
+    assert all(cm.db.copies(d) == 1 for d in digests)
+
+
 def test_a_hanging_check_and_delete_return_within_the_timeout(make_pool, write_file):
     release = threading.Event()
     release.set()
