@@ -26,6 +26,11 @@ SECRET_OPTION = re.compile(r"pass|secret|token|key|auth|credential|cookie|sas|si
 #: ``scheme://user:password@`` anywhere in a text, to hide the password.
 URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^@/\s]*@")
 MAX_URL_LENGTH = 2048
+#: The common URL shapes, in ASCII, which the full parse below would accept:
+#: ``scheme://host[:port][/?#...]`` (no user info, no brackets) and
+#: ``file:///path``. Anything else takes the full parse.
+_PLAIN_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(?:([^/?#@:\[\]]+)(?::[0-9]*)?|(?=/))"
+                        r"(?:[/?#].*)?", re.DOTALL)
 MAX_NAME_BYTES = 255
 
 
@@ -142,6 +147,12 @@ def check_url(value, schemes=URL_SCHEMES):
             any(ch.isspace() or unicodedata.category(ch)[0] == "C" for ch in value):
         raise InvalidInputError("URL contains whitespace or control characters: %r"
                                 % (_short(value),))
+    plain = _PLAIN_URL.fullmatch(value) if value.isascii() else None
+    if plain is not None:  # an import checks one URL per copy: the fast path
+        scheme = plain.group(1).lower()
+        # A host for network URLs; none for file URLs, whose path is absolute.
+        if scheme in schemes and (plain.group(2) is None) == (scheme == "file"):
+            return value
     try:
         parts = urlsplit(value)
     except ValueError as exc:

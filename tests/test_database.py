@@ -325,6 +325,40 @@ def test_merge_records_is_an_idempotent_union(db):
     assert db.get_file(H[0])["filename"] == "doc.txt"
 
 
+def recounted(db, file_hash):
+    """(copies, verified) as the uploads_* triggers define them, counted afresh."""
+    good = [u for u in db.uploads(file_hash) if not u["error"]]
+    return (len({u["host_name"] for u in good}),
+            len({u["host_name"] for u in good if u["verified"]}))
+
+
+def test_merge_records_counts_copies_of_new_files_as_the_triggers_do(db):
+    """New files are inserted with their count (their uploads go in first);
+    the count must be what the triggers would have made of them."""
+    add(db, H[2])
+    upload(db, H[2], "h1", "http://h1.example/mine")
+    db.merge_records([
+        # two urls on one host, a failed host, a second good host
+        rec(H[0], uploads=[("h1", "http://h1.example/a", False),
+                           ("h1", "http://h1.example/b", False),
+                           ("h2", "", True), ("h3", "http://h3.example/a", False)]),
+        rec(H[1], uploads=[("h4", "", True)]),  # only a failure
+        # a file new in this batch, seen twice: both records' copies count
+        rec(H[3], uploads=[("h1", "http://h1.example/c", False)]),
+        rec(H[3], uploads=[("h5", "http://h5.example/c", False)]),
+        rec(H[2], uploads=[("h6", "http://h6.example/x", False)]),  # a known file
+    ])
+    assert [db.copies(h) for h in H[:4]] == [2, 0, 2, 2]
+    for h in H[:4]:
+        row = db.get_file(h)
+        assert (row["copies"], row["verified"]) == recounted(db, h)
+    with pytest.raises(DatabaseError, match="FOREIGN KEY"):  # deferred, still checked
+        with db.transaction() as conn:
+            conn.execute("PRAGMA defer_foreign_keys = ON")
+            conn.execute("INSERT INTO uploads (hash, host_name, url, time)"
+                         " VALUES (?, 'h', 'http://h.example/', 0)", ("e" * 64,))
+
+
 def test_merge_records_refuses_size_conflicts(db):
     add(db, H[0], size=10)
     changed, refused = db.merge_records([

@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from cloudmanager.database import FileDatabase
 from cloudmanager.engine import UploadEngine, UploadResult
 from cloudmanager.errors import (
     DownloadError,

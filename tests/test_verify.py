@@ -11,7 +11,6 @@ import uuid
 
 import pytest
 
-from cloudmanager import CloudManager
 from cloudmanager.hosts.memory import MemoryHost
 
 

@@ -4,6 +4,7 @@ the serializers round-trip."""
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -12,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloudmanager import CloudManager, serializers
+from cloudmanager import CloudManager, serializers, validation
+from cloudmanager.errors import InvalidInputError
 from cloudmanager.hosts.memory import MemoryHost
 from cloudmanager.validation import safe_basename
 from reliability.figures import FUZZ, add
@@ -111,3 +113,33 @@ def test_a_stream_of_records_round_trips(batch):
     out = io.StringIO()
     assert serializers.dump_to(iter(batch), out) == len(batch)
     assert list(serializers.load_from(io.StringIO(out.getvalue()))) == batch
+
+
+# -- check_url: its fast path for common URLs agrees with the full parse ---------
+
+url_bits = st.text("ab:/?#@[]%.-+09Z=&~é", max_size=6)
+url_shaped = st.tuples(
+    st.sampled_from(["http", "HTTPS", "file", "File", "s3", "memory", "ftp", "x-y", "", "9a"]),
+    st.sampled_from(["://", ":/", ":", ":///", "//"]),
+    st.sampled_from(["", "host", "localhost", "a.b", "u@h", "[::1]", "h:80", "h:", "h:x"]),
+    url_bits).map("".join)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(url_shaped | url_bits,
+       st.sampled_from([validation.URL_SCHEMES, frozenset({"file"}), frozenset({"http"})]))
+def test_check_url_fast_path_agrees_with_the_full_parse(url, schemes):
+    add(FUZZ)
+
+    def verdict():
+        try:
+            return validation.check_url(url, schemes)
+        except InvalidInputError as exc:
+            return str(exc)
+
+    fast = verdict()
+    plain, validation._PLAIN_URL = validation._PLAIN_URL, re.compile(r"(?!)")  # never matches
+    try:
+        assert verdict() == fast  # every URL parsed in full
+    finally:
+        validation._PLAIN_URL = plain
