@@ -330,6 +330,9 @@ class UploadEngine:
                                         outcome.message)
                         with cond:
                             done.append((index, outcome, latency_ms))
+                            # The next item's clock starts now, not when this one did.
+                            state["current"] = (min(position + 1, len(items) - 1),
+                                                time.monotonic())
             finally:
                 with cond:
                     state["finished"] = True

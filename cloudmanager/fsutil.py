@@ -7,6 +7,7 @@ partial file never takes the target's name.
 """
 
 import contextlib
+import errno
 import hashlib
 import os
 import queue
@@ -327,7 +328,13 @@ def _kernel_copy(src_fd, dst_fd):
     if sendfile is not None and sys.platform.startswith("linux"):
         offset = 0
         while True:
-            sent = sendfile(dst_fd, src_fd, offset, CHUNK)
+            try:
+                sent = sendfile(dst_fd, src_fd, offset, CHUNK)
+            except OSError as exc:
+                # A filesystem without splice support: copy through a buffer.
+                if offset or exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                break
             if not sent:
                 return
             offset += sent
