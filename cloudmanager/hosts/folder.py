@@ -95,9 +95,7 @@ class FolderHost(Host):
         try:
             try:
                 fsutil.copy_file(local_path, dest, self.fsync)
-            except FileNotFoundError:
-                if os.path.isdir(self.root):
-                    raise  # the source is missing
+            except FileNotFoundError:  # no folder yet (or no source: raised again)
                 os.makedirs(self.root, exist_ok=True)
                 fsutil.copy_file(local_path, dest, self.fsync)
         except OSError as exc:
