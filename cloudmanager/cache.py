@@ -45,8 +45,6 @@ log = logging.getLogger(__name__)
 TOUCH_BATCH = 1000
 #: ...or once this many seconds have passed since the last write.
 TOUCH_INTERVAL_S = 1.0
-#: Files evicted per round trip when making room.
-EVICT_BATCH = 64
 #: In a batch ingest, files up to this size are read whole (one read, one write).
 SMALL_FILE = 1 << 20
 
@@ -222,17 +220,17 @@ class CacheStore:
         :return: the number of files evicted, or None if ``all_or_nothing``
             and the evictable files do not add up to ``excess``
         """
-        victims, freed, after = [], 0, None
-        while freed < excess:
-            page = self.db.eviction_candidates(conn, EVICT_BATCH, after)
-            if not page:
-                break
-            for file_hash, size, last_access in page:
+        victims, freed = [], 0
+        # Read one candidate at a time: evicting one file reads one row.
+        candidates = self.db.eviction_candidates(conn)
+        try:
+            for file_hash, size, _ in candidates:
                 victims.append(file_hash)
                 freed += size
-                after = (last_access, file_hash)
                 if freed >= excess:
                     break
+        finally:
+            candidates.close()
         if freed < excess and all_or_nothing:
             return None
         self.db.set_uncached_many(conn, victims)

@@ -372,26 +372,20 @@ class FileDatabase:
                 " WHERE hash = ? AND cached = 1",
                 [(when, h) for h, when in accesses])
 
-    def eviction_candidates(self, conn, limit, after=None):
-        """Least recently used evictable files: ``[(hash, size, last_access)]``.
+    def eviction_candidates(self, conn):
+        """Least recently used evictable files, as a cursor of ``(hash, size, last_access)``.
 
         Evictable means cached, on at least one host this node uploaded to or
-        verified a download from, and not pinned. The
-        WHERE clause matches the partial index ``files_lru`` (whose entries
-        are ``(last_access, hash)``), so this is an index range scan:
-        O(log n + limit). ``after`` is the ``(last_access, hash)`` of the last
-        row of the previous page.
+        verified a download from, and not pinned. The WHERE clause matches
+        the partial index ``files_lru`` (whose entries are ``(last_access,
+        hash)``), so this is an index range scan that yields rows as they
+        are read: the caller takes as many as it needs, O(log n + taken),
+        then closes the cursor.
         """
-        if after is None:
-            return conn.execute(
-                "SELECT hash, size, last_access FROM files"
-                " WHERE cached = 1 AND verified > 0 AND pinned = 0"
-                " ORDER BY last_access, hash LIMIT ?", (limit,)).fetchall()
         return conn.execute(
             "SELECT hash, size, last_access FROM files"
             " WHERE cached = 1 AND verified > 0 AND pinned = 0"
-            " AND (last_access, hash) > (?, ?)"
-            " ORDER BY last_access, hash LIMIT ?", (after[0], after[1], limit)).fetchall()
+            " ORDER BY last_access, hash")
 
     def set_uncached_many(self, conn, hashes):
         """Mark files not cached (inside a transaction)."""

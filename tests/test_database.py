@@ -269,12 +269,12 @@ def test_eviction_candidates_lru_order_skipping_pinned_and_uncopied(db):
     assert db.set_pinned(H[4], True)  # oldest with a copy, but pinned
     add(db, H[5])  # not cached at all
     upload(db, H[5], "h1", "http://h1.example/x")
-    assert [c[:2] for c in db.eviction_candidates(db.connection, 10)] == [(H[1], 10), (H[2], 10), (H[0], 10)]
-    assert [c[:2] for c in db.eviction_candidates(db.connection, 1)] == [(H[1], 10)]
+    candidates = db.eviction_candidates(db.connection)
+    assert [c[:2] for c in candidates] == [(H[1], 10), (H[2], 10), (H[0], 10)]
     db.touch_many([(H[1], 40.0)])
-    assert [c[0] for c in db.eviction_candidates(db.connection, 10)] == [H[2], H[0], H[1]]
+    assert [c[0] for c in db.eviction_candidates(db.connection)] == [H[2], H[0], H[1]]
     assert db.set_pinned(H[4], False)
-    assert [c[:2] for c in db.eviction_candidates(db.connection, 1)] == [(H[4], 10)]
+    assert db.eviction_candidates(db.connection).fetchone()[:2] == (H[4], 10)
     assert db.set_pinned("f" * 64, True) is False
 
 
@@ -285,7 +285,7 @@ def test_eviction_query_uses_partial_index(db):
     statements = []
     conn.set_trace_callback(statements.append)
     try:
-        db.eviction_candidates(conn, 5)
+        db.eviction_candidates(conn).fetchone()
     finally:
         conn.set_trace_callback(None)
     selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
