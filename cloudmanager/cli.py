@@ -541,8 +541,8 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
     """Add files to the pool; directories are walked recursively.
 
     Each file is hashed while it is copied into the cache, then uploaded to
-    the configured hosts: small files in batches, sent to the hosts while
-    the next batch is read; large ones several at a time (--jobs). Prints
+    the configured hosts: small files in batches, each sent to the hosts
+    before the next is read; large ones several at a time (--jobs). Prints
     "SHA256  PATH" per file as it lands, like sha256sum (skipped files
     last). Running it again skips files
     already in the pool whose size and times have not changed, without
