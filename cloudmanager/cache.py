@@ -350,9 +350,10 @@ class CacheStore:
 
         Like :meth:`ingest` for each source, but room is reserved once for
         the whole batch, and the files are published (renamed into place)
-        and recorded in one transaction, with one fsync per shard directory
-        rather than per file. A file the pool already caches is not copied
-        again.
+        and recorded in one transaction. With fsync on, the batch is made
+        durable with two filesystem syncs where Linux has ``syncfs`` (else an
+        fsync per file and one per shard directory). A file the pool already
+        caches is not copied again.
 
         :param sources: ``[(source_path, filename, created)]``
         :param progress: called with each chunk's byte count while the larger
@@ -374,6 +375,9 @@ class CacheStore:
         total = sum(sizes)
         if total > self.capacity:
             raise CacheFullError("%d bytes do not fit a %d-byte cache" % (total, self.capacity))
+        # Durable as a batch: one syncfs for the files, one for the renames,
+        # instead of a flush per file and per shard (see fsutil.sync_filesystem).
+        batch_sync = self.fsync and fsutil.sync_filesystem_available()
         temps = {}  # k -> temp path, until published or removed
         try:
             with self.reserve(total) as res:
@@ -383,22 +387,25 @@ class CacheStore:
                         continue
                     temps[k] = "%s-%d.tmp" % (stem, k)
                     try:
-                        results[k] = self._copy_in(path, temps[k], sizes[k], progress)
+                        results[k] = self._copy_in(path, temps[k], sizes[k], progress,
+                                                   fsync=self.fsync and not batch_sync)
                     except (OSError, CacheError) as exc:
                         results[k] = exc
                         fsutil.remove_quietly(temps.pop(k))
-                self._publish_many(res, sources, results, temps, queue)
+                if batch_sync and temps:
+                    fsutil.sync_filesystem(self.tmp_dir)  # the files, before any rename
+                self._publish_many(res, sources, results, temps, queue, batch_sync)
         finally:
             for temp in temps.values():
                 fsutil.remove_quietly(temp)
         return results
 
-    def _copy_in(self, source_path, temp, size, progress=None):
+    def _copy_in(self, source_path, temp, size, progress=None, fsync=True):
         """Copy one file of an :meth:`ingest_many` batch to ``temp``, hashing it.
 
         A small file is read whole (one read, one write); a larger one is
         streamed like :meth:`ingest`. It may not grow past the ``size``
-        reserved for it.
+        reserved for it. ``fsync``: flush it before returning.
 
         :return: ``(hash, size)``
         """
@@ -423,7 +430,7 @@ class CacheStore:
                                                                  progress=progress)
                     except OverflowError:
                         raise CacheError("%s grew while it was read" % source_path) from None
-                if self.fsync:
+                if fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
@@ -431,8 +438,13 @@ class CacheStore:
             raise CacheError("%s changed size while it was read" % source_path)
         return file_hash, nbytes
 
-    def _publish_many(self, reservation, sources, results, temps, queue):
-        """Publish a batch's temp files and record them, in one transaction."""
+    def _publish_many(self, reservation, sources, results, temps, queue, batch_sync=False):
+        """Publish a batch's temp files and record them, in one transaction.
+
+        ``batch_sync``: the temp files are on disk already; make the renames
+        durable with one :func:`~cloudmanager.fsutil.sync_filesystem` rather
+        than an fsync per shard directory.
+        """
         now = time.time()
         done = {}  # hash -> the size published (or found cached) in this batch
         shards = set()
@@ -479,7 +491,9 @@ class CacheStore:
             self.db.insert_cached_files(conn, new_rows, now)
             if to_queue:
                 self.db.enqueue_many(conn, to_queue, now)
-            if self.fsync:
+            if batch_sync and shards:
+                fsutil.sync_filesystem(self.root)
+            elif self.fsync:
                 for shard in shards:  # one fsync per directory, not per file
                     fsutil.fsync_dir(os.path.join(self.root, shard))
             self.db.drop_reservation(conn, reservation.id)

@@ -297,42 +297,66 @@ class UploadEngine:
         caller waits for each file no longer than :meth:`deadline` would let
         a single call run. When one overruns, the caller gives up on it and
         on the rest of the group (the thread stops after the file it is on).
-        No database writes: the batch records them.
+        A host that :attr:`~cloudmanager.hosts.base.Host.can_batch` gets the
+        group in one :meth:`~cloudmanager.hosts.base.Host.upload_batch` call,
+        within the sum of the files' deadlines. No database writes: the batch
+        records them.
 
         :return: ``[(index, Location or HostError, latency_ms or None)]`` for every item
         """
         done = []
         cond = threading.Condition()
-        # "current": the item being uploaded and when it started. The caller
-        # is woken only at the end (a wake-up per file costs more than a
-        # small file's copy); its deadline follows the current item.
-        state = {"finished": False, "abandoned": False, "current": (0, time.monotonic())}
+        # "current": the item being uploaded, when it started and its
+        # deadline. The caller is woken only at the end (a wake-up per file
+        # costs more than a small file's copy); its deadline follows "current".
+        state = {"finished": False, "abandoned": False,
+                 "current": (time.monotonic(), self.deadline(host, items[0][3]))}
+
+        def finish(index, file_hash, outcome, latency_ms, then=None):
+            if isinstance(outcome, Location):
+                log.debug("uploaded %s to %s", file_hash, host.name)
+            else:
+                log.warning("upload of %s failed on %s: %s", file_hash, host.name,
+                            outcome.message)
+                latency_ms = None
+            with cond:
+                done.append((index, outcome, latency_ms))
+                if then is not None:  # the next item's clock starts now
+                    state["current"] = then
+
+        def one_by_one():
+            for position, (index, path, file_hash, size) in enumerate(items):
+                started = time.monotonic()
+                with cond:
+                    if state["abandoned"]:
+                        return
+                    state["current"] = (started, self.deadline(host, size))
+                outcome = self._guarded(host, lambda: host.upload(path, file_hash))
+                ended = time.monotonic()
+                then = (ended, self.deadline(host, items[position + 1][3])) \
+                    if position + 1 < len(items) else None
+                finish(index, file_hash, outcome, (ended - started) * 1000, then)
+
+        def as_batch():
+            limits = [self.deadline(host, size) for _, _, _, size in items]
+            started = time.monotonic()
+            with cond:
+                state["current"] = (started, None if None in limits else sum(limits))
+            outcomes = self._guarded(host, lambda: host.upload_batch(
+                [(path, file_hash) for _, path, file_hash, _ in items]))
+            if isinstance(outcomes, HostError):
+                outcomes = [outcomes] * len(items)
+            elif not isinstance(outcomes, list) or len(outcomes) != len(items):  # a host's bug
+                outcomes = [TransientHostError(host.name, "upload_batch returned %.60r for %d "
+                                               "files" % (outcomes, len(items)))] * len(items)
+            latency_ms = (time.monotonic() - started) * 1000 / len(items)
+            for (index, _, file_hash, _), outcome in zip(items, outcomes):
+                finish(index, file_hash, outcome, latency_ms)
 
         def run():
             try:
                 with self._slots[host.name]:
-                    for position, (index, path, file_hash, _) in enumerate(items):
-                        started = time.monotonic()
-                        with cond:
-                            if state["abandoned"]:
-                                break
-                            state["current"] = (position, started)
-                        try:
-                            outcome = host.upload(path, file_hash)
-                            latency_ms = (time.monotonic() - started) * 1000
-                            log.debug("uploaded %s to %s", file_hash, host.name)
-                        except HostError as exc:
-                            outcome, latency_ms = exc, None
-                        except Exception as exc:  # a host bug must not take the engine down
-                            outcome, latency_ms = TransientHostError(host.name, repr(exc)), None
-                        if latency_ms is None:
-                            log.warning("upload of %s failed on %s: %s", file_hash, host.name,
-                                        outcome.message)
-                        with cond:
-                            done.append((index, outcome, latency_ms))
-                            # The next item's clock starts now, not when this one did.
-                            state["current"] = (min(position + 1, len(items) - 1),
-                                                time.monotonic())
+                    (as_batch if host.can_batch else one_by_one)()
             finally:
                 with cond:
                     state["finished"] = True
@@ -341,8 +365,7 @@ class UploadEngine:
         self._calls.submit(run)
         with cond:
             while not state["finished"]:
-                position, started = state["current"]
-                limit = self.deadline(host, items[position][3])
+                started, limit = state["current"]
                 if limit is None:
                     cond.wait()
                     continue
@@ -358,6 +381,18 @@ class UploadEngine:
             log.warning("%s", exc.message)
             results.append((index, exc, None))
         return results
+
+    @staticmethod
+    def _guarded(host, call):
+        """``call()``, or the :class:`HostError` it raised; a host's bug (any
+        other exception) becomes a TransientHostError: it must not take the
+        engine down."""
+        try:
+            return call()
+        except HostError as exc:
+            return exc
+        except Exception as exc:
+            return TransientHostError(host.name, repr(exc))
 
     # -- deadlines -------------------------------------------------------------
 

@@ -52,3 +52,21 @@ def test_copy_file_of_a_missing_source_creates_nothing(tmp_path):
     with pytest.raises(FileNotFoundError):
         fsutil.copy_file(str(tmp_path / "missing"), str(tmp_path / "obj"))
     assert os.listdir(tmp_path) == []
+
+
+def test_copy_to_temp_leaves_a_temp_beside_the_target_and_no_target(tmp_path):
+    src = tmp_path / "src"
+    src.write_bytes(b"half of copy_file")
+    (tmp_path / "dest").mkdir()
+    temp = fsutil.copy_to_temp(str(src), str(tmp_path / "dest" / "obj"), fsync=False)
+    assert os.path.dirname(temp) == str(tmp_path / "dest") and temp.endswith(".tmp")
+    assert os.listdir(tmp_path / "dest") == [os.path.basename(temp)]
+    with open(temp, "rb") as f:
+        assert f.read() == b"half of copy_file"
+
+
+@pytest.mark.skipif(not fsutil.sync_filesystem_available(), reason="needs Linux 5.8+ syncfs")
+def test_sync_filesystem_runs_and_reports_a_bad_path(tmp_path):
+    fsutil.sync_filesystem(str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        fsutil.sync_filesystem(str(tmp_path / "missing"))

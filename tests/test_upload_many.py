@@ -3,12 +3,15 @@
 Real SQLite files and real folders; no timing assertions.
 """
 
+import errno
 import hashlib
 import os
 
 import pytest
 
+from cloudmanager import engine, fsutil
 from cloudmanager import manager as manager_module
+from cloudmanager.hosts.folder import FolderHost
 
 
 def sha(data):
@@ -205,3 +208,61 @@ def test_reopen_after_batch_is_consistent(make_pool, write_file, tmp_path, fsync
         assert again.on_cache(digest)
         with open(again.cache.path_for(digest), "rb") as cached:
             assert cached.read() == f.read_bytes()
+
+
+# -- durable batches (fsync on): a few filesystem syncs, not one per file -------------
+
+
+@pytest.fixture
+def syncs(monkeypatch):
+    """The paths fsutil.sync_filesystem was called on (it still runs)."""
+    calls = []
+    real = fsutil.sync_filesystem
+    monkeypatch.setattr(fsutil, "sync_filesystem", lambda path: (calls.append(path), real(path)))
+    return calls
+
+
+@pytest.mark.skipif(not fsutil.sync_filesystem_available(), reason="needs Linux 5.8+ syncfs")
+def test_a_durable_batch_syncs_per_batch_and_group_not_per_file(make_pool, write_file,
+                                                                tmp_path, syncs):
+    host = FolderHost(str(tmp_path / "nas"), fsync=True)
+    cm = make_pool(1 << 20, hosts=[host], redundancy=1, fsync=True)
+    files = [write_file("d%d" % i, b"durable %d" % i) for i in range(40)]
+    results = cm.upload_many(files)
+    assert all(results) and cm.stats()["queued"] == 0
+    cache_syncs = [p for p in syncs if p.startswith(cm.cache.root)]
+    host_syncs = [p for p in syncs if p == host.root]
+    groups = -(-len(files) // engine.BATCH_GROUP)
+    assert len(cache_syncs) == 2 and len(host_syncs) == 2 * groups  # data, then renames
+    for digest, f in zip(results, files):
+        assert (tmp_path / "nas" / digest).read_bytes() == f.read_bytes()
+    assert os.listdir(cm.cache.tmp_dir) == [] and cm.check()["clean"]
+
+
+@pytest.mark.skipif(not fsutil.sync_filesystem_available(), reason="needs Linux 5.8+ syncfs")
+def test_a_failed_batch_sync_falls_back_to_file_by_file(make_pool, write_file, tmp_path,
+                                                        monkeypatch, caplog):
+    def failing(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fsutil, "sync_filesystem", failing)
+    host = FolderHost(str(tmp_path / "nas"), fsync=True)
+    cm = make_pool(1 << 20, hosts=[host], redundancy=1, fsync=True)
+    files = [write_file("e%d" % i, b"eio %d" % i) for i in range(5)]
+    results = cm.upload_many(files)  # one by one through upload(): an fsync per file
+    assert results == [sha(f.read_bytes()) for f in files]
+    assert "one by one" in caplog.text and cm.stats()["queued"] == 0
+    assert os.listdir(cm.cache.tmp_dir) == [] and cm.check()["clean"]
+
+
+def test_a_batch_host_bug_leaves_the_files_queued(make_pool, write_file, tmp_path):
+    class BuggyBatchHost(FolderHost):
+        def upload_batch(self, items):
+            raise RuntimeError("a bug in a host")
+
+    cm = make_pool(1 << 20, hosts=[BuggyBatchHost(str(tmp_path / "buggy"))], redundancy=1)
+    files = [write_file("b%d" % i, b"bug %d" % i) for i in range(3)]
+    results = cm.upload_many(files)
+    assert all(results) and sorted(cm.db.queued()) == sorted(results)
+    health = cm.db.host_health()["dir:" + str(tmp_path / "buggy")]
+    assert "a bug in a host" in health["last_error"]

@@ -18,7 +18,7 @@ contract as tests; every host class passes it.
 from typing import NamedTuple, Optional
 
 from .. import fsutil
-from ..errors import HostNotFoundError, PermanentHostError, TransientHostError
+from ..errors import HostError, HostNotFoundError, PermanentHostError, TransientHostError
 from ..validation import is_hash
 
 
@@ -51,6 +51,9 @@ class Host:
     can_delete = False
     #: Whether :meth:`stat` and :meth:`exists` work without downloading.
     can_check = False
+    #: Whether :meth:`upload_batch` makes a group of files cheaper than
+    #: :meth:`upload` one by one (the engine then hands it whole groups).
+    can_batch = False
     #: Whether :meth:`list` works.
     can_list = False
     #: How many transfers may run against this host at once.
@@ -75,6 +78,24 @@ class Host:
         :raises HostError: on failure
         """
         raise NotImplementedError
+
+    def upload_batch(self, items):
+        """:meth:`upload` several files: ``[(local_path, name)]``.
+
+        Only called when :attr:`can_batch`. This default uploads them one by
+        one; a host that can do better as a batch overrides it.
+
+        :return: a list in the order of ``items``: the :class:`Location` of
+            each copy, or the :class:`~cloudmanager.errors.HostError` that
+            stopped that file
+        """
+        results = []
+        for local_path, name in items:
+            try:
+                results.append(self.upload(local_path, name))
+            except HostError as exc:
+                results.append(exc)
+        return results
 
     def download(self, url, dest_path, max_bytes=None):
         """Fetch the object at ``url`` into ``dest_path``, atomically.

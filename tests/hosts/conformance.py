@@ -130,6 +130,23 @@ class HostConformance:
 
     # -- names and URLs ------------------------------------------------------
 
+    def test_upload_batch_stores_each_file_as_upload_does(self, host, tmp_path):
+        src = tmp_path / "batch"
+        src.mkdir()
+        blobs = [os.urandom(100 + i) for i in range(5)] + [b""]
+        items = []
+        for i, data in enumerate(blobs):
+            (src / ("f%d" % i)).write_bytes(data)
+            items.append((str(src / ("f%d" % i)), sha(data)))
+        items.append(items[0])  # the same file twice in one batch
+        results = host.upload_batch(items)
+        assert len(results) == len(items)
+        for (path, digest), location in zip(items, results):
+            assert isinstance(location, Location) and location.host_name == host.name
+            assert host.accepts(location.url) and check_url(location.url) == location.url
+            with open(path, "rb") as f:
+                assert self.fetch(host, location.url, tmp_path) == f.read()
+
     def test_object_names_must_be_hashes(self, host, tmp_path):
         path = tmp_path / "f"
         path.write_bytes(b"x")

@@ -1,10 +1,12 @@
 """FolderHost: copies kept as ROOT/<sha256> files, recorded with file:// URLs."""
 
+import errno
 import os
 from urllib.parse import urlsplit
 
 import pytest
 
+from cloudmanager import fsutil
 from cloudmanager.errors import (
     HostError,
     HostNotFoundError,
@@ -265,3 +267,77 @@ def unreachable_host(tmp_path):
 
 class TestFolderConformance(HostConformance):
     pass
+
+
+class TestFolderWithFsyncConformance(HostConformance):
+    """With fsync on, batches take the syncfs path (where Linux has it)."""
+
+    @pytest.fixture
+    def host(self, root):
+        return FolderHost(str(root), fsync=True)
+
+
+# -- batches made durable together --------------------------------------------------
+
+
+@pytest.fixture
+def syncs(monkeypatch):
+    """The paths fsutil.sync_filesystem was called on, in order (it still runs)."""
+    calls = []
+    real = fsutil.sync_filesystem
+
+    def counted(path):
+        calls.append(path)
+        real(path)
+
+    monkeypatch.setattr(fsutil, "sync_filesystem", counted)
+    return calls
+
+
+def batch_of(tmp_path, n):
+    items = []
+    for i in range(n):
+        data = b"%d" % i * 50
+        items.append((str(put(tmp_path, data, "b%d" % i)), sha(data)))
+    return items
+
+
+@pytest.mark.skipif(not fsutil.sync_filesystem_available(), reason="needs Linux 5.8+ syncfs")
+def test_a_durable_batch_costs_two_syncs_and_isolates_a_bad_file(root, tmp_path, syncs):
+    host = FolderHost(str(root), fsync=True)
+    items = batch_of(tmp_path, 4)
+    items.insert(1, (str(tmp_path / "missing"), sha(b"missing")))
+    results = host.upload_batch(items)
+    assert syncs == [str(root), str(root)]  # the bytes, then the renames: not one per file
+    assert isinstance(results[1], TransientHostError) and "missing" in results[1].message
+    for (path, digest), location in zip(items[:1] + items[2:], results[:1] + results[2:]):
+        assert location == Location(host.name, "file://" + str(root / digest))
+        assert (root / digest).read_bytes() == open(path, "rb").read()
+    assert sorted(os.listdir(root)) == sorted(d for _, d in items[:1] + items[2:])
+
+
+@pytest.mark.skipif(not fsutil.sync_filesystem_available(), reason="needs Linux 5.8+ syncfs")
+def test_a_failed_sync_fails_the_whole_batch_and_leaves_no_temp(root, tmp_path, monkeypatch):
+    host = FolderHost(str(root), fsync=True)
+
+    def failing(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fsutil, "sync_filesystem", failing)
+    results = host.upload_batch(batch_of(tmp_path, 3))
+    assert all(isinstance(r, TransientHostError) and "Input/output" in r.message
+               for r in results)
+    assert os.listdir(root) == []  # not a name points at bytes that may not be on disk
+
+
+def test_without_fsync_a_batch_is_uploads_one_by_one(root, tmp_path, syncs):
+    host = FolderHost(str(root), fsync=False)
+    results = host.upload_batch(batch_of(tmp_path, 3))
+    assert syncs == [] and all(isinstance(r, Location) for r in results)
+
+
+def test_a_batch_into_a_missing_folder_makes_it(tmp_path):
+    root = tmp_path / "not" / "yet"
+    host = FolderHost(str(root), fsync=True)
+    assert all(isinstance(r, Location) for r in host.upload_batch(batch_of(tmp_path, 2)))
+    assert len(os.listdir(root)) == 2

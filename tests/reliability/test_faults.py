@@ -167,6 +167,25 @@ def test_a_hanging_host_in_a_batch_upload_returns_within_the_timeout(make_pool, 
     assert "did not end within" in cm.db.host_health()["hanging"]["last_error"]
 
 
+def test_a_hanging_batch_host_returns_within_its_files_deadlines(make_pool, write_file):
+    """A host that takes a group in one call gets the sum of its files' deadlines."""
+    class HangingBatchHost(HangingHost):
+        can_batch = True
+
+    release = threading.Event()
+    hanging = HangingBatchHost("hang-" + uuid.uuid4().hex, release, TIMEOUT)
+    (good,) = memory_hosts("good")
+    cm = make_pool(hosts=[hanging, good], redundancy=2)
+    paths = [write_file("g%d" % i, b"%03d" % i * 10) for i in range(2)]  # one group
+    add(FAULTS)
+    started = time.monotonic()
+    digests = cm.upload_many(paths)
+    assert time.monotonic() - started < 2 * engine.UploadEngine.deadline(hanging) + MARGIN
+    release.set()
+    assert all(digests) and sorted(cm.db.queued()) == sorted(digests)
+    assert "did not end within" in cm.db.host_health()["hanging"]["last_error"]
+
+
 def test_a_slow_host_in_a_batch_upload_gets_its_deadline_per_file(make_pool, write_file):
     """A group of files, each well within the deadline, may take longer in
     all than one deadline: nothing is given up."""
