@@ -620,10 +620,10 @@ def _upload_concurrently(cm, files, jobs, defer, advance):
             done.append((f, file_hash, rememberable))
         return done
 
-    # Small files go in batches down one stream: upload_many already sends a
-    # batch to the hosts while it copies the next, and several streams would
-    # only queue for the GIL and the database's write lock. Large files are
-    # where --jobs pays: each is read, hashed and sent on its own.
+    # Small files go in batches down one stream: upload_many already sends
+    # each batch to its hosts at once, and several streams would only queue
+    # for the GIL and the database's write lock. Large files are where
+    # --jobs pays: each is read, hashed and sent on its own.
     small = [f for f in files if f.size < LARGE_FILE]
     large = [[f] for f in files if f.size >= LARGE_FILE]
     streams = concurrent.futures.ThreadPoolExecutor(max_workers=1,

@@ -43,6 +43,10 @@ MAX_COOLDOWN = 3600.0
 #: :meth:`UploadEngine.upload_many`): a thread per file costs more than a
 #: small file's upload.
 BATCH_GROUP = 16
+#: The same for hosts that take a group in one call (``can_batch``): a group
+#: has a fixed cost there (two filesystem syncs for a folder host), so it is
+#: larger; a batch of 500 still spreads over four connections.
+BATCH_GROUP_WHOLE = 128
 #: Groups of a batch queued or running at once: enough to keep every
 #: connection busy, few enough that a host's breaker stops the batch soon.
 BATCH_IN_FLIGHT = 16
@@ -201,7 +205,8 @@ class UploadEngine:
 
         Each job is handled as :meth:`upload` would: healthiest hosts first,
         and the next candidate when one fails. What differs is the overhead:
-        files go to each host in groups of up to :data:`BATCH_GROUP`, one
+        files go to each host in groups of up to :data:`BATCH_GROUP`
+        (:data:`BATCH_GROUP_WHOLE` for hosts that take a group in one call), one
         thread per group, under the same per-file deadline as :meth:`_call`
         (a group gives up on the rest once one file overruns it); host
         health and the transfer meter are written once per batch; and a
@@ -237,9 +242,10 @@ class UploadEngine:
         def submit(partial):
             for name in list(pending):
                 host, indexes = pending[name]
-                while indexes and (partial or len(indexes) >= BATCH_GROUP) \
+                size = BATCH_GROUP_WHOLE if host.can_batch else BATCH_GROUP
+                while indexes and (partial or len(indexes) >= size) \
                         and counts["in_flight"] < BATCH_IN_FLIGHT:
-                    group, indexes[:] = indexes[:BATCH_GROUP], indexes[BATCH_GROUP:]
+                    group, indexes[:] = indexes[:size], indexes[size:]
                     items = [(i,) + tuple(plans[i]["job"][:3]) for i in group]
                     done_queue.watch(self._pool.submit(self._upload_group, host, items), host)
                     counts["in_flight"] += 1

@@ -227,12 +227,12 @@ def test_a_durable_batch_syncs_per_batch_and_group_not_per_file(make_pool, write
                                                                 tmp_path, syncs):
     host = FolderHost(str(tmp_path / "nas"), fsync=True)
     cm = make_pool(1 << 20, hosts=[host], redundancy=1, fsync=True)
-    files = [write_file("d%d" % i, b"durable %d" % i) for i in range(40)]
+    files = [write_file("d%d" % i, b"durable %d" % i) for i in range(200)]
     results = cm.upload_many(files)
     assert all(results) and cm.stats()["queued"] == 0
     cache_syncs = [p for p in syncs if p.startswith(cm.cache.root)]
     host_syncs = [p for p in syncs if p == host.root]
-    groups = -(-len(files) // engine.BATCH_GROUP)
+    groups = -(-len(files) // engine.BATCH_GROUP_WHOLE)
     assert len(cache_syncs) == 2 and len(host_syncs) == 2 * groups  # data, then renames
     for digest, f in zip(results, files):
         assert (tmp_path / "nas" / digest).read_bytes() == f.read_bytes()
