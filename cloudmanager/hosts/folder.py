@@ -127,8 +127,9 @@ class FolderHost(Host):
             if temps:
                 fsutil.sync_filesystem(self.root)  # the bytes, before any name points at them
                 for i in sorted(temps):
-                    temp, dest = temps.pop(i)
+                    temp, dest = temps[i]
                     fsutil.publish(temp, dest, fsync=False)
+                    del temps[i]  # renamed: no longer a temp to remove
                     results[i] = self._location(dest)
                 fsutil.sync_filesystem(self.root)  # the renames
         except OSError as exc:  # no file of the batch is known to be safe

@@ -341,3 +341,20 @@ def test_a_batch_into_a_missing_folder_makes_it(tmp_path):
     host = FolderHost(str(root), fsync=True)
     assert all(isinstance(r, Location) for r in host.upload_batch(batch_of(tmp_path, 2)))
     assert len(os.listdir(root)) == 2
+
+
+@pytest.mark.skipif(not fsutil.sync_filesystem_available(), reason="needs Linux 5.8+ syncfs")
+def test_a_failed_rename_in_a_batch_leaves_no_temp(root, tmp_path, monkeypatch):
+    host = FolderHost(str(root), fsync=True)
+    real, renamed = fsutil.publish, []
+
+    def second_fails(temp, final, fsync=True):
+        if renamed:
+            raise OSError(errno.EIO, "Input/output error")
+        renamed.append(final)
+        real(temp, final, fsync)
+
+    monkeypatch.setattr(fsutil, "publish", second_fails)
+    results = host.upload_batch(batch_of(tmp_path, 3))
+    assert all(isinstance(r, TransientHostError) for r in results)
+    assert os.listdir(root) == [os.path.basename(renamed[0])]  # no temp; one object, unrecorded
