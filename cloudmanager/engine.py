@@ -355,6 +355,8 @@ class UploadEngine:
             elif not isinstance(outcomes, list) or len(outcomes) != len(items):  # a host's bug
                 outcomes = [TransientHostError(host.name, "upload_batch returned %.60r for %d "
                                                "files" % (outcomes, len(items)))] * len(items)
+            outcomes = [o if isinstance(o, (Location, HostError)) else TransientHostError(
+                host.name, "upload_batch gave %.60r for a file" % (o,)) for o in outcomes]
             latency_ms = (time.monotonic() - started) * 1000 / len(items)
             for (index, _, file_hash, _), outcome in zip(items, outcomes):
                 finish(index, file_hash, outcome, latency_ms)

@@ -255,14 +255,19 @@ def test_a_failed_batch_sync_falls_back_to_file_by_file(make_pool, write_file, t
     assert os.listdir(cm.cache.tmp_dir) == [] and cm.check()["clean"]
 
 
-def test_a_batch_host_bug_leaves_the_files_queued(make_pool, write_file, tmp_path):
+@pytest.mark.parametrize("bug", ["raises", "short list", "not a result"])
+def test_a_batch_host_bug_leaves_the_files_queued(make_pool, write_file, tmp_path, bug):
     class BuggyBatchHost(FolderHost):
         def upload_batch(self, items):
-            raise RuntimeError("a bug in a host")
+            if bug == "raises":
+                raise RuntimeError("a bug in a host")
+            if bug == "short list":
+                return super().upload_batch(items)[:-1]
+            return [None] * len(items)
 
     cm = make_pool(1 << 20, hosts=[BuggyBatchHost(str(tmp_path / "buggy"))], redundancy=1)
     files = [write_file("b%d" % i, b"bug %d" % i) for i in range(3)]
     results = cm.upload_many(files)
     assert all(results) and sorted(cm.db.queued()) == sorted(results)
     health = cm.db.host_health()["dir:" + str(tmp_path / "buggy")]
-    assert "a bug in a host" in health["last_error"]
+    assert "upload_batch" in health["last_error"] or "a bug in a host" in health["last_error"]
