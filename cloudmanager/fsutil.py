@@ -56,6 +56,12 @@ def open_temp(directory, prefix):
     raise FileExistsError("cannot create a temp file in %s" % directory)
 
 
+def _temp_beside(final_path):
+    """:func:`open_temp` in ``final_path``'s directory, named after it (hidden)."""
+    return open_temp(os.path.dirname(os.path.abspath(final_path)),
+                     ".%s." % os.path.basename(final_path)[:40])
+
+
 def fsync_dir(directory):
     """Flush a directory entry change (a rename or create) to disk."""
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -264,6 +270,7 @@ def _sync_range():
     return _libc("sync_file_range", "int", "longlong", "longlong", "uint")
 
 
+@functools.lru_cache(maxsize=None)
 def sync_filesystem_available():
     """Whether :func:`sync_filesystem` works here: Linux 5.8 or later (``syncfs``
     reports write-back errors only since 5.8; before, it would hide them)."""
@@ -345,10 +352,9 @@ def copy_to_temp(src_path, final_path, fsync=True):
     """The first half of :func:`copy_file`: copy to a new temp file beside
     ``final_path`` (fsynced if ``fsync``) and return its path, for the
     caller to :func:`publish` or remove."""
-    directory = os.path.dirname(os.path.abspath(final_path))
     src = os.open(src_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
-        fd, temp = open_temp(directory, ".%s." % os.path.basename(final_path)[:40])
+        fd, temp = _temp_beside(final_path)
         try:
             try:
                 _kernel_copy(src, fd)
@@ -394,8 +400,7 @@ def atomic_write(final_path, fsync=True):
     The temp file sits in the same directory. On a clean exit it is flushed,
     fsynced and renamed over ``final_path``; on an exception it is removed.
     """
-    directory = os.path.dirname(os.path.abspath(final_path))
-    fd, temp = open_temp(directory, ".%s." % os.path.basename(final_path)[:40])
+    fd, temp = _temp_beside(final_path)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
