@@ -8,6 +8,16 @@ bounded number of times when another process holds it.
 The schema is in ``schema.sql`` beside this module, versioned with
 ``PRAGMA user_version``. :data:`MIGRATIONS` lists the steps from each version
 to the next.
+
+**The descriptor rule.** Nothing in cloudmanager opens the database file, or
+its ``-wal`` or ``-shm`` file, except SQLite. On POSIX, closing *any*
+descriptor of a file drops every ``fcntl`` lock the process holds on it,
+including the locks SQLite's other connections rely on; another process may
+then believe it is the last user, checkpoint and delete the WAL under this
+one, and the database is corrupt (SQLite's "How To Corrupt", 2.2). So modes
+are set by path (``os.chmod``), sizes are read with ``os.stat``, and copies
+and checks go through SQLite connections. ``tests/test_database.py`` holds a
+test that another process can never take the locks of a live connection.
 """
 
 import contextlib
@@ -83,6 +93,19 @@ def _is_busy(exc):
     return "locked" in text or "busy" in text
 
 
+def _rollback(conn):
+    """End the transaction on ``conn``, if SQLite has not ended it already.
+
+    After some errors (a full disk, an I/O error) SQLite rolls the
+    transaction back itself; a ROLLBACK then would raise "no transaction is
+    active" over the error that matters. A ROLLBACK that fails leaves the
+    connection as SQLite left it, and the original error is raised.
+    """
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
 def month_key(timestamp=None):
     """Return the ``'YYYY-MM'`` (UTC) of a unix time, for the transfer meter."""
     return time.strftime("%Y-%m", time.gmtime(timestamp))
@@ -122,17 +145,21 @@ class FileDatabase:
     def _connect(self):
         try:
             os.makedirs(os.path.dirname(self.path), 0o700, exist_ok=True)
-            # Private from the start: SQLite gives its -wal and -shm files the
-            # database file's mode, and would create it 0644. (An empty file
-            # is an empty database to SQLite.)
-            os.close(os.open(self.path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
-                             0o600))
+            is_new = not os.path.exists(self.path)
             conn = sqlite3.connect(
                 self.path,
                 timeout=BUSY_TIMEOUT_S,
                 isolation_level=None,  # we issue BEGIN ourselves
                 check_same_thread=False,  # closed from close(), never shared
             )
+            if is_new:
+                # Private from the start: SQLite gives its -wal and -shm files
+                # the database file's mode, and creates the file 0644. chmod
+                # by path, never through a descriptor of our own (see the
+                # module docstring: closing one would drop SQLite's locks).
+                # The file is still empty here: nothing was readable.
+                with contextlib.suppress(OSError):  # another process's file
+                    os.chmod(self.path, 0o600)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
             # Checkpoint (and fsync) every WAL_AUTOCHECKPOINT pages, not every
@@ -202,17 +229,17 @@ class FileDatabase:
             # A constraint that failed (a row another process deleted, say)
             # is a DatabaseError like any other, never a bare sqlite3 error.
             local.depth = 0
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise DatabaseError("%s on %s" % (exc, self.path)) from exc
         except BaseException:
             local.depth = 0
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
         local.depth = 0
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise DatabaseError("commit failed on %s: %s" % (self.path, exc)) from exc
 
     def _read(self, sql, params=()):

@@ -564,3 +564,133 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
         assert db.source_hashes(["/a", "/b"]) == {"/a": (3, 1, 1, 7, 8, "a" * 64)}
     finally:
         db.close()
+
+
+# -- the descriptor rule: nothing but SQLite opens the database file -------------
+
+# SQLite's unix VFS locks these bytes of the database file (os_unix.c): every
+# connection in WAL mode holds a read lock on the shared range for as long as
+# it is open, which is how a closing process learns it is not the last user.
+_PENDING_BYTE = 0x40000000
+_SHARED_FIRST, _SHARED_SIZE = _PENDING_BYTE + 2, 510
+
+_HOLDER = """
+import sys, threading
+from cloudmanager.database import FileDatabase
+db = FileDatabase(sys.argv[1])
+with db.transaction() as conn:
+    conn.execute("INSERT INTO counters (name, value) VALUES ('first', 1)")
+# Another thread's first connection: the old code opened and closed a
+# descriptor of the file here, which dropped every lock the process held.
+t = threading.Thread(target=lambda: db.file_exists("0" * 64)); t.start(); t.join()
+print("ready", flush=True)
+sys.stdin.readline()          # the parent opens and closes its own connection
+with db.transaction() as conn:
+    conn.execute("INSERT INTO counters (name, value) VALUES ('second', 2)")
+print("wrote", flush=True)
+sys.stdin.readline()
+db.close()
+"""
+
+
+def _shared_range_is_free(path):
+    import fcntl
+    import os
+
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, _SHARED_SIZE, _SHARED_FIRST)
+    except OSError:
+        return False
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_UN, _SHARED_SIZE, _SHARED_FIRST)
+        return True
+    finally:
+        os.close(fd)  # this test process holds no SQLite connection to the file
+
+
+def test_a_live_connection_keeps_its_locks_when_another_thread_connects(tmp_path):
+    """A process using the pool keeps SQLite's locks whatever its threads do, so
+    another process that closes can never take it for the last user, checkpoint
+    and delete the WAL under it (the corruption behind SQLite's "How To
+    Corrupt", 2.2), and every write it commits reaches the file."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "pool.sqlite3"
+    child = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        assert not _shared_range_is_free(path), "the holder's SQLite locks were dropped"
+        other = raw(path)  # another user comes and goes while the holder is live
+        assert other.execute("SELECT value FROM counters WHERE name = 'first'").fetchone() == (1,)
+        other.close()
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "wrote"
+        reader = raw(path)
+        try:
+            assert reader.execute("SELECT value FROM counters WHERE name = 'second'"
+                                  ).fetchone() == (2,)
+            assert reader.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        finally:
+            reader.close()
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.wait(timeout=30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_a_new_database_and_its_wal_are_private(tmp_path):
+    import os
+    import stat
+
+    db = FileDatabase(tmp_path / "new" / "pool.sqlite3")
+    try:
+        with db.transaction() as conn:
+            conn.execute("INSERT INTO counters (name, value) VALUES ('x', 1)")
+        for name in ("pool.sqlite3", "pool.sqlite3-wal", "pool.sqlite3-shm"):
+            mode = stat.S_IMODE(os.stat(tmp_path / "new" / name).st_mode)
+            assert mode == 0o600, (name, oct(mode))
+    finally:
+        db.close()
+
+
+def test_no_module_opens_the_database_file_itself():
+    """The rule in database.py's docstring, checked where it is easiest to break."""
+    import inspect
+
+    source = inspect.getsource(database)
+    assert "os.open(" not in source and "os.close(" not in source
+
+
+def test_a_full_database_is_a_typed_error_and_loses_nothing(db, db_path):
+    """When the disk (here: SQLite's page limit) is full, a write fails with a
+    DatabaseError, never a raw sqlite3 error or "cannot rollback"; what was
+    committed before stays, and the database works again once there is room."""
+    add(db, H[0])
+    conn = db.connection
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute("PRAGMA max_page_count = %d" % (pages + 1))
+    failures = 0
+    for round_ in range(40):
+        try:
+            with db.transaction() as tx:
+                tx.executemany("INSERT INTO sources (path, size, mtime_ns, ctime_ns, inode,"
+                               " device, hash) VALUES (?, 1, 1, 1, 1, 1, ?)",
+                               [("/p/%d/%d/%s" % (round_, i, "x" * 200), H[1])
+                                for i in range(50)])
+        except DatabaseError as exc:
+            failures += 1
+            assert "full" in str(exc)
+            assert not conn.in_transaction
+    assert failures > 0
+    assert db.file_exists(H[0])
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    add(db, H[2])
+    assert db.file_exists(H[2])
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
