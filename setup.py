@@ -12,7 +12,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["cloudmanager", "cloudmanager.*"]),
-    package_data={"cloudmanager": ["schema.sql"]},
+    package_data={"cloudmanager.db": ["schema.sql"]},
     install_requires=[
         "plowshare>=0.3.6",  # plowshare-wrapper: the plowup/plowdown adapter
         "tomli>=1.1; python_version < '3.11'",  # cloudmanager.toml; 3.11+ has tomllib

@@ -52,7 +52,7 @@ SMALL_FILE = 1 << 20
 class CacheStore:
     """A bounded, content-addressed cache directory with LRU eviction.
 
-    :param db: the :class:`~cloudmanager.database.FileDatabase`
+    :param db: the :class:`~cloudmanager.db.FileDatabase`
     :param storage_path: the directory; created (mode 0700) if missing
     :param capacity: the most bytes it may hold, temp files included
     :param fsync: fsync files and directories on write (turn off only for
@@ -93,7 +93,7 @@ class CacheStore:
         self._last_flush = time.monotonic()
         self.proc_start = _process_start(os.getpid())
         self.reconcile(full=reconcile)
-        db.open_session(self.owner, self.node, os.getpid(), self.proc_start)
+        db.sessions.open(self.owner, self.node, os.getpid(), self.proc_start)
 
     def _prepare_directories(self):
         if os.path.exists(self.root) and not os.path.isdir(self.root):
@@ -133,7 +133,7 @@ class CacheStore:
         A row whose file has vanished or has the wrong size is marked not
         cached, and the lookup is a miss.
         """
-        state = self.db.cache_state(file_hash)
+        state = self.db.cache_index.state(file_hash)
         if state is None:
             return None
         size, cached = state
@@ -151,7 +151,7 @@ class CacheStore:
         A check, not a use: it counts no hit and leaves the LRU order alone.
         A row whose file has vanished is marked not cached.
         """
-        state = self.db.cache_state(file_hash)
+        state = self.db.cache_index.state(file_hash)
         if not state or not state[1]:
             return False
         if self._file_ok(file_hash, state[0]):
@@ -187,15 +187,15 @@ class CacheStore:
             self._hits = self._misses = 0
             self._last_flush = time.monotonic()
         if touches:
-            self.db.touch_many(touches.items())
+            self.db.cache_index.touch(touches.items())
         if hits or misses:
-            self.db.add_hits(hits, misses)
+            self.db.cache_index.add_hits(hits, misses)
 
     # -- space -----------------------------------------------------------------
 
     def used_bytes(self):
         """Bytes held by cached files (the running total; no directory walk)."""
-        return self.db.counter("cached_bytes")
+        return self.db.cache_index.counter("cached_bytes")
 
     def usage_ratio(self):
         """Cached bytes over capacity, clamped to [0, 1]."""
@@ -207,7 +207,7 @@ class CacheStore:
         :return: False, having evicted nothing, if even every evictable file
             is not enough
         """
-        used = self.db.counter("cached_bytes") + self.db.reserved_bytes(conn)
+        used = self.db.cache_index.counter("cached_bytes") + self.db.sessions.reserved_bytes(conn)
         excess = used + needed - self.capacity
         return excess <= 0 or self._evict_bytes(conn, excess, all_or_nothing=True) is not None
 
@@ -222,7 +222,7 @@ class CacheStore:
         """
         victims, freed = [], 0
         # Read one candidate at a time: evicting one file reads one row.
-        candidates = self.db.eviction_candidates(conn)
+        candidates = self.db.cache_index.eviction_candidates(conn)
         try:
             for file_hash, size, _ in candidates:
                 victims.append(file_hash)
@@ -233,7 +233,7 @@ class CacheStore:
             candidates.close()
         if freed < excess and all_or_nothing:
             return None
-        self.db.set_uncached_many(conn, victims)
+        self.db.cache_index.set_cached(conn, victims, False)
         for file_hash in victims:
             self._unlink_cached(file_hash)
         log.debug("evicted %d files (%d bytes)", len(victims), freed)
@@ -262,8 +262,8 @@ class CacheStore:
             if not self._make_room(conn, size):
                 raise CacheFullError(
                     "no room for %d bytes: %d of %d bytes are pinned or in flight"
-                    % (size, self.used_bytes() + self.db.reserved_bytes(conn), self.capacity))
-            reservation = Reservation(self.db.add_reservation(conn, self.owner, size))
+                    % (size, self.used_bytes() + self.db.sessions.reserved_bytes(conn), self.capacity))
+            reservation = Reservation(self.db.sessions.reserve(conn, self.owner, size))
         try:
             reservation.temp = os.path.join(
                 self.tmp_dir, "%s-%d.tmp" % (self.token, reservation.id))
@@ -272,7 +272,7 @@ class CacheStore:
             if not reservation.committed:
                 fsutil.remove_quietly(reservation.temp)
                 with self.db.transaction() as conn:
-                    self.db.drop_reservation(conn, reservation.id)
+                    self.db.sessions.release(conn, [reservation.id])
 
     def evict(self, target_bytes):
         """Evict LRU files until at most ``target_bytes`` are cached.
@@ -281,7 +281,7 @@ class CacheStore:
         """
         self.flush()
         with self.db.transaction() as conn:
-            excess = self.db.counter("cached_bytes") - target_bytes
+            excess = self.db.cache_index.counter("cached_bytes") - target_bytes
             return self._evict_bytes(conn, excess, all_or_nothing=False) if excess > 0 else 0
 
     # -- writing ---------------------------------------------------------------
@@ -327,21 +327,21 @@ class CacheStore:
         path = self.path_for(file_hash)
         now = time.time()
         with self.db.transaction() as conn:
-            outcome = self.db.add_file(conn, file_hash, filename, size,
+            outcome = self.db.files.add(conn, file_hash, filename, size,
                                        int(created if created is not None else now),
                                        size_known=True)
             if outcome == "conflict":
                 raise IntegrityError("%s is recorded with another size than %d" % (file_hash, size))
-            if self.db.is_cached(file_hash) and self._file_ok(file_hash, size):
-                self.db.touch_many([(file_hash, now)])
+            if self.db.cache_index.is_cached(file_hash) and self._file_ok(file_hash, size):
+                self.db.cache_index.touch([(file_hash, now)])
                 fsutil.remove_quietly(reservation.temp)  # a duplicate of the cached copy
             else:
                 self._set_mode(reservation.temp)
                 fsutil.publish(reservation.temp, path, self.fsync)
-                self.db.set_cached(conn, file_hash, True, now)
-            self.db.drop_reservation(conn, reservation.id)
-            if queue and self.db.verified_copies(file_hash) == 0:
-                self.db.enqueue(conn, file_hash, now)
+                self.db.cache_index.set_cached(conn, [file_hash], True, now)
+            self.db.sessions.release(conn, [reservation.id])
+            if queue and self.db.files.verified(file_hash) == 0:
+                self.db.queue.add(conn, [file_hash], now)
         reservation.committed = True
         return path
 
@@ -449,7 +449,7 @@ class CacheStore:
         done = {}  # hash -> the size published (or found cached) in this batch
         shards = set()
         with self.db.transaction() as conn:
-            known = self.db.file_states(conn, {r[0] for r in results if isinstance(r, tuple)})
+            known = self.db.files.states(conn, {r[0] for r in results if isinstance(r, tuple)})
             new_rows, to_queue = [], []
             for k, (_, filename, created) in enumerate(sources):
                 if k not in temps:
@@ -468,7 +468,7 @@ class CacheStore:
                         to_queue.append(file_hash)
                 else:
                     # Known already: the per-file rules of commit() apply.
-                    outcome = self.db.add_file(conn, file_hash, filename, size, created,
+                    outcome = self.db.files.add(conn, file_hash, filename, size, created,
                                                size_known=True)
                     if outcome == "conflict":
                         results[k] = IntegrityError("%s is recorded with another size than %d"
@@ -476,11 +476,11 @@ class CacheStore:
                         fsutil.remove_quietly(temps.pop(k))
                         continue
                     if state[1] and self._file_ok(file_hash, size):
-                        self.db.touch_many([(file_hash, now)])
+                        self.db.cache_index.touch([(file_hash, now)])
                         fsutil.remove_quietly(temps.pop(k))
                         done[file_hash] = size
                         continue
-                    self.db.set_cached(conn, file_hash, True, now)
+                    self.db.cache_index.set_cached(conn, [file_hash], True, now)
                     if queue and state[2] == 0:
                         to_queue.append(file_hash)
                 temp = temps.pop(k)
@@ -488,15 +488,15 @@ class CacheStore:
                 fsutil.publish(temp, self._path(file_hash), fsync=False)
                 shards.add(file_hash[:2])
                 done[file_hash] = size
-            self.db.insert_cached_files(conn, new_rows, now)
+            self.db.files.insert_cached(conn, new_rows, now)
             if to_queue:
-                self.db.enqueue_many(conn, to_queue, now)
+                self.db.queue.add(conn, to_queue, now)
             if batch_sync and shards:
                 fsutil.sync_filesystem(self.root)
             elif self.fsync:
                 for shard in shards:  # one fsync per directory, not per file
                     fsutil.fsync_dir(os.path.join(self.root, shard))
-            self.db.drop_reservation(conn, reservation.id)
+            self.db.sessions.release(conn, [reservation.id])
         reservation.committed = True
 
     def drop(self, file_hash, only_if_damaged=False):
@@ -508,12 +508,12 @@ class CacheStore:
         """
         with self.db.transaction() as conn:
             if only_if_damaged:
-                state = self.db.cache_state(file_hash)
+                state = self.db.cache_index.state(file_hash)
                 if not state or not state[1] or self._file_ok(file_hash, state[0]):
                     return
                 log.warning("cached file %s is missing or damaged; marking it not cached",
                             file_hash)
-            self.db.set_cached(conn, file_hash, False)
+            self.db.cache_index.set_cached(conn, [file_hash], False)
             self._unlink_cached(file_hash)
 
     def forget(self, file_hash):
@@ -526,7 +526,7 @@ class CacheStore:
         :return: True if the pool had the file
         """
         with self.db.transaction() as conn:
-            existed = self.db.forget_file(conn, file_hash)
+            existed = self.db.files.forget(conn, file_hash)
         if existed:
             self._unlink_cached(file_hash)
         return existed
@@ -535,7 +535,7 @@ class CacheStore:
 
     def _dead_sessions(self):
         dead = []
-        for owner, node, pid, proc_start in self.db.sessions():
+        for owner, node, pid, proc_start in self.db.sessions.all():
             if node != self.node:
                 continue  # another machine sharing the directory: cannot tell
             if pid == os.getpid() and proc_start == self.proc_start:
@@ -557,7 +557,7 @@ class CacheStore:
         :return: a dict of what was found and fixed
         """
         dead = self._dead_sessions()
-        live_tokens = {owner.rsplit(":", 1)[-1] for owner, *_ in self.db.sessions()
+        live_tokens = {owner.rsplit(":", 1)[-1] for owner, *_ in self.db.sessions.all()
                        if owner not in dead}
         live_tokens.add(self.token)
         report = {"temp_removed": 0, "orphans_removed": 0, "missing_marked": 0,
@@ -569,13 +569,13 @@ class CacheStore:
                     remove_entry(fd, self.tmp_dir, entry)
                     report["temp_removed"] += 1
         if full is None:
-            full = bool(dead) or not self.db.has_files() and self._has_any_file()
+            full = bool(dead) or not self.db.files.has_any() and self._has_any_file()
         if full:
             report["full"] = True
             report.update(self._full_reconcile())
         if dead:
             with self.db.transaction() as conn:
-                self.db.end_sessions(conn, dead)
+                self.db.sessions.end(conn, dead)
         if any(report[k] for k in ("temp_removed", "orphans_removed", "missing_marked")):
             log.info("reconciled %s: %s", self.root, report)
         return report
@@ -593,15 +593,15 @@ class CacheStore:
         with self.db.transaction() as conn:
             on_disk, removed = self._walk_shards()
             missing = 0
-            for file_hash, size in self.db.cached_hashes():
+            for file_hash, size in self.db.cache_index.cached_rows():
                 if on_disk.pop(file_hash, None) != size:
-                    self.db.set_cached(conn, file_hash, False)
+                    self.db.cache_index.set_cached(conn, [file_hash], False)
                     self._unlink_cached(file_hash)
                     missing += 1
             for orphan in on_disk:  # on disk, but no row says cached
                 self._unlink_cached(orphan)
                 removed += 1
-            self.db.recount_cache(conn)
+            self.db.cache_index.recount(conn)
         return {"orphans_removed": removed, "missing_marked": missing}
 
     def _walk_shards(self):
@@ -630,7 +630,7 @@ class CacheStore:
         """Flush deferred updates and end this session."""
         self.flush()
         with self.db.transaction() as conn:
-            self.db.end_sessions(conn, [self.owner])
+            self.db.sessions.end(conn, [self.owner])
 
 
 class Reservation:

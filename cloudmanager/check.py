@@ -37,7 +37,7 @@ def check(cache, db, repair=False, deep=False, fetch=None):
     """Compare the database with the storage directory; see :meth:`CloudManager.check`.
 
     :param cache: the :class:`~cloudmanager.cache.CacheStore`
-    :param db: the :class:`~cloudmanager.database.FileDatabase`
+    :param db: the :class:`~cloudmanager.db.FileDatabase`
     :param fetch: with ``repair``, a callable that brings a file back into
         the cache (``CloudManager.warm_up``); used for pins with no file
     :return: the report dict documented at :meth:`CloudManager.check`
@@ -50,18 +50,18 @@ def check(cache, db, repair=False, deep=False, fetch=None):
     dead = cache._dead_sessions()
     # Under the write lock: no other process publishes or evicts mid-walk.
     with db.transaction() as conn:
-        live = {owner for owner, *_ in db.sessions()} - set(dead)
+        live = {owner for owner, *_ in db.sessions.all()} - set(dead)
         live_tokens = {owner.rsplit(":", 1)[-1] for owner in live} | {cache.token}
         on_disk = _walk(cache, report, repair, repaired)
         report["stale_temp"] = _stale_temp(cache, live_tokens, repair, repaired)
-        rows = db.check_cached_rows(conn)
+        rows = db.cache_index.cached_rows(conn)
         report["files_checked"] = len(rows)
         for file_hash, size in rows:
             found = on_disk.pop(file_hash, None)
             if found is None or found[0] != size:
                 report["missing" if found is None else "size_mismatch"].append(file_hash)
                 if repair:
-                    db.set_cached(conn, file_hash, False)
+                    db.cache_index.set_cached(conn, [file_hash], False)
                     unlink_in(os.path.join(cache.root, file_hash[:2]), file_hash)
         for file_hash in sorted(on_disk):  # a hash-named file no cached row claims
             report["orphans"].append(os.path.join(file_hash[:2], file_hash))
@@ -73,37 +73,37 @@ def check(cache, db, repair=False, deep=False, fetch=None):
         for kind in ("missing", "size_mismatch", "orphans"):
             report[kind].sort()
 
-        (row_bytes, row_files), (total_bytes, total_files) = db.check_cached_totals(conn)
+        (row_bytes, row_files), (total_bytes, total_files) = db.cache_index.totals(conn)
         report["usage_drift"] = total_bytes - row_bytes
         report["count_drift"] = total_files - row_files
 
         report["dead_sessions"] = len(dead)
-        reservations = db.check_reservations(conn)
+        reservations = db.sessions.reservations(conn)
         stale = [rid for rid, owner, _ in reservations if owner not in live]
         report["stale_reservations"] = len(stale)
         reserved = sum(size for rid, owner, size in reservations if owner in live)
 
-        report["pins_without_file"] = db.check_pins_without_file(conn)
+        report["pins_without_file"] = db.cache_index.pins_without_file(conn)
         damaged = set(report["missing"]) | set(report["size_mismatch"])
         now = time.time()
-        for file_hash, cached, queued in db.check_no_remote_copy(conn):
+        for file_hash, cached, queued in db.files.without_remote_copy(conn):
             if cached and file_hash not in damaged:
                 if not queued:
                     report["unprotected"].append(file_hash)
                     if repair:
-                        db.enqueue(conn, file_hash, now)
+                        db.queue.add(conn, [file_hash], now)
                         repaired["unprotected"] += 1
             else:
                 report["lost"].append(file_hash)
 
         if repair:
             if dead:
-                db.end_sessions(conn, dead)
+                db.sessions.end(conn, dead)
                 repaired["dead_sessions"] = len(dead)
-            db.check_drop_reservations(conn, stale)
+            db.sessions.release(conn, stale)
             repaired["stale_reservations"] = len(stale)
             if report["usage_drift"] or report["count_drift"] or damaged:
-                db.recount_cache(conn)
+                db.cache_index.recount(conn)
                 repaired["usage_drift"] = int(bool(report["usage_drift"]))
                 repaired["count_drift"] = int(bool(report["count_drift"]))
         # What the directory really holds: the cached rows whose file is right.
@@ -231,7 +231,7 @@ def _deep(cache, db, report, repair, repaired):
     so a long read does not stall other processes."""
     damaged = set(report["missing"]) | set(report["size_mismatch"])
     bad = []
-    for file_hash, _ in db.cached_hashes():
+    for file_hash, _ in db.cache_index.cached_rows():
         if file_hash in damaged:
             continue
         got = _hash_nofollow(os.path.join(cache.root, file_hash[:2]), file_hash)
@@ -247,9 +247,9 @@ def _deep(cache, db, report, repair, repaired):
                 st = os.lstat(os.path.join(shard_path, file_hash))
             except FileNotFoundError:
                 continue
-            if (st.st_ino, st.st_mtime_ns) != (ino, mtime_ns) or not db.is_cached(file_hash):
+            if (st.st_ino, st.st_mtime_ns) != (ino, mtime_ns) or not db.cache_index.is_cached(file_hash):
                 continue
-            db.set_cached(conn, file_hash, False)
+            db.cache_index.set_cached(conn, [file_hash], False)
             unlink_in(shard_path, file_hash)
             repaired["hash_mismatch"] += 1
 
@@ -275,12 +275,12 @@ def on_open(cache, db):
     """
     report = {"orphan_reservations": 0, "recounted": False, "evicted": 0}
     with db.transaction() as conn:
-        orphans = db.check_orphan_reservations(conn)
+        orphans = db.sessions.orphan_reservations(conn)
         if orphans:
-            db.check_drop_reservations(conn, orphans)
+            db.sessions.release(conn, orphans)
             report["orphan_reservations"] = len(orphans)
-        if db.check_counters_negative(conn):
-            db.recount_cache(conn)
+        if db.cache_index.totals_negative(conn):
+            db.cache_index.recount(conn)
             report["recounted"] = True
     if cache.used_bytes() > cache.capacity:
         report["evicted"] = cache.evict(cache.capacity)

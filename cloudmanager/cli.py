@@ -216,11 +216,11 @@ def _cached_bytes(database):
     """What an existing pool's cache holds (0 for a new pool)."""
     if not os.path.exists(database):
         return 0
-    from .database import FileDatabase
+    from .db import FileDatabase
 
     db = FileDatabase(database)
     try:
-        return db.counter("cached_bytes")
+        return db.cache_index.counter("cached_bytes")
     finally:
         db.close()
 

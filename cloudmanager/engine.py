@@ -32,6 +32,7 @@ from .errors import (
     InvalidInputError,
     TransientHostError,
 )
+from .db.health import Outcome
 from .hosts.base import Location
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class UploadEngine:
     the host being up (a missing or corrupt object, a local disk error) do
     not count. Downloads still try a cooling host, last.
 
-    :param db: the :class:`~cloudmanager.database.FileDatabase` (for host
+    :param db: the :class:`~cloudmanager.db.FileDatabase` (for host
         health, bad copies and the transfer meter)
     :param hosts: :class:`~cloudmanager.hosts.base.Host` objects; names must be unique
     :param redundancy: the target number of hosts per file
@@ -107,21 +108,21 @@ class UploadEngine:
 
     # -- choosing hosts --------------------------------------------------------
 
-    def retry_after(self, health, now=None):
+    def retry_after(self, breaker, now=None):
         """When a host's breaker lets it be tried again (unix time), or None if closed.
 
-        :param health: the host's row of :meth:`FileDatabase.host_health`, or None
+        :param breaker: the host's ``(consecutive_failures, last_failure)``, or None
         """
-        failures = (health or {}).get("consecutive_failures", 0)
-        if failures < self.breaker_threshold or not health.get("last_failure"):
+        failures, last_failure = breaker or (0, None)
+        if failures < self.breaker_threshold or not last_failure:
             return None
         extra = min(failures - self.breaker_threshold, 16)
-        until = health["last_failure"] + min(self.cooldown * 2 ** extra, MAX_COOLDOWN)
+        until = last_failure + min(self.cooldown * 2 ** extra, MAX_COOLDOWN)
         return until if until > (time.time() if now is None else now) else None
 
     def cooling(self, host):
         """Whether ``host``'s circuit breaker is open now."""
-        return self.retry_after(self.db.host_breaker(host.name)) is not None
+        return self.retry_after(self.db.health.breakers().get(host.name)) is not None
 
     def ranked(self, hosts):
         """Split hosts into ``(usable, cooling)``, each ordered healthiest first.
@@ -130,13 +131,13 @@ class UploadEngine:
         then at random (spreading load among equals). ``cooling`` holds the
         hosts whose breaker is open.
         """
-        health = self.db.host_breakers()
+        health = self.db.health.breakers()
         now = time.time()
         usable, cooling = [], []
         for host in hosts:
             row = health.get(host.name)
             (cooling if self.retry_after(row, now) else usable).append(host)
-        key = lambda h: (health.get(h.name, {}).get("consecutive_failures", 0),  # noqa: E731
+        key = lambda h: (health.get(h.name, (0, None))[0],  # noqa: E731
                          -h.weight, random.random())
         return sorted(usable, key=key), sorted(cooling, key=key)
 
@@ -193,8 +194,8 @@ class UploadEngine:
         except Exception as exc:  # a host bug must not take the engine down
             return self._failed(host, TransientHostError(host.name, repr(exc)),
                                 "upload of %s" % file_hash)
-        self.db.record_host_result(host.name, True, (time.monotonic() - started) * 1000)
-        self.db.add_transfer(uploaded=size)
+        self.db.health.record({host.name: [Outcome(True, (time.monotonic() - started) * 1000,
+                                                   None, time.time())]}, uploaded=size)
         log.info("uploaded %s to %s", file_hash, host.name)
         return location
 
@@ -271,7 +272,7 @@ class UploadEngine:
                 plan["running"] -= 1
                 ok = isinstance(outcome, Location)
                 outcomes.setdefault(host.name, []).append(
-                    (ok, latency_ms, None if ok else outcome.message, time.time()))
+                    Outcome(ok, latency_ms, None if ok else outcome.message, time.time()))
                 if ok:
                     plan["successes"].append(outcome)
                     counts["uploaded"] += plan["job"][2]
@@ -289,10 +290,8 @@ class UploadEngine:
                     plans[index]["running"] -= 1
                     want(index)
             fill()
-        if outcomes:
-            self.db.record_host_batch(outcomes)
-        if counts["uploaded"]:
-            self.db.add_transfer(uploaded=counts["uploaded"])
+        if outcomes or counts["uploaded"]:
+            self.db.health.record(outcomes, uploaded=counts["uploaded"])
         cooling_names += sorted(tripped)
         return [UploadResult(p["successes"], p["failures"], cooling_names) for p in plans]
 
@@ -466,7 +465,7 @@ class UploadEngine:
         object, a local disk error)."""
         log.warning("%s failed on %s: %s", what, host.name, exc.message)
         if counts:
-            self.db.record_host_result(host.name, False, error=exc.message)
+            self.db.health.record({host.name: [Outcome(False, None, exc.message, time.time())]})
         return exc
 
     # -- downloads -------------------------------------------------------------
@@ -529,9 +528,10 @@ class UploadEngine:
             except BaseException:
                 fsutil.remove_quietly(temp)
                 raise
-            self.db.record_host_result(host.name, True, (time.monotonic() - started) * 1000)
-            self.db.add_transfer(downloaded=size)
-            self.db.mark_copy_verified(file_hash, location.host_name, location.url)
+            self.db.health.record({host.name: [Outcome(True, (time.monotonic() - started) * 1000,
+                                                       None, time.time())]}, downloaded=size)
+            with self.db.transaction() as conn:
+                self.db.copies.mark_verified(conn, [(file_hash, location.host_name, location.url)])
             log.info("downloaded %s from %s", file_hash, host.name)
             return location
         reason = "no host delivered a good copy of %s" % file_hash
@@ -563,7 +563,8 @@ class UploadEngine:
             return
         log.warning("the copy of %s on %s (%s) is %s; marking it bad", file_hash, host.name,
                     location.url, "missing" if isinstance(exc, HostNotFoundError) else "corrupt")
-        self.db.mark_copy_bad(file_hash, location.host_name, location.url)
+        with self.db.transaction() as conn:
+            self.db.copies.mark_bad(conn, [(file_hash, location.host_name, location.url)])
 
     # -- checks and deletes ----------------------------------------------------
 
@@ -593,8 +594,9 @@ class UploadEngine:
                 return self._verdict(host, location, exc.failures[0] if exc.failures else None)
             finally:
                 fsutil.remove_quietly(dest)
-            self.db.mark_copy_checked(file_hash, location.host_name, location.url,
-                                      time.time(), verified=True)
+            with self.db.transaction() as conn:
+                self.db.copies.mark_checked(
+                    conn, [(file_hash, location.host_name, location.url, time.time(), True)])
             return "good"
         started = time.monotonic()
         try:
@@ -607,7 +609,8 @@ class UploadEngine:
         except HostError as exc:
             self._failed(host, exc, "check of %s" % file_hash)
             return "error"
-        self.db.record_host_result(host.name, True, (time.monotonic() - started) * 1000)
+        self.db.health.record({host.name: [Outcome(True, (time.monotonic() - started) * 1000,
+                                                   None, time.time())]})
         if info.sha256 == file_hash and info.size != size:
             log.warning("%s holds %s with %d bytes, but %d are recorded: the record is wrong, "
                         "not the copy", host.name, file_hash, info.size, size)
@@ -617,8 +620,9 @@ class UploadEngine:
                 info.size, info.sha256 or "not stored"))
             self._mark_bad(file_hash, host, location, exc)
             return self._verdict(host, location, exc)
-        self.db.mark_copy_checked(file_hash, location.host_name, location.url, time.time(),
-                                  verified=info.sha256 == file_hash)
+        with self.db.transaction() as conn:
+            self.db.copies.mark_checked(conn, [(file_hash, location.host_name, location.url,
+                                                time.time(), info.sha256 == file_hash)])
         return "good"
 
     @staticmethod

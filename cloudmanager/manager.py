@@ -3,7 +3,7 @@
 It keeps the original cloud-manager's API and return values (``hash | False``,
 ``path | None | False``) and logs the cause of every ``False`` and ``None``
 on the ``cloudmanager`` logger. Work is done by the parts below it: the
-:class:`~cloudmanager.database.FileDatabase`, the
+:class:`~cloudmanager.db.FileDatabase`, the
 :class:`~cloudmanager.cache.CacheStore` and the
 :class:`~cloudmanager.engine.UploadEngine` with its hosts.
 """
@@ -25,7 +25,8 @@ from . import check as integrity
 from . import fsutil, serializers
 from .cache import CacheStore
 from .config import Config, load_config
-from .database import FileDatabase, month_key
+from .db import FileDatabase, month_key
+from .db.health import HostHealth
 from .engine import UploadEngine
 from .errors import (
     CacheError,
@@ -334,12 +335,12 @@ class CloudManager:
             self._replicate_many_locked(hashes)
 
     def _replicate_many_locked(self, hashes):
-        states = self.db.replication_states(hashes)
+        states = self.db.copies.replication_states(hashes)
         jobs, plans, settled, alone = [], [], [], []
         for file_hash in hashes:
             if file_hash not in states:
                 continue
-            size, verified, cached, holders = states[file_hash]
+            size, verified, cached, holders, _ = states[file_hash]
             holders, target = self._replication_target(verified, holders)
             if len(holders) >= target or not set(self.engine.hosts) - holders:
                 if holders:
@@ -361,9 +362,10 @@ class CloudManager:
                 shorts.append((file_hash, (len(holders) + len(result.successes), target,
                                            self._short_reason(result))))
         with self.db.transaction() as conn:
-            self.db.record_uploads_many(conn, copies, failures, int(now))
-            self.db.dequeue_many(conn, settled)
-            self.db.enqueue_many(conn, [h for h, _ in shorts], now)
+            self.db.copies.record_good(conn, copies, int(now))
+            self.db.copies.record_failures(conn, failures, int(now))
+            self.db.queue.remove(conn, settled)
+            self.db.queue.add(conn, [h for h, _ in shorts], now)
         for file_hash, short in shorts:
             self._note_short(file_hash, *short)
         for file_hash in alone:
@@ -379,7 +381,7 @@ class CloudManager:
                               result.failures)
         now = int(time.time())
         with self.db.transaction() as conn:
-            if self.db.add_file(conn, file_hash, filename, size, now,
+            if self.db.files.add(conn, file_hash, filename, size, now,
                                 size_known=True) == "conflict":
                 raise CacheError("%s is cached with another size than %d" % (file_hash, size))
             self._record_result(conn, file_hash, result, now)
@@ -395,13 +397,13 @@ class CloudManager:
             return 0
 
     def _holders(self, file_hash):
-        return {u["host_name"] for u in self.db.uploads(file_hash) if not u["error"]}
+        return {u.host_name for u in self.db.copies.of(file_hash) if not u.error}
 
     def _record_result(self, conn, file_hash, result, now):
         for location in result.successes:
-            self.db.record_upload(conn, file_hash, location.host_name, location.url, now)
+            self.db.copies.record_good(conn, [(file_hash, location.host_name, location.url)], now)
         for failure in result.failures:
-            self.db.record_upload_failure(conn, file_hash, failure.host, now)
+            self.db.copies.record_failures(conn, [(file_hash, failure.host)], now)
 
     def _replicate(self, file_hash):
         """Upload a pool file until it reaches the redundancy target.
@@ -415,18 +417,18 @@ class CloudManager:
             return self._replicate_locked(file_hash)
 
     def _replicate_locked(self, file_hash):
-        record = self.db.get_file(file_hash)
+        record = self.db.files.get(file_hash)
         if record is None:
             return 0
-        holders, target = self._replication_target(record["verified"],
+        holders, target = self._replication_target(record.verified,
                                                    self._holders(file_hash))
         if len(holders) >= target or not set(self.engine.hosts) - holders:
             if holders:  # at target, or as close as the configured hosts allow
                 with self.db.transaction() as conn:
-                    self.db.dequeue(conn, file_hash)
+                    self.db.queue.remove(conn, [file_hash])
             return 0
-        with self._source_of(file_hash, record["size"]) as source:
-            result = self.engine.upload(source, file_hash, record["size"], holders=holders,
+        with self._source_of(file_hash, record.size) as source:
+            result = self.engine.upload(source, file_hash, record.size, holders=holders,
                                         target=target)
         now = time.time()
         with self.db.transaction() as conn:
@@ -453,9 +455,9 @@ class CloudManager:
         copies = len(holders) + len(result.successes)
         self._record_result(conn, file_hash, result, int(now))
         if copies >= target:
-            self.db.dequeue(conn, file_hash)
+            self.db.queue.remove(conn, [file_hash])
             return None
-        self.db.enqueue(conn, file_hash, now)
+        self.db.queue.add(conn, [file_hash], now)
         return copies, target, self._short_reason(result)
 
     @staticmethod
@@ -467,7 +469,8 @@ class CloudManager:
         return "; ".join(errors) or "not enough hosts"
 
     def _note_short(self, file_hash, copies, target, errors):
-        self.db.queue_failure(file_hash, errors[:500])
+        with self.db.transaction() as conn:
+            self.db.queue.note_failure(conn, file_hash, errors[:500])
         log.warning("%s has %d of %d copies: %s", file_hash, copies, target, errors)
 
     @contextlib.contextmanager
@@ -492,8 +495,7 @@ class CloudManager:
             yield dest
 
     def _sources(self, file_hash):
-        return [(u["host_name"], u["url"]) for u in self.db.uploads(file_hash)
-                if not u["error"] and u["url"]]
+        return self.db.copies.sources(file_hash)
 
     def warm_up(self, file_hash):
         """Put a file in the cache and return its local path.
@@ -513,12 +515,12 @@ class CloudManager:
         path = self.cache.lookup(file_hash)
         if path is not None:
             return path
-        record = self.db.get_file(file_hash)
+        record = self.db.files.get(file_hash)
         if record is None:
             log.warning("warm_up: %s is not in the pool", file_hash)
             return None
         try:
-            return self._fetch_into_cache(file_hash, record["size"])
+            return self._fetch_into_cache(file_hash, record.size)
         except (OSError, CloudManagerError) as exc:
             log.error("warm_up of %s failed: %s", file_hash, exc)
             return False
@@ -592,15 +594,15 @@ class CloudManager:
         file_hash = _checked(file_hash, "download")
         if file_hash is None:
             return None
-        record = self.db.get_file(file_hash)
+        record = self.db.files.get(file_hash)
         if record is None:
             log.warning("download: %s is not in the pool", file_hash)
             return None
         try:
             dest = os.path.abspath(os.fspath(destination))
             if os.path.isdir(dest):
-                dest = os.path.join(dest, record["filename"] or file_hash)
-            return self._deliver(file_hash, record["size"], dest)
+                dest = os.path.join(dest, record.filename or file_hash)
+            return self._deliver(file_hash, record.size, dest)
         except (OSError, CloudManagerError) as exc:
             log.error("download of %s to %s failed: %s", file_hash, destination, exc)
             return False
@@ -637,7 +639,7 @@ class CloudManager:
         :return: bool; False for a malformed hash
         """
         try:
-            return self.db.file_exists(check_hash(file_hash))
+            return self.db.files.exists(check_hash(file_hash))
         except InvalidInputError:
             return False
 
@@ -676,14 +678,14 @@ class CloudManager:
         self.cache.flush()
         # A target above the number of hosts would list every file, every time.
         reachable = min(self.redundancy, len(self.engine.hosts))
-        todo = list(dict.fromkeys(self.db.queued() + self.db.below_target(reachable)))
+        todo = list(dict.fromkeys(self.db.queue.hashes() + self.db.files.below_target(reachable)))
         summary = {"checked": len(todo), "uploads": 0, "complete": 0, "short": 0}
         for file_hash in todo:
             try:
                 summary["uploads"] += self._replicate(file_hash)
             except (OSError, CloudManagerError) as exc:
                 log.error("sync of %s failed: %s", file_hash, exc)
-            if self.db.copies(file_hash) >= self.redundancy:
+            if self.db.files.copies(file_hash) >= self.redundancy:
                 summary["complete"] += 1
             else:
                 summary["short"] += 1
@@ -715,7 +717,7 @@ class CloudManager:
         if hashes is not None:
             hashes = [check_hash(h) for h in hashes]
         checked_before = None if older_than is None else time.time() - older_than
-        copies = self.db.copies_to_verify(hashes, hosts, checked_before, limit)
+        copies = self.db.copies.to_verify(hashes, hosts, checked_before, limit)
         summary = dict.fromkeys(("checked", "good", "bad", "missing", "error", "unreachable",
                                  "cooling"), 0)
         with tempfile.TemporaryDirectory(prefix="cm-verify-") as scratch:
@@ -729,8 +731,9 @@ class CloudManager:
                 if outcome in ("good", "bad", "missing"):
                     summary["checked"] += 1
                 else:  # tried: the next budgeted pass moves on to other copies
-                    self.db.mark_copy_checked(file_hash, host_name, url, time.time(),
-                                              verified=False)
+                    with self.db.transaction() as conn:
+                        self.db.copies.mark_checked(
+                            conn, [(file_hash, host_name, url, time.time(), False)])
                 summary[outcome] += 1
         log.info("verify: %s", summary)
         return summary
@@ -804,14 +807,14 @@ class CloudManager:
         file_hash = _checked(file_hash, "remove")
         if file_hash is None:
             return None
-        if not self.db.file_exists(file_hash):
+        if not self.db.files.exists(file_hash):
             log.warning("remove: %s is not in the pool", file_hash)
             return None
         deleted, kept = [], []
         # Under the fetch lock: a warm_up in flight finishes first, and one
         # that starts later finds no record, so nothing brings the file back.
         with self._fetch_lock(file_hash):
-            copies = [(u["host_name"], u["url"]) for u in self.db.uploads(file_hash) if u["url"]]
+            copies = [(u.host_name, u.url) for u in self.db.copies.of(file_hash) if u.url]
             # The record goes first. A crash after it leaves copies no record
             # knows (garbage on the hosts); the other order would leave a
             # record of copies already deleted, and an upload of the same
@@ -832,12 +835,11 @@ class CloudManager:
         (another process uploaded the same bytes), its record may name copies
         that are gone: mark them bad and queue the file, so it stays pinned if
         cached and :meth:`sync` sends it again."""
-        if not deleted or not self.db.file_exists(file_hash):
+        if not deleted or not self.db.files.exists(file_hash):
             return
-        for host_name, url in deleted:
-            self.db.mark_copy_bad(file_hash, host_name, url)
         with self.db.transaction() as conn:
-            self.db.enqueue(conn, file_hash, time.time())
+            self.db.copies.mark_bad(conn, [(file_hash, h, u) for h, u in deleted])
+            self.db.queue.add(conn, [file_hash], time.time())
         log.warning("%s was added again while it was being removed; the copies deleted are "
                     "marked bad and it is queued for upload", file_hash)
 
@@ -852,7 +854,7 @@ class CloudManager:
         :return: ``{hash: sorted host names of its copies}``
         """
         lost = {}
-        for file_hash, rows in itertools.groupby(self.db.good_copies(), key=lambda r: r[0]):
+        for file_hash, rows in itertools.groupby(self.db.copies.good(), key=lambda r: r[0]):
             rows = list(rows)
             if not self.engine.reaches((h, u) for _, h, u in rows) \
                     and not self.cache.contains(file_hash):
@@ -862,7 +864,7 @@ class CloudManager:
     # -- node sync -----------------------------------------------------------
 
     def _records(self, hashes=None):
-        for h, name, size, created, uploads in self.db.iter_records(hashes):
+        for h, name, size, created, uploads in self.db.records.iter(hashes):
             yield serializers.Record(h, name, size, created, tuple(uploads))
 
     def data_dump(self):
@@ -938,7 +940,7 @@ class CloudManager:
         yield from self._parse_unknown(batch)
 
     def _parse_unknown(self, batch):
-        known = self.db.known_records(
+        known = self.db.records.known(
             doc["filehash"] for _, doc in batch
             if isinstance(doc, dict) and isinstance(doc.get("filehash"), str))
         for index, doc in batch:
@@ -967,7 +969,7 @@ class CloudManager:
         return changed
 
     def _merge_batch(self, batch, unreachable):
-        changed, refused = self.db.merge_records(batch)
+        changed, refused = self.db.records.merge(batch)
         for file_hash in refused:
             log.warning("refused a record of %s: its size differs from the known one",
                         file_hash)
@@ -992,13 +994,14 @@ class CloudManager:
         file_hash = _checked(file_hash, "status")
         if file_hash is None:
             return None
-        row = self.db.get_file(file_hash)
+        row = self.db.files.get(file_hash)
         if row is None:
             return None
-        status = {k: row[k] for k in ("hash", "filename", "size", "created", "copies",
-                                      "verified")}
-        status.update(cached=self.cache.contains(file_hash), pinned=bool(row["pinned"]),
-                      target=self.redundancy, uploads=self.db.uploads(file_hash))
+        status = {k: getattr(row, k) for k in ("hash", "filename", "size", "created", "copies",
+                                               "verified")}
+        status.update(cached=self.cache.contains(file_hash), pinned=row.pinned,
+                      target=self.redundancy,
+                      uploads=[u._asdict() for u in self.db.copies.of(file_hash)])
         return status
 
     def files(self):
@@ -1009,9 +1012,10 @@ class CloudManager:
         ``cached`` is what the database records; :meth:`on_cache` also looks
         at the file.
         """
-        for h, name, size, cached, pinned, copies, verified in self.db.list_files():
-            yield {"hash": h, "filename": name, "size": size, "cached": bool(cached),
-                   "pinned": bool(pinned), "copies": copies, "verified": verified}
+        for row in self.db.files.listing():
+            yield {"hash": row.hash, "filename": row.filename, "size": row.size,
+                   "cached": row.cached, "pinned": row.pinned, "copies": row.copies,
+                   "verified": row.verified}
 
     def expand_hash(self, prefix):
         """The file hash starting with ``prefix`` (4 to 64 hex digits).
@@ -1024,7 +1028,7 @@ class CloudManager:
         if len(text) < 4 or len(text) > 64 or text.strip("0123456789abcdef"):
             raise InvalidInputError("not a SHA-256 or a prefix of one (4 to 64 hex digits): %r"
                                     % (prefix,))
-        found = self.db.hashes_with_prefix(text, limit=2)
+        found = self.db.files.with_prefix(text, limit=2)
         if len(found) > 1:
             raise InvalidInputError("%s is ambiguous: more than one file's hash starts with it"
                                     % text)
@@ -1040,23 +1044,23 @@ class CloudManager:
         (:meth:`host_status`).
         """
         self.cache.flush()
-        transfers = self.db.transfers()
+        transfers = self.db.health.transfers()
         this_month = transfers.get(month_key(), (0, 0))
         return {
-            "files": self.db.file_count(),
-            "cached_files": self.db.counter("cached_files"),
-            "cached_bytes": self.db.counter("cached_bytes"),
+            "files": self.db.files.count(),
+            "cached_files": self.db.cache_index.counter("cached_files"),
+            "cached_bytes": self.db.cache_index.counter("cached_bytes"),
             "capacity": self.cache.capacity,
             "usage_ratio": self.usage_ratio(),
-            "queued": self.db.queue_length(),
-            "below_target": self.db.count_below(self.redundancy),
+            "queued": self.db.queue.length(),
+            "below_target": self.db.files.count_below(self.redundancy),
             "redundancy": self.redundancy,
             "uploaded_bytes": {"total": sum(u for u, _ in transfers.values()),
                                "this_month": this_month[0]},
             "downloaded_bytes": {"total": sum(d for _, d in transfers.values()),
                                  "this_month": this_month[1]},
-            "hits": self.db.counter("hits"),
-            "misses": self.db.counter("misses"),
+            "hits": self.db.cache_index.counter("hits"),
+            "misses": self.db.cache_index.counter("misses"),
             "transfers": {m: {"uploaded": u, "downloaded": d} for m, (u, d) in transfers.items()},
             "hosts": self.host_status(),
         }
@@ -1065,17 +1069,17 @@ class CloudManager:
         """Each configured host's kind, weight, capabilities and health.
 
         :return: ``{host_name: {...}}`` with the health counters of
-            :meth:`FileDatabase.host_health` (``latency_ms`` is a median),
+            :class:`~cloudmanager.db.health.HostHealth` (``latency_ms`` is a median),
             ``state`` (``"ok"``, or ``"cooling"`` while its circuit breaker
             is open) and ``retry_after`` (unix time, or None)
         """
-        health = self.db.host_health()
+        health = self.db.health.all()
         status = {}
         for name, host in self.engine.hosts.items():
-            row = dict(health.get(name) or {
-                "successes": 0, "failures": 0, "consecutive_failures": 0, "last_error": None,
-                "last_success": None, "last_failure": None, "latency_ms": None})
-            retry_after = self.engine.retry_after(row)
+            record = health.get(name) or HostHealth()
+            row = record._asdict()
+            retry_after = self.engine.retry_after((record.consecutive_failures,
+                                                   record.last_failure))
             row.update(kind=type(host).__name__, weight=host.weight,
                        can_delete=host.can_delete, can_check=host.can_check,
                        state="cooling" if retry_after else "ok", retry_after=retry_after)
@@ -1090,7 +1094,7 @@ class CloudManager:
         :return: True if the file is in the pool
         """
         try:
-            return self.db.set_pinned(check_hash(file_hash), pinned)
+            return self.db.cache_index.pin(check_hash(file_hash), pinned)
         except InvalidInputError as exc:
             log.warning("pin: %s", exc)
             return False

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from .database import SCHEMA_VERSION, FileDatabase
+from .db import SCHEMA_VERSION, FileDatabase
 from .errors import CloudManagerError
 
 

@@ -95,7 +95,7 @@ def _problem(problems, path, reason):
 class SourceIndex:
     """Remembered hashes of source files, stored in the pool's database.
 
-    :param db: the :class:`~cloudmanager.database.FileDatabase`
+    :param db: the :class:`~cloudmanager.db.FileDatabase`
     """
 
     def __init__(self, db):
@@ -105,7 +105,7 @@ class SourceIndex:
         """``{path: hash}`` for the files whose remembered stat still matches
         and whose hash the pool still holds (cached, or on a host)."""
         files = list(files)
-        stored = self.db.source_hashes(f.path for f in files)
+        stored = self.db.sources.lookup(f.path for f in files)
         found = {}
         for f in files:
             row = stored.get(f.path)
@@ -131,4 +131,4 @@ class SourceIndex:
         """Store ``[(SourceFile, hash)]``."""
         rows = [(f.path,) + f.key + (h,) for f, h in entries]
         if rows:
-            self.db.remember_sources(rows)
+            self.db.sources.remember(rows)

@@ -93,7 +93,7 @@ def _debug_logs(caplog):
 @pytest.fixture
 def db(tmp_path):
     """A FileDatabase on a real file, closed at teardown."""
-    from cloudmanager.database import FileDatabase
+    from cloudmanager.db import FileDatabase
 
     database = FileDatabase(tmp_path / "db.sqlite3")
     yield database

@@ -14,7 +14,7 @@ import pytest
 
 import cloudmanager.cache as cache_mod
 from cloudmanager.cache import CacheStore
-from cloudmanager.database import FileDatabase
+from cloudmanager.db import FileDatabase
 from cloudmanager.errors import CacheError, CacheFullError
 from helpers import sha
 
@@ -64,8 +64,8 @@ def ingest(store, src, name, data):
 
 def give_copy(db, file_hash, host="h1"):
     with db.transaction() as conn:
-        db.record_upload(conn, file_hash, host, "http://%s.example/%s" % (host, file_hash),
-                         int(time.time()))
+        db.copies.record_good(conn, [(file_hash, host, "http://%s.example/%s" % (host, file_hash))],
+                              int(time.time()))
 
 
 def cached_on_disk(root):
@@ -90,7 +90,7 @@ def dead_pid():
 def plant_dead_session(db, token="deadbeefdeadbeef"):
     node = socket.gethostname()
     pid = dead_pid()
-    db.open_session("%s:%d:%s" % (node, pid, token), node, pid, "")
+    db.sessions.open("%s:%d:%s" % (node, pid, token), node, pid, "")
     return token
 
 
@@ -134,9 +134,9 @@ def test_ingest_reads_source_once_and_lays_out_private_files(make_store, src, ro
     assert stat.S_IMODE(os.stat(root / "tmp").st_mode) == 0o700
     assert os.listdir(root / "tmp") == []
     assert store.lookup(file_hash) == str(cached)
-    row = store.db.get_file(file_hash)
-    assert (row["filename"], row["size"], row["cached"]) == ("a.bin", 3000, 1)
-    assert store.db.queued() == [file_hash]  # on no host yet: queued for upload
+    row = store.db.files.get(file_hash)
+    assert (row.filename, row.size, row.cached) == ("a.bin", 3000, 1)
+    assert store.db.queue.hashes() == [file_hash]  # on no host yet: queued for upload
 
 
 def test_usage_counter_is_sum_of_cached_sizes(make_store, src, db, root):
@@ -146,7 +146,7 @@ def test_usage_counter_is_sum_of_cached_sizes(make_store, src, db, root):
         ingest(store, src, "f%d" % i, bytes([i]) * n)
     ingest(store, src, "again", b"\x03" * 4000)  # already cached: not counted twice
     assert store.used_bytes() == sum(sizes) == sum(cached_on_disk(root).values())
-    assert db.counter("cached_files") == len(sizes)
+    assert db.cache_index.counter("cached_files") == len(sizes)
     assert store.usage_ratio() == pytest.approx(sum(sizes) / 10_000)
 
 
@@ -160,11 +160,11 @@ def test_lru_eviction_sees_deferred_hits(make_store, src, db, monkeypatch):
     for h in (a, b, c):
         give_copy(db, h)
     assert store.lookup(a) is not None  # a hit, kept in memory for now
-    assert db.get_file(a)["last_access"] < db.get_file(b)["last_access"]  # deferred
+    assert db.files.get(a).last_access < db.files.get(b).last_access  # deferred
     d = ingest(store, src, "d", b"d" * 100)
-    assert not db.is_cached(b), "b is the least recently used"
+    assert not db.cache_index.is_cached(b), "b is the least recently used"
     assert not os.path.exists(store.path_for(b))
-    assert all(db.is_cached(h) and os.path.exists(store.path_for(h)) for h in (a, c, d))
+    assert all(db.cache_index.is_cached(h) and os.path.exists(store.path_for(h)) for h in (a, c, d))
     assert store.used_bytes() == 300
 
 
@@ -173,11 +173,11 @@ def test_pinned_by_no_copies_are_never_evicted(make_store, src, db, root):
     hashes = [ingest(store, src, n, n.encode() * 100) for n in "abc"]
     with pytest.raises(CacheFullError):
         store.ingest(src("d", b"d" * 100), "d")
-    assert all(db.is_cached(h) for h in hashes)
+    assert all(db.cache_index.is_cached(h) for h in hashes)
     assert cached_on_disk(root) == {h: 100 for h in hashes}
-    assert db.reserved_bytes() == 0
+    assert db.sessions.reserved_bytes() == 0
     assert os.listdir(root / "tmp") == []
-    assert not db.file_exists(sha(b"d" * 100))
+    assert not db.files.exists(sha(b"d" * 100))
     with pytest.raises(CacheFullError):  # not one more byte fits
         with store.reserve(1):
             pass
@@ -189,13 +189,13 @@ def test_explicit_pin_is_honoured(make_store, src, db):
     a, b, c = (ingest(store, src, n, n.encode() * 100) for n in "abc")
     for h in (a, b, c):
         give_copy(db, h)
-    assert db.set_pinned(a, True)
+    assert db.cache_index.pin(a, True)
     d = ingest(store, src, "d", b"d" * 100)
-    assert db.is_cached(a) and not db.is_cached(b) and db.is_cached(c)
+    assert db.cache_index.is_cached(a) and not db.cache_index.is_cached(b) and db.cache_index.is_cached(c)
     give_copy(db, d)
     assert store.evict(0) == 2  # c and d go; a stays
-    assert db.is_cached(a) and store.used_bytes() == 100
-    assert db.set_pinned(a, False)
+    assert db.cache_index.is_cached(a) and store.used_bytes() == 100
+    assert db.cache_index.pin(a, False)
     assert store.evict(0) == 1 and store.used_bytes() == 0
 
 
@@ -206,15 +206,15 @@ def test_reservations_count_against_capacity(make_store, src, db):
         give_copy(db, h)
 
     def total():
-        return store.used_bytes() + db.reserved_bytes()
+        return store.used_bytes() + db.sessions.reserved_bytes()
 
     with store.reserve(100) as r1:
-        assert total() == 300 and db.is_cached(a) and db.is_cached(b)
+        assert total() == 300 and db.cache_index.is_cached(a) and db.cache_index.is_cached(b)
         with store.reserve(100):
-            assert not db.is_cached(a) and db.is_cached(b)  # LRU made room
+            assert not db.cache_index.is_cached(a) and db.cache_index.is_cached(b)  # LRU made room
             assert total() == 300
             with store.reserve(100):
-                assert not db.is_cached(b)
+                assert not db.cache_index.is_cached(b)
                 assert total() == 300 and store.used_bytes() == 0
                 with pytest.raises(CacheFullError):
                     with store.reserve(1):
@@ -233,10 +233,10 @@ def test_file_larger_than_capacity_is_refused_without_evicting(make_store, src, 
     with pytest.raises(CacheFullError):
         with store.reserve(301):
             pass  # pragma: no cover
-    assert db.is_cached(a) and db.reserved_bytes() == 0
+    assert db.cache_index.is_cached(a) and db.sessions.reserved_bytes() == 0
     with pytest.raises(CacheFullError):
         store.ingest(src("big", b"x" * 301), "big")
-    assert db.is_cached(a) and store.used_bytes() == 100
+    assert db.cache_index.is_cached(a) and store.used_bytes() == 100
 
 
 def test_failed_make_room_leaves_directory_and_rows_in_agreement(make_store, src, db, root):
@@ -248,7 +248,7 @@ def test_failed_make_room_leaves_directory_and_rows_in_agreement(make_store, src
     with pytest.raises(CacheFullError):
         with store.reserve(200):
             pass  # pragma: no cover
-    rows = dict(db.cached_hashes())
+    rows = dict(db.cache_index.cached_rows())
     assert rows == cached_on_disk(root)
     assert store.used_bytes() == sum(cached_on_disk(root).values())
 
@@ -261,9 +261,9 @@ def test_source_growing_while_read_leaves_nothing_behind(make_store, db, root):
     store = make_store(10_000)
     with pytest.raises((CacheError, OverflowError)):
         store.ingest(PROC_FILE, "status")
-    assert db.reserved_bytes() == 0 and store.used_bytes() == 0
+    assert db.sessions.reserved_bytes() == 0 and store.used_bytes() == 0
     assert os.listdir(root / "tmp") == [] and cached_on_disk(root) == {}
-    assert db.file_count() == 0
+    assert db.files.count() == 0
 
 
 @pytest.mark.skipif(not os.path.exists(PROC_FILE), reason="needs /proc")
@@ -282,10 +282,10 @@ def test_missing_cached_file_is_a_miss_and_marked_not_cached(make_store, src, db
     assert store.lookup(a) is not None
     os.unlink(store.path_for(a))
     assert store.lookup(a) is None
-    assert not db.is_cached(a) and db.file_exists(a)
+    assert not db.cache_index.is_cached(a) and db.files.exists(a)
     assert store.used_bytes() == 0
     store.flush()
-    assert (db.counter("hits"), db.counter("misses")) == (1, 1)
+    assert (db.cache_index.counter("hits"), db.cache_index.counter("misses")) == (1, 1)
 
 
 def test_symlink_in_place_of_cached_file_is_not_served(make_store, src, db, tmp_path):
@@ -306,17 +306,17 @@ def test_flush_writes_hit_and_miss_counters(make_store, src, db, monkeypatch):
     store = make_store(1000)
     a = ingest(store, src, "a", b"a" * 10)
     with db.transaction() as conn:
-        db.add_file(conn, "e" * 64, "e", 5, 1)  # known, not cached
+        db.files.add(conn, "e" * 64, "e", 5, 1)  # known, not cached
     for _ in range(3):
         assert store.lookup(a)
     assert store.lookup("e" * 64) is None
-    assert (db.counter("hits"), db.counter("misses")) == (0, 0)  # still in memory
-    before = db.get_file(a)["last_access"]
+    assert (db.cache_index.counter("hits"), db.cache_index.counter("misses")) == (0, 0)  # still in memory
+    before = db.files.get(a).last_access
     store.flush()
-    assert (db.counter("hits"), db.counter("misses")) == (3, 1)
-    assert db.get_file(a)["last_access"] > before
+    assert (db.cache_index.counter("hits"), db.cache_index.counter("misses")) == (3, 1)
+    assert db.files.get(a).last_access > before
     store.flush()  # nothing new: nothing added
-    assert (db.counter("hits"), db.counter("misses")) == (3, 1)
+    assert (db.cache_index.counter("hits"), db.cache_index.counter("misses")) == (3, 1)
 
 
 # -- reconciliation -----------------------------------------------------------------
@@ -328,15 +328,15 @@ def test_dead_sessions_temp_files_are_removed_on_open(make_store, db, root):
     dead_temp = root / "tmp" / ("%s-1.tmp" % token)
     dead_temp.write_bytes(b"partial")
     live_token = "0123456789abcdef"  # a session of this (running) process
-    db.open_session("%s:%d:%s" % (socket.gethostname(), os.getpid(), live_token),
+    db.sessions.open("%s:%d:%s" % (socket.gethostname(), os.getpid(), live_token),
                     socket.gethostname(), os.getpid(), cache_mod._process_start(os.getpid()))
     live_temp = root / "tmp" / ("%s-2.tmp" % live_token)
     live_temp.write_bytes(b"in flight")
     store = make_store()
     assert not dead_temp.exists()
     assert live_temp.exists()
-    assert token not in {o.rsplit(":", 1)[-1] for o, *_ in db.sessions()}
-    assert store.owner in {o for o, *_ in db.sessions()}
+    assert token not in {o.rsplit(":", 1)[-1] for o, *_ in db.sessions.all()}
+    assert store.owner in {o for o, *_ in db.sessions.all()}
 
 
 def test_orphan_in_shard_removed_after_dead_session(make_store, src, db, root):
@@ -354,7 +354,7 @@ def test_orphan_in_shard_removed_after_dead_session(make_store, src, db, root):
     store = make_store(1000)
     assert not orphan.exists() and not misplaced.exists() and not junk.exists()
     assert cached_on_disk(root) == {keep: 50}
-    assert store.used_bytes() == 50 and db.is_cached(keep)
+    assert store.used_bytes() == 50 and db.cache_index.is_cached(keep)
 
 
 def test_no_walk_without_a_reason(make_store, src, db, root):
@@ -393,10 +393,10 @@ def test_full_reconcile_marks_missing_and_resized_rows(make_store, src, db, root
         f.write(b"extra")
     report = make_store(1000).reconcile(full=True)
     assert report["full"] and report["missing_marked"] == 2
-    assert not db.is_cached(a) and not db.is_cached(b) and db.is_cached(c)
+    assert not db.cache_index.is_cached(a) and not db.cache_index.is_cached(b) and db.cache_index.is_cached(c)
     assert not os.path.exists(store.path_for(b))
     assert cached_on_disk(root) == {c: 100}
-    assert (db.counter("cached_bytes"), db.counter("cached_files")) == (100, 1)
+    assert (db.cache_index.counter("cached_bytes"), db.cache_index.counter("cached_files")) == (100, 1)
 
 
 def test_existing_directory_with_new_database_is_reconciled(make_store, src, root, tmp_path):
@@ -408,7 +408,7 @@ def test_existing_directory_with_new_database_is_reconciled(make_store, src, roo
     try:
         store2 = CacheStore(fresh, root, 1000, fsync=False)
         assert cached_on_disk(root) == {}  # no row vouches for it
-        assert store2.used_bytes() == 0 and fresh.counter("cached_files") == 0
+        assert store2.used_bytes() == 0 and fresh.cache_index.counter("cached_files") == 0
         assert store2.lookup(a) is None
         store2.close()
     finally:
@@ -432,7 +432,7 @@ def test_full_reconcile_spares_a_file_published_during_the_walk(make_store, db, 
     other.execute("COMMIT")
     other.close()
     thread.join()
-    assert db.is_cached(h)
+    assert db.cache_index.is_cached(h)
     assert (root / h[:2] / h).read_bytes() == data
 
 
@@ -451,7 +451,7 @@ def test_storage_path_that_is_a_file_is_refused(db, tmp_path):
 def test_capacity_must_be_a_positive_int(db, root, capacity):
     with pytest.raises(CacheError, match="storage_size"):
         CacheStore(db, root, capacity, fsync=False)
-    assert db.sessions() == []
+    assert db.sessions.all() == []
 
 
 # -- regressions from review ------------------------------------------------------------
@@ -469,11 +469,11 @@ def test_a_reused_pid_is_recognised_as_a_dead_session(make_store, db, root):
     node = socket.gethostname()
     token = "feedfacefeedface"
     # Same pid as this process, but another process start: a previous life.
-    db.open_session("%s:%d:%s" % (node, os.getpid(), token), node, os.getpid(), "1")
+    db.sessions.open("%s:%d:%s" % (node, os.getpid(), token), node, os.getpid(), "1")
     (root / "tmp" / ("%s-7.tmp" % token)).write_bytes(b"left by the dead")
     make_store()
     assert not (root / "tmp" / ("%s-7.tmp" % token)).exists()
-    assert token not in {o.rsplit(":", 1)[-1] for o, *_ in db.sessions()}
+    assert token not in {o.rsplit(":", 1)[-1] for o, *_ in db.sessions.all()}
 
 
 def test_in_flight_temp_names_of_a_live_session_survive_another_open(make_store, db, root):

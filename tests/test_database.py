@@ -7,8 +7,10 @@ import time
 
 import pytest
 
-import cloudmanager.database as database
-from cloudmanager.database import FileDatabase, month_key
+from cloudmanager.db import connection as database
+from cloudmanager.db import FileDatabase, month_key
+from cloudmanager.db.copies import CopyRow
+from cloudmanager.db.health import Outcome
 from cloudmanager.errors import DatabaseError
 from cloudmanager.serializers import Record
 
@@ -46,12 +48,25 @@ def raw(path):
 
 def add(db, file_hash, size=10, created=1000, filename="f"):
     with db.transaction() as conn:
-        assert db.add_file(conn, file_hash, filename, size, created) == "new"
+        assert db.files.add(conn, file_hash, filename, size, created) == "new"
+
+
+def mark_bad(db, file_hash, host, url):
+    with db.transaction() as conn:
+        db.copies.mark_bad(conn, [(file_hash, host, url)])
+
+
+def add_transfer(db, uploaded=0, downloaded=0, when=None):
+    db.health.record({}, uploaded=uploaded, downloaded=downloaded, when=when)
+
+
+def host_result(db, host_name, ok, latency_ms=None, error=None):
+    db.health.record({host_name: [Outcome(ok, latency_ms, error, time.time())]})
 
 
 def upload(db, file_hash, host, url, when=2000):
     with db.transaction() as conn:
-        db.record_upload(conn, file_hash, host, url, when)
+        db.copies.record_good(conn, [(file_hash, host, url)], when)
 
 
 # -- schema ---------------------------------------------------------------------
@@ -68,7 +83,7 @@ def test_new_database_gets_schema_in_wal_mode(db, db_path):
                 "host_health", "transfers", "sessions"} <= tables
     finally:
         conn.close()
-    assert db.counter("cached_bytes") == 0 and db.counter("hits") == 0
+    assert db.cache_index.counter("cached_bytes") == 0 and db.cache_index.counter("hits") == 0
 
 
 def test_ensure_schema_is_idempotent(opened, db_path):
@@ -79,7 +94,7 @@ def test_ensure_schema_is_idempotent(opened, db_path):
     db.close()
     db2 = opened()  # reopening runs ensure_schema once more
     assert db2.schema_version() == database.SCHEMA_VERSION
-    assert db2.get_file(H[0])["size"] == 5
+    assert db2.files.get(H[0]).size == 5
     conn = raw(db_path)
     try:
         names = [r[0] for r in conn.execute("SELECT name FROM counters ORDER BY name")]
@@ -189,64 +204,62 @@ def test_failed_migration_is_atomic(opened, db_path, monkeypatch):
 
 def test_cache_counters_follow_insert_update_delete(db):
     with db.transaction() as conn:
-        db.add_file(conn, H[0], "a", 100, 1)
-        db.add_file(conn, H[1], "b", 30, 1)
+        db.files.add(conn, H[0], "a", 100, 1)
+        db.files.add(conn, H[1], "b", 30, 1)
         # a row inserted already cached is counted by the insert trigger
         conn.execute("INSERT INTO files (hash, size, created, cached) VALUES (?, 7, 1, 1)",
                      (H[2],))
-    assert (db.counter("cached_bytes"), db.counter("cached_files")) == (7, 1)
+    assert (db.cache_index.counter("cached_bytes"), db.cache_index.counter("cached_files")) == (7, 1)
     with db.transaction() as conn:
-        db.set_cached(conn, H[0], True, 5.0)
-        db.set_cached(conn, H[1], True, 6.0)
-        db.set_cached(conn, H[0], True, 9.0)  # already cached: not counted twice
-    assert (db.counter("cached_bytes"), db.counter("cached_files")) == (137, 3)
+        db.cache_index.set_cached(conn, [H[0]], True, 5.0)
+        db.cache_index.set_cached(conn, [H[1]], True, 6.0)
+        db.cache_index.set_cached(conn, [H[0]], True, 9.0)  # already cached: not counted twice
+    assert (db.cache_index.counter("cached_bytes"), db.cache_index.counter("cached_files")) == (137, 3)
     with db.transaction() as conn:
-        db.set_cached(conn, H[1], False)
-        db.set_cached(conn, H[1], False)  # already not cached: not subtracted twice
-    assert (db.counter("cached_bytes"), db.counter("cached_files")) == (107, 2)
+        db.cache_index.set_cached(conn, [H[1]], False)
+        db.cache_index.set_cached(conn, [H[1]], False)  # already not cached: not subtracted twice
+    assert (db.cache_index.counter("cached_bytes"), db.cache_index.counter("cached_files")) == (107, 2)
     with db.transaction() as conn:
         conn.execute("DELETE FROM files WHERE hash = ?", (H[0],))
-    assert (db.counter("cached_bytes"), db.counter("cached_files")) == (7, 1)
+    assert (db.cache_index.counter("cached_bytes"), db.cache_index.counter("cached_files")) == (7, 1)
     with db.transaction() as conn:
         conn.execute("DELETE FROM files WHERE hash = ?", (H[1],))  # deleting an uncached file changes nothing
-    assert (db.counter("cached_bytes"), db.counter("cached_files")) == (7, 1)
+    assert (db.cache_index.counter("cached_bytes"), db.cache_index.counter("cached_files")) == (7, 1)
     with db.transaction() as conn:
-        assert db.recount_cache(conn) == (7, 1)
+        assert db.cache_index.recount(conn) == (7, 1)
 
 
 def test_copies_counts_distinct_good_hosts(db):
     add(db, H[0])
     upload(db, H[0], "h1", "http://h1.example/a")
     upload(db, H[0], "h1", "http://h1.example/b")  # second url on the same host
-    assert db.copies(H[0]) == 1
+    assert db.files.copies(H[0]) == 1
     with db.transaction() as conn:
-        db.record_upload_failure(conn, H[0], "h2", 2100)
-    assert db.copies(H[0]) == 1
+        db.copies.record_failures(conn, [(H[0], "h2")], 2100)
+    assert db.files.copies(H[0]) == 1
     upload(db, H[0], "h2", "http://h2.example/a")
-    assert db.copies(H[0]) == 2
+    assert db.files.copies(H[0]) == 2
     # the good copy replaced the failure row of h2
-    assert [u for u in db.uploads(H[0]) if u["host_name"] == "h2"] == [
-        {"host_name": "h2", "url": "http://h2.example/a", "error": False, "verified": True,
-         "time": 2000}]
-    db.mark_copy_bad(H[0], "h1", "http://h1.example/a")
-    assert db.copies(H[0]) == 2  # h1 still has a good url
-    db.mark_copy_bad(H[0], "h1", "http://h1.example/b")
-    assert db.copies(H[0]) == 1
-    db.mark_copy_bad(H[0], "h2", "http://h2.example/a")
-    assert db.copies(H[0]) == 0
+    assert [u for u in db.copies.of(H[0]) if u.host_name == "h2"] == [
+        CopyRow("h2", "http://h2.example/a", error=False, verified=True, time=2000)]
+    mark_bad(db, H[0], "h1", "http://h1.example/a")
+    assert db.files.copies(H[0]) == 2  # h1 still has a good url
+    mark_bad(db, H[0], "h1", "http://h1.example/b")
+    assert db.files.copies(H[0]) == 1
+    mark_bad(db, H[0], "h2", "http://h2.example/a")
+    assert db.files.copies(H[0]) == 0
     upload(db, H[0], "h2", "http://h2.example/a")  # re-upload clears the error flag
-    assert db.copies(H[0]) == 1
+    assert db.files.copies(H[0]) == 1
 
 
 def test_upload_failure_not_recorded_over_a_good_copy(db):
     add(db, H[0])
     upload(db, H[0], "h1", "http://h1.example/a")
     with db.transaction() as conn:
-        db.record_upload_failure(conn, H[0], "h1", 3000)
-    assert db.uploads(H[0]) == [
-        {"host_name": "h1", "url": "http://h1.example/a", "error": False, "verified": True,
-         "time": 2000}]
-    assert db.copies(H[0]) == 1
+        db.copies.record_failures(conn, [(H[0], "h1")], 3000)
+    assert db.copies.of(H[0]) == [
+        CopyRow("h1", "http://h1.example/a", error=False, verified=True, time=2000)]
+    assert db.files.copies(H[0]) == 1
 
 
 # -- eviction order -----------------------------------------------------------------
@@ -255,7 +268,7 @@ def test_upload_failure_not_recorded_over_a_good_copy(db):
 def _cached(db, file_hash, when, copies=True, size=10):
     add(db, file_hash, size=size)
     with db.transaction() as conn:
-        db.set_cached(conn, file_hash, True, when)
+        db.cache_index.set_cached(conn, [file_hash], True, when)
     if copies:
         upload(db, file_hash, "h1", "http://h1.example/" + file_hash)
 
@@ -266,16 +279,16 @@ def test_eviction_candidates_lru_order_skipping_pinned_and_uncopied(db):
     _cached(db, H[2], when=20.0)
     _cached(db, H[3], when=1.0, copies=False)  # oldest, but on no host
     _cached(db, H[4], when=2.0)
-    assert db.set_pinned(H[4], True)  # oldest with a copy, but pinned
+    assert db.cache_index.pin(H[4], True)  # oldest with a copy, but pinned
     add(db, H[5])  # not cached at all
     upload(db, H[5], "h1", "http://h1.example/x")
-    candidates = db.eviction_candidates(db.connection)
+    candidates = db.cache_index.eviction_candidates(db.connection)
     assert [c[:2] for c in candidates] == [(H[1], 10), (H[2], 10), (H[0], 10)]
-    db.touch_many([(H[1], 40.0)])
-    assert [c[0] for c in db.eviction_candidates(db.connection)] == [H[2], H[0], H[1]]
-    assert db.set_pinned(H[4], False)
-    assert db.eviction_candidates(db.connection).fetchone()[:2] == (H[4], 10)
-    assert db.set_pinned("f" * 64, True) is False
+    db.cache_index.touch([(H[1], 40.0)])
+    assert [c[0] for c in db.cache_index.eviction_candidates(db.connection)] == [H[2], H[0], H[1]]
+    assert db.cache_index.pin(H[4], False)
+    assert db.cache_index.eviction_candidates(db.connection).fetchone()[:2] == (H[4], 10)
+    assert db.cache_index.pin("f" * 64, True) is False
 
 
 def test_eviction_query_uses_partial_index(db):
@@ -285,7 +298,7 @@ def test_eviction_query_uses_partial_index(db):
     statements = []
     conn.set_trace_callback(statements.append)
     try:
-        db.eviction_candidates(conn).fetchone()
+        db.cache_index.eviction_candidates(conn).fetchone()
     finally:
         conn.set_trace_callback(None)
     selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
@@ -310,26 +323,26 @@ def test_merge_records_is_an_idempotent_union(db):
                            ("h2", "http://h2.example/a", False)]),
         rec(H[1], uploads=[("h3", "", True)]),
     ]
-    assert db.merge_records(records) == (2, [])
-    assert db.get_file(H[0])["filename"] == "doc.txt"  # a missing name is filled in
-    assert db.copies(H[0]) == 2
-    assert {(u["host_name"], u["url"]) for u in db.uploads(H[0])} == {
+    assert db.records.merge(records) == (2, [])
+    assert db.files.get(H[0]).filename == "doc.txt"  # a missing name is filled in
+    assert db.files.copies(H[0]) == 2
+    assert {(u.host_name, u.url) for u in db.copies.of(H[0])} == {
         ("h1", "http://h1.example/a"), ("h2", "http://h2.example/a")}
-    assert db.get_file(H[1])["size"] == 10 and db.copies(H[1]) == 0
-    assert db.uploads(H[1])[0]["error"] is True
-    before = [(h, db.uploads(h)) for h in (H[0], H[1])]
-    assert db.merge_records(records) == (0, [])
-    assert [(h, db.uploads(h)) for h in (H[0], H[1])] == before
+    assert db.files.get(H[1]).size == 10 and db.files.copies(H[1]) == 0
+    assert db.copies.of(H[1])[0].error is True
+    before = [(h, db.copies.of(h)) for h in (H[0], H[1])]
+    assert db.records.merge(records) == (0, [])
+    assert [(h, db.copies.of(h)) for h in (H[0], H[1])] == before
     # a different filename does not replace a known one
-    assert db.merge_records([rec(H[0], filename="other.txt")]) == (0, [])
-    assert db.get_file(H[0])["filename"] == "doc.txt"
+    assert db.records.merge([rec(H[0], filename="other.txt")]) == (0, [])
+    assert db.files.get(H[0]).filename == "doc.txt"
 
 
 def recounted(db, file_hash):
     """(copies, verified) as the uploads_* triggers define them, counted afresh."""
-    good = [u for u in db.uploads(file_hash) if not u["error"]]
-    return (len({u["host_name"] for u in good}),
-            len({u["host_name"] for u in good if u["verified"]}))
+    good = [u for u in db.copies.of(file_hash) if not u.error]
+    return (len({u.host_name for u in good}),
+            len({u.host_name for u in good if u.verified}))
 
 
 def test_merge_records_counts_copies_of_new_files_as_the_triggers_do(db):
@@ -337,7 +350,7 @@ def test_merge_records_counts_copies_of_new_files_as_the_triggers_do(db):
     the count must be what the triggers would have made of them."""
     add(db, H[2])
     upload(db, H[2], "h1", "http://h1.example/mine")
-    db.merge_records([
+    db.records.merge([
         # two urls on one host, a failed host, a second good host
         rec(H[0], uploads=[("h1", "http://h1.example/a", False),
                            ("h1", "http://h1.example/b", False),
@@ -348,10 +361,10 @@ def test_merge_records_counts_copies_of_new_files_as_the_triggers_do(db):
         rec(H[3], uploads=[("h5", "http://h5.example/c", False)]),
         rec(H[2], uploads=[("h6", "http://h6.example/x", False)]),  # a known file
     ])
-    assert [db.copies(h) for h in H[:4]] == [2, 0, 2, 2]
+    assert [db.files.copies(h) for h in H[:4]] == [2, 0, 2, 2]
     for h in H[:4]:
-        row = db.get_file(h)
-        assert (row["copies"], row["verified"]) == recounted(db, h)
+        row = db.files.get(h)
+        assert (row.copies, row.verified) == recounted(db, h)
     with pytest.raises(DatabaseError, match="FOREIGN KEY"):  # deferred, still checked
         with db.transaction() as conn:
             conn.execute("PRAGMA defer_foreign_keys = ON")
@@ -361,38 +374,38 @@ def test_merge_records_counts_copies_of_new_files_as_the_triggers_do(db):
 
 def test_merge_records_refuses_size_conflicts(db):
     add(db, H[0], size=10)
-    changed, refused = db.merge_records([
+    changed, refused = db.records.merge([
         rec(H[0], size=11, uploads=[("h9", "http://h9.example/evil", False)]),
         rec(H[1], size=5),
     ])
     assert (changed, refused) == (1, [H[0]])
-    assert db.get_file(H[0])["size"] == 10
-    assert db.uploads(H[0]) == [] and db.copies(H[0]) == 0
-    assert db.get_file(H[1])["size"] == 5
+    assert db.files.get(H[0]).size == 10
+    assert db.copies.of(H[0]) == [] and db.files.copies(H[0]) == 0
+    assert db.files.get(H[1]).size == 5
 
 
 def test_merge_records_never_flips_local_error_flags(db):
     add(db, H[0])
     upload(db, H[0], "h1", "http://h1.example/bad")
     upload(db, H[0], "h2", "http://h2.example/good")
-    db.mark_copy_bad(H[0], "h1", "http://h1.example/bad")
-    assert db.copies(H[0]) == 1
-    db.merge_records([rec(H[0], uploads=[("h1", "http://h1.example/bad", False),
+    mark_bad(db, H[0], "h1", "http://h1.example/bad")
+    assert db.files.copies(H[0]) == 1
+    db.records.merge([rec(H[0], uploads=[("h1", "http://h1.example/bad", False),
                                          ("h2", "http://h2.example/good", True)])])
-    flags = {(u["host_name"], u["url"]): u["error"] for u in db.uploads(H[0])}
+    flags = {(u.host_name, u.url): u.error for u in db.copies.of(H[0])}
     assert flags == {("h1", "http://h1.example/bad"): True,
                      ("h2", "http://h2.example/good"): False}
-    assert db.copies(H[0]) == 1
+    assert db.files.copies(H[0]) == 1
 
 
 def test_iter_records_streams_files_with_uploads(db):
-    db.merge_records([rec(H[1], size=3, uploads=[("h2", "http://h2.example/1", False)]),
+    db.records.merge([rec(H[1], size=3, uploads=[("h2", "http://h2.example/1", False)]),
                       rec(H[0], size=4)])
-    assert list(db.iter_records()) == [
+    assert list(db.records.iter()) == [
         (H[0], "doc.txt", 4, 1391212800, []),
         (H[1], "doc.txt", 3, 1391212800, [("h2", "http://h2.example/1", False)]),
     ]
-    assert [r[0] for r in db.iter_records([H[1]])] == [H[1]]
+    assert [r[0] for r in db.records.iter([H[1]])] == [H[1]]
 
 
 # -- connections and transactions ------------------------------------------------------
@@ -407,35 +420,35 @@ def test_each_thread_gets_its_own_connection(db):
         seen.append(db.connection)
         seen.append(db.connection)
         with db.transaction() as conn:
-            db.add_file(conn, H[0], "t", 1, 1)
+            db.files.add(conn, H[0], "t", 1, 1)
 
     t = threading.Thread(target=worker)
     t.start()
     t.join()
     assert seen[0] is seen[1]
     assert seen[0] is not main
-    assert db.file_exists(H[0])  # committed from the other thread, seen here
+    assert db.files.exists(H[0])  # committed from the other thread, seen here
 
 
 def test_transaction_rolls_back_on_exception(db):
     with pytest.raises(RuntimeError):
         with db.transaction() as conn:
-            db.add_file(conn, H[0], "x", 1, 1)
+            db.files.add(conn, H[0], "x", 1, 1)
             with db.transaction() as inner:  # nested use joins the outer transaction
                 assert inner is conn
-                db.add_file(inner, H[1], "y", 1, 1)
+                db.files.add(inner, H[1], "y", 1, 1)
             raise RuntimeError("boom")
-    assert not db.file_exists(H[0]) and not db.file_exists(H[1])
+    assert not db.files.exists(H[0]) and not db.files.exists(H[1])
     assert not db.connection.in_transaction
     add(db, H[2])  # the connection is usable afterwards
-    assert db.file_exists(H[2])
+    assert db.files.exists(H[2])
 
 
 def test_closed_database_refuses_use(opened):
     db = opened()
     db.close()
     with pytest.raises(DatabaseError, match="closed"):
-        db.file_exists(H[0])
+        db.files.exists(H[0])
 
 
 def test_busy_transaction_is_retried_until_the_lock_is_released(db_path, opened,
@@ -450,13 +463,13 @@ def test_busy_transaction_is_retried_until_the_lock_is_released(db_path, opened,
     timer.start()
     try:
         with db.transaction() as conn:
-            db.add_file(conn, H[0], "x", 1, 1)
+            db.files.add(conn, H[0], "x", 1, 1)
     finally:
         timer.join()
         blocker.close()
     assert time.monotonic() - started >= 0.25
-    assert db.file_exists(H[0])
-    assert db.transfers()["1999-01"] == (1, 2)
+    assert db.files.exists(H[0])
+    assert db.health.transfers()["1999-01"] == (1, 2)
     assert any("database busy, retry" in r.getMessage() for r in caplog.records)
 
 
@@ -469,13 +482,13 @@ def test_lock_never_released_gives_database_error(db_path, opened, monkeypatch):
     try:
         with pytest.raises(DatabaseError, match="cannot start a transaction"):
             with db.transaction() as conn:
-                db.add_file(conn, H[0], "x", 1, 1)
+                db.files.add(conn, H[0], "x", 1, 1)
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    assert not db.file_exists(H[0])
+    assert not db.files.exists(H[0])
     add(db, H[1])  # once the lock is gone the database works again
-    assert db.file_exists(H[1])
+    assert db.files.exists(H[1])
 
 
 # -- transfers and host health --------------------------------------------------------
@@ -485,54 +498,54 @@ def test_add_transfer_accumulates_per_month(db):
     jan, feb = 1388534400 + 5, 1391212800 + 5  # 2014-01-01, 2014-02-01 UTC
     assert (month_key(jan), month_key(feb), month_key(jan - 10)) == (
         "2014-01", "2014-02", "2013-12")
-    db.add_transfer(uploaded=100, when=jan)
-    db.add_transfer(downloaded=7, when=jan + 86400)
-    db.add_transfer(uploaded=1, downloaded=2, when=feb)
-    db.add_transfer(uploaded=10, when=jan)
-    assert db.transfers() == {"2014-01": (110, 7), "2014-02": (1, 2)}
+    add_transfer(db, uploaded=100, when=jan)
+    add_transfer(db, downloaded=7, when=jan + 86400)
+    add_transfer(db, uploaded=1, downloaded=2, when=feb)
+    add_transfer(db, uploaded=10, when=jan)
+    assert db.health.transfers() == {"2014-01": (110, 7), "2014-02": (1, 2)}
 
 
 def test_host_health_updates(db):
-    db.record_host_result("h1", True, latency_ms=100.0)
-    db.record_host_result("h1", True, latency_ms=200.0)
-    h1 = db.host_health()["h1"]
-    assert h1["successes"] == 2 and h1["failures"] == 0
-    assert h1["latency_ms"] == pytest.approx(150)  # the median of 100 and 200
-    assert h1["last_success"] is not None and h1["last_failure"] is None
-    db.record_host_result("h1", False, error="x" * 1000)
-    db.record_host_result("h1", False, error="timeout")
-    h1 = db.host_health()["h1"]
-    assert (h1["failures"], h1["consecutive_failures"], h1["last_error"]) == (2, 2, "timeout")
-    db.record_host_result("h1", True, latency_ms=120.0)
-    h1 = db.host_health()["h1"]
-    assert (h1["successes"], h1["failures"], h1["consecutive_failures"]) == (3, 2, 0)
-    assert h1["latency_ms"] == pytest.approx(120)
-    db.record_host_result("h2", False, error="y" * 1000)
-    h2 = db.host_health()["h2"]
-    assert h2["last_error"] == "y" * 500 and h2["successes"] == 0
-    assert list(db.host_health()) == ["h1", "h2"]
+    host_result(db, "h1", True, latency_ms=100.0)
+    host_result(db, "h1", True, latency_ms=200.0)
+    h1 = db.health.all()["h1"]
+    assert h1.successes == 2 and h1.failures == 0
+    assert h1.latency_ms == pytest.approx(150)  # the median of 100 and 200
+    assert h1.last_success is not None and h1.last_failure is None
+    host_result(db, "h1", False, error="x" * 1000)
+    host_result(db, "h1", False, error="timeout")
+    h1 = db.health.all()["h1"]
+    assert (h1.failures, h1.consecutive_failures, h1.last_error) == (2, 2, "timeout")
+    host_result(db, "h1", True, latency_ms=120.0)
+    h1 = db.health.all()["h1"]
+    assert (h1.successes, h1.failures, h1.consecutive_failures) == (3, 2, 0)
+    assert h1.latency_ms == pytest.approx(120)
+    host_result(db, "h2", False, error="y" * 1000)
+    h2 = db.health.all()["h2"]
+    assert h2.last_error == "y" * 500 and h2.successes == 0
+    assert list(db.health.all()) == ["h1", "h2"]
 
 
 def test_latency_is_the_median_of_recent_samples(db):
-    from cloudmanager.database import LATENCY_SAMPLES
+    from cloudmanager.db.health import LATENCY_SAMPLES
 
-    assert db.host_health() == {}
-    db.record_host_result("h", True, latency_ms=None)
-    assert db.host_health()["h"]["latency_ms"] is None
+    assert db.health.all() == {}
+    host_result(db, "h", True, latency_ms=None)
+    assert db.health.all()["h"].latency_ms is None
     for _ in range(LATENCY_SAMPLES):
-        db.record_host_result("h", True, latency_ms=10.0)
-    db.record_host_result("h", True, latency_ms=60_000.0)  # one stall does not move it
-    assert db.host_health()["h"]["latency_ms"] == 10.0
+        host_result(db, "h", True, latency_ms=10.0)
+    host_result(db, "h", True, latency_ms=60_000.0)  # one stall does not move it
+    assert db.health.all()["h"].latency_ms == 10.0
     for _ in range(LATENCY_SAMPLES):
-        db.record_host_result("h", True, latency_ms=500.0)  # old samples age out
-    assert db.host_health()["h"]["latency_ms"] == 500.0
+        host_result(db, "h", True, latency_ms=500.0)  # old samples age out
+    assert db.health.all()["h"].latency_ms == 500.0
 
 
 def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
     import sqlite3
     from pathlib import Path
 
-    from cloudmanager.database import SCHEMA_VERSION, FileDatabase, schema_sql
+    from cloudmanager.db import SCHEMA_VERSION, FileDatabase, schema_sql
 
     path = tmp_path / "v1.sqlite3"
     v1 = (Path(__file__).parent / "data" / "schema_v1.sql").read_text()
@@ -548,9 +561,9 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
     db = FileDatabase(path)
     try:
         assert db.schema_version() == SCHEMA_VERSION == 3
-        assert db.copies("a" * 64) == 1
-        assert db.host_health()["h"]["successes"] == 4
-        assert db.host_health()["h"]["latency_ms"] == 9.5  # the old average seeds the samples
+        assert db.files.copies("a" * 64) == 1
+        assert db.health.all()["h"].successes == 4
+        assert db.health.all()["h"].latency_ms == 9.5  # the old average seeds the samples
         # The migrated tables have every column a new database gets (the
         # old latency_ms stays behind, unused).
         fresh = sqlite3.connect(":memory:")
@@ -558,10 +571,10 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
         for table in ("uploads", "host_health", "sources"):
             columns = {r[1] for r in db.connection.execute("PRAGMA table_info(%s)" % table)}
             assert columns >= {r[1] for r in fresh.execute("PRAGMA table_info(%s)" % table)}
-        db.record_host_result("h", True, latency_ms=20.5)
-        assert db.host_health()["h"]["latency_ms"] == 15.0
-        db.remember_sources([("/a", 3, 1, 1, 7, 8, "a" * 64)])  # the v3 table works
-        assert db.source_hashes(["/a", "/b"]) == {"/a": (3, 1, 1, 7, 8, "a" * 64)}
+        host_result(db, "h", True, latency_ms=20.5)
+        assert db.health.all()["h"].latency_ms == 15.0
+        db.sources.remember([("/a", 3, 1, 1, 7, 8, "a" * 64)])  # the v3 table works
+        assert db.sources.lookup(["/a", "/b"]) == {"/a": (3, 1, 1, 7, 8, "a" * 64)}
     finally:
         db.close()
 
@@ -576,13 +589,13 @@ _SHARED_FIRST, _SHARED_SIZE = _PENDING_BYTE + 2, 510
 
 _HOLDER = """
 import sys, threading
-from cloudmanager.database import FileDatabase
+from cloudmanager.db import FileDatabase
 db = FileDatabase(sys.argv[1])
 with db.transaction() as conn:
     conn.execute("INSERT INTO counters (name, value) VALUES ('first', 1)")
 # Another thread's first connection: the old code opened and closed a
 # descriptor of the file here, which dropped every lock the process held.
-t = threading.Thread(target=lambda: db.file_exists("0" * 64)); t.start(); t.join()
+t = threading.Thread(target=lambda: db.files.exists("0" * 64)); t.start(); t.join()
 print("ready", flush=True)
 sys.stdin.readline()          # the parent opens and closes its own connection
 with db.transaction() as conn:
@@ -689,8 +702,8 @@ def test_a_full_database_is_a_typed_error_and_loses_nothing(db, db_path):
             assert "full" in str(exc)
             assert not conn.in_transaction
     assert failures > 0
-    assert db.file_exists(H[0])
+    assert db.files.exists(H[0])
     conn.execute("PRAGMA max_page_count = 1073741823")
     add(db, H[2])
-    assert db.file_exists(H[2])
+    assert db.files.exists(H[2])
     assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)

@@ -61,13 +61,17 @@ def test_readme_names_the_test_command():
 
 def test_every_public_name_has_a_docstring():
     import cloudmanager
-    from cloudmanager import (cache, config, database, engine, errors, hosts, serializers,
+    from cloudmanager import (cache, config, db, engine, errors, hosts, serializers,
                               validation)
+    from cloudmanager.db import (cache_index, connection, copies, files, health, queue,
+                                 records, sessions, sources)
     from cloudmanager.hosts import base, folder, fsspec, memory, plowshare, s3
 
     missing = []
-    for module in (cloudmanager, cache, config, database, engine, errors, hosts, serializers,
-                   validation, base, folder, fsspec, memory, plowshare, s3):
+    for module in (cloudmanager, cache, config, db, engine, errors, hosts, serializers,
+                   validation, base, folder, fsspec, memory, plowshare, s3,
+                   cache_index, connection, copies, files, health, queue, records, sessions,
+                   sources):
         if not module.__doc__:
             missing.append(module.__name__)
         for name, obj in vars(module).items():

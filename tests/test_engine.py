@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from cloudmanager.db.health import HostHealth, Outcome
+
 from cloudmanager.engine import UploadEngine, UploadResult
 from cloudmanager.errors import (
     DownloadError,
@@ -58,7 +60,7 @@ def source(tmp_path, db):
         path.write_bytes(data)
         digest = sha(data)
         with db.transaction() as conn:
-            db.add_file(conn, digest, name, len(data), int(time.time()))
+            db.files.add(conn, digest, name, len(data), int(time.time()))
         return str(path), digest, len(data)
 
     return make
@@ -86,22 +88,22 @@ def folder(tmp_path, name):
 def record(db, file_hash, locations):
     with db.transaction() as conn:
         for loc in locations:
-            db.record_upload(conn, file_hash, loc.host_name, loc.url, int(time.time()))
+            db.copies.record_good(conn, [(file_hash, loc.host_name, loc.url)], int(time.time()))
 
 
 def demote(db, *names):
     """Give hosts a recorded failure so that ranked() tries them last."""
     for name in names:
-        db.record_host_result(name, False, error="seeded by the test")
+        db.health.record({name: [Outcome(False, None, "seeded by the test", time.time())]})
 
 
 def uploads_by_host(db, file_hash):
-    return {row["host_name"]: row for row in db.uploads(file_hash)}
+    return {row.host_name: row for row in db.copies.of(file_hash)}
 
 
 def total_transfers(db):
-    up = sum(u for u, _ in db.transfers().values())
-    down = sum(d for _, d in db.transfers().values())
+    up = sum(u for u, _ in db.health.transfers().values())
+    down = sum(d for _, d in db.health.transfers().values())
     return up, down
 
 
@@ -190,13 +192,13 @@ def test_upload_fails_over_to_the_next_host(fake_plowshare, make_engine, source,
     for host in good:
         with open(os.path.join(host.root, digest), "rb") as f:
             assert f.read() == data
-    health = db.host_health()
-    assert health["down"]["consecutive_failures"] == 1
-    assert health["down"]["failures"] == 1
-    assert health["down"]["successes"] == 0
+    health = db.health.all()
+    assert health["down"].consecutive_failures == 1
+    assert health["down"].failures == 1
+    assert health["down"].successes == 0
     for name in ("f1", "f2", "f3"):
-        assert health[name]["consecutive_failures"] == 0
-        assert health[name]["successes"] == 1
+        assert health[name].consecutive_failures == 0
+        assert health[name].successes == 1
 
 
 def test_ranked_puts_failing_host_last(fake_plowshare, make_engine, source, db, tmp_path):
@@ -233,7 +235,7 @@ def test_host_bug_during_upload_is_a_failure_not_a_crash(make_engine, source, db
     assert [loc.host_name for loc in result.successes] == ["ok"]
     assert len(result.failures) == 1 and isinstance(result.failures[0], HostError)
     assert result.failures[0].host == "broken"
-    assert db.host_health()["broken"]["consecutive_failures"] == 1
+    assert db.health.all()["broken"].consecutive_failures == 1
 
 
 # -- downloads -----------------------------------------------------------------
@@ -245,7 +247,7 @@ def test_download_skips_bad_copy_and_marks_it(fake_plowshare, stored, db, out_di
     data = os.urandom(200_000)
     engine, digest, size, successes = stored([good, bad], data)
     assert len(successes) == 2
-    assert db.copies(digest) == 2
+    assert db.files.copies(digest) == 2
     fake_plowshare.faults("bad", **{fault: True})
     demote(db, "good")  # so the bad copy is tried first
     assert [h.name for h in engine.ranked([good, bad])[0]] == ["bad", "good"]
@@ -258,14 +260,14 @@ def test_download_skips_bad_copy_and_marks_it(fake_plowshare, stored, db, out_di
     assert dest.read_bytes() == data
     assert [p.name for p in out_dir.iterdir()] == ["dest.bin"]  # no temp left
     rows = uploads_by_host(db, digest)
-    assert rows["bad"]["error"] is True
-    assert rows["bad"]["url"] == next(l.url for l in successes if l.host_name == "bad")
-    assert rows["good"]["error"] is False
-    assert db.copies(digest) == 1
-    health = db.host_health()
+    assert rows["bad"].error is True
+    assert rows["bad"].url == next(l.url for l in successes if l.host_name == "bad")
+    assert rows["good"].error is False
+    assert db.files.copies(digest) == 1
+    health = db.health.all()
     # A bad object says nothing about the host being up: no breaker count.
-    assert health["bad"]["consecutive_failures"] == 0
-    assert health["good"]["consecutive_failures"] == 0
+    assert health["bad"].consecutive_failures == 0
+    assert health["good"].consecutive_failures == 0
     # the bad host really was asked
     assert any(e["tool"] == "plowdown" and any("bad.fake" in a for a in e["argv"])
                for e in fake_plowshare.log())
@@ -302,10 +304,10 @@ def test_download_not_found_marks_copy_bad(stored, db, tmp_path, out_dir):
     assert got == Location("kept", urls["kept"])
     assert dest.read_bytes() == data
     rows = uploads_by_host(db, digest)
-    assert rows["gone"]["error"] is True
-    assert rows["kept"]["error"] is False
-    assert db.copies(digest) == 1
-    assert db.host_health().get("gone", {}).get("consecutive_failures", 0) == 0
+    assert rows["gone"].error is True
+    assert rows["kept"].error is False
+    assert db.files.copies(digest) == 1
+    assert db.health.all().get("gone", HostHealth()).consecutive_failures == 0
 
 
 def test_download_dead_plowshare_link_marks_copy_bad(fake_plowshare, make_engine, source, db,
@@ -322,7 +324,7 @@ def test_download_dead_plowshare_link_marks_copy_bad(fake_plowshare, make_engine
                           str(out_dir / "dest.bin"))
     assert got.host_name == "disk"
     assert (out_dir / "dest.bin").read_bytes() == data
-    assert uploads_by_host(db, digest)["locker"]["error"] is True
+    assert uploads_by_host(db, digest)["locker"].error is True
 
 
 def test_transient_failure_does_not_mark_copy_bad(fake_plowshare, stored, db, tmp_path,
@@ -334,8 +336,8 @@ def test_transient_failure_does_not_mark_copy_bad(fake_plowshare, stored, db, tm
     got = engine.download(digest, size, [tuple(l) for l in successes],
                           str(out_dir / "dest.bin"))
     assert got.host_name == "disk"
-    assert uploads_by_host(db, digest)["locker"]["error"] is False  # it may come back
-    assert db.copies(digest) == 2
+    assert uploads_by_host(db, digest)["locker"].error is False  # it may come back
+    assert db.files.copies(digest) == 2
 
 
 def test_all_sources_bad_raises_download_error(fake_plowshare, stored, db, tmp_path, out_dir):
@@ -356,8 +358,8 @@ def test_all_sources_bad_raises_download_error(fake_plowshare, stored, db, tmp_p
     assert any(isinstance(f, HostNotFoundError) for f in err.failures)
     assert not dest.exists()
     assert list(out_dir.iterdir()) == []
-    assert all(row["error"] for row in db.uploads(digest))
-    assert db.copies(digest) == 0
+    assert all(row.error for row in db.copies.of(digest))
+    assert db.files.copies(digest) == 0
     assert total_transfers(db)[1] == 0
 
 
@@ -375,7 +377,7 @@ def test_transfer_meter_counts_bytes(make_engine, source, db, tmp_path, out_dir)
     engine.download(digest, size, [tuple(l) for l in result.successes],
                     str(out_dir / "d2"))
     assert total_transfers(db) == (3 * size, 2 * size)
-    assert len(db.transfers()) == 1  # one month on record
+    assert len(db.health.transfers()) == 1  # one month on record
 
 
 def test_failed_upload_is_not_metered(fake_plowshare, make_engine, source, db):
@@ -406,7 +408,7 @@ def test_host_for_falls_back_to_any_accepting_host(make_engine, source, db, tmp_
     got = engine.download(digest, size, [("old-node-disk", loc.url)], str(dest))
     assert got == Location("old-node-disk", loc.url)
     assert dest.read_bytes() == data
-    assert db.host_health()["here"]["successes"] == 1
+    assert db.health.all()["here"].successes == 1
 
 
 def test_unreachable_source_is_named_in_download_error(make_engine, source, db, tmp_path,

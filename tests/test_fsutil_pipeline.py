@@ -183,7 +183,7 @@ def test_error_mid_ingest_leaves_no_temp_file(make_pool, write_file, small_pipel
     monkeypatch.setattr(fsutil, "write_all", real_write_all)
     assert os.listdir(cm.cache.tmp_dir) == []
     assert cm.stats()["cached_bytes"] == 0
-    assert cm.db.reserved_bytes() == 0
+    assert cm.db.sessions.reserved_bytes() == 0
 
 
 def test_source_growing_during_ingest_is_refused(make_pool, write_file, small_pipeline):

@@ -169,7 +169,7 @@ def test_corrupt_host_is_never_served_and_is_marked_bad(make_pool, write_file, f
     # The liar may not have been tried first every time, but once it was,
     # its copy is flagged and never tried again.
     if uploads["liar"].get("error"):
-        assert cm.db.copies(digest) == 1
+        assert cm.db.files.copies(digest) == 1
 
 
 def test_corrupt_upload_is_caught_on_download(make_pool, write_file, fake_plowshare):
@@ -179,7 +179,7 @@ def test_corrupt_upload_is_caught_on_download(make_pool, write_file, fake_plowsh
     cm.evict(0)
     assert cm.warm_up(digest) is False
     assert cm.info(digest)["uploads"] == [
-        {"host_name": "badstore", "url": cm.db.uploads(digest)[0]["url"], "error": True}]
+        {"host_name": "badstore", "url": cm.db.copies.of(digest)[0].url, "error": True}]
 
 
 def test_partial_outage_is_repaired_by_sync(make_pool, write_file, fake_plowshare):
@@ -368,7 +368,7 @@ def test_context_manager_closes(tmp_path, write_file):
                       hosts=["dir:%s" % (tmp_path / "h")], redundancy=1) as cm:
         digest = cm.upload(write_file("f", b"ctx"))
     with pytest.raises(CloudManagerError):
-        cm.db.file_exists(digest)
+        cm.db.files.exists(digest)
 
 
 def test_construction_errors_are_clear(tmp_path):
@@ -518,7 +518,7 @@ def test_an_imported_claim_does_not_unpin_a_file_no_host_of_ours_holds(make_pool
     assert open(cm.warm_up(digest), "rb").read() == data
     fake_plowshare.clear()
     cm.sync()  # one copy of our own: now it may go
-    assert cm.db.verified_copies(digest) == 1 and cm.stats()["queued"] == 0
+    assert cm.db.files.verified(digest) == 1 and cm.stats()["queued"] == 0
 
 
 def test_a_verified_download_makes_an_imported_copy_trusted(make_pool, write_file, tmp_path):
@@ -527,9 +527,9 @@ def test_a_verified_download_makes_an_imported_copy_trusted(make_pool, write_fil
     node_b = make_pool(name="b", hosts=hosts, redundancy=1)
     digest = node_a.upload(write_file("f", b"from a"))
     node_b.data_load(node_a.data_dump())
-    assert node_b.db.verified_copies(digest) == 0
+    assert node_b.db.files.verified(digest) == 0
     assert node_b.warm_up(digest)
-    assert node_b.db.verified_copies(digest) == 1
+    assert node_b.db.files.verified(digest) == 1
     assert node_b.evict(0) == 1
 
 
@@ -556,7 +556,7 @@ def test_a_lying_size_does_not_get_good_copies_marked_bad(make_pool, write_file,
     record["filesize"] = "10"
     node_b.data_load(json.dumps([record]))
     assert node_b.warm_up(digest) is False
-    assert node_b.db.copies(digest) == 1, "the copy is fine: the record lied"
+    assert node_b.db.files.copies(digest) == 1, "the copy is fine: the record lied"
     leftovers = list((tmp_path / "b" / "cache" / "tmp").iterdir())
     assert leftovers == []
 
@@ -598,11 +598,11 @@ def test_hits_and_misses_count_each_request_once(make_pool, write_file, tmp_path
     cm.close()
     # A top-up reads the cached copy but is not a use of it.
     cm = make_pool(capacity=1000, hosts=hosts, redundancy=2)
-    last_access = cm.db.get_file(digest)["last_access"]
+    last_access = cm.db.files.get(digest).last_access
     assert cm.sync()["uploads"] == 1
     stats = cm.stats()
     assert (stats["hits"], stats["misses"]) == (after["hits"], after["misses"])
-    assert cm.db.get_file(digest)["last_access"] == last_access
+    assert cm.db.files.get(digest).last_access == last_access
 
 
 def test_download_to_a_relative_path(make_pool, write_file, tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudmanager.database import SCHEMA_VERSION
+from cloudmanager.db import SCHEMA_VERSION
 
 SCRIPT = Path(__file__).resolve().parent.parent / "cm_setup_db"
 

@@ -268,6 +268,6 @@ def test_a_batch_host_bug_leaves_the_files_queued(make_pool, write_file, tmp_pat
     cm = make_pool(1 << 20, hosts=[BuggyBatchHost(str(tmp_path / "buggy"))], redundancy=1)
     files = [write_file("b%d" % i, b"bug %d" % i) for i in range(3)]
     results = cm.upload_many(files)
-    assert all(results) and sorted(cm.db.queued()) == sorted(results)
-    health = cm.db.host_health()["dir:" + str(tmp_path / "buggy")]
-    assert "upload_batch" in health["last_error"] or "a bug in a host" in health["last_error"]
+    assert all(results) and sorted(cm.db.queue.hashes()) == sorted(results)
+    health = cm.db.health.all()["dir:" + str(tmp_path / "buggy")]
+    assert "upload_batch" in health.last_error or "a bug in a host" in health.last_error

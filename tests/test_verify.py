@@ -11,6 +11,8 @@ import uuid
 
 import pytest
 
+from cloudmanager.db.health import Outcome
+
 from cloudmanager.hosts.memory import MemoryHost
 
 
@@ -30,7 +32,7 @@ def object_of(host, digest):
 
 
 def holders(cm, digest):
-    return sorted(u["host_name"] for u in cm.db.uploads(digest) if not u["error"])
+    return sorted(u.host_name for u in cm.db.copies.of(digest) if not u.error)
 
 
 def test_verify_finds_a_lost_copy_and_sync_restores_it(pool, stores, write_file):
@@ -41,13 +43,13 @@ def test_verify_finds_a_lost_copy_and_sync_restores_it(pool, stores, write_file)
     del lost.objects[digest]
     summary = pool.verify()
     assert summary["checked"] == 2 and summary["missing"] == 1 and summary["good"] == 1
-    assert pool.db.copies(digest) == 1
+    assert pool.db.files.copies(digest) == 1
     assert pool.stats()["below_target"] == 1
     pool.evict(0)  # the repair must come from the remaining host, not the cache
     assert not pool.on_cache(digest)
     result = pool.sync()
     assert result["uploads"] == 1 and result["complete"] == 1
-    assert pool.db.copies(digest) == 2
+    assert pool.db.files.copies(digest) == 2
     assert pool.verify()["good"] == 2
 
 
@@ -98,7 +100,7 @@ def test_verify_reports_hosts_it_cannot_reach_or_are_down(pool, stores, write_fi
     down.faults["down"] = True
     summary = pool.verify()
     assert summary["unreachable"] == 1 and summary["error"] == 1 and summary["good"] == 1
-    assert pool.db.copies(digest) == 3  # an outage is not a lost copy
+    assert pool.db.files.copies(digest) == 3  # an outage is not a lost copy
 
 
 def test_a_host_that_keeps_failing_cools_down_then_is_tried_again(make_pool, write_file,
@@ -114,15 +116,15 @@ def test_a_host_that_keeps_failing_cools_down_then_is_tried_again(make_pool, wri
     assert status["state"] == "cooling" and status["consecutive_failures"] == 3
     assert status["retry_after"] > time.time()
     # Files 4 and 5 were not even tried on the cooling host.
-    assert cm.db.host_health()["flaky"]["failures"] == 3
+    assert cm.db.health.all()["flaky"].failures == 3
     flaky.faults["down"] = False
     cm.sync()
-    assert cm.db.host_health()["flaky"]["failures"] == 3  # still cooling: skipped
+    assert cm.db.health.all()["flaky"].failures == 3  # still cooling: skipped
     assert "cooling down after repeated failures: flaky" in caplog.text
     time.sleep(0.6)
     cm.sync()
     assert cm.host_status()["flaky"]["state"] == "ok"
-    assert all(cm.db.copies(d) == 2 for d in digests)
+    assert all(cm.db.files.copies(d) == 2 for d in digests)
     assert cm.stats()["hosts"]["steady"]["latency_ms"] is not None
 
 
@@ -131,11 +133,11 @@ def test_the_breaker_doubles_the_cool_down_per_further_failure(db):
 
     engine = UploadEngine(db, [], 1, breaker_threshold=3, cooldown=10)
     try:
-        row = {"consecutive_failures": 3, "last_failure": 1000.0}
+        row = (3, 1000.0)
         assert engine.retry_after(row, now=1005) == 1010
         assert engine.retry_after(row, now=1011) is None
-        assert engine.retry_after(dict(row, consecutive_failures=5), now=1011) == 1040
-        assert engine.retry_after(dict(row, consecutive_failures=2), now=1001) is None
+        assert engine.retry_after((5, 1000.0), now=1011) == 1040
+        assert engine.retry_after((2, 1000.0), now=1001) is None
         assert engine.retry_after(None) is None
     finally:
         engine.close()
@@ -146,7 +148,7 @@ def test_cooling_hosts_are_still_tried_last_for_downloads(make_pool, write_file)
     cm = make_pool(hosts=[only], redundancy=1, host_cooldown=3600)
     digest = cm.upload(write_file("a", b"the only copy"))
     for _ in range(3):
-        cm.db.record_host_result("only", False, error="seeded")
+        cm.db.health.record({"only": [Outcome(False, None, "seeded", time.time())]})
     assert cm.host_status()["only"]["state"] == "cooling"
     cm.evict(0)
     assert open(cm.warm_up(digest), "rb").read() == b"the only copy"
@@ -199,10 +201,10 @@ def test_a_missing_host_folder_is_an_outage_not_lost_copies(make_pool, tmp_path,
     (tmp_path / "nas").rename(tmp_path / "nas-unmounted")
     summary = cm.verify()
     assert summary["missing"] == 0 and summary["error"] == 3 and summary["good"] == 3
-    assert all(cm.db.copies(d) == 2 for d in digests)
+    assert all(cm.db.files.copies(d) == 2 for d in digests)
     cm.evict(0)
     assert cm.warm_up(digests[0])  # served by the other host
-    assert cm.db.copies(digests[0]) == 2
+    assert cm.db.files.copies(digests[0]) == 2
 
 
 def test_budgeted_verify_moves_past_copies_it_cannot_check(pool, stores, write_file):
@@ -213,11 +215,11 @@ def test_budgeted_verify_moves_past_copies_it_cannot_check(pool, stores, write_f
     assert [s["error"] + s["cooling"] for s in seen] == [2, 2, 2]
     for host in stores:
         host.faults["down"] = False
-    pool.db.record_host_result("m1", True)  # close the breakers the outage opened
-    pool.db.record_host_result("m2", True)
-    pool.db.record_host_result("m3", True)
+    # close the breakers the outage opened
+    pool.db.health.record({name: [Outcome(True, None, None, time.time())]
+                           for name in ("m1", "m2", "m3")})
     assert pool.verify(older_than=0)["good"] == 6
-    assert all(pool.db.copies(d) == 2 for d in digests)
+    assert all(pool.db.files.copies(d) == 2 for d in digests)
 
 
 def test_verify_takes_any_number_of_hashes(pool, write_file):
@@ -239,7 +241,7 @@ def test_a_host_of_the_same_kind_never_marks_another_nodes_copy_bad(make_pool, w
     node_b.data_load(node_a.data_dump())
     assert node_b.warm_up(digest) is False
     assert node_b.verify()["missing"] == 0
-    assert node_b.db.copies(digest) == 1  # a's record is intact
+    assert node_b.db.files.copies(digest) == 1  # a's record is intact
 
 
 def test_remove_during_a_warm_up_does_not_bring_the_file_back(make_pool, write_file):

@@ -388,7 +388,7 @@ def test_a_pool_on_webdav_from_a_config_file_keeps_its_password_private(
     (tmp_path / "f.bin").write_bytes(data)
     with CloudManager(config=config) as cm:
         digest = cm.upload(tmp_path / "f.bin")
-        assert digest and cm.db.copies(digest) == 1
+        assert digest and cm.db.files.copies(digest) == 1
         cm.evict(0)
         assert open(cm.warm_up(digest), "rb").read() == data
         assert cm.verify()["good"] == 1

@@ -40,10 +40,10 @@ def test_missing_file_is_reported_then_marked_not_cached(make_pool, write_file):
     report = cm.check()
     assert report["missing"] == [digest] and not report["clean"]
     assert report["unrepaired"] == ["missing"]
-    assert cm.db.is_cached(digest)  # a check without repair changes nothing
+    assert cm.db.cache_index.is_cached(digest)  # a check without repair changes nothing
     report = cm.check(repair=True)
     assert report["repaired"]["missing"] == 1 and report["unrepaired"] == []
-    assert not cm.db.is_cached(digest)
+    assert not cm.db.cache_index.is_cached(digest)
     assert_clean(cm)
     assert cm.warm_up(digest)  # it comes back from a host
 
@@ -105,12 +105,12 @@ def test_usage_drift_is_reported_and_recounted(make_pool, write_file):
     cm = make_pool()
     cm.upload(write_file("a", b"alpha" * 100))
     with cm.db.transaction() as conn:
-        cm.db.set_counter(conn, "cached_bytes", 12345)
+        conn.execute("UPDATE counters SET value = 12345 WHERE name = 'cached_bytes'")
     add(FAULTS)
     report = cm.check()
     assert report["usage_drift"] == 12345 - 500 and report["count_drift"] == 0
     cm.check(repair=True)
-    assert cm.db.counter("cached_bytes") == 500
+    assert cm.db.cache_index.counter("cached_bytes") == 500
     assert_clean(cm)
 
 
@@ -132,7 +132,7 @@ def test_unprotected_files_get_queued_and_lost_files_are_reported(make_pool, wri
     gone = cm.upload(write_file("b", b"gone" * 100), defer=True)
     assert_clean(cm)  # pinned and queued: waiting for sync, not a finding
     with cm.db.transaction() as conn:
-        cm.db.dequeue(conn, kept)
+        cm.db.queue.remove(conn, [kept])
     os.unlink(shard_path(cm, gone))
     add(FAULTS, 2)
     report = cm.check()
@@ -141,21 +141,21 @@ def test_unprotected_files_get_queued_and_lost_files_are_reported(make_pool, wri
     report = cm.check(repair=True)
     assert report["repaired"]["unprotected"] == 1
     assert report["unrepaired"] == ["lost"]
-    assert kept in cm.db.queued()
+    assert kept in cm.db.queue.hashes()
     assert cm.check()["lost"] == [gone]
 
 
 def test_dead_sessions_and_their_reservations(make_pool, write_file):
     cm = make_pool()
-    cm.db.open_session("%s:999999999:feedfacefeedface" % cm.cache.node, cm.cache.node,
+    cm.db.sessions.open("%s:999999999:feedfacefeedface" % cm.cache.node, cm.cache.node,
                        999999999, "1")
     with cm.db.transaction() as conn:
-        cm.db.add_reservation(conn, "%s:999999999:feedfacefeedface" % cm.cache.node, 100)
+        cm.db.sessions.reserve(conn, "%s:999999999:feedfacefeedface" % cm.cache.node, 100)
     add(FAULTS)
     report = cm.check()
     assert report["dead_sessions"] == 1 and report["stale_reservations"] == 1
     cm.check(repair=True)
-    assert cm.db.reserved_bytes() == 0
+    assert cm.db.sessions.reserved_bytes() == 0
     assert_clean(cm)
 
 
@@ -163,24 +163,24 @@ def test_reopening_with_a_smaller_capacity_evicts_down_to_it(make_pool, write_fi
     cm = make_pool(capacity=10_000)
     for i in range(5):
         cm.upload(write_file("f%d" % i, bytes([i]) * 1500))
-    assert cm.db.counter("cached_bytes") == 7500
+    assert cm.db.cache_index.counter("cached_bytes") == 7500
     cm.close()
     with CloudManager(tmp_path / "node" / "db.sqlite3", tmp_path / "node" / "cache", 4000,
                       hosts=["dir:%s" % (tmp_path / "hosts" / "h1")], fsync=False) as small:
         assert small.open_check["evicted"] == 3
-        assert small.db.counter("cached_bytes") == 3000
+        assert small.db.cache_index.counter("cached_bytes") == 3000
         assert_clean(small)
 
 
 def test_orphan_reservations_are_released_on_open(make_pool, tmp_path):
     cm = make_pool()
     with cm.db.transaction() as conn:
-        cm.db.add_reservation(conn, "no-such-session", 4096)
+        cm.db.sessions.reserve(conn, "no-such-session", 4096)
     cm.close()
     with CloudManager(tmp_path / "node" / "db.sqlite3", tmp_path / "node" / "cache", 1 << 20,
                       hosts=["dir:%s" % (tmp_path / "hosts" / "h1")], fsync=False) as again:
         assert again.open_check["orphan_reservations"] == 1
-        assert again.db.reserved_bytes() == 0
+        assert again.db.sessions.reserved_bytes() == 0
 
 
 def test_a_clean_open_does_not_walk_the_storage_directory(make_pool, write_file, tmp_path,

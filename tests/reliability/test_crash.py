@@ -85,7 +85,7 @@ def verify(cfg, kill, seed):
         report = cm.check()
         assert report["clean"], "check not clean %s: %s" % (where, report)
         with cm.db.transaction():
-            held = cm.db.counter("cached_bytes") + cm.db.reserved_bytes()
+            held = cm.db.cache_index.counter("cached_bytes") + cm.db.sessions.reserved_bytes()
         assert held <= CAPACITY, where
         assert disk_bytes(cm.cache.root) <= CAPACITY, where
         lost = []

@@ -19,7 +19,8 @@ import uuid
 import pytest
 
 import cloudmanager
-from cloudmanager import CloudManager, database, engine
+from cloudmanager import CloudManager, engine
+from cloudmanager.db import connection as database
 from cloudmanager.hosts.memory import MemoryHost
 from helpers import sha
 from hosts import s3_server
@@ -52,7 +53,7 @@ def test_a_host_down_is_skipped_and_sync_catches_up(make_pool, write_file):
     data = b"down" * 300
     digest = cm.upload(write_file("f", data))
     assert digest == sha(data)
-    assert cm.db.copies(digest) == 1 and cm.db.queued() == [digest]
+    assert cm.db.files.copies(digest) == 1 and cm.db.queue.hashes() == [digest]
     cm.evict(0)
     a.faults["down"], b.faults["down"] = True, False  # now the holder is down
     add(FAULTS)
@@ -73,11 +74,11 @@ def test_every_host_down_keeps_the_file_pinned_and_queued(make_pool, write_file)
     add(FAULTS, 2)
     cm = make_pool(hosts=[a, b], redundancy=2)
     digest = cm.upload(write_file("f", b"x" * 1000))
-    assert digest and cm.db.queued() == [digest]
+    assert digest and cm.db.queue.hashes() == [digest]
     assert cm.evict(0) == 0 and cm.on_cache(digest)  # the only copy: never evicted
     a.faults["down"] = b.faults["down"] = False
     cm.sync()
-    assert cm.db.copies(digest) == 2 and cm.db.queued() == []
+    assert cm.db.files.copies(digest) == 2 and cm.db.queue.hashes() == []
 
 
 # -- a host that hangs past its timeout ---------------------------------------------
@@ -117,8 +118,8 @@ def test_a_hanging_upload_returns_within_the_timeout(make_pool, write_file):
     started = time.monotonic()
     digest = cm.upload(write_file("f", b"h" * 1000))
     assert time.monotonic() - started < TIMEOUT + MARGIN
-    assert digest and cm.db.copies(digest) == 1 and cm.db.queued() == [digest]
-    assert "did not end within" in cm.db.host_health()["hanging"]["last_error"]
+    assert digest and cm.db.files.copies(digest) == 1 and cm.db.queue.hashes() == [digest]
+    assert "did not end within" in cm.db.health.all()["hanging"].last_error
     release.set()
 
 
@@ -137,7 +138,7 @@ def test_a_hanging_download_returns_within_the_timeout_and_leaves_nothing(make_p
     started = time.monotonic()
     assert cm.warm_up(digest) is False
     assert time.monotonic() - started < TIMEOUT + MARGIN
-    assert cm.db.reserved_bytes() == 0
+    assert cm.db.sessions.reserved_bytes() == 0
     release.set()  # the abandoned call ends now; what it writes is removed
     # The caller removed its temp file already: wait for the abandoned call
     # to end (it writes a temp file of its own first) and its cleanup to run.
@@ -162,9 +163,9 @@ def test_a_hanging_host_in_a_batch_upload_returns_within_the_timeout(make_pool, 
     digests = cm.upload_many(paths)
     assert time.monotonic() - started < TIMEOUT + MARGIN
     release.set()
-    assert all(digests) and sorted(cm.db.queued()) == sorted(digests)
-    assert all(cm.db.copies(d) == 1 for d in digests)
-    assert "did not end within" in cm.db.host_health()["hanging"]["last_error"]
+    assert all(digests) and sorted(cm.db.queue.hashes()) == sorted(digests)
+    assert all(cm.db.files.copies(d) == 1 for d in digests)
+    assert "did not end within" in cm.db.health.all()["hanging"].last_error
 
 
 def test_a_hanging_batch_host_returns_within_its_files_deadlines(make_pool, write_file):
@@ -182,8 +183,8 @@ def test_a_hanging_batch_host_returns_within_its_files_deadlines(make_pool, writ
     digests = cm.upload_many(paths)
     assert time.monotonic() - started < 2 * engine.UploadEngine.deadline(hanging) + MARGIN
     release.set()
-    assert all(digests) and sorted(cm.db.queued()) == sorted(digests)
-    assert "did not end within" in cm.db.host_health()["hanging"]["last_error"]
+    assert all(digests) and sorted(cm.db.queue.hashes()) == sorted(digests)
+    assert "did not end within" in cm.db.health.all()["hanging"].last_error
 
 
 def test_a_slow_host_in_a_batch_upload_gets_its_deadline_per_file(make_pool, write_file):
@@ -194,8 +195,8 @@ def test_a_slow_host_in_a_batch_upload_gets_its_deadline_per_file(make_pool, wri
     files = 16  # one group, 1.6 s in all; the deadline is 1.2 s per file
     assert files * slow.latency > engine.DEADLINE_GRACE + slow.timeout
     digests = cm.upload_many([write_file("f%d" % i, b"%03d" % i * 10) for i in range(files)])
-    assert all(digests) and cm.db.queued() == []
-    assert all(cm.db.copies(d) == 1 for d in digests)
+    assert all(digests) and cm.db.queue.hashes() == []
+    assert all(cm.db.files.copies(d) == 1 for d in digests)
 
 
 def test_a_hanging_check_and_delete_return_within_the_timeout(make_pool, write_file):
@@ -224,13 +225,13 @@ def test_a_lying_tool_is_never_served_and_its_copy_is_marked_bad(make_pool, writ
     data = os.urandom(3000)
     digest = cm.upload(write_file("f", data))
     served = 0
-    while cm.db.copies(digest) == 2 and served < 20:  # until the liar was tried
+    while cm.db.files.copies(digest) == 2 and served < 20:  # until the liar was tried
         cm.evict(0)
         add(FAULTS)
         with open(cm.warm_up(digest), "rb") as f:
             assert f.read() == data
         served += 1
-    assert [u["host_name"] for u in cm.db.uploads(digest) if u["error"]] == ["liar"]
+    assert [u.host_name for u in cm.db.copies.of(digest) if u.error] == ["liar"]
     assert tmp_entries(cm) == []
 
 
@@ -254,9 +255,9 @@ def test_a_tool_that_exits_0_but_writes_nothing(make_pool, write_file, fake_plow
     cm.evict(0)
     add(FAULTS)
     assert cm.warm_up(digest) is False
-    assert tmp_entries(cm) == [] and cm.db.reserved_bytes() == 0
+    assert tmp_entries(cm) == [] and cm.db.sessions.reserved_bytes() == 0
     # Transient: the copy is not condemned, and serves once the tool behaves.
-    assert cm.db.copies(digest) == 1
+    assert cm.db.files.copies(digest) == 1
     fake_plowshare.clear()
     with open(cm.warm_up(digest), "rb") as f:
         assert f.read() == data
@@ -288,7 +289,7 @@ def test_enospc_while_fetching_into_the_cache_leaves_no_partial_file(make_pool, 
     assert cm.download(digest, path) is False
     assert not os.path.exists(path)
     monkeypatch.undo()
-    assert tmp_entries(cm) == [] and cm.db.reserved_bytes() == 0
+    assert tmp_entries(cm) == [] and cm.db.sessions.reserved_bytes() == 0
     assert not cm.on_cache(digest) and cm.check()["clean"]
     with open(cm.warm_up(digest), "rb") as f:
         assert f.read() == data
@@ -312,8 +313,8 @@ def test_a_file_size_limit_while_caching_sends_the_upload_straight_to_hosts(tmp_
                           10 * 2**20, hosts=[host], redundancy=1, fsync=False) as cm:
             digest = cm.upload(src)
             out = {"digest": digest, "cached": cm.on_cache(digest) if digest else None,
-                   "copies": cm.db.copies(digest) if digest else None,
-                   "tmp": os.listdir(cm.cache.tmp_dir), "reserved": cm.db.reserved_bytes(),
+                   "copies": cm.db.files.copies(digest) if digest else None,
+                   "tmp": os.listdir(cm.cache.tmp_dir), "reserved": cm.db.sessions.reserved_bytes(),
                    "clean": cm.check()["clean"], "held": host.objects.get(digest) is not None}
         print(json.dumps(out))
     """)
@@ -368,7 +369,7 @@ def test_a_database_locked_for_too_long_fails_cleanly(make_pool, write_file, mon
     assert cm.upload(write_file("f", b"locked" * 100)) is False  # logged, not raised
     holder.join()
     assert "cannot start a transaction" in caplog.text
-    assert tmp_entries(cm) == [] and cm.db.reserved_bytes() == 0
+    assert tmp_entries(cm) == [] and cm.db.sessions.reserved_bytes() == 0
     assert cm.check()["clean"]
     assert cm.upload(write_file("f", b"locked" * 100))
 
@@ -471,9 +472,9 @@ def test_an_s3_server_stopped_mid_upload(tmp_path):
         server.stop()
     digest = result["digest"]
     assert digest == sha(data)  # in the pool: on the folder, and queued for S3
-    assert [u["host_name"] for u in cm.db.uploads(digest) if not u["error"]] == [
+    assert [u.host_name for u in cm.db.copies.of(digest) if not u.error] == [
         "dir:%s" % (tmp_path / "nas")]
-    assert cm.db.queued() == [digest] and cm.check()["clean"]
+    assert cm.db.queue.hashes() == [digest] and cm.check()["clean"]
     cm.close()
     # The server comes back (empty, at a new address); sync completes the upload.
     server, url = start_server("moto2.log")

@@ -17,7 +17,7 @@ import sys
 import time
 
 import cloudmanager
-from cloudmanager.database import FileDatabase
+from cloudmanager.db import FileDatabase
 
 from . import stress_worker
 from .figures import DATA_LOST, STRESS_OPS, add
@@ -54,7 +54,7 @@ def test_four_processes_share_one_pool(tmp_path):
                 db = None  # still being created by a worker
         if db is not None and db.schema_version():
             with db.transaction():
-                held = db.counter("cached_bytes") + db.reserved_bytes()
+                held = db.cache_index.counter("cached_bytes") + db.sessions.reserved_bytes()
             samples += 1
             if held > CAPACITY:
                 over.append(held)

@@ -61,7 +61,7 @@ def test_claim_imported_copies_do_not_unpin_a_file_only_this_node_holds(make_poo
         {"host_name": h, "url": "http://%s.example/%s" % (h, digest)} for h in "abc"])
     assert cm.data_load(json.dumps([claim])) == 1
     assert cm.evict(0) == 0 and cm.on_cache(digest)  # still pinned: claims are not copies
-    assert digest in cm.db.queued() or cm.db.verified_copies(digest) == 0
+    assert digest in cm.db.queue.hashes() or cm.db.files.verified(digest) == 0
 
 
 def test_claim_imported_size_never_overrides_a_measured_one(make_pool, write_file):

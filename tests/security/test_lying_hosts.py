@@ -15,7 +15,7 @@ def test_claim_wrong_bytes_from_a_host_are_never_served(make_pool, write_file, t
     assert cm.warm_up(digest) is False
     dest = tmp_path / "dest"
     assert cm.download(digest, dest) is False and not dest.exists()
-    assert cm.db.uploads(digest)[0]["error"]  # marked bad: never tried again
+    assert cm.db.copies.of(digest)[0].error  # marked bad: never tried again
     assert os.listdir(cm.cache.tmp_dir) == []
 
 

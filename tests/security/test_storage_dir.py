@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(cloudmanager.__file__)))
 def reopen_after_crash(cm, tmp_path, capacity=1 << 20):
     """Reopen the pool as if its process had died: the next open reconciles in full."""
     # The session row of a process that is gone, as a crash leaves it.
-    cm.db.open_session("%s:999999999:0badc0de0badc0de" % cm.cache.node, cm.cache.node,
+    cm.db.sessions.open("%s:999999999:0badc0de0badc0de" % cm.cache.node, cm.cache.node,
                        999999999, "1")
     cm.close()
     return CloudManager(tmp_path / "node" / "db.sqlite3", tmp_path / "node" / "cache", capacity,

@@ -1,0 +1,355 @@
+"""Connections, transactions and the schema of a pool's SQLite database.
+
+The database is SQLite in WAL mode. Each thread gets its own connection (and
+a forked child gets new ones). Writes go through :meth:`Database.transaction`,
+which takes the write lock up front with ``BEGIN IMMEDIATE`` and retries a
+bounded number of times when another process holds it; nested use on one
+thread is a savepoint of the outer transaction.
+
+The schema is in ``schema.sql`` beside this module, versioned with
+``PRAGMA user_version``. :data:`MIGRATIONS` lists the steps from each version
+to the next.
+
+**The descriptor rule.** Nothing in cloudmanager opens the database file, or
+its ``-wal`` or ``-shm`` file, except SQLite. On POSIX, closing *any*
+descriptor of a file drops every ``fcntl`` lock the process holds on it,
+including the locks SQLite's other connections rely on; another process may
+then believe it is the last user, checkpoint and delete the WAL under this
+one, and the database is corrupt (SQLite's "How To Corrupt", 2.2). So modes
+are set by path (``os.chmod``), sizes are read with ``os.stat``, and copies
+and checks go through SQLite connections. ``tests/test_database.py`` holds a
+test that another process can never take the locks of a live connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import sqlite3
+import threading
+import time
+from importlib import resources
+from typing import Any, Iterable, Iterator, List, Sequence, Tuple
+
+from ..errors import DatabaseError
+
+log = logging.getLogger(__name__)
+
+#: The schema version this code writes and expects.
+SCHEMA_VERSION = 3
+
+#: WAL pages between automatic checkpoints (SQLite's default is 1,000, or
+#: 4 MB); a checkpoint writes each dirty page once, however often it changed.
+WAL_AUTOCHECKPOINT = 8000
+#: KiB of SQLite page cache per connection (SQLite's default is 2,000 KiB).
+CACHE_KIB = 32 * 1024
+
+#: How long one attempt waits for a lock held by another connection.
+BUSY_TIMEOUT_S = 10.0
+#: How many times a transaction start is retried when SQLite still says busy.
+BUSY_RETRIES = 8
+
+#: ``{from_version: sql}``: the script that moves a database from
+#: ``from_version`` to ``from_version + 1``. Each script ends by setting
+#: ``PRAGMA user_version``. A migration is frozen once released: it must not
+#: follow later edits of ``schema.sql``.
+MIGRATIONS = {
+    # 2: verify() records when it checked each copy; host latency is kept as
+    # recent samples, so a median can be reported instead of a moving average.
+    # The old average column stays, unused: DROP COLUMN needs SQLite 3.35.
+    1: """
+        ALTER TABLE uploads ADD COLUMN checked INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX IF NOT EXISTS uploads_checked ON uploads (checked) WHERE error = 0;
+        ALTER TABLE host_health ADD COLUMN latency_samples TEXT NOT NULL DEFAULT '[]';
+        UPDATE host_health SET latency_samples = json_array(latency_ms)
+            WHERE latency_ms IS NOT NULL;
+        PRAGMA user_version = 2;
+    """,
+    # 3: the hashes of local source files, for `cm upload` to skip known files.
+    2: """
+        CREATE TABLE IF NOT EXISTS sources (
+            path     TEXT PRIMARY KEY,
+            size     INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            ctime_ns INTEGER NOT NULL,
+            inode    INTEGER NOT NULL,
+            device   INTEGER NOT NULL,
+            hash     TEXT NOT NULL CHECK (length(hash) = 64)
+        ) WITHOUT ROWID;
+        PRAGMA user_version = 3;
+    """,
+}
+
+
+def schema_sql() -> str:
+    """Return the text of ``schema.sql``."""
+    return resources.files(__package__).joinpath("schema.sql").read_text("utf-8")
+
+
+def in_list(values: Iterable[Any]) -> Tuple[str, str]:
+    """``(sql, parameter)`` for ``column IN (...)`` over any number of values.
+
+    One JSON array parameter, so no list is too long for SQLite's variable
+    limit and the statement text never changes with its length::
+
+        sql, param = in_list(hashes)
+        conn.execute("SELECT ... WHERE hash " + sql, (param,))
+
+    >>> in_list(["a", "b"])
+    ('IN (SELECT value FROM json_each(?))', '["a", "b"]')
+    """
+    return "IN (SELECT value FROM json_each(?))", json_list(values)
+
+
+def json_list(values: Iterable[Any]) -> str:
+    """The JSON array parameter that :func:`in_list` and ``json_each`` joins take."""
+    return json.dumps(list(values))
+
+
+def _is_busy(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """End the transaction on ``conn``, if SQLite has not ended it already.
+
+    After some errors (a full disk, an I/O error) SQLite rolls the
+    transaction back itself; a ROLLBACK then would raise "no transaction is
+    active" over the error that matters. A ROLLBACK that fails leaves the
+    connection as SQLite left it, and the original error is raised.
+    """
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+class Database:
+    """One SQLite file: connections per thread, transactions, the schema.
+
+    :param path: the database file; it and its directory are created, and
+        given the schema, if new
+    :raises DatabaseError: if the file cannot be opened, is not a
+        cloudmanager database, or is newer than this code
+    """
+
+    def __init__(self, path: "os.PathLike[str] | str") -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self._local = threading.local()
+        self._closed = False
+        self._all_connections: List[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self.ensure_schema()
+
+    # -- connections and transactions ------------------------------------
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use (and after a fork)."""
+        if self._closed:
+            raise DatabaseError("database %s is closed" % self.path)
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            conn = self._connect()
+            local.conn, local.pid, local.depth = conn, os.getpid(), 0
+        return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            os.makedirs(os.path.dirname(self.path), 0o700, exist_ok=True)
+            is_new = not os.path.exists(self.path)
+            conn = sqlite3.connect(
+                self.path,
+                timeout=BUSY_TIMEOUT_S,
+                isolation_level=None,  # we issue BEGIN ourselves
+                check_same_thread=False,  # closed from close(), never shared
+            )
+            if is_new:
+                # Private from the start: SQLite gives its -wal and -shm files
+                # the database file's mode, and creates the file 0644. chmod
+                # by path, never through a descriptor of our own (see the
+                # descriptor rule above). The file is still empty here.
+                with contextlib.suppress(OSError):  # another process's file
+                    os.chmod(self.path, 0o600)
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            # Checkpoint (and fsync) every WAL_AUTOCHECKPOINT pages, not every
+            # 1,000: deferred recency writes dirty random pages, and at 100k
+            # rows SQLite's default checkpointed on nearly every commit.
+            conn.execute("PRAGMA wal_autocheckpoint = %d" % WAL_AUTOCHECKPOINT)
+            # A page cache that holds the hot index at 100k+ rows (the default,
+            # 2 MB, made every lookup read pages from the OS).
+            conn.execute("PRAGMA cache_size = %d" % -CACHE_KIB)
+        except (sqlite3.Error, OSError) as exc:
+            raise DatabaseError("cannot open database %s: %s" % (self.path, exc)) from exc
+        with self._connections_lock:
+            self._all_connections.append(conn)
+        return conn
+
+    @staticmethod
+    def _enable_wal(conn: sqlite3.Connection) -> None:
+        # WAL is a property of the file: only its first opener switches it.
+        # The switch can fail with "locked" while another process creates the
+        # database, and SQLite's busy handler does not cover it, so retry here.
+        for _ in range(BUSY_RETRIES * 10):
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                    return
+                conn.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                time.sleep(0.01 * random.uniform(1, 3))
+        conn.execute("PRAGMA journal_mode = WAL")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, as a context manager yielding the connection.
+
+        It starts with ``BEGIN IMMEDIATE``, so the write lock is held from the
+        start and the transaction cannot fail later for want of it. When
+        another process holds the lock longer than the busy timeout, the start
+        is retried with backoff, up to :data:`BUSY_RETRIES` times. Nested use
+        on one thread is a savepoint: an exception rolls back the inner block
+        only, and the outer transaction decides the rest.
+
+        :raises DatabaseError: if the lock cannot be had, or a statement or
+            the commit fails (a full disk among them); nothing of the
+            transaction is then written
+        """
+        conn = self.connection
+        local = self._local
+        if local.depth:
+            yield from self._savepoint(conn, local)
+            return
+        for attempt in range(BUSY_RETRIES + 1):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or attempt == BUSY_RETRIES:
+                    raise DatabaseError("cannot start a transaction on %s: %s"
+                                        % (self.path, exc)) from exc
+                log.debug("database busy, retry %d: %s", attempt + 1, exc)
+                time.sleep(min(0.05 * 2 ** attempt, 1.0) * random.uniform(0.5, 1.5))
+        local.depth = 1
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            # A constraint that failed (a row another process deleted, say)
+            # is a DatabaseError like any other, never a bare sqlite3 error.
+            local.depth = 0
+            _rollback(conn)
+            raise DatabaseError("%s on %s" % (exc, self.path)) from exc
+        except BaseException:
+            local.depth = 0
+            _rollback(conn)
+            raise
+        local.depth = 0
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            raise DatabaseError("commit failed on %s: %s" % (self.path, exc)) from exc
+
+    def _savepoint(self, conn: sqlite3.Connection, local: Any) -> Iterator[sqlite3.Connection]:
+        name = "sp%d" % local.depth
+        local.depth += 1
+        try:
+            conn.execute("SAVEPOINT " + name)
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK TO " + name)
+                        conn.execute("RELEASE " + name)
+                raise
+            conn.execute("RELEASE " + name)
+        except sqlite3.Error as exc:
+            raise DatabaseError("%s on %s" % (exc, self.path)) from exc
+        finally:
+            local.depth -= 1
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """Run a read-only statement on this thread's connection.
+
+        :raises DatabaseError: if it fails
+        """
+        try:
+            return self.connection.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise DatabaseError("query failed on %s: %s" % (self.path, exc)) from exc
+
+    def close(self) -> None:
+        """Close every connection this instance opened."""
+        self._closed = True
+        with self._connections_lock:
+            conns, self._all_connections = self._all_connections, []
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    # -- schema ------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        """Return the database's ``PRAGMA user_version``."""
+        return int(self.read("PRAGMA user_version").fetchone()[0])
+
+    def ensure_schema(self) -> int:
+        """Create the schema on a new database, or migrate an older one.
+
+        The version is read again under the write lock, so processes opening
+        a new database at the same moment create the schema once.
+
+        :return: the version the database had before (0 for a new one)
+        :raises DatabaseError: if the database is newer than this code, is not
+            a cloudmanager database, or a migration fails
+        """
+        before = self.schema_version()
+        if before != SCHEMA_VERSION:
+            self._create_or_migrate()
+        # Only now, with the file known to be ours: WAL persists in the file.
+        self._enable_wal(self.connection)
+        return before
+
+    def _create_or_migrate(self) -> None:
+        with self.transaction() as conn:
+            version = self.schema_version()
+            if version > SCHEMA_VERSION:
+                raise DatabaseError(
+                    "database %s has schema version %d; this cloudmanager knows up to %d"
+                    % (self.path, version, SCHEMA_VERSION))
+            if version == 0:
+                if conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'files'"
+                                ).fetchone()[0]:
+                    raise DatabaseError("%s has a 'files' table but no cloudmanager "
+                                        "schema version; refusing to touch it" % self.path)
+                self._run_script(conn, schema_sql())
+                log.info("created schema version %d in %s", SCHEMA_VERSION, self.path)
+                version = self.schema_version()
+            while version < SCHEMA_VERSION:
+                self._run_script(conn, MIGRATIONS[version])
+                log.info("migrated %s from schema version %d to %d",
+                         self.path, version, version + 1)
+                version = self.schema_version()
+
+    def _run_script(self, conn: sqlite3.Connection, script: str) -> None:
+        """Run a script statement by statement inside the current transaction."""
+        statement = ""
+        try:
+            # Grow the statement one ';' at a time: a trigger body holds
+            # several, and only complete_statement() knows where it ends.
+            for piece in script.split(";"):
+                statement += piece + ";"
+                if sqlite3.complete_statement(statement):
+                    conn.execute(statement)
+                    statement = ""
+            if statement.strip(" \t\r\n;"):
+                conn.execute(statement)
+        except sqlite3.Error as exc:
+            raise DatabaseError("schema change failed on %s: %s" % (self.path, exc)) from exc

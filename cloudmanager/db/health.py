@@ -1,0 +1,128 @@
+"""The ``host_health`` and ``transfers`` tables: what hosts have done lately.
+
+Only :mod:`cloudmanager.health` (through this module) writes host health;
+the transfer meter is written with it, once per operation or batch.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+
+from .connection import Database
+
+#: How many recent transfer times per host the latency median is taken over.
+LATENCY_SAMPLES = 31
+
+
+class HostHealth(NamedTuple):
+    """A host's record: counters, the last outcomes, and a latency median."""
+
+    successes: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    last_error: Optional[str] = None
+    last_success: Optional[float] = None
+    last_failure: Optional[float] = None
+    #: The median of the latest transfer times, or None before the first success.
+    latency_ms: Optional[float] = None
+
+
+class Outcome(NamedTuple):
+    """One operation's result on one host, as the health record takes it."""
+
+    ok: bool
+    latency_ms: Optional[float] = None
+    error: Optional[str] = None
+    when: float = 0.0
+
+
+def month_key(timestamp: Optional[float] = None) -> str:
+    """Return the ``'YYYY-MM'`` (UTC) of a unix time, for the transfer meter."""
+    return time.strftime("%Y-%m", time.gmtime(timestamp))
+
+
+class Health:
+    """Reads and writes of host health and the transfer meter."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def record(self, outcomes: Dict[str, List[Outcome]], uploaded: int = 0,
+               downloaded: int = 0, when: Optional[float] = None) -> None:
+        """Update hosts' health after operations, and the transfer meter, in one
+        transaction.
+
+        :param outcomes: ``{host_name: [Outcome]}``, each list in the order the
+            operations ended
+        :param uploaded: bytes sent to hosts, for this month's meter
+        :param downloaded: bytes received from hosts
+        :param when: the unix time whose month the bytes count in (default: now)
+        """
+        with self.db.transaction() as conn:
+            for host_name, results in outcomes.items():
+                if not results:
+                    continue
+                conn.execute("INSERT OR IGNORE INTO host_health (host_name) VALUES (?)",
+                             (host_name,))
+                consecutive, samples = conn.execute(
+                    "SELECT consecutive_failures, latency_samples FROM host_health"
+                    " WHERE host_name = ?", (host_name,)).fetchone()
+                samples = json.loads(samples)
+                successes = failures = 0
+                last_success = last_failure = last_error = None
+                for ok, latency_ms, error, when in results:
+                    if ok:
+                        successes += 1
+                        consecutive = 0
+                        last_success = when
+                        if latency_ms is not None:
+                            samples.append(round(latency_ms, 3))
+                    else:
+                        failures += 1
+                        consecutive += 1
+                        last_failure, last_error = when, (error or "")[:500]
+                conn.execute(
+                    "UPDATE host_health SET successes = successes + ?, failures = failures + ?,"
+                    " consecutive_failures = ?, latency_samples = ?,"
+                    " last_success = coalesce(?, last_success),"
+                    " last_failure = coalesce(?, last_failure),"
+                    " last_error = coalesce(?, last_error) WHERE host_name = ?",
+                    (successes, failures, consecutive, json.dumps(samples[-LATENCY_SAMPLES:]),
+                     last_success, last_failure, last_error, host_name))
+            if uploaded or downloaded:
+                conn.execute(
+                    "INSERT INTO transfers (month, uploaded, downloaded) VALUES (?, ?, ?)"
+                    " ON CONFLICT (month) DO UPDATE SET uploaded = uploaded + excluded.uploaded,"
+                    " downloaded = downloaded + excluded.downloaded",
+                    (month_key(when), uploaded, downloaded))
+
+    def reset(self, host_names: Iterable[str]) -> None:
+        """Forget hosts' consecutive failures (an explicit retry succeeded)."""
+        with self.db.transaction() as conn:
+            conn.executemany("UPDATE host_health SET consecutive_failures = 0"
+                             " WHERE host_name = ?", [(n,) for n in host_names])
+
+    def all(self) -> Dict[str, HostHealth]:
+        """``{host_name: HostHealth}`` of every host on record."""
+        health = {}
+        for name, *values, samples in self.db.read(
+                "SELECT host_name, successes, failures, consecutive_failures, last_error,"
+                " last_success, last_failure, latency_samples FROM host_health"
+                " ORDER BY host_name"):
+            samples = json.loads(samples)
+            health[name] = HostHealth(*values, statistics.median(samples) if samples else None)
+        return health
+
+    def breakers(self) -> Dict[str, Tuple[int, Optional[float]]]:
+        """``{host_name: (consecutive_failures, last_failure)}``: what the
+        circuit breaker needs, without decoding latency samples."""
+        return {name: (failures, last) for name, failures, last in self.db.read(
+            "SELECT host_name, consecutive_failures, last_failure FROM host_health")}
+
+    def transfers(self) -> Dict[str, Tuple[int, int]]:
+        """``{month: (uploaded, downloaded)}`` for every month on record."""
+        return {m: (u, d) for m, u, d in self.db.read(
+            "SELECT month, uploaded, downloaded FROM transfers ORDER BY month")}

@@ -1,0 +1,42 @@
+"""The ``upload_queue`` table: files in the pool that still need copies.
+
+Only :mod:`cloudmanager.replication` (through this module) writes it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Iterable, List
+
+from .connection import Database
+
+
+class Queue:
+    """Reads and writes of the upload queue."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def add(self, conn: sqlite3.Connection, hashes: Iterable[str], when: float) -> None:
+        """Queue files for upload; queued ones keep their place. Files no longer
+        in the pool are not queued."""
+        conn.executemany("INSERT OR IGNORE INTO upload_queue (hash, queued)"
+                         " SELECT ?, ? WHERE EXISTS (SELECT 1 FROM files WHERE hash = ?)",
+                         [(h, when, h) for h in hashes])
+
+    def remove(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> None:
+        """Take files off the queue."""
+        conn.executemany("DELETE FROM upload_queue WHERE hash = ?", [(h,) for h in hashes])
+
+    def note_failure(self, conn: sqlite3.Connection, file_hash: str, error: str) -> None:
+        """Count a failed attempt at a queued upload, and keep why."""
+        conn.execute("UPDATE upload_queue SET attempts = attempts + 1, last_error = ?"
+                     " WHERE hash = ?", (error, file_hash))
+
+    def hashes(self) -> List[str]:
+        """Every queued hash, oldest first."""
+        return [r[0] for r in self.db.read("SELECT hash FROM upload_queue ORDER BY queued")]
+
+    def length(self) -> int:
+        """Number of files on the queue."""
+        return int(self.db.read("SELECT count(*) FROM upload_queue").fetchone()[0])

@@ -1,0 +1,154 @@
+"""Export and import of records: the JSON format's view of ``files`` and ``uploads``.
+
+Reading streams one cursor; merging imported records writes new file rows
+and claimed copies (never verified ones) in one transaction per batch.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
+
+from .connection import Database, json_list
+
+
+class StoredRecord(NamedTuple):
+    """A file's record as the JSON format carries it."""
+
+    hash: str
+    filename: str
+    size: int
+    created: int
+    #: ``[(host_name, url, error)]``
+    uploads: List[Tuple[str, str, bool]]
+
+
+class KnownRecord(NamedTuple):
+    """What an import is compared with."""
+
+    size: int
+    filename: str
+    #: ``{(host_name, url)}`` of every row the pool has for the file.
+    copies: Set[Tuple[str, str]]
+
+
+class Records:
+    """Reads and merges of whole records."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def iter(self, hashes: Optional[Iterable[str]] = None,
+             with_copies_only: bool = False) -> Iterator[StoredRecord]:
+        """Yield each file's record, in hash order, streamed from one cursor.
+
+        :param hashes: only these files
+        :param with_copies_only: only files with at least one good copy on a
+            host (what a dump exports: a record no host holds is of no use
+            to another node)
+        """
+        sql = ("SELECT f.hash, f.filename, f.size, f.created, u.host_name, u.url, u.error"
+               " FROM files AS f LEFT JOIN uploads AS u ON u.hash = f.hash")
+        where, params = [], []
+        if hashes is not None:
+            sql = ("SELECT f.hash, f.filename, f.size, f.created, u.host_name, u.url, u.error"
+                   " FROM json_each(?) AS j JOIN files AS f ON f.hash = j.value"
+                   " LEFT JOIN uploads AS u ON u.hash = f.hash")
+            params.append(json_list(hashes))
+        if with_copies_only:
+            where.append("f.copies > 0")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY f.hash, u.time, u.host_name, u.url"
+        current: Optional[StoredRecord] = None
+        for h, name, size, created, host, url, error in self.db.read(sql, params):
+            if current is None or current.hash != h:
+                if current is not None:
+                    yield current
+                current = StoredRecord(h, name, size, created, [])
+            if host is not None:
+                current.uploads.append((host, url, bool(error)))
+        if current is not None:
+            yield current
+
+    def known(self, hashes: Iterable[str]) -> Dict[str, KnownRecord]:
+        """``{hash: KnownRecord}`` for the known ones among ``hashes``. Two statements."""
+        param = (json_list(hashes),)
+        # json_each joined to the table: a probe per hash, no temp index.
+        known = {h: KnownRecord(size, name, set()) for h, size, name in self.db.read(
+            "SELECT f.hash, f.size, f.filename FROM json_each(?) AS j"
+            " JOIN files AS f ON f.hash = j.value", param)}
+        for h, host_name, url in self.db.read(
+                "SELECT u.hash, u.host_name, u.url FROM json_each(?) AS j"
+                " JOIN uploads AS u ON u.hash = j.value", param):
+            known[h].copies.add((host_name, url))
+        return known
+
+    def merge(self, records: Iterable) -> Tuple[int, List[str]]:
+        """Merge imported records into the pool, in one transaction.
+
+        A new file is inserted. A known file gains the uploads it lacked (a
+        union, so merging twice changes nothing) and a filename if it had none.
+        The error flag of an upload this node already knows is kept: local
+        knowledge wins over a remote claim. A record whose size disagrees with
+        the known size is refused. Imported copies are claims: never verified.
+
+        :param records: objects with ``hash``, ``filename``, ``size``,
+            ``datetime`` and ``uploads`` (``[(host_name, url, error)]``)
+        :return: ``(changed, refused)``: how many records added something, and
+            the hashes refused for a size conflict
+        """
+        records = list(records)
+        changed, refused = 0, []
+        # A few set-wise statements per batch, not several per record: what
+        # the pool knows is read once, compared in memory (under the write
+        # lock), and only what is new is written.
+        with self.db.transaction() as conn:
+            hashes = json_list({rec.hash for rec in records})
+            known = {h: [size, name] for h, size, name in conn.execute(
+                "SELECT f.hash, f.size, f.filename FROM json_each(?) AS j"
+                " JOIN files AS f ON f.hash = j.value", (hashes,))}
+            have = set(conn.execute(
+                "SELECT u.hash, u.host_name, u.url FROM json_each(?) AS j"
+                " JOIN uploads AS u ON u.hash = j.value", (hashes,)))
+            new_files, named, new_uploads = [], {}, []
+            for rec in records:
+                row = known.get(rec.hash)
+                if row is None:
+                    known[rec.hash] = [rec.size, rec.filename]
+                    new_files.append((rec.hash, rec.filename, rec.size, rec.datetime))
+                    did = True
+                elif row[0] != rec.size:
+                    refused.append(rec.hash)
+                    continue
+                elif rec.filename and not row[1]:
+                    row[1] = named[rec.hash] = rec.filename
+                    did = True
+                else:
+                    did = False
+                for host_name, url, error in rec.uploads:
+                    if (rec.hash, host_name, url) not in have:
+                        have.add((rec.hash, host_name, url))
+                        new_uploads.append((rec.hash, host_name, url, 1 if error else 0,
+                                            rec.datetime))
+                        did = True
+                changed += did
+            # A new file's uploads go in before its row, with the foreign key
+            # checked at commit: the uploads_insert trigger finds no row to
+            # recount (it did so per upload: half the cost of an import), and
+            # the row is inserted with its count. Imported copies are never
+            # verified, so that count is the distinct hosts of good copies.
+            fresh: Dict[str, Set[str]] = {h: set() for h, _, _, _ in new_files}
+            for h, host_name, _, error, _ in new_uploads:
+                if h in fresh and not error:
+                    fresh[h].add(host_name)
+            insert_uploads = ("INSERT OR IGNORE INTO uploads (hash, host_name, url, error, time)"
+                              " VALUES (?, ?, ?, ?, ?)")
+            conn.execute("PRAGMA defer_foreign_keys = ON")  # until this commit
+            conn.executemany(insert_uploads, [u for u in new_uploads if u[0] in fresh])
+            conn.executemany("INSERT INTO files (hash, filename, size, created, copies)"
+                             " VALUES (?, ?, ?, ?, ?)",
+                             [row + (len(fresh[row[0]]),) for row in new_files])
+            conn.executemany("UPDATE files SET filename = ? WHERE hash = ?",
+                             [(name, h) for h, name in named.items()])
+            conn.executemany(insert_uploads, [u for u in new_uploads if u[0] not in fresh])
+        return changed, refused
