@@ -62,12 +62,15 @@ class CacheStore:
     :param file_mode: the mode of cached files (default 0600, private); the
         shard directories get the matching search bits (0640 -> 0750). Temp
         files stay 0600 until they are published.
+    :param queue: ``queue(conn, hashes, when)`` queues new files for upload
+        inside the transaction that publishes them
+        (:meth:`cloudmanager.replication.Replicator.queue`); None queues nothing
     :raises CacheError: if the directory cannot be used, the capacity is not
         a positive number, or the mode is not one a cache file can have
     """
 
     def __init__(self, db, storage_path, capacity, fsync=True, reconcile=None,
-                 file_mode=fsutil.FILE_MODE):
+                 file_mode=fsutil.FILE_MODE, queue=None):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
             raise CacheError("storage_size must be a positive number of bytes, not %r"
                              % (capacity,))
@@ -79,6 +82,7 @@ class CacheStore:
         # Search bits wherever read bits are: 0600 -> 0700, 0640 -> 0750.
         self.dir_mode = file_mode | (file_mode & 0o444) >> 2
         self.db = db
+        self.queue = queue
         self.root = os.path.abspath(os.fspath(storage_path))
         self.capacity = capacity
         self.fsync = fsync
@@ -128,10 +132,11 @@ class CacheStore:
     # -- reading -------------------------------------------------------------
 
     def lookup(self, file_hash):
-        """Return the cached file's path on a hit, or ``None``; counts hits and misses.
+        """Return the cached file's path on a hit (counted), or ``None``.
 
         A row whose file has vanished or has the wrong size is marked not
-        cached, and the lookup is a miss.
+        cached. A miss is not counted here: only the caller knows whether the
+        pool has the file at all (:meth:`note_miss`).
         """
         state = self.db.cache_index.state(file_hash)
         if state is None:
@@ -142,8 +147,11 @@ class CacheStore:
                 self._note_use(file_hash, hit=True)
                 return self._path(file_hash)
             self.drop(file_hash, only_if_damaged=True)
-        self._note_use(None, hit=False)
         return None
+
+    def note_miss(self):
+        """Count a request for a pool file the cache did not hold."""
+        self._note_use(None, hit=False)
 
     def contains(self, file_hash):
         """Whether the cache holds this file: its row says so and the file is there.
@@ -197,6 +205,10 @@ class CacheStore:
         """Bytes held by cached files (the running total; no directory walk)."""
         return self.db.cache_index.counter("cached_bytes")
 
+    def path_if_cached(self, file_hash):
+        """The cached copy's path if the cache holds it (a check, not a use), else None."""
+        return self._path(file_hash) if self.contains(file_hash) else None
+
     def usage_ratio(self):
         """Cached bytes over capacity, clamped to [0, 1]."""
         return min(max(self.used_bytes() / self.capacity, 0.0), 1.0)
@@ -233,7 +245,7 @@ class CacheStore:
             candidates.close()
         if freed < excess and all_or_nothing:
             return None
-        self.db.cache_index.set_cached(conn, victims, False)
+        self.db.cache_index.uncache(conn, victims)
         for file_hash in victims:
             self._unlink_cached(file_hash)
         log.debug("evicted %d files (%d bytes)", len(victims), freed)
@@ -332,16 +344,17 @@ class CacheStore:
                                        size_known=True)
             if outcome == "conflict":
                 raise IntegrityError("%s is recorded with another size than %d" % (file_hash, size))
+            protected = bool(self.db.files.protected_among(conn, [file_hash]))
             if self.db.cache_index.is_cached(file_hash) and self._file_ok(file_hash, size):
-                self.db.cache_index.touch([(file_hash, now)])
+                self.db.cache_index.touch([(file_hash, now)], conn)
                 fsutil.remove_quietly(reservation.temp)  # a duplicate of the cached copy
             else:
                 self._set_mode(reservation.temp)
                 fsutil.publish(reservation.temp, path, self.fsync)
-                self.db.cache_index.set_cached(conn, [file_hash], True, now)
+                self.db.cache_index.put(conn, [(file_hash, size, protected)], now)
             self.db.sessions.release(conn, [reservation.id])
-            if queue and self.db.files.verified(file_hash) == 0:
-                self.db.queue.add(conn, [file_hash], now)
+            if queue and not protected and self.queue is not None:
+                self.queue(conn, [file_hash], now)
         reservation.committed = True
         return path
 
@@ -449,8 +462,10 @@ class CacheStore:
         done = {}  # hash -> the size published (or found cached) in this batch
         shards = set()
         with self.db.transaction() as conn:
-            known = self.db.files.states(conn, {r[0] for r in results if isinstance(r, tuple)})
-            new_rows, to_queue = [], []
+            hashes = {r[0] for r in results if isinstance(r, tuple)}
+            known = self.db.files.states(conn, hashes)
+            cached = self.db.cache_index.cached_among(hashes, conn)
+            new_rows, to_queue, entries = [], [], []
             for k, (_, filename, created) in enumerate(sources):
                 if k not in temps:
                     continue
@@ -464,6 +479,7 @@ class CacheStore:
                 state = known.get(file_hash)
                 if state is None:
                     new_rows.append((file_hash, filename, size, created))
+                    entries.append((file_hash, size, False))
                     if queue:
                         to_queue.append(file_hash)
                 else:
@@ -475,22 +491,23 @@ class CacheStore:
                                                     % (file_hash, size))
                         fsutil.remove_quietly(temps.pop(k))
                         continue
-                    if state[1] and self._file_ok(file_hash, size):
-                        self.db.cache_index.touch([(file_hash, now)])
+                    if file_hash in cached and self._file_ok(file_hash, size):
+                        self.db.cache_index.touch([(file_hash, now)], conn)
                         fsutil.remove_quietly(temps.pop(k))
                         done[file_hash] = size
                         continue
-                    self.db.cache_index.set_cached(conn, [file_hash], True, now)
-                    if queue and state[2] == 0:
+                    entries.append((file_hash, size, state.verified > 0))
+                    if queue and state.verified == 0:
                         to_queue.append(file_hash)
                 temp = temps.pop(k)
                 self._set_mode(temp)
                 fsutil.publish(temp, self._path(file_hash), fsync=False)
                 shards.add(file_hash[:2])
                 done[file_hash] = size
-            self.db.files.insert_cached(conn, new_rows, now)
-            if to_queue:
-                self.db.queue.add(conn, to_queue, now)
+            self.db.files.insert(conn, new_rows)
+            self.db.cache_index.put(conn, entries, now)
+            if to_queue and self.queue is not None:
+                self.queue(conn, to_queue, now)
             if batch_sync and shards:
                 fsutil.sync_filesystem(self.root)
             elif self.fsync:
@@ -513,27 +530,32 @@ class CacheStore:
                     return
                 log.warning("cached file %s is missing or damaged; marking it not cached",
                             file_hash)
-            self.db.cache_index.set_cached(conn, [file_hash], False)
+            self.db.cache_index.uncache(conn, [file_hash])
             self._unlink_cached(file_hash)
 
-    def forget(self, file_hash):
-        """Delete a file's record and its cached copy, if any.
+    def forget_rows(self, conn, hashes):
+        """Drop files' cache index rows (pins too), inside the caller's
+        transaction; :meth:`unlink_forgotten` removes the files once it commits.
 
-        The row goes first, in its own transaction; the file after. A crash
-        in between leaves an orphan file that reconciliation removes, never a
-        record pointing at nothing.
-
-        :return: True if the pool had the file
+        The row goes first and the file after, so a crash in between leaves an
+        orphan file that reconciliation removes, never a row without its file.
         """
+        self.db.cache_index.forget(conn, hashes)
+
+    def unlink_forgotten(self, hashes):
+        """Remove the cached files of rows :meth:`forget_rows` dropped, unless
+        another process cached the file again meanwhile: the check and the
+        unlink happen under the write lock, as its publish does."""
         with self.db.transaction() as conn:
-            existed = self.db.files.forget(conn, file_hash)
-        if existed:
-            self._unlink_cached(file_hash)
-        return existed
+            cached = self.db.cache_index.cached_among(hashes, conn)
+            for file_hash in hashes:
+                if file_hash not in cached:
+                    self._unlink_cached(file_hash)
 
     # -- reconciliation --------------------------------------------------------
 
-    def _dead_sessions(self):
+    def dead_sessions(self):
+        """Owners of sessions on this machine whose process no longer runs."""
         dead = []
         for owner, node, pid, proc_start in self.db.sessions.all():
             if node != self.node:
@@ -556,7 +578,7 @@ class CacheStore:
 
         :return: a dict of what was found and fixed
         """
-        dead = self._dead_sessions()
+        dead = self.dead_sessions()
         live_tokens = {owner.rsplit(":", 1)[-1] for owner, *_ in self.db.sessions.all()
                        if owner not in dead}
         live_tokens.add(self.token)
@@ -593,9 +615,9 @@ class CacheStore:
         with self.db.transaction() as conn:
             on_disk, removed = self._walk_shards()
             missing = 0
-            for file_hash, size in self.db.cache_index.cached_rows():
+            for file_hash, size in self.db.cache_index.cached_rows(conn):
                 if on_disk.pop(file_hash, None) != size:
-                    self.db.cache_index.set_cached(conn, [file_hash], False)
+                    self.db.cache_index.uncache(conn, [file_hash])
                     self._unlink_cached(file_hash)
                     missing += 1
             for orphan in on_disk:  # on disk, but no row says cached

@@ -33,13 +33,16 @@ NUMBER_FINDINGS = ("usage_drift", "count_drift", "stale_reservations", "dead_ses
 _NOFOLLOW = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-def check(cache, db, repair=False, deep=False, fetch=None):
+def check(cache, db, repair=False, deep=False, fetch=None, queue=None):
     """Compare the database with the storage directory; see :meth:`CloudManager.check`.
 
     :param cache: the :class:`~cloudmanager.cache.CacheStore`
     :param db: the :class:`~cloudmanager.db.FileDatabase`
     :param fetch: with ``repair``, a callable that brings a file back into
         the cache (``CloudManager.warm_up``); used for pins with no file
+    :param queue: with ``repair``, ``queue(conn, hashes, when)`` queues
+        unprotected files for upload
+        (:meth:`cloudmanager.replication.Replicator.queue`)
     :return: the report dict documented at :meth:`CloudManager.check`
     """
     report = {"clean": True, "repair": bool(repair), "deep": bool(deep), "files_checked": 0}
@@ -47,7 +50,7 @@ def check(cache, db, repair=False, deep=False, fetch=None):
     report.update(dict.fromkeys(NUMBER_FINDINGS, 0))
     repaired = dict.fromkeys(LIST_FINDINGS + NUMBER_FINDINGS, 0)
     cache.flush()
-    dead = cache._dead_sessions()
+    dead = cache.dead_sessions()
     # Under the write lock: no other process publishes or evicts mid-walk.
     with db.transaction() as conn:
         live = {owner for owner, *_ in db.sessions.all()} - set(dead)
@@ -61,7 +64,7 @@ def check(cache, db, repair=False, deep=False, fetch=None):
             if found is None or found[0] != size:
                 report["missing" if found is None else "size_mismatch"].append(file_hash)
                 if repair:
-                    db.cache_index.set_cached(conn, [file_hash], False)
+                    db.cache_index.uncache(conn, [file_hash])
                     unlink_in(os.path.join(cache.root, file_hash[:2]), file_hash)
         for file_hash in sorted(on_disk):  # a hash-named file no cached row claims
             report["orphans"].append(os.path.join(file_hash[:2], file_hash))
@@ -86,14 +89,16 @@ def check(cache, db, repair=False, deep=False, fetch=None):
         report["pins_without_file"] = db.cache_index.pins_without_file(conn)
         damaged = set(report["missing"]) | set(report["size_mismatch"])
         now = time.time()
-        for file_hash, cached, queued in db.files.without_remote_copy(conn):
-            if cached and file_hash not in damaged:
+        unverified = db.files.unprotected(conn)  # no copy this node verified
+        cached = db.cache_index.cached_among([u.hash for u in unverified], conn)
+        for file_hash, copies, queued in unverified:
+            if file_hash in cached and file_hash not in damaged:
                 if not queued:
                     report["unprotected"].append(file_hash)
-                    if repair:
-                        db.queue.add(conn, [file_hash], now)
+                    if repair and queue is not None:
+                        queue(conn, [file_hash], now)
                         repaired["unprotected"] += 1
-            else:
+            elif not copies:  # claimed copies elsewhere are not lost: verify judges them
                 report["lost"].append(file_hash)
 
         if repair:
@@ -249,7 +254,7 @@ def _deep(cache, db, report, repair, repaired):
                 continue
             if (st.st_ino, st.st_mtime_ns) != (ino, mtime_ns) or not db.cache_index.is_cached(file_hash):
                 continue
-            db.cache_index.set_cached(conn, [file_hash], False)
+            db.cache_index.uncache(conn, [file_hash])
             unlink_in(shard_path, file_hash)
             repaired["hash_mismatch"] += 1
 

@@ -1,25 +1,40 @@
-"""UploadEngine: moving bytes to and from hosts.
+"""UploadEngine: moving bytes to and from hosts. It writes nothing.
 
-Uploads go to ``redundancy`` hosts in parallel threads, healthiest first
-(fewest consecutive failures, then random). When one fails, the next
+Uploads go to hosts in parallel threads, healthiest first (the order comes
+from :class:`~cloudmanager.health.Health`). When one fails, the next
 candidate starts, until the target is met or the hosts run out.
 
 Downloads try the copies in the health order of their hosts. Each attempt
 writes a temp file beside the destination and is verified against the
-SHA-256 (and size) before it is renamed into place; a copy that does not
-match, or that the host no longer has, is marked bad in the database and is
-never tried again. Every outcome updates the host's health and the monthly
-transfer meter.
+SHA-256 (and size) before it is renamed into place.
+
+Every call returns facts, never writes them: which host, which URL, how long,
+which error (:class:`~cloudmanager.health.Fact`), and what an attempt proved
+about a copy (:class:`Verdict`). The caller (:mod:`cloudmanager.replication`)
+records them, with the rest of what the operation changed, in one transaction.
 """
+
+from __future__ import annotations
 
 import concurrent.futures
 import logging
 import os
 import queue
-import random
 import threading
 import time
-from typing import List, NamedTuple, Sequence
+from urllib.parse import urlsplit
+from typing import (
+    Callable,
+    Dict,
+    FrozenSet,
+    Iterable,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 from . import fsutil
 from .errors import (
@@ -32,13 +47,10 @@ from .errors import (
     InvalidInputError,
     TransientHostError,
 )
-from .db.health import Outcome
-from .hosts.base import Location
+from .health import Fact, Health
+from .hosts.base import Host, Location
 
 log = logging.getLogger(__name__)
-
-#: The longest a host's breaker stays open, in seconds.
-MAX_COOLDOWN = 3600.0
 
 #: Files a batch sends to one host in a row, with one thread (see
 #: :meth:`UploadEngine.upload_many`): a thread per file costs more than a
@@ -49,7 +61,7 @@ BATCH_GROUP = 16
 #: larger; a batch of 500 still spreads over four connections.
 BATCH_GROUP_WHOLE = 128
 #: Groups of a batch queued or running at once: enough to keep every
-#: connection busy, few enough that a host's breaker stops the batch soon.
+#: connection busy, few enough that a failing host stops getting the batch soon.
 BATCH_IN_FLIGHT = 16
 
 #: Seconds the engine waits past a host's own ``timeout`` before it gives up
@@ -60,40 +72,81 @@ DEADLINE_GRACE = 1.0
 DEADLINE_RATE = 64 * 1024
 
 
+class Verdict(NamedTuple):
+    """What a transfer or a check proved about one copy.
+
+    ``state`` is ``"good"`` (its bytes matched the hash), ``"intact"`` (its
+    host reports the right size, bytes unseen), ``"bad"`` (its bytes do not
+    match), ``"missing"`` (its host says it is not there) or ``"error"`` (the
+    host did not answer: nothing proved). Only the host a copy is recorded
+    under can prove it bad or missing; another host that merely accepts the
+    URL may be a different server.
+    """
+
+    location: Location
+    state: str
+
+
+class UploadJob(NamedTuple):
+    """One file for :meth:`UploadEngine.upload_many`."""
+
+    path: str
+    file_hash: str
+    size: int
+    #: Hosts that already hold a good copy: not sent to again.
+    holders: FrozenSet[str]
+    #: Hosts wanted in all, holders included.
+    target: int
+
+
 class UploadResult(NamedTuple):
-    """What one round of uploads achieved."""
+    """What one round of uploads of a file achieved."""
 
     successes: List[Location]
     failures: List[HostError]
     #: Names of hosts skipped because their circuit breaker is open.
     cooling: Sequence[str] = ()
+    #: What each host call did, for :meth:`Health.record`.
+    facts: List[Fact] = []
+
+
+class DownloadResult(NamedTuple):
+    """Where a verified copy came from, and what every attempt found."""
+
+    location: Location
+    facts: List[Fact]
+    verdicts: List[Verdict]
+
+
+class CheckResult(NamedTuple):
+    """The outcome of :meth:`UploadEngine.check`.
+
+    ``verdict`` is a :class:`Verdict` state, or ``"unreachable"`` when no
+    configured host can reach the URL.
+    """
+
+    verdict: str
+    facts: List[Fact]
+    verdicts: List[Verdict]
 
 
 class UploadEngine:
     """Parallel, health-ordered uploads and verified, failing-over downloads.
 
-    A host that fails ``breaker_threshold`` times in a row is skipped for a
-    cool-down (a circuit breaker): ``cooldown`` seconds, doubled for each
-    further failure up to :data:`MAX_COOLDOWN`. After it, transfers try the
-    host again; a success closes the breaker. Failures that say nothing about
-    the host being up (a missing or corrupt object, a local disk error) do
-    not count. Downloads still try a cooling host, last.
+    Downloads still try a host whose breaker is open, last: a slow answer
+    beats no file.
 
-    :param db: the :class:`~cloudmanager.db.FileDatabase` (for host
-        health, bad copies and the transfer meter)
     :param hosts: :class:`~cloudmanager.hosts.base.Host` objects; names must be unique
     :param redundancy: the target number of hosts per file
-    :param breaker_threshold: consecutive failures that open a host's breaker
-    :param cooldown: seconds a host is skipped once its breaker opens
+    :param health: the :class:`~cloudmanager.health.Health` that ranks hosts
+        (read only: the engine records nothing)
     :raises InvalidInputError: if two hosts share a name
     """
 
-    def __init__(self, db, hosts, redundancy, breaker_threshold=3, cooldown=60.0):
-        self.db = db
+    def __init__(self, hosts: Iterable[Host], redundancy: int, health: Health) -> None:
         self.redundancy = redundancy
-        self.breaker_threshold = breaker_threshold
-        self.cooldown = cooldown
-        self.hosts = {}
+        self.health = health
+        self.hosts: Dict[str, Host] = {}
         for host in hosts:
             if host.name in self.hosts:
                 raise InvalidInputError("two hosts are named %r" % host.name)
@@ -108,40 +161,7 @@ class UploadEngine:
 
     # -- choosing hosts --------------------------------------------------------
 
-    def retry_after(self, breaker, now=None):
-        """When a host's breaker lets it be tried again (unix time), or None if closed.
-
-        :param breaker: the host's ``(consecutive_failures, last_failure)``, or None
-        """
-        failures, last_failure = breaker or (0, None)
-        if failures < self.breaker_threshold or not last_failure:
-            return None
-        extra = min(failures - self.breaker_threshold, 16)
-        until = last_failure + min(self.cooldown * 2 ** extra, MAX_COOLDOWN)
-        return until if until > (time.time() if now is None else now) else None
-
-    def cooling(self, host):
-        """Whether ``host``'s circuit breaker is open now."""
-        return self.retry_after(self.db.health.breakers().get(host.name)) is not None
-
-    def ranked(self, hosts):
-        """Split hosts into ``(usable, cooling)``, each ordered healthiest first.
-
-        Usable hosts sort by fewest consecutive failures, then highest weight,
-        then at random (spreading load among equals). ``cooling`` holds the
-        hosts whose breaker is open.
-        """
-        health = self.db.health.breakers()
-        now = time.time()
-        usable, cooling = [], []
-        for host in hosts:
-            row = health.get(host.name)
-            (cooling if self.retry_after(row, now) else usable).append(host)
-        key = lambda h: (health.get(h.name, (0, None))[0],  # noqa: E731
-                         -h.weight, random.random())
-        return sorted(usable, key=key), sorted(cooling, key=key)
-
-    def host_for(self, host_name, url):
+    def host_for(self, host_name: str, url: str) -> Optional[Host]:
         """The configured host that can fetch ``url``: the one named
         ``host_name``, else any host that accepts the URL. None if there is none."""
         host = self.hosts.get(host_name)
@@ -152,24 +172,48 @@ class UploadEngine:
                 return candidate
         return None
 
+    def reaches(self, copies: Iterable[Tuple[str, str]]) -> bool:
+        """Whether a configured host can fetch any of ``copies`` (``(host_name, url)`` pairs)."""
+        return any(self.host_for(host_name, url) is not None for host_name, url in copies)
+
+    def names(self, location: Location, file_hash: str) -> bool:
+        """Whether ``location`` names the object of ``file_hash``: its URL is one
+        a configured host can reach, and the object it names is that hash.
+        A record cannot aim a delete at another file's object this way."""
+        host = self.host_for(location.host_name, location.url)
+        if host is None:
+            return False
+        try:
+            if host.url_prefix is not None:
+                return host.object_name(location.url) == file_hash
+        except (HostError, InvalidInputError, ValueError):
+            return False
+        # Hosts with URLs of their own form (a folder's file:// URL): the host
+        # accepts the URL, and its last path segment is the object's name.
+        return urlsplit(location.url).path.rsplit("/", 1)[-1] == file_hash
+
     # -- uploads ---------------------------------------------------------------
 
-    def upload(self, path, file_hash, size, holders=(), target=None):
+    def upload(self, path: str, file_hash: str, size: int,
+               holders: Iterable[str] = (), target: Optional[int] = None) -> UploadResult:
         """Upload a file until ``target`` hosts beyond ``holders`` hold it.
 
         :param path: the local file (the cached copy, or the source itself)
         :param holders: names of hosts that already hold a good copy
         :param target: total hosts wanted (default: the engine's redundancy)
-        :return: an :class:`UploadResult`
         """
         target = self.redundancy if target is None else target
-        needed = target - len(set(holders))
-        candidates, cooling = self.ranked([h for n, h in self.hosts.items() if n not in holders])
+        holders = set(holders)
+        needed = target - len(holders)
+        candidates, cooling = self.health.ranked(
+            [h for n, h in self.hosts.items() if n not in holders])
         for host in cooling:
             log.info("not uploading %s to %s: it failed too often lately; cooling down",
                      file_hash, host.name)
-        successes, failures = [], []
-        running = set()
+        successes: List[Location] = []
+        failures: List[HostError] = []
+        facts: List[Fact] = []
+        running: Set[concurrent.futures.Future] = set()
         while needed > len(successes) and (candidates or running):
             while candidates and len(running) + len(successes) < needed:
                 host = candidates.pop(0)
@@ -177,31 +221,30 @@ class UploadEngine:
             done, running = concurrent.futures.wait(
                 running, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
-                outcome = future.result()
+                outcome, fact = future.result()
+                facts.append(fact)
                 (successes if isinstance(outcome, Location) else failures).append(outcome)
-        for future in running:  # pragma: no cover - only when target shrank
-            outcome = future.result()
-            (successes if isinstance(outcome, Location) else failures).append(outcome)
-        return UploadResult(successes, failures, [h.name for h in cooling])
+        self.health.release(h.name for h in candidates)  # probes not used
+        return UploadResult(successes, failures, [h.name for h in cooling], facts)
 
-    def _upload_one(self, host, path, file_hash, size):
+    def _upload_one(self, host: Host, path: str, file_hash: str,
+                    size: int) -> Tuple[object, Fact]:
         started = time.monotonic()
+        what = "upload of %s" % file_hash
         try:
-            location = self._call(host, "upload of %s" % file_hash, self.deadline(host, size),
+            location = self._call(host, what, self.deadline(host, size),
                                   host.upload, path, file_hash)
         except HostError as exc:
-            return self._failed(host, exc, "upload of %s" % file_hash)
+            return self._failed(host, exc, what)
         except Exception as exc:  # a host bug must not take the engine down
-            return self._failed(host, TransientHostError(host.name, repr(exc)),
-                                "upload of %s" % file_hash)
-        self.db.health.record({host.name: [Outcome(True, (time.monotonic() - started) * 1000,
-                                                   None, time.time())]}, uploaded=size)
+            return self._failed(host, TransientHostError(host.name, repr(exc)), what)
         log.info("uploaded %s to %s", file_hash, host.name)
-        return location
+        return location, Fact(host.name, True, (time.monotonic() - started) * 1000,
+                              uploaded=size)
 
     # -- batches (CloudManager.upload_many) --------------------------------------
 
-    def upload_many(self, jobs):
+    def upload_many(self, jobs: Sequence[UploadJob]) -> List[UploadResult]:
         """Upload several files, each until its target, all hosts working at once.
 
         Each job is handled as :meth:`upload` would: healthiest hosts first,
@@ -209,91 +252,14 @@ class UploadEngine:
         files go to each host in groups of up to :data:`BATCH_GROUP`
         (:data:`BATCH_GROUP_WHOLE` for hosts that take a group in one call), one
         thread per group, under the same per-file deadline as :meth:`_call`
-        (a group gives up on the rest once one file overruns it); host
-        health and the transfer meter are written once per batch; and a
-        host that fails ``breaker_threshold`` times in a row during the batch
-        gets no more of it.
+        (a group gives up on the rest once one file overruns it); and a host
+        that fails as often in a row as would open its breaker
+        (:meth:`Health.gives_up`) gets no more of this batch.
 
-        :param jobs: ``[(path, file_hash, size, holders, target)]``
-        :return: an :class:`UploadResult` per job, in order
+        :return: an :class:`UploadResult` per job, in order; the facts of the
+            whole batch are on the first (the batch is one operation)
         """
-        usable, cooling = self.ranked(list(self.hosts.values()))
-        cooling_names = [h.name for h in cooling]
-        if cooling_names and jobs:
-            log.info("not uploading %d files to %s: failed too often lately; cooling down",
-                     len(jobs), ", ".join(cooling_names))
-        plans = [{"job": job, "needed": job[4] - len(set(job[3])), "running": 0,
-                  "candidates": [h for h in usable if h.name not in set(job[3])],
-                  "successes": [], "failures": []} for job in jobs]
-        done_queue = _CompletionQueue()
-        pending = {}  # host name -> (host, [plan index]) waiting to form a group
-        outcomes = {}  # host name -> [(ok, latency_ms, error, when)], for record_host_batch
-        streak = {}  # host name -> failures in a row within this batch
-        tripped = set()
-        counts = {"in_flight": 0, "uploaded": 0}
-
-        def want(index):
-            plan = plans[index]
-            while plan["candidates"] and plan["running"] + len(plan["successes"]) < plan["needed"]:
-                host = plan["candidates"].pop(0)
-                if host.name not in tripped:
-                    plan["running"] += 1
-                    pending.setdefault(host.name, (host, []))[1].append(index)
-
-        def submit(partial):
-            for name in list(pending):
-                host, indexes = pending[name]
-                size = BATCH_GROUP_WHOLE if host.can_batch else BATCH_GROUP
-                while indexes and (partial or len(indexes) >= size) \
-                        and counts["in_flight"] < BATCH_IN_FLIGHT:
-                    group, indexes[:] = indexes[:size], indexes[size:]
-                    items = [(i,) + tuple(plans[i]["job"][:3]) for i in group]
-                    done_queue.watch(self._pool.submit(self._upload_group, host, items), host)
-                    counts["in_flight"] += 1
-                if not indexes:
-                    del pending[name]
-
-        scan = iter(range(len(plans)))
-
-        def fill():
-            for index in scan:
-                want(index)
-                submit(partial=False)
-                if counts["in_flight"] >= BATCH_IN_FLIGHT:
-                    return
-            submit(partial=True)  # every job is planned: send the partial groups too
-
-        fill()
-        while counts["in_flight"]:
-            host, future = done_queue.get()
-            counts["in_flight"] -= 1
-            for index, outcome, latency_ms in future.result():
-                plan = plans[index]
-                plan["running"] -= 1
-                ok = isinstance(outcome, Location)
-                outcomes.setdefault(host.name, []).append(
-                    Outcome(ok, latency_ms, None if ok else outcome.message, time.time()))
-                if ok:
-                    plan["successes"].append(outcome)
-                    counts["uploaded"] += plan["job"][2]
-                    streak[host.name] = 0
-                    continue
-                plan["failures"].append(outcome)
-                streak[host.name] = streak.get(host.name, 0) + 1
-                if streak[host.name] >= self.breaker_threshold and host.name not in tripped:
-                    tripped.add(host.name)
-                    log.warning("%s failed %d times in a row; no more uploads to it in this "
-                                "batch", host.name, streak[host.name])
-                want(index)  # the next candidate
-            for name in tripped & set(pending):  # not sent yet: to other hosts instead
-                for index in pending.pop(name)[1]:
-                    plans[index]["running"] -= 1
-                    want(index)
-            fill()
-        if outcomes or counts["uploaded"]:
-            self.db.health.record(outcomes, uploaded=counts["uploaded"])
-        cooling_names += sorted(tripped)
-        return [UploadResult(p["successes"], p["failures"], cooling_names) for p in plans]
+        return _Batch(self, jobs).run()
 
     def _upload_group(self, host, items):
         """Upload ``[(index, path, file_hash, size)]`` to one host, one after another.
@@ -459,204 +425,224 @@ class UploadEngine:
             raise box["error"]
         return box.get("value")
 
-    def _failed(self, host, exc, what, counts=True):
-        """Log a failure and return it; ``counts`` toward the host's health
-        unless it says nothing about the host being up (a missing or bad
-        object, a local disk error)."""
+    def _failed(self, host: Host, exc: HostError, what: str,
+                counts: bool = True) -> Tuple[HostError, Fact]:
+        """Log a failure and return it with its fact; it ``counts`` toward the
+        host's health unless it says nothing about the host being up (a
+        missing or bad object, a local disk error)."""
         log.warning("%s failed on %s: %s", what, host.name, exc.message)
-        if counts:
-            self.db.health.record({host.name: [Outcome(False, None, exc.message, time.time())]})
-        return exc
+        return exc, Fact(host.name, False, error=exc.message, counts=counts)
 
     # -- downloads -------------------------------------------------------------
 
-    def download(self, file_hash, size, sources, dest_path):
+    def download(self, file_hash: str, size: int, sources: Iterable[Tuple[str, str]],
+                 dest_path: str, last_resort: Iterable[Tuple[str, str]] = (),
+                 ranked: bool = True) -> DownloadResult:
         """Fetch a verified copy into ``dest_path`` from the first source that has one.
 
-        :param sources: good copies as ``(host_name, url)`` pairs
+        :param sources: copies as ``(host_name, url)`` pairs; tried healthiest
+            host first (at random among equals), hosts cooling down last
+        :param last_resort: copies to try, in the same order, only after every
+            source failed (condemned ones: every byte is checked anyway)
         :param size: the recorded size; hosts stop writing past it, and a
             copy whose hash matches but size does not is refused without
-            being marked bad (the record, not the copy, is wrong)
-        :return: the :class:`Location` the bytes came from
+            being called bad (the record, not the copy, is wrong)
+        :param ranked: False keeps the given order and takes no probe (a check)
         :raises DownloadError: if no source delivered a good copy; its
-            ``failures`` list each attempt's error
+            ``failures`` list each attempt's error, and its ``facts`` and
+            ``verdicts`` what they found
         """
+        unreachable: List[str] = []
+        plan = (self._plan_sources(sources, unreachable, ranked)
+                + self._plan_sources(last_resort, unreachable, ranked))
+        failures: List[HostError] = []
+        facts: List[Fact] = []
+        verdicts: List[Verdict] = []
+        directory = os.path.dirname(os.path.abspath(dest_path))
+        # Temp names start with the destination's name, which in the cache
+        # starts with the session token: reconciliation knows whose they are.
+        prefix = os.path.basename(dest_path) + "."
+        tried = set()
+        try:
+            for host, location in plan:
+                tried.add(host.name)
+                outcome = self._download_one(file_hash, size, host, location, directory,
+                                             prefix, dest_path)
+                fact, verdict = outcome[1], outcome[2]
+                facts.append(fact)
+                if verdict is not None:
+                    verdicts.append(verdict)
+                if outcome[0] is None:
+                    log.info("downloaded %s from %s", file_hash, host.name)
+                    return DownloadResult(location, facts, verdicts)
+                failures.append(outcome[0])
+        finally:
+            if ranked:  # probes of hosts not tried go back
+                self.health.release({h.name for h, _ in plan} - tried)
+        reason = "no host delivered a good copy of %s" % file_hash
+        if unreachable:
+            reason += " (no configured host can reach copies on %s)" % ", ".join(
+                sorted(set(unreachable)))
+        raise DownloadError(reason, failures, facts, verdicts)
+
+    def _plan_sources(self, sources: Iterable[Tuple[str, str]], unreachable: List[str],
+                      ranked: bool) -> List[Tuple[Host, Location]]:
+        """``[(host, location)]`` for the sources a configured host can reach,
+        healthiest first, cooling hosts last (unless not ``ranked``)."""
         plan = []
-        unreachable = []
         for host_name, url in sources:
             host = self.host_for(host_name, url)
             if host is None:
                 unreachable.append(host_name)
             else:
                 plan.append((host, Location(host_name, url)))
-        # Hosts cooling down are tried last: a slow answer beats no file.
-        usable, cooling = self.ranked({h for h, _ in plan})
-        order = {h.name: i for i, h in enumerate(usable + cooling)}
-        plan.sort(key=lambda item: order[item[0].name])
-        failures = []
-        directory = os.path.dirname(os.path.abspath(dest_path))
-        # Temp names start with the destination's name, which in the cache
-        # starts with the session token: reconciliation knows whose they are.
-        prefix = os.path.basename(dest_path) + "."
-        for host, location in plan:
-            fd, temp = fsutil.open_temp(directory, prefix)
-            os.close(fd)
-            started = time.monotonic()
-            try:
-                self._call(host, "download of %s" % file_hash, self.deadline(host, size),
-                           host.download, location.url, temp, size,
-                           cleanup=lambda temp=temp: fsutil.remove_quietly(temp))
-                got_hash, got_size = fsutil.hash_file(temp)
-                if got_hash != file_hash:
-                    raise IntegrityError("%s sent %d bytes hashing to %s" % (
-                        host.name, got_size, got_hash))
-                if got_size != size:  # the right bytes: the recorded size is wrong
-                    raise TransientHostError(host.name, "the copy has %d bytes but %d are "
-                                             "recorded; not caching it" % (got_size, size))
-                # Private, whatever mode the host's tool gave the file.
-                os.chmod(temp, fsutil.FILE_MODE)
-                os.replace(temp, dest_path)
-            except (HostError, IntegrityError, OSError) as exc:
-                fsutil.remove_quietly(temp)
-                failures.append(self._download_failed(file_hash, host, location, exc))
-                continue
-            except Exception as exc:  # a host bug must not stop the failover
-                fsutil.remove_quietly(temp)
-                failures.append(self._download_failed(
-                    file_hash, host, location, TransientHostError(host.name, repr(exc))))
-                continue
-            except BaseException:
-                fsutil.remove_quietly(temp)
-                raise
-            self.db.health.record({host.name: [Outcome(True, (time.monotonic() - started) * 1000,
-                                                       None, time.time())]}, downloaded=size)
-            with self.db.transaction() as conn:
-                self.db.copies.mark_verified(conn, [(file_hash, location.host_name, location.url)])
-            log.info("downloaded %s from %s", file_hash, host.name)
-            return location
-        reason = "no host delivered a good copy of %s" % file_hash
-        if unreachable:
-            reason += " (no configured host can reach copies on %s)" % ", ".join(
-                sorted(set(unreachable)))
-        raise DownloadError(reason, failures)
+        if ranked and len(plan) > 1:
+            usable, cooling = self.health.ranked({h for h, _ in plan})
+            order = {h.name: i for i, h in enumerate(usable + cooling)}
+            plan.sort(key=lambda item: order[item[0].name])
+        return plan
 
-    def _download_failed(self, file_hash, host, location, exc):
+    def _download_one(self, file_hash: str, size: int, host: Host, location: Location,
+                      directory: str, prefix: str, dest_path: str
+                      ) -> Tuple[Optional[HostError], Fact, Optional[Verdict]]:
+        """One attempt: ``(None, fact, verdict)`` on success, else ``(error, fact, verdict)``."""
+        what = "download of %s" % file_hash
+        fd, temp = fsutil.open_temp(directory, prefix)
+        os.close(fd)
+        started = time.monotonic()
+        try:
+            self._call(host, what, self.deadline(host, size),
+                       host.download, location.url, temp, size,
+                       cleanup=lambda: fsutil.remove_quietly(temp))
+            got_hash, got_size = fsutil.hash_file(temp)
+            if got_hash != file_hash:
+                raise IntegrityError("%s sent %d bytes hashing to %s" % (
+                    host.name, got_size, got_hash))
+            if got_size != size:  # the right bytes: the recorded size is wrong
+                raise TransientHostError(host.name, "the copy has %d bytes but %d are "
+                                         "recorded; not using it" % (got_size, size))
+            # Private, whatever mode the host's tool gave the file.
+            os.chmod(temp, fsutil.FILE_MODE)
+            os.replace(temp, dest_path)
+        except (HostError, IntegrityError, OSError) as exc:
+            fsutil.remove_quietly(temp)
+            return self._download_failed(file_hash, host, location, exc)
+        except Exception as exc:  # a host bug must not stop the failover
+            fsutil.remove_quietly(temp)
+            return self._download_failed(file_hash, host, location,
+                                         TransientHostError(host.name, repr(exc)))
+        except BaseException:
+            fsutil.remove_quietly(temp)
+            raise
+        fact = Fact(host.name, True, (time.monotonic() - started) * 1000, downloaded=size)
+        # Bytes that match prove the copy good, whichever host served them.
+        return None, fact, Verdict(location, "good")
+
+    def _download_failed(self, file_hash: str, host: Host, location: Location,
+                         exc: Exception) -> Tuple[HostError, Fact, Optional[Verdict]]:
+        what = "download of %s" % file_hash
         if isinstance(exc, IntegrityError):
             exc = CorruptCopyError(host.name, str(exc))
         elif isinstance(exc, OSError):
-            return self._failed(host, TransientHostError(host.name, "local error: %s" % exc),
-                                "download of %s" % file_hash, counts=False)
+            error, fact = self._failed(host, TransientHostError(host.name, "local error: %s"
+                                                                % exc), what, counts=False)
+            return error, fact, None
         if isinstance(exc, (CorruptCopyError, HostNotFoundError)):
-            self._mark_bad(file_hash, host, location, exc)
-            return self._failed(host, exc, "download of %s" % file_hash, counts=False)
-        return self._failed(host, exc, "download of %s" % file_hash)
+            error, fact = self._failed(host, exc, what, counts=False)
+            return error, fact, self._condemnation(file_hash, host, location, exc)
+        assert isinstance(exc, HostError)
+        error, fact = self._failed(host, exc, what)
+        return error, fact, Verdict(location, "error")
 
-    def _mark_bad(self, file_hash, host, location, exc):
-        """Mark a copy bad, but only on the word of the host that recorded it.
-
-        A host that merely accepts the URL (another node's host of the same
-        kind) may be a different server holding a different set of objects.
-        """
+    @staticmethod
+    def _condemnation(file_hash: str, host: Host, location: Location,
+                      exc: HostError) -> Optional[Verdict]:
+        """The verdict a missing or corrupt object gives, on the word of the host
+        that recorded the copy only."""
+        state = "missing" if isinstance(exc, HostNotFoundError) else "bad"
         if host.name != location.host_name:
             log.warning("%s could not serve %s recorded by %s (%s); leaving the record as it is",
                         host.name, file_hash, location.host_name, exc.message)
-            return
-        log.warning("the copy of %s on %s (%s) is %s; marking it bad", file_hash, host.name,
-                    location.url, "missing" if isinstance(exc, HostNotFoundError) else "corrupt")
-        with self.db.transaction() as conn:
-            self.db.copies.mark_bad(conn, [(file_hash, location.host_name, location.url)])
+            return None
+        log.warning("the copy of %s on %s (%s) is %s", file_hash, host.name, location.url, state)
+        return Verdict(location, state)
 
     # -- checks and deletes ----------------------------------------------------
 
-    def check(self, file_hash, size, location, deep=False, scratch=None):
+    def check(self, file_hash: str, size: int, location: Location, deep: bool = False,
+              scratch: Optional[str] = None) -> CheckResult:
         """Check one remote copy: cheaply if its host can, else by download.
 
         The cheap check compares the size the host reports, and the SHA-256
         when the host stores one. A deep check (or a host that cannot stat)
-        downloads the copy into ``scratch`` and hashes it. Bad and missing
-        copies are marked bad, so :meth:`~cloudmanager.CloudManager.sync`
-        replaces them.
+        downloads the copy into ``scratch`` and hashes it.
 
         :param location: the copy, a :class:`~cloudmanager.hosts.base.Location`
         :param scratch: a directory for deep checks' downloads
-        :return: ``"good"``, ``"bad"``, ``"missing"``, ``"unreachable"`` (no
-            configured host can reach the URL) or ``"error"`` (the host
-            failed; try later)
         """
         host = self.host_for(location.host_name, location.url)
         if host is None:
-            return "unreachable"
+            return CheckResult("unreachable", [], [])
         if deep or not host.can_check:
+            if scratch is None:
+                raise InvalidInputError("a deep check needs a scratch directory")
             dest = os.path.join(scratch, file_hash)
             try:
-                self.download(file_hash, size, [location], dest)
+                result = self.download(file_hash, size, [location], dest, ranked=False)
             except DownloadError as exc:
-                return self._verdict(host, location, exc.failures[0] if exc.failures else None)
+                verdict = exc.verdicts[0].state if exc.verdicts else "error"
+                return CheckResult(verdict, exc.facts, exc.verdicts)
             finally:
                 fsutil.remove_quietly(dest)
-            with self.db.transaction() as conn:
-                self.db.copies.mark_checked(
-                    conn, [(file_hash, location.host_name, location.url, time.time(), True)])
-            return "good"
+            return CheckResult("good" if result.verdicts else "error", result.facts,
+                               result.verdicts)
+        what = "check of %s" % file_hash
         started = time.monotonic()
         try:
-            info = self._call(host, "check of %s" % file_hash, self.deadline(host),
-                              host.stat, location.url)
+            info = self._call(host, what, self.deadline(host), host.stat, location.url)
         except HostNotFoundError as exc:
-            self._mark_bad(file_hash, host, location, exc)
-            self._failed(host, exc, "check of %s" % file_hash, counts=False)
-            return self._verdict(host, location, exc)
+            _, fact = self._failed(host, exc, what, counts=False)
+            verdict = self._condemnation(file_hash, host, location, exc)
+            return CheckResult(verdict.state if verdict else "error", [fact],
+                               [verdict] if verdict else [])
         except HostError as exc:
-            self._failed(host, exc, "check of %s" % file_hash)
-            return "error"
-        self.db.health.record({host.name: [Outcome(True, (time.monotonic() - started) * 1000,
-                                                   None, time.time())]})
+            _, fact = self._failed(host, exc, what)
+            return CheckResult("error", [fact], [Verdict(location, "error")])
+        fact = Fact(host.name, True, (time.monotonic() - started) * 1000)
         if info.sha256 == file_hash and info.size != size:
             log.warning("%s holds %s with %d bytes, but %d are recorded: the record is wrong, "
                         "not the copy", host.name, file_hash, info.size, size)
-            return "error"
+            return CheckResult("error", [fact], [])
         if info.size != size or info.sha256 not in (None, file_hash):
-            exc = CorruptCopyError(host.name, "%d bytes, SHA-256 %s" % (
-                info.size, info.sha256 or "not stored"))
-            self._mark_bad(file_hash, host, location, exc)
-            return self._verdict(host, location, exc)
-        with self.db.transaction() as conn:
-            self.db.copies.mark_checked(conn, [(file_hash, location.host_name, location.url,
-                                                time.time(), info.sha256 == file_hash)])
-        return "good"
+            verdict = self._condemnation(file_hash, host, location, CorruptCopyError(
+                host.name, "%d bytes, SHA-256 %s" % (info.size, info.sha256 or "not stored")))
+            return CheckResult(verdict.state if verdict else "error", [fact],
+                               [verdict] if verdict else [])
+        if host.name != location.host_name:
+            return CheckResult("intact", [fact], [])
+        state = "good" if info.sha256 == file_hash else "intact"
+        return CheckResult(state, [fact], [Verdict(location, state)])
 
-    @staticmethod
-    def _verdict(host, location, failure):
-        """What a failed check says of the copy; only its own host can condemn it."""
-        if host.name == location.host_name:
-            if isinstance(failure, HostNotFoundError):
-                return "missing"
-            if isinstance(failure, CorruptCopyError):
-                return "bad"
-        return "error"
-
-    def reaches(self, copies):
-        """Whether a configured host can fetch any of ``copies`` (``(host_name, url)`` pairs)."""
-        return any(self.host_for(host_name, url) is not None for host_name, url in copies)
-
-    def delete(self, location):
+    def delete(self, location: Location) -> Tuple[bool, List[Fact]]:
         """Delete one remote copy if a configured host can.
 
-        :return: True if it is gone (deleted, or already missing); False if no
-            configured host can delete it or the delete failed (logged)
+        :return: ``(gone, facts)``: gone is True if it is deleted or was
+            already missing; False if no configured host can delete it or the
+            delete failed (logged)
         """
         host = self.host_for(location.host_name, location.url)
         if host is None or not host.can_delete:
-            return False
+            return False, []
+        started = time.monotonic()
+        what = "delete of %s" % location.url
         try:
-            self._call(host, "delete of %s" % location.url, self.deadline(host),
-                       host.delete, location.url)
+            self._call(host, what, self.deadline(host), host.delete, location.url)
         except HostError as exc:
-            self._failed(host, exc, "delete of %s" % location.url)
-            return False
-        return True
+            _, fact = self._failed(host, exc, what)
+            return False, [fact]
+        return True, [Fact(host.name, True, (time.monotonic() - started) * 1000)]
 
-    def close(self):
+    def close(self) -> None:
         """Wait for running transfers, then close every host."""
         self._pool.shutdown(wait=True)
         self._calls.close()
@@ -665,6 +651,111 @@ class UploadEngine:
                 host.close()
             except Exception as exc:  # closing must not fail the caller
                 log.debug("closing %s: %s", host.name, exc)
+
+
+class _Plan:
+    """One job of a batch: where it stands."""
+
+    __slots__ = ("job", "needed", "running", "candidates", "successes", "failures")
+
+    def __init__(self, job: UploadJob, usable: Sequence[Host]) -> None:
+        self.job = job
+        self.needed = job.target - len(job.holders)
+        self.running = 0
+        self.candidates = [h for h in usable if h.name not in job.holders]
+        self.successes: List[Location] = []
+        self.failures: List[HostError] = []
+
+
+class _Batch:
+    """One run of :meth:`UploadEngine.upload_many`: plans, groups per host, and
+    the failures in a row that make it give up on a host."""
+
+    def __init__(self, engine: UploadEngine, jobs: Sequence[UploadJob]) -> None:
+        self.engine = engine
+        self.usable, cooling = engine.health.ranked(list(engine.hosts.values()))
+        self.cooling = [h.name for h in cooling]
+        if self.cooling and jobs:
+            log.info("not uploading %d files to %s: failed too often lately; cooling down",
+                     len(jobs), ", ".join(self.cooling))
+        self.plans = [_Plan(job, self.usable) for job in jobs]
+        self.done = _CompletionQueue()
+        self.pending: Dict[str, Tuple[Host, List[int]]] = {}  # groups being formed
+        self.facts: List[Fact] = []
+        self.streak: Dict[str, int] = {}  # failures in a row per host, in this batch
+        self.given_up: Set[str] = set()
+        self.in_flight = 0
+        self.scan = iter(range(len(self.plans)))
+
+    def run(self) -> List[UploadResult]:
+        self.fill()
+        while self.in_flight:
+            host, future = self.done.get()
+            self.in_flight -= 1
+            for index, outcome, latency_ms in future.result():
+                self.settle(host, self.plans[index], index, outcome, latency_ms)
+            for name in self.given_up & set(self.pending):  # not sent yet: elsewhere
+                for index in self.pending.pop(name)[1]:
+                    self.plans[index].running -= 1
+                    self.want(index)
+            self.fill()
+        used = {f.host for f in self.facts}
+        self.engine.health.release(h.name for h in self.usable if h.name not in used)
+        cooling = self.cooling + sorted(self.given_up)
+        results = [UploadResult(p.successes, p.failures, cooling, []) for p in self.plans]
+        if results:
+            results[0] = results[0]._replace(facts=self.facts)
+        return results
+
+    def settle(self, host: Host, plan: _Plan, index: int, outcome: object,
+               latency_ms: Optional[float]) -> None:
+        plan.running -= 1
+        if isinstance(outcome, Location):
+            plan.successes.append(outcome)
+            self.facts.append(Fact(host.name, True, latency_ms, uploaded=plan.job.size))
+            self.streak[host.name] = 0
+            return
+        assert isinstance(outcome, HostError)
+        plan.failures.append(outcome)
+        self.facts.append(Fact(host.name, False, error=outcome.message))
+        self.streak[host.name] = self.streak.get(host.name, 0) + 1
+        if self.engine.health.gives_up(self.streak[host.name]) \
+                and host.name not in self.given_up:
+            self.given_up.add(host.name)
+            log.warning("%s failed %d times in a row; no more uploads to it in this batch",
+                        host.name, self.streak[host.name])
+        self.want(index)  # the next candidate
+
+    def want(self, index: int) -> None:
+        plan = self.plans[index]
+        while plan.candidates and plan.running + len(plan.successes) < plan.needed:
+            host = plan.candidates.pop(0)
+            if host.name not in self.given_up:
+                plan.running += 1
+                self.pending.setdefault(host.name, (host, []))[1].append(index)
+
+    def submit(self, partial: bool) -> None:
+        for name in list(self.pending):
+            host, indexes = self.pending[name]
+            size = BATCH_GROUP_WHOLE if host.can_batch else BATCH_GROUP
+            while indexes and (partial or len(indexes) >= size) \
+                    and self.in_flight < BATCH_IN_FLIGHT:
+                group, indexes[:] = indexes[:size], indexes[size:]
+                items = [(i, self.plans[i].job.path, self.plans[i].job.file_hash,
+                          self.plans[i].job.size) for i in group]
+                self.done.watch(self.engine._pool.submit(self.engine._upload_group, host, items),
+                                host)
+                self.in_flight += 1
+            if not indexes:
+                del self.pending[name]
+
+    def fill(self) -> None:
+        for index in self.scan:
+            self.want(index)
+            self.submit(partial=False)
+            if self.in_flight >= BATCH_IN_FLIGHT:
+                return
+        self.submit(partial=True)  # every job is planned: send the partial groups too
 
 
 class _CompletionQueue:

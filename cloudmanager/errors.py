@@ -18,6 +18,7 @@ one shallow tree, so ``except CloudManagerError`` catches them all::
     ├── IntegrityError                 bytes did not match their SHA-256
     ├── UploadError                    (.failures: per-host errors)
     ├── DownloadError                  (.failures: per-host errors)
+    ├── NotInPoolError                 the pool has no record of that hash
     ├── InvalidInputError              a hash, URL, spec or path was refused
     ├── ConfigError                    a cloudmanager.toml could not be used
     ├── MissingDependencyError         an optional backend is not installed
@@ -86,10 +87,14 @@ class IntegrityError(CloudManagerError):
 
 
 class _FailuresError(CloudManagerError):
-    def __init__(self, message, failures=()):
+    def __init__(self, message, failures=(), facts=(), verdicts=()):
         super().__init__(message)
         #: list of :class:`HostError`, one per host that failed
         self.failures = list(failures)
+        #: what each host call did (:class:`cloudmanager.health.Fact`), for health
+        self.facts = list(facts)
+        #: what the attempts proved about copies (:class:`cloudmanager.engine.Verdict`)
+        self.verdicts = list(verdicts)
 
 
 class UploadError(_FailuresError):
@@ -98,6 +103,13 @@ class UploadError(_FailuresError):
 
 class DownloadError(_FailuresError):
     """No host delivered a good copy. ``failures`` lists each host's error."""
+
+
+class NotInPoolError(CloudManagerError, KeyError):
+    """The pool has no record of the hash asked for."""
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class InvalidInputError(CloudManagerError, ValueError):

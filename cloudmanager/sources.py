@@ -111,7 +111,10 @@ class SourceIndex:
             row = stored.get(f.path)
             if row is not None and row[:5] == f.key:
                 found[f.path] = row[5]
-        return found
+        hashes = set(found.values())
+        # In the pool still: cached here, or with a copy on a host.
+        held = self.db.cache_index.cached_among(hashes) | self.db.files.in_pool(hashes)
+        return {path: h for path, h in found.items() if h in held}
 
     @staticmethod
     def rememberable(before, after, read_started_ns):

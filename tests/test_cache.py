@@ -33,7 +33,10 @@ def make_store(db, root):
 
     def make(capacity=300, database=None, **kwargs):
         kwargs.setdefault("fsync", False)
-        store = CacheStore(database or db, root, capacity, **kwargs)
+        target = database or db
+        # What the pool wires in: new files are queued for upload.
+        kwargs.setdefault("queue", lambda conn, hashes, when: target.queue.add(conn, hashes, when))
+        store = CacheStore(target, root, capacity, **kwargs)
         made.append(store)
         return store
 
@@ -63,9 +66,16 @@ def ingest(store, src, name, data):
 
 
 def give_copy(db, file_hash, host="h1"):
+    """A good copy on a host, as replication records it: the file may be evicted."""
     with db.transaction() as conn:
         db.copies.record_good(conn, [(file_hash, host, "http://%s.example/%s" % (host, file_hash))],
                               int(time.time()))
+        db.cache_index.set_protected(conn, [file_hash], True)
+
+
+def pin(db, file_hash, pinned):
+    with db.transaction() as conn:
+        db.cache_index.pin(conn, file_hash, db.files.get(file_hash).size, pinned)
 
 
 def cached_on_disk(root):
@@ -135,7 +145,7 @@ def test_ingest_reads_source_once_and_lays_out_private_files(make_store, src, ro
     assert os.listdir(root / "tmp") == []
     assert store.lookup(file_hash) == str(cached)
     row = store.db.files.get(file_hash)
-    assert (row.filename, row.size, row.cached) == ("a.bin", 3000, 1)
+    assert (row.filename, row.size, store.db.cache_index.is_cached(file_hash)) == ("a.bin", 3000, True)
     assert store.db.queue.hashes() == [file_hash]  # on no host yet: queued for upload
 
 
@@ -160,7 +170,7 @@ def test_lru_eviction_sees_deferred_hits(make_store, src, db, monkeypatch):
     for h in (a, b, c):
         give_copy(db, h)
     assert store.lookup(a) is not None  # a hit, kept in memory for now
-    assert db.files.get(a).last_access < db.files.get(b).last_access  # deferred
+    assert db.cache_index.entry(a).last_access < db.cache_index.entry(b).last_access  # deferred
     d = ingest(store, src, "d", b"d" * 100)
     assert not db.cache_index.is_cached(b), "b is the least recently used"
     assert not os.path.exists(store.path_for(b))
@@ -189,13 +199,13 @@ def test_explicit_pin_is_honoured(make_store, src, db):
     a, b, c = (ingest(store, src, n, n.encode() * 100) for n in "abc")
     for h in (a, b, c):
         give_copy(db, h)
-    assert db.cache_index.pin(a, True)
+    pin(db, a, True)
     d = ingest(store, src, "d", b"d" * 100)
     assert db.cache_index.is_cached(a) and not db.cache_index.is_cached(b) and db.cache_index.is_cached(c)
     give_copy(db, d)
     assert store.evict(0) == 2  # c and d go; a stays
     assert db.cache_index.is_cached(a) and store.used_bytes() == 100
-    assert db.cache_index.pin(a, False)
+    pin(db, a, False)
     assert store.evict(0) == 1 and store.used_bytes() == 0
 
 
@@ -282,6 +292,7 @@ def test_missing_cached_file_is_a_miss_and_marked_not_cached(make_store, src, db
     assert store.lookup(a) is not None
     os.unlink(store.path_for(a))
     assert store.lookup(a) is None
+    store.note_miss()  # the pool counts the miss: only it knows the file is in the pool
     assert not db.cache_index.is_cached(a) and db.files.exists(a)
     assert store.used_bytes() == 0
     store.flush()
@@ -310,11 +321,12 @@ def test_flush_writes_hit_and_miss_counters(make_store, src, db, monkeypatch):
     for _ in range(3):
         assert store.lookup(a)
     assert store.lookup("e" * 64) is None
+    store.note_miss()  # as the pool does for a known file the cache lacks
     assert (db.cache_index.counter("hits"), db.cache_index.counter("misses")) == (0, 0)  # still in memory
-    before = db.files.get(a).last_access
+    before = db.cache_index.entry(a).last_access
     store.flush()
     assert (db.cache_index.counter("hits"), db.cache_index.counter("misses")) == (3, 1)
-    assert db.files.get(a).last_access > before
+    assert db.cache_index.entry(a).last_access > before
     store.flush()  # nothing new: nothing added
     assert (db.cache_index.counter("hits"), db.cache_index.counter("misses")) == (3, 1)
 
@@ -427,8 +439,10 @@ def test_full_reconcile_spares_a_file_published_during_the_walk(make_store, db, 
     thread.start()
     time.sleep(0.5)  # the walk (256 small shards) is over; the reconcile waits for the lock
     (root / h[:2] / h).write_bytes(data)
-    other.execute("INSERT INTO files (hash, filename, size, created, cached, last_access)"
-                  " VALUES (?, 'p', ?, 1, 1, ?)", (h, len(data), time.time()))
+    other.execute("INSERT INTO files (hash, filename, size, created) VALUES (?, 'p', ?, 1)",
+                  (h, len(data)))
+    other.execute("INSERT INTO cache_entries (hash, size, cached, last_access)"
+                  " VALUES (?, ?, 1, ?)", (h, len(data), time.time()))
     other.execute("COMMIT")
     other.close()
     thread.join()

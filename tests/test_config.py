@@ -80,7 +80,7 @@ def test_weight_orders_equally_healthy_hosts(tmp_path):
     with CloudManager(config=path, redundancy=1) as cm:
         hosts = list(cm.engine.hosts.values())
         for _ in range(10):
-            usable, _cooling = cm.engine.ranked(hosts)
+            usable, _cooling = cm.engine.health.ranked(hosts)
             assert [h.name for h in usable] == ["heavy", "light"]
 
 

@@ -53,7 +53,7 @@ def add(db, file_hash, size=10, created=1000, filename="f"):
 
 def mark_bad(db, file_hash, host, url):
     with db.transaction() as conn:
-        db.copies.mark_bad(conn, [(file_hash, host, url)])
+        db.copies.condemn(conn, [(file_hash, host, url, "bad")], 3000, 60, 3600)
 
 
 def add_transfer(db, uploaded=0, downloaded=0, when=None):
@@ -204,26 +204,25 @@ def test_failed_migration_is_atomic(opened, db_path, monkeypatch):
 
 def test_cache_counters_follow_insert_update_delete(db):
     with db.transaction() as conn:
-        db.files.add(conn, H[0], "a", 100, 1)
-        db.files.add(conn, H[1], "b", 30, 1)
         # a row inserted already cached is counted by the insert trigger
-        conn.execute("INSERT INTO files (hash, size, created, cached) VALUES (?, 7, 1, 1)",
-                     (H[2],))
+        conn.execute("INSERT INTO cache_entries (hash, size, cached) VALUES (?, 7, 1)", (H[2],))
+        db.cache_index.pin(conn, H[1], 30, True)  # pinned, not cached: not counted
     assert (db.cache_index.counter("cached_bytes"), db.cache_index.counter("cached_files")) == (7, 1)
     with db.transaction() as conn:
-        db.cache_index.set_cached(conn, [H[0]], True, 5.0)
-        db.cache_index.set_cached(conn, [H[1]], True, 6.0)
-        db.cache_index.set_cached(conn, [H[0]], True, 9.0)  # already cached: not counted twice
+        db.cache_index.put(conn, [(H[0], 100, False)], 5.0)
+        db.cache_index.put(conn, [(H[1], 30, False)], 6.0)
+        db.cache_index.put(conn, [(H[0], 100, False)], 9.0)  # already cached: not counted twice
     assert (db.cache_index.counter("cached_bytes"), db.cache_index.counter("cached_files")) == (137, 3)
     with db.transaction() as conn:
-        db.cache_index.set_cached(conn, [H[1]], False)
-        db.cache_index.set_cached(conn, [H[1]], False)  # already not cached: not subtracted twice
+        db.cache_index.uncache(conn, [H[1]])
+        db.cache_index.uncache(conn, [H[1]])  # already not cached: not subtracted twice
     assert (db.cache_index.counter("cached_bytes"), db.cache_index.counter("cached_files")) == (107, 2)
+    assert db.cache_index.entry(H[1]).pinned  # the pin outlives the cached copy
     with db.transaction() as conn:
-        conn.execute("DELETE FROM files WHERE hash = ?", (H[0],))
+        db.cache_index.forget(conn, [H[0]])
     assert (db.cache_index.counter("cached_bytes"), db.cache_index.counter("cached_files")) == (7, 1)
     with db.transaction() as conn:
-        conn.execute("DELETE FROM files WHERE hash = ?", (H[1],))  # deleting an uncached file changes nothing
+        db.cache_index.forget(conn, [H[1]])  # forgetting an uncached file changes nothing
     assert (db.cache_index.counter("cached_bytes"), db.cache_index.counter("cached_files")) == (7, 1)
     with db.transaction() as conn:
         assert db.cache_index.recount(conn) == (7, 1)
@@ -235,13 +234,13 @@ def test_copies_counts_distinct_good_hosts(db):
     upload(db, H[0], "h1", "http://h1.example/b")  # second url on the same host
     assert db.files.copies(H[0]) == 1
     with db.transaction() as conn:
-        db.copies.record_failures(conn, [(H[0], "h2")], 2100)
+        db.copies.record_pending(conn, [(H[0], "h2")], 2100)
     assert db.files.copies(H[0]) == 1
     upload(db, H[0], "h2", "http://h2.example/a")
     assert db.files.copies(H[0]) == 2
-    # the good copy replaced the failure row of h2
+    # the good copy replaced the pending row of h2
     assert [u for u in db.copies.of(H[0]) if u.host_name == "h2"] == [
-        CopyRow("h2", "http://h2.example/a", error=False, verified=True, time=2000)]
+        CopyRow("h2", "http://h2.example/a", "good", time=2000, checked=0)]
     mark_bad(db, H[0], "h1", "http://h1.example/a")
     assert db.files.copies(H[0]) == 2  # h1 still has a good url
     mark_bad(db, H[0], "h1", "http://h1.example/b")
@@ -256,9 +255,9 @@ def test_upload_failure_not_recorded_over_a_good_copy(db):
     add(db, H[0])
     upload(db, H[0], "h1", "http://h1.example/a")
     with db.transaction() as conn:
-        db.copies.record_failures(conn, [(H[0], "h1")], 3000)
+        db.copies.record_pending(conn, [(H[0], "h1")], 3000)
     assert db.copies.of(H[0]) == [
-        CopyRow("h1", "http://h1.example/a", error=False, verified=True, time=2000)]
+        CopyRow("h1", "http://h1.example/a", "good", time=2000, checked=0)]
     assert db.files.copies(H[0]) == 1
 
 
@@ -268,9 +267,14 @@ def test_upload_failure_not_recorded_over_a_good_copy(db):
 def _cached(db, file_hash, when, copies=True, size=10):
     add(db, file_hash, size=size)
     with db.transaction() as conn:
-        db.cache_index.set_cached(conn, [file_hash], True, when)
+        db.cache_index.put(conn, [(file_hash, size, copies)], when)
     if copies:
         upload(db, file_hash, "h1", "http://h1.example/" + file_hash)
+
+
+def _pin(db, file_hash, pinned):
+    with db.transaction() as conn:
+        db.cache_index.pin(conn, file_hash, 10, pinned)
 
 
 def test_eviction_candidates_lru_order_skipping_pinned_and_uncopied(db):
@@ -279,16 +283,15 @@ def test_eviction_candidates_lru_order_skipping_pinned_and_uncopied(db):
     _cached(db, H[2], when=20.0)
     _cached(db, H[3], when=1.0, copies=False)  # oldest, but on no host
     _cached(db, H[4], when=2.0)
-    assert db.cache_index.pin(H[4], True)  # oldest with a copy, but pinned
+    _pin(db, H[4], True)  # oldest with a copy, but pinned
     add(db, H[5])  # not cached at all
     upload(db, H[5], "h1", "http://h1.example/x")
     candidates = db.cache_index.eviction_candidates(db.connection)
     assert [c[:2] for c in candidates] == [(H[1], 10), (H[2], 10), (H[0], 10)]
     db.cache_index.touch([(H[1], 40.0)])
     assert [c[0] for c in db.cache_index.eviction_candidates(db.connection)] == [H[2], H[0], H[1]]
-    assert db.cache_index.pin(H[4], False)
+    _pin(db, H[4], False)
     assert db.cache_index.eviction_candidates(db.connection).fetchone()[:2] == (H[4], 10)
-    assert db.cache_index.pin("f" * 64, True) is False
 
 
 def test_eviction_query_uses_partial_index(db):
@@ -304,7 +307,7 @@ def test_eviction_query_uses_partial_index(db):
     selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
     assert len(selects) == 1
     plan = " ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + selects[0]))
-    assert "files_lru" in plan
+    assert "cache_lru" in plan
     assert "TEMP B-TREE" not in plan.upper()  # the index gives the order: no sort
 
 
@@ -555,20 +558,46 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
     conn.execute("INSERT INTO uploads (hash, host_name, url, verified, time)"
                  " VALUES (?, 'h', 'http://x.example/1', 1, 1)", ("a" * 64,))
     conn.execute("INSERT INTO host_health (host_name, successes, latency_ms) VALUES ('h', 4, 9.5)")
+    # A cached file with a bad copy, a failed upload and another node's claim;
+    # a pinned file that is not cached.
+    b, c = "b" * 64, "c" * 64
+    conn.execute("INSERT INTO files (hash, size, created, cached, last_access)"
+                 " VALUES (?, 5, 1, 1, 77.0)", (b,))
+    conn.execute("INSERT INTO files (hash, size, created, pinned) VALUES (?, 6, 1, 1)", (c,))
+    conn.executemany("INSERT INTO uploads (hash, host_name, url, error, verified, time)"
+                     " VALUES (?, ?, ?, ?, ?, 1)",
+                     [(b, "h", "http://x.example/b", 1, 1), (b, "h2", "", 1, 0),
+                      (b, "h3", "http://y.example/b", 0, 0)])
     conn.commit()
     conn.close()
 
     db = FileDatabase(path)
     try:
-        assert db.schema_version() == SCHEMA_VERSION == 3
+        assert db.schema_version() == SCHEMA_VERSION == 4
         assert db.files.copies("a" * 64) == 1
+        assert db.files.verified("a" * 64) == 1
+        # v4: each copy's state from its old flags; the counts are the same.
+        assert {(r.host_name, r.state) for r in db.copies.of(b)} == {
+            ("h", "bad"), ("h2", "pending"), ("h3", "claimed")}
+        assert (db.files.copies(b), db.files.verified(b)) == (1, 0)
+        # v4: the cache index moved apart, with its totals kept.
+        assert db.cache_index.entry(b) == (b, 5, True, 77.0, False, False)
+        assert db.cache_index.entry(c).pinned and not db.cache_index.entry(c).cached
+        assert db.cache_index.entry("a" * 64) is None
+        assert (db.cache_index.counter("cached_bytes"), db.cache_index.counter("cached_files")) \
+            == (5, 1)
+        with db.transaction() as tx:
+            assert db.cache_index.totals(tx)[0] == db.cache_index.totals(tx)[1]
+            db.copies.record_good(tx, [(b, "h", "http://x.example/b")], 2)  # triggers work
+        assert db.files.verified(b) == 1
         assert db.health.all()["h"].successes == 4
         assert db.health.all()["h"].latency_ms == 9.5  # the old average seeds the samples
         # The migrated tables have every column a new database gets (the
         # old latency_ms stays behind, unused).
         fresh = sqlite3.connect(":memory:")
         fresh.executescript(schema_sql())
-        for table in ("uploads", "host_health", "sources"):
+        for table in ("uploads", "host_health", "sources", "cache_entries", "tombstones",
+                      "removals"):
             columns = {r[1] for r in db.connection.execute("PRAGMA table_info(%s)" % table)}
             assert columns >= {r[1] for r in fresh.execute("PRAGMA table_info(%s)" % table)}
         host_result(db, "h", True, latency_ms=20.5)

@@ -1,4 +1,5 @@
-"""UploadEngine over a real FileDatabase and real hosts.
+"""UploadEngine over real hosts; it writes nothing, so the tests read the facts
+and verdicts it returns (a real Health over a real FileDatabase ranks hosts).
 
 Hosts are folder hosts and PlowshareHosts driven through the fake
 plowup/plowdown (real subprocesses). A few tiny Host subclasses defined here
@@ -10,9 +11,8 @@ import time
 
 import pytest
 
-from cloudmanager.db.health import HostHealth, Outcome
-
-from cloudmanager.engine import UploadEngine, UploadResult
+from cloudmanager.db.health import Outcome
+from cloudmanager.engine import UploadEngine, UploadResult, Verdict
 from cloudmanager.errors import (
     DownloadError,
     HostError,
@@ -23,9 +23,9 @@ from cloudmanager.errors import (
 from cloudmanager.hosts.base import Host, Location
 from cloudmanager.hosts.folder import FolderHost
 from cloudmanager.hosts.plowshare import PlowshareHost
+from cloudmanager.db.health import month_key
+from cloudmanager.health import Health
 from helpers import sha
-
-
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def make_engine(db):
     made = []
 
     def make(hosts, redundancy=3):
-        engine = UploadEngine(db, hosts, redundancy)
+        engine = UploadEngine(hosts, redundancy, Health(db))
         made.append(engine)
         return engine
 
@@ -97,14 +97,15 @@ def demote(db, *names):
         db.health.record({name: [Outcome(False, None, "seeded by the test", time.time())]})
 
 
-def uploads_by_host(db, file_hash):
-    return {row.host_name: row for row in db.copies.of(file_hash)}
+def verdicts_by_host(verdicts):
+    return {v.location.host_name: v.state for v in verdicts}
 
 
-def total_transfers(db):
-    up = sum(u for u, _ in db.health.transfers().values())
-    down = sum(d for _, d in db.health.transfers().values())
-    return up, down
+def facts_by_host(facts):
+    found = {}
+    for fact in facts:
+        found.setdefault(fact.host, []).append(fact)
+    return found
 
 
 class ExplodingHost(Host):
@@ -131,7 +132,8 @@ class ExplodingHost(Host):
 
 def test_duplicate_host_names_are_refused(db, tmp_path):
     with pytest.raises(InvalidInputError):
-        UploadEngine(db, [folder(tmp_path, "a"), FolderHost(str(tmp_path / "b"), name="a")], 2)
+        UploadEngine([folder(tmp_path, "a"), FolderHost(str(tmp_path / "b"), name="a")], 2,
+                     Health(db))
 
 
 # -- uploads -------------------------------------------------------------------
@@ -192,13 +194,10 @@ def test_upload_fails_over_to_the_next_host(fake_plowshare, make_engine, source,
     for host in good:
         with open(os.path.join(host.root, digest), "rb") as f:
             assert f.read() == data
-    health = db.health.all()
-    assert health["down"].consecutive_failures == 1
-    assert health["down"].failures == 1
-    assert health["down"].successes == 0
+    facts = facts_by_host(result.facts)
+    assert [(f.ok, f.counts) for f in facts["down"]] == [(False, True)]
     for name in ("f1", "f2", "f3"):
-        assert health[name].consecutive_failures == 0
-        assert health[name].successes == 1
+        assert [(f.ok, f.uploaded) for f in facts[name]] == [(True, size)]
 
 
 def test_ranked_puts_failing_host_last(fake_plowshare, make_engine, source, db, tmp_path):
@@ -209,8 +208,9 @@ def test_ranked_puts_failing_host_last(fake_plowshare, make_engine, source, db, 
     path, digest, size = source(b"rank me")
     result = engine.upload(path, digest, size)  # target 4: every host is tried
     assert len(result.successes) == 3 and [e.host for e in result.failures] == ["down"]
+    engine.health.record(result.facts)
     for _ in range(30):
-        usable, cooling = engine.ranked(hosts + [down])
+        usable, cooling = engine.health.ranked(hosts + [down])
         order = usable + cooling
         assert order[-1] is down and cooling == []  # one failure does not trip the breaker
         assert sorted(h.name for h in order) == ["down", "f1", "f2", "f3"]
@@ -235,7 +235,7 @@ def test_host_bug_during_upload_is_a_failure_not_a_crash(make_engine, source, db
     assert [loc.host_name for loc in result.successes] == ["ok"]
     assert len(result.failures) == 1 and isinstance(result.failures[0], HostError)
     assert result.failures[0].host == "broken"
-    assert db.health.all()["broken"].consecutive_failures == 1
+    assert [f.ok for f in facts_by_host(result.facts)["broken"]] == [False]
 
 
 # -- downloads -----------------------------------------------------------------
@@ -250,24 +250,20 @@ def test_download_skips_bad_copy_and_marks_it(fake_plowshare, stored, db, out_di
     assert db.files.copies(digest) == 2
     fake_plowshare.faults("bad", **{fault: True})
     demote(db, "good")  # so the bad copy is tried first
-    assert [h.name for h in engine.ranked([good, bad])[0]] == ["bad", "good"]
+    assert [h.name for h in engine.health.ranked([good, bad])[0]] == ["bad", "good"]
     sources = [(loc.host_name, loc.url) for loc in successes]
     dest = out_dir / "dest.bin"
 
     got = engine.download(digest, size, sources, str(dest))
 
-    assert got.host_name == "good"
+    assert got.location.host_name == "good"
     assert dest.read_bytes() == data
     assert [p.name for p in out_dir.iterdir()] == ["dest.bin"]  # no temp left
-    rows = uploads_by_host(db, digest)
-    assert rows["bad"].error is True
-    assert rows["bad"].url == next(l.url for l in successes if l.host_name == "bad")
-    assert rows["good"].error is False
-    assert db.files.copies(digest) == 1
-    health = db.health.all()
+    bad_url = next(loc.url for loc in successes if loc.host_name == "bad")
+    assert Verdict(Location("bad", bad_url), "bad") in got.verdicts
+    assert verdicts_by_host(got.verdicts) == {"bad": "bad", "good": "good"}
     # A bad object says nothing about the host being up: no breaker count.
-    assert health["bad"].consecutive_failures == 0
-    assert health["good"].consecutive_failures == 0
+    assert [(f.ok, f.counts) for f in facts_by_host(got.facts)["bad"]] == [(False, False)]
     # the bad host really was asked
     assert any(e["tool"] == "plowdown" and any("bad.fake" in a for a in e["argv"])
                for e in fake_plowshare.log())
@@ -301,13 +297,10 @@ def test_download_not_found_marks_copy_bad(stored, db, tmp_path, out_dir):
 
     got = engine.download(digest, size, sorted(urls.items()), str(dest))
 
-    assert got == Location("kept", urls["kept"])
+    assert got.location == Location("kept", urls["kept"])
     assert dest.read_bytes() == data
-    rows = uploads_by_host(db, digest)
-    assert rows["gone"].error is True
-    assert rows["kept"].error is False
-    assert db.files.copies(digest) == 1
-    assert db.health.all().get("gone", HostHealth()).consecutive_failures == 0
+    assert verdicts_by_host(got.verdicts) == {"gone": "missing", "kept": "good"}
+    assert [f.counts for f in facts_by_host(got.facts)["gone"]] == [False]
 
 
 def test_download_dead_plowshare_link_marks_copy_bad(fake_plowshare, make_engine, source, db,
@@ -322,9 +315,9 @@ def test_download_dead_plowshare_link_marks_copy_bad(fake_plowshare, make_engine
     demote(db, "disk")
     got = engine.download(digest, size, [tuple(dead), tuple(disk_loc)],
                           str(out_dir / "dest.bin"))
-    assert got.host_name == "disk"
+    assert got.location.host_name == "disk"
     assert (out_dir / "dest.bin").read_bytes() == data
-    assert uploads_by_host(db, digest)["locker"].error is True
+    assert verdicts_by_host(got.verdicts)["locker"] == "missing"
 
 
 def test_transient_failure_does_not_mark_copy_bad(fake_plowshare, stored, db, tmp_path,
@@ -333,11 +326,11 @@ def test_transient_failure_does_not_mark_copy_bad(fake_plowshare, stored, db, tm
     engine, digest, size, successes = stored([locker, disk], b"temporarily down")
     fake_plowshare.faults("locker", down=True)
     demote(db, "disk")
-    got = engine.download(digest, size, [tuple(l) for l in successes],
+    got = engine.download(digest, size, [tuple(loc) for loc in successes],
                           str(out_dir / "dest.bin"))
-    assert got.host_name == "disk"
-    assert uploads_by_host(db, digest)["locker"].error is False  # it may come back
-    assert db.files.copies(digest) == 2
+    assert got.location.host_name == "disk"
+    assert verdicts_by_host(got.verdicts)["locker"] == "error"  # it may come back
+    assert [(f.ok, f.counts) for f in facts_by_host(got.facts)["locker"]] == [(False, True)]
 
 
 def test_all_sources_bad_raises_download_error(fake_plowshare, stored, db, tmp_path, out_dir):
@@ -358,9 +351,8 @@ def test_all_sources_bad_raises_download_error(fake_plowshare, stored, db, tmp_p
     assert any(isinstance(f, HostNotFoundError) for f in err.failures)
     assert not dest.exists()
     assert list(out_dir.iterdir()) == []
-    assert all(row.error for row in db.copies.of(digest))
-    assert db.files.copies(digest) == 0
-    assert total_transfers(db)[1] == 0
+    assert verdicts_by_host(err.verdicts) == {"locker": "bad", "disk": "missing"}
+    assert sum(f.downloaded for f in err.facts) == 0
 
 
 def test_transfer_meter_counts_bytes(make_engine, source, db, tmp_path, out_dir):
@@ -368,16 +360,15 @@ def test_transfer_meter_counts_bytes(make_engine, source, db, tmp_path, out_dir)
     engine = make_engine(hosts, redundancy=3)
     data = os.urandom(12_345)
     path, digest, size = source(data)
-    assert total_transfers(db) == (0, 0)
     result = engine.upload(path, digest, size)
     assert len(result.successes) == 3
-    assert total_transfers(db) == (3 * size, 0)
-    engine.download(digest, size, [tuple(l) for l in result.successes],
-                    str(out_dir / "d1"))
-    engine.download(digest, size, [tuple(l) for l in result.successes],
-                    str(out_dir / "d2"))
-    assert total_transfers(db) == (3 * size, 2 * size)
-    assert len(db.health.transfers()) == 1  # one month on record
+    assert sum(f.uploaded for f in result.facts) == 3 * size
+    downloads = [engine.download(digest, size, [tuple(loc) for loc in result.successes],
+                                 str(out_dir / name)) for name in ("d1", "d2")]
+    assert [sum(f.downloaded for f in d.facts) for d in downloads] == [size, size]
+    # Health writes the meter, one month on record.
+    engine.health.record(result.facts + downloads[0].facts + downloads[1].facts)
+    assert db.health.transfers() == {month_key(): (3 * size, 2 * size)}
 
 
 def test_failed_upload_is_not_metered(fake_plowshare, make_engine, source, db):
@@ -387,7 +378,7 @@ def test_failed_upload_is_not_metered(fake_plowshare, make_engine, source, db):
     path, digest, size = source(b"goes nowhere")
     result = engine.upload(path, digest, size)
     assert result.successes == [] and len(result.failures) == 1
-    assert total_transfers(db) == (0, 0)
+    assert sum(f.uploaded for f in result.facts) == 0
 
 
 def test_host_for_falls_back_to_any_accepting_host(make_engine, source, db, tmp_path,
@@ -406,9 +397,9 @@ def test_host_for_falls_back_to_any_accepting_host(make_engine, source, db, tmp_
     record(db, digest, [Location("old-node-disk", loc.url)])
     dest = out_dir / "d.bin"
     got = engine.download(digest, size, [("old-node-disk", loc.url)], str(dest))
-    assert got == Location("old-node-disk", loc.url)
+    assert got.location == Location("old-node-disk", loc.url)
     assert dest.read_bytes() == data
-    assert db.health.all()["here"].successes == 1
+    assert [(f.host, f.ok) for f in got.facts] == [("here", True)]
 
 
 def test_unreachable_source_is_named_in_download_error(make_engine, source, db, tmp_path,
@@ -444,7 +435,7 @@ def test_host_bug_during_download_fails_over(make_engine, source, db, tmp_path, 
     demote(db, "disk")  # the broken host is tried first
     dest = out_dir / "d.bin"
     got = engine.download(digest, size, [("broken", "boom://x"), tuple(loc)], str(dest))
-    assert got.host_name == "disk"
+    assert got.location.host_name == "disk"
     assert dest.read_bytes() == data
 
 

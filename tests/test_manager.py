@@ -598,11 +598,11 @@ def test_hits_and_misses_count_each_request_once(make_pool, write_file, tmp_path
     cm.close()
     # A top-up reads the cached copy but is not a use of it.
     cm = make_pool(capacity=1000, hosts=hosts, redundancy=2)
-    last_access = cm.db.files.get(digest).last_access
+    last_access = cm.db.cache_index.entry(digest).last_access
     assert cm.sync()["uploads"] == 1
     stats = cm.stats()
     assert (stats["hits"], stats["misses"]) == (after["hits"], after["misses"])
-    assert cm.db.files.get(digest).last_access == last_access
+    assert cm.db.cache_index.entry(digest).last_access == last_access
 
 
 def test_download_to_a_relative_path(make_pool, write_file, tmp_path, monkeypatch):

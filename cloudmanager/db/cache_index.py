@@ -1,26 +1,37 @@
-"""This node's cache index: which files are cached, their LRU clock, pins, and
-the running totals of cached bytes and files (kept by triggers).
+"""This node's cache index: the ``cache_entries`` and ``counters`` tables.
+
+A row per file this node caches or pins: whether the storage directory holds
+it, its LRU clock, the user's pin, and whether some host verifiably holds it
+(``protected``: only protected files may be evicted). The running totals of
+cached bytes and files are kept by triggers, with the hit and miss counts.
 
 Written only by :mod:`cloudmanager.cache` and the checks of
-:mod:`cloudmanager.fsck` (through this module). The columns live on the
-``files`` rows today (``cached``, ``last_access``, ``pinned``) and the totals
-in ``counters``; nothing outside this module names them in SQL, so they can
-move to a file of their own beside the storage directory when the catalog
-moves to a server.
+:mod:`cloudmanager.fsck` (through this module), and, for ``protected``, by
+:mod:`cloudmanager.replication`. No statement here reads the catalog, so the
+index can live in a file of its own beside the storage directory when the
+catalog moves to a server.
 """
 
 from __future__ import annotations
 
 import sqlite3
-import time
-from typing import Iterable, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
-from .connection import Database
+from .connection import Database, json_list
 
 
 class CacheState(NamedTuple):
     size: int
     cached: bool
+
+
+class CacheEntry(NamedTuple):
+    hash: str
+    size: int
+    cached: bool
+    last_access: float
+    pinned: bool
+    protected: bool
 
 
 class Totals(NamedTuple):
@@ -37,15 +48,42 @@ class CacheIndex:
     # -- the hot path ---------------------------------------------------------------
 
     def state(self, file_hash: str) -> Optional[CacheState]:
-        """``(size, cached)`` for a known file, or ``None``. One key lookup."""
-        row = self.db.read("SELECT size, cached FROM files WHERE hash = ?",
+        """``(size, cached)`` of a file this node caches or pins, or ``None``. One
+        key lookup."""
+        row = self.db.read("SELECT size, cached FROM cache_entries WHERE hash = ?",
                            (file_hash,)).fetchone()
         return None if row is None else CacheState(row[0], bool(row[1]))
+
+    def has_any(self) -> bool:
+        """Whether the index has any row (one index probe)."""
+        return self.db.read("SELECT 1 FROM cache_entries LIMIT 1").fetchone() is not None
 
     def is_cached(self, file_hash: str) -> bool:
         """Whether the index says the cache holds ``file_hash``."""
         state = self.state(file_hash)
         return bool(state and state.cached)
+
+    def entry(self, file_hash: str) -> Optional[CacheEntry]:
+        """The file's whole row, or ``None``."""
+        row = self.db.read("SELECT hash, size, cached, last_access, pinned, protected"
+                           " FROM cache_entries WHERE hash = ?", (file_hash,)).fetchone()
+        return None if row is None else CacheEntry(row[0], row[1], bool(row[2]), row[3],
+                                                   bool(row[4]), bool(row[5]))
+
+    def entries_among(self, hashes: Iterable[str]) -> Dict[str, CacheEntry]:
+        """``{hash: CacheEntry}`` for those of ``hashes`` this node caches or pins."""
+        return {row[0]: CacheEntry(row[0], row[1], bool(row[2]), row[3], bool(row[4]),
+                                   bool(row[5])) for row in self.db.read(
+            "SELECT c.hash, c.size, c.cached, c.last_access, c.pinned, c.protected"
+            " FROM json_each(?) AS j JOIN cache_entries AS c ON c.hash = j.value",
+            (json_list(hashes),))}
+
+    def cached_among(self, hashes: Iterable[str],
+                     conn: Optional[sqlite3.Connection] = None) -> Set[str]:
+        """Those of ``hashes`` the index says are cached."""
+        return {h for (h,) in (conn or self.db.connection).execute(
+            "SELECT c.hash FROM json_each(?) AS j JOIN cache_entries AS c ON c.hash = j.value"
+            " WHERE c.cached = 1", (json_list(hashes),))}
 
     def counter(self, name: str, conn: Optional[sqlite3.Connection] = None) -> int:
         """A running total: ``cached_bytes``, ``cached_files``, ``hits`` or ``misses``."""
@@ -55,23 +93,39 @@ class CacheIndex:
 
     # -- writes ----------------------------------------------------------------------
 
-    def set_cached(self, conn: sqlite3.Connection, hashes: Iterable[str], cached: bool,
-                   when: Optional[float] = None) -> None:
-        """Mark files cached (with their LRU clock set to ``when``) or not."""
-        if cached:
-            when = time.time() if when is None else when
-            conn.executemany("UPDATE files SET cached = 1, last_access = ? WHERE hash = ?",
-                             [(when, h) for h in hashes])
-        else:
-            conn.executemany("UPDATE files SET cached = 0 WHERE hash = ?",
-                             [(h,) for h in hashes])
+    def put(self, conn: sqlite3.Connection, entries: Iterable[Tuple[str, int, bool]],
+            when: float) -> None:
+        """Record files ``[(hash, size, protected)]`` as cached, used at ``when``."""
+        conn.executemany(
+            "INSERT INTO cache_entries (hash, size, cached, last_access, protected)"
+            " VALUES (?, ?, 1, ?, ?) ON CONFLICT (hash) DO UPDATE SET cached = 1,"
+            " size = excluded.size, last_access = excluded.last_access,"
+            " protected = excluded.protected",
+            [(h, size, when, 1 if protected else 0) for h, size, protected in entries])
+
+    def uncache(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> None:
+        """Mark files not cached; rows that only said that go."""
+        rows = [(h,) for h in hashes]
+        conn.executemany("DELETE FROM cache_entries WHERE hash = ? AND pinned = 0", rows)
+        conn.executemany("UPDATE cache_entries SET cached = 0 WHERE hash = ?", rows)
+
+    def forget(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> None:
+        """Drop files' rows, pins included (the pool forgot them)."""
+        conn.executemany("DELETE FROM cache_entries WHERE hash = ?", [(h,) for h in hashes])
+
+    def set_protected(self, conn: sqlite3.Connection, hashes: Iterable[str],
+                      protected: bool) -> None:
+        """Record whether some host verifiably holds these files (only then may
+        they be evicted)."""
+        conn.executemany("UPDATE cache_entries SET protected = ? WHERE hash = ?",
+                         [(1 if protected else 0, h) for h in hashes])
 
     def touch(self, accesses: Iterable[Tuple[str, float]],
               conn: Optional[sqlite3.Connection] = None) -> None:
         """Apply deferred LRU clock updates ``[(hash, when)]`` (in their own
         transaction unless ``conn`` is given)."""
         rows = [(when, h) for h, when in accesses]
-        sql = ("UPDATE files SET last_access = max(last_access, ?)"
+        sql = ("UPDATE cache_entries SET last_access = max(last_access, ?)"
                " WHERE hash = ? AND cached = 1")
         if conn is not None:
             conn.executemany(sql, rows)
@@ -85,25 +139,27 @@ class CacheIndex:
             conn.executemany("UPDATE counters SET value = value + ? WHERE name = ?",
                              [(hits, "hits"), (misses, "misses")])
 
-    def pin(self, file_hash: str, pinned: bool) -> bool:
-        """Set or clear the explicit pin of a file. :return: True if it exists."""
-        with self.db.transaction() as conn:
-            return conn.execute("UPDATE files SET pinned = ? WHERE hash = ?",
-                                (1 if pinned else 0, file_hash)).rowcount == 1
+    def pin(self, conn: sqlite3.Connection, file_hash: str, size: int, pinned: bool) -> None:
+        """Set or clear the user's pin of a file of ``size`` bytes."""
+        if pinned:
+            conn.execute("INSERT INTO cache_entries (hash, size, pinned) VALUES (?, ?, 1)"
+                         " ON CONFLICT (hash) DO UPDATE SET pinned = 1", (file_hash, size))
+        else:
+            conn.execute("DELETE FROM cache_entries WHERE hash = ? AND cached = 0", (file_hash,))
+            conn.execute("UPDATE cache_entries SET pinned = 0 WHERE hash = ?", (file_hash,))
 
     def eviction_candidates(self, conn: sqlite3.Connection) -> sqlite3.Cursor:
         """Least recently used evictable files, as a cursor of ``(hash, size, last_access)``.
 
-        Evictable means cached, on at least one host this node uploaded to or
-        verified a download from, and not pinned. The WHERE clause matches
-        the partial index ``files_lru`` (whose entries are ``(last_access,
-        hash)``), so this is an index range scan that yields rows as they
-        are read: the caller takes as many as it needs, O(log n + taken),
-        then closes the cursor.
+        Evictable means cached, protected (some host verifiably holds it) and
+        not pinned. The WHERE clause matches the partial index ``cache_lru``
+        (whose entries are ``(last_access, hash)``), so this is an index range
+        scan that yields rows as they are read: the caller takes as many as it
+        needs, O(log n + taken), then closes the cursor.
         """
         return conn.execute(
-            "SELECT hash, size, last_access FROM files"
-            " WHERE cached = 1 AND verified > 0 AND pinned = 0"
+            "SELECT hash, size, last_access FROM cache_entries"
+            " WHERE cached = 1 AND protected = 1 AND pinned = 0"
             " ORDER BY last_access, hash")
 
     # -- reconciliation and checks (scans: never on a hot path) ---------------------
@@ -111,12 +167,18 @@ class CacheIndex:
     def cached_rows(self, conn: Optional[sqlite3.Connection] = None) -> List[Tuple[str, int]]:
         """``[(hash, size)]`` of every file the index says is cached. Scans rows."""
         return (conn or self.db.connection).execute(
-            "SELECT hash, size FROM files WHERE cached = 1").fetchall()
+            "SELECT hash, size FROM cache_entries WHERE cached = 1").fetchall()
+
+    def unprotected(self, conn: sqlite3.Connection) -> List[str]:
+        """Hashes of cached files no host verifiably holds, in order. Scans rows."""
+        return [r[0] for r in conn.execute(
+            "SELECT hash FROM cache_entries WHERE cached = 1 AND protected = 0 ORDER BY hash")]
 
     def recount(self, conn: sqlite3.Connection) -> Totals:
         """Recompute the cached bytes and files totals from the rows."""
         size, count = conn.execute(
-            "SELECT coalesce(sum(size), 0), count(*) FROM files WHERE cached = 1").fetchone()
+            "SELECT coalesce(sum(size), 0), count(*) FROM cache_entries WHERE cached = 1"
+        ).fetchone()
         conn.executemany("UPDATE counters SET value = ? WHERE name = ?",
                          [(size, "cached_bytes"), (count, "cached_files")])
         return Totals(size, count)
@@ -128,7 +190,7 @@ class CacheIndex:
             "SELECT coalesce(sum(size), 0), count(*),"
             " (SELECT value FROM counters WHERE name = 'cached_bytes'),"
             " (SELECT value FROM counters WHERE name = 'cached_files')"
-            " FROM files WHERE cached = 1").fetchone()
+            " FROM cache_entries WHERE cached = 1").fetchone()
         return Totals(row[0], row[1]), Totals(row[2] or 0, row[3] or 0)
 
     def totals_negative(self, conn: sqlite3.Connection) -> bool:
@@ -139,4 +201,4 @@ class CacheIndex:
     def pins_without_file(self, conn: sqlite3.Connection) -> List[str]:
         """Hashes of files pinned explicitly but not cached."""
         return [r[0] for r in conn.execute(
-            "SELECT hash FROM files WHERE pinned = 1 AND cached = 0 ORDER BY hash")]
+            "SELECT hash FROM cache_entries WHERE pinned = 1 AND cached = 0 ORDER BY hash")]

@@ -39,7 +39,7 @@ from ..errors import DatabaseError
 log = logging.getLogger(__name__)
 
 #: The schema version this code writes and expects.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: WAL pages between automatic checkpoints (SQLite's default is 1,000, or
 #: 4 MB); a checkpoint writes each dirty page once, however often it changed.
@@ -80,6 +80,110 @@ MIGRATIONS = {
             hash     TEXT NOT NULL CHECK (length(hash) = 64)
         ) WITHOUT ROWID;
         PRAGMA user_version = 3;
+    """,
+    # 4: the copy state machine (a state per copy, with back-off for looking
+    # again at condemned ones), tombstones of deleted copies, and the cache
+    # index apart from the catalog. uploads is rebuilt (its CHECK and columns
+    # change); files keeps its old cache columns, unused: rebuilding a parent
+    # table would cascade into its children.
+    3: """
+        CREATE TABLE uploads_v4 (
+            hash       TEXT NOT NULL REFERENCES files (hash) ON DELETE CASCADE,
+            host_name  TEXT NOT NULL,
+            url        TEXT NOT NULL DEFAULT '',
+            state      TEXT NOT NULL DEFAULT 'claimed' CHECK (state IN
+                           ('pending', 'good', 'claimed', 'suspect', 'bad', 'missing',
+                            'deleted')),
+            time       INTEGER NOT NULL,
+            checked    INTEGER NOT NULL DEFAULT 0,
+            next_check REAL NOT NULL DEFAULT 0,
+            strikes    INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (hash, host_name, url)
+        ) WITHOUT ROWID;
+        INSERT INTO uploads_v4 (hash, host_name, url, state, time, checked)
+            SELECT hash, host_name, url,
+                   CASE WHEN url = '' THEN 'pending' WHEN error = 1 THEN 'bad'
+                        WHEN verified = 1 THEN 'good' ELSE 'claimed' END,
+                   time, checked FROM uploads;
+        DROP TABLE uploads;
+        ALTER TABLE uploads_v4 RENAME TO uploads;
+        CREATE INDEX uploads_checked ON uploads (checked) WHERE state IN ('good', 'claimed');
+        CREATE INDEX uploads_recheck ON uploads (next_check)
+            WHERE state IN ('suspect', 'bad', 'missing');
+        CREATE TRIGGER uploads_insert AFTER INSERT ON uploads BEGIN
+            UPDATE files SET
+                copies = (SELECT count(DISTINCT host_name) FROM uploads
+                          WHERE hash = NEW.hash AND state IN ('good', 'claimed', 'suspect')),
+                verified = (SELECT count(DISTINCT host_name) FROM uploads
+                            WHERE hash = NEW.hash AND state = 'good')
+            WHERE hash = NEW.hash;
+        END;
+        CREATE TRIGGER uploads_update AFTER UPDATE OF state ON uploads
+        WHEN OLD.state != NEW.state BEGIN
+            UPDATE files SET
+                copies = (SELECT count(DISTINCT host_name) FROM uploads
+                          WHERE hash = NEW.hash AND state IN ('good', 'claimed', 'suspect')),
+                verified = (SELECT count(DISTINCT host_name) FROM uploads
+                            WHERE hash = NEW.hash AND state = 'good')
+            WHERE hash = NEW.hash;
+        END;
+        CREATE TRIGGER uploads_delete AFTER DELETE ON uploads BEGIN
+            UPDATE files SET
+                copies = (SELECT count(DISTINCT host_name) FROM uploads
+                          WHERE hash = OLD.hash AND state IN ('good', 'claimed', 'suspect')),
+                verified = (SELECT count(DISTINCT host_name) FROM uploads
+                            WHERE hash = OLD.hash AND state = 'good')
+            WHERE hash = OLD.hash;
+        END;
+        CREATE TABLE tombstones (
+            hash      TEXT NOT NULL CHECK (length(hash) = 64),
+            host_name TEXT NOT NULL,
+            url       TEXT NOT NULL,
+            deleted   REAL NOT NULL,
+            PRIMARY KEY (hash, host_name, url)
+        ) WITHOUT ROWID;
+        CREATE TABLE removals (
+            hash    TEXT PRIMARY KEY CHECK (length(hash) = 64),
+            owner   TEXT NOT NULL,
+            started REAL NOT NULL
+        ) WITHOUT ROWID;
+        DROP INDEX IF EXISTS files_copies;
+        CREATE INDEX files_verified ON files (verified);
+        CREATE TABLE cache_entries (
+            hash        TEXT PRIMARY KEY CHECK (length(hash) = 64),
+            size        INTEGER NOT NULL CHECK (size >= 0),
+            cached      INTEGER NOT NULL DEFAULT 0 CHECK (cached IN (0, 1)),
+            last_access REAL NOT NULL DEFAULT 0,
+            pinned      INTEGER NOT NULL DEFAULT 0 CHECK (pinned IN (0, 1)),
+            protected   INTEGER NOT NULL DEFAULT 0 CHECK (protected IN (0, 1))
+        ) WITHOUT ROWID;
+        INSERT INTO cache_entries (hash, size, cached, last_access, pinned, protected)
+            SELECT hash, size, cached, last_access, pinned, verified > 0 FROM files
+            WHERE cached = 1 OR pinned = 1;
+        DROP INDEX IF EXISTS files_lru;
+        DROP TRIGGER IF EXISTS files_cache_insert;
+        DROP TRIGGER IF EXISTS files_cache_update;
+        DROP TRIGGER IF EXISTS files_cache_delete;
+        CREATE INDEX cache_lru ON cache_entries (last_access)
+            WHERE cached = 1 AND protected = 1 AND pinned = 0;
+        CREATE TRIGGER cache_insert AFTER INSERT ON cache_entries
+        WHEN NEW.cached = 1 BEGIN
+            UPDATE counters SET value = value + NEW.size WHERE name = 'cached_bytes';
+            UPDATE counters SET value = value + 1 WHERE name = 'cached_files';
+        END;
+        CREATE TRIGGER cache_update AFTER UPDATE OF cached, size ON cache_entries
+        WHEN OLD.cached != NEW.cached OR OLD.size != NEW.size BEGIN
+            UPDATE counters SET value = value + NEW.cached * NEW.size - OLD.cached * OLD.size
+                WHERE name = 'cached_bytes';
+            UPDATE counters SET value = value + (NEW.cached - OLD.cached)
+                WHERE name = 'cached_files';
+        END;
+        CREATE TRIGGER cache_delete AFTER DELETE ON cache_entries
+        WHEN OLD.cached = 1 BEGIN
+            UPDATE counters SET value = value - OLD.size WHERE name = 'cached_bytes';
+            UPDATE counters SET value = value - 1 WHERE name = 'cached_files';
+        END;
+        PRAGMA user_version = 4;
     """,
 }
 

@@ -1,12 +1,11 @@
-"""The ``uploads`` table: where each file's copies live, and what is known of them.
+"""The ``uploads`` and ``tombstones`` tables: where each file's copies live, and
+what this node knows of each.
 
-Only :mod:`cloudmanager.replication` (through this module) writes these rows.
-A copy is identified by ``(hash, host_name, url)``. A failed upload attempt is
-a row with ``url = ''`` and ``error = 1``; a copy found bad keeps its URL and
-gets ``error = 1``. ``verified`` is 1 for a copy this node uploaded, or
-downloaded or checked and found right; 0 for one only claimed by another
-node's records. The triggers in ``schema.sql`` keep ``files.copies`` and
-``files.verified`` in step with these rows.
+Only :mod:`cloudmanager.replication` (through this module) writes these rows;
+the rules of the copy state machine are there, the statements here. A copy is
+identified by ``(hash, host_name, url)``; its ``state`` is one of
+:data:`STATES`. The triggers in ``schema.sql`` keep ``files.copies`` (good,
+claimed or suspect) and ``files.verified`` (good) in step with these rows.
 
 Every write takes a batch: a single copy is a batch of one, so the two paths
 cannot drift apart. Every write is guarded against a file removed meanwhile
@@ -18,7 +17,17 @@ from __future__ import annotations
 import sqlite3
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
-from .connection import Database, in_list
+from .connection import Database, in_list, json_list
+
+#: Every state a copy can be in (see :mod:`cloudmanager.replication`).
+STATES = ("pending", "good", "claimed", "suspect", "bad", "missing", "deleted")
+#: States of copies believed to hold the file.
+HOLDING = ("good", "claimed")
+#: States of copies that failed a look and are looked at again with back-off.
+CONDEMNED = ("suspect", "bad", "missing")
+
+_HOLDING_SQL = "('good', 'claimed')"
+_CONDEMNED_SQL = "('suspect', 'bad', 'missing')"
 
 
 class CopyRow(NamedTuple):
@@ -26,31 +35,40 @@ class CopyRow(NamedTuple):
 
     host_name: str
     url: str
-    #: The copy is bad or missing, or the row records a failed upload (url '').
-    error: bool
-    #: This node made the copy, or checked its bytes.
-    verified: bool
+    #: One of :data:`STATES`.
+    state: str
     #: Unix time of the upload (or of the import that brought the claim).
     time: int
+    #: Unix time of the last look at it; 0 for never.
+    checked: int
+
+    @property
+    def error(self) -> bool:
+        """Whether the JSON format calls it an error (not believed to hold the file)."""
+        return self.state not in HOLDING and self.state != "suspect"
+
+    @property
+    def verified(self) -> bool:
+        """Whether this node made the copy or checked its bytes."""
+        return self.state == "good"
 
 
 class ReplicationState(NamedTuple):
     """What deciding on more copies of a file needs."""
 
     size: int
-    verified: int
-    cached: bool
-    #: Names of the hosts holding a good copy (claimed or verified).
-    holders: Set[str]
-    #: Names of the hosts holding a copy this node made or checked.
-    verified_holders: Set[str]
+    #: Hosts holding a copy this node made or checked.
+    good: Set[str]
+    #: ``[(host_name, url)]`` of copies only other nodes' records vouch for.
+    claimed: List[Tuple[str, str]]
 
 
-class CopyToVerify(NamedTuple):
+class CopyToCheck(NamedTuple):
     hash: str
     host_name: str
     url: str
     size: int
+    state: str
 
 
 #: (hash, host_name, url)
@@ -58,7 +76,7 @@ CopyKey = Tuple[str, str, str]
 
 
 class Copies:
-    """Reads and writes of the ``uploads`` table."""
+    """Reads and writes of copies and tombstones."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -67,109 +85,213 @@ class Copies:
 
     def of(self, file_hash: str) -> List[CopyRow]:
         """The file's rows, oldest first."""
-        return [CopyRow(h, u, bool(e), bool(v), t) for h, u, e, v, t in self.db.read(
-            "SELECT host_name, url, error, verified, time FROM uploads WHERE hash = ?"
+        return [CopyRow(*row) for row in self.db.read(
+            "SELECT host_name, url, state, time, checked FROM uploads WHERE hash = ?"
             " ORDER BY time, host_name, url", (file_hash,))]
 
-    def sources(self, file_hash: str) -> List[Tuple[str, str]]:
-        """``[(host_name, url)]`` of the file's good copies: where to fetch it from."""
+    def sources(self, file_hash: str, condemned: bool = False) -> List[Tuple[str, str]]:
+        """``[(host_name, url)]`` to fetch the file from: the copies believed to
+        hold it, or (``condemned``) the suspect, missing and bad ones, a last
+        resort that is safe because every byte fetched is checked."""
+        states = _CONDEMNED_SQL if condemned else _HOLDING_SQL
         return [(h, u) for h, u in self.db.read(
-            "SELECT host_name, url FROM uploads WHERE hash = ? AND error = 0 AND url != ''"
-            " ORDER BY time, host_name, url", (file_hash,))]
+            "SELECT host_name, url FROM uploads WHERE hash = ? AND url != ''"
+            " AND state IN %s ORDER BY time, host_name, url" % states, (file_hash,))]
 
     def replication_states(self, hashes: Iterable[str]) -> Dict[str, ReplicationState]:
         """``{hash: ReplicationState}`` for the known ones among ``hashes``. Two statements."""
-        sql, param = in_list(hashes)
-        states = {h: ReplicationState(size, verified, bool(cached), set(), set())
-                  for h, size, verified, cached in self.db.read(
-                      "SELECT hash, size, verified, cached FROM files WHERE hash " + sql,
-                      (param,))}
-        for h, host_name, verified in self.db.read(
-                "SELECT hash, host_name, verified FROM uploads WHERE error = 0 AND url != ''"
-                " AND hash " + sql, (param,)):
-            states[h].holders.add(host_name)
-            if verified:
-                states[h].verified_holders.add(host_name)
+        param = (json_list(hashes),)
+        states = {h: ReplicationState(size, set(), []) for h, size in self.db.read(
+            "SELECT f.hash, f.size FROM json_each(?) AS j JOIN files AS f ON f.hash = j.value",
+            param)}
+        for h, host_name, url, state in self.db.read(
+                "SELECT u.hash, u.host_name, u.url, u.state FROM json_each(?) AS j"
+                " JOIN uploads AS u ON u.hash = j.value"
+                " WHERE u.state IN " + _HOLDING_SQL + " AND u.url != ''", param):
+            if state == "good":
+                states[h].good.add(host_name)
+            else:
+                states[h].claimed.append((host_name, url))
         return states
 
-    def to_verify(self, hashes: Optional[Sequence[str]] = None,
-                  host_names: Optional[Sequence[str]] = None,
-                  checked_before: Optional[float] = None,
-                  limit: Optional[int] = None) -> List[CopyToVerify]:
-        """Good copies for :meth:`~cloudmanager.CloudManager.verify`, least recently checked first.
+    def to_check(self, hashes: Optional[Sequence[str]] = None,
+                 host_names: Optional[Sequence[str]] = None,
+                 checked_before: Optional[float] = None,
+                 limit: Optional[int] = None,
+                 due: Optional[float] = None) -> List[CopyToCheck]:
+        """Copies for :meth:`~cloudmanager.CloudManager.verify`.
+
+        First the condemned copies (suspect, bad, missing) whose back-off ends
+        by ``due`` (all of them when ``hashes`` names the files), then the
+        copies believed good, least recently checked first.
 
         :param hashes: only these files
         :param host_names: only copies recorded under these host names
         :param checked_before: only copies last checked before this unix time
         :param limit: at most this many copies
+        :param due: the unix time against which back-offs are measured
         """
-        sql = ("SELECT u.hash, u.host_name, u.url, f.size FROM uploads AS u"
-               " JOIN files AS f ON f.hash = u.hash WHERE u.error = 0 AND u.url != ''")
+        base = ("SELECT u.hash, u.host_name, u.url, f.size, u.state FROM uploads AS u"
+                " JOIN files AS f ON f.hash = u.hash WHERE u.url != ''")
         params: List[object] = []
         for column, values in (("u.hash", hashes), ("u.host_name", host_names)):
             if values is not None:
                 fragment, param = in_list(values)
-                sql += " AND %s %s" % (column, fragment)
+                base += " AND %s %s" % (column, fragment)
                 params.append(param)
         if checked_before is not None:
-            sql += " AND u.checked < ?"
+            base += " AND u.checked < ?"
             params.append(checked_before)
-        sql += " ORDER BY u.checked, u.hash"
+        condemned_sql = base + " AND u.state IN " + _CONDEMNED_SQL
+        condemned_params = list(params)
+        if hashes is None and due is not None:
+            condemned_sql += " AND u.next_check <= ?"
+            condemned_params.append(due)
+        condemned_sql += " ORDER BY u.next_check, u.hash"
         if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
-        return [CopyToVerify(*row) for row in self.db.read(sql, params)]
+            condemned_sql += " LIMIT ?"
+            condemned_params.append(limit)
+        found = [CopyToCheck(*row) for row in self.db.read(condemned_sql, condemned_params)]
+        if limit is not None and len(found) >= limit:
+            return found
+        holding_sql = base + " AND u.state IN " + _HOLDING_SQL + " ORDER BY u.checked, u.hash"
+        if limit is not None:
+            holding_sql += " LIMIT ?"
+            params.append(limit - len(found))
+        return found + [CopyToCheck(*row) for row in self.db.read(holding_sql, params)]
 
-    def good(self) -> sqlite3.Cursor:
-        """``(hash, host_name, url)`` of every good copy, in hash order (one cursor)."""
+    def holding(self) -> sqlite3.Cursor:
+        """``(hash, host_name, url)`` of every copy believed good, in hash order."""
         return self.db.read("SELECT hash, host_name, url FROM uploads"
-                            " WHERE error = 0 AND url != '' ORDER BY hash")
+                            " WHERE state IN " + _HOLDING_SQL + " AND url != '' ORDER BY hash")
+
+    def tombstoned(self, keys: Iterable[CopyKey]) -> Set[CopyKey]:
+        """Those of ``keys`` this node deleted."""
+        keys = list(keys)
+        if not keys:
+            return set()
+        return {tuple(row) for row in self.db.read(  # type: ignore[misc]
+            "SELECT t.hash, t.host_name, t.url FROM json_each(?) AS j"
+            " JOIN tombstones AS t ON t.hash = json_extract(j.value, '$[0]')"
+            " AND t.host_name = json_extract(j.value, '$[1]')"
+            " AND t.url = json_extract(j.value, '$[2]')", (json_list(map(list, keys)),))}
+
+    def removing(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> Set[str]:
+        """Those of ``hashes`` whose removal is in progress."""
+        return {h for (h,) in conn.execute(
+            "SELECT r.hash FROM json_each(?) AS j JOIN removals AS r ON r.hash = j.value",
+            (json_list(hashes),))}
 
     # -- writes (inside a transaction) ------------------------------------------------
 
+    def begin_removal(self, conn: sqlite3.Connection, file_hash: str, owner: str,
+                      when: float) -> None:
+        """Note that ``owner`` is removing the file (see :meth:`removing`)."""
+        conn.execute("INSERT OR REPLACE INTO removals (hash, owner, started) VALUES (?, ?, ?)",
+                     (file_hash, owner, when))
+
+    def end_removals(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> None:
+        """The removals of these files are over."""
+        conn.executemany("DELETE FROM removals WHERE hash = ?", [(h,) for h in hashes])
+
+    def removals_of_owners_not_in(self, conn: sqlite3.Connection,
+                                  owners: Iterable[str]) -> List[str]:
+        """Hashes of removals whose owner is none of ``owners`` (it died)."""
+        live = set(owners)
+        return [h for h, owner in conn.execute("SELECT hash, owner FROM removals")
+                if owner not in live]
+
     def record_good(self, conn: sqlite3.Connection, copies: Iterable[CopyKey],
-                    when: int) -> None:
-        """Record copies this node made (verified), dropping earlier failure rows of
-        their hosts. Copies of files no longer in the pool are not recorded."""
+                    when: int, checked: bool = False) -> None:
+        """Copies this node made or checked are good: insert or update them, drop
+        the pending rows of their hosts and any tombstone at their place.
+        Copies of files no longer in the pool are not recorded.
+
+        :param checked: the copies' bytes were looked at now (a verify or a
+            download), so a budgeted verify can leave them for later; a copy
+            just made keeps its place in the verify order
+        """
         copies = list(copies)
         if not copies:
             return
         conn.executemany(
-            "INSERT INTO uploads (hash, host_name, url, error, verified, time)"
-            " SELECT ?, ?, ?, 0, 1, ? WHERE EXISTS (SELECT 1 FROM files WHERE hash = ?)"
-            " ON CONFLICT (hash, host_name, url)"
-            " DO UPDATE SET error = 0, verified = 1, time = excluded.time",
-            [(h, host, url, when, h) for h, host, url in copies])
+            "INSERT INTO uploads (hash, host_name, url, state, time, checked)"
+            " SELECT ?, ?, ?, 'good', ?, ? WHERE EXISTS (SELECT 1 FROM files WHERE hash = ?)"
+            " ON CONFLICT (hash, host_name, url) DO UPDATE SET state = 'good',"
+            " time = CASE WHEN ? THEN time ELSE excluded.time END,"
+            " checked = CASE WHEN ? THEN excluded.checked ELSE checked END,"
+            " strikes = 0, next_check = 0",
+            [(h, host, url, when, when if checked else 0, h, checked, checked)
+             for h, host, url in copies])
         conn.executemany("DELETE FROM uploads WHERE hash = ? AND host_name = ? AND url = ''"
-                         " AND error = 1", [(h, host) for h, host, _ in copies])
+                         " AND state = 'pending'", [(h, host) for h, host, _ in copies])
+        conn.executemany("DELETE FROM tombstones WHERE hash = ? AND host_name = ? AND url = ?",
+                         copies)
 
-    def record_failures(self, conn: sqlite3.Connection, failures: Iterable[Tuple[str, str]],
-                        when: int) -> None:
-        """Record failed uploads ``[(hash, host_name)]``, unless the host holds a
-        good copy already or the file is gone."""
+    def record_pending(self, conn: sqlite3.Connection, failures: Iterable[Tuple[str, str]],
+                       when: int) -> None:
+        """Record failed uploads ``[(hash, host_name)]`` as copies owed, unless the
+        host holds a good copy already or the file is gone."""
         conn.executemany(
-            "INSERT INTO uploads (hash, host_name, url, error, time)"
-            " SELECT ?, ?, '', 1, ? WHERE NOT EXISTS ("
-            "  SELECT 1 FROM uploads WHERE hash = ? AND host_name = ? AND error = 0)"
+            "INSERT INTO uploads (hash, host_name, url, state, time)"
+            " SELECT ?, ?, '', 'pending', ? WHERE NOT EXISTS ("
+            "  SELECT 1 FROM uploads WHERE hash = ? AND host_name = ? AND state = 'good')"
             " AND EXISTS (SELECT 1 FROM files WHERE hash = ?)"
             " ON CONFLICT (hash, host_name, url) DO UPDATE SET time = excluded.time",
             [(h, host, when, h, host, h) for h, host in failures])
 
-    def mark_bad(self, conn: sqlite3.Connection, copies: Iterable[CopyKey]) -> None:
-        """Flag copies found missing or corrupt."""
-        conn.executemany("UPDATE uploads SET error = 1 WHERE hash = ? AND host_name = ?"
-                         " AND url = ?", list(copies))
+    def condemn(self, conn: sqlite3.Connection, copies: Iterable[Tuple[str, str, str, str]],
+                when: float, backoff_base: float, backoff_max: float) -> None:
+        """Set copies ``[(hash, host_name, url, state)]`` to a condemned state
+        (suspect, bad or missing), counting a strike and putting the next look
+        ``backoff_base * 2 ** strikes`` seconds away, at most ``backoff_max``."""
+        conn.executemany(
+            "UPDATE uploads SET state = ?, checked = ?, strikes = strikes + 1,"
+            " next_check = ? + min(?, ? * (1 << min(strikes, 30)))"
+            " WHERE hash = ? AND host_name = ? AND url = ? AND state != 'deleted'",
+            [(state, int(when), when, backoff_max, backoff_base, h, host, url)
+             for h, host, url, state in copies])
 
-    def mark_verified(self, conn: sqlite3.Connection, copies: Iterable[CopyKey]) -> None:
-        """Note that downloads of these copies matched their SHA-256."""
-        conn.executemany("UPDATE uploads SET verified = 1 WHERE hash = ? AND host_name = ?"
-                         " AND url = ? AND verified = 0", list(copies))
+    def strike(self, conn: sqlite3.Connection, copies: Iterable[CopyKey], when: float,
+               suspect_after: int, backoff_base: float, backoff_max: float) -> None:
+        """A look at copies failed for want of an answer (a host error): count a
+        strike, and make a copy believed good suspect at ``suspect_after``."""
+        conn.executemany(
+            "UPDATE uploads SET checked = ?, strikes = strikes + 1,"
+            " state = CASE WHEN state IN " + _HOLDING_SQL + " AND strikes + 1 >= ?"
+            " THEN 'suspect' ELSE state END,"
+            " next_check = ? + min(?, ? * (1 << min(strikes, 30)))"
+            " WHERE hash = ? AND host_name = ? AND url = ? AND state != 'deleted'",
+            [(int(when), suspect_after, when, backoff_max, backoff_base, h, host, url)
+             for h, host, url in copies])
 
-    def mark_checked(self, conn: sqlite3.Connection,
-                     checks: Iterable[Tuple[str, str, str, float, bool]]) -> None:
-        """Note checks ``[(hash, host_name, url, when, verified)]``: ``verified``
-        if the copy's SHA-256 was seen."""
-        conn.executemany("UPDATE uploads SET checked = ?, verified = max(verified, ?)"
+    def seen_intact(self, conn: sqlite3.Connection, copies: Iterable[CopyKey],
+                    when: float) -> None:
+        """A look found copies of the right size, their bytes unseen: the look is
+        noted and strikes forgiven; a suspect copy is believed again (as
+        claimed); a good or claimed one stays as it is; bad and missing ones
+        stay condemned until their bytes are seen."""
+        conn.executemany(
+            "UPDATE uploads SET checked = ?,"
+            " strikes = CASE WHEN state IN ('bad', 'missing') THEN strikes ELSE 0 END,"
+            " state = CASE state WHEN 'suspect' THEN 'claimed' ELSE state END"
+            " WHERE hash = ? AND host_name = ? AND url = ?",
+            [(int(when), h, host, url) for h, host, url in copies])
+
+    def note_checked(self, conn: sqlite3.Connection, copies: Iterable[CopyKey],
+                     when: float) -> None:
+        """Note that a look at copies was due but could not be made (no host can
+        reach them, or theirs is cooling down): a budgeted verify moves on."""
+        conn.executemany("UPDATE uploads SET checked = ? WHERE hash = ? AND host_name = ?"
+                         " AND url = ?", [(int(when), h, host, url) for h, host, url in copies])
+
+    def record_deleted(self, conn: sqlite3.Connection, copies: Iterable[CopyKey],
+                       when: float) -> None:
+        """Copies this node deleted: their rows say so (while the file's record
+        lasts) and tombstones keep them from coming back in an import."""
+        copies = list(copies)
+        conn.executemany("UPDATE uploads SET state = 'deleted', checked = ?"
                          " WHERE hash = ? AND host_name = ? AND url = ?",
-                         [(int(when), 1 if verified else 0, h, host, url)
-                          for h, host, url, when, verified in checks])
+                         [(int(when), h, host, url) for h, host, url in copies])
+        conn.executemany("INSERT OR REPLACE INTO tombstones (hash, host_name, url, deleted)"
+                         " VALUES (?, ?, ?, ?)", [(h, host, url, when) for h, host, url in copies])

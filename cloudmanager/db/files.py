@@ -2,53 +2,51 @@
 
 This module is the only writer of the catalog's file rows (``hash``,
 ``filename``, ``size``, ``created``). The copy counts on each row are kept
-by the triggers on ``uploads`` (see :mod:`cloudmanager.db.copies`); the
-cache columns are written by :mod:`cloudmanager.db.cache_index`.
+by the triggers on ``uploads`` (see :mod:`cloudmanager.db.copies`). Whether
+this node caches a file is not here but in :mod:`cloudmanager.db.cache_index`.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set
 
-from .connection import Database, in_list
+from .connection import Database, in_list, json_list
 
 log = logging.getLogger(__name__)
 
 
 class FileRow(NamedTuple):
-    """A file as the pool records it."""
+    """A file as the catalog records it."""
 
     hash: str
     filename: str
     size: int
     created: int
-    #: Distinct hosts holding a good copy (claimed or verified).
+    #: Distinct hosts believed to hold a copy (good, claimed or suspect).
     copies: int
-    #: Of those, hosts whose copy this node uploaded or checked itself.
+    #: Of those, hosts whose copy this node made or checked itself.
     verified: int
-    cached: bool
-    last_access: float
-    #: Pinned explicitly by the user.
-    pinned: bool
 
 
 class FileState(NamedTuple):
     """What a batch needs to know of a file it is about to write."""
 
     size: int
-    cached: bool
     verified: int
 
 
-_COLUMNS = "hash, filename, size, created, copies, verified, cached, last_access, pinned"
+class Unprotected(NamedTuple):
+    """A file no copy of which this node has verified."""
+
+    hash: str
+    #: Hosts claimed to hold it by other nodes' records.
+    copies: int
+    queued: bool
 
 
-def _row(values: tuple) -> FileRow:
-    h, name, size, created, copies, verified, cached, last_access, pinned = values
-    return FileRow(h, name, size, created, copies, verified, bool(cached), last_access,
-                   bool(pinned))
+_COLUMNS = "hash, filename, size, created, copies, verified"
 
 
 class Files:
@@ -66,15 +64,13 @@ class Files:
         """The file's row, or ``None``."""
         row = self.db.read("SELECT %s FROM files WHERE hash = ?" % _COLUMNS,
                            (file_hash,)).fetchone()
-        return None if row is None else _row(row)
+        return None if row is None else FileRow(*row)
 
     def states(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> Dict[str, FileState]:
         """``{hash: FileState}`` for the known ones among ``hashes`` (one statement)."""
         sql, param = in_list(hashes)
-        return {h: FileState(size, bool(cached), verified)
-                for h, size, cached, verified in conn.execute(
-                    "SELECT hash, size, cached, verified FROM files WHERE hash " + sql,
-                    (param,))}
+        return {h: FileState(size, verified) for h, size, verified in conn.execute(
+            "SELECT hash, size, verified FROM files WHERE hash " + sql, (param,))}
 
     def add(self, conn: sqlite3.Connection, file_hash: str, filename: str, size: int,
             created: int, size_known: bool = False) -> str:
@@ -83,20 +79,19 @@ class Files:
         Call inside :meth:`~cloudmanager.db.connection.Database.transaction`.
 
         :param size_known: the caller hashed the bytes itself, so ``size`` is
-            right; it corrects a size that came from an import (the row cannot
-            be cached then, since caching records a measured size)
+            right; it corrects a size that came from an import
         :return: ``"new"``, ``"named"`` (a filename was filled in), ``"same"``,
             ``"corrected"`` (the size was fixed), or ``"conflict"`` when the
             pool knows this hash with another size
         """
-        row = conn.execute("SELECT size, filename, cached FROM files WHERE hash = ?",
+        row = conn.execute("SELECT size, filename FROM files WHERE hash = ?",
                            (file_hash,)).fetchone()
         if row is None:
             conn.execute("INSERT INTO files (hash, filename, size, created) VALUES (?, ?, ?, ?)",
                          (file_hash, filename, size, created))
             return "new"
         if row[0] != size:
-            if not size_known or row[2]:
+            if not size_known:
                 return "conflict"
             conn.execute("UPDATE files SET size = ? WHERE hash = ?", (size, file_hash))
             log.warning("%s was recorded with %d bytes (from an import); it has %d",
@@ -107,16 +102,14 @@ class Files:
             return "named"
         return "same"
 
-    def insert_cached(self, conn: sqlite3.Connection, rows: Iterable[tuple], when: float) -> None:
-        """Record new files as cached, in one statement (inside a transaction).
+    def insert(self, conn: sqlite3.Connection, rows: Iterable[tuple]) -> None:
+        """Record new files, in one statement (inside a transaction).
 
         :param rows: ``(hash, filename, size, created)`` of files the pool
             does not know yet
-        :param when: their LRU clock
         """
-        conn.executemany(
-            "INSERT INTO files (hash, filename, size, created, cached, last_access)"
-            " VALUES (?, ?, ?, ?, 1, ?)", [(h, n, s, c, when) for h, n, s, c in rows])
+        conn.executemany("INSERT INTO files (hash, filename, size, created) VALUES (?, ?, ?, ?)",
+                         list(rows))
 
     def forget(self, conn: sqlite3.Connection, file_hash: str) -> bool:
         """Delete a file's record; its copies' rows and queue entry go with it.
@@ -144,29 +137,42 @@ class Files:
         return row[0] if row else 0
 
     def below_target(self, target: int) -> List[str]:
-        """Hashes of files with fewer than ``target`` good copies, fewest first."""
+        """Hashes of files with fewer than ``target`` copies this node verified,
+        fewest first (a range scan of the ``files_verified`` index)."""
         return [r[0] for r in self.db.read(
-            "SELECT hash FROM files WHERE copies < ? ORDER BY copies, hash", (target,))]
+            "SELECT hash FROM files WHERE verified < ? ORDER BY verified, hash", (target,))]
 
     def count_below(self, target: int) -> int:
-        """Number of files with fewer than ``target`` good copies (uses an index)."""
-        return int(self.db.read("SELECT count(*) FROM files WHERE copies < ?",
+        """Number of files with fewer than ``target`` verified copies (uses an index)."""
+        return int(self.db.read("SELECT count(*) FROM files WHERE verified < ?",
                                 (target,)).fetchone()[0])
 
-    def without_remote_copy(self, conn: sqlite3.Connection) -> List[tuple]:
-        """``[(hash, cached, queued)]`` of files no host holds a good copy of.
+    def unprotected(self, conn: sqlite3.Connection) -> List[Unprotected]:
+        """Files with no copy this node verified, by hash.
 
-        A range scan of the ``files_copies`` index.
+        A range scan of the ``files_verified`` index.
         """
-        return [(h, bool(c), bool(q)) for h, c, q in conn.execute(
-            "SELECT f.hash, f.cached, q.hash IS NOT NULL FROM files AS f"
+        return [Unprotected(h, c, bool(q)) for h, c, q in conn.execute(
+            "SELECT f.hash, f.copies, q.hash IS NOT NULL FROM files AS f"
             " LEFT JOIN upload_queue AS q ON q.hash = f.hash"
-            " WHERE f.copies = 0 ORDER BY f.hash")]
+            " WHERE f.verified = 0 ORDER BY f.hash")]
+
+    def protected_among(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> Set[str]:
+        """Those of ``hashes`` with at least one copy this node verified."""
+        return {h for (h,) in conn.execute(
+            "SELECT f.hash FROM json_each(?) AS j JOIN files AS f ON f.hash = j.value"
+            " WHERE f.verified > 0", (json_list(hashes),))}
+
+    def in_pool(self, hashes: Iterable[str]) -> Set[str]:
+        """Those of ``hashes`` the pool knows with a copy on a host."""
+        return {h for (h,) in self.db.read(
+            "SELECT f.hash FROM json_each(?) AS j JOIN files AS f ON f.hash = j.value"
+            " WHERE f.copies > 0", (json_list(hashes),))}
 
     def listing(self) -> Iterator[FileRow]:
         """Every file, by filename then hash, streamed from one cursor."""
         for row in self.db.read("SELECT %s FROM files ORDER BY filename, hash" % _COLUMNS):
-            yield _row(row)
+            yield FileRow(*row)
 
     def with_prefix(self, prefix: str, limit: int = 2) -> List[str]:
         """Up to ``limit`` hashes starting with the hex ``prefix``, in order.

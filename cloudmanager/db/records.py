@@ -46,13 +46,16 @@ class Records:
             host (what a dump exports: a record no host holds is of no use
             to another node)
         """
-        sql = ("SELECT f.hash, f.filename, f.size, f.created, u.host_name, u.url, u.error"
-               " FROM files AS f LEFT JOIN uploads AS u ON u.hash = f.hash")
-        where, params = [], []
+        # Deleted copies are not exported; suspect ones are (a host that did
+        # not answer proves nothing against the copy).
+        columns = ("SELECT f.hash, f.filename, f.size, f.created, u.host_name, u.url,"
+                   " u.state NOT IN ('good', 'claimed', 'suspect')")
+        joined = " LEFT JOIN uploads AS u ON u.hash = f.hash AND u.state != 'deleted'"
+        sql = columns + " FROM files AS f" + joined
+        where: List[str] = []
+        params: List[object] = []
         if hashes is not None:
-            sql = ("SELECT f.hash, f.filename, f.size, f.created, u.host_name, u.url, u.error"
-                   " FROM json_each(?) AS j JOIN files AS f ON f.hash = j.value"
-                   " LEFT JOIN uploads AS u ON u.hash = f.hash")
+            sql = columns + " FROM json_each(?) AS j JOIN files AS f ON f.hash = j.value" + joined
             params.append(json_list(hashes))
         if with_copies_only:
             where.append("f.copies > 0")
@@ -90,7 +93,10 @@ class Records:
         union, so merging twice changes nothing) and a filename if it had none.
         The error flag of an upload this node already knows is kept: local
         knowledge wins over a remote claim. A record whose size disagrees with
-        the known size is refused. Imported copies are claims: never verified.
+        the known size is refused. Imported copies are claims (an error entry
+        with a URL is taken as a bad copy, to be looked at again, and one
+        without as a pending upload); a claim of a copy this node deleted
+        (a tombstone) is dropped.
 
         :param records: objects with ``hash``, ``filename``, ``size``,
             ``datetime`` and ``uploads`` (``[(host_name, url, error)]``)
@@ -110,6 +116,9 @@ class Records:
             have = set(conn.execute(
                 "SELECT u.hash, u.host_name, u.url FROM json_each(?) AS j"
                 " JOIN uploads AS u ON u.hash = j.value", (hashes,)))
+            have.update(conn.execute(
+                "SELECT t.hash, t.host_name, t.url FROM json_each(?) AS j"
+                " JOIN tombstones AS t ON t.hash = j.value", (hashes,)))
             new_files, named, new_uploads = [], {}, []
             for rec in records:
                 row = known.get(rec.hash)
@@ -128,20 +137,20 @@ class Records:
                 for host_name, url, error in rec.uploads:
                     if (rec.hash, host_name, url) not in have:
                         have.add((rec.hash, host_name, url))
-                        new_uploads.append((rec.hash, host_name, url, 1 if error else 0,
-                                            rec.datetime))
+                        state = ("bad" if url else "pending") if error else "claimed"
+                        new_uploads.append((rec.hash, host_name, url, state, rec.datetime))
                         did = True
                 changed += did
             # A new file's uploads go in before its row, with the foreign key
             # checked at commit: the uploads_insert trigger finds no row to
             # recount (it did so per upload: half the cost of an import), and
             # the row is inserted with its count. Imported copies are never
-            # verified, so that count is the distinct hosts of good copies.
+            # verified, so that count is the distinct hosts of claimed copies.
             fresh: Dict[str, Set[str]] = {h: set() for h, _, _, _ in new_files}
-            for h, host_name, _, error, _ in new_uploads:
-                if h in fresh and not error:
+            for h, host_name, _, state, _ in new_uploads:
+                if h in fresh and state == "claimed":
                     fresh[h].add(host_name)
-            insert_uploads = ("INSERT OR IGNORE INTO uploads (hash, host_name, url, error, time)"
+            insert_uploads = ("INSERT OR IGNORE INTO uploads (hash, host_name, url, state, time)"
                               " VALUES (?, ?, ?, ?, ?)")
             conn.execute("PRAGMA defer_foreign_keys = ON")  # until this commit
             conn.executemany(insert_uploads, [u for u in new_uploads if u[0] in fresh])

@@ -1,9 +1,18 @@
--- cloudmanager database schema, version 3.
+-- cloudmanager database schema, version 4.
 --
 -- Applied by FileDatabase on a new database and by `cm_setup_db PATH`.
 -- Every statement is idempotent, so applying it twice (or from two processes
--- at once) is harmless. Later versions are reached through the migrations in
--- database.py; PRAGMA user_version records where a database stands.
+-- at once) is harmless. Older databases are brought here by the migrations
+-- in db/connection.py; PRAGMA user_version records where a database stands.
+--
+-- Two parts, which no statement joins (so the catalog can move to a server
+-- while the cache index stays in a local file beside the storage directory):
+--   the pool's CATALOG: files, uploads, tombstones, removals, upload_queue,
+--       host_health, transfers;
+--   this node's CACHE INDEX: cache_entries, counters, reservations,
+--       sessions, sources.
+
+-- == the catalog ==============================================================
 
 -- One row per file in the pool, addressed by its SHA-256.
 CREATE TABLE IF NOT EXISTS files (
@@ -11,113 +20,95 @@ CREATE TABLE IF NOT EXISTS files (
     filename    TEXT NOT NULL DEFAULT '',       -- a safe basename, for people
     size        INTEGER NOT NULL CHECK (size >= 0),
     created     INTEGER NOT NULL,               -- unix time the pool first saw it
-    -- Distinct hosts holding a good copy, and how many of those this node
-    -- uploaded or downloaded and verified itself (imported claims are not
-    -- trusted to unpin a file). Kept by the uploads_* triggers.
+    -- Distinct hosts believed to hold a copy (state good, claimed or
+    -- suspect), and how many of those hold one this node made or checked
+    -- itself (state good).
+    -- Only `verified` counts for decisions that could lose the file. Kept by
+    -- the uploads_* triggers.
     copies      INTEGER NOT NULL DEFAULT 0,
-    verified    INTEGER NOT NULL DEFAULT 0,
-    -- Cache state: whether storage/<shard>/<hash> holds the file, and the
-    -- LRU clock (unix time of the last use).
-    cached      INTEGER NOT NULL DEFAULT 0 CHECK (cached IN (0, 1)),
-    last_access REAL NOT NULL DEFAULT 0,
-    -- An explicit pin by the user. A file with verified = 0 is pinned implicitly.
-    pinned      INTEGER NOT NULL DEFAULT 0 CHECK (pinned IN (0, 1))
+    verified    INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 
--- Eviction order: only files that may be evicted, oldest use first. The
--- eviction query repeats this WHERE clause so SQLite picks this index; the
--- first row is found in O(log n).
-CREATE INDEX IF NOT EXISTS files_lru ON files (last_access)
-    WHERE cached = 1 AND verified > 0 AND pinned = 0;
+-- Files below a redundancy target, for sync() and stats().
+CREATE INDEX IF NOT EXISTS files_verified ON files (verified);
 
--- Files below a redundancy target, for sync().
-CREATE INDEX IF NOT EXISTS files_copies ON files (copies);
-
--- Where copies live. A failed upload is a row with error = 1 and url = ''.
--- A copy found bad keeps its url and gets error = 1. `verified` is 1 for a
--- copy this node uploaded, or downloaded and checked; 0 for one only
--- imported from another node's records.
+-- Where copies live, and what this node knows of each: the copy state
+-- machine of cloudmanager/replication.py (docs/ARCHITECTURE.md).
+--   pending  an upload to the host failed or is owed (url '')
+--   good     this node made the copy, or checked its bytes
+--   claimed  another node's records say the host holds it
+--   suspect  checks of it failed without proving it bad (host errors)
+--   bad      its bytes do not match the hash
+--   missing  its host says it is not there
+--   deleted  this node deleted it
 CREATE TABLE IF NOT EXISTS uploads (
-    hash      TEXT NOT NULL REFERENCES files (hash) ON DELETE CASCADE,
-    host_name TEXT NOT NULL,
-    url       TEXT NOT NULL DEFAULT '',
-    error     INTEGER NOT NULL DEFAULT 0 CHECK (error IN (0, 1)),
-    verified  INTEGER NOT NULL DEFAULT 0 CHECK (verified IN (0, 1)),
-    time      INTEGER NOT NULL,
-    checked   INTEGER NOT NULL DEFAULT 0,   -- unix time verify() last looked; 0 never
+    hash       TEXT NOT NULL REFERENCES files (hash) ON DELETE CASCADE,
+    host_name  TEXT NOT NULL,
+    url        TEXT NOT NULL DEFAULT '',
+    state      TEXT NOT NULL DEFAULT 'claimed' CHECK (state IN
+                   ('pending', 'good', 'claimed', 'suspect', 'bad', 'missing', 'deleted')),
+    time       INTEGER NOT NULL,             -- unix time of the upload or the import
+    checked    INTEGER NOT NULL DEFAULT 0,   -- unix time verify() last looked; 0 never
+    -- Condemned and suspect copies are looked at again from this unix time
+    -- on, with a back-off that doubles per failed look (`strikes`).
+    next_check REAL NOT NULL DEFAULT 0,
+    strikes    INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (hash, host_name, url)
 ) WITHOUT ROWID;
 
--- verify() takes the copies checked longest ago first, a slice at a time.
-CREATE INDEX IF NOT EXISTS uploads_checked ON uploads (checked) WHERE error = 0;
+-- verify() takes the copies checked longest ago first, a slice at a time...
+CREATE INDEX IF NOT EXISTS uploads_checked ON uploads (checked)
+    WHERE state IN ('good', 'claimed');
+-- ...and looks again at condemned ones whose back-off has passed.
+CREATE INDEX IF NOT EXISTS uploads_recheck ON uploads (next_check)
+    WHERE state IN ('suspect', 'bad', 'missing');
 
 CREATE TRIGGER IF NOT EXISTS uploads_insert AFTER INSERT ON uploads BEGIN
     UPDATE files SET
         copies = (SELECT count(DISTINCT host_name) FROM uploads
-                  WHERE hash = NEW.hash AND error = 0),
+                  WHERE hash = NEW.hash AND state IN ('good', 'claimed', 'suspect')),
         verified = (SELECT count(DISTINCT host_name) FROM uploads
-                    WHERE hash = NEW.hash AND error = 0 AND verified = 1)
+                    WHERE hash = NEW.hash AND state = 'good')
     WHERE hash = NEW.hash;
 END;
 
-CREATE TRIGGER IF NOT EXISTS uploads_update AFTER UPDATE OF error, verified ON uploads BEGIN
+CREATE TRIGGER IF NOT EXISTS uploads_update AFTER UPDATE OF state ON uploads
+WHEN OLD.state != NEW.state BEGIN
     UPDATE files SET
         copies = (SELECT count(DISTINCT host_name) FROM uploads
-                  WHERE hash = NEW.hash AND error = 0),
+                  WHERE hash = NEW.hash AND state IN ('good', 'claimed', 'suspect')),
         verified = (SELECT count(DISTINCT host_name) FROM uploads
-                    WHERE hash = NEW.hash AND error = 0 AND verified = 1)
+                    WHERE hash = NEW.hash AND state = 'good')
     WHERE hash = NEW.hash;
 END;
 
 CREATE TRIGGER IF NOT EXISTS uploads_delete AFTER DELETE ON uploads BEGIN
     UPDATE files SET
         copies = (SELECT count(DISTINCT host_name) FROM uploads
-                  WHERE hash = OLD.hash AND error = 0),
+                  WHERE hash = OLD.hash AND state IN ('good', 'claimed', 'suspect')),
         verified = (SELECT count(DISTINCT host_name) FROM uploads
-                    WHERE hash = OLD.hash AND error = 0 AND verified = 1)
+                    WHERE hash = OLD.hash AND state = 'good')
     WHERE hash = OLD.hash;
 END;
 
--- Running totals, so usage and statistics never scan the files table.
-CREATE TABLE IF NOT EXISTS counters (
-    name  TEXT PRIMARY KEY,
-    value INTEGER NOT NULL DEFAULT 0
+-- Copies this node deleted, kept after their file's record is gone, so an
+-- older claim from another node cannot bring them back. A new copy this
+-- node makes at the same place lifts its tombstone.
+CREATE TABLE IF NOT EXISTS tombstones (
+    hash      TEXT NOT NULL CHECK (length(hash) = 64),
+    host_name TEXT NOT NULL,
+    url       TEXT NOT NULL,
+    deleted   REAL NOT NULL,                 -- unix time
+    PRIMARY KEY (hash, host_name, url)
 ) WITHOUT ROWID;
 
-INSERT OR IGNORE INTO counters (name, value) VALUES
-    ('cached_bytes', 0), ('cached_files', 0), ('hits', 0), ('misses', 0);
-
-CREATE TRIGGER IF NOT EXISTS files_cache_insert AFTER INSERT ON files
-WHEN NEW.cached = 1 BEGIN
-    UPDATE counters SET value = value + NEW.size WHERE name = 'cached_bytes';
-    UPDATE counters SET value = value + 1 WHERE name = 'cached_files';
-END;
-
-CREATE TRIGGER IF NOT EXISTS files_cache_update AFTER UPDATE OF cached ON files
-WHEN OLD.cached != NEW.cached BEGIN
-    UPDATE counters SET value = value + (NEW.cached - OLD.cached) * NEW.size
-        WHERE name = 'cached_bytes';
-    UPDATE counters SET value = value + (NEW.cached - OLD.cached)
-        WHERE name = 'cached_files';
-END;
-
-CREATE TRIGGER IF NOT EXISTS files_cache_delete AFTER DELETE ON files
-WHEN OLD.cached = 1 BEGIN
-    UPDATE counters SET value = value - OLD.size WHERE name = 'cached_bytes';
-    UPDATE counters SET value = value - 1 WHERE name = 'cached_files';
-END;
-
--- Space promised to writes in flight (a temp file being filled). Counted
--- against the capacity with the cached bytes, so temp files never push the
--- cache over it. `owner` names the session that made it.
-CREATE TABLE IF NOT EXISTS reservations (
-    -- AUTOINCREMENT: an id is never reused, so neither is a temp file name.
-    id      INTEGER PRIMARY KEY AUTOINCREMENT,
-    owner   TEXT NOT NULL,
-    size    INTEGER NOT NULL CHECK (size >= 0),
-    hash    TEXT,                                -- set just before the rename
-    created REAL NOT NULL
-);
+-- Removals in progress: while one lasts, copies another process makes of
+-- the file are not trusted to protect it (the removal may delete them).
+CREATE TABLE IF NOT EXISTS removals (
+    hash    TEXT PRIMARY KEY CHECK (length(hash) = 64),
+    owner   TEXT NOT NULL,                       -- the session removing it
+    started REAL NOT NULL
+) WITHOUT ROWID;
 
 -- Files that are in the pool but not yet on enough hosts.
 CREATE TABLE IF NOT EXISTS upload_queue (
@@ -127,7 +118,8 @@ CREATE TABLE IF NOT EXISTS upload_queue (
     last_error   TEXT
 ) WITHOUT ROWID;
 
--- What each host has done lately; hosts are chosen by this.
+-- What each host has done lately; hosts are chosen by this, and its circuit
+-- breaker (cloudmanager/health.py) opens on consecutive failures.
 CREATE TABLE IF NOT EXISTS host_health (
     host_name            TEXT PRIMARY KEY,
     successes            INTEGER NOT NULL DEFAULT 0,
@@ -146,6 +138,68 @@ CREATE TABLE IF NOT EXISTS transfers (
     uploaded   INTEGER NOT NULL DEFAULT 0,
     downloaded INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+
+-- == this node's cache index ===================================================
+
+-- One row per file this node caches or pins: storage/<shard>/<hash> holds it
+-- when `cached` is 1. `protected` mirrors "some copy of it is good" (files
+-- .verified > 0): only protected files may be evicted; the others are
+-- pinned implicitly until a host verifiably holds them.
+CREATE TABLE IF NOT EXISTS cache_entries (
+    hash        TEXT PRIMARY KEY CHECK (length(hash) = 64),
+    size        INTEGER NOT NULL CHECK (size >= 0),
+    cached      INTEGER NOT NULL DEFAULT 0 CHECK (cached IN (0, 1)),
+    last_access REAL NOT NULL DEFAULT 0,     -- the LRU clock (unix time of the last use)
+    pinned      INTEGER NOT NULL DEFAULT 0 CHECK (pinned IN (0, 1)),   -- by the user
+    protected   INTEGER NOT NULL DEFAULT 0 CHECK (protected IN (0, 1))
+) WITHOUT ROWID;
+
+-- Eviction order: only files that may be evicted, oldest use first. The
+-- eviction query repeats this WHERE clause so SQLite picks this index; the
+-- first row is found in O(log n).
+CREATE INDEX IF NOT EXISTS cache_lru ON cache_entries (last_access)
+    WHERE cached = 1 AND protected = 1 AND pinned = 0;
+
+-- Running totals, so usage and statistics never scan the cache index.
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+
+INSERT OR IGNORE INTO counters (name, value) VALUES
+    ('cached_bytes', 0), ('cached_files', 0), ('hits', 0), ('misses', 0);
+
+CREATE TRIGGER IF NOT EXISTS cache_insert AFTER INSERT ON cache_entries
+WHEN NEW.cached = 1 BEGIN
+    UPDATE counters SET value = value + NEW.size WHERE name = 'cached_bytes';
+    UPDATE counters SET value = value + 1 WHERE name = 'cached_files';
+END;
+
+CREATE TRIGGER IF NOT EXISTS cache_update AFTER UPDATE OF cached, size ON cache_entries
+WHEN OLD.cached != NEW.cached OR OLD.size != NEW.size BEGIN
+    UPDATE counters SET value = value + NEW.cached * NEW.size - OLD.cached * OLD.size
+        WHERE name = 'cached_bytes';
+    UPDATE counters SET value = value + (NEW.cached - OLD.cached)
+        WHERE name = 'cached_files';
+END;
+
+CREATE TRIGGER IF NOT EXISTS cache_delete AFTER DELETE ON cache_entries
+WHEN OLD.cached = 1 BEGIN
+    UPDATE counters SET value = value - OLD.size WHERE name = 'cached_bytes';
+    UPDATE counters SET value = value - 1 WHERE name = 'cached_files';
+END;
+
+-- Space promised to writes in flight (a temp file being filled). Counted
+-- against the capacity with the cached bytes, so temp files never push the
+-- cache over it. `owner` names the session that made it.
+CREATE TABLE IF NOT EXISTS reservations (
+    -- AUTOINCREMENT: an id is never reused, so neither is a temp file name.
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner   TEXT NOT NULL,
+    size    INTEGER NOT NULL CHECK (size >= 0),
+    hash    TEXT,                                -- set just before the rename
+    created REAL NOT NULL
+);
 
 -- Open CloudManager instances. A row left by a process that no longer runs
 -- means it did not close cleanly, and the next open reconciles the cache.
@@ -170,4 +224,4 @@ CREATE TABLE IF NOT EXISTS sources (
     hash     TEXT NOT NULL CHECK (length(hash) = 64)
 ) WITHOUT ROWID;
 
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;

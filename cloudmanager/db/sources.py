@@ -20,14 +20,12 @@ class Sources:
 
     def lookup(self, paths: Iterable[str]) -> Dict[str, SourceStat]:
         """``{path: (size, mtime_ns, ctime_ns, inode, device, hash)}`` for the
-        ones among ``paths`` (absolute) whose remembered hash is still in the
-        pool: cached, or with a good copy on a host."""
+        ones among ``paths`` (absolute) that are remembered."""
         # json_each joined to the table: a key probe per path, never a scan.
         return {row[0]: tuple(row[1:]) for row in self.db.read(  # type: ignore[misc]
             "SELECT s.path, s.size, s.mtime_ns, s.ctime_ns, s.inode, s.device, s.hash"
-            " FROM json_each(?) AS j JOIN sources AS s ON s.path = j.value"
-            " JOIN files AS f ON f.hash = s.hash"
-            " WHERE f.cached = 1 OR f.copies > 0", (json_list(paths),))}
+            " FROM json_each(?) AS j JOIN sources AS s ON s.path = j.value",
+            (json_list(paths),))}
 
     def remember(self, rows: Iterable[tuple]) -> None:
         """Store ``(path, size, mtime_ns, ctime_ns, inode, device, hash)`` rows, in one

@@ -290,7 +290,8 @@ def test_enospc_while_fetching_into_the_cache_leaves_no_partial_file(make_pool, 
     assert not os.path.exists(path)
     monkeypatch.undo()
     assert tmp_entries(cm) == [] and cm.db.sessions.reserved_bytes() == 0
-    assert not cm.on_cache(digest) and cm.check()["clean"]
+    report = cm.check()
+    assert not cm.on_cache(digest) and report["clean"], {k: v for k, v in report.items() if v}
     with open(cm.warm_up(digest), "rb") as f:
         assert f.read() == data
 

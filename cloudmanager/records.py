@@ -1,0 +1,186 @@
+"""Import and export of records: the JSON format at the edge of a pool.
+
+Export streams every file with at least one copy on a host (a record no host
+holds is of no use to another node) from one cursor. Import validates every
+record (:mod:`cloudmanager.serializers`), passes over the ones that would
+change nothing without parsing them, and merges the rest in batches through
+:meth:`cloudmanager.replication.Replicator.merge`, which writes the claims.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+from typing import IO, Dict, Iterable, Iterator, List, Optional, Tuple
+
+from . import serializers
+from .db import FileDatabase
+from .db.records import KnownRecord
+from .engine import UploadEngine
+from .errors import SerializationError
+
+log = logging.getLogger(__name__)
+
+#: Records merged per transaction by :func:`load_from`.
+LOAD_BATCH = 5000
+
+
+class RecordStore:
+    """A pool's records, as the JSON format sees them.
+
+    :param db: the pool's database
+    :param engine: to tell which imported copies this node can reach
+    :param merge: ``merge(records) -> (changed, refused)``, the writer of
+        imported claims (:meth:`cloudmanager.replication.Replicator.merge`)
+    """
+
+    def __init__(self, db: FileDatabase, engine: UploadEngine, merge) -> None:
+        self.db = db
+        self.engine = engine
+        self._merge_claims = merge
+
+    # -- export ---------------------------------------------------------------------
+
+    def records(self, hashes: Optional[Iterable[str]] = None,
+                with_copies_only: bool = True) -> Iterator[serializers.Record]:
+        """The pool's records, in hash order."""
+        for row in self.db.records.iter(hashes, with_copies_only=with_copies_only):
+            yield serializers.Record(row.hash, row.filename, row.size, row.created,
+                                     tuple(row.uploads))
+
+    def dump(self) -> str:
+        """Every record with a copy on a host, as a JSON array of v0.2 records."""
+        out = io.StringIO()
+        serializers.dump_to(self.records(), out)
+        return out.getvalue()
+
+    def dump_to(self, fileobj: IO[str]) -> int:
+        """Stream the records of :meth:`dump` to a text file object.
+
+        :return: the number of records written
+        """
+        return serializers.dump_to(self.records(), fileobj)
+
+    def info(self, file_hash: str) -> Optional[dict]:
+        """The file's record as a dict, whether or not a host holds it."""
+        for record in self.records([file_hash], with_copies_only=False):
+            return serializers.record_to_dict(record)
+        return None
+
+    # -- import -----------------------------------------------------------------------
+
+    def load(self, text: "str | bytes") -> int:
+        """Merge the text of a dump.
+
+        :return: how many records were imported or updated
+        :raises SerializationError: if the text is not JSON records
+        """
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SerializationError("not UTF-8 text: %s" % exc) from exc
+        if not isinstance(text, str):
+            raise SerializationError("expected JSON text, got %s" % type(text).__name__)
+        try:
+            document = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise SerializationError("not JSON: %s" % exc) from exc
+        if isinstance(document, dict):
+            document = [document]
+        if not isinstance(document, list):
+            raise SerializationError("expected a JSON array of records, got %s"
+                                     % type(document).__name__)
+        return self._merge(_parse_all(document))
+
+    def load_from(self, fileobj: IO[str]) -> int:
+        """Merge records streamed from a text file object holding a JSON array.
+
+        :return: how many records were imported or updated
+        :raises SerializationError: if the document is not JSON records
+            (records before the fault stay merged)
+        """
+        return self._merge(self._new_records(serializers.iter_documents(fileobj)))
+
+    def _new_records(self, documents: Iterable) -> Iterator[serializers.Record]:
+        """Validate decoded JSON records, passing over those the pool knows already.
+
+        A record of a known file with the same size, a filename if it brings
+        one, and only copies the pool has recorded would change nothing: it
+        is skipped unparsed, so reloading a dump costs a lookup per record,
+        not a validation. Every other record is parsed and validated.
+        """
+        batch: List[Tuple[int, object]] = []
+        for item in enumerate(documents):
+            batch.append(item)
+            if len(batch) >= LOAD_BATCH:
+                yield from self._parse_unknown(batch)
+                batch = []
+        yield from self._parse_unknown(batch)
+
+    def _parse_unknown(self, batch: List[Tuple[int, object]]) -> Iterator[serializers.Record]:
+        known = self.db.records.known(
+            doc["filehash"] for _, doc in batch
+            if isinstance(doc, dict) and isinstance(doc.get("filehash"), str))
+        for index, doc in batch:
+            if isinstance(doc, dict) and _changes_nothing(doc, known.get(doc.get("filehash"))):
+                continue
+            try:
+                yield serializers.parse_record(doc)
+            except SerializationError as exc:
+                log.warning("skipping record #%d: %s", index, exc)
+
+    def _merge(self, records: Iterable[serializers.Record]) -> int:
+        changed = 0
+        unreachable: Dict[str, int] = collections.Counter()
+        batch: List[serializers.Record] = []
+        for record in records:
+            batch.append(record)
+            if len(batch) >= LOAD_BATCH:
+                changed += self._merge_batch(batch, unreachable)
+                batch = []
+        if batch:
+            changed += self._merge_batch(batch, unreachable)
+        if unreachable:
+            log.warning("%d imported records have copies only on hosts this node has not "
+                        "configured (%s); they are kept, and listed by unreachable()",
+                        sum(unreachable.values()), ", ".join(sorted(unreachable)))
+        return changed
+
+    def _merge_batch(self, batch: List[serializers.Record], unreachable: Dict[str, int]) -> int:
+        changed, refused = self._merge_claims(batch)
+        for file_hash in refused:
+            log.warning("refused a record of %s: its size differs from the known one",
+                        file_hash)
+        for record in batch:
+            copies = [(h, u) for h, u, error in record.uploads if not error]
+            if copies and not self.engine.reaches(copies):
+                unreachable.update({h for h, _ in copies})
+        return changed
+
+
+def _changes_nothing(doc: dict, known: Optional[KnownRecord]) -> bool:
+    """Whether merging the raw record ``doc`` would change nothing."""
+    if known is None or doc.get("version") not in serializers.READABLE_VERSIONS:
+        return False
+    size, filename, copies = known
+    raw_size = doc.get("filesize")
+    if isinstance(raw_size, bool) or raw_size not in (size, str(size)):
+        return False
+    if not filename and doc.get("version") != "0.1" and doc.get("filename"):
+        return False
+    uploads = doc.get("uploads", [])
+    if not isinstance(uploads, list):
+        return False
+    return all(isinstance(entry, dict) and (entry.get("host_name"), entry.get("url", "")) in copies
+               for entry in uploads)
+
+
+def _parse_all(document: list) -> Iterator[serializers.Record]:
+    for index, obj in enumerate(document):
+        try:
+            yield serializers.parse_record(obj)
+        except SerializationError as exc:
+            log.warning("data_load: skipping record #%d: %s", index, exc)

@@ -1,0 +1,555 @@
+"""Replication: the copy state machine, redundancy targets, sync, verify and removal.
+
+This module is the only writer of copy rows (``uploads``, ``tombstones``,
+``removals``) and of the upload queue, through :mod:`cloudmanager.db.copies`
+and :mod:`cloudmanager.db.queue`. The engine moves bytes and reports facts;
+this module decides what they mean and records them, with the host health
+they imply, in one transaction per operation.
+
+The states of a copy, and what moves it (see also docs/ARCHITECTURE.md)::
+
+    (none) --upload failed--------------------------> pending
+    (none), pending, claimed, condemned --upload----> good
+    (none) --import of another node's record--------> claimed
+    claimed, suspect --bytes seen matching----------> good
+    good, claimed --host errors, SUSPECT_AFTER times> suspect
+    suspect --host reports the right size-----------> claimed
+    good, claimed, suspect --bytes do not match-----> bad
+    good, claimed, suspect --host says not there----> missing
+    bad, missing --bytes seen matching--------------> good
+    any --this node deleted it----------------------> deleted (+ a tombstone)
+
+The guarantees:
+
+- Only ``good`` copies (made or checked by this node) count as holders for
+  any decision that could leave a file with no real copy: lifting the
+  implicit pin of a cached file, skipping a host on upload, meeting the
+  redundancy target.
+- A condemned copy (suspect, bad, missing) is looked at again by later
+  verifies, after a back-off that doubles per failed look
+  (:data:`RECHECK_BASE` up to :data:`RECHECK_MAX`), and downloads try it as a
+  last resort; when its bytes match it is good again.
+- Only the host a copy is recorded under can condemn it.
+- A copy this node deleted is not brought back by another node's older
+  claim (tombstones), and :meth:`Replicator.remove` deletes only objects
+  named by the file's hash, never a copy made after the removal began.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat as stat_module
+import tempfile
+import threading
+import time
+from typing import (
+    Callable,
+    ContextManager,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
+
+from . import fsutil
+from .db import FileDatabase
+from .db.copies import CopyKey
+from .engine import CheckResult, UploadEngine, UploadJob, UploadResult, Verdict
+from .errors import CloudManagerError, IntegrityError, UploadError
+from .health import Fact, Health
+from .hosts.base import Location
+
+log = logging.getLogger(__name__)
+
+#: Seconds before a condemned copy is looked at again; doubled per failed look.
+RECHECK_BASE = 60.0
+#: The longest back-off between looks at a condemned copy.
+RECHECK_MAX = 7 * 86400.0
+#: Failed looks in a row (host errors) after which a copy is suspect.
+SUSPECT_AFTER = 3
+
+
+class SyncSummary(NamedTuple):
+    """What :meth:`Replicator.sync` did."""
+
+    checked: int
+    uploads: int
+    complete: int
+    short: int
+
+
+class HashLocks:
+    """Per-hash locks of this process: fetches, uploads to hosts and removal of
+    one file never interleave. Re-entrant; taken in sorted order, so two
+    callers never deadlock; an entry lives only while someone holds or waits."""
+
+    def __init__(self) -> None:
+        self._held: Dict[str, Tuple[threading.RLock, int]] = {}
+        self._guard = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, hashes: Iterable[str]) -> Iterator[None]:
+        """Hold the locks of ``hashes`` for the ``with`` block."""
+        ordered = sorted(set(hashes))
+        with self._guard:
+            locks = []
+            for file_hash in ordered:
+                lock, users = self._held.get(file_hash) or (threading.RLock(), 0)
+                self._held[file_hash] = (lock, users + 1)
+                locks.append(lock)
+        taken = 0
+        try:
+            for lock in locks:
+                lock.acquire()
+                taken += 1
+            yield
+        finally:
+            for lock in locks[:taken]:
+                lock.release()
+            with self._guard:
+                for file_hash in ordered:
+                    lock, users = self._held[file_hash]
+                    if users == 1:
+                        del self._held[file_hash]
+                    else:
+                        self._held[file_hash] = (lock, users - 1)
+
+
+#: ``source_of(file_hash, size)``: a context manager yielding a local path
+#: with the file's verified bytes (the cached copy, or a fetched one).
+SourceOf = Callable[[str, int], ContextManager[str]]
+
+
+class Replicator:
+    """The copy rules of a pool, over its database, engine and health.
+
+    :param db: the pool's database
+    :param engine: the engine that moves bytes
+    :param health: the circuit breaker, which records the engine's facts
+    :param redundancy: the target number of good copies per file
+    :param owner: this instance's session name (for removals in progress)
+    :param cached_path: ``cached_path(file_hash)``: the cached copy's path,
+        or None if it is not cached
+    :param source_of: see :data:`SourceOf`
+    """
+
+    def __init__(self, db: FileDatabase, engine: UploadEngine, health: Health,
+                 redundancy: int, owner: str,
+                 cached_path: Callable[[str], Optional[str]],
+                 source_of: SourceOf) -> None:
+        self.db = db
+        self.engine = engine
+        self.health = health
+        self.redundancy = redundancy
+        self.owner = owner
+        self.locks = HashLocks()
+        self._cached_path = cached_path
+        self._source_of = source_of
+
+    # -- the queue, from the cache's own transactions ------------------------------
+
+    def queue(self, conn, hashes: Iterable[str], when: float) -> None:
+        """Queue new files for upload, inside the caller's transaction (the one
+        that publishes them in the cache)."""
+        self.db.queue.add(conn, hashes, when)
+
+    def merge(self, records: Sequence) -> Tuple[int, List[str]]:
+        """Merge imported records: new files, and their copies as claims (see
+        :meth:`cloudmanager.db.records.Records.merge`); a claim of a copy this
+        node deleted or condemned does not change what it knows.
+
+        :return: ``(changed, refused)``
+        """
+        return self.db.records.merge(records)
+
+    # -- recording --------------------------------------------------------------------
+
+    def _reprotect(self, conn, hashes: Iterable[str]) -> None:
+        """Bring the cache index's ``protected`` flags of ``hashes`` in line with
+        their good copies (inside the transaction that changed them)."""
+        hashes = set(hashes)
+        if not hashes:
+            return
+        protected = self.db.files.protected_among(conn, hashes)
+        self.db.cache_index.set_protected(conn, protected, True)
+        self.db.cache_index.set_protected(conn, hashes - protected, False)
+
+    def apply(self, verdicts: Iterable[Verdict], facts: Iterable[Fact] = (),
+              file_hash: Optional[str] = None, hashes: Optional[Dict[Location, str]] = None,
+              when: Optional[float] = None, strike: bool = False) -> None:
+        """Record what transfers and checks proved about copies, and the host
+        health they imply, in one transaction.
+
+        :param file_hash: the file every verdict is about, or
+        :param hashes: ``{location: file_hash}`` when they are about several
+        :param strike: count an ``"error"`` verdict (the host did not answer)
+            against its copy, toward suspect; only a look made to judge the
+            copy (verify) does, not a download that failed for its own reasons
+        """
+        when = time.time() if when is None else when
+        good: List[CopyKey] = []
+        intact: List[CopyKey] = []
+        condemned: List[Tuple[str, str, str, str]] = []
+        errors: List[CopyKey] = []
+        touched: Set[str] = set()
+        for verdict in verdicts:
+            h = file_hash if hashes is None else hashes[verdict.location]
+            if h is None:
+                continue
+            key = (h, verdict.location.host_name, verdict.location.url)
+            touched.add(h)
+            if verdict.state == "good":
+                good.append(key)
+            elif verdict.state == "intact":
+                intact.append(key)
+            elif verdict.state in ("bad", "missing"):
+                condemned.append(key + (verdict.state,))
+            elif verdict.state == "error" and strike:
+                errors.append(key)
+        facts = list(facts)
+        with self.db.transaction() as conn:
+            copies = self.db.copies
+            copies.record_good(conn, good, int(when), checked=True)
+            copies.seen_intact(conn, intact, when)
+            copies.condemn(conn, condemned, when, RECHECK_BASE, RECHECK_MAX)
+            copies.strike(conn, errors, when, SUSPECT_AFTER, RECHECK_BASE, RECHECK_MAX)
+            if condemned or errors:
+                # Fewer good copies now, maybe: sync restores the target.
+                self.db.queue.add(conn, {c[0] for c in condemned} | {e[0] for e in errors},
+                                  when)
+            self._reprotect(conn, touched)
+            self.health.record(facts)
+
+    def _record_rounds(self, rounds: Sequence[Tuple[str, Set[str], int, UploadResult]],
+                       facts: Iterable[Fact] = (), settled: Iterable[str] = ()
+                       ) -> List[Tuple[str, int, int, str]]:
+        """Record upload rounds ``[(hash, holders, target, result)]`` in one
+        transaction: good copies, pending ones, the queue, protection, health.
+
+        Copies made of a file whose removal is in progress (by another process)
+        are recorded as claims, not as good: the removal may be deleting them,
+        so they must not unpin the file; it stays queued.
+
+        :param settled: more files to take off the queue (at target already)
+        :return: ``[(hash, copies, target, why)]`` of files still short
+        """
+        now = time.time()
+        shorts = []
+        settled = list(settled)
+        with self.db.transaction() as conn:
+            removing = self.db.copies.removing(conn, [r[0] for r in rounds])
+            good, pending, short_hashes = [], [], []
+            for file_hash, holders, target, result in rounds:
+                made = [(file_hash, loc.host_name, loc.url) for loc in result.successes]
+                if file_hash in removing:
+                    log.warning("%s is being removed by another process; its new copies "
+                                "are not trusted until that ends", file_hash)
+                    short_hashes.append(file_hash)
+                    continue
+                good += made
+                pending += [(file_hash, f.host) for f in result.failures]
+                copies = len(holders) + len(result.successes)
+                if copies >= target:
+                    settled.append(file_hash)
+                else:
+                    short_hashes.append(file_hash)
+                    shorts.append((file_hash, copies, target, short_reason(result)))
+            self.db.copies.record_good(conn, good, int(now))
+            self.db.copies.record_pending(conn, pending, int(now))
+            self.db.queue.remove(conn, settled)
+            self.db.queue.add(conn, short_hashes, now)
+            for file_hash, _, _, why in shorts:
+                self.db.queue.note_failure(conn, file_hash, why[:500])
+            self._reprotect(conn, [r[0] for r in rounds])
+            self.health.record(list(facts) + [f for r in rounds for f in r[3].facts])
+        for file_hash, copies, target, why in shorts:
+            log.warning("%s has %d of %d copies: %s", file_hash, copies, target, why)
+        return shorts
+
+    # -- replicating ------------------------------------------------------------------
+
+    def _plan(self, holders: Set[str]) -> Tuple[Set[str], int, bool]:
+        """``(holders, target, settled)`` for a file with good copies on ``holders``:
+        settled at the target, or when no configured host lacks a good copy."""
+        settled = len(holders) >= self.redundancy or not set(self.engine.hosts) - holders
+        return holders, self.redundancy, settled
+
+    def replicate(self, hashes: Sequence[str]) -> int:
+        """Upload files until each has its target of good copies.
+
+        Cached files go to the hosts as one engine batch; the others one by
+        one, from a copy fetched for the purpose. One transaction records
+        the batch. Files at target leave the queue; the others stay on it.
+
+        :return: the number of new copies
+        """
+        with self.locks.hold(hashes):
+            states = self.db.copies.replication_states(hashes)
+            jobs, plans, settled, alone = [], [], [], []
+            for file_hash in hashes:
+                state = states.get(file_hash)
+                if state is None:
+                    continue
+                holders, target, done = self._plan(set(state.good))
+                if done:
+                    if holders:
+                        settled.append(file_hash)
+                    continue
+                path = self._cached_path(file_hash)
+                if path is None:
+                    alone.append((file_hash, state.size))
+                    continue
+                jobs.append(UploadJob(path, file_hash, state.size, frozenset(holders), target))
+                plans.append((file_hash, holders, target))
+            if len(jobs) == 1:  # one file: each host's own upload, no group overhead
+                job = jobs[0]
+                results = [self.engine.upload(job.path, job.file_hash, job.size,
+                                              holders=job.holders, target=job.target)]
+            else:
+                results = self.engine.upload_many(jobs) if jobs else []
+            rounds = [(h, holders, target, result)
+                      for (h, holders, target), result in zip(plans, results)]
+            if rounds or settled:
+                self._record_rounds(rounds, settled=settled)
+            made = sum(len(r[3].successes) for r in rounds)
+        for file_hash, size in alone:
+            made += self.replicate_from_source(file_hash, size)
+        return made
+
+    def replicate_logged(self, hashes: Sequence[str]) -> int:
+        """:meth:`replicate`, logging instead of raising: the files are already
+        safe in the pool (pinned and queued) whatever happens here."""
+        try:
+            return self.replicate(hashes)
+        except (OSError, CloudManagerError) as exc:
+            log.error("uploading %d files to hosts failed: %s; they stay queued",
+                      len(hashes), exc)
+            return 0
+
+    def replicate_from_source(self, file_hash: str, size: int) -> int:
+        """Top up a file that is not cached, from a verified copy fetched for it."""
+        with self.locks.hold([file_hash]):
+            state = self.db.copies.replication_states([file_hash]).get(file_hash)
+            if state is None:
+                return 0
+            holders, target, done = self._plan(set(state.good))
+            if not done:
+                with self._source_of(file_hash, size) as source:
+                    # Fetching the source may have proved a copy good.
+                    state = self.db.copies.replication_states([file_hash]).get(file_hash)
+                    if state is None:
+                        return 0
+                    holders, target, done = self._plan(set(state.good))
+                    if not done:
+                        result = self.engine.upload(source, file_hash, size, holders=holders,
+                                                    target=target)
+                        self._record_rounds([(file_hash, holders, target, result)])
+                        return len(result.successes)
+            if holders:
+                with self.db.transaction() as conn:
+                    self.db.queue.remove(conn, [file_hash])
+            return 0
+
+    def upload_source(self, path: str, filename: str, record: Callable) -> str:
+        """Upload a file that will not be cached, straight from ``path``.
+
+        The source is hashed, uploaded, and checked again afterwards: if it
+        changed while it was read (size, mtime, ctime, inode), the upload is
+        refused and the copies just made are deleted, so no copy is ever
+        recorded under a hash its bytes may not have.
+
+        :param record: ``record(conn, file_hash, size)`` adds the file's row
+            inside the transaction that records its copies
+        :return: the file's hash
+        :raises UploadError: if no host took it
+        :raises IntegrityError: if the source changed while it was read
+        """
+        before = os.stat(path)
+        file_hash, size = fsutil.hash_file(path)
+        with self.locks.hold([file_hash]):
+            state = self.db.copies.replication_states([file_hash]).get(file_hash)
+            holders = set(state.good) if state else set()
+            result = self.engine.upload(path, file_hash, size, holders=holders)
+            after = os.stat(path)
+            if _changed(before, after) or size != after.st_size:
+                for location in result.successes:
+                    self.engine.delete(location)
+                raise IntegrityError("%s changed while it was uploaded; refused (nothing is "
+                                     "recorded)" % path)
+            if not holders and not result.successes:
+                with self.db.transaction():
+                    self.health.record(result.facts)
+                raise UploadError("no host accepted %s (and it cannot be cached)" % path,
+                                  result.failures, result.facts)
+            with self.db.transaction() as conn:
+                record(conn, file_hash, size)
+                self._record_rounds([(file_hash, holders, self.redundancy, result)])
+        return file_hash
+
+    # -- sync and verify ----------------------------------------------------------------
+
+    def sync(self, probe: bool = True) -> SyncSummary:
+        """Upload queued files and top up files below the target of good copies.
+
+        :param probe: try hosts whose breaker is open at once (an explicit
+            command); their first outcome decides whether they stay cooling
+        """
+        if probe:
+            self.health.probe_now(self.engine.hosts)
+        reachable = min(self.redundancy, len(self.engine.hosts))
+        todo = list(dict.fromkeys(self.db.queue.hashes() + self.db.files.below_target(reachable)))
+        uploads = 0
+        for start in range(0, len(todo), 500):
+            chunk = todo[start:start + 500]
+            try:
+                uploads += self.replicate(chunk)
+            except (OSError, CloudManagerError) as exc:
+                log.error("sync of %d files failed: %s", len(chunk), exc)
+        complete = sum(1 for h in todo if self.db.files.verified(h) >= self.redundancy)
+        summary = SyncSummary(len(todo), uploads, complete, len(todo) - complete)
+        log.info("sync: %s", summary._asdict())
+        return summary
+
+    def verify(self, hashes: Optional[Sequence[str]] = None,
+               hosts: Optional[Sequence[str]] = None, older_than: Optional[float] = None,
+               limit: Optional[int] = None, deep: bool = False,
+               probe: bool = True) -> Dict[str, int]:
+        """Look at remote copies; see :meth:`cloudmanager.CloudManager.verify`.
+
+        Condemned copies whose back-off is over come first (all of those of
+        ``hashes``, when given), then the copies believed good, least recently
+        checked first. A condemned copy is looked at by download unless its
+        host stores a SHA-256: a size alone cannot clear it.
+        """
+        if probe:
+            self.health.probe_now(self.engine.hosts)
+        now = time.time()
+        checked_before = None if older_than is None else now - older_than
+        todo = self.db.copies.to_check(hashes, hosts, checked_before, limit, due=now)
+        summary = dict.fromkeys(("checked", "good", "bad", "missing", "error", "unreachable",
+                                 "cooling"), 0)
+        with tempfile.TemporaryDirectory(prefix="cm-verify-") as scratch:
+            for copy in todo:
+                location = Location(copy.host_name, copy.url)
+                host = self.engine.host_for(copy.host_name, copy.url)
+                if host is not None and self.health.cooling(host.name):  # may open mid-run
+                    outcome = CheckResult("cooling", [], [])
+                else:
+                    condemned = copy.state in ("suspect", "bad", "missing")
+                    outcome = self.engine.check(copy.hash, copy.size, location,
+                                                deep=deep or condemned, scratch=scratch)
+                verdict = outcome.verdict
+                if verdict == "intact":
+                    verdict = "good"
+                if verdict in ("good", "bad", "missing"):
+                    summary["checked"] += 1
+                summary[verdict] += 1
+                if verdict in ("unreachable", "cooling"):
+                    # Not looked at: noted, so the next budgeted pass moves on
+                    # to other copies; it proves nothing against the copy.
+                    with self.db.transaction() as conn:
+                        self.db.copies.note_checked(conn, [(copy.hash, copy.host_name,
+                                                            copy.url)], now)
+                    continue
+                self.apply(outcome.verdicts, outcome.facts, file_hash=copy.hash, strike=True)
+        log.info("verify: %s", summary)
+        return summary
+
+    # -- removal ------------------------------------------------------------------------
+
+    def remove(self, file_hash: str, forget_cached: Callable[[object], None],
+               unlink_cached: Callable[[], None]) -> Dict[str, List[Tuple[str, str]]]:
+        """Forget a file and delete its copies where hosts allow it.
+
+        Only objects named by ``file_hash`` are deleted: a record that lists
+        another file's object under this hash (a hostile dump) cannot aim a
+        delete at it. The record, its tombstones and a removal in progress are
+        written first, in one transaction, with ``forget_cached(conn)``; then
+        ``unlink_cached()`` removes the cached file, and the hosts' deletes run. A process that uploads the same bytes
+        meanwhile records its copies as claims (see :meth:`_record_rounds`);
+        when the removal ends, copies it deleted under a record made again
+        are marked missing and the file is queued, so sync sends it again.
+
+        :return: ``{"deleted": [(host_name, url)], "kept": [(host_name, url)]}``
+        """
+        deleted: List[Tuple[str, str]] = []
+        kept: List[Tuple[str, str]] = []
+        now = time.time()
+        with self.locks.hold([file_hash]):
+            rows = [r for r in self.db.copies.of(file_hash) if r.url and r.state != "deleted"]
+            ours, foreign, undeletable = [], [], []
+            for row in rows:
+                location = Location(row.host_name, row.url)
+                host = self.engine.host_for(row.host_name, row.url)
+                if host is None or not host.can_delete:
+                    undeletable.append(row)  # a locker's link, or no host here: kept
+                elif self.engine.names(location, file_hash):
+                    ours.append(row)
+                else:
+                    foreign.append(row)
+            with self.db.transaction() as conn:
+                self.db.copies.begin_removal(conn, file_hash, self.owner, now)
+                self.db.copies.record_deleted(
+                    conn, [(file_hash, r.host_name, r.url) for r in ours], now)
+                self.db.files.forget(conn, file_hash)
+                forget_cached(conn)
+            unlink_cached()
+            facts: List[Fact] = []
+            for row in ours:  # bad copies too: they still take space
+                gone, delete_facts = self.engine.delete(Location(row.host_name, row.url))
+                facts += delete_facts
+                (deleted if gone else kept).append((row.host_name, row.url))
+            kept += [(r.host_name, r.url) for r in foreign + undeletable]
+            with self.db.transaction() as conn:
+                self.db.copies.end_removals(conn, [file_hash])
+                if deleted and self.db.files.exists(file_hash):
+                    # Added again meanwhile: its copies where we deleted are gone.
+                    self.db.copies.condemn(
+                        conn, [(file_hash, h, u, "missing") for h, u in deleted], now,
+                        0.0, 0.0)
+                    self.db.queue.add(conn, [file_hash], now)
+                    self._reprotect(conn, [file_hash])
+                    log.warning("%s was added again while it was being removed; the copies "
+                                "deleted are marked missing and it is queued for upload",
+                                file_hash)
+                self.health.record(facts)
+        for row in foreign:
+            log.warning("not deleting %s for %s: that URL does not name this file's object "
+                        "on a configured host", row.url, file_hash)
+        for host_name, url in kept:
+            log.warning("removed %s from the pool, but its copy on %s stays: %s",
+                        file_hash, host_name, url)
+        log.info("removed %s (%d copies deleted)", file_hash, len(deleted))
+        return {"deleted": deleted, "kept": kept}
+
+    def end_dead_removals(self, conn, live_owners: Iterable[str]) -> List[str]:
+        """End removals whose process died (inside a transaction); their files
+        were forgotten already."""
+        dead = self.db.copies.removals_of_owners_not_in(conn, live_owners)
+        self.db.copies.end_removals(conn, dead)
+        return dead
+
+
+def short_reason(result: UploadResult) -> str:
+    """Why an upload round left a file short of its target, in a line."""
+    errors = [f.message for f in result.failures]
+    if result.cooling:
+        errors.append("cooling down after repeated failures: %s" % ", ".join(result.cooling))
+    return "; ".join(errors) or "not enough hosts"
+
+
+def _changed(before: os.stat_result, after: os.stat_result) -> bool:
+    """Whether a file changed between two stats (or is not a regular file now)."""
+    return (not stat_module.S_ISREG(after.st_mode)
+            or (before.st_size, before.st_mtime_ns, before.st_ctime_ns, before.st_ino,
+                before.st_dev)
+            != (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino,
+                after.st_dev))
+
