@@ -16,10 +16,14 @@ FIGURES = collections.OrderedDict()
 KILL_POINTS = "kill points survived (SIGKILL, reopen, check clean)"
 CRASH_FILES = "files verified byte for byte after kills"
 STRESS_OPS = "stress operations run (4 processes, one pool)"
+CHAOS_PROCS = "cm processes run in the chaos test (one pool)"
+CHAOS_KILLS = "cm processes SIGKILLed at random in the chaos test"
+CHAOS_FILES = "files verified byte for byte after the chaos test"
 FUZZ = "fuzz examples tried (hypothesis)"
 FAULTS = "faults injected"
 DATA_LOST = "data lost (files upload() returned whose bytes did not come back)"
-ORDER = (KILL_POINTS, CRASH_FILES, STRESS_OPS, FUZZ, FAULTS, DATA_LOST)
+ORDER = (KILL_POINTS, CRASH_FILES, STRESS_OPS, CHAOS_PROCS, CHAOS_KILLS, CHAOS_FILES, FUZZ,
+         FAULTS, DATA_LOST)
 
 
 def add(name, count=1):
