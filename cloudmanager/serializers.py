@@ -9,8 +9,10 @@ it (``datetime`` and ``filesize`` as strings)::
                  {"host_name": "anonfiles", "error": true}]}
 
 Version 0.1 records (no ``filename``) are read too, and numbers are accepted
-as ints or strings. Every field is validated; a bad record is skipped with a
-logged reason and never raises.
+as ints or strings. Every field is validated, and no value can overflow
+what it is used for: a size above :data:`MAX_FILESIZE` (256 TiB) or a time
+after :data:`MAX_DATETIME` (the year 9999) is refused. A bad record is
+skipped with a logged reason and never raises.
 
 >>> rec = parse_record({"version": "0.2", "datetime": 1391212800,
 ...     "filename": "../README.md", "filesize": "23124", "filehash": "6e" * 32,
@@ -37,7 +39,23 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.2"
 READABLE_VERSIONS = ("0.1", "0.2")
-MAX_INT = 2 ** 63 - 1
+#: The largest ``filesize`` a record may carry: 2**48 bytes (256 TiB).
+#: No host we write to keeps a bigger object (the largest any store takes
+#: is an Azure block blob, 190.7 TiB; S3 and GCS objects are far smaller, an
+#: ext4 file stops at 16 TiB), so a larger size is a forgery or corruption.
+#: The bound keeps every use of a size finite and exact: it is exact as a
+#: double (what JavaScript peers read numbers as), 32768 such sizes sum
+#: within SQLite's signed 64-bit INTEGER, and the engine's transfer deadline
+#: (a second per 64 KiB) stays below ``threading.TIMEOUT_MAX`` (about 2**33
+#: s). 2**53 - 1 would not: a ``filesize`` of 2**63 - 1 made that wait raise
+#: OverflowError, which was counted against a healthy host.
+MAX_FILESIZE = 2 ** 48
+#: The latest ``datetime`` (Unix seconds) a record may carry:
+#: 9999-12-31T23:59:59Z, the last second Python's ``datetime`` can hold,
+#: so every date shown or computed from a record works, and it fits any
+#: 64-bit ``time_t``. A time in milliseconds (13 digits) is beyond it, and
+#: refused rather than read as a date tens of thousands of years ahead.
+MAX_DATETIME = 253402300799
 MAX_UPLOADS = 1000
 
 
@@ -51,7 +69,19 @@ class Record(NamedTuple):
     uploads: Tuple[Tuple[str, str, bool], ...]
 
 
-def _count(value, field):
+def _count(value, field, maximum):
+    """``value`` as an int in ``[0, maximum]``, from a JSON int or a string of digits.
+
+    >>> _count("23124", "filesize", MAX_FILESIZE), _count(0, "datetime", MAX_DATETIME)
+    (23124, 0)
+    >>> try:
+    ...     _count(2 ** 63 - 1, "filesize", MAX_FILESIZE)
+    ... except SerializationError as exc:
+    ...     print(exc)
+    filesize 9223372036854775807 is beyond 281474976710656
+
+    :raises SerializationError: for anything else
+    """
     if isinstance(value, bool):
         raise SerializationError("%s is a boolean, not a number" % field)
     if isinstance(value, int):
@@ -60,8 +90,11 @@ def _count(value, field):
         number = int(value)
     else:
         raise SerializationError("%s is not a non-negative integer: %.40r" % (field, value))
-    if not 0 <= number <= MAX_INT:
-        raise SerializationError("%s out of range: %d" % (field, number))
+    if number < 0:
+        raise SerializationError("%s is negative" % field)
+    if number > maximum:
+        shown = number if number.bit_length() <= 64 else "(a %d-bit number)" % number.bit_length()
+        raise SerializationError("%s %s is beyond %d" % (field, shown, maximum))
     return number
 
 
@@ -97,8 +130,8 @@ def parse_record(obj):
         file_hash = check_hash(obj.get("filehash"))
     except InvalidInputError as exc:
         raise SerializationError(str(exc)) from exc
-    size = _count(obj.get("filesize"), "filesize")
-    when = _count(obj.get("datetime"), "datetime")
+    size = _count(obj.get("filesize"), "filesize", MAX_FILESIZE)
+    when = _count(obj.get("datetime"), "datetime", MAX_DATETIME)
     filename = safe_basename(obj.get("filename", "")) if version != "0.1" else ""
     raw_uploads = obj.get("uploads", [])
     if not isinstance(raw_uploads, list):
@@ -106,15 +139,14 @@ def parse_record(obj):
     if len(raw_uploads) > MAX_UPLOADS:
         raise SerializationError("%s lists %d uploads; at most %d are accepted"
                                  % (file_hash, len(raw_uploads), MAX_UPLOADS))
-    uploads = []
+    uploads = {}  # a dict: duplicates merged in O(1) each, the first order kept
     for entry in raw_uploads:
         try:
             item = _upload(entry)
         except (SerializationError, InvalidInputError) as exc:
             log.warning("record %s: skipping an upload entry: %s", file_hash, exc)
             continue
-        if item not in uploads:
-            uploads.append(item)
+        uploads.setdefault(item)
     return Record(file_hash, filename, size, when, tuple(uploads))
 
 
