@@ -34,6 +34,8 @@ _PLAIN_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(?:([^/?#@:\[\]]+)(?::([0-
 MAX_NAME_BYTES = 255
 #: The Unicode line and paragraph separators (categories Zl and Zp).
 _LINE_SEPARATORS = frozenset("\u2028\u2029")
+#: What a basename may not start with: space (``\s`` is ``str.isspace``), dots, dashes.
+_LEADING_JUNK = re.compile(r"[\s.-]*")
 
 
 def is_hash(value):
@@ -75,8 +77,10 @@ def safe_basename(name):
 
     >>> safe_basename("../../etc/passwd"), safe_basename("C:\\\\x\\\\My File.txt")
     ('passwd', 'My File.txt')
-    >>> safe_basename("..."), safe_basename("-rf"), safe_basename("a\\x00b")
-    ('', 'rf', 'ab')
+    >>> safe_basename("..."), safe_basename("-rf"), safe_basename(". -rf")
+    ('', 'rf', 'rf')
+    >>> safe_basename("a\\x00b")
+    'ab'
     >>> safe_basename("two\\u2028lines"), len(safe_basename("a" * 254 + " b"))
     ('twolines', 254)
     """
@@ -94,7 +98,8 @@ def safe_basename(name):
         name = re.split(r"[/\\]", name)[-1]
         name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C"
                        and ch not in _LINE_SEPARATORS)
-    name = name.strip().lstrip(".-").strip()
+    # Space, dots and dashes in any mix: ". -rf" must not become "-rf".
+    name = name[_LEADING_JUNK.match(name).end():].rstrip()
     encoded = name.encode("utf-8")[:MAX_NAME_BYTES]
     return encoded.decode("utf-8", "ignore").rstrip()
 

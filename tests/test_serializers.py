@@ -162,6 +162,11 @@ def test_uppercase_hash_is_lowered():
     ("...", ""),
     ("-rf", "rf"),
     ("--run-after=x", "run-after=x"),
+    (". -rf", "rf"),                               # a dash behind a dot and a space
+    ("- -rf", "rf"),
+    (" . .. -- x", "x"),
+    (".\u3000-x", "x"),                             # behind an ideographic space
+    ("\u00a0.\u2003-\u00e9", "\u00e9"),
     (".bashrc", "bashrc"),
     ("a\x00b\nc", "abc"),
     ("e\u0301t\u00e9.txt", "\u00e9t\u00e9.txt"),  # NFC
