@@ -94,10 +94,14 @@ def safe_basename(name):
         if not name.isprintable():
             name = "".join(ch for ch in name if ch.isprintable())
     else:
-        name = unicodedata.normalize("NFC", name)
+        # NFC neither makes nor removes a slash, a control or a format
+        # character, so it can come last: after a format character (a soft
+        # hyphen, a zero-width joiner) is dropped, what it kept apart may
+        # compose, and the name must come out the same when cleaned again.
         name = re.split(r"[/\\]", name)[-1]
         name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C"
                        and ch not in _LINE_SEPARATORS)
+        name = unicodedata.normalize("NFC", name)
     # Space, dots and dashes in any mix: ". -rf" must not become "-rf".
     name = name[_LEADING_JUNK.match(name).end():].rstrip()
     encoded = name.encode("utf-8")[:MAX_NAME_BYTES]

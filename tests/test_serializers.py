@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+import unicodedata
 
 import pytest
 
@@ -181,6 +182,19 @@ def test_uppercase_hash_is_lowered():
 ])
 def test_hostile_filenames_become_safe_basenames(name, safe):
     assert parse_record(record(filename=name)).filename == safe
+
+
+@pytest.mark.parametrize("name", [
+    "e\u200d\u0301x",      # a zero-width joiner between a letter and its accent
+    "a\u00ad\u0301",       # a soft hyphen
+    "\u1100\u200b\u1161",  # Hangul jamo kept apart by a zero-width space
+    "\u00e9" * 200, ". -\u0301", "x\u2028\u0301",
+])
+def test_a_cleaned_filename_is_nfc_and_cleaned_again_unchanged(name):
+    # An imported name must survive a round trip, or every reload "changes" it.
+    rec = parse_record(record(filename=name))
+    assert unicodedata.is_normalized("NFC", rec.filename)
+    assert parse_record(record_to_dict(rec)).filename == rec.filename
 
 
 @pytest.mark.parametrize("entry", [
