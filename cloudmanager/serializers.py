@@ -9,8 +9,10 @@ it (``datetime`` and ``filesize`` as strings)::
                  {"host_name": "anonfiles", "error": true}]}
 
 Version 0.1 records (no ``filename``) are read too, and numbers are accepted
-as ints or strings. Every field is validated; a bad record is skipped with a
-logged reason and never raises.
+as ints or strings. Every field is validated, and no value can overflow
+what it is used for: a size above :data:`MAX_FILESIZE` (256 TiB) or a time
+after :data:`MAX_DATETIME` (the year 9999) is refused. A bad record is
+skipped with a logged reason and never raises.
 
 >>> rec = parse_record({"version": "0.2", "datetime": 1391212800,
 ...     "filename": "../README.md", "filesize": "23124", "filehash": "6e" * 32,
@@ -24,8 +26,10 @@ logged reason and never raises.
 True
 """
 
+import io
 import json
 import logging
+import re
 from typing import NamedTuple, Tuple
 
 from .errors import InvalidInputError, SerializationError
@@ -35,7 +39,23 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.2"
 READABLE_VERSIONS = ("0.1", "0.2")
-MAX_INT = 2 ** 63 - 1
+#: The largest ``filesize`` a record may carry: 2**48 bytes (256 TiB).
+#: No host we write to keeps a bigger object (the largest any store takes
+#: is an Azure block blob, 190.7 TiB; S3 and GCS objects are far smaller, an
+#: ext4 file stops at 16 TiB), so a larger size is a forgery or corruption.
+#: The bound keeps every use of a size finite and exact: it is exact as a
+#: double (what JavaScript peers read numbers as), 32768 such sizes sum
+#: within SQLite's signed 64-bit INTEGER, and the engine's transfer deadline
+#: (a second per 64 KiB) stays below ``threading.TIMEOUT_MAX`` (about 2**33
+#: s). 2**53 - 1 would not: a ``filesize`` of 2**63 - 1 made that wait raise
+#: OverflowError, which was counted against a healthy host.
+MAX_FILESIZE = 2 ** 48
+#: The latest ``datetime`` (Unix seconds) a record may carry:
+#: 9999-12-31T23:59:59Z, the last second Python's ``datetime`` can hold,
+#: so every date shown or computed from a record works, and it fits any
+#: 64-bit ``time_t``. A time in milliseconds (13 digits) is beyond it, and
+#: refused rather than read as a date tens of thousands of years ahead.
+MAX_DATETIME = 253402300799
 MAX_UPLOADS = 1000
 
 
@@ -49,7 +69,19 @@ class Record(NamedTuple):
     uploads: Tuple[Tuple[str, str, bool], ...]
 
 
-def _count(value, field):
+def _count(value, field, maximum):
+    """``value`` as an int in ``[0, maximum]``, from a JSON int or a string of digits.
+
+    >>> _count("23124", "filesize", MAX_FILESIZE), _count(0, "datetime", MAX_DATETIME)
+    (23124, 0)
+    >>> try:
+    ...     _count(2 ** 63 - 1, "filesize", MAX_FILESIZE)
+    ... except SerializationError as exc:
+    ...     print(exc)
+    filesize 9223372036854775807 is beyond 281474976710656
+
+    :raises SerializationError: for anything else
+    """
     if isinstance(value, bool):
         raise SerializationError("%s is a boolean, not a number" % field)
     if isinstance(value, int):
@@ -58,8 +90,11 @@ def _count(value, field):
         number = int(value)
     else:
         raise SerializationError("%s is not a non-negative integer: %.40r" % (field, value))
-    if not 0 <= number <= MAX_INT:
-        raise SerializationError("%s out of range: %d" % (field, number))
+    if number < 0:
+        raise SerializationError("%s is negative" % field)
+    if number > maximum:
+        shown = number if number.bit_length() <= 64 else "(a %d-bit number)" % number.bit_length()
+        raise SerializationError("%s %s is beyond %d" % (field, shown, maximum))
     return number
 
 
@@ -95,8 +130,8 @@ def parse_record(obj):
         file_hash = check_hash(obj.get("filehash"))
     except InvalidInputError as exc:
         raise SerializationError(str(exc)) from exc
-    size = _count(obj.get("filesize"), "filesize")
-    when = _count(obj.get("datetime"), "datetime")
+    size = _count(obj.get("filesize"), "filesize", MAX_FILESIZE)
+    when = _count(obj.get("datetime"), "datetime", MAX_DATETIME)
     filename = safe_basename(obj.get("filename", "")) if version != "0.1" else ""
     raw_uploads = obj.get("uploads", [])
     if not isinstance(raw_uploads, list):
@@ -104,15 +139,14 @@ def parse_record(obj):
     if len(raw_uploads) > MAX_UPLOADS:
         raise SerializationError("%s lists %d uploads; at most %d are accepted"
                                  % (file_hash, len(raw_uploads), MAX_UPLOADS))
-    uploads = []
+    uploads = {}  # a dict: duplicates merged in O(1) each, the first order kept
     for entry in raw_uploads:
         try:
             item = _upload(entry)
         except (SerializationError, InvalidInputError) as exc:
             log.warning("record %s: skipping an upload entry: %s", file_hash, exc)
             continue
-        if item not in uploads:
-            uploads.append(item)
+        uploads.setdefault(item)
     return Record(file_hash, filename, size, when, tuple(uploads))
 
 
@@ -157,40 +191,77 @@ def iter_documents(fileobj, chunk_size=1 << 16):
     """Yield each element of a JSON array read from a text file object.
 
     The array is decoded element by element, so a large dump is never held in
-    memory whole. A document that is a single object yields that object.
+    memory whole: memory is bounded by the largest element plus a read. The
+    work is linear in the text. Most elements decode at once from the read
+    buffer; one that runs past it is scanned as more text arrives (each
+    character once, see :class:`_ValueEnd`) and decoded once, when its end
+    has been read. A document that is a single object yields that object.
 
-    :raises SerializationError: if the text is not JSON, or not an array or object
+    >>> list(iter_documents(io.StringIO('[{"a": "]"}, 1.5, [2]]'), chunk_size=4))
+    [{'a': ']'}, 1.5, [2]]
+
+    :param fileobj: a text file object; ``read(n)`` may return fewer than
+        ``n`` characters, and ``""`` only at its end
+    :param chunk_size: characters asked for by each read
+    :raises SerializationError: if the text is not JSON, or not an array or
+        object (raised as the generator is consumed, after the elements
+        before the fault)
     """
     decoder = json.JSONDecoder()
     buf = ""
     pos = 0
     eof = False
 
-    def fill():
-        nonlocal buf, pos, eof
+    def read():
+        nonlocal eof
         data = fileobj.read(chunk_size)
         if not data:
             eof = True
-        buf = buf[pos:] + data
-        pos = 0
+        return data
 
     def skip_space():
-        nonlocal pos
+        nonlocal buf, pos
         while True:
-            while pos < len(buf) and buf[pos] in " \t\r\n":
-                pos += 1
+            pos = _SPACE.match(buf, pos).end()
             if pos < len(buf) or eof:
                 return
-            fill()
+            buf, pos = read(), 0  # all of buf was space
+
+    def decode_from(text, start):
+        try:
+            return decoder.raw_decode(text, start)
+        except RecursionError as exc:
+            raise SerializationError("nested too deeply") from exc
+        except ValueError as exc:
+            raise SerializationError("not JSON: %s" % exc) from exc
+
+    def read_element():
+        # The element at pos runs past the buffer (or may): read on until its
+        # end is seen, keeping the reads in a list, so that each character is
+        # scanned once and copied once, then decode it once.
+        nonlocal buf, pos
+        pieces, buf = [buf[pos:]], ""
+        scanner = _ValueEnd()
+        done = scanner.feed(pieces[0])
+        while not done and not eof:
+            data = read()
+            pieces.append(data)
+            done = scanner.feed(data)
+        buf, pos = "".join(pieces), 0
+        del pieces
+        return decode_from(buf, 0)
 
     skip_space()
     if pos >= len(buf):
         raise SerializationError("empty document")
     if buf[pos] == "{":
+        pieces = [buf[pos:]]
         while not eof:
-            fill()
+            pieces.append(read())
+        buf, pos = "".join(pieces), 0
+        del pieces
         try:
-            yield decoder.decode(buf[pos:])
+            yield decoder.decode(buf)
         except (ValueError, RecursionError) as exc:
             raise SerializationError("not JSON: %s" % exc) from exc
         return
@@ -213,35 +284,111 @@ def iter_documents(fileobj, chunk_size=1 << 16):
                 raise SerializationError("expected ',' between records")
             pos += 1
             skip_space()
-        while True:
-            try:
-                value, end = decoder.raw_decode(buf, pos)
-            except RecursionError as exc:
-                raise SerializationError("nested too deeply") from exc
-            except ValueError as exc:
-                if eof:
-                    raise SerializationError("not JSON: %s" % exc) from exc
-                fill()  # the element may continue in the next chunk
-                continue
+        try:
+            value, end = decoder.raw_decode(buf, pos)
+        except RecursionError as exc:
+            raise SerializationError("nested too deeply") from exc
+        except ValueError as exc:
+            if eof:
+                raise SerializationError("not JSON: %s" % exc) from exc
+            value, end = read_element()  # it may continue in the next reads
+        else:
             if not eof and _may_continue(value, buf, end):
-                fill()  # a number cut at the chunk's end ("1." or "2e"); decode again
-                continue
-            break
+                value, end = read_element()  # a number cut by the read: "1." or "2e"
         pos = end
         first = False
         yield value
+        value = None  # not kept alive while the next element is read
+
+
+_SPACE = re.compile(r"[ \t\r\n]*")
+#: What can change the nesting of a JSON value outside its strings.
+_STRUCTURAL = re.compile(r'["\[\]{}]')
+#: The characters of a number or of ``true``, ``false``, ``null`` (and of
+#: the garbage that may follow them: it is the decoder's to refuse).
+_TOKEN_CHAR = re.compile(r"[0-9A-Za-z+.\-]")
+_TOKEN_END = re.compile(r"[^0-9A-Za-z+.\-]")
+
+
+class _ValueEnd:
+    r"""Find where one JSON value ends, in its text fed piece by piece.
+
+    It tracks only what decides the end: whether it is inside a string (and
+    whether a piece ended on an unpaired backslash) and the depth of
+    brackets. ``str.find``, ``re.search`` and ``str.rstrip`` step over
+    everything else, and each character is examined a bounded number of
+    times, so the scan is linear however the pieces cut the text. It does
+    not check the JSON: the decoder does that once the end is in hand.
+
+    The value ``{"a": ["x\"", "\\"]}`` cut after its first backslash:
+
+    >>> scan = _ValueEnd()
+    >>> scan.feed('{"a": ["x\\'), scan.feed('"", "\\\\"]'), scan.feed('}, 2]')
+    (False, False, True)
+    """
+
+    def __init__(self):
+        self.kind = None      # "nested" (array, object, string) or "token"
+        self.depth = 0
+        self.in_string = False
+        self.escaped = False  # the previous piece ended on an unpaired backslash
+
+    def feed(self, text):
+        """Scan the next piece of the value's text.
+
+        :return: whether the value's end has been seen: the bracket or quote
+            that closes it, or after a number or literal, a character that
+            cannot continue it
+        """
+        if not text:
+            return False
+        if self.kind is None:
+            self.kind = "nested" if text[0] in '[{"' else "token"
+        if self.kind == "token":
+            return _TOKEN_END.search(text) is not None
+        i = 0
+        if self.escaped:
+            self.escaped = False
+            i = 1  # the character after a backslash is never an end
+        while True:
+            if self.in_string:
+                quote = text.find('"', i)
+                if quote < 0:
+                    tail = text[i:]
+                    self.escaped = (len(tail) - len(tail.rstrip("\\"))) % 2 == 1
+                    return False
+                run = text[i:quote]
+                i = quote + 1
+                if (len(run) - len(run.rstrip("\\"))) % 2 == 1:
+                    continue  # an escaped quote
+                self.in_string = False
+                if self.depth == 0:
+                    return True  # the value was a string
+            else:
+                match = _STRUCTURAL.search(text, i)
+                if match is None:
+                    return False
+                char = match.group()
+                i = match.end()
+                if char == '"':
+                    self.in_string = True
+                elif char in "[{":
+                    self.depth += 1
+                else:
+                    self.depth -= 1
+                    if self.depth <= 0:
+                        return True
 
 
 def _may_continue(value, buf, end):
-    """Whether a decoded number may be the head of a longer one cut by a chunk end.
+    """Whether a decoded number may be the head of a longer one cut by a read.
 
-    In an array a value is followed by ``,`` or ``]``; until one of those is in
-    the buffer, a number such as ``1`` from ``1.5`` cannot be trusted.
+    A number is whole once a character that cannot be part of one follows
+    it. The test looks at one character, so it costs nothing per element.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    rest = buf[end:].lstrip(" \t\r\n")
-    return not rest or rest[0] not in ",]"
+    return end >= len(buf) or _TOKEN_CHAR.match(buf, end) is not None
 
 
 def load_from(fileobj):

@@ -29,9 +29,13 @@ MAX_URL_LENGTH = 2048
 #: The common URL shapes, in ASCII, which the full parse below would accept:
 #: ``scheme://host[:port][/?#...]`` (no user info, no brackets) and
 #: ``file:///path``. Anything else takes the full parse.
-_PLAIN_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(?:([^/?#@:\[\]]+)(?::[0-9]*)?|(?=/))"
+_PLAIN_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(?:([^/?#@:\[\]]+)(?::([0-9]*))?|(?=/))"
                         r"(?:[/?#].*)?", re.DOTALL)
 MAX_NAME_BYTES = 255
+#: The Unicode line and paragraph separators (categories Zl and Zp).
+_LINE_SEPARATORS = frozenset("\u2028\u2029")
+#: What a basename may not start with: space (``\s`` is ``str.isspace``), dots, dashes.
+_LEADING_JUNK = re.compile(r"[\s.-]*")
 
 
 def is_hash(value):
@@ -65,14 +69,20 @@ def check_hash(value):
 def safe_basename(name):
     """Reduce a file name to a basename that is safe to create anywhere.
 
-    Directory parts (``/`` and ``\\``), control characters and leading dots
-    and dashes go; the result is NFC-normalized and cut to 255 bytes of UTF-8.
-    It may be empty.
+    Directory parts (``/`` and ``\\``), control characters (and the Unicode
+    line and paragraph separators, which would break a listing's line as a
+    newline does), surrounding space and leading dots and dashes go; the
+    result is NFC-normalized and cut to 255 bytes of UTF-8, whole characters,
+    with no space left at its end. It may be empty.
 
     >>> safe_basename("../../etc/passwd"), safe_basename("C:\\\\x\\\\My File.txt")
     ('passwd', 'My File.txt')
-    >>> safe_basename("..."), safe_basename("-rf"), safe_basename("a\\x00b")
-    ('', 'rf', 'ab')
+    >>> safe_basename("..."), safe_basename("-rf"), safe_basename(". -rf")
+    ('', 'rf', 'rf')
+    >>> safe_basename("a\\x00b")
+    'ab'
+    >>> safe_basename("two\\u2028lines"), len(safe_basename("a" * 254 + " b"))
+    ('twolines', 254)
     """
     if not isinstance(name, str):
         return ""
@@ -84,12 +94,18 @@ def safe_basename(name):
         if not name.isprintable():
             name = "".join(ch for ch in name if ch.isprintable())
     else:
-        name = unicodedata.normalize("NFC", name)
+        # NFC neither makes nor removes a slash, a control or a format
+        # character, so it can come last: after a format character (a soft
+        # hyphen, a zero-width joiner) is dropped, what it kept apart may
+        # compose, and the name must come out the same when cleaned again.
         name = re.split(r"[/\\]", name)[-1]
-        name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
-    name = name.strip().lstrip(".-").strip()
+        name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C"
+                       and ch not in _LINE_SEPARATORS)
+        name = unicodedata.normalize("NFC", name)
+    # Space, dots and dashes in any mix: ". -rf" must not become "-rf".
+    name = name[_LEADING_JUNK.match(name).end():].rstrip()
     encoded = name.encode("utf-8")[:MAX_NAME_BYTES]
-    return encoded.decode("utf-8", "ignore")
+    return encoded.decode("utf-8", "ignore").rstrip()
 
 
 def check_host_name(value):
@@ -122,7 +138,9 @@ def check_url(value, schemes=URL_SCHEMES):
     Refused: anything that is not a string, longer than 2048 characters,
     containing whitespace or control characters, starting with ``-`` (it
     would be read as an option), or with a scheme outside ``schemes``.
-    Network URLs need a host part; ``file`` URLs need an absolute path.
+    Network URLs need a host part, which does not start with ``-`` either
+    (no DNS name does; a tool could read it as an option), and a port, if
+    any, in 0-65535. ``file`` URLs need an absolute path.
 
     >>> check_url("http://www.mediafire.com/?qorncpzfe74s9")
     'http://www.mediafire.com/?qorncpzfe74s9'
@@ -134,6 +152,10 @@ def check_url(value, schemes=URL_SCHEMES):
     Traceback (most recent call last):
     ...
     cloudmanager.errors.InvalidInputError: URL scheme 'javascript' not allowed: 'javascript:alert(1)'
+    >>> check_url("http://h.example:99999/x")
+    Traceback (most recent call last):
+    ...
+    cloudmanager.errors.InvalidInputError: URL has a bad port: 'http://h.example:99999/x'
     """
     if not isinstance(value, str) or not value:
         raise InvalidInputError("URL is not a non-empty string: %r" % (_short(value),))
@@ -150,8 +172,10 @@ def check_url(value, schemes=URL_SCHEMES):
     plain = _PLAIN_URL.fullmatch(value) if value.isascii() else None
     if plain is not None:  # an import checks one URL per copy: the fast path
         scheme = plain.group(1).lower()
+        host, port = plain.group(2), plain.group(3)
         # A host for network URLs; none for file URLs, whose path is absolute.
-        if scheme in schemes and (plain.group(2) is None) == (scheme == "file"):
+        if scheme in schemes and (host is None) == (scheme == "file") \
+                and not (host or "").startswith("-") and (not port or int(port) <= 65535):
             return value
     try:
         parts = urlsplit(value)
@@ -166,6 +190,13 @@ def check_url(value, schemes=URL_SCHEMES):
                                     % (_short(value),))
     elif not parts.hostname:
         raise InvalidInputError("URL has no host: %r" % (_short(value),))
+    elif parts.hostname.startswith("-"):
+        raise InvalidInputError("URL host starts with '-': %r" % (_short(value),))
+    else:
+        try:
+            parts.port  # noqa: B018 -- raises ValueError when not an int in 0-65535
+        except ValueError:
+            raise InvalidInputError("URL has a bad port: %r" % (_short(value),)) from None
     return value
 
 
