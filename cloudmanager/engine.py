@@ -375,12 +375,15 @@ class UploadEngine:
 
         It is the host's ``timeout``, plus :data:`DEADLINE_GRACE`, plus one
         second per :data:`DEADLINE_RATE` bytes transferred. A host whose
-        ``timeout`` is None or not positive gets no deadline.
+        ``timeout`` is None or not positive gets no deadline. It never exceeds
+        what a thread can wait for (``threading.TIMEOUT_MAX``): an absurd
+        size is a local matter, never an ``OverflowError`` counted against
+        the host.
         """
         timeout = getattr(host, "timeout", None)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             return None
-        return timeout + DEADLINE_GRACE + size / DEADLINE_RATE
+        return min(timeout + DEADLINE_GRACE + size / DEADLINE_RATE, threading.TIMEOUT_MAX / 2)
 
     def _call(self, host, what, deadline, fn, *args, cleanup=None):
         """Run ``fn(*args)`` under the host's connection slot, within ``deadline`` seconds.

@@ -91,7 +91,7 @@ def test_data_load_never_raises_on_text_that_is_not_json(pool, text):
 valid_records = st.builds(
     serializers.Record, hashes,
     st.text(max_size=30).map(safe_basename),
-    st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1),
+    st.integers(0, serializers.MAX_FILESIZE), st.integers(0, serializers.MAX_DATETIME),
     st.lists(st.tuples(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,20}", fullmatch=True),
                        st.builds(lambda h: "https://host.example/f/" + h, hashes),
                        st.booleans()), max_size=3, unique=True).map(tuple))
