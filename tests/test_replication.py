@@ -1,0 +1,332 @@
+"""The copy state machine and the beliefs it keeps (cloudmanager/replication.py).
+
+One test per false belief the pool used to hold, each a reproduction that
+failed before the copy rules moved into replication.py: real SQLite files,
+real folder hosts, real second instances standing in for other processes.
+"""
+
+import json
+import os
+
+import cloudmanager.replication as replication
+from cloudmanager import CloudManager
+from cloudmanager.hosts.base import Location
+from cloudmanager.hosts.folder import FolderHost
+from helpers import sha
+
+
+def states(cm, digest):
+    return {(u["host_name"], u["state"]) for u in cm.status(digest)["uploads"]}
+
+
+def folder_spec(tmp_path, name):
+    return "dir:%s" % (tmp_path / "hosts" / name)
+
+
+# -- 2. a condemned copy is looked at again ----------------------------------------
+
+
+def test_a_missing_copy_put_back_is_believed_again(make_pool, tmp_path, write_file,
+                                                   monkeypatch):
+    cm = make_pool(hosts=[folder_spec(tmp_path, "nas")], redundancy=1)
+    data = b"moved away and back"
+    digest = cm.upload(write_file("f", data))
+    cm.evict(0)
+    obj = tmp_path / "hosts" / "nas" / digest
+    obj.rename(tmp_path / "aside")
+    assert cm.warm_up(digest) is False
+    assert states(cm, digest) == {("dir:%s" % (tmp_path / "hosts" / "nas"), "missing")}
+    (tmp_path / "aside").rename(obj)
+    # A plain verify waits for the back-off; once it is over, the copy is
+    # looked at again, by download, and believed.
+    assert cm.verify()["checked"] == 0
+    monkeypatch.setattr(replication, "RECHECK_BASE", 0.0)
+    with cm.db.transaction() as conn:  # the back-off of the copy already condemned: over
+        conn.execute("UPDATE uploads SET next_check = 0")
+    summary = cm.verify()
+    assert summary["checked"] == 1 and summary["good"] == 1
+    assert cm.db.files.verified(digest) == 1
+    assert open(cm.warm_up(digest), "rb").read() == data
+    assert cm.check()["lost"] == []
+
+
+def test_a_download_tries_condemned_copies_last_and_believes_them_when_right(
+        make_pool, tmp_path, write_file):
+    cm = make_pool(hosts=[folder_spec(tmp_path, "nas")], redundancy=1)
+    data = b"condemned by mistake"
+    digest = cm.upload(write_file("f", data))
+    cm.evict(0)
+    obj = tmp_path / "hosts" / "nas" / digest
+    obj.rename(tmp_path / "aside")
+    assert cm.warm_up(digest) is False
+    (tmp_path / "aside").rename(obj)
+    # No copy is believed good, yet the right bytes are there: served, and
+    # believed again (every byte is checked, so trying it is safe).
+    assert open(cm.warm_up(digest), "rb").read() == data
+    assert {s for _, s in states(cm, digest)} == {"good"}
+    assert cm.sync()["short"] == 0
+
+
+def test_verify_of_named_files_looks_at_condemned_copies_at_once(make_pool, tmp_path,
+                                                                 write_file):
+    cm = make_pool(hosts=[folder_spec(tmp_path, "nas")], redundancy=1)
+    digest = cm.upload(write_file("f", b"x" * 100))
+    obj = tmp_path / "hosts" / "nas" / digest
+    obj.write_bytes(b"y" * 100)  # same size, wrong bytes
+    assert cm.verify(deep=True)["bad"] == 1
+    obj.write_bytes(b"x" * 100)
+    assert cm.verify(hashes=[digest])["good"] == 1  # no back-off for an explicit ask
+    assert cm.db.files.verified(digest) == 1
+
+
+def test_a_bad_copy_is_not_cleared_by_a_size_alone(make_pool, tmp_path, write_file):
+    cm = make_pool(hosts=[folder_spec(tmp_path, "nas")], redundancy=1)
+    digest = cm.upload(write_file("f", b"x" * 100))
+    (tmp_path / "hosts" / "nas" / digest).write_bytes(b"y" * 100)
+    assert cm.verify(deep=True)["bad"] == 1
+    # Looked at again (by download, since a folder stores no checksum): still bad.
+    assert cm.verify(hashes=[digest])["bad"] == 1
+    assert cm.db.files.verified(digest) == 0
+    assert cm.sync()["uploads"] == 1  # rewritten from the cached copy
+    assert (tmp_path / "hosts" / "nas" / digest).read_bytes() == b"x" * 100
+
+
+# -- 5. only this node's copies count ------------------------------------------------
+
+
+def test_claims_of_another_node_do_not_let_an_upload_skip_every_host(tmp_path, write_file):
+    shared = folder_spec(tmp_path, "shared")
+    a = CloudManager(tmp_path / "a" / "db", tmp_path / "a" / "cache", 1 << 20,
+                     hosts=[shared], redundancy=1, fsync=False)
+    b = CloudManager(tmp_path / "b" / "db", tmp_path / "b" / "cache", 1000,
+                     hosts=[shared], redundancy=1, fsync=False)
+    try:
+        data = os.urandom(5000)  # larger than b's cache: uploaded from the source
+        digest = a.upload(write_file("big", data))
+        assert b.data_load(a.data_dump()) == 1
+        assert b.db.files.verified(digest) == 0  # a claim, not b's own copy
+        (tmp_path / "hosts" / "shared" / digest).unlink()  # the claim is false
+        assert b.upload(write_file("big", data)) == digest
+        assert b.db.files.verified(digest) == 1  # b sent it, and knows it
+        assert (tmp_path / "hosts" / "shared" / digest).read_bytes() == data
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_cached_file_with_only_claimed_copies_stays_pinned(tmp_path, write_file):
+    shared = folder_spec(tmp_path, "shared")
+    a = CloudManager(tmp_path / "a" / "db", tmp_path / "a" / "cache", 1 << 20,
+                     hosts=[shared], redundancy=1, fsync=False)
+    b = CloudManager(tmp_path / "b" / "db", tmp_path / "b" / "cache", 1 << 20,
+                     hosts=[], redundancy=1, fsync=False)
+    try:
+        digest = a.upload(write_file("f", b"claimed elsewhere"))
+        b.data_load(a.data_dump())
+        assert b.upload(write_file("f", b"claimed elsewhere")) == digest
+        assert b.evict(0) == 0  # b verified no copy: its cached one is the only sure one
+        assert b.on_cache(digest)
+    finally:
+        a.close()
+        b.close()
+
+
+# -- 6. remove deletes only objects named by the hash ---------------------------------
+
+
+def test_a_hostile_record_cannot_aim_remove_at_another_files_copy(make_pool, tmp_path,
+                                                                  write_file):
+    spec = folder_spec(tmp_path, "nas")
+    cm = make_pool(hosts=[spec], redundancy=1)
+    victim = cm.upload(write_file("victim", b"the only copy of another file"))
+    target = cm.upload(write_file("target", b"the file being removed"))
+    record = cm.info(target)
+    victim_url = cm.status(victim)["uploads"][0]["url"]
+    record["uploads"].append({"host_name": spec, "url": victim_url})
+    cm.data_load(json.dumps([record]))
+    assert victim_url in {u["url"] for u in cm.status(target)["uploads"]}
+    result = cm.remove(target)
+    assert (spec, victim_url) in result["kept"]
+    assert (tmp_path / "hosts" / "nas" / victim).read_bytes() == b"the only copy of another file"
+    assert not (tmp_path / "hosts" / "nas" / target).exists()
+    cm.evict(0)
+    assert open(cm.warm_up(victim), "rb").read() == b"the only copy of another file"
+
+
+# -- 7. remove never deletes a copy made after it began --------------------------------
+
+
+def test_an_upload_and_eviction_racing_remove_loses_nothing(make_pool, write_file, tmp_path):
+    """Another instance uploads the same bytes while remove() deletes the copies,
+    and then evicts: its cached copy must stay (pinned), since the removal may
+    have deleted the host copy it made."""
+    spec = folder_spec(tmp_path, "h1")
+    cm = make_pool(hosts=[spec], redundancy=1)
+    # Another instance on the same database and cache, as another process would be.
+    other = CloudManager(tmp_path / "node" / "db.sqlite3", tmp_path / "node" / "cache",
+                         1 << 20, hosts=[spec], redundancy=1, fsync=False)
+    data = b"uploaded twice, removed once"
+    source = write_file("raced.txt", data)
+    digest = cm.upload(source)
+    real_delete = cm.engine.delete
+
+    def delete_after_a_concurrent_upload(location):
+        assert other.upload(source) == digest  # lands between forget and delete
+        assert other.evict(0) == 0  # not trusted while the removal runs: stays
+        return real_delete(location)
+
+    cm.engine.delete = delete_after_a_concurrent_upload
+    try:
+        assert cm.remove(digest)["deleted"]
+    finally:
+        cm.engine.delete = real_delete
+    assert not (tmp_path / "hosts" / "h1" / digest).exists()  # the removal's delete ran
+    assert cm.exists(digest) and other.evict(0) == 0
+    assert other.sync()["uploads"] == 1
+    assert (tmp_path / "hosts" / "h1" / digest).read_bytes() == data
+    other.evict(0)
+    assert open(other.warm_up(digest), "rb").read() == data
+    other.close()
+
+
+# -- 8. a source that changes while it is uploaded is refused ----------------------------
+
+
+class RewritingHost(FolderHost):
+    """A folder host during whose upload someone rewrites the source (same size)."""
+
+    def upload(self, local_path, name):
+        location = super().upload(local_path, name)
+        with open(local_path, "r+b") as f:
+            f.write(b"Z")
+        return location
+
+
+def test_a_large_source_rewritten_during_its_upload_is_refused(make_pool, tmp_path,
+                                                                write_file):
+    host = RewritingHost(str(tmp_path / "hosts" / "nas"), name="nas", fsync=False)
+    cm = make_pool(capacity=1000, hosts=[host], redundancy=1)
+    data = b"a" * 5000  # larger than the cache: uploaded from its source
+    assert cm.upload(write_file("big", data)) is False
+    assert not cm.exists(sha(data))
+    assert os.listdir(host.root) in ([], [".cloudmanager-host"])  # its copy deleted again
+
+
+# -- 11. a dump holds only records some host holds ----------------------------------
+
+
+def test_a_dump_leaves_out_files_no_host_holds(make_pool, tmp_path, write_file):
+    cm = make_pool(hosts=[folder_spec(tmp_path, "nas")], redundancy=1)
+    on_host = cm.upload(write_file("a", b"on a host"))
+    queued = cm.upload(write_file("b", b"only cached, queued"), defer=True)
+    dumped = {r["filehash"] for r in json.loads(cm.data_dump())}
+    assert dumped == {on_host}
+    assert cm.info(queued)["uploads"] == []  # info still shows it
+
+
+# -- 12. a stale dump does not resurrect deleted copies ---------------------------------
+
+
+def test_a_stale_dump_does_not_bring_back_copies_this_node_deleted(make_pool, tmp_path,
+                                                                   write_file):
+    hosts = [folder_spec(tmp_path, n) for n in ("a", "b")]
+    cm = make_pool(hosts=hosts, redundancy=2)
+    data = b"removed, then added again"
+    digest = cm.upload(write_file("f", data))
+    stale = cm.data_dump()
+    assert cm.remove(digest)["deleted"]
+    cm.close()
+    # Added again while host b is away: one copy, on a.
+    cm = make_pool(hosts=hosts[:1], redundancy=2)
+    assert cm.upload(write_file("f", data)) == digest
+    cm.data_load(stale)  # another node's older record: a and b hold it
+    assert cm.db.files.copies(digest) == 1  # b's deleted copy is not believed
+    cm.close()
+    cm = make_pool(hosts=hosts, redundancy=2)
+    assert cm.sync()["uploads"] == 1  # b gets its copy back
+    assert (tmp_path / "hosts" / "b" / digest).read_bytes() == data
+    assert cm.db.files.verified(digest) == 2
+
+
+# -- 13. a batch whose file another process removed still records the rest -----------------
+
+
+class RemovingHost(FolderHost):
+    """A folder host whose upload of one file coincides with its removal elsewhere."""
+
+    victim = None
+    remover = None
+
+    def upload_batch(self, items):
+        results = super().upload_batch(items)
+        if self.remover is not None:
+            self.remover.remove(self.victim)
+            self.remover = None
+        return results
+
+
+def test_a_batch_records_its_copies_when_another_process_removed_one_file(tmp_path,
+                                                                          write_file):
+    host = RemovingHost(str(tmp_path / "hosts" / "nas"), name="nas", fsync=False)
+    cm = CloudManager(tmp_path / "node" / "db", tmp_path / "node" / "cache", 1 << 20,
+                      hosts=[host], redundancy=1, fsync=False, defer_uploads=True)
+    other = CloudManager(tmp_path / "node" / "db", tmp_path / "node" / "cache", 1 << 20,
+                         hosts=[], redundancy=1, fsync=False)
+    try:
+        files = [write_file("f%d" % i, b"file %d" % i) for i in range(20)]
+        digests = cm.upload_many(files)
+        host.victim, host.remover = digests[0], other
+        cm.sync()
+        assert not cm.exists(digests[0])
+        assert all(cm.db.files.verified(d) == 1 for d in digests[1:])
+    finally:
+        cm.close()
+        other.close()
+
+
+# -- the engine's facts: which host, which URL, how long, which error ------------------
+
+
+def test_upload_of_one_small_file_to_three_hosts_takes_three_write_transactions(
+        make_pool, tmp_path, write_file):
+    cm = make_pool(hosts=[folder_spec(tmp_path, n) for n in ("a", "b", "c")], redundancy=3)
+    cm.upload(write_file("warm", b"first upload opens everything"))
+    statements = []
+    for conn in cm.db._all_connections:
+        conn.set_trace_callback(statements.append)
+    cm.db.connection.set_trace_callback(statements.append)
+    digest = cm.upload(write_file("f", b"one small file"))
+    begins = [s for s in statements if s.strip().upper().startswith("BEGIN")]
+    assert cm.db.files.verified(digest) == 3
+    assert len(begins) <= 3, begins
+
+
+def test_a_removal_of_a_file_on_a_host_that_cannot_delete_keeps_it(make_pool, fake_plowshare,
+                                                                   write_file):
+    cm = make_pool(hosts=["plowshare:locker"], redundancy=1)
+    digest = cm.upload(write_file("f", b"on a locker"))
+    result = cm.remove(digest)
+    assert result["deleted"] == [] and len(result["kept"]) == 1
+    assert not cm.exists(digest)
+
+
+def test_remove_is_refused_by_no_host_when_the_url_is_unreachable(make_pool, tmp_path,
+                                                                  write_file):
+    cm = make_pool(hosts=[folder_spec(tmp_path, "nas")], redundancy=1)
+    digest = cm.upload(write_file("f", b"x"))
+    record = cm.info(digest)
+    record["uploads"].append({"host_name": "elsewhere", "url": "s3://other/" + digest})
+    cm.data_load(json.dumps([record]))
+    result = cm.remove(digest)
+    assert ("elsewhere", "s3://other/" + digest) in result["kept"]
+    assert not cm.exists(digest)
+
+
+def test_engine_names_only_the_hashs_own_object(make_pool, tmp_path, write_file):
+    spec = folder_spec(tmp_path, "nas")
+    cm = make_pool(hosts=[spec], redundancy=1)
+    digest = cm.upload(write_file("f", b"mine"))
+    url = cm.status(digest)["uploads"][0]["url"]
+    assert cm.engine.names(Location(spec, url), digest)
+    assert not cm.engine.names(Location(spec, url), "0" * 64)
+    assert not cm.engine.names(Location("nowhere", "ftp://x/" + digest), digest)
