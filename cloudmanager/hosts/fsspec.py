@@ -53,16 +53,19 @@ is never listed and may be deleted by hand.
 """
 
 import errno
+import hashlib
 import logging
 import os
 import secrets
 import socket
+import stat
 import sys
 import threading
 from urllib.parse import unquote, urlsplit
 
 import fsspec  # the library: absolute imports never resolve to this module
 
+from .. import fsutil
 from ..errors import (
     HostError,
     HostNotFoundError,
@@ -362,10 +365,29 @@ class FsspecHost(Host):
             log.debug("%s: could not remove %s: %s", self.name, path,
                       self._redact(str(exc)))
 
+    def _holds(self, fs, path, name):
+        """Whether the file at ``path`` exists and its bytes hash to ``name``.
+
+        Reads the whole object: only for the rare case of a rename that
+        failed, never for every upload.
+        """
+        fs.invalidate_cache(path)
+        digest = hashlib.sha256()
+        try:
+            with fs.open(path, "rb") as remote:
+                for chunk in iter(lambda: remote.read(fsutil.CHUNK), b""):
+                    digest.update(chunk)
+        except Exception:  # unreadable is no proof: the rename's own error is raised
+            return False
+        return digest.hexdigest() == name
+
     def upload(self, local_path, name):
         """Store ``local_path`` as ``ROOT/name``: a temp name in the root, then a rename.
 
-        An object of the same size already there is kept and not sent again.
+        The file is always sent, even over an object already there: a
+        filesystem gives its size at most, and the same size is no proof
+        that the bytes are right (a damaged copy would stay and be recorded
+        as good).
 
         :param local_path: a readable local file
         :param name: the object's name, a SHA-256 hex digest
@@ -375,8 +397,10 @@ class FsspecHost(Host):
         """
         if not is_hash(name):
             raise InvalidInputError("objects are named by SHA-256, not %r" % (name,))
+        # A missing source fails here, before any request to the server.
         try:
-            size = os.path.getsize(local_path)
+            if not stat.S_ISREG(os.stat(local_path).st_mode):
+                raise IsADirectoryError(errno.EISDIR, "not a regular file")
         except OSError as exc:
             raise TransientHostError(self.name, "cannot read %s: %s"
                                      % (local_path, exc.strerror or exc)) from exc
@@ -385,9 +409,6 @@ class FsspecHost(Host):
             fs, root = self._filesystem()
             final = root + "/" + name
             self._ensure_root(fs, root)
-            if self._remote_size(fs, final) == size:
-                log.debug("%s already holds %s", self.name, name)
-                return location
             # A random suffix: concurrent uploads of one object never share a temp.
             temp = "%s/.%s.%s.tmp" % (root, name, secrets.token_hex(6))
             renamed = False
@@ -397,8 +418,9 @@ class FsspecHost(Host):
                     self._rename(fs, temp, final)
                     renamed = True
                 except Exception:
-                    # A concurrent upload of the same object may have won.
-                    if self._remote_size(fs, final) != size:
+                    # A concurrent upload of the same object may have won;
+                    # only its bytes, hashed, can tell (not its size).
+                    if not self._holds(fs, final, name):
                         raise
                     log.debug("%s: a concurrent upload stored %s first", self.name, name)
             finally:

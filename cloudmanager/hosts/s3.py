@@ -291,9 +291,12 @@ class S3Host(Host):
     def upload(self, local_path, name):
         """Store ``local_path`` as ``PREFIX/name``, unless it is there already.
 
-        An object already present with the file's size (and, when the
-        server keeps one, the right SHA-256) is not sent again. Otherwise
-        the file goes up through boto3's managed transfer, in parts above
+        An object already present is not sent again only when the server
+        holds a SHA-256 of the whole object (a single-part upload's
+        ``ChecksumSHA256``) equal to ``name``. The same size is no proof:
+        an object with no such checksum (written in parts, or by a client
+        that declared none) is overwritten. Otherwise the file goes up
+        through boto3's managed transfer, in parts above
         ``multipart_threshold``, and the server checks a SHA-256 of what it
         receives.
 
@@ -311,12 +314,15 @@ class S3Host(Host):
         except OSError as exc:
             raise TransientHostError(self.name, "cannot read %s: %s" % (local_path, exc)) from exc
         present = self._present(key, url)
-        if present is not None and present.size == size and present.sha256 in (None, name):
-            log.debug("%s: %s is already there (%d bytes), not sent again", self.name, url, size)
+        # A positive match only: a same-sized object with no checksum may
+        # hold other bytes, and a skip would record it as a good copy.
+        if present is not None and present.size == size and present.sha256 == name:
+            log.debug("%s: %s is already there (%d bytes, SHA-256 checked), not sent again",
+                      self.name, url, size)
             return Location(self.name, url)
         if present is not None:
             log.info("%s: replacing %s (%d bytes, sha256 %s)", self.name, url,
-                     present.size, present.sha256)
+                     present.size, present.sha256 or "unknown")
         with self._translated("upload to", url):
             self._client.upload_file(local_path, self.bucket, key,
                                      ExtraArgs={"ChecksumAlgorithm": "SHA256"},

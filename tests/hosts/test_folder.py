@@ -265,12 +265,25 @@ def unreachable_host(tmp_path):
     return FolderHost(str(blocker / "pool"), fsync=False)
 
 
+def overwrite_file(root):
+    def tamper(location, data):
+        (root / location.url.rsplit("/", 1)[1]).write_bytes(data)
+
+    return tamper
+
+
 class TestFolderConformance(HostConformance):
-    pass
+    @pytest.fixture
+    def tamper(self, root):
+        return overwrite_file(root)
 
 
 class TestFolderWithFsyncConformance(HostConformance):
     """With fsync on, batches take the syncfs path (where Linux has it)."""
+
+    @pytest.fixture
+    def tamper(self, root):
+        return overwrite_file(root)
 
     @pytest.fixture
     def host(self, root):

@@ -500,5 +500,14 @@ class TestPlowshareConformance(HostConformance):
     large_size = 3 << 20  # each transfer is a subprocess writing to disk
 
     @pytest.fixture
+    def tamper(self, fake_plowshare):
+        def tamper(location, data):
+            module, obj_id = DL_URL.fullmatch(location.url).groups()
+            [stored] = [p for p in fake_plowshare.objects(module) if p.parent.name == obj_id]
+            stored.write_bytes(data)
+
+        return tamper
+
+    @pytest.fixture
     def missing_url(self, host):
         return "http://conform.fake/dl/%s" % DEAD_ID
