@@ -233,7 +233,7 @@ class Host:
             with fsutil.atomic_write(dest_path, fsync) as out:
                 fsutil.copy_and_hash(stream, out.fileno(), limit=max_bytes, hashing=False)
         except OverflowError as exc:
-            raise TransientHostError(self.name, "%s is larger than the %d bytes expected"
+            raise TransientHostError(self.name, "%s is larger than the %s bytes expected"
                                      % (url, max_bytes)) from exc
         except OSError as exc:
             raise TransientHostError(self.name, "cannot copy %s: %s" % (url, exc)) from exc
