@@ -133,6 +133,28 @@ class FolderHost(Host):
         except OSError:  # no root, no marker, or no access: not marked
             return False
 
+    def mark(self) -> None:
+        """Write the marker into the existing root, if it is not there yet.
+
+        For a folder that holds copies from before markers existed: once the
+        pool has checked that the folder holds copies it recorded (so the
+        right disk is mounted), it marks it and then sets
+        :attr:`require_marker`. Uploads mark the root by themselves.
+
+        :raises HostUnavailableError: if the root is missing (it is never created)
+        :raises TransientHostError: if the marker cannot be written
+        """
+        if self.has_marker():
+            return
+        if not os.path.isdir(self.root):
+            raise HostUnavailableError(self.name, "the folder %s is missing (not mounted?)"
+                                       % self.root)
+        try:
+            self._write_marker(self.fsync)
+        except OSError as exc:
+            raise (self._outage() or TransientHostError(
+                self.name, "cannot write the marker into %s: %s" % (self.root, exc))) from exc
+
     def _outage(self) -> Optional[HostUnavailableError]:
         """The outage that explains a failure in the root, or None if the root looks fine."""
         if not os.path.isdir(self.root):

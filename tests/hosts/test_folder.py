@@ -524,3 +524,22 @@ def test_without_require_marker_an_unmarked_folder_behaves_as_before(root, tmp_p
     assert dict(host.list()) == {sha(b"old"): 3}
     with pytest.raises(HostNotFoundError):
         host.stat("file://" + str(root) + "/" + sha(b"never"))
+
+
+def test_mark_upgrades_a_folder_from_before_markers(root, tmp_path):
+    (root / sha(b"old")).write_bytes(b"old")
+    url = "file://" + str(root) + "/" + sha(b"old")
+    host = FolderHost(str(root), fsync=False, require_marker=True)
+    with pytest.raises(HostUnavailableError):
+        host.stat(url)
+    host.mark()
+    assert host.has_marker() and host.stat(url).size == 3
+    host.mark()  # marking twice is harmless
+    assert sorted(os.listdir(root)) == sorted([MARKER, sha(b"old")])
+
+
+def test_mark_never_creates_the_root(tmp_path):
+    host = FolderHost(str(tmp_path / "gone" / "pool"), fsync=False)
+    with pytest.raises(HostUnavailableError, match="missing"):
+        host.mark()
+    assert not (tmp_path / "gone").exists()
