@@ -61,6 +61,11 @@ class Host:
     can_batch = False
     #: Whether :meth:`list` works.
     can_list = False
+    #: Whether the host keeps a marker in its root that tells it from an
+    #: empty mount point: it then has ``has_marker()``, ``mark()`` and a
+    #: ``require_marker`` attribute (see
+    #: :class:`~cloudmanager.hosts.folder.FolderHost`).
+    can_mark = False
     #: How many transfers may run against this host at once.
     max_connections: int = 4
     #: Seconds one transfer may take before it is abandoned.

@@ -75,6 +75,7 @@ class FolderHost(Host):
     can_check = True
     can_list = True
     can_batch = True
+    can_mark = True
 
     #: The marker file written into the root on the first successful write.
     #: Its name is not a SHA-256, so it is never taken for an object.

@@ -543,3 +543,10 @@ def test_mark_never_creates_the_root(tmp_path):
     with pytest.raises(HostUnavailableError, match="missing"):
         host.mark()
     assert not (tmp_path / "gone").exists()
+
+
+def test_only_the_folder_host_declares_a_marker(host):
+    from cloudmanager.hosts.base import Host
+    from cloudmanager.hosts.memory import MemoryHost
+
+    assert host.can_mark and not Host.can_mark and not MemoryHost.can_mark
