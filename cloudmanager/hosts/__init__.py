@@ -18,13 +18,14 @@ Host modules are imported only when a spec needs them.
 """
 
 import importlib
+from typing import Any, Dict, Optional, Tuple, Type
 
 from ..errors import InvalidInputError, MissingDependencyError
 from .base import Host, Location
 
 #: scheme → (module, class name, the extra that installs its dependencies).
 #: Imported lazily by :func:`host_class`.
-REGISTRY = {
+REGISTRY: Dict[str, Tuple[str, str, Optional[str]]] = {
     "plowshare": ("cloudmanager.hosts.plowshare", "PlowshareHost", None),
     "dir": ("cloudmanager.hosts.folder", "FolderHost", None),
     "file": ("cloudmanager.hosts.folder", "FolderHost", None),
@@ -36,8 +37,11 @@ REGISTRY = {
 __all__ = ["Host", "Location", "REGISTRY", "from_spec", "host_class"]
 
 
-def host_class(scheme):
+def host_class(scheme: str) -> Type[Host]:
     """Return the Host class registered for ``scheme``, importing it on first use.
+
+    :param scheme: a host kind, e.g. ``"dir"`` or ``"s3"``
+    :return: the class of that kind of host
 
     :raises InvalidInputError: for an unknown scheme
     :raises MissingDependencyError: if the host kind's optional dependency
@@ -56,14 +60,17 @@ def host_class(scheme):
         raise MissingDependencyError(
             "%s hosts need %s: pip install 'cloudmanager[%s]'" % (scheme, exc.name, extra)
         ) from exc
-    return getattr(module, class_name)
+    cls: Type[Host] = getattr(module, class_name)
+    return cls
 
-def from_spec(spec, **options):
+def from_spec(spec: object, **options: Any) -> Host:
     """Build a host from its spec, e.g. ``"plowshare:mediafire"`` or ``"dir:/srv/pool"``.
 
     Host objects are passed through unchanged.
 
+    :param spec: a spec string, or a :class:`Host` (returned as it is)
     :param options: keyword options for the host class (``name``, ``timeout``, ...)
+    :return: the host
     :raises InvalidInputError: if the spec is malformed or its kind unknown
     """
     if isinstance(spec, Host):

@@ -15,11 +15,16 @@ The shared conformance suite in ``tests/hosts/conformance.py`` states the
 contract as tests; every host class passes it.
 """
 
-from typing import NamedTuple, Optional
+import os
+from typing import IO, Any, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .. import fsutil
 from ..errors import HostError, HostNotFoundError, PermanentHostError, TransientHostError
 from ..validation import is_hash
+
+
+#: A local path as the hosts take it: a string or an ``os.PathLike``.
+PathLike = Union[str, "os.PathLike[str]"]
 
 
 class Location(NamedTuple):
@@ -46,7 +51,7 @@ class Host:
     """
 
     #: The name recorded with each upload (``host_name`` in the JSON format).
-    name = "host"
+    name: str = "host"
     #: Whether :meth:`delete` works.
     can_delete = False
     #: Whether :meth:`stat` and :meth:`exists` work without downloading.
@@ -56,17 +61,36 @@ class Host:
     can_batch = False
     #: Whether :meth:`list` works.
     can_list = False
+    #: Whether the host keeps a marker in its root that tells it from an
+    #: empty mount point: it then has ``has_marker()``, ``mark()`` and a
+    #: ``require_marker`` attribute (see
+    #: :class:`~cloudmanager.hosts.folder.FolderHost`).
+    can_mark = False
     #: How many transfers may run against this host at once.
-    max_connections = 4
+    max_connections: int = 4
     #: Seconds one transfer may take before it is abandoned.
-    timeout = 600.0
+    timeout: float = 600.0
     #: Preference among equally healthy hosts: higher is chosen first.
-    weight = 1.0
+    weight: float = 1.0
     #: For hosts whose object URLs are this prefix followed by the hash:
     #: :meth:`accepts` and :meth:`object_name` then need no override.
-    url_prefix = None
+    url_prefix: Optional[str] = None
 
-    def upload(self, local_path, name):
+    @classmethod
+    def from_spec(cls, scheme: str, target: str, **options: Any) -> "Host":
+        """Build a host from the parts of its spec (``scheme:target``).
+
+        Every host kind of :data:`~cloudmanager.hosts.REGISTRY` overrides it.
+
+        :param scheme: the spec's kind, e.g. ``"dir"``
+        :param target: what follows the first ``:``
+        :param options: keyword options of the host class
+        :return: a new host
+        :raises InvalidInputError: for a malformed target or option
+        """
+        raise NotImplementedError
+
+    def upload(self, local_path: PathLike, name: str) -> Location:
         """Store the file at ``local_path`` under the object name ``name``.
 
         Storing a name that is already there is not an error.
@@ -79,17 +103,20 @@ class Host:
         """
         raise NotImplementedError
 
-    def upload_batch(self, items):
+    def upload_batch(self, items: Sequence[Tuple[PathLike, str]]
+                     ) -> List[Union[Location, HostError]]:
         """:meth:`upload` several files: ``[(local_path, name)]``.
 
         Only called when :attr:`can_batch`. This default uploads them one by
         one; a host that can do better as a batch overrides it.
 
+        :param items: ``(local_path, name)`` pairs, as :meth:`upload` takes them
         :return: a list in the order of ``items``: the :class:`Location` of
             each copy, or the :class:`~cloudmanager.errors.HostError` that
             stopped that file
+        :raises InvalidInputError: if a name is not a SHA-256 hex digest
         """
-        results = []
+        results: List[Union[Location, HostError]] = []
         for local_path, name in items:
             try:
                 results.append(self.upload(local_path, name))
@@ -97,12 +124,14 @@ class Host:
                 results.append(exc)
         return results
 
-    def download(self, url, dest_path, max_bytes=None):
+    def download(self, url: str, dest_path: PathLike, max_bytes: Optional[int] = None) -> None:
         """Fetch the object at ``url`` into ``dest_path``, atomically.
 
         On success ``dest_path`` holds the bytes the host returned (the caller
         verifies them). On failure nothing is left at ``dest_path`` or beside it.
 
+        :param url: a URL this host :meth:`accepts`
+        :param dest_path: the destination file; replaced only on success
         :param max_bytes: the expected size; a host that can stop writing
             past it raises :class:`~cloudmanager.errors.TransientHostError`
             instead of filling the disk
@@ -111,66 +140,85 @@ class Host:
         """
         raise NotImplementedError
 
-    def accepts(self, url):
+    def accepts(self, url: object) -> bool:
         """Whether this host can download ``url`` (one recorded by any node).
 
         The default accepts exactly :attr:`url_prefix` followed by a SHA-256 hex.
+
+        :param url: any recorded URL (anything at all is answered, never raised on)
+        :return: True if :meth:`download` can fetch it
         """
         prefix = self.url_prefix
         return (prefix is not None and isinstance(url, str) and url.startswith(prefix)
                 and is_hash(url[len(prefix):]))
 
-    def object_name(self, url):
+    def object_name(self, url: object) -> str:
         """The object name (hash) of a URL this host :meth:`accepts`.
 
+        :param url: a URL of this host
+        :return: the SHA-256 hex digest it names
         :raises PermanentHostError: for any other URL
         """
-        if not self.accepts(url):
+        if not self.accepts(url) or not isinstance(url, str) or self.url_prefix is None:
             shown = url[:200] if isinstance(url, str) else repr(url)
             raise PermanentHostError(self.name, "URL is not an object of this host: %r" % shown)
         return url[len(self.url_prefix):]
 
-    def stat(self, url):
+    def stat(self, url: str) -> ObjectInfo:
         """Size (and stored checksum, if any) of the object at ``url``.
 
         Only when :attr:`can_check`.
 
+        :param url: a URL this host :meth:`accepts`
         :return: an :class:`ObjectInfo`
         :raises HostNotFoundError: if the object is not there
+        :raises HostError: on any other failure
         """
         raise NotImplementedError
 
-    def exists(self, url):
-        """Whether the object at ``url`` exists. Only when :attr:`can_check`."""
+    def exists(self, url: str) -> bool:
+        """Whether the object at ``url`` exists. Only when :attr:`can_check`.
+
+        :param url: a URL this host :meth:`accepts`
+        :return: False only when the host says the object is not there
+        :raises HostError: when the host cannot tell (down, unmounted...)
+        """
         try:
             self.stat(url)
         except HostNotFoundError:
             return False
         return True
 
-    def delete(self, url):
+    def delete(self, url: str) -> None:
         """Delete the object at ``url``; a missing one is not an error.
 
         Only when :attr:`can_delete`.
+
+        :param url: a URL this host :meth:`accepts`
+        :raises HostError: on failure
         """
         raise NotImplementedError
 
-    def list(self):
+    def list(self) -> Iterator[Tuple[str, int]]:
         """Yield ``(name, size)`` for every object the host holds for us.
 
         Only when :attr:`can_list`.
+
+        :return: an iterator of ``(sha256 hex, size in bytes)``
+        :raises HostError: on failure
         """
         raise NotImplementedError
 
-    def close(self):
+    def close(self) -> None:
         """Release connections and other resources. Calling it twice is harmless."""
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<%s %s>" % (type(self).__name__, self.name)
 
     # -- helpers for subclasses ---------------------------------------------
 
-    def receive(self, stream, url, dest_path, max_bytes=None, fsync=True):
+    def receive(self, stream: IO[bytes], url: str, dest_path: PathLike,
+                max_bytes: Optional[int] = None, fsync: bool = True) -> None:
         """Copy a readable binary ``stream`` to ``dest_path`` atomically.
 
         For hosts that download by reading a stream. Stops once more than
@@ -178,12 +226,19 @@ class Host:
         :class:`~cloudmanager.errors.TransientHostError` raised: a failure
         here is about the transfer or the local disk, never proof that the
         object is missing.
+
+        :param stream: a binary stream positioned at the object's first byte
+        :param url: the object's URL, for messages
+        :param dest_path: the destination file; replaced only on success
+        :param max_bytes: refuse (and stop writing) past this many bytes
+        :param fsync: fsync the file and its directory before returning
+        :raises TransientHostError: on any failure
         """
         try:
             with fsutil.atomic_write(dest_path, fsync) as out:
                 fsutil.copy_and_hash(stream, out.fileno(), limit=max_bytes, hashing=False)
         except OverflowError as exc:
-            raise TransientHostError(self.name, "%s is larger than the %d bytes expected"
+            raise TransientHostError(self.name, "%s is larger than the %s bytes expected"
                                      % (url, max_bytes)) from exc
         except OSError as exc:
             raise TransientHostError(self.name, "cannot copy %s: %s" % (url, exc)) from exc

@@ -4,13 +4,25 @@ Spec: ``dir:/absolute/path`` or ``file:///absolute/path``. Objects are stored
 as ``ROOT/<hash>`` and recorded with ``file://`` URLs. It needs no account and
 no server, so it is the default for demos and tests, and it suits a NAS or a
 USB disk.
+
+The root must exist: the host never creates it, since a missing root is most
+often a disk that is not mounted, and copies made in its place would land on
+the wrong disk. The first successful write leaves a marker file
+(:attr:`FolderHost.MARKER_NAME`) in the root. Once the pool has recorded
+copies on a folder it sets :attr:`FolderHost.require_marker`: a root without
+the marker is then an empty mount point, an outage, not a folder whose every
+copy is lost.
 """
 
+import logging
 import os
+import stat
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from .. import fsutil
 from ..errors import (
+    HostError,
     HostNotFoundError,
     HostUnavailableError,
     InvalidInputError,
@@ -18,33 +30,71 @@ from ..errors import (
     TransientHostError,
 )
 from ..validation import check_url, is_hash
-from .base import Host, Location, ObjectInfo
+from .base import Host, Location, ObjectInfo, PathLike
+
+log = logging.getLogger(__name__)
+
+#: What the marker file says, for whoever finds it.
+MARKER_TEXT = (b"cloudmanager folder host\n"
+               b"This folder holds the copies of a cloudmanager pool, one file per SHA-256.\n"
+               b"Keep this file: without it the pool takes the folder for an unmounted disk.\n")
 
 
 class FolderHost(Host):
     """Store copies in a directory.
 
-    :param root: an absolute directory path; created if missing
+    The root is never created: a missing root is an outage
+    (:class:`~cloudmanager.errors.HostUnavailableError`) for every operation.
+    The first successful upload writes the marker file :attr:`MARKER_NAME`
+    into the root, so an existing empty folder given as a new host is
+    simply adopted. :meth:`has_marker` tells whether it is there (one
+    ``stat``).
+
+    With :attr:`require_marker` set, a root without the marker is an outage
+    too: download, stat, exists, list and delete raise
+    :class:`~cloudmanager.errors.HostUnavailableError` (not
+    :class:`~cloudmanager.errors.HostNotFoundError`), and uploads write
+    nothing. The pool sets it once it has recorded copies on the host, so
+    that an unmounted disk, whose empty mount point is still a folder, is
+    not taken for a folder that lost every copy, nor filled with new ones.
+
+    :param root: an absolute directory path; it must exist when used
     :param name: the host name recorded with uploads (default ``dir:ROOT``)
     :param fsync: fsync each stored file
+    :param timeout: seconds one transfer may take (default: :attr:`Host.timeout`)
     :param max_connections: transfers at once (default: 4 with ``fsync``, 1
         without). Without fsync a folder transfer is a few syscalls run in
         this process (about 36 us for 4 KiB here): parallel ones only
         contend for the GIL. With fsync they overlap the waits on the disk.
+    :param require_marker: treat a root without the marker as an outage
+        (also settable later through the attribute)
+    :raises InvalidInputError: if ``root`` is not an absolute path
     """
 
     can_delete = True
     can_check = True
     can_list = True
     can_batch = True
+    can_mark = True
 
-    def __init__(self, root, name=None, fsync=True, timeout=None, max_connections=None):
+    #: The marker file written into the root on the first successful write.
+    #: Its name is not a SHA-256, so it is never taken for an object.
+    MARKER_NAME = ".cloudmanager-host"
+
+    def __init__(self, root: PathLike, name: Optional[str] = None, fsync: bool = True,
+                 timeout: Optional[float] = None, max_connections: Optional[int] = None,
+                 require_marker: bool = False) -> None:
         root = os.fspath(root)
         if not os.path.isabs(root):
             raise InvalidInputError("a folder host needs an absolute path, not %r" % root)
-        self.root = os.path.normpath(root)
+        self.root: str = os.path.normpath(root)
         self.name = name or "dir:" + self.root
         self.fsync = fsync
+        #: The marker file's path.
+        self.marker_path: str = os.path.join(self.root, self.MARKER_NAME)
+        #: Whether a root without the marker is an outage. The pool sets it
+        #: once the catalog records copies on this host.
+        self.require_marker: bool = bool(require_marker)
         if max_connections is not None:
             self.max_connections = max(1, int(max_connections))
         elif not fsync:
@@ -53,8 +103,15 @@ class FolderHost(Host):
             self.timeout = timeout
 
     @classmethod
-    def from_spec(cls, scheme, target, **options):
-        """Build from ``dir:/path`` or ``file:///path``."""
+    def from_spec(cls, scheme: str, target: str, **options: Any) -> "FolderHost":
+        """Build from ``dir:/path`` or ``file:///path``.
+
+        :param scheme: ``"dir"`` or ``"file"``
+        :param target: what follows the scheme's ``:``
+        :param options: keyword options of :class:`FolderHost`
+        :return: a new :class:`FolderHost`
+        :raises InvalidInputError: for a relative or remote path
+        """
         if scheme == "file":
             parts = urlsplit("file:" + target)
             if parts.netloc not in ("", "localhost"):
@@ -62,44 +119,145 @@ class FolderHost(Host):
             target = os.fsdecode(unquote_to_bytes(parts.path))
         return cls(target, **options)
 
-    def _object_path(self, name):
+    # -- the root and its marker ----------------------------------------------
+
+    def has_marker(self) -> bool:
+        """Whether the marker file is in the root.
+
+        One ``stat``: cheap enough to ask before each operation. The pool
+        can ask it to decide when to set :attr:`require_marker`.
+
+        :return: True if :attr:`marker_path` is a regular file
+        """
+        try:
+            return stat.S_ISREG(os.stat(self.marker_path).st_mode)
+        except OSError:  # no root, no marker, or no access: not marked
+            return False
+
+    def mark(self) -> None:
+        """Write the marker into the existing root, if it is not there yet.
+
+        For a folder that holds copies from before markers existed: once the
+        pool has checked that the folder holds copies it recorded (so the
+        right disk is mounted), it marks it and then sets
+        :attr:`require_marker`. Uploads mark the root by themselves.
+
+        :raises HostUnavailableError: if the root is missing (it is never created)
+        :raises TransientHostError: if the marker cannot be written
+        """
+        if self.has_marker():
+            return
+        if not os.path.isdir(self.root):
+            raise HostUnavailableError(self.name, "the folder %s is missing (not mounted?)"
+                                       % self.root)
+        try:
+            self._write_marker(self.fsync)
+        except OSError as exc:
+            raise (self._outage() or TransientHostError(
+                self.name, "cannot write the marker into %s: %s" % (self.root, exc))) from exc
+
+    def _outage(self) -> Optional[HostUnavailableError]:
+        """The outage that explains a failure in the root, or None if the root looks fine."""
+        if not os.path.isdir(self.root):
+            return HostUnavailableError(self.name, "the folder %s is missing (not mounted?)"
+                                        % self.root)
+        if self.require_marker and not self.has_marker():
+            return HostUnavailableError(
+                self.name, "the folder %s has no %s marker: it looks unmounted or emptied"
+                % (self.root, self.MARKER_NAME))
+        return None
+
+    def _check_marker(self) -> None:
+        """With :attr:`require_marker`, refuse to work in a root without its marker."""
+        if self.require_marker and not self.has_marker():
+            outage = self._outage()
+            if outage is not None:  # else the marker came back meanwhile
+                raise outage
+
+    def _before_write(self) -> bool:
+        """Check that the root may be written; return whether it is marked already.
+
+        :raises HostUnavailableError: if the root is missing, or unmarked
+            while :attr:`require_marker` is set
+        """
+        if self.has_marker():
+            return True
+        outage = self._outage()
+        if outage is not None:
+            raise outage
+        return False
+
+    def _write_marker(self, fsync: bool) -> None:
+        """Write the marker file atomically (several writers at once are harmless)."""
+        with fsutil.atomic_write(self.marker_path, fsync) as f:
+            f.write(MARKER_TEXT)
+        log.info("%s: marked %s as a cloudmanager folder (%s)", self.name, self.root,
+                 self.MARKER_NAME)
+
+    # -- names and URLs ---------------------------------------------------------
+
+    def _object_path(self, name: str) -> str:
         if not is_hash(name):
             raise InvalidInputError("folder objects are named by SHA-256, not %r" % (name,))
         return os.path.join(self.root, name)
 
-    def _path_of(self, url):
-        check_url(url, schemes={"file"})
-        path = os.path.normpath(os.fsdecode(unquote_to_bytes(urlsplit(url).path)))
+    def _path_of(self, url: object) -> str:
+        checked: str = check_url(url, schemes={"file"})  # refuses a non-string too
+        path = os.path.normpath(os.fsdecode(unquote_to_bytes(urlsplit(checked).path)))
         if os.path.dirname(path) != self.root or not is_hash(os.path.basename(path)):
             raise PermanentHostError(self.name, "URL is not an object of this folder: %s" % url)
         return path
 
-    def _not_found(self, url):
+    def _failed(self, action: str, url: str, exc: OSError) -> HostError:
+        """The HostError for an OSError met while reading the object at ``url``."""
         # An unmounted disk or a renamed share is an outage, not a lost copy:
         # it must not get every copy on it marked bad.
-        if not os.path.isdir(self.root):
-            return HostUnavailableError(self.name, "the folder %s is missing (not mounted?)"
-                                        % self.root)
-        return HostNotFoundError(self.name, "no object at %s" % url)
+        outage = self._outage()
+        if outage is not None:
+            return outage
+        if isinstance(exc, FileNotFoundError):
+            return HostNotFoundError(self.name, "no object at %s" % url)
+        return TransientHostError(self.name, "cannot %s %s: %s" % (action, url, exc))
 
-    def accepts(self, url):
-        """Whether ``url`` names an object in this folder."""
+    def accepts(self, url: object) -> bool:
+        """Whether ``url`` names an object in this folder.
+
+        :param url: any recorded URL
+        :return: True for a ``file://`` URL of a SHA-256 named file directly in the root
+        """
         try:
             self._path_of(url)
         except (InvalidInputError, PermanentHostError):
             return False
         return True
 
-    def upload(self, local_path, name):
-        """Copy ``local_path`` to ``ROOT/name`` atomically."""
+    # -- operations ---------------------------------------------------------------
+
+    def upload(self, local_path: PathLike, name: str) -> Location:
+        """Copy ``local_path`` to ``ROOT/name`` atomically.
+
+        The first successful upload into an unmarked root writes the marker.
+
+        :param local_path: a readable local file
+        :param name: the object's name, a SHA-256 hex digest
+        :return: the :class:`Location` of the copy
+        :raises InvalidInputError: if ``name`` is not a SHA-256 hex digest
+        :raises HostUnavailableError: if the root is missing, or unmarked
+            while :attr:`require_marker` is set (nothing is written)
+        :raises TransientHostError: if the copy failed
+        """
         dest = self._object_path(name)
+        marked = self._before_write()
         try:
-            self._in_root(fsutil.copy_file, local_path, dest, self.fsync)
+            fsutil.copy_file(local_path, dest, self.fsync)
+            if not marked:
+                self._write_marker(self.fsync)
         except OSError as exc:
             raise self._store_failed(name, exc) from exc
         return self._location(dest)
 
-    def upload_batch(self, items):
+    def upload_batch(self, items: Sequence[Tuple[PathLike, str]]
+                     ) -> List[Union[Location, HostError]]:
         """:meth:`upload` several files, made durable together.
 
         With fsync, where Linux has ``syncfs``, every file is copied to its
@@ -110,22 +268,31 @@ class FolderHost(Host):
 
         :param items: ``[(local_path, name)]``
         :return: per item, in order: its :class:`Location`, or the
-            :class:`TransientHostError` that stopped it (a failed sync fails
-            every file of the batch)
+            :class:`~cloudmanager.errors.HostError` that stopped it (a failed
+            sync fails every file of the batch; a missing or, with
+            :attr:`require_marker`, unmarked root fails them all as
+            :class:`~cloudmanager.errors.HostUnavailableError`)
+        :raises InvalidInputError: if a name is not a SHA-256 hex digest
         """
         if not (self.fsync and fsutil.sync_filesystem_available()):
             return super().upload_batch(items)
-        results = [None] * len(items)
+        try:
+            marked = self._before_write()
+        except HostUnavailableError as exc:
+            return [exc] * len(items)
+        results: List[Union[Location, HostError, None]] = [None] * len(items)
         temps = {}  # index -> (temp, dest), until renamed
         try:
             for i, (local_path, name) in enumerate(items):
                 dest = self._object_path(name)
                 try:
-                    temps[i] = (self._in_root(fsutil.copy_to_temp, local_path, dest, False), dest)
+                    temps[i] = (fsutil.copy_to_temp(local_path, dest, False), dest)
                 except OSError as exc:
                     results[i] = self._store_failed(name, exc)
             if temps:
                 fsutil.sync_filesystem(self.root)  # the bytes, before any name points at them
+                if not marked:
+                    self._write_marker(fsync=False)  # made durable by the second sync
                 for i in sorted(temps):
                     temp, dest = temps[i]
                     fsutil.publish(temp, dest, fsync=False)
@@ -134,63 +301,100 @@ class FolderHost(Host):
                 fsutil.sync_filesystem(self.root)  # the renames
         except OSError as exc:  # no file of the batch is known to be safe
             failure = self._store_failed("a batch of %d files" % len(items), exc)
-            return [failure if isinstance(r, Location) or r is None else r for r in results]
+            return [failure if r is None or isinstance(r, Location) else r for r in results]
         finally:
             for temp, _ in temps.values():
                 fsutil.remove_quietly(temp)
-        return results
+        # Every item has its Location or its error by now.
+        return [r for r in results if r is not None]
 
-    def _in_root(self, store, *args):
-        """``store(*args)``; if the folder is missing, make it and try once more."""
-        try:
-            return store(*args)
-        except FileNotFoundError:  # no folder yet (or no source: raised again)
-            os.makedirs(self.root, exist_ok=True)
-            return store(*args)
-
-    def _store_failed(self, what, exc):
+    def _store_failed(self, what: str, exc: OSError) -> HostError:
+        # A root that went away mid-copy is an outage, like one missing before.
+        outage = self._outage()
+        if outage is not None:
+            return outage
         return TransientHostError(self.name, "cannot store %s: %s" % (what, exc))
 
-    def _location(self, path):
+    def _location(self, path: str) -> Location:
         # fsencode: a root that is not valid UTF-8 still gets an exact URL
         return Location(self.name, "file://" + quote(os.fsencode(path)))
 
-    def download(self, url, dest_path, max_bytes=None):
-        """Copy the object to ``dest_path`` atomically, stopping past ``max_bytes``."""
+    def download(self, url: str, dest_path: PathLike, max_bytes: Optional[int] = None) -> None:
+        """Copy the object to ``dest_path`` atomically, stopping past ``max_bytes``.
+
+        :param url: a ``file://`` URL this host :meth:`accepts`
+        :param dest_path: the destination file; replaced only on success
+        :param max_bytes: the expected size; a larger object is refused
+        :raises PermanentHostError: if ``url`` is not an object of this folder
+        :raises HostUnavailableError: if the root is missing, or unmarked
+            while :attr:`require_marker` is set
+        :raises HostNotFoundError: if the object is not there
+        :raises TransientHostError: if it is larger than ``max_bytes``, or
+            the copy failed
+        """
         path = self._path_of(url)
+        self._check_marker()
         try:
             src = open(path, "rb")
-        except FileNotFoundError as exc:
-            raise self._not_found(url) from exc
         except OSError as exc:
-            raise TransientHostError(self.name, "cannot read %s: %s" % (url, exc)) from exc
+            raise self._failed("read", url, exc) from exc
         # Errors from here on are about the destination or the copy, not a
         # missing object: they must not get a good copy marked bad.
         with src:
             self.receive(src, url, dest_path, max_bytes, self.fsync)
 
-    def stat(self, url):
-        """The object file's size."""
+    def stat(self, url: str) -> ObjectInfo:
+        """The object file's size.
+
+        :param url: a ``file://`` URL this host :meth:`accepts`
+        :return: an :class:`ObjectInfo` (a folder keeps no checksum)
+        :raises PermanentHostError: if ``url`` is not an object of this folder
+        :raises HostUnavailableError: if the root is missing, or unmarked
+            while :attr:`require_marker` is set
+        :raises HostNotFoundError: if the object is not there
+        :raises TransientHostError: on any other failure
+        """
+        path = self._path_of(url)
+        self._check_marker()
         try:
-            st = os.stat(self._path_of(url))
-        except FileNotFoundError as exc:
-            raise self._not_found(url) from exc
+            st = os.stat(path)
         except OSError as exc:
-            raise TransientHostError(self.name, "cannot stat %s: %s" % (url, exc)) from exc
+            raise self._failed("stat", url, exc) from exc
         return ObjectInfo(st.st_size)
 
-    def delete(self, url):
-        """Remove the object file (a missing one is not an error)."""
-        fsutil.remove_quietly(self._path_of(url))
+    def delete(self, url: str) -> None:
+        """Remove the object file (a missing one is not an error).
 
-    def list(self):
-        """Yield ``(hash, size)`` for each object file in the folder."""
+        :param url: a ``file://`` URL this host :meth:`accepts`
+        :raises PermanentHostError: if ``url`` is not an object of this folder
+        :raises HostUnavailableError: if the root is missing, or unmarked
+            while :attr:`require_marker` is set
+        :raises TransientHostError: if the file could not be removed
+        """
+        path = self._path_of(url)
+        self._check_marker()
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            error = self._failed("delete", url, exc)
+            if not isinstance(error, HostNotFoundError):
+                raise error from exc
+
+    def list(self) -> Iterator[Tuple[str, int]]:
+        """Yield ``(hash, size)`` for each object file in the folder.
+
+        The marker and any other file not named by a SHA-256 are skipped.
+
+        :raises HostUnavailableError: if the root is missing, or unmarked
+            while :attr:`require_marker` is set
+        :raises TransientHostError: if the folder cannot be read
+        """
+        self._check_marker()
         try:
             entries = list(os.scandir(self.root))
-        except FileNotFoundError:
-            return
         except OSError as exc:
-            raise TransientHostError(self.name, "cannot list %s: %s" % (self.root, exc)) from exc
+            raise (self._outage() or TransientHostError(
+                self.name, "cannot list %s: %s" % (self.root, exc))) from exc
         for entry in entries:
             if is_hash(entry.name) and entry.is_file(follow_symlinks=False):
                 yield entry.name, entry.stat(follow_symlinks=False).st_size

@@ -53,16 +53,20 @@ is never listed and may be deleted by hand.
 """
 
 import errno
+import hashlib
 import logging
 import os
 import secrets
 import socket
+import stat
 import sys
 import threading
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Type
 from urllib.parse import unquote, urlsplit
 
 import fsspec  # the library: absolute imports never resolve to this module
 
+from .. import fsutil
 from ..errors import (
     HostError,
     HostNotFoundError,
@@ -79,7 +83,7 @@ from ..validation import (
     is_hash,
     redact_url_passwords,
 )
-from .base import Host, Location, ObjectInfo
+from .base import Host, Location, ObjectInfo, PathLike
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +139,12 @@ class FsspecHost(Host):
     can_delete = True
     can_check = True
     can_list = True
+    url_prefix: str  # set by __init__: every fsspec host has one
 
-    def __init__(self, url, name=None, timeout=None, max_connections=None, weight=None,
-                 storage_options=None, **more_options):
+    def __init__(self, url: str, name: Optional[str] = None, timeout: Optional[float] = None,
+                 max_connections: Optional[int] = None, weight: Optional[float] = None,
+                 storage_options: Optional[Dict[str, Any]] = None,
+                 **more_options: Any) -> None:
         if not isinstance(url, str) or not url:
             raise InvalidInputError("an fsspec host needs a URL, not %r" % (type(url).__name__,))
         options = dict(storage_options or {})
@@ -175,12 +182,12 @@ class FsspecHost(Host):
         self.name = check_host_name(name) if name is not None else self._default_name(url)
 
         self._lock = threading.Lock()
-        self._fs = None
-        self._root = None
+        self._fs: Any = None
+        self._root = ""  # set with _fs
         self._root_ready = False
 
     @classmethod
-    def from_spec(cls, scheme, target, **options):
+    def from_spec(cls, scheme: str, target: str, **options: Any) -> "FsspecHost":
         """Build from ``fsspec:<URL>``.
 
         :param scheme: ``"fsspec"``
@@ -193,7 +200,7 @@ class FsspecHost(Host):
     # -- configuration -------------------------------------------------------
 
     @staticmethod
-    def _parse(url, options):
+    def _parse(url: str, options: Dict[str, Any]) -> Tuple[str, str, str]:
         """Split a spec URL into (URL for fsspec, credential-free root URL, protocol)."""
         if "::" in url:
             raise InvalidInputError("chained fsspec URLs are not supported")
@@ -226,7 +233,7 @@ class FsspecHost(Host):
         return url, "%s://%s%s" % (scheme, netloc, path), scheme
 
     @staticmethod
-    def _check_protocol(protocol):
+    def _check_protocol(protocol: str) -> None:
         """Fail now, not at the first transfer, on an unknown protocol or a missing library."""
         try:
             fsspec.get_filesystem_class(protocol)
@@ -240,7 +247,7 @@ class FsspecHost(Host):
             raise MissingDependencyError("fsspec:%s hosts need another package (%s): %s"
                                          % (protocol, exc, hint)) from exc
 
-    def _default_name(self, url):
+    def _default_name(self, url: str) -> str:
         parts = urlsplit(url)
         name = self.root_url
         if parts.scheme.lower() in _WEBDAV_SUGAR:
@@ -251,7 +258,7 @@ class FsspecHost(Host):
             raise InvalidInputError("%s is not usable as a host name; pass name=..."
                                     % self._redact(name)) from None
 
-    def _filesystem(self):
+    def _filesystem(self) -> Tuple[Any, str]:
         """The fsspec filesystem and root path, created on first use."""
         with self._lock:
             if self._fs is None:
@@ -259,7 +266,7 @@ class FsspecHost(Host):
                 self._fs, self._root = fs, root.rstrip("/")
             return self._fs, self._root
 
-    def _ensure_root(self, fs, root):
+    def _ensure_root(self, fs: Any, root: str) -> None:
         # Once per host: a makedirs is several requests on WebDAV.
         if self._root_ready or root in ("", "/"):
             return
@@ -268,13 +275,14 @@ class FsspecHost(Host):
 
     # -- names and errors ----------------------------------------------------
 
-    def _redact(self, text):
+    def _redact(self, text: str) -> str:
         text = redact_url_passwords(text)
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
 
-    def _error(self, exc, what, missing_is_not_found=True):
+    def _error(self, exc: BaseException, what: str, missing_is_not_found: bool = True
+               ) -> HostError:
         """Translate any exception into a :class:`HostError` whose message holds no secret.
 
         :param exc: the exception raised by fsspec or its client library
@@ -290,6 +298,7 @@ class FsspecHost(Host):
         message = "%s: %s" % (what, detail)
         names = {cls.__name__ for cls in type(exc).__mro__}
         status = _http_status(exc)
+        kind: Type[HostError]
         if status is not None:
             if status in (404, 410):
                 kind = HostNotFoundError if missing_is_not_found else TransientHostError
@@ -309,7 +318,7 @@ class FsspecHost(Host):
             kind = TransientHostError
         return kind(self.name, message)
 
-    def _unless_root_missing(self, error):
+    def _unless_root_missing(self, error: HostError) -> HostError:
         """A not-found whose pool directory is missing too is an outage, not a
         lost copy: a wrong base_url or an unmounted share must not get every
         copy marked bad."""
@@ -328,7 +337,7 @@ class FsspecHost(Host):
 
     # -- operations ----------------------------------------------------------
 
-    def _remote_size(self, fs, path):
+    def _remote_size(self, fs: Any, path: str) -> Optional[int]:
         """Size of the file at ``path``, or None if there is none."""
         fs.invalidate_cache(path)  # object stores cache listings; we want the truth
         try:
@@ -339,7 +348,7 @@ class FsspecHost(Host):
             return None
         return int(info["size"])
 
-    def _put(self, fs, local_path, path):
+    def _put(self, fs: Any, local_path: PathLike, path: str) -> None:
         if _is_webdav(fs):
             # webdav4's put_file re-creates the parent directory first: three
             # requests per upload that _ensure_root made useless.
@@ -347,7 +356,7 @@ class FsspecHost(Host):
         else:
             fs.put_file(local_path, path)
 
-    def _rename(self, fs, src, dst):
+    def _rename(self, fs: Any, src: str, dst: str) -> None:
         if _is_webdav(fs):
             # fsspec's generic mv is COPY then DELETE for webdav4, which
             # writes the destination in place; MOVE is one rename on the server.
@@ -355,17 +364,36 @@ class FsspecHost(Host):
         else:
             fs.mv(src, dst)
 
-    def _remove_quietly(self, fs, path):
+    def _remove_quietly(self, fs: Any, path: str) -> None:
         try:
             fs.rm_file(path)
         except Exception as exc:  # best effort: a stray temp file is harmless
             log.debug("%s: could not remove %s: %s", self.name, path,
                       self._redact(str(exc)))
 
-    def upload(self, local_path, name):
+    def _holds(self, fs: Any, path: str, name: str) -> bool:
+        """Whether the file at ``path`` exists and its bytes hash to ``name``.
+
+        Reads the whole object: only for the rare case of a rename that
+        failed, never for every upload.
+        """
+        fs.invalidate_cache(path)
+        digest = hashlib.sha256()
+        try:
+            with fs.open(path, "rb") as remote:
+                for chunk in iter(lambda: remote.read(fsutil.CHUNK), b""):
+                    digest.update(chunk)
+        except Exception:  # unreadable is no proof: the rename's own error is raised
+            return False
+        return digest.hexdigest() == name
+
+    def upload(self, local_path: PathLike, name: str) -> Location:
         """Store ``local_path`` as ``ROOT/name``: a temp name in the root, then a rename.
 
-        An object of the same size already there is kept and not sent again.
+        The file is always sent, even over an object already there: a
+        filesystem gives its size at most, and the same size is no proof
+        that the bytes are right (a damaged copy would stay and be recorded
+        as good).
 
         :param local_path: a readable local file
         :param name: the object's name, a SHA-256 hex digest
@@ -375,8 +403,10 @@ class FsspecHost(Host):
         """
         if not is_hash(name):
             raise InvalidInputError("objects are named by SHA-256, not %r" % (name,))
+        # A missing source fails here, before any request to the server.
         try:
-            size = os.path.getsize(local_path)
+            if not stat.S_ISREG(os.stat(local_path).st_mode):
+                raise IsADirectoryError(errno.EISDIR, "not a regular file")
         except OSError as exc:
             raise TransientHostError(self.name, "cannot read %s: %s"
                                      % (local_path, exc.strerror or exc)) from exc
@@ -385,9 +415,6 @@ class FsspecHost(Host):
             fs, root = self._filesystem()
             final = root + "/" + name
             self._ensure_root(fs, root)
-            if self._remote_size(fs, final) == size:
-                log.debug("%s already holds %s", self.name, name)
-                return location
             # A random suffix: concurrent uploads of one object never share a temp.
             temp = "%s/.%s.%s.tmp" % (root, name, secrets.token_hex(6))
             renamed = False
@@ -397,8 +424,9 @@ class FsspecHost(Host):
                     self._rename(fs, temp, final)
                     renamed = True
                 except Exception:
-                    # A concurrent upload of the same object may have won.
-                    if self._remote_size(fs, final) != size:
+                    # A concurrent upload of the same object may have won;
+                    # only its bytes, hashed, can tell (not its size).
+                    if not self._holds(fs, final, name):
                         raise
                     log.debug("%s: a concurrent upload stored %s first", self.name, name)
             finally:
@@ -409,7 +437,7 @@ class FsspecHost(Host):
         log.debug("stored %s at %s", name, location.url)
         return location
 
-    def download(self, url, dest_path, max_bytes=None):
+    def download(self, url: str, dest_path: PathLike, max_bytes: Optional[int] = None) -> None:
         """Stream the object into ``dest_path`` atomically.
 
         :param url: a URL this host :meth:`accepts`
@@ -444,7 +472,7 @@ class FsspecHost(Host):
             raise self._error(exc, "cannot read %s" % url, missing_is_not_found=False) from exc
         log.debug("fetched %s into %s", url, dest_path)
 
-    def stat(self, url):
+    def stat(self, url: str) -> ObjectInfo:
         """Size of the object, from the filesystem's metadata.
 
         :param url: a URL this host :meth:`accepts`
@@ -466,7 +494,7 @@ class FsspecHost(Host):
         digest = info.get("sha256")
         return ObjectInfo(int(info["size"]), digest if is_hash(digest) else None)
 
-    def delete(self, url):
+    def delete(self, url: str) -> None:
         """Delete the object; a missing one is not an error.
 
         :param url: a URL this host :meth:`accepts`
@@ -482,7 +510,7 @@ class FsspecHost(Host):
                 raise error from exc
         log.debug("deleted %s", url)
 
-    def list(self):
+    def list(self) -> Iterator[Tuple[str, int]]:
         """Yield ``(hash, size)`` for each object file in the root.
 
         Temp files of unfinished uploads and other names are skipped.
@@ -503,7 +531,7 @@ class FsspecHost(Host):
             if is_hash(base) and entry.get("type", "file") == "file":
                 yield base, int(entry.get("size") or 0)
 
-    def close(self):
+    def close(self) -> None:
         """Close the filesystem's connections; the next call opens new ones.
 
         Calling it twice is harmless.
@@ -522,13 +550,13 @@ class FsspecHost(Host):
             log.debug("closing %s: %s", self.name, self._redact(str(exc)))
 
 
-def _is_webdav(fs):
+def _is_webdav(fs: Any) -> bool:
     """Whether ``fs`` is webdav4's filesystem (checked without importing webdav4)."""
     module = sys.modules.get("webdav4.fsspec")
     return module is not None and isinstance(fs, module.WebdavFileSystem)
 
 
-def _http_status(exc):
+def _http_status(exc: BaseException) -> Optional[int]:
     """The HTTP status an exception carries (httpx, webdav4, aiohttp, gcsfs...), or None."""
     for holder in (exc, _attribute(exc, "response")):
         for attr in ("status_code", "status", "code"):
@@ -538,7 +566,7 @@ def _http_status(exc):
     return None
 
 
-def _attribute(obj, attr):
+def _attribute(obj: Any, attr: str) -> Any:
     # some libraries' exception properties raise when unset (httpx's .request)
     try:
         return getattr(obj, attr, None)
@@ -546,9 +574,9 @@ def _attribute(obj, attr):
         return None
 
 
-def _secrets_of(url, options):
+def _secrets_of(url: str, options: Dict[str, Any]) -> List[str]:
     """Every secret string of a URL and storage options, longest first."""
-    found = set()
+    found: Set[str] = set()
     try:
         password = urlsplit(url).password
     except ValueError:
@@ -556,7 +584,7 @@ def _secrets_of(url, options):
     if password:
         found.update({password, unquote(password)})
 
-    def collect(value, secret):
+    def collect(value: Any, secret: bool) -> None:
         if isinstance(value, str):
             if secret and value:
                 found.add(value)

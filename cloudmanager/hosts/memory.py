@@ -10,17 +10,22 @@ import hashlib
 import io
 import threading
 import time
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 from ..errors import HostNotFoundError, HostUnavailableError, InvalidInputError
 from ..validation import is_hash
-from .base import Host, Location, ObjectInfo
+from .base import Host, Location, ObjectInfo, PathLike
 
-_STORES = {}
+_STORES: Dict[str, Dict[str, bytes]] = {}
 _STORES_LOCK = threading.Lock()
 
 
-def store(store_name):
-    """The dict ``hash → bytes`` behind every host of ``store_name`` (created if new)."""
+def store(store_name: str) -> Dict[str, bytes]:
+    """The dict ``hash → bytes`` behind every host of ``store_name`` (created if new).
+
+    :param store_name: the store's name
+    :return: the store itself (not a copy)
+    """
     with _STORES_LOCK:
         return _STORES.setdefault(store_name, {})
 
@@ -31,13 +36,17 @@ class MemoryHost(Host):
     :param store_name: which store to use; hosts with the same one share objects
     :param name: the host name recorded with uploads (default ``memory:STORE``)
     :param latency: seconds each transfer sleeps, to model a slow host
+    :param timeout: seconds one transfer may take (default: :attr:`Host.timeout`)
+    :raises InvalidInputError: if ``store_name`` is not a plain name
     """
 
     can_delete = True
     can_check = True
     can_list = True
+    url_prefix: str  # set by __init__: every memory host has one
 
-    def __init__(self, store_name, name=None, latency=0.0, timeout=None):
+    def __init__(self, store_name: str, name: Optional[str] = None, latency: float = 0.0,
+                 timeout: Optional[float] = None) -> None:
         if not isinstance(store_name, str) or not store_name or "/" in store_name:
             raise InvalidInputError("a memory store needs a plain name, not %r" % (store_name,))
         self.store_name = store_name
@@ -48,22 +57,35 @@ class MemoryHost(Host):
         self.objects = store(store_name)
         #: Fault switches for rehearsals: ``down`` (every call fails as
         #: unreachable), ``corrupt`` (downloads flip one byte).
-        self.faults = {"down": False, "corrupt": False}
+        self.faults: Dict[str, bool] = {"down": False, "corrupt": False}
         self.url_prefix = "memory://%s/" % store_name
 
     @classmethod
-    def from_spec(cls, scheme, target, **options):
-        """Build from ``memory:STORE``."""
+    def from_spec(cls, scheme: str, target: str, **options: Any) -> "MemoryHost":
+        """Build from ``memory:STORE``.
+
+        :param scheme: ``"memory"``
+        :param target: the store's name
+        :param options: keyword options of :class:`MemoryHost`
+        :return: a new :class:`MemoryHost`
+        """
         return cls(target, **options)
 
-    def _call(self):
+    def _call(self) -> None:
         if self.faults["down"]:
             raise HostUnavailableError(self.name, "host is down (fault injected)")
         if self.latency:
             time.sleep(self.latency)
 
-    def upload(self, local_path, name):
-        """Read the file into the store."""
+    def upload(self, local_path: PathLike, name: str) -> Location:
+        """Read the file into the store (over any object already there).
+
+        :param local_path: a readable local file
+        :param name: the object's name, a SHA-256 hex digest
+        :return: the :class:`Location` of the copy
+        :raises InvalidInputError: if ``name`` is not a SHA-256 hex digest
+        :raises HostUnavailableError: with the ``down`` fault
+        """
         if not is_hash(name):
             raise InvalidInputError("objects are named by SHA-256, not %r" % (name,))
         self._call()
@@ -71,7 +93,7 @@ class MemoryHost(Host):
             self.objects[name] = f.read()
         return Location(self.name, self.url_prefix + name)
 
-    def _object(self, url):
+    def _object(self, url: str) -> bytes:
         name = self.object_name(url)
         self._call()
         try:
@@ -79,26 +101,45 @@ class MemoryHost(Host):
         except KeyError:
             raise HostNotFoundError(self.name, "no object at %s" % url) from None
 
-    def download(self, url, dest_path, max_bytes=None):
-        """Write the object to ``dest_path`` atomically."""
+    def download(self, url: str, dest_path: PathLike, max_bytes: Optional[int] = None) -> None:
+        """Write the object to ``dest_path`` atomically.
+
+        :param url: a ``memory://`` URL this host :meth:`accepts`
+        :param dest_path: the destination file; replaced only on success
+        :param max_bytes: refuse an object larger than this
+        :raises HostNotFoundError: if the object is not there
+        :raises TransientHostError: if it is larger than ``max_bytes``
+        :raises HostError: on any other failure
+        """
         data = self._object(url)
         if self.faults["corrupt"] and data:
             data = bytes([data[0] ^ 1]) + data[1:]
         self.receive(io.BytesIO(data), url, dest_path, max_bytes, fsync=False)
 
-    def stat(self, url):
-        """The object's size and the SHA-256 the store computes for it."""
+    def stat(self, url: str) -> ObjectInfo:
+        """The object's size and the SHA-256 the store computes for it.
+
+        :param url: a ``memory://`` URL this host :meth:`accepts`
+        :return: an :class:`ObjectInfo` with its ``sha256``
+        :raises HostNotFoundError: if the object is not there
+        """
         data = self._object(url)
         return ObjectInfo(len(data), hashlib.sha256(data).hexdigest())
 
-    def delete(self, url):
-        """Drop the object."""
+    def delete(self, url: str) -> None:
+        """Drop the object (a missing one is not an error).
+
+        :param url: a ``memory://`` URL this host :meth:`accepts`
+        """
         name = self.object_name(url)
         self._call()
         self.objects.pop(name, None)
 
-    def list(self):
-        """Yield ``(hash, size)`` of every object in the store."""
+    def list(self) -> Iterator[Tuple[str, int]]:
+        """Yield ``(hash, size)`` of every object in the store.
+
+        :raises HostUnavailableError: with the ``down`` fault
+        """
         self._call()
         for name, data in list(self.objects.items()):
             yield name, len(data)

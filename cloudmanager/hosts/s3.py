@@ -52,6 +52,7 @@ import math
 import os
 import re
 import threading
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Type, Union
 from urllib.parse import unquote, urlsplit
 
 import boto3
@@ -69,7 +70,7 @@ from ..errors import (
     TransientHostError,
 )
 from ..validation import is_hash
-from .base import Host, Location, ObjectInfo
+from .base import Host, Location, ObjectInfo, PathLike
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +119,11 @@ _PERMANENT_BOTOCORE = (bexc.NoRegionError, bexc.ParamValidationError, bexc.Profi
                        bexc.UnknownSignatureVersionError, bexc.InvalidRegionError)
 
 
-def _looks_like_credential(key):
+def _looks_like_credential(key: object) -> bool:
     return _CREDENTIAL_KEY.search(str(key)) is not None
 
 
-def _error_class(code, status):
+def _error_class(code: str, status: Optional[int]) -> Type[HostError]:
     """The HostError subclass for an S3 error ``code`` and HTTP ``status``."""
     if code in _NOT_FOUND_CODES:
         return HostNotFoundError
@@ -139,9 +140,10 @@ def _error_class(code, status):
     return TransientHostError
 
 
-def _status(exc):
+def _status(exc: bexc.ClientError) -> Optional[int]:
     """The HTTP status of a ClientError, or None."""
-    return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    status: Optional[int] = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status
 
 
 class S3Host(Host):
@@ -171,11 +173,15 @@ class S3Host(Host):
     can_delete = True
     can_check = True
     can_list = True
+    url_prefix: str  # set by __init__: every S3 host has one
 
-    def __init__(self, bucket, prefix="", *, endpoint_url=None, region=None,
-                 addressing_style=None, profile=None, name=None, timeout=None,
-                 max_connections=None, multipart_threshold=64 * MiB,
-                 multipart_chunksize=16 * MiB, max_attempts=None, weight=None):
+    def __init__(self, bucket: str, prefix: Optional[str] = "", *,
+                 endpoint_url: Optional[str] = None, region: Optional[str] = None,
+                 addressing_style: Optional[str] = None, profile: Optional[str] = None,
+                 name: Optional[str] = None, timeout: Optional[float] = None,
+                 max_connections: Optional[int] = None, multipart_threshold: int = 64 * MiB,
+                 multipart_chunksize: int = 16 * MiB, max_attempts: Optional[int] = None,
+                 weight: Optional[float] = None) -> None:
         self.bucket = _check_bucket(bucket)
         self.prefix = _check_prefix(prefix)
         self.name = name or "s3://%s%s" % (self.bucket, "/" + self.prefix if self.prefix else "")
@@ -197,7 +203,7 @@ class S3Host(Host):
         if not MIN_PART_SIZE <= chunksize <= MAX_PART_SIZE:
             raise InvalidInputError("multipart_chunksize must be between 5 MiB and 5 GiB, not %d"
                                     % chunksize)
-        retries = {"mode": "standard"}
+        retries: Dict[str, Union[str, int]] = {"mode": "standard"}
         if max_attempts is not None:
             # botocore's own "max_attempts" counts retries only.
             retries["total_max_attempts"] = _positive(max_attempts, "max_attempts", int)
@@ -236,7 +242,7 @@ class S3Host(Host):
                   self.addressing_style)
 
     @classmethod
-    def from_spec(cls, scheme, target, **options):
+    def from_spec(cls, scheme: str, target: str, **options: Any) -> "S3Host":
         """Build from ``s3://BUCKET/PREFIX?QUERY`` (``target`` is what follows ``s3:``).
 
         :param scheme: ``"s3"``
@@ -261,7 +267,7 @@ class S3Host(Host):
                                     + _CREDENTIALS_HINT)
         if parts.fragment:
             raise InvalidInputError("an S3 host spec has no #fragment")
-        query = _parse_query(parts.query)
+        query: Dict[str, Any] = _parse_query(parts.query)
         for key in query:
             if key in options:
                 raise InvalidInputError("S3 option %r is given both in the spec and as an option"
@@ -269,31 +275,37 @@ class S3Host(Host):
         return cls(parts.netloc, parts.path, **query, **options)
 
     @property
-    def client(self):
-        """The host's boto3 S3 client, for inspection and for calls the host does not make."""
+    def client(self) -> Any:
+        """The host's boto3 S3 client, for inspection and for calls the host does not make.
+
+        :return: a botocore ``S3`` client
+        """
         return self._client
 
     # -- keys and URLs --------------------------------------------------------
 
-    def _key_of_name(self, name):
+    def _key_of_name(self, name: str) -> str:
         if not is_hash(name):
             raise InvalidInputError("S3 objects are named by SHA-256, not %r" % (name,))
         return self._key_prefix + name
 
-    def _key_of_url(self, url):
+    def _key_of_url(self, url: str) -> str:
         return self._key_prefix + self.object_name(url)
 
-    def _url_of_key(self, key):
+    def _url_of_key(self, key: str) -> str:
         return "s3://%s/%s" % (self.bucket, key)
 
     # -- operations -----------------------------------------------------------
 
-    def upload(self, local_path, name):
+    def upload(self, local_path: PathLike, name: str) -> Location:
         """Store ``local_path`` as ``PREFIX/name``, unless it is there already.
 
-        An object already present with the file's size (and, when the
-        server keeps one, the right SHA-256) is not sent again. Otherwise
-        the file goes up through boto3's managed transfer, in parts above
+        An object already present is not sent again only when the server
+        holds a SHA-256 of the whole object (a single-part upload's
+        ``ChecksumSHA256``) equal to ``name``. The same size is no proof:
+        an object with no such checksum (written in parts, or by a client
+        that declared none) is overwritten. Otherwise the file goes up
+        through boto3's managed transfer, in parts above
         ``multipart_threshold``, and the server checks a SHA-256 of what it
         receives.
 
@@ -311,12 +323,15 @@ class S3Host(Host):
         except OSError as exc:
             raise TransientHostError(self.name, "cannot read %s: %s" % (local_path, exc)) from exc
         present = self._present(key, url)
-        if present is not None and present.size == size and present.sha256 in (None, name):
-            log.debug("%s: %s is already there (%d bytes), not sent again", self.name, url, size)
+        # A positive match only: a same-sized object with no checksum may
+        # hold other bytes, and a skip would record it as a good copy.
+        if present is not None and present.size == size and present.sha256 == name:
+            log.debug("%s: %s is already there (%d bytes, SHA-256 checked), not sent again",
+                      self.name, url, size)
             return Location(self.name, url)
         if present is not None:
             log.info("%s: replacing %s (%d bytes, sha256 %s)", self.name, url,
-                     present.size, present.sha256)
+                     present.size, present.sha256 or "unknown")
         with self._translated("upload to", url):
             self._client.upload_file(local_path, self.bucket, key,
                                      ExtraArgs={"ChecksumAlgorithm": "SHA256"},
@@ -324,7 +339,7 @@ class S3Host(Host):
         log.debug("%s: stored %s (%d bytes)", self.name, url, size)
         return Location(self.name, url)
 
-    def _present(self, key, url):
+    def _present(self, key: str, url: str) -> Optional[ObjectInfo]:
         """The ObjectInfo of ``key``, or None if it is missing or cannot be checked."""
         try:
             with self._translated("check", url):
@@ -344,7 +359,7 @@ class S3Host(Host):
             return None
         return self._object_info(head)
 
-    def download(self, url, dest_path, max_bytes=None):
+    def download(self, url: str, dest_path: PathLike, max_bytes: Optional[int] = None) -> None:
         """Stream the object into ``dest_path``, atomically.
 
         :param url: an ``s3://`` URL this host :meth:`accepts`
@@ -372,7 +387,7 @@ class S3Host(Host):
             finally:
                 body.close()
 
-    def stat(self, url):
+    def stat(self, url: str) -> ObjectInfo:
         """The object's size, and its SHA-256 when the server keeps a full-object one.
 
         :param url: an ``s3://`` URL this host :meth:`accepts`
@@ -394,7 +409,7 @@ class S3Host(Host):
             raise
         return self._object_info(head)
 
-    def _check_bucket_exists(self):
+    def _check_bucket_exists(self) -> None:
         try:
             with self._translated("check bucket", "s3://" + self.bucket):
                 self._client.head_bucket(Bucket=self.bucket)
@@ -405,11 +420,11 @@ class S3Host(Host):
             log.debug("%s: cannot check the bucket: %s", self.name, exc)
 
     @staticmethod
-    def _object_info(head):
+    def _object_info(head: Mapping[str, Any]) -> ObjectInfo:
         """ObjectInfo from a head_object response."""
         return ObjectInfo(int(head.get("ContentLength", 0)), _full_object_sha256(head))
 
-    def delete(self, url):
+    def delete(self, url: str) -> None:
         """Delete the object; a missing one is not an error.
 
         :param url: an ``s3://`` URL this host :meth:`accepts`
@@ -424,7 +439,7 @@ class S3Host(Host):
             pass
         log.debug("%s: deleted %s", self.name, url)
 
-    def list(self):
+    def list(self) -> Iterator[Tuple[str, int]]:
         """Yield ``(sha256, size)`` for each object directly under the prefix.
 
         Keys deeper under the prefix, and keys that are not SHA-256 names,
@@ -441,7 +456,7 @@ class S3Host(Host):
                     if is_hash(name):
                         yield name, int(item.get("Size", 0))
 
-    def close(self):
+    def close(self) -> None:
         """Close the client's connections. Calling it twice is harmless."""
         with self._lock:
             if self._closed:
@@ -452,7 +467,7 @@ class S3Host(Host):
     # -- error translation ----------------------------------------------------
 
     @contextlib.contextmanager
-    def _translated(self, action, url):
+    def _translated(self, action: str, url: str) -> Iterator[None]:
         """Turn any boto3/botocore failure inside the block into a HostError."""
         if self._closed:
             raise PermanentHostError(self.name, "host is closed")
@@ -466,7 +481,7 @@ class S3Host(Host):
             # A local file that went away or could not be read mid-upload.
             raise TransientHostError(self.name, "cannot %s %s: %s" % (action, url, exc)) from exc
 
-    def _error(self, exc, action, url):
+    def _error(self, exc: Exception, action: str, url: str) -> HostError:
         """The HostError that says what ``exc`` means for ``action`` on ``url``.
 
         The one place that classifies boto3 and botocore failures.
@@ -497,7 +512,7 @@ class S3Host(Host):
         return TransientHostError(self.name, "%s: %s" % (what, exc))
 
 
-def _full_object_sha256(head):
+def _full_object_sha256(head: Mapping[str, Any]) -> Optional[str]:
     """The hex SHA-256 of the whole object from a HEAD response, or None.
 
     A multipart upload's checksum is of its parts' checksums ("COMPOSITE"),
@@ -519,7 +534,7 @@ def _full_object_sha256(head):
 
 # -- option checks -------------------------------------------------------------
 
-def _check_option_key(key, allowed, kind):
+def _check_option_key(key: object, allowed: Sequence[str], kind: str) -> None:
     if _looks_like_credential(key):
         raise InvalidInputError("S3 %s %r looks like a credential and is refused. %s"
                                 % (kind, str(key)[:40], _CREDENTIALS_HINT))
@@ -528,9 +543,9 @@ def _check_option_key(key, allowed, kind):
                                 % (kind, str(key)[:40], ", ".join(allowed)))
 
 
-def _parse_query(query):
+def _parse_query(query: str) -> Dict[str, str]:
     """The spec's query as a dict; values are never quoted in errors."""
-    result = {}
+    result: Dict[str, str] = {}
     if not query:
         return result
     for field in query.split("&"):
@@ -545,13 +560,13 @@ def _parse_query(query):
     return result
 
 
-def _check_bucket(bucket):
+def _check_bucket(bucket: object) -> str:
     if not isinstance(bucket, str) or not _BUCKET.fullmatch(bucket):
         raise InvalidInputError("not a valid S3 bucket name: %r" % (str(bucket)[:80],))
     return bucket
 
 
-def _check_prefix(prefix):
+def _check_prefix(prefix: object) -> str:
     if prefix is None:
         return ""
     if not isinstance(prefix, str):
@@ -565,7 +580,7 @@ def _check_prefix(prefix):
     return "/".join(segments)
 
 
-def _check_endpoint(url):
+def _check_endpoint(url: object) -> Optional[str]:
     if url is None:
         return None
     # The URL is never quoted back: it could hold a secret in the wrong place.
@@ -585,7 +600,7 @@ def _check_endpoint(url):
     return url
 
 
-def _optional_text(value, what):
+def _optional_text(value: object, what: str) -> Optional[str]:
     if value is None:
         return None
     if not isinstance(value, str) or not value or any(ch.isspace() for ch in value):
@@ -593,7 +608,7 @@ def _optional_text(value, what):
     return value
 
 
-def _positive(value, what, kind):
+def _positive(value: object, what: str, kind: Any) -> Any:
     """``value`` as a positive ``kind`` (int or float), or InvalidInputError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidInputError("%s must be a positive number, not %r" % (what, value))

@@ -15,7 +15,8 @@ State directory
                                           {"tool", "argv", "cwd"}
 
     Object URLs are ``http://<module>.fake/dl/<id>``; delete URLs are
-    ``http://<module>.fake/del/<id>``.  Module names match ``^[a-z0-9_]+$``.
+    ``http://<module>.fake/del/<id>``; admin URLs are
+    ``http://<module>.fake/adm/<id>``.  Module names match ``^[a-z0-9_]+$``.
 
 Fault knobs
     ``faults.json`` maps a module name to a dict of knobs.  It is re-read on
@@ -45,6 +46,18 @@ Fault knobs
     ``print_path`` (str)
         plowdown prints this string instead of the real final path (the real
         file is still written).
+    ``plowup_links`` (str)
+        Which links plowup prints for each stored file, and in which order:
+        comma-separated ``del`` (``#DEL <delete URL>``), ``adm``
+        (``#ADM <admin URL>``) and ``dl`` (the download URL).  The default is
+        ``del,dl``.  ``del`` alone imitates a module that only reports a
+        delete link; ``dl,adm`` puts the admin link last.
+    ``grow_download`` (int, bytes)
+        plowdown ignores the stored bytes and writes this many bytes instead,
+        slowly: ``GROW_CHUNK`` bytes every ``GROW_DELAY`` seconds, flushed
+        each time (a large object arriving over the network).  After each
+        chunk it records the bytes written so far in
+        ``$DIR/progress/<pid>`` (see :func:`read_progress`).
 
 Exit codes (Plowshare 2): 0 ok, 1 fatal, 2 no module, 3 network error,
 8 system error, 13 link dead, 15 bad command line.  With several
@@ -93,7 +106,14 @@ FAULT_KEYS = {
     "empty_download": bool,
     "truncate_download": bool,
     "print_path": str,
+    "plowup_links": str,
+    "grow_download": int,
 }
+
+#: ``grow_download`` writes this many bytes at a time, then sleeps ``GROW_DELAY``.
+GROW_CHUNK = 256 << 10
+GROW_DELAY = 0.01
+PLOWUP_LINKS = ("del", "adm", "dl")
 
 
 class Exit(Exception):
@@ -164,6 +184,15 @@ def read_log(state_dir) -> list[dict]:
         return []
     with path.open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def read_progress(state_dir) -> dict[int, int]:
+    """Bytes each ``grow_download`` run had written, by plowdown's pid."""
+    base = Path(state_dir) / "progress"
+    if not base.is_dir():
+        return {}
+    return {int(p.name): int(p.read_text(encoding="ascii")) for p in base.iterdir()
+            if p.name.isdigit()}
 
 
 def stored_objects(state_dir, module: str) -> list[Path]:
@@ -323,6 +352,15 @@ def _parse_plowup_args(argv: list[str]) -> list[str]:
     return positionals
 
 
+def _plowup_links(knobs: dict) -> list[str]:
+    spec = knobs.get("plowup_links") or "del,dl"
+    links = [part.strip() for part in spec.split(",") if part.strip()]
+    unknown = [link for link in links if link not in PLOWUP_LINKS]
+    if unknown:
+        raise Exit(ERR_FATAL, f"invalid plowup_links {spec!r}: {unknown}")
+    return links
+
+
 def _plowup(state: Path, argv: list[str]) -> int:
     positionals = _parse_plowup_args(argv)
     if not positionals:
@@ -366,8 +404,11 @@ def _plowup(state: Path, argv: list[str]) -> int:
             _err("plowup", f"cannot store {dest!r}: {exc.strerror}")
             retvals.append(ERR_FATAL)
             continue
-        _out(f"#DEL http://{module}.fake/del/{obj_id}")
-        _out(f"http://{module}.fake/dl/{obj_id}")
+        links = {"del": f"#DEL http://{module}.fake/del/{obj_id}",
+                 "adm": f"#ADM http://{module}.fake/adm/{obj_id}",
+                 "dl": f"http://{module}.fake/dl/{obj_id}"}
+        for which in _plowup_links(knobs):
+            _out(links[which])
         retvals.append(ERR_OK)
     return _aggregate(retvals)
 
@@ -458,13 +499,16 @@ def _download_one(state: Path, faults: dict, url: str, opts: dict, out_dir: str)
         _run_after(opts, module, url, printed)
         return ERR_OK
 
+    write_path = final_path + ".part" if opts["temp_rename"] else final_path
+    if knobs.get("grow_download"):
+        return _grow(state, write_path, final_path, opts, int(knobs["grow_download"]))
+
     data = stored.read_bytes()
     if knobs.get("corrupt_download"):
         data = _flip_first(data)
     if knobs.get("truncate_download"):
         data = data[: len(data) // 2]
 
-    write_path = final_path + ".part" if opts["temp_rename"] else final_path
     try:
         with open(write_path, "wb") as fh:
             fh.write(data)
@@ -477,6 +521,31 @@ def _download_one(state: Path, faults: dict, url: str, opts: dict, out_dir: str)
     printed = knobs.get("print_path") or final_path
     _out(printed)
     _run_after(opts, module, url, printed)
+    return ERR_OK
+
+
+def _grow(state: Path, write_path: str, final_path: str, opts: dict, total: int) -> int:
+    """Write ``total`` bytes slowly, recording the progress after each chunk."""
+    progress = state / "progress"
+    progress.mkdir(exist_ok=True)
+    record = progress / str(os.getpid())
+    chunk = b"\0" * GROW_CHUNK
+    written = 0
+    try:
+        with open(write_path, "wb") as fh:
+            while written < total:
+                piece = chunk[: min(GROW_CHUNK, total - written)]
+                fh.write(piece)
+                fh.flush()  # on disk (in the page cache) now, as curl's writes are
+                written += len(piece)
+                _write_json_atomic(record, written)
+                time.sleep(GROW_DELAY)
+        if opts["temp_rename"]:
+            os.replace(write_path, final_path)
+    except OSError as exc:
+        _err("plowdown", f"cannot write {write_path!r}: {exc.strerror}")
+        return ERR_SYSTEM
+    _out(final_path)
     return ERR_OK
 
 

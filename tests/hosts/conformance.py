@@ -5,6 +5,7 @@ A backend's test module provides two fixtures and subclasses
 
     @pytest.fixture
     def host(tmp_path):            # a working, empty host
+        (tmp_path / "pool").mkdir()  # a folder host never creates its root
         return FolderHost(str(tmp_path / "pool"), fsync=False)
 
     @pytest.fixture
@@ -16,6 +17,11 @@ A backend's test module provides two fixtures and subclasses
 
 Class attributes tune the suite: ``large_size`` (bytes of the large-file
 test; S3 hosts set a multipart threshold below it).
+
+A module may also override the ``tamper`` fixture: ``tamper(location, data)``
+replaces the bytes stored behind ``location`` without going through the host
+(as a disk error or another writer would). Without it the tests that need it
+are skipped.
 """
 
 import concurrent.futures
@@ -71,6 +77,11 @@ class HostConformance:
         return dest.read_bytes()
 
     @pytest.fixture
+    def tamper(self):
+        """``tamper(location, data)``: overwrite a stored object behind the host's back."""
+        pytest.skip("this backend's tests give no way to tamper with a stored object")
+
+    @pytest.fixture
     def missing_url(self, host, put):
         """A URL of this host for an object that does not exist."""
         if not host.can_delete:
@@ -108,6 +119,19 @@ class HostConformance:
         _, second = put(b"twice")
         assert self.fetch(host, second.url, tmp_path) == b"twice"
         assert host.accepts(first.url)
+
+    def test_a_damaged_object_of_the_same_size_is_replaced_by_a_new_upload(
+            self, host, put, tamper, tmp_path):
+        # Only a checksum the host verified proves an object is already
+        # there: the same size is no proof, and skipping would leave a
+        # damaged copy recorded as a good one.
+        data = b"the right bytes, 23 b.."
+        wrong = b"same size, wrong bytes!"
+        assert len(data) == len(wrong)
+        _, first = put(data)
+        tamper(first, wrong)
+        _, second = put(data)
+        assert self.fetch(host, second.url, tmp_path) == data
 
     def test_download_replaces_an_existing_destination(self, host, put, tmp_path):
         _, location = put(b"new bytes")

@@ -10,6 +10,7 @@ from cloudmanager import fsutil
 from cloudmanager.errors import (
     HostError,
     HostNotFoundError,
+    HostUnavailableError,
     InvalidInputError,
     TransientHostError,
 )
@@ -24,7 +25,11 @@ from .conformance import HostConformance
 
 @pytest.fixture
 def root(tmp_path):
-    return tmp_path / "pool"
+    # A folder host never creates its root: the folder exists, like a
+    # mounted disk, before the host is used.
+    path = tmp_path / "pool"
+    path.mkdir()
+    return path
 
 
 @pytest.fixture
@@ -80,12 +85,12 @@ def test_upload_is_atomic_and_leaves_no_temp(host, root, tmp_path):
     first = b"first version " * 1000
     name = sha(first)
     host.upload(str(put(tmp_path, first)), name)
-    assert sorted(os.listdir(root)) == [name]
+    assert sorted(os.listdir(root)) == sorted([name, MARKER])
     # A second upload under the same name replaces the object whole.
     (root / name).write_bytes(b"garbage that is much longer than anything else " * 5000)
     host.upload(str(put(tmp_path, first, "again.bin")), name)
     assert (root / name).read_bytes() == first
-    assert sorted(os.listdir(root)) == [name]
+    assert sorted(os.listdir(root)) == sorted([name, MARKER])
 
 
 def test_failed_upload_leaves_nothing(host, root, tmp_path):
@@ -109,6 +114,7 @@ def test_upload_refuses_non_hash_name(host, root, tmp_path, bad):
                                      "semi;colon,comma"])
 def test_urls_are_percent_encoded_and_still_download(tmp_path, out_dir, dirname):
     root = tmp_path / dirname / "pool"
+    root.mkdir(parents=True)
     host = FolderHost(str(root), fsync=False)
     data = b"percent " * 333
     loc = host.upload(str(put(tmp_path, data)), sha(data))
@@ -130,6 +136,7 @@ def test_root_with_undecodable_bytes(tmp_path, out_dir):
     # Regression: FolderHost.upload raised UnicodeEncodeError (quote() on a
     # surrogate-escaped root) after the object was already written.
     root = os.fsdecode(os.fsencode(str(tmp_path)) + b"/latin1-\xe9t\xe9")
+    os.mkdir(root)
     host = FolderHost(root, fsync=False)
     data = b"bytes in a latin-1 named directory"
     loc = host.upload(str(put(tmp_path, data)), sha(data))
@@ -189,7 +196,6 @@ def test_traversal_url_is_refused_by_download_and_exists(host, root, tmp_path, o
 
 
 def test_download_of_missing_object_is_not_found(host, root, out_dir):
-    root.mkdir()
     url = "file://" + str(root) + "/" + sha(b"never stored")
     dest = out_dir / "d.bin"
     with pytest.raises(HostNotFoundError) as info:
@@ -200,7 +206,6 @@ def test_download_of_missing_object_is_not_found(host, root, out_dir):
 
 
 def test_download_of_missing_object_keeps_existing_dest(host, root, out_dir):
-    root.mkdir()
     dest = out_dir / "d.bin"
     dest.write_bytes(b"keep me")
     with pytest.raises(HostNotFoundError):
@@ -265,12 +270,25 @@ def unreachable_host(tmp_path):
     return FolderHost(str(blocker / "pool"), fsync=False)
 
 
+def overwrite_file(root):
+    def tamper(location, data):
+        (root / location.url.rsplit("/", 1)[1]).write_bytes(data)
+
+    return tamper
+
+
 class TestFolderConformance(HostConformance):
-    pass
+    @pytest.fixture
+    def tamper(self, root):
+        return overwrite_file(root)
 
 
 class TestFolderWithFsyncConformance(HostConformance):
     """With fsync on, batches take the syncfs path (where Linux has it)."""
+
+    @pytest.fixture
+    def tamper(self, root):
+        return overwrite_file(root)
 
     @pytest.fixture
     def host(self, root):
@@ -313,7 +331,7 @@ def test_a_durable_batch_costs_two_syncs_and_isolates_a_bad_file(root, tmp_path,
     for (path, digest), location in zip(items[:1] + items[2:], results[:1] + results[2:]):
         assert location == Location(host.name, "file://" + str(root / digest))
         assert (root / digest).read_bytes() == open(path, "rb").read()
-    assert sorted(os.listdir(root)) == sorted(d for _, d in items[:1] + items[2:])
+    assert sorted(os.listdir(root)) == sorted([MARKER] + [d for _, d in items[:1] + items[2:]])
 
 
 @pytest.mark.skipif(not fsutil.sync_filesystem_available(), reason="needs Linux 5.8+ syncfs")
@@ -336,19 +354,14 @@ def test_without_fsync_a_batch_is_uploads_one_by_one(root, tmp_path, syncs):
     assert syncs == [] and all(isinstance(r, Location) for r in results)
 
 
-def test_a_batch_into_a_missing_folder_makes_it(tmp_path):
-    root = tmp_path / "not" / "yet"
-    host = FolderHost(str(root), fsync=True)
-    assert all(isinstance(r, Location) for r in host.upload_batch(batch_of(tmp_path, 2)))
-    assert len(os.listdir(root)) == 2
-
-
 @pytest.mark.skipif(not fsutil.sync_filesystem_available(), reason="needs Linux 5.8+ syncfs")
 def test_a_failed_rename_in_a_batch_leaves_no_temp(root, tmp_path, monkeypatch):
     host = FolderHost(str(root), fsync=True)
     real, renamed = fsutil.publish, []
 
     def second_fails(temp, final, fsync=True):
+        if os.path.basename(final) == MARKER:
+            return real(temp, final, fsync)
         if renamed:
             raise OSError(errno.EIO, "Input/output error")
         renamed.append(final)
@@ -357,4 +370,183 @@ def test_a_failed_rename_in_a_batch_leaves_no_temp(root, tmp_path, monkeypatch):
     monkeypatch.setattr(fsutil, "publish", second_fails)
     results = host.upload_batch(batch_of(tmp_path, 3))
     assert all(isinstance(r, TransientHostError) for r in results)
-    assert os.listdir(root) == [os.path.basename(renamed[0])]  # no temp; one object, unrecorded
+    # No temp; one object, unrecorded (and the marker, written before the renames).
+    assert sorted(os.listdir(root)) == sorted([MARKER, os.path.basename(renamed[0])])
+
+
+# -- the root is never created; the marker tells a mounted pool from an empty mount point --
+
+
+ALL_OPERATIONS = ("upload", "upload_batch", "download", "stat", "exists", "list", "delete")
+
+
+def call(host, operation, tmp_path, data=b"probe"):
+    """Run one host operation on an object of ``data``; return what it returned."""
+    src = put(tmp_path, data, "probe.bin")
+    url = "file://" + host.root + "/" + sha(data)
+    if operation == "upload":
+        return host.upload(str(src), sha(data))
+    if operation == "upload_batch":
+        [result] = host.upload_batch([(str(src), sha(data))])
+        if isinstance(result, Exception):
+            raise result
+        return result
+    if operation == "download":
+        return host.download(url, str(tmp_path / "fetched"))
+    if operation == "stat":
+        return host.stat(url)
+    if operation == "exists":
+        return host.exists(url)
+    if operation == "list":
+        return list(host.list())
+    return host.delete(url)
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+@pytest.mark.parametrize("operation", ALL_OPERATIONS)
+def test_a_missing_root_is_an_outage_and_is_never_created(tmp_path, operation, fsync):
+    # Regression: an upload made the missing folder, so an unmounted disk's
+    # mount point filled up with copies on the wrong disk.
+    root = tmp_path / "mnt" / "pool"
+    host = FolderHost(str(root), fsync=fsync)
+    with pytest.raises(HostUnavailableError) as info:
+        call(host, operation, tmp_path)
+    assert info.value.host == host.name and info.value.transient
+    assert "missing" in info.value.message
+    assert not (tmp_path / "mnt").exists()
+    assert not (tmp_path / "fetched").exists()
+
+
+def test_a_batch_into_a_missing_root_fails_every_file_and_creates_nothing(tmp_path):
+    root = tmp_path / "not" / "yet"
+    for fsync in (True, False):
+        host = FolderHost(str(root), fsync=fsync)
+        results = host.upload_batch(batch_of(tmp_path, 3))
+        assert len(results) == 3 and all(isinstance(r, HostUnavailableError) for r in results)
+    assert not (tmp_path / "not").exists()
+
+
+MARKER = ".cloudmanager-host"  # FolderHost.MARKER_NAME
+
+
+def test_the_first_upload_adopts_an_empty_folder_and_writes_the_marker(host, root, tmp_path):
+    assert os.listdir(root) == [] and not host.has_marker() and not host.require_marker
+    data = b"first"
+    host.upload(str(put(tmp_path, data)), sha(data))
+    assert host.has_marker()
+    assert sorted(os.listdir(root)) == sorted([MARKER, sha(data)])  # no temp left
+    assert b"cloudmanager" in (root / MARKER).read_bytes()
+    assert dict(host.list()) == {sha(data): len(data)}  # the marker is no object
+    # A second upload leaves the marker as it is.
+    stamp = (root / MARKER).stat().st_mtime_ns
+    other = b"second"
+    host.upload(str(put(tmp_path, other, "o.bin")), sha(other))
+    assert (root / MARKER).stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_a_batch_writes_the_marker_too(root, tmp_path, fsync):
+    host = FolderHost(str(root), fsync=fsync)
+    items = batch_of(tmp_path, 2)
+    assert all(isinstance(r, Location) for r in host.upload_batch(items))
+    assert host.has_marker()
+    assert sorted(os.listdir(root)) == sorted([MARKER] + [d for _, d in items])
+
+
+def test_a_failed_upload_writes_no_marker(host, root, tmp_path):
+    with pytest.raises(TransientHostError):
+        host.upload(str(tmp_path / "does-not-exist"), sha(b"x"))
+    assert os.listdir(root) == [] and not host.has_marker()
+
+
+def test_require_marker_is_an_option_and_an_attribute(root, tmp_path):
+    assert FolderHost(str(root), require_marker=True).require_marker is True
+    assert from_spec("dir:" + str(root), require_marker=True).require_marker is True
+    host = FolderHost(str(root), fsync=False)
+    host.require_marker = True  # what the core does once the catalog records copies here
+    with pytest.raises(HostUnavailableError, match="marker"):
+        call(host, "upload", tmp_path)
+    assert os.listdir(root) == []  # an unmarked folder is not adopted any more
+
+
+def unmount(root):
+    """Simulate an unmounted disk: the real folder goes away, an empty mount point stays."""
+    away = root.with_name(root.name + ".mounted")
+    os.rename(root, away)
+    root.mkdir()
+    return away
+
+
+def remount(root, away):
+    os.rmdir(root)
+    os.rename(away, root)
+
+
+@pytest.mark.parametrize("operation", ALL_OPERATIONS)
+def test_with_require_marker_an_empty_mount_point_is_an_outage(root, tmp_path, operation):
+    host = FolderHost(str(root), fsync=False)
+    data = b"probe"
+    location = host.upload(str(put(tmp_path, data)), sha(data))
+    host.require_marker = True
+    away = unmount(root)
+    # Not "not found": that would get every copy on the disk marked missing.
+    with pytest.raises(HostUnavailableError) as info:
+        call(host, operation, tmp_path, data)
+    assert "unmounted" in info.value.message and info.value.transient
+    assert os.listdir(root) == []  # nothing written onto the mount point
+    assert not (tmp_path / "fetched").exists()
+    remount(root, away)
+    assert host.exists(location.url)
+    host.download(location.url, str(tmp_path / "back"))
+    assert (tmp_path / "back").read_bytes() == data
+    call(host, operation, tmp_path, data)  # and it works again
+
+
+def test_with_require_marker_and_the_marker_there_a_missing_object_is_not_found(root, tmp_path):
+    host = FolderHost(str(root), fsync=False)
+    host.upload(str(put(tmp_path, b"x")), sha(b"x"))
+    host.require_marker = True
+    missing = "file://" + str(root) + "/" + sha(b"never stored")
+    with pytest.raises(HostNotFoundError):
+        host.download(missing, str(tmp_path / "d"))
+    with pytest.raises(HostNotFoundError):
+        host.stat(missing)
+    assert host.exists(missing) is False
+    host.delete(missing)  # still not an error
+    assert dict(host.list()) == {sha(b"x"): 1}
+
+
+def test_without_require_marker_an_unmarked_folder_behaves_as_before(root, tmp_path):
+    (root / sha(b"old")).write_bytes(b"old")  # copies from before markers existed
+    host = FolderHost(str(root), fsync=False)
+    url = "file://" + str(root) + "/" + sha(b"old")
+    assert host.exists(url) and host.stat(url).size == 3
+    assert dict(host.list()) == {sha(b"old"): 3}
+    with pytest.raises(HostNotFoundError):
+        host.stat("file://" + str(root) + "/" + sha(b"never"))
+
+
+def test_mark_upgrades_a_folder_from_before_markers(root, tmp_path):
+    (root / sha(b"old")).write_bytes(b"old")
+    url = "file://" + str(root) + "/" + sha(b"old")
+    host = FolderHost(str(root), fsync=False, require_marker=True)
+    with pytest.raises(HostUnavailableError):
+        host.stat(url)
+    host.mark()
+    assert host.has_marker() and host.stat(url).size == 3
+    host.mark()  # marking twice is harmless
+    assert sorted(os.listdir(root)) == sorted([MARKER, sha(b"old")])
+
+
+def test_mark_never_creates_the_root(tmp_path):
+    host = FolderHost(str(tmp_path / "gone" / "pool"), fsync=False)
+    with pytest.raises(HostUnavailableError, match="missing"):
+        host.mark()
+    assert not (tmp_path / "gone").exists()
+
+
+def test_only_the_folder_host_declares_a_marker(host):
+    from cloudmanager.hosts.base import Host
+    from cloudmanager.hosts.memory import MemoryHost
+
+    assert host.can_mark and not Host.can_mark and not MemoryHost.can_mark

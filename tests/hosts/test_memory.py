@@ -24,7 +24,12 @@ def unreachable_host():
 
 
 class TestMemoryHost(HostConformance):
-    pass
+    @pytest.fixture
+    def tamper(self, host):
+        def tamper(location, data):
+            host.objects[host.object_name(location.url)] = data
+
+        return tamper
 
 
 def test_hosts_of_one_store_share_objects(tmp_path):

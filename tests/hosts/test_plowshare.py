@@ -11,8 +11,10 @@ import os
 import re
 import stat
 import subprocess
+import threading
 import time
 
+import fakeplow
 import pytest
 
 from cloudmanager.errors import (
@@ -203,6 +205,28 @@ def test_upload_with_unusable_plowup_output_is_host_error(tmp_path, monkeypatch,
         PlowshareHost("mod", timeout=30).upload(str(src), sha(b"abc"))
 
 
+@pytest.mark.parametrize("links", ["del", "adm", "del,adm", "adm,del"])
+def test_plowup_that_prints_no_download_link_has_failed(fake_plowshare, tmp_path, links):
+    # Regression: a plowup that printed only "#DEL <url>" got its delete
+    # link recorded as the copy (the wrapper took the last token).
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"abc")
+    fake_plowshare.faults("mod", plowup_links=links)
+    with pytest.raises(TransientHostError, match="no download link") as info:
+        PlowshareHost("mod", timeout=30).upload(str(src), sha(b"abc"))
+    assert info.value.host == "mod"
+    assert "/del/" not in str(info.value) and "/adm/" not in str(info.value)  # never shown
+
+
+@pytest.mark.parametrize("links", ["dl,adm", "dl,del", "adm,dl,del", "del,adm,dl"])
+def test_the_download_link_is_taken_wherever_plowup_prints_it(fake_plowshare, tmp_path, links):
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"abc")
+    fake_plowshare.faults("mod", plowup_links=links)
+    location = PlowshareHost("mod", timeout=30).upload(str(src), sha(b"abc"))
+    assert DL_URL.fullmatch(location.url), location.url
+
+
 # -- download ------------------------------------------------------------------
 
 
@@ -369,6 +393,64 @@ def test_empty_download_is_transient_and_leaves_nothing(fake_plowshare, stored, 
     assert list(out_dir.iterdir()) == []
 
 
+def tree_size(path):
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def test_a_download_past_max_bytes_is_killed_while_it_runs(fake_plowshare, stored, out_dir):
+    # Regression: plowdown wrote the whole object (53 MB into a 1 MiB cache)
+    # before its size was checked.
+    host, loc = stored
+    total, max_bytes = 64 << 20, 1 << 20
+    fake_plowshare.faults("mod", grow_download=total)
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], tree_size(out_dir))
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with pytest.raises(TransientHostError,
+                           match="larger than the %d bytes expected" % max_bytes) as info:
+            host.download(loc.url, str(out_dir / "dest.bin"), max_bytes=max_bytes)
+    finally:
+        done.set()
+        sampler.join()
+    assert info.value.host == "mod"
+    [written] = fakeplow.read_progress(fake_plowshare.dir).values()
+    # What the tool had written when it was killed (one chunk more at most
+    # than it recorded), and the most the test saw on disk.
+    assert written + fakeplow.GROW_CHUNK <= max_bytes + (4 << 20), written
+    assert peak[0] <= max_bytes + (4 << 20), peak[0]
+    assert peak[0] > 0  # the sampler did see the download
+    assert list(out_dir.iterdir()) == []  # no partial file, no private directory
+    deadline = time.monotonic() + 2
+    while fake_processes(fake_plowshare.dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake_processes(fake_plowshare.dir) == []
+
+
+def test_a_download_of_exactly_max_bytes_is_not_stopped(fake_plowshare, stored, out_dir):
+    host, loc = stored
+    size = 3 * fakeplow.GROW_CHUNK + 5
+    fake_plowshare.faults("mod", grow_download=size)
+    host.download(loc.url, str(out_dir / "dest.bin"), max_bytes=size)
+    assert (out_dir / "dest.bin").stat().st_size == size
+    with pytest.raises(TransientHostError, match="larger than"):
+        host.download(loc.url, str(out_dir / "again.bin"), max_bytes=size - 1)
+    assert [p.name for p in out_dir.iterdir()] == ["dest.bin"]
+
+
 @pytest.mark.parametrize("where", ["absolute", "relative", "etc_passwd"])
 def test_printed_path_outside_workdir_is_not_used(fake_plowshare, stored, out_dir, tmp_path,
                                                   payload, where):
@@ -498,6 +580,15 @@ def unreachable_host(fake_plowshare):
 
 class TestPlowshareConformance(HostConformance):
     large_size = 3 << 20  # each transfer is a subprocess writing to disk
+
+    @pytest.fixture
+    def tamper(self, fake_plowshare):
+        def tamper(location, data):
+            module, obj_id = DL_URL.fullmatch(location.url).groups()
+            [stored] = [p for p in fake_plowshare.objects(module) if p.parent.name == obj_id]
+            stored.write_bytes(data)
+
+        return tamper
 
     @pytest.fixture
     def missing_url(self, host):

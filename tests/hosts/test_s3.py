@@ -63,6 +63,15 @@ def unreachable_host(aws_env):
 class TestS3Host(HostConformance):
     large_size = 12 * MiB  # three parts of 5 MiB and less
 
+    @pytest.fixture
+    def tamper(self, host, bucket, s3_admin):
+        def tamper(location, data):
+            # No SHA-256 declared: an object written by another tool.
+            s3_admin.put_object(Bucket=bucket, Key=PREFIX + "/" + host.object_name(location.url),
+                                Body=data)
+
+        return tamper
+
 
 def write(tmp_path, data, filename="src.bin"):
     path = tmp_path / filename
@@ -130,6 +139,30 @@ def test_an_object_already_there_is_not_sent_again(host, bucket, s3_admin, tmp_p
     after = s3_admin.head_object(Bucket=bucket, Key="pool/x/" + sha(data))
     assert after["LastModified"] == before["LastModified"] and after["ETag"] == before["ETag"]
     assert location.url == "s3://%s/pool/x/%s" % (bucket, sha(data))
+
+
+def test_same_size_without_a_sha256_is_sent_again(host, bucket, s3_admin, tmp_path):
+    # The reported case: wrong bytes of the right size, stored with no
+    # SHA-256 (boto3 declares a CRC32 at most), were taken for the object.
+    data = b"the right bytes, 23 b.."
+    key = "pool/x/" + sha(data)
+    s3_admin.put_object(Bucket=bucket, Key=key, Body=b"same size, wrong bytes!")
+    assert "ChecksumSHA256" not in s3_admin.head_object(Bucket=bucket, Key=key,
+                                                        ChecksumMode="ENABLED")
+    calls = count_calls(host, "PutObject")
+    host.upload(write(tmp_path, data), sha(data))
+    assert calls == {"PutObject": 1}
+    assert s3_admin.get_object(Bucket=bucket, Key=key)["Body"].read() == data
+
+
+def test_a_multipart_object_has_no_sha256_to_match_and_is_sent_again(host, tmp_path):
+    # Its checksum is of the parts: nothing proves the bytes, so no skip.
+    data = os.urandom(6 * MiB)
+    path = write(tmp_path, data)
+    host.upload(path, sha(data))
+    calls = count_calls(host, "PutObject", "CreateMultipartUpload")
+    host.upload(path, sha(data))
+    assert calls == {"PutObject": 0, "CreateMultipartUpload": 1}
 
 
 @pytest.mark.parametrize("stored", [b"truncated", b"same size, wrong bytes!"])
