@@ -340,5 +340,10 @@ def embedded_config(capacity=None):
             "redundancy": 1}
     if capacity is not None:
         pool["capacity"] = capacity
-    local = HostConfig("local", "dir:" + os.path.join(dirs.data, "hosts", "local"), {})
+    root = os.path.join(dirs.data, "hosts", "local")
+    # The one folder this library owns: made here, once, like `cm init` does
+    # for the folders it is given. A folder host never makes its root itself
+    # (a missing root is an unmounted disk).
+    os.makedirs(root, 0o700, exist_ok=True)
+    local = HostConfig("local", "dir:" + root, {})
     return Config(None, pool, [local])

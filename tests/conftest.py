@@ -48,6 +48,17 @@ def fake_plowshare(tmp_path, monkeypatch):
     return FakePlowshare(state)
 
 
+def make_folder_roots(hosts):
+    """Create the root of every folder host among ``hosts`` (specs or objects):
+    a folder host never creates its own."""
+    for host in hosts:
+        root = getattr(host, "root", None)
+        if isinstance(host, str) and host.startswith("dir:"):
+            root = host[len("dir:"):]
+        if root and not str(root).startswith(("memory", "s3")):
+            os.makedirs(root, exist_ok=True)
+
+
 @pytest.fixture
 def make_pool(tmp_path):
     """Factory for CloudManager instances on real files under tmp_path.
@@ -57,10 +68,12 @@ def make_pool(tmp_path):
     """
     made = []
 
-    def make(capacity=1 << 20, hosts=None, name="node", **kwargs):
+    def make(capacity=1 << 20, hosts=None, name="node", make_roots=True, **kwargs):
         base = tmp_path / name
         if hosts is None:
             hosts = ["dir:%s" % (tmp_path / "hosts" / h) for h in ("h1", "h2", "h3")]
+        if make_roots:  # as `cm init` makes the folders it is given
+            make_folder_roots(hosts)
         kwargs.setdefault("fsync", False)
         cm = CloudManager(base / "db.sqlite3", base / "cache", capacity, hosts=hosts, **kwargs)
         made.append(cm)
