@@ -539,6 +539,72 @@ class CloudManager:
         """
         return self.pool.evict(target_bytes)
 
+    # -- for the command line (added by the CLI restructure) --
+
+    def settings(self) -> Dict[str, Any]:
+        """The settings this pool runs with (``cm status``, ``cm ls``, ``cm evict``).
+
+        :return: a dict: ``database`` (the SQLite file, absolute),
+            ``storage`` (the cache directory, absolute), ``capacity`` (the
+            cache's size in bytes), ``redundancy`` (the target number of
+            hosts for each file) and ``defer_uploads``
+        """
+        return {"database": self.pool.db.path, "storage": self.pool.cache.root,
+                "capacity": self.pool.cache.capacity, "redundancy": self.redundancy,
+                "defer_uploads": self.defer_uploads}
+
+    @staticmethod
+    def cached_bytes_at(database_path: Union[str, "os.PathLike[str]"]) -> int:
+        """What the cache of a pool holds, read from its database without opening the pool.
+
+        For sizing a cache before the pool is opened (as
+        :func:`~cloudmanager.config.default_capacity` wants): only the
+        database is opened, not the storage directory or the hosts.
+
+        :param database_path: the pool's SQLite file
+        :return: the cached bytes; 0 if there is no database there yet
+        :raises CloudManagerError: if the database cannot be read
+        """
+        if not os.path.exists(database_path):
+            return 0
+        from .db import FileDatabase
+
+        db = FileDatabase(database_path)
+        try:
+            return db.cache_index.counter("cached_bytes")
+        finally:
+            db.close()
+
+    def remembered(self, files: Iterable[Any]) -> Dict[str, str]:
+        """The hashes remembered for source files that have not changed since
+        they were uploaded, so ``cm upload`` can skip them without reading them.
+
+        A hash counts only while the file's size, mtime, ctime, inode and
+        device are those remembered, and while the pool still holds it
+        (cached here, or with a copy on a host). See :mod:`cloudmanager.sources`.
+
+        :param files: :class:`~cloudmanager.sources.SourceFile` objects
+        :return: ``{path: hash}`` for those of ``files`` that are unchanged
+        """
+        from .sources import SourceIndex
+
+        return SourceIndex(self.pool.db).known(files)
+
+    def remember(self, entries: Iterable[Sequence[Any]]) -> None:
+        """Remember the hashes of uploaded source files, keyed by their stat.
+
+        Remember only files that did not change while they were read and
+        were not modified just before (see
+        :meth:`cloudmanager.sources.SourceIndex.rememberable`, and
+        :attr:`cloudmanager.scheduler.Uploaded.rememberable`); a later
+        :meth:`remembered` then trusts the hash without reading the file.
+
+        :param entries: ``(SourceFile, hash)`` pairs
+        """
+        from .sources import SourceIndex
+
+        SourceIndex(self.pool.db).remember(list(entries))
+
 
 def _checked(file_hash: Any, operation: str) -> Optional[str]:
     """``file_hash`` as a lowercase SHA-256 hex, or None (with a logged reason)."""

@@ -573,7 +573,7 @@ def test_init_writes_the_exact_capacity_and_any_unicode_path(home):
 
 
 def test_large_files_go_jobs_at_a_time_beside_the_small_batches(home, monkeypatch):
-    monkeypatch.setattr("cloudmanager.cli.LARGE_FILE", 50)  # most of the tree is "large"
+    monkeypatch.setattr("cloudmanager.scheduler.LARGE_FILE", 50)  # most of the tree is "large"
     files = make_tree(home)
     assert 3 <= sum(1 for p in files if p.stat().st_size >= 50) < 12
     result = home.cm("upload", "--json", "--jobs", "3", "tree")
@@ -581,3 +581,32 @@ def test_large_files_go_jobs_at_a_time_beside_the_small_batches(home, monkeypatc
     assert report["uploaded"] == 12 and report["failed"] == 0
     assert {f["path"]: f["hash"] for f in report["files"]} == {
         str(p): h for p, h in files.items()}
+
+
+def test_hosts_retry_ends_a_cool_down_now(home):
+    (home.work / "cloudmanager.toml").write_text(
+        '[pool]\ndatabase = "db.sqlite3"\nstorage = "cache"\ncapacity = "1 MiB"\n'
+        'redundancy = 1\n[hosts.nas]\nspec = "dir:%s"\n' % (home.root / "nas"))
+    (home.root / "nas").write_text("a file where the host folder should be")
+    for n in range(3):  # three failed operations in a row open the circuit breaker
+        home.file("f%d.txt" % n, "file %d" % n)
+        assert home.cm("upload", "f%d.txt" % n).exit_code == 0  # cached and queued
+    assert home.cm_json("hosts")["nas"]["state"] == "cooling"
+    assert "cooling until" in home.cm("hosts").stdout
+    result = home.cm("hosts", "--retry", "nas", "--retry", "nas")
+    assert result.exit_code == 0 and "reset nas: tried again on the next transfer" in result.stdout
+    hosts = home.cm_json("hosts")
+    assert hosts["nas"]["state"] == "ok" and hosts["nas"]["consecutive_failures"] == 0
+    (home.root / "nas").unlink()  # fixed: the next sync gets every file there
+    assert home.cm("sync").exit_code == 0
+    assert len(list((home.root / "nas").iterdir())) == 3
+    report = home.cm_json("hosts", "--retry", "nas")
+    assert report["reset"] == ["nas"] and report["hosts"]["nas"]["state"] == "ok"
+
+
+def test_hosts_retry_of_an_unknown_host_is_a_usage_error(home):
+    upload_one(home)
+    result = home.cm("hosts", "--retry", "local", "--retry", "nobody")
+    assert result.exit_code == 2 and "no host named 'nobody'" in result.stderr
+    assert result.stderr.count("\n") == 1 and "--retry" in result.stderr
+    assert "--retry NAME" in home.cm("hosts", "--help").stdout

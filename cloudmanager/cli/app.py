@@ -1,0 +1,266 @@
+"""What every ``cm`` command shares: the session, errors, logging and parameters.
+
+The :class:`Session` holds what the global options decided and opens the
+pool, through the public :class:`~cloudmanager.CloudManager` facade only.
+:class:`CmGroup` turns errors into one line on stderr and the exit status
+(0 success, 1 failure, 2 usage error).
+"""
+
+import logging
+import os
+import re
+import sys
+import traceback
+
+import click
+
+from ..config import Config, default_capacity, embedded_config, find_config, load_config, parse_size
+from ..errors import CloudManagerError, InvalidInputError
+from ..manager import CloudManager
+
+log = logging.getLogger("cloudmanager")
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+# -- errors ------------------------------------------------------------------------
+
+class OperationFailed(click.ClickException):
+    """An operation did not succeed: exit status 1, one line on stderr."""
+
+    exit_code = 1
+
+
+def fail_quietly():
+    """Exit 1 without another line: the library has logged the reason."""
+    raise click.exceptions.Exit(1)
+
+
+# -- logging -----------------------------------------------------------------------
+
+class LogFormatter(logging.Formatter):
+    """``cm: warning: MESSAGE``."""
+
+    def format(self, record):
+        """The record as one ``cm: LEVEL: message`` line."""
+        return "cm: %s: %s" % (record.levelname.lower(), super().format(record))
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now, so progress bars (which
+    redirect it while they draw) and test runners both see the messages."""
+
+    @property
+    def stream(self):
+        """``sys.stderr``, looked up at every write."""
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class LogSetup:
+    """The ``cloudmanager`` logger as ``cm`` sets it, and as it was before."""
+
+    def __init__(self):
+        self.handler = None
+
+    def configure(self, verbosity):
+        """Send the library's messages to stderr: warnings and errors, more
+        with each ``-v``, only errors with ``-q``."""
+        logger = logging.getLogger("cloudmanager")
+        if self.handler is not None:
+            logger.removeHandler(self.handler)
+        self.handler = StderrHandler()
+        self.handler.setFormatter(LogFormatter("%(message)s"))
+        logger.addHandler(self.handler)
+        logger.setLevel(max(logging.DEBUG,
+                            min(logging.CRITICAL, logging.WARNING - 10 * verbosity)))
+        logger.propagate = False
+
+    def remove(self):
+        """Take the handler away again (the level is restored by the caller)."""
+        logging.getLogger("cloudmanager").removeHandler(self.handler)
+        self.handler = None
+
+
+LOGGING = LogSetup()
+
+
+# -- the command group ---------------------------------------------------------------
+
+class CmGroup(click.Group):
+    """The ``cm`` group: one-line errors, exit 1 for failures and 2 for usage."""
+
+    def invoke(self, ctx):
+        """Run the command, turning library errors into one-line failures."""
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
+            raise
+        except (CloudManagerError, OSError) as exc:
+            self.print_traceback(ctx)
+            raise OperationFailed(str(exc)) from exc
+        except Exception as exc:  # a bug: say so in one line unless -v
+            self.print_traceback(ctx)
+            raise OperationFailed("internal error: %s: %s (run with -v for the traceback)"
+                                  % (type(exc).__name__, exc)) from exc
+
+    @staticmethod
+    def print_traceback(ctx):
+        """The traceback on stderr, with ``-v``."""
+        session = ctx.find_object(Session)
+        if session is not None and session.verbosity > 0:
+            traceback.print_exc(file=sys.stderr)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        """Run ``cm`` and exit; the ``cloudmanager`` logger is left as it was found."""
+        logger = logging.getLogger("cloudmanager")
+        saved = logger.level, logger.propagate  # restored for callers in this process
+        try:
+            self.run(args, prog_name, complete_var, **extra)
+        finally:
+            LOGGING.remove()
+            logger.setLevel(saved[0])
+            logger.propagate = saved[1]
+
+    def run(self, args, prog_name, complete_var, **extra):
+        """click's main without its standalone mode: every outcome is an exit status."""
+        try:
+            # Without standalone mode, click returns an Exit's code instead of exiting.
+            status = super().main(args, prog_name, complete_var, standalone_mode=False,
+                                  **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            hint = ""
+            if exc.ctx is not None:
+                hint = " (see '%s --help')" % exc.ctx.command_path
+            click.echo("%s: error: %s%s" % (prog_name or "cm", exc.format_message(), hint),
+                       err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo("cm: error: %s" % exc.format_message(), err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("cm: aborted", err=True)
+            sys.exit(1)
+        except BrokenPipeError:  # `cm ls | head`: the reader has what it wanted
+            # Python would complain again when it flushes stdout at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+        sys.exit(status if isinstance(status, int) else 0)
+
+
+# -- the session: configuration and the pool it opens --------------------------------
+
+class Session:
+    """What the global options decided; opens the pool on first use."""
+
+    def __init__(self, config_option, capacity, verbosity):
+        self.config_option = config_option
+        self.capacity = capacity
+        self.verbosity = verbosity
+        #: The config file in use (None for the embedded defaults), and how it was found.
+        self.config_path = None
+        self.config_source = None
+        #: The :class:`~cloudmanager.config.Config` the pool was opened with.
+        self.loaded = None
+        self.manager = None
+
+    def config(self):
+        """The :class:`~cloudmanager.config.Config` to open the pool with (a
+        file, or the defaults), with the cache's capacity settled."""
+        path, source = find_config(self.config_option)
+        self.config_path, self.config_source = path, source
+        # A Config is (file, [pool] settings, host tables).
+        origin, settings, hosts = load_config(path) if path else embedded_config()
+        settings = dict(settings)
+        if self.capacity is not None:
+            settings["capacity"] = self.capacity
+        elif "capacity" not in settings:
+            settings["capacity"] = default_capacity(
+                settings["storage"], CloudManager.cached_bytes_at(settings["database"]))
+        log.debug("opening the pool of %s: database %s, cache %s (%d bytes)",
+                  path or "the embedded defaults", settings["database"], settings["storage"],
+                  settings["capacity"])
+        return Config(origin, settings, hosts)
+
+    def open(self):
+        """The open :class:`~cloudmanager.CloudManager`."""
+        if self.manager is None:
+            config = self.config()
+            self.manager = CloudManager(config=config)
+            self.loaded = config
+        return self.manager
+
+    def host_tables(self):
+        """The ``[hosts.NAME]`` tables of the config in use, enabled or not."""
+        return list(self.loaded.hosts) if self.loaded is not None else []
+
+    def close(self):
+        """Close the pool if it was opened."""
+        if self.manager is not None:
+            self.manager.close()
+            self.manager = None
+
+    @property
+    def quiet(self):
+        """``-q``: only errors."""
+        return self.verbosity < 0
+
+    @property
+    def show_progress(self):
+        """Progress bars only on a terminal, and not with ``-q``."""
+        return not self.quiet and sys.stdout.isatty()
+
+
+pass_session = click.make_pass_decorator(Session)
+
+
+# -- parameters ----------------------------------------------------------------------
+
+def resolve_hash(cm, text):
+    """A full hash from a hash or a unique prefix of one.
+
+    A malformed or ambiguous one is a usage error (exit 2); one that matches
+    no file is a failed lookup (exit 1).
+    """
+    try:
+        file_hash = cm.expand_hash(text)
+    except InvalidInputError as exc:
+        raise click.BadParameter(str(exc), param_hint="HASH") from None
+    if file_hash is None:
+        raise OperationFailed("no file in the pool has a hash starting with %s" % text.lower())
+    return file_hash
+
+
+def parse_duration(text):
+    """``90``, ``90s``, ``15m``, ``12h``, ``7d``, ``2w`` -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if not match:
+        raise click.BadParameter("not a duration: %r (try 90s, 15m, 12h, 7d)" % text)
+    return float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+
+
+class SizeType(click.ParamType):
+    """A size in bytes, with units as ``cloudmanager.toml`` takes them: ``20 GiB``."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        """Bytes, more than 0."""
+        try:
+            size = parse_size(value)
+        except InvalidInputError as exc:
+            self.fail(str(exc), param, ctx)
+        if size <= 0:
+            self.fail("must be more than 0 bytes", param, ctx)
+        return size
+
+
+SIZE = SizeType()
+JSON_OPTION = click.option("--json", "as_json", is_flag=True,
+                           help="Print the result as JSON, for scripts.")

@@ -1,0 +1,167 @@
+"""Keeping the pool safe and in shape: ``cm sync``, ``cm verify``, ``cm fsck``,
+``cm remove``, ``cm evict``."""
+
+import sys
+
+import click
+
+from ..config import parse_size
+from ..errors import InvalidInputError
+from .app import JSON_OPTION, OperationFailed, parse_duration, pass_session, resolve_hash
+from .output import emit_json, human_size, plural, print_summary
+
+#: Keys of the fsck report that are not findings.
+FSCK_META = {"clean", "repair", "deep", "repaired", "unrepaired", "files_checked"}
+
+
+@click.command()
+@JSON_OPTION
+@pass_session
+def sync(session, as_json):
+    """Upload queued files and top up files below the redundancy target.
+
+    Exits 1 if some files are still short of copies afterwards.
+    """
+    cm = session.open()
+    summary = cm.sync()
+    print_summary(session, "sync", summary, as_json)
+    if summary["short"]:
+        raise OperationFailed("%d files are still below the target of %d copies (see cm status)"
+                              % (summary["short"], cm.settings()["redundancy"]))
+
+
+@click.command()
+@click.argument("hashes", nargs=-1, metavar="[HASH...]")
+@click.option("--host", "host_names", multiple=True, metavar="NAME",
+              help="Only copies on this host (repeat for more).")
+@click.option("--older-than", type=parse_duration, metavar="AGE",
+              help="Only copies not checked for this long: 90s, 15m, 12h, 7d, 2w.")
+@click.option("--limit", type=click.IntRange(min=1), help="Check at most this many copies.")
+@click.option("--deep", is_flag=True,
+              help="Download and hash every copy, even where the host can answer cheaply.")
+@JSON_OPTION
+@pass_session
+def verify(session, hashes, host_names, older_than, limit, deep, as_json):
+    """Check that the remote copies are still there and intact.
+
+    Copies checked longest ago go first, so `cm verify --limit 1000` run
+    daily walks a large pool a slice at a time. Missing and bad copies are
+    marked; the next `cm sync` replaces them. Exits 1 if any copy was bad or
+    missing, or a host failed.
+    """
+    cm = session.open()
+    wanted = [resolve_hash(cm, h) for h in hashes] or None
+    summary = cm.verify(wanted, list(host_names) or None, older_than, limit, deep)
+    print_summary(session, "verify", summary, as_json)
+    problems = summary["bad"] + summary["missing"] + summary["error"]
+    if problems:
+        raise OperationFailed("%d bad, %d missing, %d not checkable now: run `cm sync` to "
+                              "replace lost copies" % (summary["bad"], summary["missing"],
+                                                       summary["error"]))
+
+
+@click.command()
+@click.option("--repair", is_flag=True,
+              help="Mend what can be mended: drop damaged and stray files, recount the "
+                   "usage, queue unprotected files, fetch pinned files back.")
+@click.option("--deep", is_flag=True, help="Also hash every cached file.")
+@JSON_OPTION
+@pass_session
+def fsck(session, repair, deep, as_json):
+    """Check the cache directory against the database (like git annex fsck).
+
+    Reports missing and stray files, size (and with --deep, hash)
+    mismatches, drift in the usage total, pins with no file, cached files no
+    host holds, and files nothing holds any more. It never follows a
+    symbolic link. Exits 1 if a problem remains after --repair (or was found
+    without it).
+    """
+    cm = session.open()
+    report = cm.check(repair=repair, deep=deep)
+    if as_json:
+        emit_json(report)
+    else:
+        for key, value in report.items():
+            if key in FSCK_META or not value:
+                continue
+            shown = value if isinstance(value, int) else "%d %s" % (
+                len(value), " ".join(str(v) for v in list(value)[:3])
+                + (" ..." if len(value) > 3 else ""))
+            click.echo("%-20s %s" % (key.replace("_", " "), shown))
+        if report["repaired"]:
+            click.echo("repaired  %s" % ", ".join("%s %s" % (n, k) for k, n in
+                                                  report["repaired"].items() if n))
+        if not session.quiet:
+            verdict = ("clean" if report["clean"] else "problems found"
+                       if report["unrepaired"] else "every problem mended")
+            click.echo("checked %s: %s" % (plural(report["files_checked"], "cached file"),
+                                           verdict))
+    if report["unrepaired"]:
+        raise OperationFailed("fsck: not mended: %s%s" % (
+            ", ".join(report["unrepaired"]), "" if repair else " (try cm fsck --repair)"))
+
+
+@click.command()
+@click.argument("hashes", nargs=-1, required=True, metavar="HASH...")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@JSON_OPTION
+@pass_session
+def remove(session, hashes, yes, as_json):
+    """Remove files from the pool: their copies on hosts, cache and record.
+
+    Copies on hosts that cannot delete (file lockers) stay there; their
+    URLs are printed. Asks first, unless --yes; without a terminal to ask
+    on, --yes is required.
+    """
+    cm = session.open()
+    wanted = [resolve_hash(cm, h) for h in hashes]
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError("remove deletes remote copies; pass --yes to confirm")
+        click.confirm("Remove %s and delete their copies on every host?"
+                      % plural(len(wanted), "file"), abort=True)
+    outcome = {h: cm.remove(h) for h in wanted}
+    if as_json:
+        emit_json(outcome)
+        return
+    for file_hash, result in outcome.items():
+        click.echo("removed %s: %d copies deleted, %d kept" % (
+            file_hash, len(result["deleted"]), len(result["kept"])))
+        for host_name, url in result["kept"]:
+            click.echo("  kept on %s: %s" % (host_name, url))
+
+
+@click.command()
+@click.argument("target", default="0")
+@pass_session
+def evict(session, target):
+    """Shrink the cache to TARGET: a size ('1 GiB') or a share of the capacity ('50%').
+
+    The least recently used files go first. Files no host holds yet stay.
+    The default, 0, evicts everything that can be evicted.
+    """
+    cm = session.open()
+    capacity = cm.settings()["capacity"]
+    if target.strip().endswith("%"):
+        try:
+            share = float(target.strip()[:-1])
+        except ValueError:
+            share = -1
+        if not 0 <= share <= 100:
+            raise click.BadParameter("%r is not a share between 0%% and 100%%" % target,
+                                     param_hint="TARGET")
+        target_bytes = int(capacity * share / 100)
+    else:
+        try:
+            target_bytes = parse_size(target)
+        except InvalidInputError as exc:
+            raise click.BadParameter(str(exc), param_hint="TARGET") from None
+    evicted = cm.evict(target_bytes)
+    if not session.quiet:
+        ratio = cm.usage_ratio()
+        click.echo("evicted %s; the cache holds %s of %s (%.0f%%)" % (
+            plural(evicted, "file"), human_size(round(ratio * capacity)),
+            human_size(capacity), 100 * ratio))
+
+
+COMMANDS = [sync, verify, fsck, remove, evict]

@@ -1,0 +1,154 @@
+"""Looking at the pool: ``cm ls``, ``cm info``, ``cm whereis``, ``cm status``, ``cm hosts``."""
+
+import click
+
+from ..errors import InvalidInputError
+from .app import JSON_OPTION, pass_session, resolve_hash
+from .output import (
+    emit_json,
+    human_size,
+    human_time,
+    plural,
+    print_copies,
+    print_hosts,
+    print_table,
+)
+
+
+@click.command("ls")
+@click.option("--cached", "only_cached", is_flag=True, help="Only files in the local cache.")
+@click.option("--short", "only_short", is_flag=True,
+              help="Only files on fewer hosts than the redundancy target.")
+@JSON_OPTION
+@pass_session
+def ls(session, only_cached, only_short, as_json):
+    """List the pool's files: hash, size, cached, copies/target, name.
+
+    "cached" is "pinned" for a file kept in the cache until a host holds it
+    (or pinned by hand).
+    """
+    cm = session.open()
+    target = cm.settings()["redundancy"]
+    rows = (f for f in cm.files()
+            if (not only_cached or f["cached"]) and (not only_short or f["copies"] < target))
+    if as_json:
+        emit_json([dict(f, target=target) for f in rows])
+        return
+    for f in rows:
+        state = ("pinned" if f["pinned"] or not f["verified"] else "cached") if f["cached"] \
+            else "-"
+        click.echo("%s  %10s  %-6s  %d/%d  %s" % (f["hash"], human_size(f["size"]), state,
+                                                 f["copies"], target, f["filename"]))
+
+
+@click.command()
+@click.argument("file_hash", metavar="HASH")
+@JSON_OPTION
+@pass_session
+def info(session, file_hash, as_json):
+    """Everything the pool knows about one file, with each copy's state."""
+    cm = session.open()
+    status = cm.status(resolve_hash(cm, file_hash))
+    if as_json:
+        emit_json(status)
+        return
+    click.echo("hash      %s" % status["hash"])
+    click.echo("name      %s" % (status["filename"] or "-"))
+    click.echo("size      %s (%d bytes)" % (human_size(status["size"]), status["size"]))
+    click.echo("added     %s" % human_time(status["created"]))
+    click.echo("cached    %s%s" % ("yes" if status["cached"] else "no",
+                                   ", pinned" if status["pinned"] else ""))
+    click.echo("copies    %d of %d wanted (%d uploaded or checked by this node)"
+               % (status["copies"], status["target"], status["verified"]))
+    print_copies(status["uploads"])
+
+
+@click.command()
+@click.argument("file_hash", metavar="HASH")
+@JSON_OPTION
+@pass_session
+def whereis(session, file_hash, as_json):
+    """Which hosts hold a file, and at which URLs (like git annex whereis)."""
+    cm = session.open()
+    status = cm.status(resolve_hash(cm, file_hash))
+    copies = [u for u in status["uploads"] if u["url"]]
+    if as_json:
+        emit_json({"hash": status["hash"], "cached": status["cached"], "copies": copies})
+        return
+    click.echo("%s (%d cop%s%s)" % (status["filename"] or status["hash"], status["copies"],
+                                    "y" if status["copies"] == 1 else "ies",
+                                    ", cached here" if status["cached"] else ""))
+    print_copies(copies)
+
+
+@click.command()
+@JSON_OPTION
+@pass_session
+def status(session, as_json):
+    """The pool at a glance: config, usage, queue, hosts, transfers per month."""
+    cm = session.open()
+    stats = cm.stats()
+    settings = cm.settings()
+    where = {"config": session.config_path, "source": session.config_source,
+             "database": settings["database"], "storage": settings["storage"]}
+    if as_json:
+        emit_json(dict(where, **stats))
+        return
+    click.echo("config    %s" % (("%s (from %s)" % (session.config_path, session.config_source))
+                                 if session.config_path else session.config_source))
+    click.echo("database  %s" % settings["database"])
+    click.echo("cache     %s: %s of %s used (%.0f%%), %s"
+               % (settings["storage"], human_size(stats["cached_bytes"]),
+                  human_size(stats["capacity"]), 100 * stats["usage_ratio"],
+                  plural(stats["cached_files"], "file")))
+    click.echo("files     %d in the pool, %d queued for upload, %d below the target of %d "
+               "copies" % (stats["files"], stats["queued"], stats["below_target"],
+                           stats["redundancy"]))
+    click.echo("cache use %d hits, %d misses" % (stats["hits"], stats["misses"]))
+    print_hosts(stats["hosts"])
+    months = sorted(stats["transfers"].items(), reverse=True)[:12]
+    if months:
+        print_table("transfers", ["month", "uploaded", "downloaded"],
+                    [(m, human_size(t["uploaded"]), human_size(t["downloaded"]))
+                     for m, t in months])
+
+
+@click.command()
+@click.option("--retry", "retry_names", multiple=True, metavar="NAME",
+              help="Try this host again now, whatever its circuit breaker says: its "
+                   "failure streak is forgotten, for every process sharing the pool "
+                   "(repeat for more).")
+@JSON_OPTION
+@pass_session
+def hosts(session, retry_names, as_json):
+    """The configured hosts: kind, health, circuit breaker, and spec.
+
+    A host that failed three times in a row is skipped while it cools down
+    (longer after each further failure). `cm hosts --retry NAME` ends the
+    cool-down now, for example once a disk is mounted again; `cm sync` and
+    `cm verify` also probe cooling hosts once when they start. With --json
+    and --retry, the output is {"reset": [NAME...], "hosts": {...}}.
+    """
+    cm = session.open()
+    reset = None
+    if retry_names:
+        try:
+            reset = cm.retry_hosts(dict.fromkeys(retry_names))
+        except InvalidInputError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--retry'") from None
+    status = cm.host_status()
+    tables = session.host_tables()
+    described = {h.name: h.describe() for h in tables}
+    listing = {name: dict(row, config=described.get(name)) for name, row in status.items()}
+    if as_json:
+        emit_json(listing if reset is None else {"reset": reset, "hosts": listing})
+        return
+    if reset and not session.quiet:
+        click.echo("reset %s: tried again on the next transfer" % ", ".join(reset))
+    print_hosts(status, {name: d["spec"] for name, d in described.items()})
+    disabled = [h.name for h in tables if not h.enabled]
+    if disabled:
+        click.echo("disabled: %s" % ", ".join(disabled))
+
+
+COMMANDS = [ls, info, whereis, status, hosts]

@@ -1,0 +1,161 @@
+"""Moving files in and out: ``cm upload``, ``cm download``, ``cm warm``."""
+
+import contextlib
+import os
+import time
+
+import click
+
+from ..scheduler import DEFAULT_JOBS, upload_tree
+from ..sources import walk
+from .app import JSON_OPTION, OperationFailed, fail_quietly, pass_session, resolve_hash
+from .output import display_path, emit_json, human_size, progress
+
+#: ``cm upload`` stores remembered hashes after this many files, so an
+#: interrupted run keeps what it did.
+REMEMBER_BATCH = 2000
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=DEFAULT_JOBS,
+              show_default=True, help="Large files (8 MiB and more) uploaded at the same "
+              "time, beside one stream of batches of small files.")
+@click.option("--defer", is_flag=True,
+              help="Only cache and queue the files; `cm sync` uploads them later.")
+@click.option("--rehash", is_flag=True,
+              help="Read every file, even those unchanged since they were last uploaded.")
+@click.option("-L", "--follow-symlinks", is_flag=True,
+              help="Upload what symbolic links point to (they are skipped otherwise).")
+@JSON_OPTION
+@pass_session
+def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
+    """Add files to the pool; directories are walked recursively.
+
+    Each file is hashed while it is copied into the cache, then uploaded to
+    the configured hosts: small files in batches, each sent to the hosts
+    before the next is read; large ones several at a time (--jobs). Prints
+    "SHA256  PATH" per file as it lands, like sha256sum (skipped files
+    last). Running it again skips files
+    already in the pool whose size and times have not changed, without
+    reading them.
+
+    \b
+    Examples:
+      cm upload notes.txt
+      cm upload --jobs 8 ~/photos
+      h=$(cm upload notes.txt | cut -c1-64)
+    """
+    cm = session.open()
+    problems = []
+    files = list(walk(paths, follow_symlinks=follow_symlinks, problems=problems))
+    known = {} if rehash else cm.remembered(files)
+    results = {}  # path -> (hash or None, "uploaded" | "skipped" | "failed")
+    todo = []
+    for f in files:
+        file_hash = known.get(f.path)
+        if file_hash:
+            results[f.path] = (file_hash, "skipped")
+        else:
+            todo.append(f)
+    started = time.monotonic()
+    remember = []
+    cwd = os.getcwd()
+    with progress(session, "uploading", sum(f.size for f in todo), len(todo)) as advance, \
+            contextlib.closing(upload_tree(cm, todo, jobs, defer, advance)) as batches:
+        # Closed at once on Ctrl-C: batches not started yet are not started.
+        for batch in batches:
+            lines = []
+            for done in batch:
+                results[done.file.path] = (done.hash, "uploaded" if done.hash else "failed")
+                if done.hash:
+                    lines.append("%s  %s" % (done.hash, display_path(done.file.path, cwd)))
+                    if done.rememberable:
+                        remember.append((done.file, done.hash))
+            if lines and not as_json:  # as they land, so an interrupted run shows them
+                click.echo("\n".join(lines))
+            if len(remember) >= REMEMBER_BATCH:
+                cm.remember(remember)
+                remember = []
+    cm.remember(remember)
+    report_upload(session, files, results, todo, time.monotonic() - started, as_json,
+                  problems)
+
+
+def report_upload(session, files, results, todo, elapsed, as_json, problems):
+    """The end of ``cm upload``: skipped files, the JSON report or the summary line."""
+    counts = {"uploaded": 0, "skipped": 0, "failed": len(problems)}
+    listing = []
+    for f in files:
+        file_hash, state = results[f.path]
+        counts[state] += 1
+        listing.append({"path": f.path, "hash": file_hash or None, "state": state})
+    listing += [{"path": path, "hash": None, "state": "failed", "error": reason}
+                for path, reason in problems]
+    if as_json:
+        emit_json({"files": listing, **counts})
+    else:
+        for item in listing:
+            if item["state"] == "skipped":
+                click.echo("%s  %s" % (item["hash"], display_path(item["path"])))
+    if not session.quiet and not as_json:
+        nbytes = sum(f.size for f in todo if results[f.path][1] == "uploaded")
+        click.echo("uploaded %d, skipped %d already in the pool, failed %d (%s in %.1f s)"
+                   % (counts["uploaded"], counts["skipped"], counts["failed"],
+                      human_size(nbytes), elapsed), err=True)
+    if counts["failed"]:
+        fail_quietly()  # each failure was logged, and the summary counts them
+
+
+@click.command()
+@click.argument("file_hash", metavar="HASH")
+@click.argument("dest", required=False, type=click.Path())
+@pass_session
+def download(session, file_hash, dest):
+    """Write a verified copy of a file to DEST and print its path.
+
+    DEST is a file path, or a directory where the file gets its recorded
+    name; the default is the current directory. The copy comes from the
+    cache, or from the healthiest host (it is then cached if it fits).
+    """
+    cm = session.open()
+    file_hash = resolve_hash(cm, file_hash)
+    dest = dest or os.curdir
+    if os.path.lexists(dest) and not os.path.isdir(dest) and not os.path.isfile(dest) \
+            or os.path.islink(dest) and not os.path.isdir(dest):
+        # The copy is renamed into place: it would replace a device, FIFO or link.
+        raise OperationFailed("%s exists and is not a regular file or a directory" % dest)
+    size = cm.status(file_hash)["size"]
+    with progress(session, "downloading", size, 1) as advance:
+        path = cm.download(file_hash, dest)
+        advance(size)
+    if not path:
+        fail_quietly()
+    click.echo(path)
+
+
+@click.command()
+@click.argument("hashes", nargs=-1, required=True, metavar="HASH...")
+@pass_session
+def warm(session, hashes):
+    """Bring files into the local cache; print "SHA256  CACHED-PATH" for each.
+
+    Files already cached only move to the front of the LRU order.
+    """
+    cm = session.open()
+    wanted = [resolve_hash(cm, h) for h in hashes]
+    sizes = {h: cm.status(h)["size"] for h in wanted}
+    failed = 0
+    with progress(session, "warming", sum(sizes.values()), len(wanted)) as advance:
+        for file_hash in wanted:
+            path = cm.warm_up(file_hash)
+            advance(sizes[file_hash])
+            if path:
+                click.echo("%s  %s" % (file_hash, path))
+            else:
+                failed += 1
+    if failed:
+        fail_quietly()  # warm_up logged why, file by file
+
+
+COMMANDS = [upload, download, warm]
