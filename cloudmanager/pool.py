@@ -34,6 +34,7 @@ from .errors import (
     CacheFullError,
     CloudManagerError,
     DownloadError,
+    HostError,
     InvalidInputError,
     NotInPoolError,
 )
@@ -89,6 +90,7 @@ class Pool:
             #: What the cheap open-time check (:func:`cloudmanager.check.on_open`) mended.
             self.open_check = integrity.on_open(self.cache, self.db)
             self._end_dead_removals()
+            self._guard_folders()
         except BaseException:
             self.close()
             raise
@@ -99,6 +101,37 @@ class Pool:
             ended = self.replication.end_dead_removals(conn, live)
         if ended:
             log.info("ended %d removals whose process died", len(ended))
+
+    def _guard_folders(self) -> None:
+        """Tell folder hosts the pool has used to insist on their marker, so an
+        unmounted disk (an empty mount point) is an outage, not lost copies.
+
+        A folder used before markers existed, whose root has none, is marked
+        once one copy the catalog records is seen there (the right disk is
+        mounted). If none is seen, the host still insists, and reports an
+        outage until the folder is remounted or marked by hand.
+        """
+        health = self.db.health.all()
+        for host in self.engine.hosts.values():
+            if not host.can_mark:
+                continue
+            if host.has_marker():
+                host.require_marker = True
+                continue
+            record = health.get(host.name)
+            if record is None or not record.successes:
+                continue  # never used: an empty folder is simply adopted
+            url = self.db.copies.one_url_on(host.name)
+            try:
+                if url is not None and host.accepts(url) and host.exists(url):
+                    host.mark()
+                    log.info("marked %s as a folder of this pool", host.root)
+            except HostError as exc:
+                log.warning("could not mark %s: %s", host.name, exc)
+            host.require_marker = True
+            if not host.has_marker():
+                log.warning("%s holds no marker and none of the copies recorded there was "
+                            "found: it is treated as unmounted until it is", host.name)
 
     def close(self) -> None:
         """Flush the cache's bookkeeping, stop transfers, close the database."""

@@ -248,6 +248,10 @@ class Replicator:
             good, pending, short_hashes = [], [], []
             for file_hash, holders, target, result in rounds:
                 made = [(file_hash, loc.host_name, loc.url) for loc in result.successes]
+                for loc in result.successes:  # it holds copies now: no marker, no pool
+                    host = self.engine.hosts.get(loc.host_name)
+                    if host is not None and host.can_mark:
+                        host.require_marker = True
                 if file_hash in removing:
                     log.warning("%s is being removed by another process; its new copies "
                                 "are not trusted until that ends", file_hash)

@@ -55,8 +55,8 @@ def make_folder_roots(hosts):
         root = getattr(host, "root", None)
         if isinstance(host, str) and host.startswith("dir:"):
             root = host[len("dir:"):]
-        if root and not str(root).startswith(("memory", "s3")):
-            os.makedirs(root, exist_ok=True)
+        if root and not str(root).startswith(("memory", "s3")) and not os.path.lexists(root):
+            os.makedirs(root)
 
 
 @pytest.fixture

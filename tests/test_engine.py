@@ -82,6 +82,7 @@ def stored(make_engine, source, db):
 
 
 def folder(tmp_path, name):
+    (tmp_path / "hosts" / name).mkdir(parents=True, exist_ok=True)
     return FolderHost(str(tmp_path / "hosts" / name), name=name, fsync=False)
 
 

@@ -20,6 +20,7 @@ def states(cm, digest):
 
 
 def folder_spec(tmp_path, name):
+    (tmp_path / "hosts" / name).mkdir(parents=True, exist_ok=True)
     return "dir:%s" % (tmp_path / "hosts" / name)
 
 
@@ -204,6 +205,7 @@ class RewritingHost(FolderHost):
 
 def test_a_large_source_rewritten_during_its_upload_is_refused(make_pool, tmp_path,
                                                                 write_file):
+    (tmp_path / "hosts" / "nas").mkdir(parents=True)
     host = RewritingHost(str(tmp_path / "hosts" / "nas"), name="nas", fsync=False)
     cm = make_pool(capacity=1000, hosts=[host], redundancy=1)
     data = b"a" * 5000  # larger than the cache: uploaded from its source
@@ -267,6 +269,7 @@ class RemovingHost(FolderHost):
 
 def test_a_batch_records_its_copies_when_another_process_removed_one_file(tmp_path,
                                                                           write_file):
+    (tmp_path / "hosts" / "nas").mkdir(parents=True)
     host = RemovingHost(str(tmp_path / "hosts" / "nas"), name="nas", fsync=False)
     cm = CloudManager(tmp_path / "node" / "db", tmp_path / "node" / "cache", 1 << 20,
                       hosts=[host], redundancy=1, fsync=False, defer_uploads=True)
@@ -330,3 +333,53 @@ def test_engine_names_only_the_hashs_own_object(make_pool, tmp_path, write_file)
     assert cm.engine.names(Location(spec, url), digest)
     assert not cm.engine.names(Location(spec, url), "0" * 64)
     assert not cm.engine.names(Location("nowhere", "ftp://x/" + digest), digest)
+
+
+# -- 3. a folder host never makes its root; an empty mount point is an outage -------------
+
+
+def test_an_unmounted_disk_is_an_outage_and_nothing_lands_on_the_mount_point(
+        make_pool, tmp_path, write_file):
+    nas, usb = tmp_path / "hosts" / "nas", tmp_path / "hosts" / "usb"
+    cm = make_pool(hosts=["dir:%s" % nas, "dir:%s" % usb], redundancy=2)
+    digests = [cm.upload(write_file("f%d" % i, b"file %d" % i)) for i in range(3)]
+    assert (nas / ".cloudmanager-host").is_file()
+    cm.close()
+    nas.rename(tmp_path / "nas-disk")  # unmounted: the mount point is an empty folder
+    nas.mkdir()
+    cm = make_pool(hosts=["dir:%s" % nas, "dir:%s" % usb], redundancy=2)
+    summary = cm.verify()
+    assert summary["missing"] == 0 and summary["error"] == 3 and summary["good"] == 3
+    late = cm.upload(write_file("late", b"uploaded while the disk is away"))
+    assert list(nas.iterdir()) == []  # nothing written onto the system disk
+    assert cm.db.files.verified(late) == 1 and late in cm.db.queue.hashes()  # usb only
+    nas.rmdir()
+    (tmp_path / "nas-disk").rename(nas)  # remounted
+    summary = cm.verify(hashes=digests)
+    assert summary["good"] == 6 and summary["missing"] == 0
+    cm.sync()
+    assert (nas / late).read_bytes() == b"uploaded while the disk is away"
+    assert all(cm.db.files.verified(d) == 2 for d in digests + [late])
+
+
+def test_a_missing_folder_takes_no_copy_and_the_file_stays_pinned(make_pool, tmp_path,
+                                                                  write_file):
+    gone = tmp_path / "hosts" / "gone"
+    cm = make_pool(hosts=["dir:%s" % gone], redundancy=1, make_roots=False)
+    digest = cm.upload(write_file("f", b"nowhere to go yet"))
+    assert digest and not gone.exists()
+    assert cm.evict(0) == 0 and cm.on_cache(digest)  # pinned: no host holds it
+    assert cm.stats()["queued"] == 1
+
+
+def test_a_folder_from_before_markers_is_marked_once_its_copies_are_seen(make_pool, tmp_path,
+                                                                         write_file):
+    nas = tmp_path / "hosts" / "nas"
+    cm = make_pool(hosts=["dir:%s" % nas], redundancy=1)
+    digest = cm.upload(write_file("f", b"old pool"))
+    cm.close()
+    (nas / ".cloudmanager-host").unlink()  # as a folder used before markers existed
+    cm = make_pool(hosts=["dir:%s" % nas], redundancy=1)
+    assert (nas / ".cloudmanager-host").is_file()
+    assert cm.engine.hosts["dir:%s" % nas].require_marker
+    assert cm.verify()["good"] == 1 and cm.db.files.verified(digest) == 1

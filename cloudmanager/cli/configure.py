@@ -114,6 +114,22 @@ def init(session, for_user, hosts, database, storage, capacity, redundancy, forc
         f.write(text.encode("utf-8"))
     if not session.quiet:
         click.echo("wrote %s (%s)" % (path, plural(len(hosts), "host")))
+    # A folder host never makes its own root (a missing root is an unmounted
+    # disk); init is where the user says which folders to use, so it makes them.
+    for name, spec in hosts:
+        root = folder_root(spec, base)
+        if root is not None and not os.path.isdir(root):
+            os.makedirs(root, 0o700, exist_ok=True)
+            if not session.quiet:
+                click.echo("made the folder %s for host %s" % (root, name))
+
+
+def folder_root(spec, base):
+    """The folder a ``dir:`` or ``file://`` host spec names, or None for other kinds."""
+    config = parse_config(tomllib.loads("[hosts.h]\nspec = %s\n" % toml_string(spec)),
+                          base_dir=base)
+    host = config.hosts[0].build()
+    return getattr(host, "root", None) if getattr(host, "can_mark", False) else None
 
 
 def check_config_text(text, base):

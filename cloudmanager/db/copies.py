@@ -165,6 +165,13 @@ class Copies:
         return self.db.read("SELECT hash, host_name, url FROM uploads"
                             " WHERE state IN " + _HOLDING_SQL + " AND url != '' ORDER BY hash")
 
+    def one_url_on(self, host_name: str) -> Optional[str]:
+        """The URL of one copy believed good on ``host_name``, or None. May scan
+        the table (no index by host): for a one-time check at open."""
+        row = self.db.read("SELECT url FROM uploads WHERE host_name = ? AND url != ''"
+                           " AND state IN " + _HOLDING_SQL + " LIMIT 1", (host_name,)).fetchone()
+        return None if row is None else row[0]
+
     def tombstoned(self, keys: Iterable[CopyKey]) -> Set[CopyKey]:
         """Those of ``keys`` this node deleted."""
         keys = list(keys)

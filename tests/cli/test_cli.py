@@ -118,6 +118,7 @@ def test_hosts_shows_health_and_the_spec_with_secrets_hidden(home):
         '[hosts.nas]\nspec = "dir:%s"\n'
         '[hosts.dav]\nspec = "fsspec:webdav+https://alice:s3cret-pass@dav.example/pool"\n'
         'enabled = false\n' % (home.root / "nas"))
+    (home.root / "nas").mkdir()
     upload_one(home)
     result = home.cm("hosts")
     assert result.exit_code == 0 and "nas" in result.stdout and "FolderHost" in result.stdout
@@ -135,6 +136,7 @@ def write_config(path, name):
     path.write_text('[pool]\ndatabase = "%s.sqlite3"\nstorage = "%s-cache"\n'
                     'capacity = "2 MiB"\n[hosts.h]\nspec = "dir:%s"\n'
                     % (name, name, path.parent / (name + "-host")))
+    (path.parent / (name + "-host")).mkdir(exist_ok=True)
     return path
 
 
@@ -348,6 +350,9 @@ def two_host_pool(home):
         '[pool]\ndatabase = "db.sqlite3"\nstorage = "cache"\ncapacity = "1 MiB"\n'
         'redundancy = 2\n[hosts.a]\nspec = "dir:%s"\n[hosts.b]\nspec = "dir:%s"\n'
         % (home.root / "a", home.root / "b"))
+    for name in ("a", "b"):
+        if not (home.root / name).exists():
+            (home.root / name).mkdir()
 
 
 def test_verify_finds_a_lost_copy_and_sync_restores_it(home):
@@ -368,6 +373,7 @@ def test_verify_finds_a_lost_copy_and_sync_restores_it(home):
 
 def test_sync_exits_1_while_files_stay_short(home):
     two_host_pool(home)
+    (home.root / "b").rmdir()
     (home.root / "b").write_text("not a folder")  # host b cannot store anything
     home.file("x.txt", b"x")
     home.cm("upload", "x.txt")
@@ -407,6 +413,7 @@ def test_evict_to_a_size_or_a_share(home):
 
 def test_a_second_node_loads_a_dump_and_downloads_the_file(home, tmp_path):
     shared = tmp_path / "shared-host"
+    shared.mkdir()
     for node in ("one", "two"):
         (tmp_path / node).mkdir()
         (tmp_path / node / "cloudmanager.toml").write_text(
@@ -598,8 +605,9 @@ def test_hosts_retry_ends_a_cool_down_now(home):
     hosts = home.cm_json("hosts")
     assert hosts["nas"]["state"] == "ok" and hosts["nas"]["consecutive_failures"] == 0
     (home.root / "nas").unlink()  # fixed: the next sync gets every file there
+    (home.root / "nas").mkdir()
     assert home.cm("sync").exit_code == 0
-    assert len(list((home.root / "nas").iterdir())) == 3
+    assert len([p for p in (home.root / "nas").iterdir() if not p.name.startswith(".")]) == 3
     report = home.cm_json("hosts", "--retry", "nas")
     assert report["reset"] == ["nas"] and report["hosts"]["nas"]["state"] == "ok"
 

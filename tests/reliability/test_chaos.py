@@ -212,6 +212,8 @@ class Chaos:
         self.cache_dir = str(pool / "cache")
         self.db_path = str(pool / "pool.sqlite3")
         self.hosts = [str(base / "hosts" / h) for h in HOSTS]
+        for path in self.hosts:  # a folder host's folder must exist (as cm init makes it)
+            os.makedirs(path)
         lines = ["[pool]", 'database = "pool.sqlite3"', 'storage = "cache"',
                  "capacity = %d" % CAPACITY, "redundancy = 2", "fsync = true"]
         for name, path in zip(HOSTS, self.hosts):

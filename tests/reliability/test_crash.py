@@ -110,6 +110,8 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
            "capacity": CAPACITY, "log": str(tmp_path / "uploads.log"),
            "scratch": str(tmp_path / "scratch"),
            "hosts": [str(tmp_path / "hosts" / "a"), str(tmp_path / "hosts" / "b")]}
+    for root in cfg["hosts"]:  # a folder host's folder must exist
+        os.makedirs(root, exist_ok=True)
     os.makedirs(cfg["scratch"])
     add(DATA_LOST, 0)
     zygote = Zygote(cfg, str(tmp_path / "zygote.err"))

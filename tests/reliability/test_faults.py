@@ -392,6 +392,8 @@ def test_a_remove_killed_midway_never_leaves_a_record_of_deleted_copies(tmp_path
                 if len(deleted) == 2:
                     os.kill(os.getpid(), signal.SIGKILL)
         base = sys.argv[1]
+        for name in ("a", "b"):
+            os.makedirs(os.path.join(base, name), exist_ok=True)
         hosts = [DyingHost(os.path.join(base, "a"), name="a"),
                  DyingHost(os.path.join(base, "b"), name="b")]
         cm = CloudManager(os.path.join(base, "db.sqlite3"), os.path.join(base, "cache"),
@@ -455,6 +457,7 @@ def test_an_s3_server_stopped_mid_upload(tmp_path):
     src = tmp_path / "big"
     src.write_bytes(data)
     folder = "dir:%s" % (tmp_path / "nas")
+    (tmp_path / "nas").mkdir()
     server, url = start_server("moto1.log")
     try:
         cm = CloudManager(tmp_path / "db.sqlite3", tmp_path / "cache", 64 * MiB,

@@ -35,6 +35,8 @@ def test_four_processes_share_one_pool(tmp_path):
     cfg = {"db": str(tmp_path / "pool" / "db.sqlite3"), "storage": str(tmp_path / "pool" / "cache"),
            "capacity": CAPACITY, "scratch": str(tmp_path / "scratch"), "seed": seed,
            "hosts": [str(tmp_path / "hosts" / "a"), str(tmp_path / "hosts" / "b")]}
+    for root in cfg["hosts"]:  # a folder host's folder must exist
+        os.makedirs(root, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
     procs = []
