@@ -32,6 +32,11 @@ QUICK = {"large_mib": 32, "small_files": 500, "small_original": 200, "lookup_fil
 
 def _pool(base, capacity, hosts, **kwargs):
     kwargs.setdefault("fsync", False)
+    for host in hosts:  # a folder host's folder must exist (cm init makes it)
+        root = host[len("dir:"):] if isinstance(host, str) and host.startswith("dir:") \
+            else getattr(host, "root", None)
+        if root:
+            os.makedirs(root, exist_ok=True)
     return CloudManager(os.path.join(base, "db.sqlite3"), os.path.join(base, "cache"),
                         capacity, hosts=hosts, **kwargs)
 
@@ -154,7 +159,7 @@ def small_ingest(ws, cfg):
 def _cm_upload_dir(base, src):
     """Seconds ``cm upload --defer DIR`` takes as a process, on a fresh pool
     with a folder host (fsync off, like the library rows)."""
-    os.makedirs(base)
+    os.makedirs(os.path.join(base, "host"))
     config = os.path.join(base, "cloudmanager.toml")
     with open(config, "w", encoding="utf-8") as f:
         f.write('[pool]\ndatabase = "db.sqlite3"\nstorage = "cache"\ncapacity = "1 TiB"\n'
