@@ -465,7 +465,7 @@ class CacheStore:
             hashes = {r[0] for r in results if isinstance(r, tuple)}
             known = self.db.files.states(conn, hashes)
             cached = self.db.cache_index.cached_among(hashes, conn)
-            new_rows, to_queue, entries = [], [], []
+            new_rows, to_queue, entries, new_entries = [], [], [], []
             for k, (_, filename, created) in enumerate(sources):
                 if k not in temps:
                     continue
@@ -479,7 +479,7 @@ class CacheStore:
                 state = known.get(file_hash)
                 if state is None:
                     new_rows.append((file_hash, filename, size, created))
-                    entries.append((file_hash, size, False))
+                    new_entries.append((file_hash, size, False))
                     if queue:
                         to_queue.append(file_hash)
                 else:
@@ -505,6 +505,7 @@ class CacheStore:
                 shards.add(file_hash[:2])
                 done[file_hash] = size
             self.db.files.insert(conn, new_rows)
+            self.db.cache_index.put(conn, new_entries, now, new=True)
             self.db.cache_index.put(conn, entries, now)
             if to_queue and self.queue is not None:
                 self.queue(conn, to_queue, now)

@@ -157,8 +157,8 @@ class Replicator:
 
     def queue(self, conn, hashes: Iterable[str], when: float) -> None:
         """Queue new files for upload, inside the caller's transaction (the one
-        that publishes them in the cache)."""
-        self.db.queue.add(conn, hashes, when)
+        that publishes them in the cache and records them)."""
+        self.db.queue.add(conn, hashes, when, known=True)
 
     def merge(self, records: Sequence) -> Tuple[int, List[str]]:
         """Merge imported records: new files, and their copies as claims (see
@@ -271,7 +271,9 @@ class Replicator:
             self.db.queue.add(conn, short_hashes, now)
             for file_hash, _, _, why in shorts:
                 self.db.queue.note_failure(conn, file_hash, why[:500])
-            self._reprotect(conn, [r[0] for r in rounds])
+            # A good copy made protects its file; a round that made none took
+            # nothing away, so no other flag changes.
+            self.db.cache_index.set_protected(conn, {g[0] for g in good}, True)
             self.health.record(list(facts) + [f for r in rounds for f in r[3].facts])
         for file_hash, copies, target, why in shorts:
             log.warning("%s has %d of %d copies: %s", file_hash, copies, target, why)

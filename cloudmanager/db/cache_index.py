@@ -94,8 +94,18 @@ class CacheIndex:
     # -- writes ----------------------------------------------------------------------
 
     def put(self, conn: sqlite3.Connection, entries: Iterable[Tuple[str, int, bool]],
-            when: float) -> None:
-        """Record files ``[(hash, size, protected)]`` as cached, used at ``when``."""
+            when: float, new: bool = False) -> None:
+        """Record files ``[(hash, size, protected)]`` as cached, used at ``when``.
+
+        :param new: none of them has a row yet (files the pool just learned
+            of): a plain insert, cheaper than an upsert
+        """
+        if new:
+            conn.executemany(
+                "INSERT INTO cache_entries (hash, size, cached, last_access, protected)"
+                " VALUES (?, ?, 1, ?, ?)",
+                [(h, size, when, 1 if protected else 0) for h, size, protected in entries])
+            return
         conn.executemany(
             "INSERT INTO cache_entries (hash, size, cached, last_access, protected)"
             " VALUES (?, ?, 1, ?, ?) ON CONFLICT (hash) DO UPDATE SET cached = 1,"

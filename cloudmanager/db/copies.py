@@ -221,19 +221,27 @@ class Copies:
         copies = list(copies)
         if not copies:
             return
+        # Which files are still in the pool: one statement for the batch.
+        present = {h for (h,) in conn.execute(
+            "SELECT f.hash FROM json_each(?) AS j JOIN files AS f ON f.hash = j.value",
+            (json_list({c[0] for c in copies}),))}
+        copies = [c for c in copies if c[0] in present]
         conn.executemany(
             "INSERT INTO uploads (hash, host_name, url, state, time, checked)"
-            " SELECT ?, ?, ?, 'good', ?, ? WHERE EXISTS (SELECT 1 FROM files WHERE hash = ?)"
+            " VALUES (?, ?, ?, 'good', ?, ?)"
             " ON CONFLICT (hash, host_name, url) DO UPDATE SET state = 'good',"
             " time = CASE WHEN ? THEN time ELSE excluded.time END,"
             " checked = CASE WHEN ? THEN excluded.checked ELSE checked END,"
             " strikes = 0, next_check = 0",
-            [(h, host, url, when, when if checked else 0, h, checked, checked)
+            [(h, host, url, when, when if checked else 0, checked, checked)
              for h, host, url in copies])
         conn.executemany("DELETE FROM uploads WHERE hash = ? AND host_name = ? AND url = ''"
                          " AND state = 'pending'", [(h, host) for h, host, _ in copies])
-        conn.executemany("DELETE FROM tombstones WHERE hash = ? AND host_name = ? AND url = ?",
-                         copies)
+        # Tombstones are few (removed files' copies): one probe spares a
+        # delete per copy when there are none.
+        if conn.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone() is not None:
+            conn.executemany("DELETE FROM tombstones WHERE hash = ? AND host_name = ?"
+                             " AND url = ?", copies)
 
     def record_pending(self, conn: sqlite3.Connection, failures: Iterable[Tuple[str, str]],
                        when: int) -> None:

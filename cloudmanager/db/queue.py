@@ -17,9 +17,19 @@ class Queue:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def add(self, conn: sqlite3.Connection, hashes: Iterable[str], when: float) -> None:
+    def add(self, conn: sqlite3.Connection, hashes: Iterable[str], when: float,
+            known: bool = False) -> None:
         """Queue files for upload; queued ones keep their place. Files no longer
-        in the pool are not queued."""
+        in the pool are not queued.
+
+        :param known: the files were recorded in this same transaction, so
+            the check that they still exist is skipped (the foreign key
+            would refuse one that did not)
+        """
+        if known:
+            conn.executemany("INSERT OR IGNORE INTO upload_queue (hash, queued) VALUES (?, ?)",
+                             [(h, when) for h in hashes])
+            return
         conn.executemany("INSERT OR IGNORE INTO upload_queue (hash, queued)"
                          " SELECT ?, ? WHERE EXISTS (SELECT 1 FROM files WHERE hash = ?)",
                          [(h, when, h) for h in hashes])

@@ -528,3 +528,29 @@ def test_bytes_that_do_not_match_the_stored_checksum_are_refused(host, bucket, s
     assert list(tmp_path.iterdir()) == []
     # stat reports the stored checksum as it is: the caller sees the mismatch.
     assert host.stat("s3://%s/pool/x/%s" % (bucket, sha(data))).sha256 != sha(data)
+
+
+# -- in a pool: a same-size corruption is found, replaced, and stays replaced ----------
+
+
+def test_a_pool_repairs_a_same_size_corruption_on_s3(host, bucket, s3_admin, tmp_path):
+    """Wrong bytes of the right size, with no stored checksum (written by another
+    client): deep verify finds them bad, sync sends the right bytes again (a size
+    alone no longer skips the upload), and the next verify finds them good."""
+    from cloudmanager import CloudManager
+
+    cm = CloudManager(tmp_path / "db.sqlite3", tmp_path / "cache", 1 << 20, hosts=[host],
+                      redundancy=1, fsync=False)
+    try:
+        data = b"the right bytes " * 100
+        digest = cm.upload(write(tmp_path, data))
+        key = "%s/%s" % (PREFIX, digest)
+        s3_admin.put_object(Bucket=bucket, Key=key, Body=b"X" * len(data))
+        summary = cm.verify(deep=True)
+        assert summary["bad"] == 1
+        assert cm.sync()["uploads"] == 1
+        assert s3_admin.get_object(Bucket=bucket, Key=key)["Body"].read() == data
+        assert cm.verify(deep=True)["good"] == 1
+        assert cm.verify(hashes=[digest])["good"] == 1  # the stored SHA-256 matches now
+    finally:
+        cm.close()
