@@ -32,6 +32,8 @@ setup(
             # Real servers on loopback for the host tests: S3 and WebDAV.
             "boto3>=1.34", "moto[server]>=5", "fsspec>=2023.1", "webdav4>=0.9",
             "wsgidav>=4", "cheroot>=10",
+            # Lint, run by tox's lint environment.
+            "ruff>=0.6", "mypy>=1.10",
         ],
     },
     entry_points={"console_scripts": [

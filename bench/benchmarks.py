@@ -132,7 +132,8 @@ def small_ingest(ws, cfg):
     for mode in ("defer", "hosts"):
         base = os.path.join(work, "original-%s" % mode)
         pool = original.OriginalPool(os.path.join(base, "db.sqlite3"), os.path.join(base, "cache"),
-                                     1 << 40, os.path.join(base, "host") if mode == "hosts" else None)
+                                     1 << 40,
+                                     os.path.join(base, "host") if mode == "hosts" else None)
         try:
             t, _ = timed(lambda: [pool.upload(p) for p in paths[:m]])
         finally:

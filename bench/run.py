@@ -62,7 +62,7 @@ def _fmt(value):
     if value is None:
         return "-"
     if abs(value) >= 1000:
-        return "{:,.0f}".format(value)
+        return f"{value:,.0f}"
     if abs(value) >= 10:
         return "%.1f" % value
     return "%.3g" % value

@@ -34,6 +34,7 @@ import stat
 import sys
 import threading
 import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 from . import fsutil
 from .errors import CacheError, CacheFullError, IntegrityError
@@ -47,6 +48,10 @@ TOUCH_BATCH = 1000
 TOUCH_INTERVAL_S = 1.0
 #: In a batch ingest, files up to this size are read whole (one read, one write).
 SMALL_FILE = 1 << 20
+
+#: One file's outcome in :meth:`CacheStore.ingest_many`: ``(hash, size)``, or
+#: the exception that stopped it.
+Ingested = Union[Tuple[str, int], Exception]
 
 
 class CacheStore:
@@ -274,7 +279,8 @@ class CacheStore:
             if not self._make_room(conn, size):
                 raise CacheFullError(
                     "no room for %d bytes: %d of %d bytes are pinned or in flight"
-                    % (size, self.used_bytes() + self.db.sessions.reserved_bytes(conn), self.capacity))
+                    % (size, self.used_bytes() + self.db.sessions.reserved_bytes(conn),
+                       self.capacity))
             reservation = Reservation(self.db.sessions.reserve(conn, self.owner, size))
         try:
             reservation.temp = os.path.join(
@@ -358,7 +364,8 @@ class CacheStore:
         reservation.committed = True
         return path
 
-    def ingest_many(self, sources, queue=True, progress=None):
+    def ingest_many(self, sources: Sequence[Tuple[str, str, Optional[float]]], queue: bool = True,
+                    progress: Optional[Callable[[int], None]] = None) -> List[Ingested]:
         """Copy several files into the cache under one reservation and one transaction.
 
         Like :meth:`ingest` for each source, but room is reserved once for
@@ -377,7 +384,7 @@ class CacheStore:
         :raises CacheFullError: if the batch as a whole does not fit (nothing
             was written)
         """
-        results = [None] * len(sources)
+        results: List[Optional[Ingested]] = [None] * len(sources)  # None: not done yet
         sizes = []
         for k, (path, _, _) in enumerate(sources):
             try:
@@ -411,7 +418,7 @@ class CacheStore:
         finally:
             for temp in temps.values():
                 fsutil.remove_quietly(temp)
-        return results
+        return cast(List[Ingested], results)  # every file has its outcome by now
 
     def _copy_in(self, source_path, temp, size, progress=None, fsync=True):
         """Copy one file of an :meth:`ingest_many` batch to ``temp``, hashing it.
@@ -459,7 +466,7 @@ class CacheStore:
         than an fsync per shard directory.
         """
         now = time.time()
-        done = {}  # hash -> the size published (or found cached) in this batch
+        done: Dict[str, int] = {}  # hash -> the size published (or found cached) in this batch
         shards = set()
         with self.db.transaction() as conn:
             hashes = {r[0] for r in results if isinstance(r, tuple)}

@@ -15,11 +15,14 @@ while whatever it points at is neither read nor deleted.
 import hashlib
 import logging
 import os
+import sqlite3
 import stat
 import time
+from typing import Any, Callable, Dict, List, Optional
 
 from . import fsutil
-from .cache import open_dir, own_dir, remove_entry, scan, unlink_in
+from .cache import CacheStore, open_dir, own_dir, remove_entry, scan, unlink_in
+from .db import FileDatabase
 from .validation import is_hash
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,14 @@ NUMBER_FINDINGS = ("usage_drift", "count_drift", "stale_reservations", "dead_ses
 _NOFOLLOW = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-def check(cache, db, repair=False, deep=False, fetch=None, queue=None):
+#: ``fetch(hash)``: bring a file back into the cache; true if it did.
+Fetch = Callable[[str], bool]
+#: ``queue(conn, hashes, when)``: queue files for upload in the caller's transaction.
+QueueUploads = Callable[[sqlite3.Connection, List[str], float], None]
+
+
+def check(cache: CacheStore, db: FileDatabase, repair: bool = False, deep: bool = False,
+          fetch: Optional[Fetch] = None, queue: Optional[QueueUploads] = None) -> Dict[str, Any]:
     """Compare the database with the storage directory; see :meth:`CloudManager.check`.
 
     :param cache: the :class:`~cloudmanager.cache.CacheStore`
@@ -45,7 +55,9 @@ def check(cache, db, repair=False, deep=False, fetch=None, queue=None):
         (:meth:`cloudmanager.replication.Replicator.queue`)
     :return: the report dict documented at :meth:`CloudManager.check`
     """
-    report = {"clean": True, "repair": bool(repair), "deep": bool(deep), "files_checked": 0}
+    # Values of every kind: flags, lists of findings, counts, the repaired dict.
+    report: Dict[str, Any] = {"clean": True, "repair": bool(repair), "deep": bool(deep),
+                              "files_checked": 0}
     report.update({k: [] for k in LIST_FINDINGS})
     report.update(dict.fromkeys(NUMBER_FINDINGS, 0))
     repaired = dict.fromkeys(LIST_FINDINGS + NUMBER_FINDINGS, 0)
@@ -252,7 +264,8 @@ def _deep(cache, db, report, repair, repaired):
                 st = os.lstat(os.path.join(shard_path, file_hash))
             except FileNotFoundError:
                 continue
-            if (st.st_ino, st.st_mtime_ns) != (ino, mtime_ns) or not db.cache_index.is_cached(file_hash):
+            if (st.st_ino, st.st_mtime_ns) != (ino, mtime_ns) \
+                    or not db.cache_index.is_cached(file_hash):
                 continue
             db.cache_index.uncache(conn, [file_hash])
             unlink_in(shard_path, file_hash)

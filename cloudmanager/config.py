@@ -34,7 +34,7 @@ Which file a command uses is decided by :func:`find_config`; with none,
 
 import os
 import re
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 try:
     import tomllib
@@ -45,7 +45,7 @@ from .errors import ConfigError, InvalidInputError
 from .validation import SECRET_OPTION, check_host_name, redact_url_passwords
 
 #: Settings of the ``[pool]`` table, with the type each must have.
-POOL_KEYS = {
+POOL_KEYS: Dict[str, Union[type, Tuple[type, ...]]] = {
     "database": str,
     "storage": str,
     "capacity": (int, str),

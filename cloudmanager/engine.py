@@ -34,6 +34,8 @@ from typing import (
     Sequence,
     Set,
     Tuple,
+    TypedDict,
+    Union,
 )
 
 from . import fsutil
@@ -261,7 +263,8 @@ class UploadEngine:
         """
         return _Batch(self, jobs).run()
 
-    def _upload_group(self, host, items):
+    def _upload_group(self, host: Host, items: Sequence[Tuple[int, str, str, int]]
+                      ) -> List[_GroupOutcome]:
         """Upload ``[(index, path, file_hash, size)]`` to one host, one after another.
 
         One daemon thread does the uploads, under one connection slot; the
@@ -275,13 +278,13 @@ class UploadEngine:
 
         :return: ``[(index, Location or HostError, latency_ms or None)]`` for every item
         """
-        done = []
+        done: List[_GroupOutcome] = []
         cond = threading.Condition()
         # "current": the item being uploaded, when it started and its
         # deadline. The caller is woken only at the end (a wake-up per file
         # costs more than a small file's copy); its deadline follows "current".
-        state = {"finished": False, "abandoned": False,
-                 "current": (time.monotonic(), self.deadline(host, items[0][3]))}
+        state: _GroupState = {"finished": False, "abandoned": False,
+                              "current": (time.monotonic(), self.deadline(host, items[0][3]))}
 
         def finish(index, file_hash, outcome, latency_ms, then=None):
             if isinstance(outcome, Location):
@@ -761,17 +764,37 @@ class _Batch:
         self.submit(partial=True)  # every job is planned: send the partial groups too
 
 
+#: One file's outcome in :meth:`UploadEngine._upload_group`:
+#: ``(index, Location or HostError, latency_ms or None)``.
+_GroupOutcome = Tuple[int, Union[Location, HostError], Optional[float]]
+
+
+class _GroupState(TypedDict):
+    """What :meth:`UploadEngine._upload_group`'s thread and its caller share."""
+
+    #: The thread is done with the group.
+    finished: bool
+    #: The caller gave up waiting; the thread stops after the file it is on.
+    abandoned: bool
+    #: ``(started, deadline in seconds or None)`` of the item being uploaded.
+    current: Tuple[float, Optional[float]]
+
+
 class _CompletionQueue:
     """Futures' results in the order they end: one queue, not a wait() over every
     future (which costs O(n) per call, O(n²) for a batch)."""
 
-    def __init__(self):
-        self._queue = queue.SimpleQueue()
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[
+            Tuple[Host, concurrent.futures.Future[List[_GroupOutcome]]]] = queue.SimpleQueue()
 
-    def watch(self, future, tag):
-        future.add_done_callback(lambda f, tag=tag: self._queue.put((tag, f)))
+    def watch(self, future: concurrent.futures.Future[List[_GroupOutcome]], tag: Host) -> None:
+        def put(f: concurrent.futures.Future[List[_GroupOutcome]]) -> None:
+            self._queue.put((tag, f))
 
-    def get(self):
+        future.add_done_callback(put)
+
+    def get(self) -> Tuple[Host, concurrent.futures.Future[List[_GroupOutcome]]]:
         return self._queue.get()
 
 
@@ -787,8 +810,9 @@ class _CallPool:
 
     IDLE_SECONDS = 30.0
 
-    def __init__(self):
-        self._tasks = queue.SimpleQueue()
+    def __init__(self) -> None:
+        #: Calls for idle threads; None tells a thread to end.
+        self._tasks: queue.SimpleQueue[Optional[Callable[[], object]]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0  # threads waiting for a task, not yet promised one
         self._closed = False

@@ -17,6 +17,7 @@ import secrets
 import stat
 import sys
 import threading
+from typing import Optional, Tuple, Union
 
 #: Read size for copying and hashing. Large enough that hashlib releases the
 #: GIL and syscalls are few; small enough to stay in cache.
@@ -156,7 +157,12 @@ def copy_and_hash(src, dst_fd, limit=None, hashing=True, progress=None):
     return (digest.hexdigest() if digest is not None else None), total
 
 
-_END = object()
+class _End:
+    """The type of :data:`_END`, so that the copy thread's items are told apart by type."""
+
+
+#: What the copy thread of :func:`_copy_pipelined` sends after the last chunk.
+_END = _End()
 
 
 def _copy_pipelined(src, dst_fd, limit, progress=None):
@@ -178,8 +184,11 @@ def _copy_pipelined(src, dst_fd, limit, progress=None):
     before this returns, so the caller may then close and remove the
     destination.
     """
-    free = queue.SimpleQueue()  # empty buffers; None tells the I/O thread to stop
-    full = queue.SimpleQueue()  # (buffer, n) written, to hash; _END; or an exception
+    # Empty buffers; None tells the I/O thread to stop.
+    free: queue.SimpleQueue[Optional[bytearray]] = queue.SimpleQueue()
+    # (buffer, n) written, to hash; _END; or an exception.
+    full: queue.SimpleQueue[Union[Tuple[bytearray, int], _End, BaseException]] = \
+        queue.SimpleQueue()
     for _ in range(PIPELINE_DEPTH):
         free.put(bytearray(CHUNK))
     stop = threading.Event()
@@ -212,7 +221,7 @@ def _copy_pipelined(src, dst_fd, limit, progress=None):
     try:
         while True:
             item = full.get()
-            if item is _END:
+            if isinstance(item, _End):
                 break
             if isinstance(item, BaseException):
                 raise item
@@ -270,7 +279,7 @@ def _sync_range():
     return _libc("sync_file_range", "int", "longlong", "longlong", "uint")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sync_filesystem_available():
     """Whether :func:`sync_filesystem` works here: Linux 5.8 or later (``syncfs``
     reports write-back errors only since 5.8; before, it would hide them)."""
@@ -300,7 +309,7 @@ def sync_filesystem(path):
         os.close(fd)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _libc(name, *argtypes):
     """The C library's ``name`` as a function raising OSError when it returns
     non-zero, or None where there is no such function."""

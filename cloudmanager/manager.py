@@ -129,7 +129,7 @@ class CloudManager:
 
     # -- context manager and lifetime ----------------------------------------
 
-    def __enter__(self) -> "CloudManager":
+    def __enter__(self) -> CloudManager:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -277,8 +277,8 @@ class CloudManager:
 
     def info(self, file_hash: str) -> Optional[dict]:
         """The file's record in the v0.2 JSON format (as a dict), or ``None``."""
-        file_hash = _checked(file_hash, "info")
-        return None if file_hash is None else self.pool.records.info(file_hash)
+        checked = _checked(file_hash, "info")
+        return None if checked is None else self.pool.records.info(checked)
 
     def sync(self) -> Dict[str, int]:
         """Upload queued files and top up files below the redundancy target.
@@ -463,8 +463,8 @@ class CloudManager:
             (``[{host_name, url, error, verified, time}]``); ``None`` for a
             malformed or unknown hash
         """
-        file_hash = _checked(file_hash, "status")
-        return None if file_hash is None else reports.status(self.pool, file_hash)
+        checked = _checked(file_hash, "status")
+        return None if checked is None else reports.status(self.pool, checked)
 
     def files(self) -> Iterator[dict]:
         """Iterate over every file, by name then hash (``cm ls``).
@@ -554,7 +554,7 @@ class CloudManager:
                 "defer_uploads": self.defer_uploads}
 
     @staticmethod
-    def cached_bytes_at(database_path: Union[str, "os.PathLike[str]"]) -> int:
+    def cached_bytes_at(database_path: Union[str, os.PathLike[str]]) -> int:
         """What the cache of a pool holds, read from its database without opening the pool.
 
         For sizing a cache before the pool is opened (as

@@ -143,7 +143,7 @@ class Pool:
 
     # -- adding files ---------------------------------------------------------------
 
-    def upload(self, path: "os.PathLike[str] | str", defer: Optional[bool] = None,
+    def upload(self, path: os.PathLike[str] | str, defer: Optional[bool] = None,
                progress: Optional[Callable[[int], None]] = None) -> str:
         """Add a file; see :meth:`cloudmanager.CloudManager.upload`.
 
@@ -327,7 +327,7 @@ class Pool:
             self._download(file_hash, size, dest)
             yield dest
 
-    def download(self, file_hash: str, destination: "os.PathLike[str] | str") -> str:
+    def download(self, file_hash: str, destination: os.PathLike[str] | str) -> str:
         """Write a file to ``destination``; see :meth:`cloudmanager.CloudManager.download`.
 
         :return: the path written

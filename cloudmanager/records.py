@@ -13,7 +13,7 @@ import collections
 import io
 import json
 import logging
-from typing import IO, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import IO, Iterable, Iterator, List, Optional, Tuple
 
 from . import serializers
 from .db import FileDatabase
@@ -71,7 +71,7 @@ class RecordStore:
 
     # -- import -----------------------------------------------------------------------
 
-    def load(self, text: "str | bytes") -> int:
+    def load(self, text: str | bytes) -> int:
         """Merge the text of a dump.
 
         :return: how many records were imported or updated
@@ -125,7 +125,8 @@ class RecordStore:
             doc["filehash"] for _, doc in batch
             if isinstance(doc, dict) and isinstance(doc.get("filehash"), str))
         for index, doc in batch:
-            if isinstance(doc, dict) and _changes_nothing(doc, known.get(doc.get("filehash"))):
+            if isinstance(doc, dict) and isinstance(doc.get("filehash"), str) \
+                    and _changes_nothing(doc, known.get(doc["filehash"])):
                 continue
             try:
                 yield serializers.parse_record(doc)
@@ -134,7 +135,7 @@ class RecordStore:
 
     def _merge(self, records: Iterable[serializers.Record]) -> int:
         changed = 0
-        unreachable: Dict[str, int] = collections.Counter()
+        unreachable: collections.Counter[str] = collections.Counter()
         batch: List[serializers.Record] = []
         for record in records:
             batch.append(record)
@@ -149,7 +150,8 @@ class RecordStore:
                         sum(unreachable.values()), ", ".join(sorted(unreachable)))
         return changed
 
-    def _merge_batch(self, batch: List[serializers.Record], unreachable: Dict[str, int]) -> int:
+    def _merge_batch(self, batch: List[serializers.Record],
+                     unreachable: collections.Counter[str]) -> int:
         changed, refused = self._merge_claims(batch)
         for file_hash in refused:
             log.warning("refused a record of %s: its size differs from the known one",
@@ -174,7 +176,11 @@ def _changes_nothing(doc: dict, known: Optional[KnownRecord]) -> bool:
     uploads = doc.get("uploads", [])
     if not isinstance(uploads, list):
         return False
-    return all(isinstance(entry, dict) and (entry.get("host_name"), entry.get("url", "")) in copies
+    # Unhashable junk (a list as a URL) is never in the set: such a record is
+    # parsed, and refused there with its reason.
+    return all(isinstance(entry, dict) and isinstance(entry.get("host_name"), str)
+               and isinstance(entry.get("url", ""), str)
+               and (entry.get("host_name"), entry.get("url", "")) in copies
                for entry in uploads)
 
 

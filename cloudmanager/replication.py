@@ -326,7 +326,11 @@ class Replicator:
                 self._record_rounds(rounds, settled=settled)
             made = sum(len(r[3].successes) for r in rounds)
         for file_hash, size in alone:
-            made += self.replicate_from_source(file_hash, size)
+            try:
+                made += self.replicate_from_source(file_hash, size)
+            except (OSError, CloudManagerError) as exc:
+                # One file with no good copy left must not hold back the rest.
+                log.error("cannot top up %s: %s; it stays queued", file_hash, exc)
         return made
 
     def replicate_logged(self, hashes: Sequence[str]) -> int:
@@ -478,7 +482,8 @@ class Replicator:
         another file's object under this hash (a hostile dump) cannot aim a
         delete at it. The record, its tombstones and a removal in progress are
         written first, in one transaction, with ``forget_cached(conn)``; then
-        ``unlink_cached()`` removes the cached file, and the hosts' deletes run. A process that uploads the same bytes
+        ``unlink_cached()`` removes the cached file, and the hosts' deletes run.
+        A process that uploads the same bytes
         meanwhile records its copies as claims (see :meth:`_record_rounds`);
         when the removal ends, copies it deleted under a record made again
         are marked missing and the file is queued, so sync sends it again.

@@ -27,7 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import time
-from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Union
+from typing import Callable, Generator, Iterable, Iterator, List, NamedTuple, Optional, Union
 
 from .errors import InvalidInputError
 from .sources import SourceFile, SourceIndex
@@ -60,11 +60,11 @@ class Uploaded(NamedTuple):
 Advance = Callable[[int, int], None]
 
 
-def upload_tree(cm, files: Iterable[Union[SourceFile, str, "os.PathLike[str]"]],
+def upload_tree(cm, files: Iterable[Union[SourceFile, str, os.PathLike[str]]],
                 jobs: int = DEFAULT_JOBS, defer: Optional[bool] = None,
                 advance: Optional[Advance] = None, *, large_file: Optional[int] = None,
                 batch_files: Optional[int] = None,
-                batch_bytes: Optional[int] = None) -> Iterator[List[Uploaded]]:
+                batch_bytes: Optional[int] = None) -> Generator[List[Uploaded], None, None]:
     """Upload files to the pool, yielding each batch's outcomes as it finishes.
 
     Files smaller than ``large_file`` go in batches (see :func:`batches`)
@@ -104,13 +104,14 @@ def upload_tree(cm, files: Iterable[Union[SourceFile, str, "os.PathLike[str]"]],
     large_file = LARGE_FILE if large_file is None else large_file
     batch_files = BATCH_FILES if batch_files is None else batch_files
     batch_bytes = BATCH_BYTES if batch_bytes is None else batch_bytes
-    files = [f if isinstance(f, SourceFile) else source_file(f) for f in files]
+    sources = [f if isinstance(f, SourceFile) else source_file(f) for f in files]
     report = advance or (lambda nbytes, nfiles: None)
-    return _run(cm, files, jobs, defer, report, large_file, batch_files, batch_bytes)
+    return _run(cm, sources, jobs, defer, report, large_file, batch_files, batch_bytes)
 
 
 def _run(cm, files: List[SourceFile], jobs: int, defer: Optional[bool], advance: Advance,
-         large_file: int, batch_files: int, batch_bytes: int) -> Iterator[List[Uploaded]]:
+         large_file: int, batch_files: int,
+         batch_bytes: int) -> Generator[List[Uploaded], None, None]:
     # A generator of its own, so that upload_tree checks its arguments at once.
     small = [f for f in files if f.size < large_file]
     large = [[f] for f in files if f.size >= large_file]
@@ -186,7 +187,7 @@ def batches(files: Iterable[SourceFile], most_files: int,
         yield batch
 
 
-def source_file(path: Union[str, "os.PathLike[str]"]) -> SourceFile:
+def source_file(path: Union[str, os.PathLike[str]]) -> SourceFile:
     """A :class:`~cloudmanager.sources.SourceFile` for one path, stat'ed now
     (following a symbolic link).
 

@@ -26,11 +26,10 @@ skipped with a logged reason and never raises.
 True
 """
 
-import io
 import json
 import logging
 import re
-from typing import NamedTuple, Tuple
+from typing import Dict, NamedTuple, Tuple
 
 from .errors import InvalidInputError, SerializationError
 from .validation import check_hash, check_host_name, check_url, safe_basename
@@ -139,7 +138,8 @@ def parse_record(obj):
     if len(raw_uploads) > MAX_UPLOADS:
         raise SerializationError("%s lists %d uploads; at most %d are accepted"
                                  % (file_hash, len(raw_uploads), MAX_UPLOADS))
-    uploads = {}  # a dict: duplicates merged in O(1) each, the first order kept
+    # A dict: duplicates merged in O(1) each, the first order kept.
+    uploads: Dict[Tuple[str, str, bool], None] = {}
     for entry in raw_uploads:
         try:
             item = _upload(entry)
@@ -197,6 +197,7 @@ def iter_documents(fileobj, chunk_size=1 << 16):
     character once, see :class:`_ValueEnd`) and decoded once, when its end
     has been read. A document that is a single object yields that object.
 
+    >>> import io
     >>> list(iter_documents(io.StringIO('[{"a": "]"}, 1.5, [2]]'), chunk_size=4))
     [{'a': ']'}, 1.5, [2]]
 
@@ -222,7 +223,9 @@ def iter_documents(fileobj, chunk_size=1 << 16):
     def skip_space():
         nonlocal buf, pos
         while True:
-            pos = _SPACE.match(buf, pos).end()
+            space = _SPACE.match(buf, pos)
+            assert space is not None  # the pattern matches the empty string
+            pos = space.end()
             if pos < len(buf) or eof:
                 return
             buf, pos = read(), 0  # all of buf was space

@@ -15,7 +15,7 @@ could otherwise leave the stat unchanged (git calls this "racily clean").
 import logging
 import os
 import stat
-from typing import NamedTuple
+from typing import Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple, Union
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ class SourceFile(NamedTuple):
         return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
-def walk(paths, follow_symlinks=False, problems=None):
+def walk(paths: Iterable[Union[str, os.PathLike[str]]], follow_symlinks: bool = False,
+         problems: Optional[List[Tuple[str, str]]] = None) -> Iterator[SourceFile]:
     """Yield a :class:`SourceFile` for every regular file under ``paths``.
 
     Directories are walked recursively, in sorted order. A path named in
@@ -54,7 +55,7 @@ def walk(paths, follow_symlinks=False, problems=None):
     :raises FileNotFoundError: if a path given does not exist
     """
     problems = [] if problems is None else problems
-    seen_dirs = set()
+    seen_dirs: Set[Tuple[int, int]] = set()  # (st_dev, st_ino) of directories walked
     for path in paths:
         path = os.path.abspath(os.fspath(path))
         yield from _walk_entry(path, os.stat(path), follow_symlinks, seen_dirs, problems)

@@ -103,7 +103,9 @@ def safe_basename(name):
                        and ch not in _LINE_SEPARATORS)
         name = unicodedata.normalize("NFC", name)
     # Space, dots and dashes in any mix: ". -rf" must not become "-rf".
-    name = name[_LEADING_JUNK.match(name).end():].rstrip()
+    junk = _LEADING_JUNK.match(name)
+    assert junk is not None  # the pattern matches the empty string: always a match
+    name = name[junk.end():].rstrip()
     encoded = name.encode("utf-8")[:MAX_NAME_BYTES]
     return encoded.decode("utf-8", "ignore").rstrip()
 

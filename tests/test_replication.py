@@ -383,3 +383,23 @@ def test_a_folder_from_before_markers_is_marked_once_its_copies_are_seen(make_po
     assert (nas / ".cloudmanager-host").is_file()
     assert cm.engine.hosts["dir:%s" % nas].require_marker
     assert cm.verify()["good"] == 1 and cm.db.files.verified(digest) == 1
+
+
+def test_one_file_with_no_good_copy_left_does_not_hold_back_sync(make_pool, tmp_path,
+                                                                 write_file):
+    """Found by the copy-beliefs state machine: a file that could not be fetched
+    stopped sync() before the other files of its chunk were topped up."""
+    hosts = [folder_spec(tmp_path, n) for n in ("a", "b", "c")]
+    cm = make_pool(hosts=hosts[:2], redundancy=2)
+    lost = cm.upload(write_file("lost", b"every copy of this is gone"))
+    kept = cm.upload(write_file("kept", b"this one has a good copy"))
+    cm.evict(0)
+    for name in ("a", "b"):
+        (tmp_path / "hosts" / name / lost).unlink()
+    (tmp_path / "hosts" / "b" / kept).unlink()
+    cm.close()
+    cm = make_pool(hosts=hosts, redundancy=2)
+    cm.verify()
+    cm.pool.replication.replicate([lost, kept])  # the one that cannot be had first
+    assert cm.db.files.verified(kept) == 2  # topped up from a, whatever happened to lost
+    assert cm.db.files.verified(lost) == 0

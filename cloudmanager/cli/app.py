@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import traceback
+from typing import Optional
 
 import click
 
@@ -63,8 +64,8 @@ class StderrHandler(logging.StreamHandler):
 class LogSetup:
     """The ``cloudmanager`` logger as ``cm`` sets it, and as it was before."""
 
-    def __init__(self):
-        self.handler = None
+    def __init__(self) -> None:
+        self.handler: Optional[logging.Handler] = None
 
     def configure(self, verbosity):
         """Send the library's messages to stderr: warnings and errors, more
@@ -79,9 +80,10 @@ class LogSetup:
                             min(logging.CRITICAL, logging.WARNING - 10 * verbosity)))
         logger.propagate = False
 
-    def remove(self):
+    def remove(self) -> None:
         """Take the handler away again (the level is restored by the caller)."""
-        logging.getLogger("cloudmanager").removeHandler(self.handler)
+        if self.handler is not None:
+            logging.getLogger("cloudmanager").removeHandler(self.handler)
         self.handler = None
 
 

@@ -3,6 +3,7 @@
 import contextlib
 import os
 import time
+from typing import List, Tuple
 
 import click
 
@@ -47,7 +48,7 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
       h=$(cm upload notes.txt | cut -c1-64)
     """
     cm = session.open()
-    problems = []
+    problems: List[Tuple[str, str]] = []  # (path, reason), from walk()
     files = list(walk(paths, follow_symlinks=follow_symlinks, problems=problems))
     known = {} if rehash else cm.remembered(files)
     results = {}  # path -> (hash or None, "uploaded" | "skipped" | "failed")

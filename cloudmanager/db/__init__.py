@@ -4,18 +4,19 @@
 connections, transactions, the schema and the descriptor rule), with one
 object per table or concern, each the only place its table is written:
 
-========================  ==========================================  ============================
-attribute                 tables                                      written on behalf of
-========================  ==========================================  ============================
-``files``                 ``files`` (catalog columns)                 the cache (new files), records
-``copies``                ``uploads``                                 :mod:`cloudmanager.replication`
-``queue``                 ``upload_queue``                            :mod:`cloudmanager.replication`
-``health``                ``host_health``, ``transfers``              :mod:`cloudmanager.health`
-``sessions``              ``sessions``, ``reservations``              :mod:`cloudmanager.cache`
-``records``               ``files`` + ``uploads`` (imports)           :mod:`cloudmanager.records`
-``sources``               ``sources``                                 :mod:`cloudmanager.sources`
-``cache_index``           ``files`` (cache columns), ``counters``     :mod:`cloudmanager.cache`
-========================  ==========================================  ============================
+==================  ====================================  ===============================
+attribute           tables                                written on behalf of
+==================  ====================================  ===============================
+``files``           ``files``                             the cache (new files), records
+``copies``          ``uploads``, ``tombstones``,          :mod:`cloudmanager.replication`
+                    ``removals``
+``queue``           ``upload_queue``                      :mod:`cloudmanager.replication`
+``health``          ``host_health``, ``transfers``        :mod:`cloudmanager.health`
+``sessions``        ``sessions``, ``reservations``        :mod:`cloudmanager.cache`
+``records``         ``files``, ``uploads`` (imports)      :mod:`cloudmanager.records`
+``sources``         ``sources``                           :mod:`cloudmanager.sources`
+``cache_index``     ``cache_entries``, ``counters``       :mod:`cloudmanager.cache`
+==================  ====================================  ===============================
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class FileDatabase(Database):
         cloudmanager database, or is newer than this code
     """
 
-    def __init__(self, path: "os.PathLike[str] | str") -> None:
+    def __init__(self, path: os.PathLike[str] | str) -> None:
         super().__init__(path)
         self.files = Files(self)
         self.copies = Copies(self)

@@ -240,7 +240,7 @@ class Database:
         cloudmanager database, or is newer than this code
     """
 
-    def __init__(self, path: "os.PathLike[str] | str") -> None:
+    def __init__(self, path: os.PathLike[str] | str) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self._local = threading.local()
         self._closed = False

@@ -108,12 +108,17 @@ class Health:
     def all(self) -> Dict[str, HostHealth]:
         """``{host_name: HostHealth}`` of every host on record."""
         health = {}
-        for name, *values, samples in self.db.read(
+        for (name, successes, failures, consecutive_failures, last_error, last_success,
+             last_failure, samples_json) in self.db.read(
                 "SELECT host_name, successes, failures, consecutive_failures, last_error,"
                 " last_success, last_failure, latency_samples FROM host_health"
                 " ORDER BY host_name"):
-            samples = json.loads(samples)
-            health[name] = HostHealth(*values, statistics.median(samples) if samples else None)
+            samples = json.loads(samples_json)
+            health[name] = HostHealth(
+                successes=successes, failures=failures,
+                consecutive_failures=consecutive_failures, last_error=last_error,
+                last_success=last_success, last_failure=last_failure,
+                latency_ms=statistics.median(samples) if samples else None)
         return health
 
     def breakers(self) -> Dict[str, Tuple[int, Optional[float]]]:

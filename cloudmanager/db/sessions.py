@@ -43,9 +43,9 @@ class Sessions:
 
     def end(self, conn: sqlite3.Connection, owners: Iterable[str]) -> None:
         """Remove sessions and the reservations they left."""
-        owners = [(o,) for o in owners]
-        conn.executemany("DELETE FROM reservations WHERE owner = ?", owners)
-        conn.executemany("DELETE FROM sessions WHERE owner = ?", owners)
+        params = [(o,) for o in owners]
+        conn.executemany("DELETE FROM reservations WHERE owner = ?", params)
+        conn.executemany("DELETE FROM sessions WHERE owner = ?", params)
 
     def reserved_bytes(self, conn: Optional[sqlite3.Connection] = None) -> int:
         """Bytes promised to writes in flight."""
@@ -55,8 +55,10 @@ class Sessions:
 
     def reserve(self, conn: sqlite3.Connection, owner: str, size: int) -> int:
         """Promise ``size`` bytes to a write; return the reservation's id."""
-        return int(conn.execute("INSERT INTO reservations (owner, size, created)"
-                                " VALUES (?, ?, ?)", (owner, size, time.time())).lastrowid)
+        row_id = conn.execute("INSERT INTO reservations (owner, size, created)"
+                              " VALUES (?, ?, ?)", (owner, size, time.time())).lastrowid
+        assert row_id is not None  # an INSERT always sets it
+        return int(row_id)
 
     def release(self, conn: sqlite3.Connection, ids: Iterable[int]) -> None:
         """Release reservations by id."""

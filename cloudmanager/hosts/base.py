@@ -62,10 +62,15 @@ class Host:
     #: Whether :meth:`list` works.
     can_list = False
     #: Whether the host keeps a marker in its root that tells it from an
-    #: empty mount point: it then has ``has_marker()``, ``mark()`` and a
-    #: ``require_marker`` attribute (see
+    #: empty mount point: it then implements :meth:`has_marker` and
+    #: :meth:`mark`, and honours :attr:`require_marker` (see
     #: :class:`~cloudmanager.hosts.folder.FolderHost`).
     can_mark = False
+    #: Only for hosts that :attr:`can_mark`: whether a root without the
+    #: marker is an outage (the pool sets it once it has used the host).
+    require_marker: bool = False
+    #: Only for hosts that :attr:`can_mark`: the folder the marker is kept in.
+    root: Optional[str] = None
     #: How many transfers may run against this host at once.
     max_connections: int = 4
     #: Seconds one transfer may take before it is abandoned.
@@ -205,6 +210,20 @@ class Host:
         Only when :attr:`can_list`.
 
         :return: an iterator of ``(sha256 hex, size in bytes)``
+        :raises HostError: on failure
+        """
+        raise NotImplementedError
+
+    def has_marker(self) -> bool:
+        """Whether the marker is in the host's root. Only for hosts that :attr:`can_mark`.
+
+        :return: always False here: a host that cannot mark holds no marker
+        """
+        return False
+
+    def mark(self) -> None:
+        """Write the marker into the host's root. Only when :attr:`can_mark`.
+
         :raises HostError: on failure
         """
         raise NotImplementedError

@@ -81,3 +81,41 @@ def test_claim_hostile_documents_never_raise(make_pool, tmp_path):
     for text in hostile:
         assert cm.data_load(text) in (None, 0)
     assert tree(tmp_path) == before
+
+
+def test_claim_remove_cannot_be_aimed_at_another_files_copy(make_pool, tmp_path, write_file):
+    """A record that lists another file's object under its hash (a hostile dump)
+    does not make remove() delete that object: only objects named by the hash
+    removed are deleted."""
+    import json
+
+    (tmp_path / "nas").mkdir()
+    spec = "dir:%s" % (tmp_path / "nas")
+    cm = make_pool(hosts=[spec], redundancy=1)
+    victim = cm.upload(write_file("victim", b"the only copy of another file"))
+    target = cm.upload(write_file("target", b"the file being removed"))
+    record = cm.info(target)
+    victim_url = cm.status(victim)["uploads"][0]["url"]
+    record["uploads"].append({"host_name": spec, "url": victim_url})
+    cm.data_load(json.dumps([record]))
+    assert (spec, victim_url) in cm.remove(target)["kept"]
+    assert (tmp_path / "nas" / victim).read_bytes() == b"the only copy of another file"
+    cm.evict(0)
+    assert open(cm.warm_up(victim), "rb").read() == b"the only copy of another file"
+
+
+def test_claim_hostile_streamed_documents_never_raise(make_pool, tmp_path, write_file):
+    """load_from (the streaming import) skips junk inside a known file's record
+    as data_load does: a list or an object where a URL or host name goes."""
+    import io
+    import json
+
+    (tmp_path / "nas").mkdir()
+    cm = make_pool(hosts=["dir:%s" % (tmp_path / "nas")], redundancy=1)
+    digest = cm.upload(write_file("f", b"known"))
+    record = cm.info(digest)
+    hostile = [dict(record, uploads=[{"host_name": "h", "url": ["a", "list"]}]),
+               dict(record, uploads=[{"host_name": {"an": "object"}, "url": "http://x/y"}]),
+               dict(record, filehash=["not", "a", "hash"])]
+    assert cm.load_from(io.StringIO(json.dumps(hostile))) == 0
+    assert cm.data_load(json.dumps(hostile)) == 0
