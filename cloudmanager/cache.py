@@ -13,7 +13,8 @@ cached bytes, so temp files cannot push the cache past it.
 Eviction takes the least recently used file that is on at least one host and
 not pinned, through a partial index: O(log n) per file evicted. Cache hits
 update recency in memory and are written in batches; every eviction flushes
-them first, so eviction decisions always see them.
+this process's first, so its decisions see them (another process's hits of
+the last second or so may not be written yet).
 
 A publish (rename into place) and an eviction (unlink) each happen inside the
 database's write transaction, so the directory and the rows change together
@@ -37,7 +38,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 from . import fsutil
-from .errors import CacheError, CacheFullError, IntegrityError
+from .errors import CacheError, CacheFullError, DatabaseError, IntegrityError, NotInPoolError
 from .validation import check_hash, is_hash
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,10 @@ class CacheStore:
             due = (len(self._touches) >= TOUCH_BATCH
                    or time.monotonic() - self._last_flush >= TOUCH_INTERVAL_S)
         if due:
-            self.flush()
+            try:
+                self.flush()
+            except DatabaseError as exc:  # the bookkeeping waits; the hit stands
+                log.debug("recency updates deferred: %s", exc)
 
     def flush(self):
         """Write deferred recency updates and hit/miss counts to the database."""
@@ -199,10 +203,18 @@ class CacheStore:
             hits, misses = self._hits, self._misses
             self._hits = self._misses = 0
             self._last_flush = time.monotonic()
-        if touches:
-            self.db.cache_index.touch(touches.items())
-        if hits or misses:
-            self.db.cache_index.add_hits(hits, misses)
+        try:
+            if touches:
+                self.db.cache_index.touch(touches.items())
+            if hits or misses:
+                self.db.cache_index.add_hits(hits, misses)
+        except DatabaseError:
+            with self._lock:  # kept for the next flush, newer touches winning
+                for file_hash, when in touches.items():
+                    self._touches[file_hash] = max(when, self._touches.get(file_hash, 0))
+                self._hits += hits
+                self._misses += misses
+            raise
 
     # -- space -----------------------------------------------------------------
 
@@ -334,13 +346,18 @@ class CacheStore:
                 self.commit(res, file_hash, nbytes, filename, created, queue=queue)
         return file_hash, nbytes
 
-    def commit(self, reservation, file_hash, size, filename="", created=None, queue=False):
+    def commit(self, reservation, file_hash, size, filename="", created=None, queue=False,
+               must_exist=False):
         """Publish a reservation's verified temp file as the cached copy of ``file_hash``.
 
         If the file is already cached, the temp file is dropped and the
         cached copy counts as used.
 
+        :param must_exist: the bytes were fetched for a file of the pool (a
+            warm-up): if another process removed it meanwhile, nothing is
+            published and the removal stands
         :raises IntegrityError: if the pool knows this hash with another size
+        :raises NotInPoolError: with ``must_exist``, if the file was removed
         """
         path = self.path_for(file_hash)
         now = time.time()
@@ -350,6 +367,8 @@ class CacheStore:
                                        size_known=True)
             if outcome == "conflict":
                 raise IntegrityError("%s is recorded with another size than %d" % (file_hash, size))
+            if outcome == "new" and must_exist:  # rolled back with the transaction
+                raise NotInPoolError("%s was removed while it was fetched" % file_hash)
             protected = bool(self.db.files.protected_among(conn, [file_hash]))
             if self.db.cache_index.is_cached(file_hash) and self._file_ok(file_hash, size):
                 self.db.cache_index.touch([(file_hash, now)], conn)

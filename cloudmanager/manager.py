@@ -260,6 +260,9 @@ class CloudManager:
             return self.pool.exists(file_hash)
         except InvalidInputError:
             return False
+        except CloudManagerError as exc:
+            log.error("exists(%s) failed: %s", file_hash, exc)
+            return False
 
     def on_cache(self, file_hash: str) -> bool:
         """Whether the file is in the local cache (a check, not a use).
@@ -270,6 +273,9 @@ class CloudManager:
             return self.pool.on_cache(file_hash)
         except InvalidInputError:
             return False
+        except CloudManagerError as exc:
+            log.error("on_cache(%s) failed: %s", file_hash, exc)
+            return False
 
     def usage_ratio(self) -> float:
         """Cached bytes over capacity, in [0, 1]. Reads a running total."""
@@ -278,7 +284,13 @@ class CloudManager:
     def info(self, file_hash: str) -> Optional[dict]:
         """The file's record in the v0.2 JSON format (as a dict), or ``None``."""
         checked = _checked(file_hash, "info")
-        return None if checked is None else self.pool.records.info(checked)
+        if checked is None:
+            return None
+        try:
+            return self.pool.records.info(checked)
+        except CloudManagerError as exc:
+            log.error("info(%s) failed: %s", checked, exc)
+            return None
 
     def sync(self) -> Dict[str, int]:
         """Upload queued files and top up files below the redundancy target.
@@ -319,7 +331,7 @@ class CloudManager:
             circuit breaker is open). Hosts cooling down are tried once at
             the start (an explicit verify probes them), and condemned copies
             (suspect, bad, missing) whose back-off is over are looked at
-            again, by download unless their host stores a SHA-256
+            again, by download
         """
         return self.pool.verify(hashes, hosts, older_than, limit, deep)
 
@@ -438,6 +450,9 @@ class CloudManager:
         except SerializationError as exc:
             log.error("data_load: %s", exc)
             return None
+        except CloudManagerError as exc:  # the database: what merged before stays
+            log.error("data_load failed: %s", exc)
+            return None
 
     def load_from(self, fileobj: IO[str]) -> Optional[int]:
         """Merge records streamed from a text file object holding a JSON array.
@@ -449,6 +464,9 @@ class CloudManager:
             return self.pool.records.load_from(fileobj)
         except SerializationError as exc:
             log.error("load_from: %s", exc)
+            return None
+        except CloudManagerError as exc:
+            log.error("load_from failed: %s", exc)
             return None
 
     # -- beyond the seed -----------------------------------------------------

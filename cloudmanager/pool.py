@@ -287,7 +287,7 @@ class Pool:
                 raise DownloadError("no host holds a copy of %s" % file_hash)
             with self.cache.reserve(size) as reservation:
                 self._download(file_hash, size, reservation.temp)
-                return self.cache.commit(reservation, file_hash, size)
+                return self.cache.commit(reservation, file_hash, size, must_exist=True)
 
     def _download(self, file_hash: str, size: int, dest: str) -> None:
         """Fetch a verified copy to ``dest``, from the copies believed good and

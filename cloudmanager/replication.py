@@ -13,7 +13,6 @@ The states of a copy, and what moves it (see also docs/ARCHITECTURE.md)::
     (none) --import of another node's record--------> claimed
     claimed, suspect --bytes seen matching----------> good
     good, claimed --host errors, SUSPECT_AFTER times> suspect
-    suspect --host reports the right size-----------> claimed
     good, claimed, suspect --bytes do not match-----> bad
     good, claimed, suspect --host says not there----> missing
     bad, missing --bytes seen matching--------------> good
@@ -234,11 +233,14 @@ class Replicator:
         transaction: good copies, pending ones, the queue, protection, health.
 
         Copies made of a file whose removal is in progress (by another process)
-        are recorded as claims, not as good: the removal may be deleting them,
-        so they must not unpin the file; it stays queued.
+        are not recorded: the removal may be deleting them, so they must not
+        unpin the file; it stays queued (and pinned, if cached), and
+        :meth:`upload_source` refuses a file it could not keep.
 
         :param settled: more files to take off the queue (at target already)
-        :return: ``[(hash, copies, target, why)]`` of files still short
+        :return: ``[(hash, copies, target, why)]`` of files still short; a
+            file whose removal is in progress has ``why`` starting with
+            ``"removal in progress"``
         """
         now = time.time()
         shorts = []
@@ -256,6 +258,8 @@ class Replicator:
                     log.warning("%s is being removed by another process; its new copies "
                                 "are not trusted until that ends", file_hash)
                     short_hashes.append(file_hash)
+                    shorts.append((file_hash, len(holders), target,
+                                   "removal in progress elsewhere"))
                     continue
                 good += made
                 pending += [(file_hash, f.host) for f in result.failures]
@@ -400,7 +404,14 @@ class Replicator:
                                   result.failures, result.facts)
             with self.db.transaction() as conn:
                 record(conn, file_hash, size)
-                self._record_rounds([(file_hash, holders, self.redundancy, result)])
+                shorts = self._record_rounds([(file_hash, holders, self.redundancy, result)])
+                if any(why.startswith("removal in progress") for *_, why in shorts):
+                    # Not cached, and the removal may delete what was just
+                    # sent: refused (this transaction, the record included,
+                    # is rolled back), so no hash is returned for a file
+                    # nothing may hold.
+                    raise UploadError("%s is being removed by another process; try again "
+                                      "once it is" % path, [], result.facts)
         return file_hash
 
     # -- sync and verify ----------------------------------------------------------------
@@ -435,8 +446,8 @@ class Replicator:
 
         Condemned copies whose back-off is over come first (all of those of
         ``hashes``, when given), then the copies believed good, least recently
-        checked first. A condemned copy is looked at by download unless its
-        host stores a SHA-256: a size alone cannot clear it.
+        checked first. A condemned copy is always looked at by download: a
+        size alone cannot clear it.
         """
         if probe:
             self.health.probe_now(self.engine.hosts)

@@ -7,6 +7,8 @@ real folder hosts, real second instances standing in for other processes.
 
 import json
 import os
+import threading
+import time
 
 import cloudmanager.replication as replication
 from cloudmanager import CloudManager
@@ -403,3 +405,67 @@ def test_one_file_with_no_good_copy_left_does_not_hold_back_sync(make_pool, tmp_
     cm.pool.replication.replicate([lost, kept])  # the one that cannot be had first
     assert cm.db.files.verified(kept) == 2  # topped up from a, whatever happened to lost
     assert cm.db.files.verified(lost) == 0
+
+
+# -- removals racing other processes (found in review) ------------------------------------
+
+
+def two_instances(tmp_path, capacity):
+    """Two instances on one database and cache, as two processes of one pool
+    (each has its own in-process locks, as processes do)."""
+    hosts = [folder_spec(tmp_path, "h1"), folder_spec(tmp_path, "h2")]
+    args = (tmp_path / "node" / "db.sqlite3", tmp_path / "node" / "cache", capacity)
+    return (CloudManager(*args, hosts=hosts, redundancy=2, fsync=False),
+            CloudManager(*args, hosts=hosts, redundancy=2, fsync=False))
+
+
+def slow_down(cm, method, seconds):
+    for host in cm.engine.hosts.values():
+        real = getattr(host, method)
+
+        def slow(*args, real=real, **kwargs):
+            result = real(*args, **kwargs)
+            time.sleep(seconds)
+            return result
+
+        setattr(host, method, slow)
+
+
+def test_a_large_upload_during_a_removal_elsewhere_is_refused_not_lost(tmp_path, write_file):
+    remover, uploader = two_instances(tmp_path, capacity=1000)
+    try:
+        data = os.urandom(5000)  # larger than the cache: sent from its source
+        digest = remover.upload(write_file("big", data))
+        slow_down(remover, "delete", 0.5)
+        removal = threading.Thread(target=remover.remove, args=(digest,))
+        removal.start()
+        time.sleep(0.2)
+        result = uploader.upload(write_file("big", data))
+        removal.join()
+        if result:  # it landed before the removal began, or after it ended
+            assert result == digest and uploader.sync()["short"] == 0
+            assert uploader.download(digest, tmp_path / "out") and \
+                (tmp_path / "out").read_bytes() == data
+        else:  # refused: the hash was not returned, so nothing was promised
+            assert not uploader.exists(digest)
+    finally:
+        remover.close()
+        uploader.close()
+
+
+def test_a_warm_up_elsewhere_does_not_bring_a_removed_file_back(tmp_path, write_file):
+    remover, reader = two_instances(tmp_path, capacity=100_000)
+    try:
+        digest = remover.upload(write_file("f", os.urandom(5000)))
+        remover.evict(0)
+        slow_down(reader, "download", 0.5)
+        warm = threading.Thread(target=reader.warm_up, args=(digest,))
+        warm.start()
+        time.sleep(0.2)
+        assert remover.remove(digest)["deleted"]
+        warm.join()
+        assert not remover.exists(digest) and not reader.on_cache(digest)
+        assert remover.sync()["checked"] == 0  # nothing to send back to the hosts
+    finally:
+        remover.close()
+        reader.close()
