@@ -100,6 +100,7 @@ def test_claim_remove_cannot_be_aimed_at_another_files_copy(make_pool, tmp_path,
     cm.data_load(json.dumps([record]))
     assert (spec, victim_url) in cm.remove(target)["kept"]
     assert (tmp_path / "nas" / victim).read_bytes() == b"the only copy of another file"
+    assert not (tmp_path / "nas" / target).exists()  # its own copy went
     cm.evict(0)
     assert open(cm.warm_up(victim), "rb").read() == b"the only copy of another file"
 
