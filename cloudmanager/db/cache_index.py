@@ -54,10 +54,6 @@ class CacheIndex:
                            (file_hash,)).fetchone()
         return None if row is None else CacheState(row[0], bool(row[1]))
 
-    def has_any(self) -> bool:
-        """Whether the index has any row (one index probe)."""
-        return self.db.read("SELECT 1 FROM cache_entries LIMIT 1").fetchone() is not None
-
     def is_cached(self, file_hash: str) -> bool:
         """Whether the index says the cache holds ``file_hash``."""
         state = self.state(file_hash)
@@ -178,11 +174,6 @@ class CacheIndex:
         """``[(hash, size)]`` of every file the index says is cached. Scans rows."""
         return (conn or self.db.connection).execute(
             "SELECT hash, size FROM cache_entries WHERE cached = 1").fetchall()
-
-    def unprotected(self, conn: sqlite3.Connection) -> List[str]:
-        """Hashes of cached files no host verifiably holds, in order. Scans rows."""
-        return [r[0] for r in conn.execute(
-            "SELECT hash FROM cache_entries WHERE cached = 1 AND protected = 0 ORDER BY hash")]
 
     def recount(self, conn: sqlite3.Connection) -> Totals:
         """Recompute the cached bytes and files totals from the rows."""

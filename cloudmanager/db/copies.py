@@ -172,17 +172,6 @@ class Copies:
                            " AND state IN " + _HOLDING_SQL + " LIMIT 1", (host_name,)).fetchone()
         return None if row is None else row[0]
 
-    def tombstoned(self, keys: Iterable[CopyKey]) -> Set[CopyKey]:
-        """Those of ``keys`` this node deleted."""
-        keys = list(keys)
-        if not keys:
-            return set()
-        return {tuple(row) for row in self.db.read(  # type: ignore[misc]
-            "SELECT t.hash, t.host_name, t.url FROM json_each(?) AS j"
-            " JOIN tombstones AS t ON t.hash = json_extract(j.value, '$[0]')"
-            " AND t.host_name = json_extract(j.value, '$[1]')"
-            " AND t.url = json_extract(j.value, '$[2]')", (json_list(map(list, keys)),))}
-
     def removing(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> Set[str]:
         """Those of ``hashes`` whose removal is in progress."""
         return {h for (h,) in conn.execute(
