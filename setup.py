@@ -12,7 +12,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["cloudmanager", "cloudmanager.*"]),
-    package_data={"cloudmanager.db": ["schema.sql"]},
+    package_data={"cloudmanager.db": ["schema.sql", "schema_postgres.sql"]},
     install_requires=[
         "plowshare>=0.3.6",  # plowshare-wrapper: the plowup/plowdown adapter
         "tomli>=1.1; python_version < '3.11'",  # cloudmanager.toml; 3.11+ has tomllib
@@ -25,6 +25,8 @@ setup(
         "fsspec": ["fsspec>=2023.1"],
         "webdav": ["fsspec>=2023.1", "webdav4>=0.9"],
         "sftp": ["fsspec>=2023.1", "paramiko>=3"],
+        # A catalog shared by several nodes on a PostgreSQL server.
+        "postgres": ["psycopg[binary]>=3.1", "psycopg-pool>=3.2"],
         # Baselines the benchmarks in bench/ measure us against.
         "bench": ["diskcache>=5.6"],
         "develop": [
@@ -32,6 +34,9 @@ setup(
             # Real servers on loopback for the host tests: S3 and WebDAV.
             "boto3>=1.34", "moto[server]>=5", "fsspec>=2023.1", "webdav4>=0.9",
             "wsgidav>=4", "cheroot>=10",
+            # The catalog suite on a real PostgreSQL server (its binaries come
+            # from the system: Debian's postgresql package).
+            "psycopg[binary]>=3.1", "psycopg-pool>=3.2",
             # Lint, run by tox's lint environment.
             "ruff>=0.6", "mypy>=1.10",
         ],

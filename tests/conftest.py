@@ -13,6 +13,7 @@ import pytest
 
 FAKES = Path(__file__).parent / "fakes"
 sys.path.insert(0, str(FAKES))
+sys.path.insert(0, str(Path(__file__).parent))  # pg_server
 
 import fakeplow  # noqa: E402
 
@@ -111,3 +112,37 @@ def db(tmp_path):
     database = FileDatabase(tmp_path / "db.sqlite3")
     yield database
     database.close()
+
+
+# -- PostgreSQL -------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server from the machine's binaries, for the whole session
+    (see ``tests/pg_server.py``). Skips when there is none, unless
+    ``CM_REQUIRE_POSTGRES=1``: then it fails."""
+    from pg_server import PostgresServer, missing_reason
+
+    reason = missing_reason()
+    if reason is not None:
+        if os.environ.get("CM_REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL is required here (CM_REQUIRE_POSTGRES=1): " + reason)
+        pytest.skip(reason)
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server):
+    """The URL of a new, empty database on the session's server."""
+    return postgres_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog(request, tmp_path):
+    """``(database, index_path)`` for a pool on each kind of catalog: a SQLite
+    file (the index in it), or a new PostgreSQL database and a local index."""
+    if request.param == "sqlite":
+        return str(tmp_path / "db.sqlite3"), None
+    return request.getfixturevalue("pg_url"), str(tmp_path / "index.sqlite3")

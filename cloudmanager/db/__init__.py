@@ -1,8 +1,10 @@
 """The pool's database: every SQL statement of cloudmanager lives in this package.
 
 :class:`FileDatabase` is one SQLite file (see :mod:`.connection` for
-connections, transactions, the schema and the descriptor rule), with one
-object per table or concern, each the only place its table is written:
+connections, transactions, the schema and the descriptor rule), or a
+catalog on a PostgreSQL server (:mod:`.postgres`) with a local SQLite file
+for the node's cache index. It has one object per table or concern, each the
+only place its table is written:
 
 ==================  ====================================  ===============================
 attribute           tables                                written on behalf of
@@ -22,36 +24,113 @@ attribute           tables                                written on behalf of
 from __future__ import annotations
 
 import os
+from typing import Any, ContextManager, Optional, Sequence, Union
 
+from ..errors import DatabaseError
 from .cache_index import CacheIndex
 from .connection import SCHEMA_VERSION, Database, in_list, json_list, schema_sql
 from .copies import Copies
 from .files import Files
 from .health import Health, month_key
+from .postgres import PostgresDatabase, is_postgres_url, redact
 from .queue import Queue
 from .records import Records
 from .sessions import Sessions
 from .sources import Sources
 
-__all__ = ["FileDatabase", "SCHEMA_VERSION", "in_list", "json_list", "month_key", "schema_sql"]
+__all__ = ["FileDatabase", "SCHEMA_VERSION", "in_list", "is_postgres_url", "json_list",
+           "month_key", "redact", "schema_sql"]
 
 
-class FileDatabase(Database):
-    """The pool's records in one SQLite file, one attribute per table.
+class FileDatabase:
+    """The pool's records, one attribute per table (see the table above).
 
-    :param path: the database file; it and its directory are created, and
-        given the schema, if new
-    :raises DatabaseError: if the file cannot be opened, is not a
-        cloudmanager database, or is newer than this code
+    Two parts: the pool's **catalog** (files, copies, the queue, host health)
+    and this node's **cache index** (cache entries, reservations, sessions,
+    remembered sources). By default both are in one SQLite file, and one
+    transaction covers both. With a ``postgresql://`` URL, the catalog is on
+    the server (:mod:`.postgres`), shared by every node, and the cache index
+    is the local SQLite file ``index_path``: a cache hit never crosses the
+    network.
+
+    :param database: a SQLite file path, or a ``postgresql://`` /
+        ``postgres://`` URL
+    :param index_path: the local cache index file, for a catalog on a server
+    :raises DatabaseError: if a part cannot be opened, is not a cloudmanager
+        database, or is newer than this code
     """
 
-    def __init__(self, path: os.PathLike[str] | str) -> None:
-        super().__init__(path)
-        self.files = Files(self)
-        self.copies = Copies(self)
-        self.queue = Queue(self)
-        self.health = Health(self)
-        self.sessions = Sessions(self)
-        self.records = Records(self)
-        self.sources = Sources(self)
-        self.cache_index = CacheIndex(self)
+    def __init__(self, database: os.PathLike[str] | str,
+                 index_path: Optional[os.PathLike[str] | str] = None) -> None:
+        self.catalog: Union[Database, PostgresDatabase]
+        if is_postgres_url(database):
+            if index_path is None:
+                raise DatabaseError("a catalog on a server needs a local file for the "
+                                    "cache index")
+            self.catalog = PostgresDatabase(str(database))
+            try:
+                self.local = Database(index_path, with_catalog=False)
+            except BaseException:
+                self.catalog.close()
+                raise
+        else:
+            self.local = Database(database)
+            self.catalog = self.local
+        #: Where the catalog is, as it may be shown (a URL without its password).
+        self.path = self.catalog.path
+        self.files = Files(self.catalog)
+        self.copies = Copies(self.catalog)
+        self.queue = Queue(self.catalog)
+        self.health = Health(self.catalog)
+        self.records = Records(self.catalog)
+        self.sessions = Sessions(self.local)
+        self.sources = Sources(self.local)
+        self.cache_index = CacheIndex(self.local)
+
+    @property
+    def shared(self) -> bool:
+        """Whether the catalog is apart from this node's cache index (on a server)."""
+        return self.catalog is not self.local
+
+    def transaction(self) -> ContextManager[Any]:
+        """A transaction over both parts, when they are one SQLite file.
+
+        :raises DatabaseError: for a catalog on a server: there, a caller
+            names the part, ``catalog.transaction()`` or ``local.transaction()``
+        """
+        if self.shared:
+            raise DatabaseError("a transaction must name its part: the catalog is on a "
+                                "server, the cache index local")
+        return self.local.transaction()
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """A read of the single-file database (see :meth:`transaction`)."""
+        if self.shared:
+            raise DatabaseError("a read must name its part")
+        return self.local.read(sql, params)
+
+    @property
+    def connection(self) -> Any:
+        """This thread's connection to the single-file database (tests, tools)."""
+        if self.shared:
+            raise DatabaseError("a connection must name its part")
+        return self.local.connection
+
+    def schema_version(self) -> int:
+        """The catalog's schema version."""
+        return self.catalog.schema_version()
+
+    def ensure_schema(self) -> int:
+        """Create or migrate both parts; :return: the catalog's version before."""
+        before = self.catalog.ensure_schema()
+        if self.shared:
+            self.local.ensure_schema()
+        return before
+
+    def close(self) -> None:
+        """Close both parts' connections."""
+        try:
+            self.local.close()
+        finally:
+            if self.shared:
+                self.catalog.close()

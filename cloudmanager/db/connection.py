@@ -32,7 +32,7 @@ import sqlite3
 import threading
 import time
 from importlib import resources
-from typing import Any, Iterable, Iterator, List, Sequence, Tuple
+from typing import Any, ContextManager, Iterable, Iterator, List, Protocol, Sequence, Tuple
 
 from ..errors import DatabaseError
 
@@ -188,9 +188,20 @@ MIGRATIONS = {
 }
 
 
-def schema_sql() -> str:
-    """Return the text of ``schema.sql``."""
-    return resources.files(__package__).joinpath("schema.sql").read_text("utf-8")
+#: The line of ``schema.sql`` where the cache index's part begins.
+_CACHE_INDEX_PART = "-- == this node's cache index"
+
+
+def schema_sql(part: str = "all") -> str:
+    """Return the text of ``schema.sql``: ``"all"`` of it, or only its
+    ``"catalog"`` or its ``"cache_index"`` part."""
+    text = resources.files(__package__).joinpath("schema.sql").read_text("utf-8")
+    if part == "all":
+        return text
+    catalog, marker, cache_index = text.partition(_CACHE_INDEX_PART)
+    if not marker or part not in ("catalog", "cache_index"):
+        raise ValueError("no schema part %r" % part)
+    return catalog if part == "catalog" else marker + cache_index
 
 
 def in_list(values: Iterable[Any]) -> Tuple[str, str]:
@@ -211,6 +222,20 @@ def in_list(values: Iterable[Any]) -> Tuple[str, str]:
 def json_list(values: Iterable[Any]) -> str:
     """The JSON array parameter that :func:`in_list` and ``json_each`` joins take."""
     return json.dumps(list(values))
+
+
+class Store(Protocol):
+    """What the catalog's modules need of a database: :class:`Database` (SQLite)
+    or :class:`~cloudmanager.db.postgres.PostgresDatabase`."""
+
+    #: Where it is, as it may be shown.
+    path: str
+
+    def transaction(self) -> ContextManager[Any]:
+        """A write transaction yielding a connection (``execute``, ``executemany``)."""
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Rows of a read-only statement."""
 
 
 def _is_busy(exc: BaseException) -> bool:
@@ -236,12 +261,17 @@ class Database:
 
     :param path: the database file; it and its directory are created, and
         given the schema, if new
+    :param with_catalog: False for a node's cache index alone (its catalog
+        is on a server): a new file gets only the cache index's tables
     :raises DatabaseError: if the file cannot be opened, is not a
         cloudmanager database, or is newer than this code
     """
 
-    def __init__(self, path: os.PathLike[str] | str) -> None:
+    dialect = "sqlite"
+
+    def __init__(self, path: os.PathLike[str] | str, with_catalog: bool = True) -> None:
         self.path = os.path.abspath(os.fspath(path))
+        self.with_catalog = with_catalog
         self._local = threading.local()
         self._closed = False
         self._all_connections: List[sqlite3.Connection] = []
@@ -428,15 +458,25 @@ class Database:
                 raise DatabaseError(
                     "database %s has schema version %d; this cloudmanager knows up to %d"
                     % (self.path, version, SCHEMA_VERSION))
+            has_files = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'files'"
+                                     ).fetchone()[0]
             if version == 0:
-                if conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'files'"
-                                ).fetchone()[0]:
-                    raise DatabaseError("%s has a 'files' table but no cloudmanager "
-                                        "schema version; refusing to touch it" % self.path)
-                self._run_script(conn, schema_sql())
+                if has_files or conn.execute("SELECT count(*) FROM sqlite_master"
+                                             " WHERE name = 'cache_entries'").fetchone()[0]:
+                    raise DatabaseError("%s has cloudmanager's tables but no schema "
+                                        "version; refusing to touch it" % self.path)
+                self._run_script(conn, schema_sql("all" if self.with_catalog else "cache_index"))
                 log.info("created schema version %d in %s", SCHEMA_VERSION, self.path)
                 version = self.schema_version()
+            elif bool(has_files) != self.with_catalog:
+                raise DatabaseError(
+                    "%s is a %s; it cannot be opened as a %s" % (self.path, *(
+                        ("pool database with its catalog", "node's cache index alone")
+                        if has_files else
+                        ("node's cache index alone", "pool database with its catalog"))))
             while version < SCHEMA_VERSION:
+                # Cache-index-only files begin at version 4; later steps will
+                # need a cache-index form of their own.
                 self._run_script(conn, MIGRATIONS[version])
                 log.info("migrated %s from schema version %d to %d",
                          self.path, version, version + 1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
-from .connection import Database, in_list, json_list
+from .connection import Store, in_list, json_list
 
 #: Every state a copy can be in (see :mod:`cloudmanager.replication`).
 STATES = ("pending", "good", "claimed", "suspect", "bad", "missing", "deleted")
@@ -78,7 +78,7 @@ CopyKey = Tuple[str, str, str]
 class Copies:
     """Reads and writes of copies and tombstones."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Store) -> None:
         self.db = db
 
     # -- reads -------------------------------------------------------------------
@@ -183,8 +183,9 @@ class Copies:
     def begin_removal(self, conn: sqlite3.Connection, file_hash: str, owner: str,
                       when: float) -> None:
         """Note that ``owner`` is removing the file (see :meth:`removing`)."""
-        conn.execute("INSERT OR REPLACE INTO removals (hash, owner, started) VALUES (?, ?, ?)",
-                     (file_hash, owner, when))
+        conn.execute("INSERT INTO removals (hash, owner, started) VALUES (?, ?, ?)"
+                     " ON CONFLICT (hash) DO UPDATE SET owner = excluded.owner,"
+                     " started = excluded.started", (file_hash, owner, when))
 
     def end_removals(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> None:
         """The removals of these files are over."""
@@ -219,8 +220,8 @@ class Copies:
             "INSERT INTO uploads (hash, host_name, url, state, time, checked)"
             " VALUES (?, ?, ?, 'good', ?, ?)"
             " ON CONFLICT (hash, host_name, url) DO UPDATE SET state = 'good',"
-            " time = CASE WHEN ? THEN time ELSE excluded.time END,"
-            " checked = CASE WHEN ? THEN excluded.checked ELSE checked END,"
+            " time = CASE WHEN ? THEN uploads.time ELSE excluded.time END,"
+            " checked = CASE WHEN ? THEN excluded.checked ELSE uploads.checked END,"
             " strikes = 0, next_check = 0",
             [(h, host, url, when, when if checked else 0, checked, checked)
              for h, host, url in copies])
@@ -297,5 +298,7 @@ class Copies:
         conn.executemany("UPDATE uploads SET state = 'deleted', checked = ?"
                          " WHERE hash = ? AND host_name = ? AND url = ?",
                          [(int(when), h, host, url) for h, host, url in copies])
-        conn.executemany("INSERT OR REPLACE INTO tombstones (hash, host_name, url, deleted)"
-                         " VALUES (?, ?, ?, ?)", [(h, host, url, when) for h, host, url in copies])
+        conn.executemany("INSERT INTO tombstones (hash, host_name, url, deleted)"
+                         " VALUES (?, ?, ?, ?) ON CONFLICT (hash, host_name, url)"
+                         " DO UPDATE SET deleted = excluded.deleted",
+                         [(h, host, url, when) for h, host, url in copies])

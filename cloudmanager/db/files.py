@@ -12,7 +12,7 @@ import logging
 import sqlite3
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set
 
-from .connection import Database, in_list, json_list
+from .connection import Store, in_list, json_list
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ _COLUMNS = "hash, filename, size, created, copies, verified"
 class Files:
     """Reads and writes of the ``files`` table."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Store) -> None:
         self.db = db
 
     def exists(self, file_hash: str) -> bool:

@@ -11,7 +11,7 @@ import statistics
 import time
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
-from .connection import Database
+from .connection import Store
 
 #: How many recent transfer times per host the latency median is taken over.
 LATENCY_SAMPLES = 31
@@ -47,7 +47,7 @@ def month_key(timestamp: Optional[float] = None) -> str:
 class Health:
     """Reads and writes of host health and the transfer meter."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Store) -> None:
         self.db = db
 
     def record(self, outcomes: Dict[str, List[Outcome]], uploaded: int = 0,
@@ -95,8 +95,9 @@ class Health:
             if uploaded or downloaded:
                 conn.execute(
                     "INSERT INTO transfers (month, uploaded, downloaded) VALUES (?, ?, ?)"
-                    " ON CONFLICT (month) DO UPDATE SET uploaded = uploaded + excluded.uploaded,"
-                    " downloaded = downloaded + excluded.downloaded",
+                    " ON CONFLICT (month) DO UPDATE SET"
+                    " uploaded = transfers.uploaded + excluded.uploaded,"
+                    " downloaded = transfers.downloaded + excluded.downloaded",
                     (month_key(when), uploaded, downloaded))
 
     def reset(self, host_names: Iterable[str]) -> None:

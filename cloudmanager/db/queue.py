@@ -8,13 +8,13 @@ from __future__ import annotations
 import sqlite3
 from typing import Iterable, List
 
-from .connection import Database
+from .connection import Store
 
 
 class Queue:
     """Reads and writes of the upload queue."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Store) -> None:
         self.db = db
 
     def add(self, conn: sqlite3.Connection, hashes: Iterable[str], when: float,
@@ -45,7 +45,7 @@ class Queue:
 
     def hashes(self) -> List[str]:
         """Every queued hash, oldest first."""
-        return [r[0] for r in self.db.read("SELECT hash FROM upload_queue ORDER BY queued")]
+        return [r[0] for r in self.db.read("SELECT hash FROM upload_queue ORDER BY queued, hash")]
 
     def length(self) -> int:
         """Number of files on the queue."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
 
-from .connection import Database, json_list
+from .connection import Store, json_list
 
 
 class StoredRecord(NamedTuple):
@@ -34,7 +34,7 @@ class KnownRecord(NamedTuple):
 class Records:
     """Reads and merges of whole records."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Store) -> None:
         self.db = db
 
     def iter(self, hashes: Optional[Iterable[str]] = None,

@@ -1,0 +1,463 @@
+"""The pool's catalog on a PostgreSQL server, shared by several nodes.
+
+:class:`PostgresDatabase` has the interface of
+:class:`~cloudmanager.db.connection.Database` (``transaction()``, ``read()``,
+``close()``, the schema), so the catalog's modules (files, copies, queue,
+health, records) run on either. Their statements are written for SQLite;
+:func:`translate` turns each into PostgreSQL once (the few differences are
+listed there), and the tests run every catalog module on both.
+
+**Writers take turns, as in SQLite.** Every write transaction starts by
+taking one transaction-scoped advisory lock, so catalog writes from all
+nodes are serialized exactly like ``BEGIN IMMEDIATE`` serializes them in
+SQLite, and every rule the code relies on there holds here: a check and the
+write it guards cannot interleave with another node's. Reads take no lock
+and see what was committed. Writes are short (no transfer ever runs inside
+one), so the lock is held for milliseconds.
+
+**Connections** come from a ``psycopg_pool.ConnectionPool``. A transaction
+holds one for its length; a read borrows one per statement. A connection the
+server dropped (a restart, a network cut) is discarded, and the operation is
+retried once on a fresh one when nothing of it can have happened yet; past
+that, the caller gets a :class:`~cloudmanager.errors.DatabaseError`.
+
+**Secrets.** A password in the URL never reaches a log, an error or a
+report: :func:`redact` replaces it wherever the URL is shown, and error texts
+are scrubbed of it. libpq's other sources (``~/.pgpass``, ``PGPASSWORD``,
+``PGSERVICE``...) work as usual, since the URL is handed to libpq as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import re
+import threading
+from importlib import resources
+from typing import Any, Iterable, Iterator, List, Optional, Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from ..errors import DatabaseError
+
+log = logging.getLogger(__name__)
+
+#: URL schemes that name a PostgreSQL catalog.
+URL_SCHEMES = ("postgresql", "postgres")
+#: The one-line hint when the driver is missing.
+INSTALL_HINT = "PostgreSQL catalogs need psycopg: pip install 'cloudmanager[postgres]'"
+#: The advisory lock every catalog write transaction takes (any fixed 64-bit number).
+WRITE_LOCK = 0x636D5F706F6F6C  # "cm_pool"
+#: Connections kept per process, and the most it opens.
+POOL_MIN, POOL_MAX = 1, 16
+#: Seconds to wait for a pooled connection (or for the server to accept one).
+CONNECT_TIMEOUT_S = 15.0
+
+
+def is_postgres_url(value: object) -> bool:
+    """Whether ``value`` is a ``postgresql://`` or ``postgres://`` URL.
+
+    >>> is_postgres_url("postgresql://cm@db.example/pool"), is_postgres_url("pool.sqlite3")
+    (True, False)
+    """
+    return isinstance(value, str) and value.split("://", 1)[0].lower() in URL_SCHEMES \
+        and "://" in value
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ``***``, for logs, errors and reports.
+
+    >>> redact("postgresql://cm:hunter2@db.example:5432/pool?password=x&sslmode=require")
+    'postgresql://cm:***@db.example:5432/pool?password=***&sslmode=require'
+    """
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, hostport = netloc.rsplit("@", 1)
+            if ":" in userinfo:
+                userinfo = userinfo.split(":", 1)[0] + ":***"
+            netloc = userinfo + "@" + hostport
+        query = parts.query
+        if query:
+            query = urlencode([(k, "***" if k.lower() == "password" else v)
+                               for k, v in parse_qsl(query, keep_blank_values=True)],
+                              safe="*")
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "postgresql://***"
+
+
+def _secrets(url: str) -> List[str]:
+    """The password(s) in ``url``, raw and as libpq may echo them."""
+    found = []
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            found.append(parts.password)
+        found += [v for k, v in parse_qsl(parts.query) if k.lower() == "password" and v]
+    except ValueError:
+        pass
+    return [s for s in found if s]
+
+
+# -- the dialect ------------------------------------------------------------------------
+
+_JSON_EACH = re.compile(r"json_each\(\?\)(?:\s+AS\s+(\w+))?", re.IGNORECASE)
+_INSERT_OR_IGNORE = re.compile(r"^\s*INSERT\s+OR\s+IGNORE\s+INTO\b", re.IGNORECASE)
+_SCALAR_MIN_MAX = re.compile(r"\b(min|max)\(", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=512)
+def translate(sql: str) -> str:
+    """One of the catalog's SQLite statements, in PostgreSQL.
+
+    The differences the catalog's statements use, and nothing more:
+
+    - ``?`` placeholders become ``%s`` (and a literal ``%`` becomes ``%%``);
+    - ``json_each(?) AS j`` (a JSON array parameter as a table) becomes
+      ``json_array_elements_text(%s::json) AS j(value)``;
+    - ``INSERT OR IGNORE INTO ...`` becomes ``INSERT INTO ... ON CONFLICT DO NOTHING``;
+    - scalar ``min(a, b)`` / ``max(a, b)`` become ``LEAST`` / ``GREATEST``
+      (the one-argument aggregates stay).
+
+    - ``PRAGMA defer_foreign_keys = ON`` becomes ``SET CONSTRAINTS ALL
+      DEFERRED`` (the catalog's foreign keys are deferrable).
+
+    ``INSERT OR REPLACE`` has no faithful translation (it deletes, then
+    inserts), so it is refused: catalog statements use ``ON CONFLICT``.
+
+    >>> translate("SELECT f.hash FROM json_each(?) AS j JOIN files AS f ON f.hash = j.value")
+    ... # doctest: +NORMALIZE_WHITESPACE
+    'SELECT f.hash FROM json_array_elements_text(%s::json) AS j(value)
+     JOIN files AS f ON f.hash = j.value'
+    >>> translate("UPDATE t SET n = ? + min(?, 2 * max(a, 1)) WHERE x LIKE 'a%'")
+    "UPDATE t SET n = %s + LEAST(%s, 2 * GREATEST(a, 1)) WHERE x LIKE 'a%%'"
+    """
+    if re.search(r"\bINSERT\s+OR\s+REPLACE\b", sql, re.IGNORECASE):
+        raise ValueError("INSERT OR REPLACE has no PostgreSQL form; use ON CONFLICT: %s" % sql)
+    if re.fullmatch(r"\s*PRAGMA\s+defer_foreign_keys\s*=\s*ON\s*;?\s*", sql, re.IGNORECASE):
+        return "SET CONSTRAINTS ALL DEFERRED"
+    out = sql.replace("%", "%%")
+    out = _JSON_EACH.sub(lambda m: "json_array_elements_text(?::json) AS %s(value)"
+                         % (m.group(1) or "_each"), out)
+    if _INSERT_OR_IGNORE.match(out):
+        out = _INSERT_OR_IGNORE.sub("INSERT INTO", out, count=1).rstrip().rstrip(";")
+        out += " ON CONFLICT DO NOTHING"
+    out = _scalar_min_max(out)
+    return out.replace("?", "%s")
+
+
+def _scalar_min_max(sql: str) -> str:
+    """Rename ``min(``/``max(`` calls that have two or more arguments."""
+    pieces, pos = [], 0
+    for match in _SCALAR_MIN_MAX.finditer(sql):
+        depth, i, commas = 1, match.end(), 0
+        while i < len(sql) and depth:
+            char = sql[i]
+            if char == "(":
+                depth += 1
+            elif char == ")":
+                depth -= 1
+            elif char == "," and depth == 1:
+                commas += 1
+            i += 1
+        if commas:
+            pieces.append(sql[pos:match.start()])
+            pieces.append("LEAST(" if match.group(1).lower() == "min" else "GREATEST(")
+            pos = match.end()
+    pieces.append(sql[pos:])
+    return "".join(pieces)
+
+
+# -- connections --------------------------------------------------------------------------
+
+class Rows:
+    """The rows of a finished statement: iterate, or ``fetchone()``/``fetchall()``."""
+
+    def __init__(self, rows: List[tuple], rowcount: int = -1) -> None:
+        self._rows = rows
+        self._next = 0
+        self.rowcount = rowcount
+
+    def __iter__(self) -> Iterator[tuple]:
+        while self._next < len(self._rows):
+            self._next += 1
+            yield self._rows[self._next - 1]
+
+    def fetchone(self) -> Optional[tuple]:
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    def fetchall(self) -> List[tuple]:
+        rest, self._next = self._rows[self._next:], len(self._rows)
+        return rest
+
+
+class PostgresConnection:
+    """A psycopg connection that takes the catalog's SQLite-dialect statements."""
+
+    def __init__(self, conn: Any, database: PostgresDatabase) -> None:
+        self.raw = conn
+        self._database = database
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows:
+        """Run one statement; its rows are fetched at once."""
+        with self._database.errors("query"):
+            cur = self.raw.execute(translate(sql), tuple(params) if params else None)
+            return Rows(cur.fetchall() if cur.description else [], cur.rowcount)
+
+    def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> Rows:
+        """Run one statement per parameter tuple (pipelined by psycopg)."""
+        seq = [tuple(p) for p in seq]
+        if not seq:
+            return Rows([], 0)
+        with self._database.errors("query"):
+            with self.raw.cursor() as cur:
+                cur.executemany(translate(sql), seq)
+                return Rows([], cur.rowcount)
+
+
+class PostgresDatabase:
+    """A catalog on a PostgreSQL server; see the module's docstring.
+
+    :param url: a ``postgresql://`` (or ``postgres://``) URL, as libpq takes it
+    :raises DatabaseError: if psycopg is missing (with the install hint), the
+        server cannot be reached, or its schema is newer than this code
+    """
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str, pool_max: int = POOL_MAX) -> None:
+        try:
+            import psycopg
+            import psycopg_pool
+        except ImportError as exc:
+            raise DatabaseError(INSTALL_HINT) from exc
+        self._psycopg = psycopg
+        self.url = url
+        #: The URL as it may be shown: no password.
+        self.path = redact(url)
+        self._secrets = _secrets(url)
+        self._local = threading.local()
+        with self.errors("connect"):
+            # One connection first, outside the pool: a wrong password or host
+            # is reported as libpq says it, at once (the pool would retry, then
+            # say only that it timed out).
+            psycopg.connect(url, autocommit=True).close()
+            self._pool = psycopg_pool.ConnectionPool(
+                url, min_size=POOL_MIN, max_size=pool_max, open=False,
+                kwargs={"autocommit": True}, timeout=CONNECT_TIMEOUT_S,
+                name="cloudmanager")
+            self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+        try:
+            self.ensure_schema()
+        except BaseException:
+            self._pool.close()
+            raise
+
+    # -- errors --------------------------------------------------------------------
+
+    def scrub(self, text: str) -> str:
+        """``text`` with this catalog's password(s) replaced by ``***``."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    @contextlib.contextmanager
+    def errors(self, what: str) -> Iterator[None]:
+        """Turn psycopg's and the pool's errors into a scrubbed DatabaseError."""
+        try:
+            yield
+        except DatabaseError:
+            raise
+        except Exception as exc:
+            if not _is_driver_error(exc):
+                raise
+            raise DatabaseError(self.scrub("%s failed on %s: %s" % (what, self.path, exc))) \
+                from None
+
+    def _broken(self, exc: BaseException) -> bool:
+        """Whether ``exc`` means the connection is gone (retry on a new one)."""
+        return isinstance(exc, (self._psycopg.OperationalError, self._psycopg.InterfaceError))
+
+    # -- transactions and reads ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[PostgresConnection]:
+        """A write transaction that holds the catalog's write lock; nested use
+        is a savepoint. Yields a :class:`PostgresConnection`.
+
+        :raises DatabaseError: if the server cannot be reached, or a
+            statement or the commit fails; nothing of it is then written
+        """
+        local = self._local
+        current = getattr(local, "conn", None)
+        if current is not None:
+            yield from self._savepoint(current, local)
+            return
+        with self._begin() as raw:
+            wrapped = PostgresConnection(raw, self)
+            local.conn, local.depth = wrapped, 1
+            try:
+                yield wrapped
+            except BaseException as exc:
+                local.conn, local.depth = None, 0
+                with contextlib.suppress(Exception):
+                    raw.execute("ROLLBACK")
+                if _is_driver_error(exc):
+                    raise DatabaseError(self.scrub("%s on %s" % (exc, self.path))) from None
+                raise
+            local.conn, local.depth = None, 0
+            with self.errors("commit"):
+                raw.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _begin(self) -> Iterator[Any]:
+        """A pooled connection in a transaction that holds the write lock.
+
+        Starting is retried once on a fresh connection if the first was cut:
+        nothing has happened in the transaction yet.
+        """
+        for attempt in (1, 2):
+            with self.errors("connect"):
+                cm = self._pool.connection()
+                raw = cm.__enter__()
+            try:
+                raw.execute("BEGIN")
+                raw.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            except Exception as exc:
+                cm.__exit__(type(exc), exc, exc.__traceback__)
+                if attempt == 1 and self._broken(exc):
+                    log.info("catalog connection lost (%s); reconnecting", self.scrub(str(exc)))
+                    continue
+                if _is_driver_error(exc):
+                    raise DatabaseError(self.scrub("cannot start a transaction on %s: %s"
+                                                   % (self.path, exc))) from None
+                raise
+            try:
+                yield raw
+            except BaseException as exc:
+                cm.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+            cm.__exit__(None, None, None)
+            return
+
+    def _savepoint(self, conn: PostgresConnection, local: Any) -> Iterator[PostgresConnection]:
+        name = "sp%d" % local.depth
+        local.depth += 1
+        try:
+            with self.errors("savepoint"):
+                conn.raw.execute("SAVEPOINT " + name)
+            try:
+                yield conn
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    conn.raw.execute("ROLLBACK TO SAVEPOINT " + name)
+                    conn.raw.execute("RELEASE SAVEPOINT " + name)
+                raise
+            with self.errors("savepoint"):
+                conn.raw.execute("RELEASE SAVEPOINT " + name)
+        finally:
+            local.depth -= 1
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> Rows:
+        """Run a read-only statement (inside this thread's transaction, if any).
+
+        A read cut by a lost connection is retried once on a fresh one.
+
+        :raises DatabaseError: if it fails
+        """
+        current = getattr(self._local, "conn", None)
+        if current is not None:
+            return current.execute(sql, params)
+        statement = translate(sql)
+        for attempt in (1, 2):
+            try:
+                with self._pool.connection() as raw:
+                    cur = raw.execute(statement, tuple(params) if params else None)
+                    return Rows(cur.fetchall() if cur.description else [], cur.rowcount)
+            except Exception as exc:
+                if attempt == 1 and self._broken(exc):
+                    log.info("catalog connection lost (%s); reconnecting", self.scrub(str(exc)))
+                    continue
+                if _is_driver_error(exc):
+                    raise DatabaseError(self.scrub("query failed on %s: %s" % (self.path, exc))) \
+                        from None
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        """Close the pool's connections."""
+        with contextlib.suppress(Exception):
+            self._pool.close()
+
+    # -- schema ----------------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        """The catalog's schema version (0 for an empty database)."""
+        if not self._has_table("cloudmanager_schema"):
+            return 0
+        row = self.read("SELECT version FROM cloudmanager_schema").fetchone()
+        return int(row[0]) if row else 0
+
+    def _has_table(self, name: str) -> bool:
+        # pg_tables, not to_regclass(): a name looked up in vain earlier on
+        # the same connection can stay cached as missing until the backend
+        # next takes a lock, and a node that waited for another's schema
+        # creation would not see it.
+        return self.read("SELECT 1 FROM pg_catalog.pg_tables WHERE tablename = ?"
+                         " AND schemaname = current_schema()", (name,)).fetchone() is not None
+
+    def ensure_schema(self) -> int:
+        """Create the catalog's schema on an empty database, or migrate it.
+
+        It runs under the write lock and reads the version again there, so
+        nodes opening (or ``cm_setup_db``-ing) a new catalog at the same
+        moment create it once.
+
+        :return: the version before (0 for a new catalog)
+        :raises DatabaseError: if the catalog is newer than this code, or the
+            database holds tables that are not a cloudmanager catalog
+        """
+        from .connection import SCHEMA_VERSION
+
+        before = self.schema_version()
+        if before == SCHEMA_VERSION:
+            return before
+        with self.transaction() as conn:
+            version = self.schema_version()
+            if version > SCHEMA_VERSION:
+                raise DatabaseError("catalog %s has schema version %d; this cloudmanager "
+                                    "knows up to %d" % (self.path, version, SCHEMA_VERSION))
+            if version == 0:
+                if self._has_table("files"):
+                    raise DatabaseError("%s has a 'files' table but no cloudmanager schema "
+                                        "version; refusing to touch it" % self.path)
+                with self.errors("schema creation"):
+                    conn.raw.execute(postgres_schema_sql())
+                log.info("created catalog schema version %d in %s", SCHEMA_VERSION, self.path)
+            # Later versions: the steps of POSTGRES_MIGRATIONS, as in connection.py.
+            while version and version < SCHEMA_VERSION:
+                with self.errors("migration"):
+                    conn.raw.execute(POSTGRES_MIGRATIONS[version])
+                version = self.schema_version()
+        return before
+
+
+#: ``{from_version: sql}`` for catalogs on PostgreSQL, as
+#: :data:`~cloudmanager.db.connection.MIGRATIONS` is for SQLite. PostgreSQL
+#: catalogs begin at version 4.
+POSTGRES_MIGRATIONS: dict = {}
+
+
+def postgres_schema_sql() -> str:
+    """The text of ``schema_postgres.sql``."""
+    return resources.files(__package__).joinpath("schema_postgres.sql").read_text("utf-8")
+
+
+def _is_driver_error(exc: BaseException) -> bool:
+    module = type(exc).__module__ or ""
+    return module.startswith(("psycopg", "psycopg_pool"))

@@ -1,0 +1,105 @@
+-- cloudmanager catalog schema on PostgreSQL, version 4.
+--
+-- The catalog part of schema.sql (same tables, columns, keys, indexes and
+-- copy-count triggers), in PostgreSQL's types; tests/test_catalog.py checks
+-- that the two define the same columns. Each node's cache index stays in a
+-- local SQLite file (schema.sql's second part). Applied once, under the
+-- catalog's write lock, by PostgresDatabase.ensure_schema (and cm_setup_db).
+--
+-- Text keys use the "C" collation: hashes and names sort bytewise, as in
+-- SQLite, whatever the database's locale (a prefix lookup relies on it).
+
+CREATE TABLE files (
+    hash        TEXT COLLATE "C" PRIMARY KEY CHECK (length(hash) = 64),
+    filename    TEXT COLLATE "C" NOT NULL DEFAULT '',
+    size        BIGINT NOT NULL CHECK (size >= 0),
+    created     BIGINT NOT NULL,
+    copies      INTEGER NOT NULL DEFAULT 0,
+    verified    INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX files_verified ON files (verified);
+
+CREATE TABLE uploads (
+    -- Deferrable: an import inserts a new file's copies before its row.
+    hash       TEXT COLLATE "C" NOT NULL REFERENCES files (hash) ON DELETE CASCADE
+                   DEFERRABLE INITIALLY IMMEDIATE,
+    host_name  TEXT COLLATE "C" NOT NULL,
+    url        TEXT COLLATE "C" NOT NULL DEFAULT '',
+    state      TEXT NOT NULL DEFAULT 'claimed' CHECK (state IN
+                   ('pending', 'good', 'claimed', 'suspect', 'bad', 'missing', 'deleted')),
+    time       BIGINT NOT NULL,
+    checked    BIGINT NOT NULL DEFAULT 0,
+    next_check DOUBLE PRECISION NOT NULL DEFAULT 0,
+    strikes    INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (hash, host_name, url)
+);
+CREATE INDEX uploads_checked ON uploads (checked) WHERE state IN ('good', 'claimed');
+CREATE INDEX uploads_recheck ON uploads (next_check)
+    WHERE state IN ('suspect', 'bad', 'missing');
+
+-- files.copies and files.verified, kept in step with the file's copies.
+CREATE FUNCTION cloudmanager_count_copies() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    h TEXT;
+BEGIN
+    IF TG_OP = 'DELETE' THEN h := OLD.hash; ELSE h := NEW.hash; END IF;
+    UPDATE files SET
+        copies = (SELECT count(DISTINCT host_name) FROM uploads
+                  WHERE hash = h AND state IN ('good', 'claimed', 'suspect')),
+        verified = (SELECT count(DISTINCT host_name) FROM uploads
+                    WHERE hash = h AND state = 'good')
+    WHERE hash = h;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER uploads_insert AFTER INSERT ON uploads
+    FOR EACH ROW EXECUTE FUNCTION cloudmanager_count_copies();
+CREATE TRIGGER uploads_update AFTER UPDATE OF state ON uploads
+    FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state)
+    EXECUTE FUNCTION cloudmanager_count_copies();
+CREATE TRIGGER uploads_delete AFTER DELETE ON uploads
+    FOR EACH ROW EXECUTE FUNCTION cloudmanager_count_copies();
+
+CREATE TABLE tombstones (
+    hash      TEXT COLLATE "C" NOT NULL CHECK (length(hash) = 64),
+    host_name TEXT COLLATE "C" NOT NULL,
+    url       TEXT COLLATE "C" NOT NULL,
+    deleted   DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (hash, host_name, url)
+);
+
+CREATE TABLE removals (
+    hash    TEXT COLLATE "C" PRIMARY KEY CHECK (length(hash) = 64),
+    owner   TEXT NOT NULL,
+    started DOUBLE PRECISION NOT NULL
+);
+
+CREATE TABLE upload_queue (
+    hash         TEXT COLLATE "C" PRIMARY KEY REFERENCES files (hash) ON DELETE CASCADE,
+    queued       DOUBLE PRECISION NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT
+);
+
+CREATE TABLE host_health (
+    host_name            TEXT COLLATE "C" PRIMARY KEY,
+    successes            BIGINT NOT NULL DEFAULT 0,
+    failures             BIGINT NOT NULL DEFAULT 0,
+    consecutive_failures INTEGER NOT NULL DEFAULT 0,
+    last_error           TEXT,
+    last_success         DOUBLE PRECISION,
+    last_failure         DOUBLE PRECISION,
+    latency_samples      TEXT NOT NULL DEFAULT '[]'
+);
+
+CREATE TABLE transfers (
+    month      TEXT COLLATE "C" PRIMARY KEY,
+    uploaded   BIGINT NOT NULL DEFAULT 0,
+    downloaded BIGINT NOT NULL DEFAULT 0
+);
+
+-- The catalog's schema version (SQLite keeps it in PRAGMA user_version).
+CREATE TABLE cloudmanager_schema (
+    version INTEGER NOT NULL
+);
+INSERT INTO cloudmanager_schema (version) VALUES (4);

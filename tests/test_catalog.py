@@ -1,0 +1,287 @@
+"""The catalog's conformance suite: every catalog module, on SQLite and on PostgreSQL.
+
+The ``catalog`` fixture (conftest.py) gives a SQLite file, or a fresh
+database on a real PostgreSQL server started from the machine's binaries
+plus a local cache index file. The same statements must mean the same on
+both: these tests run each catalog table's writes and reads, including the
+triggers that count copies and the batch statements of an import.
+"""
+
+import re
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from cloudmanager.db import FileDatabase
+from cloudmanager.db.connection import schema_sql
+from cloudmanager.db.health import Outcome
+from cloudmanager.db.postgres import postgres_schema_sql, redact, translate
+from cloudmanager.errors import DatabaseError
+
+H = ["%064x" % (0xA0 + i) for i in range(6)]
+
+
+@pytest.fixture
+def cat(catalog):
+    database, index_path = catalog
+    db = FileDatabase(database, index_path)
+    yield db
+    db.close()
+
+
+def add_files(db, hashes, size=10):
+    with db.catalog.transaction() as conn:
+        for i, h in enumerate(hashes):
+            assert db.files.add(conn, h, "f%d.txt" % i, size, 1000 + i) == "new"
+
+
+def test_files_rows_and_lookups(cat):
+    add_files(cat, H[:4])
+    with cat.catalog.transaction() as conn:
+        assert cat.files.add(conn, H[0], "other", 10, 5) == "same"
+        assert cat.files.add(conn, H[0], "other", 11, 5) == "conflict"
+        assert cat.files.add(conn, H[1], "", 12, 5, size_known=True) == "corrected"
+        states = cat.files.states(conn, [H[0], H[1], "f" * 64])
+    assert set(states) == {H[0], H[1]} and states[H[1]].size == 12
+    row = cat.files.get(H[2])
+    assert (row.filename, row.size, row.created, row.copies, row.verified) == \
+        ("f2.txt", 10, 1002, 0, 0)
+    assert cat.files.exists(H[3]) and not cat.files.exists("e" * 64)
+    assert cat.files.count() == 4 and cat.files.has_any()
+    # Hash order is bytewise on both (the prefix lookup's range relies on it).
+    assert cat.files.with_prefix("00", limit=10) == H[:4]
+    assert cat.files.with_prefix("0" * 62 + "a1") == [H[1]]
+    assert [r.hash for r in cat.files.listing()] == H[:4]  # by filename f0..f3
+    with cat.catalog.transaction() as conn:
+        assert cat.files.forget(conn, H[3]) and not cat.files.forget(conn, H[3])
+    assert cat.files.count() == 3
+
+
+def test_copy_states_and_the_counting_triggers(cat):
+    add_files(cat, H[:2])
+    url = "file:///hosts/h%d/" + H[0]
+    with cat.catalog.transaction() as conn:
+        cat.copies.record_good(conn, [(H[0], "h1", url % 1), (H[0], "h2", url % 2),
+                                      ("f" * 64, "h1", "file:///gone")], when=100)
+        cat.copies.record_pending(conn, [(H[0], "h3"), (H[0], "h1"), ("f" * 64, "h1")], when=101)
+    assert [(c.host_name, c.state) for c in cat.copies.of(H[0])] == \
+        [("h1", "good"), ("h2", "good"), ("h3", "pending")]
+    assert (cat.files.get(H[0]).copies, cat.files.get(H[0]).verified) == (2, 2)
+    assert cat.files.below_target(2) == [H[1]] and cat.files.count_below(3) == 2
+    # Condemn one: the counts follow, and the back-off puts its next look ahead.
+    now = time.time()
+    with cat.catalog.transaction() as conn:
+        cat.copies.condemn(conn, [(H[0], "h1", url % 1, "bad")], now, 60, 3600)
+    assert (cat.files.get(H[0]).copies, cat.files.get(H[0]).verified) == (1, 1)
+    assert cat.copies.sources(H[0]) == [("h2", url % 2)]
+    assert cat.copies.sources(H[0], condemned=True) == [("h1", url % 1)]
+    assert [c.host_name for c in cat.copies.to_check(due=now + 30)] == ["h2"]
+    assert [c.state for c in cat.copies.to_check(due=now + 61)] == ["bad", "good"]
+    # Strikes double the back-off, capped.
+    with cat.catalog.transaction() as conn:
+        for _ in range(20):
+            cat.copies.condemn(conn, [(H[0], "h1", url % 1, "missing")], now, 60, 3600)
+    assert [c.state for c in cat.copies.to_check(due=now + 3599)] == ["good"]
+    assert [c.state for c in cat.copies.to_check(due=now + 3601)] == ["missing", "good"]
+    # Seen matching again: good, counted again, strikes forgiven.
+    with cat.catalog.transaction() as conn:
+        cat.copies.record_good(conn, [(H[0], "h1", url % 1)], when=200, checked=True)
+    assert cat.files.get(H[0]).verified == 2
+    # Strikes on a good copy make it suspect at the threshold (counted, not verified).
+    with cat.catalog.transaction() as conn:
+        for _ in range(3):
+            cat.copies.strike(conn, [(H[0], "h2", url % 2)], now, 3, 60, 3600)
+    assert {c.host_name: c.state for c in cat.copies.of(H[0])}["h2"] == "suspect"
+    assert (cat.files.get(H[0]).copies, cat.files.get(H[0]).verified) == (2, 1)
+    with cat.catalog.transaction() as conn:
+        cat.copies.seen_intact(conn, [(H[0], "h2", url % 2)], now)
+        cat.copies.note_checked(conn, [(H[0], "h1", url % 1)], now)
+    assert {c.host_name: c.state for c in cat.copies.of(H[0])}["h2"] == "claimed"
+    states = cat.copies.replication_states([H[0], H[1]])
+    assert states[H[0]].good == {"h1"} and states[H[0]].claimed == [("h2", url % 2)]
+    assert states[H[1]].good == set()
+    assert cat.copies.one_url_on("h1") == url % 1 and cat.copies.one_url_on("h9") is None
+    assert sorted(tuple(r) for r in cat.copies.holding()) == [(H[0], "h1", url % 1),
+                                                        (H[0], "h2", url % 2)]
+
+
+def test_removals_tombstones_and_the_queue(cat):
+    add_files(cat, H[:3])
+    url = "file:///hosts/h1/" + H[0]
+    with cat.catalog.transaction() as conn:
+        cat.queue.add(conn, H[:3], 10.0)
+        cat.queue.add(conn, H[:1], 20.0)  # already queued: kept as it was
+        cat.copies.record_good(conn, [(H[0], "h1", url)], when=5)
+        cat.copies.begin_removal(conn, H[0], "node:1:a", 30.0)
+        cat.copies.begin_removal(conn, H[0], "node:2:b", 31.0)  # taken over
+        assert cat.copies.removing(conn, H[:2]) == {H[0]}
+        assert cat.copies.removals_of_owners_not_in(conn, ["node:1:a"]) == [H[0]]
+        cat.copies.record_deleted(conn, [(H[0], "h1", url)], 40.0)
+        cat.copies.record_deleted(conn, [(H[0], "h1", url)], 41.0)  # twice: one tombstone
+        cat.queue.note_failure(conn, H[1], "no host")
+    assert cat.queue.hashes() == H[:3] and cat.queue.length() == 3
+    assert cat.files.get(H[0]).copies == 0
+    with cat.catalog.transaction() as conn:
+        cat.copies.end_removals(conn, [H[0]])
+        assert cat.copies.removing(conn, [H[0]]) == set()
+        cat.queue.remove(conn, [H[1]])
+        cat.files.forget(conn, H[0])  # its queue entry and rows go with it
+    assert cat.queue.hashes() == [H[2]]
+    # The tombstone outlives the file: an older claim of that copy is dropped.
+    rec = SimpleNamespace(hash=H[0], filename="f0.txt", size=10, datetime=1,
+                          uploads=[("h1", url, False), ("h2", "file:///hosts/h2/" + H[0], False)])
+    assert cat.records.merge([rec]) == (1, [])
+    assert [(c.host_name, c.state) for c in cat.copies.of(H[0])] == [("h2", "claimed")]
+
+
+def test_import_and_export_records(cat):
+    add_files(cat, H[:1])
+    url = "file:///hosts/h1/"
+    records = [
+        SimpleNamespace(hash=H[0], filename="x", size=10, datetime=1,
+                        uploads=[("h1", url + H[0], False)]),
+        SimpleNamespace(hash=H[1], filename="new.bin", size=7, datetime=2,
+                        uploads=[("h1", url + H[1], False), ("h2", url + H[1], True),
+                                 ("h3", "", True)]),
+        SimpleNamespace(hash=H[2], filename="", size=99, datetime=3, uploads=[]),
+        SimpleNamespace(hash=H[0], filename="", size=11, datetime=1, uploads=[]),
+    ]
+    changed, refused = cat.records.merge(records)
+    assert refused == [H[0]] and changed == 3
+    assert cat.records.merge(records[:3]) == (0, [])  # a union: nothing new twice
+    assert {(c.host_name, c.state) for c in cat.copies.of(H[1])} == \
+        {("h1", "claimed"), ("h2", "bad"), ("h3", "pending")}
+    assert (cat.files.get(H[1]).copies, cat.files.get(H[1]).verified) == (1, 0)
+    known = cat.records.known([H[1], "f" * 64])
+    assert set(known) == {H[1]} and known[H[1]].size == 7
+    exported = list(cat.records.iter(with_copies_only=True))
+    assert [r.hash for r in exported] == [H[0], H[1]]
+    assert sorted(exported[1].uploads) == [("h1", url + H[1], False), ("h2", url + H[1], True),
+                                           ("h3", "", True)]
+    assert [r.hash for r in cat.records.iter()] == H[:3]
+    assert cat.files.in_pool(H[:3]) == {H[0], H[1]}
+
+
+def test_health_and_the_transfer_meter(cat):
+    now = time.time()
+    cat.health.record({"h1": [Outcome(True, 12.0, None, now), Outcome(False, None, "boom", now)],
+                       "h2": [Outcome(True, 5.0, None, now)]}, uploaded=100, downloaded=7,
+                      when=now)
+    cat.health.record({"h1": [Outcome(False, None, "again", now)]}, uploaded=1, when=now)
+    health = cat.health.all()
+    assert (health["h1"].successes, health["h1"].failures, health["h1"].consecutive_failures,
+            health["h1"].last_error) == (1, 2, 2, "again")
+    assert health["h2"].latency_ms == 5.0
+    assert cat.health.breakers()["h1"][0] == 2
+    (month, (up, down)), = cat.health.transfers().items()
+    assert (up, down) == (101, 7) and re.fullmatch(r"\d{4}-\d\d", month)
+    cat.health.reset(["h1"])
+    assert cat.health.all()["h1"].consecutive_failures == 0
+
+
+def test_nested_writes_are_savepoints(cat):
+    add_files(cat, H[:1])
+    with cat.catalog.transaction() as conn:
+        with pytest.raises(RuntimeError):
+            with cat.catalog.transaction() as inner:
+                cat.files.add(inner, H[1], "", 1, 1)
+                raise RuntimeError("roll the inner block back")
+        cat.files.add(conn, H[2], "", 1, 1)
+    assert not cat.files.exists(H[1]) and cat.files.exists(H[2])
+    with pytest.raises(DatabaseError):  # a constraint: typed, and nothing written
+        with cat.catalog.transaction() as conn:
+            cat.files.add(conn, H[3], "", 1, 1)
+            cat.files.insert(conn, [(H[0], "", 10, 1)])
+    assert not cat.files.exists(H[3])
+
+
+# -- PostgreSQL only ------------------------------------------------------------------
+
+def test_both_schemas_define_the_same_catalog(pg_url, tmp_path):
+    """schema_postgres.sql is schema.sql's catalog part in PostgreSQL's types."""
+    lite = FileDatabase(tmp_path / "pool.sqlite3")
+    pg = FileDatabase(pg_url, tmp_path / "index.sqlite3")
+    try:
+        tables = re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", schema_sql("catalog"))
+        assert tables == re.findall(r"CREATE TABLE (\w+)", postgres_schema_sql())[:-1]
+        for table in tables:
+            lite_columns = [r[1] for r in lite.read("PRAGMA table_info(%s)" % table)]
+            pg_columns = [r[0] for r in pg.catalog.read(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ?"
+                " ORDER BY ordinal_position", (table,))]
+            assert lite_columns == pg_columns, table
+        # The node's index file holds the cache index alone.
+        local_tables = {r[0] for r in pg.local.read(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "files" not in local_tables and "cache_entries" in local_tables
+    finally:
+        lite.close()
+        pg.close()
+
+
+def test_schema_creation_is_idempotent_and_safe_at_once(pg_url, tmp_path):
+    """Several processes creating one new catalog at the same moment: it is
+    created once, and every one of them opens it."""
+    code = ("import sys; from cloudmanager.db import FileDatabase\n"
+            "db = FileDatabase(sys.argv[1], sys.argv[2]); print(db.schema_version()); db.close()")
+    procs = [subprocess.Popen([sys.executable, "-c", code, pg_url,
+                               str(tmp_path / ("index%d.sqlite3" % i))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    assert {o[0].strip() for o in outs} == {"4"}
+
+
+def test_a_password_never_reaches_an_error(postgres_server, tmp_path, caplog):
+    from pg_server import PASSWORD
+
+    url = postgres_server.password_url()
+    db = FileDatabase(url, tmp_path / "index.sqlite3")  # the right password works
+    assert PASSWORD not in db.path and "***" in db.path
+    db.close()
+    wrong = url.replace(PASSWORD, PASSWORD[::-1])
+    with pytest.raises(DatabaseError) as info:
+        FileDatabase(wrong, tmp_path / "index2.sqlite3")
+    assert PASSWORD[::-1] not in str(info.value) and "password" in str(info.value).lower()
+    assert PASSWORD not in caplog.text and PASSWORD[::-1] not in caplog.text
+
+
+def test_the_catalog_survives_a_server_restart(postgres_server, pg_url, tmp_path):
+    """Connections cut by a restart are replaced: reads and writes go on."""
+    db = FileDatabase(pg_url, tmp_path / "index.sqlite3")
+    try:
+        add_files(db, H[:1])
+        postgres_server.restart()
+        assert db.files.exists(H[0])  # a read on a fresh connection
+        add_files(db, H[1:2])  # and a write
+        assert db.files.count() == 2
+    finally:
+        db.close()
+
+
+def test_an_unreachable_catalog_is_a_typed_error(tmp_path):
+    from pg_server import _free_port
+
+    pytest.importorskip("psycopg")
+    url = "postgresql://nobody:pw@127.0.0.1:%d/none?connect_timeout=2" % _free_port()
+    started = time.monotonic()
+    with pytest.raises(DatabaseError) as info:
+        FileDatabase(url, tmp_path / "index.sqlite3")
+    assert "pw@" not in str(info.value) and time.monotonic() - started < 60
+
+
+def test_translation_of_the_dialect():
+    assert translate("INSERT OR IGNORE INTO q (hash) VALUES (?)") == \
+        "INSERT INTO q (hash) VALUES (%s) ON CONFLICT DO NOTHING"
+    assert translate("SELECT value FROM json_each(?)") == \
+        "SELECT value FROM json_array_elements_text(%s::json) AS _each(value)"
+    assert translate("SELECT max(x), min(a, (b)) FROM t") == \
+        "SELECT max(x), LEAST(a, (b)) FROM t"
+    with pytest.raises(ValueError):
+        translate("INSERT OR REPLACE INTO t VALUES (?)")
+    assert redact("postgres://u@h/db") == "postgres://u@h/db"
+    assert redact("postgresql://u:p%40ss@h/db") == "postgresql://u:***@h/db"
