@@ -41,6 +41,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from .db.postgres import is_postgres_url
+from .db.postgres import redact as redact_database_url
 from .errors import ConfigError, InvalidInputError
 from .validation import SECRET_OPTION, check_host_name, redact_url_passwords
 
@@ -204,7 +206,7 @@ def parse_config(document, base_dir=".", path=None):
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ConfigError("pool.%s has the wrong type: %r" % (key, value))
     for key in ("database", "storage"):
-        if key in pool:
+        if key in pool and not (key == "database" and is_postgres_url(pool[key])):
             pool[key] = os.path.join(base_dir, os.path.expanduser(pool[key]))
     if "capacity" in pool:
         try:
@@ -347,3 +349,13 @@ def embedded_config(capacity=None):
     os.makedirs(root, 0o700, exist_ok=True)
     local = HostConfig("local", "dir:" + root, {})
     return Config(None, pool, [local])
+
+
+def shown_database(database: str) -> str:
+    """The ``[pool] database`` setting as it may be shown: a PostgreSQL URL
+    without its password.
+
+    >>> shown_database("postgresql://cm:hunter2@db.example/pool")
+    'postgresql://cm:***@db.example/pool'
+    """
+    return redact_database_url(database) if is_postgres_url(database) else database

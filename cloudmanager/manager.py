@@ -15,6 +15,7 @@ from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, 
 
 from . import reports
 from .config import Config, load_config
+from .db.postgres import is_postgres_url
 from .errors import CloudManagerError, InvalidInputError, NotInPoolError, SerializationError
 from .hosts import from_spec
 from .pool import Pool, UPLOAD_BATCH  # noqa: F401  (UPLOAD_BATCH: part of the API)
@@ -39,7 +40,12 @@ class CloudManager:
     hosts; the cache keeps the most recently used files and evicts by LRU,
     but never a file that no host holds yet.
 
-    :param database_path: the SQLite file; created with the schema if new
+    :param database_path: the SQLite file, created with the schema if new; or
+        a ``postgresql://`` (``postgres://``) URL of a catalog that several
+        nodes share, each with its own cache (its index is then the local
+        file ``index.sqlite3`` in ``storage_path``). A password in the URL is
+        never logged or shown; libpq's ``~/.pgpass`` and ``PG*`` variables work
+        too. Needs ``pip install 'cloudmanager[postgres]'``
     :param storage_path: the cache directory; created if missing
     :param storage_size: the cache capacity in bytes (> 0)
     :param config: a ``cloudmanager.toml`` path (or a parsed
@@ -572,24 +578,32 @@ class CloudManager:
                 "defer_uploads": self.defer_uploads}
 
     @staticmethod
-    def cached_bytes_at(database_path: Union[str, os.PathLike[str]]) -> int:
+    def cached_bytes_at(database_path: Union[str, os.PathLike[str]],
+                        storage_path: Optional[Union[str, os.PathLike[str]]] = None) -> int:
         """What the cache of a pool holds, read from its database without opening the pool.
 
         For sizing a cache before the pool is opened (as
         :func:`~cloudmanager.config.default_capacity` wants): only the
         database is opened, not the storage directory or the hosts.
 
-        :param database_path: the pool's SQLite file
-        :return: the cached bytes; 0 if there is no database there yet
-        :raises CloudManagerError: if the database cannot be read
+        :param database_path: the pool's SQLite file (or its catalog's URL)
+        :param storage_path: the cache directory; needed for a catalog on a
+            server, whose cache index is a file in it
+        :return: the cached bytes; 0 if there is no cache index there yet
+        :raises CloudManagerError: if the cache index cannot be read
         """
-        if not os.path.exists(database_path):
-            return 0
-        from .db import FileDatabase
+        from .db import index_path_for
+        from .db.connection import Database
+        from .db.cache_index import CacheIndex
 
-        db = FileDatabase(database_path)
+        path = database_path
+        if storage_path is not None:
+            path = index_path_for(database_path, storage_path) or database_path
+        if is_postgres_url(path) or not os.path.exists(path):
+            return 0
+        db = Database(path, with_catalog=path == database_path)
         try:
-            return db.cache_index.counter("cached_bytes")
+            return CacheIndex(db).counter("cached_bytes")
         finally:
             db.close()
 

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 from . import check as integrity
 from . import fsutil
 from .cache import CacheStore
-from .db import FileDatabase
+from .db import FileDatabase, index_path_for
 from .engine import UploadEngine
 from .errors import (
     CacheError,
@@ -66,7 +66,7 @@ class Pool:
                  host_cooldown: float = 60.0, file_mode: int = fsutil.FILE_MODE) -> None:
         self.redundancy = redundancy
         self.defer_uploads = defer_uploads
-        self.db = FileDatabase(database)
+        self.db = FileDatabase(database, index_path_for(database, storage))
         try:
             self.health = Health(self.db, cooldown=host_cooldown)
             self.engine = UploadEngine(hosts, redundancy, self.health)

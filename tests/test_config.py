@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from cloudmanager import CloudManager
-from cloudmanager.config import load_config, parse_size
+from cloudmanager.config import load_config, parse_size, shown_database
 from cloudmanager.errors import ConfigError, MissingDependencyError
 
 
@@ -191,3 +191,17 @@ def test_bad_host_options_are_config_errors(tmp_path, options, message):
         """ % (tmp_path / "nas", options))
     with pytest.raises(ConfigError, match=message):
         CloudManager(config=path)
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_a_database_url_is_not_taken_for_a_relative_path(tmp_path, monkeypatch, scheme):
+    """Once, `postgresql://...` became a folder named `postgresql:` in the
+    working directory, and each node its own SQLite file."""
+    url = "%s://cm:hunter2@db.example:5432/pool" % scheme
+    cfg = tmp_path / "cloudmanager.toml"
+    cfg.write_text('[pool]\ndatabase = "%s"\nstorage = "cache"\ncapacity = "1 MiB"\n' % url)
+    config = load_config(cfg)
+    assert config.pool["database"] == url
+    assert config.pool["storage"] == str(tmp_path / "cache")
+    assert shown_database(url) == "%s://cm:***@db.example:5432/pool" % scheme
+    assert shown_database(str(tmp_path / "x.sqlite3")) == str(tmp_path / "x.sqlite3")

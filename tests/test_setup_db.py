@@ -66,3 +66,31 @@ def test_installed_console_script(tmp_path):
     result = subprocess.run([exe, str(tmp_path / "x.sqlite3")], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_postgresql_catalog_is_set_up_once_even_by_two_at_once(postgres_server, tmp_path):
+    """`cm_setup_db URL`, from two processes at the same moment, then again:
+    the schema is created once, and the password is never printed."""
+    from pg_server import PASSWORD
+
+    url = postgres_server.password_url()
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), url], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    again = run(url)
+    assert again.returncode == 0, again.stderr
+    for out, err in outs + [(again.stdout, again.stderr)]:
+        assert "schema version %d" % SCHEMA_VERSION in out
+        assert PASSWORD not in out + err and ":***@" in out
+    # The catalog alone: no node's cache index on the server.
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        tables = {r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
+    assert {"files", "uploads", "upload_queue", "host_health", "tombstones"} <= tables
+    assert not tables & {"cache_entries", "reservations", "sessions"}
+    bad = run(url.replace(PASSWORD, "wrong"))
+    assert bad.returncode == 1 and "wrong" not in bad.stderr and PASSWORD not in bad.stderr
+    assert bad.stderr.count("\n") == 1

@@ -15,7 +15,10 @@ from typing import Optional
 
 import click
 
-from ..config import Config, default_capacity, embedded_config, find_config, load_config, parse_size
+from ..config import (
+    Config, default_capacity, embedded_config, find_config, load_config, parse_size,
+    shown_database,
+)
 from ..errors import CloudManagerError, InvalidInputError
 from ..manager import CloudManager
 
@@ -184,9 +187,11 @@ class Session:
             settings["capacity"] = self.capacity
         elif "capacity" not in settings:
             settings["capacity"] = default_capacity(
-                settings["storage"], CloudManager.cached_bytes_at(settings["database"]))
+                settings["storage"],
+                CloudManager.cached_bytes_at(settings["database"], settings["storage"]))
         log.debug("opening the pool of %s: database %s, cache %s (%d bytes)",
-                  path or "the embedded defaults", settings["database"], settings["storage"],
+                  path or "the embedded defaults", shown_database(settings["database"]),
+                  settings["storage"],
                   settings["capacity"])
         return Config(origin, settings, hosts)
 

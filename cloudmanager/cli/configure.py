@@ -53,8 +53,9 @@ def host_option(ctx, param, values):
                    "dav=fsspec:webdav+https://dav.example.com/pool, "
                    "mf=plowshare:mediafire. Repeat for more. Default: a folder in the "
                    "user data dir.")
-@click.option("--database", metavar="PATH", help="The SQLite file (relative to the config "
-              "file). Default: .cloudmanager/pool.sqlite3, or the user data dir with --user.")
+@click.option("--database", metavar="PATH|URL", help="The SQLite file (relative to the config "
+              "file), or a postgresql:// URL for a catalog several nodes share. Default: "
+              ".cloudmanager/pool.sqlite3, or the user data dir with --user.")
 @click.option("--storage", metavar="DIR", help="The cache directory (relative to the config "
               "file). Default: .cloudmanager/cache, or the user cache dir with --user.")
 @click.option("--capacity", type=SIZE, metavar="SIZE",
@@ -76,6 +77,7 @@ def init(session, for_user, hosts, database, storage, capacity, redundancy, forc
     Examples:
       cm init --host nas=dir:/mnt/nas/pool --host b2=s3://my-bucket/pool
       cm init --user --capacity '50 GiB' --host usb=dir:/media/usb/pool
+      cm init --database postgresql://cm@db.example/pool --host b2=s3://my-bucket/pool
     """
     config_dir, data_dir, cache_dir = user_dirs()
     if for_user:
