@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cloudmanager.db import FileDatabase
+from cloudmanager.db import SCHEMA_VERSION, FileDatabase
 from cloudmanager.db.connection import schema_sql
 from cloudmanager.db.health import Outcome
 from cloudmanager.db.postgres import postgres_schema_sql, redact, translate
@@ -233,7 +233,7 @@ def test_schema_creation_is_idempotent_and_safe_at_once(pg_url, tmp_path):
              for i in range(4)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, outs
-    assert {o[0].strip() for o in outs} == {"4"}
+    assert {o[0].strip() for o in outs} == {str(SCHEMA_VERSION)}
 
 
 def test_a_password_never_reaches_an_error(postgres_server, tmp_path, caplog):
@@ -285,3 +285,73 @@ def test_translation_of_the_dialect():
         translate("INSERT OR REPLACE INTO t VALUES (?)")
     assert redact("postgres://u@h/db") == "postgres://u@h/db"
     assert redact("postgresql://u:p%40ss@h/db") == "postgresql://u:***@h/db"
+
+
+def test_a_version_4_postgresql_catalog_is_migrated(pg_url, tmp_path):
+    """A catalog made at version 4 (this series' first) gains what 5 adds,
+    keeping its rows."""
+    import psycopg
+
+    from cloudmanager.db.postgres import POSTGRES_MIGRATIONS
+
+    v5 = postgres_schema_sql()
+    v4 = v5.replace("VALUES (5)", "VALUES (4)")
+    v4 = re.sub(r"CREATE TABLE (leases|nodes) \(.*?\);", "", v4, flags=re.S)
+    v4 = v4.replace("    last_error   TEXT,\n    node         TEXT NOT NULL DEFAULT ''",
+                    "    last_error   TEXT")
+    v4 = v4.replace("""    month      TEXT COLLATE "C" NOT NULL,
+    node       TEXT COLLATE "C" NOT NULL DEFAULT '',""", """    month      TEXT COLLATE "C" NOT NULL,""")
+    v4 = v4.replace("PRIMARY KEY (month, node)", "PRIMARY KEY (month)")
+    assert 4 in POSTGRES_MIGRATIONS and v4 != v5
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(v4)
+        conn.execute("INSERT INTO transfers (month, uploaded, downloaded) VALUES ('2026-01', 5, 6)")
+    db = FileDatabase(pg_url, tmp_path / "index.sqlite3")
+    try:
+        assert db.schema_version() == SCHEMA_VERSION
+        assert db.health.transfers_by_node() == {"2026-01": {"": (5, 6)}}
+        db.health.record({}, uploaded=1, when=time.mktime((2026, 1, 15, 0, 0, 0, 0, 0, -1)),
+                         node="n1")
+        assert db.health.transfers() == {"2026-01": (6, 6)}
+    finally:
+        db.close()
+
+
+def test_leases_split_work_and_expire(cat):
+    """Two owners asking for the same work: one gets each piece; a lease
+    that ran out goes to whoever asks next; a release frees it at once."""
+    now = 1000.0
+    with cat.catalog.transaction() as conn:
+        got_a = cat.leases.take(conn, "replicate", H[:3], "a", now + 60, now)
+        got_b = cat.leases.take(conn, "replicate", H[1:5], "b", now + 60, now)
+        again_a = cat.leases.take(conn, "replicate", H[:3], "a", now + 120, now)  # renewed
+        verify_b = cat.leases.take(conn, "verify", H[:1], "b", now + 60, now)  # another kind
+    assert got_a == set(H[:3]) and got_b == set(H[3:5]) and again_a == set(H[:3])
+    assert verify_b == {H[0]}
+    with cat.catalog.transaction() as conn:  # a's leases run out at now + 120
+        assert cat.leases.take(conn, "replicate", H[:3], "b", now + 200, now + 100) == set()
+        assert cat.leases.take(conn, "replicate", H[:3], "b", now + 200, now + 121) == set(H[:3])
+        cat.leases.release(conn, "replicate", H[:2], "b")
+        cat.leases.release(conn, "replicate", H[2:3], "a")  # not a's any more: no effect
+        assert cat.leases.take(conn, "replicate", H[:3], "c", now + 300, now + 122) == set(H[:2])
+        cat.leases.release_all(conn, ["b"])
+    assert [h for h, _, _ in cat.leases.held("replicate", now + 122)] == H[:2]
+    with pytest.raises(ValueError):
+        with cat.catalog.transaction() as conn:
+            cat.leases.take(conn, "nonsense", H[:1], "a", now, now)
+
+
+def test_nodes_and_the_meter_per_node(cat):
+    cat.leases.register_node("n1", "alpha", 10.0)
+    cat.leases.register_node("n2", "beta", 11.0)
+    cat.leases.register_node("n1", "alpha", 12.0)
+    assert [(n.node, n.first_seen, n.last_seen) for n in cat.leases.nodes()] == \
+        [("n1", 10.0, 12.0), ("n2", 11.0, 11.0)]
+    when = time.mktime((2026, 3, 15, 0, 0, 0, 0, 0, -1))
+    cat.health.record({}, uploaded=10, downloaded=1, when=when, node="n1")
+    cat.health.record({}, uploaded=5, when=when, node="n2")
+    cat.health.record({}, uploaded=1, when=when, node="n1")
+    assert cat.health.transfers() == {"2026-03": (16, 1)}
+    assert cat.health.transfers_by_node() == {"2026-03": {"n1": (11, 1), "n2": (5, 0)}}
+    node = cat.sessions.node_id()
+    assert node == cat.sessions.node_id() and re.fullmatch(r".+-[0-9a-f]{8}", node)

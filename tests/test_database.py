@@ -573,7 +573,7 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
 
     db = FileDatabase(path)
     try:
-        assert db.schema_version() == SCHEMA_VERSION == 4
+        assert db.schema_version() == SCHEMA_VERSION == 5
         assert db.files.copies("a" * 64) == 1
         assert db.files.verified("a" * 64) == 1
         # v4: each copy's state from its old flags; the counts are the same.
@@ -597,13 +597,16 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
         fresh = sqlite3.connect(":memory:")
         fresh.executescript(schema_sql())
         for table in ("uploads", "host_health", "sources", "cache_entries", "tombstones",
-                      "removals"):
+                      "removals", "upload_queue", "transfers", "leases", "nodes", "this_node"):
             columns = {r[1] for r in db.connection.execute("PRAGMA table_info(%s)" % table)}
             assert columns >= {r[1] for r in fresh.execute("PRAGMA table_info(%s)" % table)}
         host_result(db, "h", True, latency_ms=20.5)
         assert db.health.all()["h"].latency_ms == 15.0
         db.sources.remember([("/a", 3, 1, 1, 7, 8, "a" * 64)])  # the v3 table works
         assert db.sources.lookup(["/a", "/b"]) == {"/a": (3, 1, 1, 7, 8, "a" * 64)}
+        # v5: the transfer meter has a node column, the old months under ''.
+        db.health.record({}, uploaded=3, when=0, node="n1")
+        assert db.health.transfers_by_node()["1970-01"] == {"n1": (3, 0)}
     finally:
         db.close()
 

@@ -13,8 +13,11 @@ attribute           tables                                written on behalf of
 ``copies``          ``uploads``, ``tombstones``,          :mod:`cloudmanager.replication`
                     ``removals``
 ``queue``           ``upload_queue``                      :mod:`cloudmanager.replication`
+``leases``          ``leases``, ``nodes``                 :mod:`cloudmanager.replication`,
+                                                          the cache (its node)
 ``health``          ``host_health``, ``transfers``        :mod:`cloudmanager.health`
-``sessions``        ``sessions``, ``reservations``        :mod:`cloudmanager.cache`
+``sessions``        ``sessions``, ``reservations``,       :mod:`cloudmanager.cache`
+                    ``this_node``
 ``records``         ``files``, ``uploads`` (imports)      :mod:`cloudmanager.records`
 ``sources``         ``sources``                           :mod:`cloudmanager.sources`
 ``cache_index``     ``cache_entries``, ``counters``       :mod:`cloudmanager.cache`
@@ -32,6 +35,7 @@ from .connection import SCHEMA_VERSION, Database, in_list, json_list, schema_sql
 from .copies import Copies
 from .files import Files
 from .health import Health, month_key
+from .leases import Leases
 from .postgres import PostgresDatabase, is_postgres_url, redact
 from .queue import Queue
 from .records import Records
@@ -97,6 +101,7 @@ class FileDatabase:
         self.queue = Queue(self.catalog)
         self.health = Health(self.catalog)
         self.records = Records(self.catalog)
+        self.leases = Leases(self.catalog)
         self.sessions = Sessions(self.local)
         self.sources = Sources(self.local)
         self.cache_index = CacheIndex(self.local)

@@ -32,14 +32,16 @@ import sqlite3
 import threading
 import time
 from importlib import resources
-from typing import Any, ContextManager, Iterable, Iterator, List, Protocol, Sequence, Tuple
+from typing import (
+    Any, ContextManager, Dict, Iterable, Iterator, List, Protocol, Sequence, Tuple, Union,
+)
 
 from ..errors import DatabaseError
 
 log = logging.getLogger(__name__)
 
 #: The schema version this code writes and expects.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: WAL pages between automatic checkpoints (SQLite's default is 1,000, or
 #: 4 MB); a checkpoint writes each dirty page once, however often it changed.
@@ -53,10 +55,12 @@ BUSY_TIMEOUT_S = 10.0
 BUSY_RETRIES = 8
 
 #: ``{from_version: sql}``: the script that moves a database from
-#: ``from_version`` to ``from_version + 1``. Each script ends by setting
-#: ``PRAGMA user_version``. A migration is frozen once released: it must not
-#: follow later edits of ``schema.sql``.
-MIGRATIONS = {
+#: ``from_version`` to ``from_version + 1``. A script ends by setting
+#: ``PRAGMA user_version``; from version 4 on, a step is a dict of one script
+#: per part (``catalog``, ``cache_index``), since a node's cache index can be
+#: a file of its own, and the version is set after them. A migration is
+#: frozen once released: it must not follow later edits of ``schema.sql``.
+MIGRATIONS: Dict[int, Union[str, Dict[str, str]]] = {
     # 2: verify() records when it checked each copy; host latency is kept as
     # recent samples, so a median can be reported instead of a moving average.
     # The old average column stays, unused: DROP COLUMN needs SQLite 3.35.
@@ -185,6 +189,40 @@ MIGRATIONS = {
         END;
         PRAGMA user_version = 4;
     """,
+    # 5: several nodes on one catalog: leases on work, the nodes, the
+    # transfer meter per node, and which node's cache holds a queued file.
+    4: {
+        "catalog": """
+            ALTER TABLE upload_queue ADD COLUMN node TEXT NOT NULL DEFAULT '';
+            CREATE TABLE leases (
+                kind  TEXT NOT NULL,
+                hash  TEXT NOT NULL CHECK (length(hash) = 64),
+                owner TEXT NOT NULL,
+                until REAL NOT NULL,
+                PRIMARY KEY (kind, hash)
+            ) WITHOUT ROWID;
+            CREATE TABLE transfers_v5 (
+                month      TEXT NOT NULL,
+                node       TEXT NOT NULL DEFAULT '',
+                uploaded   INTEGER NOT NULL DEFAULT 0,
+                downloaded INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (month, node)
+            ) WITHOUT ROWID;
+            INSERT INTO transfers_v5 (month, node, uploaded, downloaded)
+                SELECT month, '', uploaded, downloaded FROM transfers;
+            DROP TABLE transfers;
+            ALTER TABLE transfers_v5 RENAME TO transfers;
+            CREATE TABLE nodes (
+                node       TEXT PRIMARY KEY,
+                hostname   TEXT NOT NULL,
+                first_seen REAL NOT NULL,
+                last_seen  REAL NOT NULL
+            ) WITHOUT ROWID;
+        """,
+        "cache_index": """
+            CREATE TABLE this_node (node TEXT NOT NULL);
+        """,
+    },
 }
 
 
@@ -475,9 +513,14 @@ class Database:
                         if has_files else
                         ("node's cache index alone", "pool database with its catalog"))))
             while version < SCHEMA_VERSION:
-                # Cache-index-only files begin at version 4; later steps will
-                # need a cache-index form of their own.
-                self._run_script(conn, MIGRATIONS[version])
+                step = MIGRATIONS[version]
+                if isinstance(step, str):  # cache-index-only files begin at 4
+                    self._run_script(conn, step)
+                else:
+                    if self.with_catalog:
+                        self._run_script(conn, step["catalog"])
+                    self._run_script(conn, step["cache_index"])
+                    conn.execute("PRAGMA user_version = %d" % (version + 1))
                 log.info("migrated %s from schema version %d to %d",
                          self.path, version, version + 1)
                 version = self.schema_version()

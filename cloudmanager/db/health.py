@@ -51,12 +51,13 @@ class Health:
         self.db = db
 
     def record(self, outcomes: Dict[str, List[Outcome]], uploaded: int = 0,
-               downloaded: int = 0, when: Optional[float] = None) -> None:
+               downloaded: int = 0, when: Optional[float] = None, node: str = "") -> None:
         """Update hosts' health after operations, and the transfer meter, in one
         transaction.
 
         :param outcomes: ``{host_name: [Outcome]}``, each list in the order the
             operations ended
+        :param node: the node that moved the bytes (its share of the meter)
         :param uploaded: bytes sent to hosts, for this month's meter
         :param downloaded: bytes received from hosts
         :param when: the unix time whose month the bytes count in (default: now)
@@ -94,11 +95,11 @@ class Health:
                      last_success, last_failure, last_error, host_name))
             if uploaded or downloaded:
                 conn.execute(
-                    "INSERT INTO transfers (month, uploaded, downloaded) VALUES (?, ?, ?)"
-                    " ON CONFLICT (month) DO UPDATE SET"
+                    "INSERT INTO transfers (month, node, uploaded, downloaded)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (month, node) DO UPDATE SET"
                     " uploaded = transfers.uploaded + excluded.uploaded,"
                     " downloaded = transfers.downloaded + excluded.downloaded",
-                    (month_key(when), uploaded, downloaded))
+                    (month_key(when), node, uploaded, downloaded))
 
     def reset(self, host_names: Iterable[str]) -> None:
         """Forget hosts' consecutive failures (an explicit retry succeeded)."""
@@ -129,6 +130,19 @@ class Health:
             "SELECT host_name, consecutive_failures, last_failure FROM host_health")}
 
     def transfers(self) -> Dict[str, Tuple[int, int]]:
-        """``{month: (uploaded, downloaded)}`` for every month on record."""
-        return {m: (u, d) for m, u, d in self.db.read(
-            "SELECT month, uploaded, downloaded FROM transfers ORDER BY month")}
+        """``{month: (uploaded, downloaded)}`` for every month on record, all
+        nodes together."""
+        totals: Dict[str, Tuple[int, int]] = {}
+        for month, up, down in self.db.read(
+                "SELECT month, uploaded, downloaded FROM transfers ORDER BY month, node"):
+            before = totals.get(month, (0, 0))
+            totals[month] = (before[0] + int(up), before[1] + int(down))
+        return totals
+
+    def transfers_by_node(self) -> Dict[str, Dict[str, Tuple[int, int]]]:
+        """``{month: {node: (uploaded, downloaded)}}`` for every month on record."""
+        found: Dict[str, Dict[str, Tuple[int, int]]] = {}
+        for month, node, up, down in self.db.read(
+                "SELECT month, node, uploaded, downloaded FROM transfers ORDER BY month, node"):
+            found.setdefault(month, {})[node] = (int(up), int(down))
+        return found

@@ -35,7 +35,7 @@ import logging
 import re
 import threading
 from importlib import resources
-from typing import Any, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import DatabaseError
@@ -448,9 +448,31 @@ class PostgresDatabase:
 
 
 #: ``{from_version: sql}`` for catalogs on PostgreSQL, as
-#: :data:`~cloudmanager.db.connection.MIGRATIONS` is for SQLite. PostgreSQL
-#: catalogs begin at version 4.
-POSTGRES_MIGRATIONS: dict = {}
+#: :data:`~cloudmanager.db.connection.MIGRATIONS` is for SQLite (its
+#: ``catalog`` part). PostgreSQL catalogs begin at version 4. Each script
+#: ends by setting the version.
+POSTGRES_MIGRATIONS: Dict[int, str] = {
+    4: """
+        ALTER TABLE upload_queue ADD COLUMN node TEXT NOT NULL DEFAULT '';
+        CREATE TABLE leases (
+            kind  TEXT COLLATE "C" NOT NULL,
+            hash  TEXT COLLATE "C" NOT NULL CHECK (length(hash) = 64),
+            owner TEXT NOT NULL,
+            until DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (kind, hash)
+        );
+        ALTER TABLE transfers ADD COLUMN node TEXT COLLATE "C" NOT NULL DEFAULT '';
+        ALTER TABLE transfers DROP CONSTRAINT transfers_pkey;
+        ALTER TABLE transfers ADD PRIMARY KEY (month, node);
+        CREATE TABLE nodes (
+            node       TEXT COLLATE "C" PRIMARY KEY,
+            hostname   TEXT NOT NULL,
+            first_seen DOUBLE PRECISION NOT NULL,
+            last_seen  DOUBLE PRECISION NOT NULL
+        );
+        UPDATE cloudmanager_schema SET version = 5;
+    """,
+}
 
 
 def postgres_schema_sql() -> str:

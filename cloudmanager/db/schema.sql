@@ -1,4 +1,4 @@
--- cloudmanager database schema, version 4.
+-- cloudmanager database schema, version 5.
 --
 -- Applied by FileDatabase on a new database and by `cm_setup_db PATH`.
 -- Every statement is idempotent, so applying it twice (or from two processes
@@ -8,9 +8,10 @@
 -- Two parts, which no statement joins (so the catalog can move to a server
 -- while the cache index stays in a local file beside the storage directory):
 --   the pool's CATALOG: files, uploads, tombstones, removals, upload_queue,
---       host_health, transfers;
---   this node's CACHE INDEX: cache_entries, counters, reservations,
---       sessions, sources.
+--       leases, host_health, transfers, nodes;
+--   this node's CACHE INDEX: this_node, cache_entries, counters,
+--       reservations, sessions, sources.
+-- The catalog part is also schema_postgres.sql, in PostgreSQL's types.
 
 -- == the catalog ==============================================================
 
@@ -115,7 +116,23 @@ CREATE TABLE IF NOT EXISTS upload_queue (
     hash         TEXT PRIMARY KEY REFERENCES files (hash) ON DELETE CASCADE,
     queued       REAL NOT NULL,
     attempts     INTEGER NOT NULL DEFAULT 0,
-    last_error   TEXT
+    last_error   TEXT,
+    -- The node whose cache holds the bytes still waiting for a host ('' if
+    -- none is known): until a host verifiably holds the file, it is
+    -- "pending on" that node, not lost.
+    node         TEXT NOT NULL DEFAULT ''
+) WITHOUT ROWID;
+
+-- Work a process has taken on (replicating a file, checking its copies),
+-- so processes and nodes sharing the pool split a backlog instead of doing
+-- it twice. A lease ends when its holder releases it or when `until` (unix
+-- time) passes: a killed holder's work goes to whoever asks next.
+CREATE TABLE IF NOT EXISTS leases (
+    kind  TEXT NOT NULL,                 -- 'replicate' or 'verify'
+    hash  TEXT NOT NULL CHECK (length(hash) = 64),
+    owner TEXT NOT NULL,                 -- the session holding it
+    until REAL NOT NULL,
+    PRIMARY KEY (kind, hash)
 ) WITHOUT ROWID;
 
 -- What each host has done lately; hosts are chosen by this, and its circuit
@@ -132,14 +149,31 @@ CREATE TABLE IF NOT EXISTS host_health (
     latency_samples      TEXT NOT NULL DEFAULT '[]'
 ) WITHOUT ROWID;
 
--- The transfer meter: bytes moved to and from hosts, per calendar month (UTC).
+-- The transfer meter: bytes each node moved to and from hosts, per calendar
+-- month (UTC); the pool's total is their sum.
 CREATE TABLE IF NOT EXISTS transfers (
-    month      TEXT PRIMARY KEY,                   -- 'YYYY-MM'
+    month      TEXT NOT NULL,                      -- 'YYYY-MM'
+    node       TEXT NOT NULL DEFAULT '',
     uploaded   INTEGER NOT NULL DEFAULT 0,
-    downloaded INTEGER NOT NULL DEFAULT 0
+    downloaded INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (month, node)
+) WITHOUT ROWID;
+
+-- The nodes that use the pool: each cache index is one node.
+CREATE TABLE IF NOT EXISTS nodes (
+    node       TEXT PRIMARY KEY,                   -- its id, from this_node
+    hostname   TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen  REAL NOT NULL
 ) WITHOUT ROWID;
 
 -- == this node's cache index ===================================================
+
+-- This node's id in the pool (one row, made with the index): the machine's
+-- name and a random suffix, so two caches on one machine are two nodes.
+CREATE TABLE IF NOT EXISTS this_node (
+    node TEXT NOT NULL
+);
 
 -- One row per file this node caches or pins: storage/<shard>/<hash> holds it
 -- when `cached` is 1. `protected` mirrors "some copy of it is good" (files
@@ -224,4 +258,4 @@ CREATE TABLE IF NOT EXISTS sources (
     hash     TEXT NOT NULL CHECK (length(hash) = 64)
 ) WITHOUT ROWID;
 
-PRAGMA user_version = 4;
+PRAGMA user_version = 5;

@@ -1,4 +1,4 @@
--- cloudmanager catalog schema on PostgreSQL, version 4.
+-- cloudmanager catalog schema on PostgreSQL, version 5.
 --
 -- The catalog part of schema.sql (same tables, columns, keys, indexes and
 -- copy-count triggers), in PostgreSQL's types; tests/test_catalog.py checks
@@ -78,7 +78,16 @@ CREATE TABLE upload_queue (
     hash         TEXT COLLATE "C" PRIMARY KEY REFERENCES files (hash) ON DELETE CASCADE,
     queued       DOUBLE PRECISION NOT NULL,
     attempts     INTEGER NOT NULL DEFAULT 0,
-    last_error   TEXT
+    last_error   TEXT,
+    node         TEXT NOT NULL DEFAULT ''
+);
+
+CREATE TABLE leases (
+    kind  TEXT COLLATE "C" NOT NULL,
+    hash  TEXT COLLATE "C" NOT NULL CHECK (length(hash) = 64),
+    owner TEXT NOT NULL,
+    until DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (kind, hash)
 );
 
 CREATE TABLE host_health (
@@ -93,13 +102,22 @@ CREATE TABLE host_health (
 );
 
 CREATE TABLE transfers (
-    month      TEXT COLLATE "C" PRIMARY KEY,
+    month      TEXT COLLATE "C" NOT NULL,
+    node       TEXT COLLATE "C" NOT NULL DEFAULT '',
     uploaded   BIGINT NOT NULL DEFAULT 0,
-    downloaded BIGINT NOT NULL DEFAULT 0
+    downloaded BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (month, node)
+);
+
+CREATE TABLE nodes (
+    node       TEXT COLLATE "C" PRIMARY KEY,
+    hostname   TEXT NOT NULL,
+    first_seen DOUBLE PRECISION NOT NULL,
+    last_seen  DOUBLE PRECISION NOT NULL
 );
 
 -- The catalog's schema version (SQLite keeps it in PRAGMA user_version).
 CREATE TABLE cloudmanager_schema (
     version INTEGER NOT NULL
 );
-INSERT INTO cloudmanager_schema (version) VALUES (4);
+INSERT INTO cloudmanager_schema (version) VALUES (5);

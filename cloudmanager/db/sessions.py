@@ -1,9 +1,12 @@
 """The ``sessions`` and ``reservations`` tables: open instances, and the cache
-space promised to their writes in flight. Written by :mod:`cloudmanager.cache`
-(through this module) and by the checks that end dead sessions."""
+space promised to their writes in flight; and ``this_node``, the node's id.
+Written by :mod:`cloudmanager.cache` (through this module) and by the checks
+that end dead sessions."""
 
 from __future__ import annotations
 
+import secrets
+import socket
 import sqlite3
 import time
 from typing import Iterable, List, NamedTuple, Optional
@@ -29,6 +32,20 @@ class Sessions:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    def node_id(self) -> str:
+        """This node's id in the pool, made on first use: the machine's name and
+        a random suffix (two caches on one machine are two nodes)."""
+        row = self.db.read("SELECT node FROM this_node").fetchone()
+        if row is not None:
+            return str(row[0])
+        with self.db.transaction() as conn:
+            row = conn.execute("SELECT node FROM this_node").fetchone()
+            if row is None:
+                node = "%s-%s" % (socket.gethostname()[:64], secrets.token_hex(4))
+                conn.execute("INSERT INTO this_node (node) VALUES (?)", (node,))
+                return node
+            return str(row[0])
 
     def open(self, owner: str, node: str, pid: int, proc_start: str) -> None:
         """Register an open instance."""

@@ -1,0 +1,93 @@
+"""The ``leases`` and ``nodes`` tables: who is doing which piece of work, and
+which nodes use the pool.
+
+Processes and nodes that share a pool split its backlog with leases: before
+replicating a file (or checking its copies), a process takes the lease of
+that piece of work; a piece another live holder has is left to it. A lease
+ends when its holder releases it, or when its time runs out, so the work of
+a killed process goes to whoever asks next. Leases are taken and released
+in the caller's transaction, which on either catalog holds the write lock:
+two takers never both get one.
+
+Only :mod:`cloudmanager.replication` takes and releases leases; the cache
+registers its node.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, List, NamedTuple, Set
+
+from .connection import Store, json_list
+
+#: The kinds of work a lease is for.
+KINDS = ("replicate", "verify")
+
+
+class NodeRow(NamedTuple):
+    """A node that uses the pool."""
+
+    node: str
+    hostname: str
+    first_seen: float
+    last_seen: float
+
+
+class Leases:
+    """Reads and writes of leases and nodes."""
+
+    def __init__(self, db: Store) -> None:
+        self.db = db
+
+    def take(self, conn: Any, kind: str, hashes: Iterable[str], owner: str, until: float,
+             now: float) -> Set[str]:
+        """Take ``kind`` leases on ``hashes`` for ``owner`` until ``until``;
+        those held by another owner whose lease has not run out by ``now`` are
+        left to them.
+
+        :return: the hashes whose lease ``owner`` holds now
+        """
+        if kind not in KINDS:
+            raise ValueError("no lease kind %r" % kind)
+        hashes = list(dict.fromkeys(hashes))
+        if not hashes:
+            return set()
+        conn.executemany(
+            "INSERT INTO leases (kind, hash, owner, until) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (kind, hash) DO UPDATE SET owner = excluded.owner,"
+            " until = excluded.until"
+            " WHERE leases.owner = excluded.owner OR leases.until < ?",
+            [(kind, h, owner, until, now) for h in hashes])
+        return {h for (h,) in conn.execute(
+            "SELECT l.hash FROM json_each(?) AS j JOIN leases AS l"
+            " ON l.kind = ? AND l.hash = j.value WHERE l.owner = ?",
+            (json_list(hashes), kind, owner))}
+
+    def release(self, conn: Any, kind: str, hashes: Iterable[str], owner: str) -> None:
+        """End ``owner``'s ``kind`` leases on ``hashes`` (others' stay)."""
+        conn.executemany("DELETE FROM leases WHERE kind = ? AND hash = ? AND owner = ?",
+                         [(kind, h, owner) for h in hashes])
+
+    def release_all(self, conn: Any, owners: Iterable[str]) -> None:
+        """End every lease of ``owners`` (sessions that closed or died)."""
+        conn.executemany("DELETE FROM leases WHERE owner = ?", [(o,) for o in owners])
+
+    def held(self, kind: str, now: float) -> List[tuple]:
+        """``[(hash, owner, until)]`` of the ``kind`` leases not run out by ``now``."""
+        return [tuple(r) for r in self.db.read(
+            "SELECT hash, owner, until FROM leases WHERE kind = ? AND until >= ?"
+            " ORDER BY hash", (kind, now))]
+
+    # -- nodes -------------------------------------------------------------------------
+
+    def register_node(self, node: str, hostname: str, now: float) -> None:
+        """Note that ``node`` uses the pool (first and last seen)."""
+        with self.db.transaction() as conn:
+            conn.execute("INSERT INTO nodes (node, hostname, first_seen, last_seen)"
+                         " VALUES (?, ?, ?, ?) ON CONFLICT (node) DO UPDATE SET"
+                         " hostname = excluded.hostname, last_seen = excluded.last_seen",
+                         (node, hostname, now, now))
+
+    def nodes(self) -> List[NodeRow]:
+        """Every node that used the pool, by id."""
+        return [NodeRow(*r) for r in self.db.read(
+            "SELECT node, hostname, first_seen, last_seen FROM nodes ORDER BY node")]
