@@ -279,7 +279,7 @@ def test_upload_of_one_small_file_to_three_hosts_takes_three_write_transactions(
     cm = make_pool(hosts=[folder_spec(tmp_path, n) for n in ("a", "b", "c")], redundancy=3)
     cm.upload(write_file("warm", b"first upload opens everything"))
     statements = []
-    for conn in cm.db._all_connections:
+    for conn in cm.db.local._all_connections:
         conn.set_trace_callback(statements.append)
     cm.db.connection.set_trace_callback(statements.append)
     digest = cm.upload(write_file("f", b"one small file"))
