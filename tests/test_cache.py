@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-import cloudmanager.cache as cache_mod
+import cloudmanager.cache.store as cache_mod
 from cloudmanager.cache import CacheStore
 from cloudmanager.db import FileDatabase
 from cloudmanager.errors import CacheError, CacheFullError

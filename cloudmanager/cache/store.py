@@ -37,9 +37,9 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
-from . import fsutil
-from .errors import CacheError, CacheFullError, DatabaseError, IntegrityError, NotInPoolError
-from .validation import check_hash, is_hash
+from .. import fsutil
+from ..errors import CacheError, CacheFullError, DatabaseError, IntegrityError, NotInPoolError
+from ..validation import check_hash, is_hash
 
 log = logging.getLogger(__name__)
 
