@@ -21,9 +21,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from . import fsutil
-from .cache import CacheStore, open_dir, own_dir, remove_entry, scan, unlink_in
+from .cache import CacheStore, open_dir, unlink_in
 from .db import FileDatabase
-from .validation import is_hash
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +66,19 @@ def check(cache: CacheStore, db: FileDatabase, repair: bool = False, deep: bool 
     with db.transaction() as conn:
         live = {owner for owner, *_ in db.sessions.all()} - set(dead)
         live_tokens = {owner.rsplit(":", 1)[-1] for owner in live} | {cache.token}
-        on_disk = _walk(cache, report, repair, repaired)
-        report["stale_temp"] = _stale_temp(cache, live_tokens, repair, repaired)
+        walk = cache.layout.scan_shards(remove=repair)
+        on_disk = walk.files
+        report["orphans"].extend(walk.foreign)
+        repaired["orphans"] += walk.removed
+        temps = cache.layout.scan_temps(live_tokens.__contains__, remove=repair)
+        report["stale_temp"] = temps.stale
+        repaired["stale_temp"] += temps.removed
         rows = db.cache_index.cached_rows(conn)
         report["files_checked"] = len(rows)
         for file_hash, size in rows:
-            found = on_disk.pop(file_hash, None)
-            if found is None or found[0] != size:
-                report["missing" if found is None else "size_mismatch"].append(file_hash)
+            seen = on_disk.pop(file_hash, None)
+            if seen is None or seen[0] != size:
+                report["missing" if seen is None else "size_mismatch"].append(file_hash)
                 if repair:
                     db.cache_index.uncache(conn, [file_hash])
                     unlink_in(os.path.join(cache.root, file_hash[:2]), file_hash)
@@ -159,66 +163,6 @@ def _left(kind, report, repaired):
     if kind in ("usage_drift", "count_drift", "over_capacity"):
         return not repaired[kind]
     return repaired[kind] < _count(report[kind])
-
-
-def _walk(cache, report, repair, repaired):
-    """``{hash: (size, ino, mtime_ns)}`` of the regular files in the shards.
-
-    Anything else in a shard (a symlink, a directory, a misnamed or
-    misplaced file), and a shard that is not a real directory, is an orphan.
-    """
-    on_disk = {}
-    for i in range(256):
-        shard = "%02x" % i
-        shard_path = os.path.join(cache.root, shard)
-        try:
-            st = os.lstat(shard_path)
-        except FileNotFoundError:
-            st = None
-        if st is None or not stat.S_ISDIR(st.st_mode):
-            if st is not None:  # a symlink or a file where the shard should be
-                report["orphans"].append(shard)
-            if repair:
-                own_dir(shard_path)
-                repaired["orphans"] += st is not None
-            continue
-        with open_dir(shard_path) as fd:
-            for entry in scan(fd):
-                if entry.is_file(follow_symlinks=False) and is_hash(entry.name) \
-                        and entry.name.startswith(shard):
-                    est = entry.stat(follow_symlinks=False)
-                    on_disk[entry.name] = (est.st_size, est.st_ino, est.st_mtime_ns)
-                else:
-                    report["orphans"].append(os.path.join(shard, entry.name))
-                    if repair:
-                        remove_entry(fd, shard_path, entry)
-                        repaired["orphans"] += 1
-    return on_disk
-
-
-def _stale_temp(cache, live_tokens, repair, repaired):
-    """Entries of the temp directory that belong to no running session."""
-    stale = []
-    try:
-        st = os.lstat(cache.tmp_dir)
-    except FileNotFoundError:
-        st = None
-    if st is None or not stat.S_ISDIR(st.st_mode):
-        if st is not None:
-            stale.append("tmp")
-        if repair:
-            own_dir(cache.tmp_dir)
-            repaired["stale_temp"] += st is not None
-        return stale
-    with open_dir(cache.tmp_dir) as fd:
-        for entry in scan(fd):
-            if entry.name.lstrip(".").split("-", 1)[0] not in live_tokens:
-                stale.append(os.path.join("tmp", entry.name))
-                if repair:
-                    remove_entry(fd, cache.tmp_dir, entry)
-                    repaired["stale_temp"] += 1
-    stale.sort()
-    return stale
 
 
 def _hash_nofollow(shard_path, name):

@@ -1,11 +1,13 @@
 """The local cache: the storage directory of content-addressed files.
 
+- :mod:`~cloudmanager.cache.layout`: the directory's layout, the one owner
+  of shard paths and temp-file names, and its walks (never through a symlink);
 - :mod:`~cloudmanager.cache.store`: :class:`CacheStore`, capacity, LRU,
   pins, reservations, ingest and publish.
 """
 
-from .store import (CacheStore, Ingested, Reservation, open_dir, own_dir, remove_entry, scan,
-                    unlink_in)
+from .layout import Layout, open_dir, own_dir, remove_entry, scan, unlink_in
+from .store import CacheStore, Ingested, Reservation
 
-__all__ = ["CacheStore", "Ingested", "Reservation", "open_dir", "own_dir", "remove_entry",
-           "scan", "unlink_in"]
+__all__ = ["CacheStore", "Ingested", "Layout", "Reservation", "open_dir", "own_dir",
+           "remove_entry", "scan", "unlink_in"]
