@@ -121,11 +121,19 @@ def belongs_in(shard: str, name: str) -> bool:
 # -- walks -----------------------------------------------------------------------
 
 
+class FileStat(NamedTuple):
+    """A cached file as a walk saw it (its inode and mtime tell a replacement)."""
+
+    size: int
+    ino: int
+    mtime_ns: int
+
+
 class ShardScan(NamedTuple):
     """What a walk of the shards found."""
 
-    #: ``{hash: (size, inode, mtime_ns)}``: the cached-file names, regular files
-    files: Dict[str, tuple]
+    #: the regular files with a cached file's name, in the right shard
+    files: Dict[str, FileStat]
     #: entries that do not belong (relative paths, sorted): a symlink, a
     #: directory, a misnamed or misplaced file in a shard, and a shard that is
     #: not a real directory
@@ -208,13 +216,14 @@ class Layout:
             return False
         return stat.S_ISREG(st.st_mode) and st.st_size == size
 
-    def identity(self, file_hash: str) -> Optional[tuple]:
-        """``(inode, mtime_ns)`` of a hash's cached file as it is now, or None."""
+    def file_stat(self, file_hash: str) -> Optional[FileStat]:
+        """A hash's cached file as it is now (one lstat, of the link if it is
+        one), or None if there is none."""
         try:
             st = os.lstat(self.path(file_hash))
         except FileNotFoundError:
             return None
-        return st.st_ino, st.st_mtime_ns
+        return FileStat(st.st_size, st.st_ino, st.st_mtime_ns)
 
     def unlink(self, file_hash: str) -> None:
         """Remove a hash's cached file, through its shard's own fd.
@@ -254,7 +263,7 @@ class Layout:
             and put a real directory in place of a shard that is missing or
             is not one
         """
-        files: Dict[str, tuple] = {}
+        files: Dict[str, FileStat] = {}
         foreign: List[str] = []
         removed = 0
         for shard in SHARDS:
@@ -276,7 +285,7 @@ class Layout:
                 for entry in scan(fd):
                     if entry.is_file(follow_symlinks=False) and belongs_in(shard, entry.name):
                         est = entry.stat(follow_symlinks=False)
-                        files[entry.name] = (est.st_size, est.st_ino, est.st_mtime_ns)
+                        files[entry.name] = FileStat(est.st_size, est.st_ino, est.st_mtime_ns)
                     else:
                         foreign.append(os.path.join(shard, entry.name))
                         if remove:

@@ -27,11 +27,12 @@ import secrets
 import socket
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 from .. import fsutil
 from ..errors import CacheError, CacheFullError, DatabaseError, IntegrityError, NotInPoolError
 from ..validation import check_hash
+from . import fsck
 from .layout import Layout
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class CacheStore:
         self._touches = {}
         self._hits = self._misses = 0
         self._last_flush = time.monotonic()
-        self.proc_start = _process_start(os.getpid())
+        self.proc_start = fsck.process_start(os.getpid())
         self.reconcile(full=reconcile)
         db.sessions.open(self.owner, self.node, os.getpid(), self.proc_start)
 
@@ -541,68 +542,14 @@ class CacheStore:
 
     # -- reconciliation --------------------------------------------------------
 
-    def dead_sessions(self):
-        """Owners of sessions on this machine whose process no longer runs."""
-        dead = []
-        for owner, node, pid, proc_start in self.db.sessions.all():
-            if node != self.node:
-                continue  # another machine sharing the directory: cannot tell
-            if pid == os.getpid() and proc_start == self.proc_start:
-                continue  # this process (another instance, or this one)
-            if not _pid_alive(pid) or proc_start != _process_start(pid):
-                dead.append(owner)
-        return dead
+    def reconcile(self, full: Optional[bool] = None) -> Dict[str, Any]:
+        """Bring the directory and the database back into agreement; see
+        :func:`cloudmanager.cache.fsck.reconcile`.
 
-    def reconcile(self, full=None):
-        """Bring the directory and the database back into agreement.
-
-        Always: remove temp files left by sessions that no longer run.
-        When ``full`` (or, with ``full=None``, when a session died without
-        closing or the database is new): walk the shards, remove orphan,
-        misplaced and foreign files (symlinks are removed, never followed),
-        mark rows whose file is missing or the wrong size as not cached, and
-        recount the usage total.
-
-        :return: a dict of what was found and fixed
+        :return: ``{"temp_removed", "orphans_removed", "missing_marked",
+            "dead_sessions": n, "full": bool}``
         """
-        dead = self.dead_sessions()
-        live_tokens = {owner.rsplit(":", 1)[-1] for owner, *_ in self.db.sessions.all()
-                       if owner not in dead}
-        live_tokens.add(self.token)
-        report = {"temp_removed": 0, "orphans_removed": 0, "missing_marked": 0,
-                  "dead_sessions": len(dead), "full": False}
-        report["temp_removed"] = self.layout.scan_temps(live_tokens.__contains__,
-                                                        remove=True).removed
-        if full is None:
-            full = bool(dead) or not self.db.files.has_any() and self.layout.has_any_file()
-        if full:
-            report["full"] = True
-            report.update(self._full_reconcile())
-        if dead:
-            with self.db.transaction() as conn:
-                self.db.sessions.end(conn, dead)
-        if any(report[k] for k in ("temp_removed", "orphans_removed", "missing_marked")):
-            log.info("reconciled %s: %s", self.root, report)
-        return report
-
-    def _full_reconcile(self):
-        # The walk and the comparison both happen under the write lock, so no
-        # other process can publish or evict in between.
-        with self.db.transaction() as conn:
-            walk = self.layout.scan_shards(remove=True)
-            on_disk, removed = walk.files, walk.removed
-            missing = 0
-            for file_hash, size in self.db.cache_index.cached_rows(conn):
-                found = on_disk.pop(file_hash, None)
-                if found is None or found[0] != size:
-                    self.db.cache_index.uncache(conn, [file_hash])
-                    self.layout.unlink(file_hash)
-                    missing += 1
-            for orphan in on_disk:  # on disk, but no row says cached
-                self.layout.unlink(orphan)
-                removed += 1
-            self.db.cache_index.recount(conn)
-        return {"orphans_removed": removed, "missing_marked": missing}
+        return fsck.reconcile(self, full)
 
     def close(self):
         """Flush deferred updates and end this session."""
@@ -620,26 +567,3 @@ class Reservation:
         self.id = reservation_id
         self.temp = None
         self.committed = False
-
-
-def _process_start(pid):
-    """When a process started, as the kernel tells it (Linux); '' elsewhere.
-
-    With the pid, it tells a live session from a dead one whose pid was reused.
-    """
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            # Field 22, counted after the parenthesized command name.
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        return ""
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
