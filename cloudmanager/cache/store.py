@@ -27,12 +27,14 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 from .. import fsutil
+from ..db import FileDatabase
 from ..errors import CacheError, CacheFullError, DatabaseError, IntegrityError, NotInPoolError
 from ..validation import check_hash
 from . import fsck
+from .fsck import QueueUploads
 from .layout import Layout
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,9 @@ class CacheStore:
         a positive number, or the mode is not one a cache file can have
     """
 
-    def __init__(self, db, storage_path, capacity, fsync=True, reconcile=None,
-                 file_mode=fsutil.FILE_MODE, queue=None):
+    def __init__(self, db: FileDatabase, storage_path: Union[str, "os.PathLike[str]"],
+                 capacity: int, fsync: bool = True, reconcile: Optional[bool] = None,
+                 file_mode: int = fsutil.FILE_MODE, queue: Optional[QueueUploads] = None) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
             raise CacheError("storage_size must be a positive number of bytes, not %r"
                              % (capacity,))
@@ -94,7 +97,7 @@ class CacheStore:
         self.token = secrets.token_hex(8)
         self.owner = "%s:%d:%s" % (self.node, os.getpid(), self.token)
         self._lock = threading.Lock()
-        self._touches = {}
+        self._touches: Dict[str, float] = {}
         self._hits = self._misses = 0
         self._last_flush = time.monotonic()
         self.proc_start = fsck.process_start(os.getpid())
@@ -103,7 +106,7 @@ class CacheStore:
 
     # -- paths ---------------------------------------------------------------
 
-    def path_for(self, file_hash):
+    def path_for(self, file_hash: str) -> str:
         """The path a file with this hash has in the cache (whether or not it is there)."""
         return self.layout.path(check_hash(file_hash))
 
@@ -114,7 +117,7 @@ class CacheStore:
 
     # -- reading -------------------------------------------------------------
 
-    def lookup(self, file_hash):
+    def lookup(self, file_hash: str) -> Optional[str]:
         """Return the cached file's path on a hit (counted), or ``None``.
 
         A row whose file has vanished or has the wrong size is marked not
@@ -132,11 +135,11 @@ class CacheStore:
             self.drop(file_hash, only_if_damaged=True)
         return None
 
-    def note_miss(self):
+    def note_miss(self) -> None:
         """Count a request for a pool file the cache did not hold."""
         self._note_use(None, hit=False)
 
-    def contains(self, file_hash):
+    def contains(self, file_hash: str) -> bool:
         """Whether the cache holds this file: its row says so and the file is there.
 
         A check, not a use: it counts no hit and leaves the LRU order alone.
@@ -165,7 +168,7 @@ class CacheStore:
             except DatabaseError as exc:  # the bookkeeping waits; the hit stands
                 log.debug("recency updates deferred: %s", exc)
 
-    def flush(self):
+    def flush(self) -> None:
         """Write deferred recency updates and hit/miss counts to the database."""
         with self._lock:
             touches, self._touches = self._touches, {}
@@ -187,15 +190,15 @@ class CacheStore:
 
     # -- space -----------------------------------------------------------------
 
-    def used_bytes(self):
+    def used_bytes(self) -> int:
         """Bytes held by cached files (the running total; no directory walk)."""
         return self.db.cache_index.counter("cached_bytes")
 
-    def path_if_cached(self, file_hash):
+    def path_if_cached(self, file_hash: str) -> Optional[str]:
         """The cached copy's path if the cache holds it (a check, not a use), else None."""
         return self.layout.path(file_hash) if self.contains(file_hash) else None
 
-    def usage_ratio(self):
+    def usage_ratio(self) -> float:
         """Cached bytes over capacity, clamped to [0, 1]."""
         return min(max(self.used_bytes() / self.capacity, 0.0), 1.0)
 
@@ -238,7 +241,7 @@ class CacheStore:
         return len(victims)
 
     @contextlib.contextmanager
-    def reserve(self, size):
+    def reserve(self, size: int) -> Iterator["Reservation"]:
         """Reserve room for a ``size``-byte write, evicting LRU files as needed.
 
         Yields a :class:`Reservation`, whose ``temp`` is where to write. The
@@ -256,9 +259,9 @@ class CacheStore:
                     "no room for %d bytes: %d of %d bytes are pinned or in flight"
                     % (size, self.used_bytes() + self.db.sessions.reserved_bytes(conn),
                        self.capacity))
-            reservation = Reservation(self.db.sessions.reserve(conn, self.owner, size))
+            rid = self.db.sessions.reserve(conn, self.owner, size)
+        reservation = Reservation(rid, self.layout.reservation_temp(self.token, rid))
         try:
-            reservation.temp = self.layout.reservation_temp(self.token, reservation.id)
             yield reservation
         finally:
             if not reservation.committed:
@@ -266,7 +269,7 @@ class CacheStore:
                 with self.db.transaction() as conn:
                     self.db.sessions.release(conn, [reservation.id])
 
-    def evict(self, target_bytes):
+    def evict(self, target_bytes: int) -> int:
         """Evict LRU files until at most ``target_bytes`` are cached.
 
         :return: the number of files evicted
@@ -278,7 +281,9 @@ class CacheStore:
 
     # -- writing ---------------------------------------------------------------
 
-    def ingest(self, source_path, filename, created=None, queue=True, progress=None):
+    def ingest(self, source_path: Union[str, "os.PathLike[str]"], filename: str,
+               created: Optional[float] = None, queue: bool = True,
+               progress: Optional[Callable[[int], None]] = None) -> Tuple[str, int]:
         """Copy a file into the cache, hashing it on the way (one read).
 
         The bytes go to a temp file under a reservation, are fsynced, and are
@@ -308,8 +313,9 @@ class CacheStore:
                 self.commit(res, file_hash, nbytes, filename, created, queue=queue)
         return file_hash, nbytes
 
-    def commit(self, reservation, file_hash, size, filename="", created=None, queue=False,
-               must_exist=False):
+    def commit(self, reservation: "Reservation", file_hash: str, size: int, filename: str = "",
+               created: Optional[float] = None, queue: bool = False,
+               must_exist: bool = False) -> str:
         """Publish a reservation's verified temp file as the cached copy of ``file_hash``.
 
         If the file is already cached, the temp file is dropped and the
@@ -504,7 +510,7 @@ class CacheStore:
             self.db.sessions.release(conn, [reservation.id])
         reservation.committed = True
 
-    def drop(self, file_hash, only_if_damaged=False):
+    def drop(self, file_hash: str, only_if_damaged: bool = False) -> None:
         """Remove a file from the cache (its record stays).
 
         :param only_if_damaged: look again under the write lock and drop it
@@ -530,7 +536,7 @@ class CacheStore:
         """
         self.db.cache_index.forget(conn, hashes)
 
-    def unlink_forgotten(self, hashes):
+    def unlink_forgotten(self, hashes: Sequence[str]) -> None:
         """Remove the cached files of rows :meth:`forget_rows` dropped, unless
         another process cached the file again meanwhile: the check and the
         unlink happen under the write lock, as its publish does."""
@@ -551,7 +557,7 @@ class CacheStore:
         """
         return fsck.reconcile(self, full)
 
-    def close(self):
+    def close(self) -> None:
         """Flush deferred updates and end this session."""
         self.flush()
         with self.db.transaction() as conn:
@@ -563,7 +569,7 @@ class Reservation:
 
     __slots__ = ("id", "temp", "committed")
 
-    def __init__(self, reservation_id):
+    def __init__(self, reservation_id: int, temp: str) -> None:
         self.id = reservation_id
-        self.temp = None
+        self.temp = temp
         self.committed = False
