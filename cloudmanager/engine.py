@@ -39,6 +39,7 @@ from typing import (
 )
 
 from . import fsutil
+from .cache import layout
 from .errors import (
     CorruptCopyError,
     DownloadError,
@@ -467,7 +468,7 @@ class UploadEngine:
         directory = os.path.dirname(os.path.abspath(dest_path))
         # Temp names start with the destination's name, which in the cache
         # starts with the session token: reconciliation knows whose they are.
-        prefix = os.path.basename(dest_path) + "."
+        prefix = layout.download_prefix(dest_path)
         tried = set()
         try:
             for host, location in plan:

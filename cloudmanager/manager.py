@@ -103,7 +103,7 @@ class CloudManager:
         self.db, self.cache, self.engine = self.pool.db, self.pool.cache, self.pool.engine
         self.redundancy = redundancy
         self.defer_uploads = settings["defer_uploads"]
-        #: What the cheap open-time check (:func:`cloudmanager.check.on_open`) mended.
+        #: What the cheap open-time check (:func:`cloudmanager.cache.fsck.on_open`) mended.
         self.open_check = self.pool.open_check
 
     @staticmethod

@@ -24,9 +24,8 @@ import tempfile
 import time
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from . import check as integrity
 from . import fsutil
-from .cache import CacheStore
+from .cache import CacheStore, fsck
 from .db import FileDatabase, index_path_for
 from .engine import UploadEngine
 from .errors import (
@@ -87,8 +86,8 @@ class Pool:
                                           source_of=self._source_of)
             self.cache.queue = self.replication.queue
             self.records = RecordStore(self.db, self.engine, self.replication.merge)
-            #: What the cheap open-time check (:func:`cloudmanager.check.on_open`) mended.
-            self.open_check = integrity.on_open(self.cache, self.db)
+            #: What the cheap open-time check (:func:`cloudmanager.cache.fsck.on_open`) mended.
+            self.open_check = fsck.on_open(self.cache, self.db)
             self._end_dead_removals()
             self._guard_folders()
         except BaseException:
@@ -411,8 +410,8 @@ class Pool:
             except (OSError, CloudManagerError) as exc:
                 log.warning("could not fetch pinned %s back: %s", file_hash, exc)
                 return False
-        return integrity.check(self.cache, self.db, repair=repair, deep=deep, fetch=fetch,
-                               queue=self.replication.queue)
+        return fsck.check(self.cache, self.db, repair=repair, deep=deep, fetch=fetch,
+                          queue=self.replication.queue)
 
     def remove(self, file_hash: str) -> dict:
         """Forget a file and delete its copies; see :meth:`cloudmanager.CloudManager.remove`.

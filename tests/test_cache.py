@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-import cloudmanager.cache as cache_mod
+import cloudmanager.cache.store as cache_mod
+from cloudmanager.cache import fsck
 from cloudmanager.cache import CacheStore
 from cloudmanager.db import FileDatabase
 from cloudmanager.errors import CacheError, CacheFullError
@@ -341,7 +342,7 @@ def test_dead_sessions_temp_files_are_removed_on_open(make_store, db, root):
     dead_temp.write_bytes(b"partial")
     live_token = "0123456789abcdef"  # a session of this (running) process
     db.sessions.open("%s:%d:%s" % (socket.gethostname(), os.getpid(), live_token),
-                    socket.gethostname(), os.getpid(), cache_mod._process_start(os.getpid()))
+                    socket.gethostname(), os.getpid(), fsck.process_start(os.getpid()))
     live_temp = root / "tmp" / ("%s-2.tmp" % live_token)
     live_temp.write_bytes(b"in flight")
     store = make_store()

@@ -67,6 +67,7 @@ def test_every_public_name_has_a_docstring():
                                  records, sessions, sources)
     from cloudmanager.hosts import base, folder, fsspec, memory, plowshare, s3
     from cloudmanager import cli, manager, scheduler
+    from cloudmanager.cache import fsck, layout, store
     from cloudmanager import sources as source_files
     from cloudmanager.cli import app, configure, maintain, output, share, show, transfer
 
@@ -75,7 +76,7 @@ def test_every_public_name_has_a_docstring():
                    validation, base, folder, fsspec, memory, plowshare, s3,
                    cache_index, connection, copies, files, health, queue, records, sessions,
                    sources, manager, scheduler, source_files, cli, app, configure, maintain,
-                   output, share, show, transfer):
+                   output, share, show, transfer, fsck, layout, store):
         if not module.__doc__:
             missing.append(module.__name__)
         for name, obj in vars(module).items():

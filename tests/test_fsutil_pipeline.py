@@ -206,7 +206,7 @@ def test_batch_ingest_of_large_files_uses_the_stream(make_pool, write_file, smal
     cm = make_pool(8 << 20)
     datas = [os.urandom(300 * 1024 + i) for i in range(3)]
     files = [write_file("b%d" % i, d) for i, d in enumerate(datas)]
-    from cloudmanager import cache as cache_module
+    from cloudmanager.cache import store as cache_module
 
     old = cache_module.SMALL_FILE
     cache_module.SMALL_FILE = 1024  # force the streaming path

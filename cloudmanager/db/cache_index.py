@@ -5,8 +5,8 @@ it, its LRU clock, the user's pin, and whether some host verifiably holds it
 (``protected``: only protected files may be evicted). The running totals of
 cached bytes and files are kept by triggers, with the hit and miss counts.
 
-Written only by :mod:`cloudmanager.cache` and the checks of
-:mod:`cloudmanager.fsck` (through this module), and, for ``protected``, by
+Written only by :mod:`cloudmanager.cache.store` and the repairs of
+:mod:`cloudmanager.cache.fsck` (through this module), and, for ``protected``, by
 :mod:`cloudmanager.replication`. No statement here reads the catalog, so the
 index can live in a file of its own beside the storage directory when the
 catalog moves to a server.

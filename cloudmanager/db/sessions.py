@@ -1,7 +1,8 @@
 """The ``sessions`` and ``reservations`` tables: open instances, and the cache
 space promised to their writes in flight; and ``this_node``, the node's id.
-Written by :mod:`cloudmanager.cache` (through this module) and by the checks
-that end dead sessions."""
+Written by :mod:`cloudmanager.cache` (through this module): the store opens
+sessions and reserves space, and :mod:`cloudmanager.cache.fsck` ends dead
+sessions and releases what they held."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
 """CacheStore: the storage directory of content-addressed files.
 
-Layout under ``storage_path``::
-
-    ab/abcdef...   a cached file, named by its SHA-256 (256 shards, one level)
-    tmp/           temp files of writes in flight, named after their session
-
+Its paths and temp-file names come from :mod:`~cloudmanager.cache.layout`.
 The byte total is a running counter in the database, so usage, admission and
 eviction never walk the directory. Space for a write is *reserved* before the
 first byte lands, and reservations count against the capacity with the
@@ -24,22 +20,22 @@ and reconciles.
 """
 
 import contextlib
-import errno
 import hashlib
 import logging
 import os
 import secrets
-import shutil
 import socket
-import stat
-import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
-from . import fsutil
-from .errors import CacheError, CacheFullError, DatabaseError, IntegrityError, NotInPoolError
-from .validation import check_hash, is_hash
+from .. import fsutil
+from ..db import FileDatabase
+from ..errors import CacheError, CacheFullError, DatabaseError, IntegrityError, NotInPoolError
+from ..validation import check_hash
+from . import fsck
+from .fsck import QueueUploads
+from .layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +71,9 @@ class CacheStore:
         a positive number, or the mode is not one a cache file can have
     """
 
-    def __init__(self, db, storage_path, capacity, fsync=True, reconcile=None,
-                 file_mode=fsutil.FILE_MODE, queue=None):
+    def __init__(self, db: FileDatabase, storage_path: Union[str, "os.PathLike[str]"],
+                 capacity: int, fsync: bool = True, reconcile: Optional[bool] = None,
+                 file_mode: int = fsutil.FILE_MODE, queue: Optional[QueueUploads] = None) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
             raise CacheError("storage_size must be a positive number of bytes, not %r"
                              % (capacity,))
@@ -92,52 +89,35 @@ class CacheStore:
         self.root = os.path.abspath(os.fspath(storage_path))
         self.capacity = capacity
         self.fsync = fsync
-        self.tmp_dir = os.path.join(self.root, "tmp")
-        self._prepare_directories()
+        #: Every path and temp-file name in the storage directory.
+        self.layout = Layout(self.root, self.dir_mode)
+        self.tmp_dir = self.layout.tmp_dir
+        self.layout.prepare()
         self.node = socket.gethostname()
         self.token = secrets.token_hex(8)
         self.owner = "%s:%d:%s" % (self.node, os.getpid(), self.token)
         self._lock = threading.Lock()
-        self._touches = {}
+        self._touches: Dict[str, float] = {}
         self._hits = self._misses = 0
         self._last_flush = time.monotonic()
-        self.proc_start = _process_start(os.getpid())
+        self.proc_start = fsck.process_start(os.getpid())
         self.reconcile(full=reconcile)
         db.sessions.open(self.owner, self.node, os.getpid(), self.proc_start)
 
-    def _prepare_directories(self):
-        if os.path.exists(self.root) and not os.path.isdir(self.root):
-            raise CacheError("storage path %s exists and is not a directory" % self.root)
-        try:
-            os.makedirs(self.root, fsutil.DIR_MODE, exist_ok=True)
-            own_dir(self.tmp_dir)
-            for i in range(256):
-                own_dir(os.path.join(self.root, "%02x" % i), self.dir_mode)
-            if self.dir_mode != fsutil.DIR_MODE:  # configured to share: let others in
-                os.chmod(self.root, self.dir_mode)
-        except OSError as exc:
-            raise CacheError("cannot prepare storage directory %s: %s" % (self.root, exc)) from exc
-        if not os.access(self.root, os.W_OK | os.X_OK):
-            raise CacheError("storage directory %s is not writable" % self.root)
-
     # -- paths ---------------------------------------------------------------
 
-    def path_for(self, file_hash):
+    def path_for(self, file_hash: str) -> str:
         """The path a file with this hash has in the cache (whether or not it is there)."""
-        return self._path(check_hash(file_hash))
+        return self.layout.path(check_hash(file_hash))
 
     def _set_mode(self, temp):
         """Give a temp file about to be published the configured mode."""
         if self.file_mode != fsutil.FILE_MODE:
             os.chmod(temp, self.file_mode)
 
-    def _path(self, file_hash):
-        # For hashes already validated: the hot path skips the regex.
-        return os.path.join(self.root, file_hash[:2], file_hash)
-
     # -- reading -------------------------------------------------------------
 
-    def lookup(self, file_hash):
+    def lookup(self, file_hash: str) -> Optional[str]:
         """Return the cached file's path on a hit (counted), or ``None``.
 
         A row whose file has vanished or has the wrong size is marked not
@@ -149,17 +129,17 @@ class CacheStore:
             return None
         size, cached = state
         if cached:
-            if self._file_ok(file_hash, size):
+            if self.layout.is_file(file_hash, size):
                 self._note_use(file_hash, hit=True)
-                return self._path(file_hash)
+                return self.layout.path(file_hash)
             self.drop(file_hash, only_if_damaged=True)
         return None
 
-    def note_miss(self):
+    def note_miss(self) -> None:
         """Count a request for a pool file the cache did not hold."""
         self._note_use(None, hit=False)
 
-    def contains(self, file_hash):
+    def contains(self, file_hash: str) -> bool:
         """Whether the cache holds this file: its row says so and the file is there.
 
         A check, not a use: it counts no hit and leaves the LRU order alone.
@@ -168,18 +148,10 @@ class CacheStore:
         state = self.db.cache_index.state(file_hash)
         if not state or not state[1]:
             return False
-        if self._file_ok(file_hash, state[0]):
+        if self.layout.is_file(file_hash, state[0]):
             return True
         self.drop(file_hash, only_if_damaged=True)
         return False
-
-    def _file_ok(self, file_hash, size):
-        """Whether the cached file is a regular file of the recorded size (one lstat)."""
-        try:
-            st = os.lstat(self._path(file_hash))
-        except FileNotFoundError:
-            return False
-        return stat.S_ISREG(st.st_mode) and st.st_size == size
 
     def _note_use(self, file_hash, hit):
         with self._lock:
@@ -196,7 +168,7 @@ class CacheStore:
             except DatabaseError as exc:  # the bookkeeping waits; the hit stands
                 log.debug("recency updates deferred: %s", exc)
 
-    def flush(self):
+    def flush(self) -> None:
         """Write deferred recency updates and hit/miss counts to the database."""
         with self._lock:
             touches, self._touches = self._touches, {}
@@ -218,15 +190,15 @@ class CacheStore:
 
     # -- space -----------------------------------------------------------------
 
-    def used_bytes(self):
+    def used_bytes(self) -> int:
         """Bytes held by cached files (the running total; no directory walk)."""
         return self.db.cache_index.counter("cached_bytes")
 
-    def path_if_cached(self, file_hash):
+    def path_if_cached(self, file_hash: str) -> Optional[str]:
         """The cached copy's path if the cache holds it (a check, not a use), else None."""
-        return self._path(file_hash) if self.contains(file_hash) else None
+        return self.layout.path(file_hash) if self.contains(file_hash) else None
 
-    def usage_ratio(self):
+    def usage_ratio(self) -> float:
         """Cached bytes over capacity, clamped to [0, 1]."""
         return min(max(self.used_bytes() / self.capacity, 0.0), 1.0)
 
@@ -264,18 +236,12 @@ class CacheStore:
             return None
         self.db.cache_index.uncache(conn, victims)
         for file_hash in victims:
-            self._unlink_cached(file_hash)
+            self.layout.unlink(file_hash)
         log.debug("evicted %d files (%d bytes)", len(victims), freed)
         return len(victims)
 
-    def _unlink_cached(self, file_hash):
-        # Through the shard's own fd, opened without following a symlink: a
-        # link planted as the file is removed as a link, and a link planted
-        # as the shard (to a folder host's directory, say) is never entered.
-        unlink_in(os.path.join(self.root, file_hash[:2]), file_hash)
-
     @contextlib.contextmanager
-    def reserve(self, size):
+    def reserve(self, size: int) -> Iterator["Reservation"]:
         """Reserve room for a ``size``-byte write, evicting LRU files as needed.
 
         Yields a :class:`Reservation`, whose ``temp`` is where to write. The
@@ -293,10 +259,9 @@ class CacheStore:
                     "no room for %d bytes: %d of %d bytes are pinned or in flight"
                     % (size, self.used_bytes() + self.db.sessions.reserved_bytes(conn),
                        self.capacity))
-            reservation = Reservation(self.db.sessions.reserve(conn, self.owner, size))
+            rid = self.db.sessions.reserve(conn, self.owner, size)
+        reservation = Reservation(rid, self.layout.reservation_temp(self.token, rid))
         try:
-            reservation.temp = os.path.join(
-                self.tmp_dir, "%s-%d.tmp" % (self.token, reservation.id))
             yield reservation
         finally:
             if not reservation.committed:
@@ -304,7 +269,7 @@ class CacheStore:
                 with self.db.transaction() as conn:
                     self.db.sessions.release(conn, [reservation.id])
 
-    def evict(self, target_bytes):
+    def evict(self, target_bytes: int) -> int:
         """Evict LRU files until at most ``target_bytes`` are cached.
 
         :return: the number of files evicted
@@ -316,7 +281,9 @@ class CacheStore:
 
     # -- writing ---------------------------------------------------------------
 
-    def ingest(self, source_path, filename, created=None, queue=True, progress=None):
+    def ingest(self, source_path: Union[str, "os.PathLike[str]"], filename: str,
+               created: Optional[float] = None, queue: bool = True,
+               progress: Optional[Callable[[int], None]] = None) -> Tuple[str, int]:
         """Copy a file into the cache, hashing it on the way (one read).
 
         The bytes go to a temp file under a reservation, are fsynced, and are
@@ -346,8 +313,9 @@ class CacheStore:
                 self.commit(res, file_hash, nbytes, filename, created, queue=queue)
         return file_hash, nbytes
 
-    def commit(self, reservation, file_hash, size, filename="", created=None, queue=False,
-               must_exist=False):
+    def commit(self, reservation: "Reservation", file_hash: str, size: int, filename: str = "",
+               created: Optional[float] = None, queue: bool = False,
+               must_exist: bool = False) -> str:
         """Publish a reservation's verified temp file as the cached copy of ``file_hash``.
 
         If the file is already cached, the temp file is dropped and the
@@ -370,7 +338,7 @@ class CacheStore:
             if outcome == "new" and must_exist:  # rolled back with the transaction
                 raise NotInPoolError("%s was removed while it was fetched" % file_hash)
             protected = bool(self.db.files.protected_among(conn, [file_hash]))
-            if self.db.cache_index.is_cached(file_hash) and self._file_ok(file_hash, size):
+            if self.db.cache_index.is_cached(file_hash) and self.layout.is_file(file_hash, size):
                 self.db.cache_index.touch([(file_hash, now)], conn)
                 fsutil.remove_quietly(reservation.temp)  # a duplicate of the cached copy
             else:
@@ -420,11 +388,10 @@ class CacheStore:
         temps = {}  # k -> temp path, until published or removed
         try:
             with self.reserve(total) as res:
-                stem = res.temp[:-len(".tmp")]
                 for k, (path, _, _) in enumerate(sources):
                     if results[k] is not None:
                         continue
-                    temps[k] = "%s-%d.tmp" % (stem, k)
+                    temps[k] = self.layout.batch_temp(self.token, res.id, k)
                     try:
                         results[k] = self._copy_in(path, temps[k], sizes[k], progress,
                                                    fsync=self.fsync and not batch_sync)
@@ -517,7 +484,7 @@ class CacheStore:
                                                     % (file_hash, size))
                         fsutil.remove_quietly(temps.pop(k))
                         continue
-                    if file_hash in cached and self._file_ok(file_hash, size):
+                    if file_hash in cached and self.layout.is_file(file_hash, size):
                         self.db.cache_index.touch([(file_hash, now)], conn)
                         fsutil.remove_quietly(temps.pop(k))
                         done[file_hash] = size
@@ -527,8 +494,8 @@ class CacheStore:
                         to_queue.append(file_hash)
                 temp = temps.pop(k)
                 self._set_mode(temp)
-                fsutil.publish(temp, self._path(file_hash), fsync=False)
-                shards.add(file_hash[:2])
+                fsutil.publish(temp, self.layout.path(file_hash), fsync=False)
+                shards.add(self.layout.shard_dir(file_hash))
                 done[file_hash] = size
             self.db.files.insert(conn, new_rows)
             self.db.cache_index.put(conn, new_entries, now, new=True)
@@ -539,11 +506,11 @@ class CacheStore:
                 fsutil.sync_filesystem(self.root)
             elif self.fsync:
                 for shard in shards:  # one fsync per directory, not per file
-                    fsutil.fsync_dir(os.path.join(self.root, shard))
+                    fsutil.fsync_dir(shard)
             self.db.sessions.release(conn, [reservation.id])
         reservation.committed = True
 
-    def drop(self, file_hash, only_if_damaged=False):
+    def drop(self, file_hash: str, only_if_damaged: bool = False) -> None:
         """Remove a file from the cache (its record stays).
 
         :param only_if_damaged: look again under the write lock and drop it
@@ -553,12 +520,12 @@ class CacheStore:
         with self.db.transaction() as conn:
             if only_if_damaged:
                 state = self.db.cache_index.state(file_hash)
-                if not state or not state[1] or self._file_ok(file_hash, state[0]):
+                if not state or not state[1] or self.layout.is_file(file_hash, state[0]):
                     return
                 log.warning("cached file %s is missing or damaged; marking it not cached",
                             file_hash)
             self.db.cache_index.uncache(conn, [file_hash])
-            self._unlink_cached(file_hash)
+            self.layout.unlink(file_hash)
 
     def forget_rows(self, conn, hashes):
         """Drop files' cache index rows (pins too), inside the caller's
@@ -569,7 +536,7 @@ class CacheStore:
         """
         self.db.cache_index.forget(conn, hashes)
 
-    def unlink_forgotten(self, hashes):
+    def unlink_forgotten(self, hashes: Sequence[str]) -> None:
         """Remove the cached files of rows :meth:`forget_rows` dropped, unless
         another process cached the file again meanwhile: the check and the
         unlink happen under the write lock, as its publish does."""
@@ -577,105 +544,20 @@ class CacheStore:
             cached = self.db.cache_index.cached_among(hashes, conn)
             for file_hash in hashes:
                 if file_hash not in cached:
-                    self._unlink_cached(file_hash)
+                    self.layout.unlink(file_hash)
 
     # -- reconciliation --------------------------------------------------------
 
-    def dead_sessions(self):
-        """Owners of sessions on this machine whose process no longer runs."""
-        dead = []
-        for owner, node, pid, proc_start in self.db.sessions.all():
-            if node != self.node:
-                continue  # another machine sharing the directory: cannot tell
-            if pid == os.getpid() and proc_start == self.proc_start:
-                continue  # this process (another instance, or this one)
-            if not _pid_alive(pid) or proc_start != _process_start(pid):
-                dead.append(owner)
-        return dead
+    def reconcile(self, full: Optional[bool] = None) -> Dict[str, Any]:
+        """Bring the directory and the database back into agreement; see
+        :func:`cloudmanager.cache.fsck.reconcile`.
 
-    def reconcile(self, full=None):
-        """Bring the directory and the database back into agreement.
-
-        Always: remove temp files left by sessions that no longer run.
-        When ``full`` (or, with ``full=None``, when a session died without
-        closing or the database is new): walk the shards, remove orphan,
-        misplaced and foreign files (symlinks are removed, never followed),
-        mark rows whose file is missing or the wrong size as not cached, and
-        recount the usage total.
-
-        :return: a dict of what was found and fixed
+        :return: ``{"temp_removed", "orphans_removed", "missing_marked",
+            "dead_sessions": n, "full": bool}``
         """
-        dead = self.dead_sessions()
-        live_tokens = {owner.rsplit(":", 1)[-1] for owner, *_ in self.db.sessions.all()
-                       if owner not in dead}
-        live_tokens.add(self.token)
-        report = {"temp_removed": 0, "orphans_removed": 0, "missing_marked": 0,
-                  "dead_sessions": len(dead), "full": False}
-        with open_dir(self.tmp_dir) as fd:
-            for entry in scan(fd):
-                # Every temp name starts with its session's token, after any dots.
-                if entry.name.lstrip(".").split("-", 1)[0] not in live_tokens:
-                    remove_entry(fd, self.tmp_dir, entry)
-                    report["temp_removed"] += 1
-        if full is None:
-            full = bool(dead) or not self.db.files.has_any() and self._has_any_file()
-        if full:
-            report["full"] = True
-            report.update(self._full_reconcile())
-        if dead:
-            with self.db.transaction() as conn:
-                self.db.sessions.end(conn, dead)
-        if any(report[k] for k in ("temp_removed", "orphans_removed", "missing_marked")):
-            log.info("reconciled %s: %s", self.root, report)
-        return report
+        return fsck.reconcile(self, full)
 
-    def _has_any_file(self):
-        for i in range(256):
-            with open_dir(os.path.join(self.root, "%02x" % i)) as fd:
-                if scan(fd):
-                    return True
-        return False
-
-    def _full_reconcile(self):
-        # The walk and the comparison both happen under the write lock, so no
-        # other process can publish or evict in between.
-        with self.db.transaction() as conn:
-            on_disk, removed = self._walk_shards()
-            missing = 0
-            for file_hash, size in self.db.cache_index.cached_rows(conn):
-                if on_disk.pop(file_hash, None) != size:
-                    self.db.cache_index.uncache(conn, [file_hash])
-                    self._unlink_cached(file_hash)
-                    missing += 1
-            for orphan in on_disk:  # on disk, but no row says cached
-                self._unlink_cached(orphan)
-                removed += 1
-            self.db.cache_index.recount(conn)
-        return {"orphans_removed": removed, "missing_marked": missing}
-
-    def _walk_shards(self):
-        """``({hash: size}, removed)``: cache files found, and foreign entries removed.
-
-        Anything that is not a regular file named by a hash in its own shard
-        (symlinks included) is removed without being followed.
-        """
-        on_disk, removed = {}, 0
-        for i in range(256):
-            shard = "%02x" % i
-            shard_path = os.path.join(self.root, shard)
-            if not own_dir(shard_path):  # a symlink or a file took its place
-                removed += 1
-            with open_dir(shard_path) as fd:
-                for entry in scan(fd):
-                    if entry.is_file(follow_symlinks=False) and is_hash(entry.name) \
-                            and entry.name.startswith(shard):
-                        on_disk[entry.name] = entry.stat(follow_symlinks=False).st_size
-                    else:
-                        remove_entry(fd, shard_path, entry)
-                        removed += 1
-        return on_disk, removed
-
-    def close(self):
+    def close(self) -> None:
         """Flush deferred updates and end this session."""
         self.flush()
         with self.db.transaction() as conn:
@@ -687,114 +569,7 @@ class Reservation:
 
     __slots__ = ("id", "temp", "committed")
 
-    def __init__(self, reservation_id):
+    def __init__(self, reservation_id: int, temp: str) -> None:
         self.id = reservation_id
-        self.temp = None
+        self.temp = temp
         self.committed = False
-
-
-def _process_start(pid):
-    """When a process started, as the kernel tells it (Linux); '' elsewhere.
-
-    With the pid, it tells a live session from a dead one whose pid was reused.
-    """
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            # Field 22, counted after the parenthesized command name.
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        return ""
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# -- the directory, never through a planted symlink ----------------------------
-#
-# Anyone who can write into the storage directory can put a symlink where a
-# shard, the temp directory or a cached file should be. Walks and deletes go
-# through directory fds opened with O_NOFOLLOW, so they never reach outside.
-
-_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) \
-    | getattr(os, "O_CLOEXEC", 0)
-
-
-@contextlib.contextmanager
-def open_dir(path):
-    """Yield an fd on the directory ``path`` itself, or None if it is missing
-    or is not a real directory (a symlink in its place is not followed)."""
-    try:
-        fd = os.open(path, _DIR_FLAGS)
-    except (FileNotFoundError, NotADirectoryError):
-        fd = None
-    except OSError as exc:
-        if exc.errno != errno.ELOOP:
-            raise
-        log.warning("%s is a symlink, not a directory; not following it", path)
-        fd = None
-    try:
-        yield fd
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def scan(fd):
-    """The entries of an open directory (a list; none for a None fd)."""
-    if fd is None:
-        return []
-    with os.scandir(fd) as it:
-        return list(it)
-
-
-def remove_entry(fd, dir_path, entry):
-    """Remove an entry of the directory open as ``fd`` without following it."""
-    if entry.is_dir(follow_symlinks=False):
-        if sys.version_info >= (3, 11):
-            shutil.rmtree(entry.name, ignore_errors=True, dir_fd=fd)
-        else:  # rmtree refuses a symlink at the top, and never follows one below
-            shutil.rmtree(os.path.join(dir_path, entry.name), ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(entry.name, dir_fd=fd)
-
-
-def unlink_in(dir_path, name):
-    """Unlink ``name`` in ``dir_path``, unless ``dir_path`` is not a real directory."""
-    with open_dir(dir_path) as fd:
-        if fd is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=fd)
-
-
-def own_dir(path, mode=fsutil.DIR_MODE):
-    """Make ``path`` a real directory with ``mode`` (0700 by default).
-
-    A symlink or a file found in its place is removed, never followed.
-
-    :return: True if it was already a directory
-    """
-    try:
-        os.mkdir(path, mode)
-        if mode & ~fsutil.DIR_MODE:  # wider than the umask may allow
-            os.chmod(path, mode)
-        return False
-    except FileExistsError:
-        pass  # another process may have made it a moment ago
-    st = os.lstat(path)
-    if stat.S_ISDIR(st.st_mode):
-        if stat.S_IMODE(st.st_mode) != mode:  # the configured mode changed
-            os.chmod(path, mode)
-        return True
-    log.warning("%s is not a directory (a symlink or a file); replacing it", path)
-    os.unlink(path)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, mode)
-    return False
