@@ -1,4 +1,5 @@
-"""The benchmarks of issue 5, each beside its baseline measured in the same run.
+"""The benchmarks of issue 5 (and 9, a warm_up miss, of issue 12), each beside its
+baseline measured in the same run.
 
 Every function takes ``(ws, cfg)``: a :class:`~common.Workspace` giving
 fresh directories, and the scale (:data:`FULL` or :data:`QUICK`), and
