@@ -1,4 +1,5 @@
-"""The benchmarks of issue 5, each beside its baseline measured in the same run.
+"""The benchmarks of issue 5 (and 9, a warm_up miss, of issue 12), each beside its
+baseline measured in the same run.
 
 Every function takes ``(ws, cfg)``: a :class:`~common.Workspace` giving
 fresh directories, and the scale (:data:`FULL` or :data:`QUICK`), and
@@ -88,6 +89,43 @@ def large_ingest(ws, cfg):
                                       "baseline": samples["two_pass"][fsync]}))
     return rows
 
+
+
+# -- 9. warm_up miss ---------------------------------------------------------------
+
+def warm_up_miss(ws, cfg):
+    """A miss of a large file from a folder host: its bytes are read once, hashed
+    as they are written into the cache, beside one read-and-hash of the same object."""
+    size = cfg["large_mib"] * MiB
+    work = ws.fresh("miss")
+    src = write_random_file(os.path.join(work, "source.bin"), size)
+    mb = size / 1e6
+    ours, hashlib_rates = [], []
+    for rep in range(cfg["repeat"]):
+        base = os.path.join(work, "pool-%d" % rep)
+        host = FolderHost(os.path.join(base, "host"), fsync=False)
+        cm = _pool(base, 2 * size, [host], redundancy=1)
+        try:
+            digest = cm.upload(src)
+            if not digest or cm.evict(0) != 1:
+                raise RuntimeError("upload to the folder host failed")
+            stored = os.path.join(host.root, digest)
+            original.sha256_file(stored)  # the host's object is in the page cache for both
+            # Interleaved; os.sync() first, so neither inherits the other's dirty pages.
+            os.sync()
+            t, _ = timed(lambda: original.sha256_file(stored))
+            hashlib_rates.append(mb / t)
+            os.sync()
+            t, path = timed(lambda: cm.warm_up(digest))
+            if not path:
+                raise RuntimeError("warm_up of an evicted file failed")
+            ours.append(mb / t)
+        finally:
+            cm.close()
+    return [rate_row("9. warm_up miss %d MiB from a folder host, no fsync, vs hashlib alone"
+                     % cfg["large_mib"], max(ours), max(hashlib_rates), "MB/s", 0.9,
+                     "hashlib sha256 (read+hash)", "the host's object read once",
+                     samples={"ours": ours, "baseline": hashlib_rates})]
 
 # -- 2. small-file ingest --------------------------------------------------------
 

@@ -25,7 +25,7 @@ sys.path.insert(1, os.path.dirname(HERE))
 import benchmarks  # noqa: E402
 from common import Workspace, machine_facts  # noqa: E402
 
-NAMES = ["large", "small", "lookups", "growth", "sync", "hosts", "startup"]
+NAMES = ["large", "small", "lookups", "growth", "sync", "hosts", "startup", "miss"]
 
 
 def run_all(cfg, only, ws):
@@ -38,6 +38,7 @@ def run_all(cfg, only, ws):
         "sync": lambda: benchmarks.node_sync(ws, cfg, pools),
         "hosts": lambda: benchmarks.parallel_hosts(ws, cfg),
         "startup": lambda: benchmarks.startup(ws, cfg),
+        "miss": lambda: benchmarks.warm_up_miss(ws, cfg),
     }
     rows, errors, times = [], [], {}
     for name in NAMES:

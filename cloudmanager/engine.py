@@ -6,7 +6,9 @@ candidate starts, until the target is met or the hosts run out.
 
 Downloads try the copies in the health order of their hosts. Each attempt
 writes a temp file beside the destination and is verified against the
-SHA-256 (and size) before it is renamed into place.
+SHA-256 (and size) before it is renamed into place: the digest the host
+computed as it wrote the bytes, or, from a host that cannot hash them
+(plowdown writes its file itself), a hash of the temp file.
 
 Every call returns facts, never writes them: which host, which URL, how long,
 which error (:class:`~cloudmanager.health.Fact`), and what an attempt proved
@@ -51,7 +53,7 @@ from .errors import (
     TransientHostError,
 )
 from .health import Fact, Health
-from .hosts.base import Host, Location
+from .hosts.base import Host, Location, Received
 
 log = logging.getLogger(__name__)
 
@@ -518,10 +520,16 @@ class UploadEngine:
         os.close(fd)
         started = time.monotonic()
         try:
-            self._call(host, what, self.deadline(host, size),
-                       host.download, location.url, temp, size,
-                       cleanup=lambda: fsutil.remove_quietly(temp))
-            got_hash, got_size = fsutil.hash_file(temp)
+            received = self._call(host, what, self.deadline(host, size),
+                                  host.download, location.url, temp, size,
+                                  cleanup=lambda: fsutil.remove_quietly(temp))
+            if isinstance(received, Received):
+                # The host hashed the bytes as it wrote them: they are read once.
+                got_hash, got_size = received
+            else:
+                # It could not (an external tool wrote the file), or it is a
+                # host written before downloads returned a digest: a second read.
+                got_hash, got_size = fsutil.hash_file(temp)
             if got_hash != file_hash:
                 raise IntegrityError("%s sent %d bytes hashing to %s" % (
                     host.name, got_size, got_hash))

@@ -124,11 +124,12 @@ def write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
-def copy_and_hash(src, dst_fd, limit=None, hashing=True, progress=None):
+def copy_and_hash(src, dst_fd, limit=None, hashing=True, progress=None, length=None):
     """Copy a readable binary file object into ``dst_fd``, hashing as it goes.
 
     The source is read exactly once, and the digest is of exactly the bytes
-    written. A regular file of :data:`PIPELINE_MIN` bytes or more is copied
+    written. A regular file of :data:`PIPELINE_MIN` bytes or more, or a
+    stream with ``readinto`` that announces as many (``length``), is copied
     by a pipeline (see :func:`_copy_pipelined`): reading and writing overlap
     with hashing, so the copy costs little more than the hash, and the
     destination streams through a bounded window of the page cache.
@@ -137,10 +138,17 @@ def copy_and_hash(src, dst_fd, limit=None, hashing=True, progress=None):
         bytes have been read (the source grew, or a host sent too much)
     :param hashing: False to only copy (the digest returned is then None)
     :param progress: called with the number of bytes of each chunk copied
+    :param length: the size a stream announced (an HTTP ``Content-Length``),
+        for a source that is not a regular file: it only chooses how the
+        bytes are copied; ``limit`` is what bounds them
     :return: ``(sha256_hex, nbytes)``
     :raises OverflowError: past ``limit``; ``OSError`` from reading or writing
     """
-    size = _regular_size(src) if hasattr(src, "readinto") else None
+    size = None
+    if hasattr(src, "readinto"):
+        size = _regular_size(src)
+        if size is None:
+            size = length
     if hashing and size is not None and size >= PIPELINE_MIN:
         return _copy_pipelined(src, dst_fd, limit, progress)
     digest = hashlib.sha256() if hashing else None

@@ -8,12 +8,15 @@ fail on purpose: they are hosts, not the layer under test.
 
 import os
 import time
+import uuid
 
 import pytest
 
+from cloudmanager import fsutil
 from cloudmanager.db.health import Outcome
 from cloudmanager.engine import UploadEngine, UploadResult, Verdict
 from cloudmanager.errors import (
+    CorruptCopyError,
     DownloadError,
     HostError,
     HostNotFoundError,
@@ -22,10 +25,13 @@ from cloudmanager.errors import (
 )
 from cloudmanager.hosts.base import Host, Location
 from cloudmanager.hosts.folder import FolderHost
+from cloudmanager.hosts.memory import MemoryHost
 from cloudmanager.hosts.plowshare import PlowshareHost
+from cloudmanager.hosts.s3 import S3Host
 from cloudmanager.db.health import month_key
 from cloudmanager.health import Health
-from helpers import sha
+from helpers import record_reads, sha
+from hosts.s3_server import aws_env, bucket, moto_endpoint, s3_admin  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
@@ -448,4 +454,139 @@ def test_host_bug_during_download_leaves_no_temp(make_engine, source, db, tmp_pa
     with pytest.raises(Exception):
         engine.download(digest, size, [("broken", "boom://x")], str(out_dir / "d.bin"))
     assert broken.calls == 1
+    assert list(out_dir.iterdir()) == []
+
+
+# -- a download reads the bytes once (issue 12) --------------------------------------
+
+MiB = 1 << 20
+
+
+@pytest.fixture(params=["folder", "memory", "s3"])
+def streaming(request, tmp_path):
+    """``(host, tamper)``: a host whose bytes pass through Python on the way
+    down, and ``tamper(location, data)`` to replace an object behind its back."""
+    kind = request.param
+    if kind == "folder":
+        host = folder(tmp_path, "disk")
+
+        def tamper(location, data):
+            with open(os.path.join(host.root, location.url.rsplit("/", 1)[1]), "wb") as f:
+                f.write(data)
+
+        return host, tamper
+    if kind == "memory":
+        host = MemoryHost("engine-" + uuid.uuid4().hex, name="ram")
+
+        def tamper(location, data):
+            host.objects[host.object_name(location.url)] = data
+
+        return host, tamper
+    endpoint = request.getfixturevalue("moto_endpoint")
+    bucket = request.getfixturevalue("bucket")
+    admin = request.getfixturevalue("s3_admin")
+    host = S3Host(bucket, "pool", endpoint_url=endpoint, region="us-east-1",
+                  addressing_style="path", multipart_threshold=5 * MiB,
+                  multipart_chunksize=5 * MiB)
+    request.addfinalizer(host.close)
+
+    def tamper(location, data):
+        admin.put_object(Bucket=bucket, Key="pool/" + host.object_name(location.url), Body=data)
+
+    return host, tamper
+
+
+class LegacyFolderHost(FolderHost):
+    """A host written before downloads returned what they wrote."""
+
+    def download(self, url, dest_path, max_bytes=None):
+        super().download(url, dest_path, max_bytes)
+
+
+# Above fsutil.PIPELINE_MIN (8 MiB), the copy runs in two threads: both ways are covered.
+@pytest.mark.parametrize("size", [100_000, 9 * MiB])
+def test_a_download_reads_the_bytes_once(streaming, make_engine, source, db, out_dir,
+                                         monkeypatch, size):
+    host, _ = streaming
+    engine = make_engine([host], redundancy=1)
+    data = os.urandom(size)
+    path, digest, size = source(data)
+    [loc] = engine.upload(path, digest, size).successes
+    dest = out_dir / "dest.bin"
+    reads = record_reads(monkeypatch)
+
+    got = engine.download(digest, size, [tuple(loc)], str(dest))
+    monkeypatch.undo()
+
+    assert got.verdicts == [Verdict(loc, "good")]
+    assert dest.read_bytes() == data
+    # The host hashed the bytes as it wrote them: neither the temp file nor
+    # the destination is read again, and nothing is hashed afterwards.
+    assert reads.hashed == []
+    assert reads.under(out_dir) == []
+    if isinstance(host, FolderHost):  # the one read: the host's object
+        assert reads.opened.count(os.path.join(host.root, digest)) == 1
+
+
+def test_a_host_that_returns_no_digest_is_hashed_afterwards(make_engine, source, db, tmp_path,
+                                                            out_dir, monkeypatch):
+    # The way plowdown's downloads are verified, and the counter's own check.
+    (tmp_path / "legacy").mkdir()
+    host = LegacyFolderHost(str(tmp_path / "legacy"), name="legacy", fsync=False)
+    engine = make_engine([host], redundancy=1)
+    path, digest, size = source(os.urandom(50_000))
+    [loc] = engine.upload(path, digest, size).successes
+    reads = record_reads(monkeypatch)
+
+    engine.download(digest, size, [tuple(loc)], str(out_dir / "dest.bin"))
+    monkeypatch.undo()
+
+    assert len(reads.hashed) == 1 and reads.under(out_dir) == reads.hashed
+    with open(os.path.join(host.root, digest), "r+b") as f:  # one byte changed
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 1]))
+    with pytest.raises(DownloadError) as info:
+        engine.download(digest, size, [tuple(loc)], str(out_dir / "again.bin"))
+    assert isinstance(info.value.failures[0], CorruptCopyError)
+
+
+def test_wrong_bytes_from_a_streaming_host_are_refused(streaming, make_engine, source, db,
+                                                       out_dir):
+    host, tamper = streaming
+    engine = make_engine([host], redundancy=1)
+    data = os.urandom(100_000)
+    path, digest, size = source(data)
+    [loc] = engine.upload(path, digest, size).successes
+    tamper(loc, os.urandom(size))  # the same size, other bytes
+    dest = out_dir / "dest.bin"
+
+    with pytest.raises(DownloadError) as info:
+        engine.download(digest, size, [tuple(loc)], str(dest))
+
+    [failure] = info.value.failures
+    assert isinstance(failure, CorruptCopyError) and failure.host == host.name
+    assert info.value.verdicts == [Verdict(loc, "bad")]
+    assert list(out_dir.iterdir()) == []  # neither the destination nor a temp file
+
+
+def test_a_streaming_host_stops_at_the_recorded_size(streaming, make_engine, source, db,
+                                                     out_dir, monkeypatch):
+    host, tamper = streaming
+    engine = make_engine([host], redundancy=1)
+    data = os.urandom(100_000)
+    path, digest, size = source(data)
+    [loc] = engine.upload(path, digest, size).successes
+    tamper(loc, data + os.urandom(3 * MiB))  # more than the reservation holds
+    written = []
+    real_write_all = fsutil.write_all
+    monkeypatch.setattr(fsutil, "write_all",
+                        lambda fd, chunk: written.append(len(chunk)) or real_write_all(fd, chunk))
+
+    with pytest.raises(DownloadError) as info:
+        engine.download(digest, size, [tuple(loc)], str(out_dir / "dest.bin"))
+
+    [failure] = info.value.failures
+    assert isinstance(failure, TransientHostError)  # too large: not proof of a bad copy
+    assert sum(written) <= size  # not a byte past the recorded size was written
     assert list(out_dir.iterdir()) == []

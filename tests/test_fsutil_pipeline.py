@@ -151,6 +151,52 @@ def test_pipe_source_is_copied_by_the_plain_loop(tmp_path, small_pipeline):
     assert (digest, n) == (hashlib.sha256(data).hexdigest(), len(data))
 
 
+class Stream:
+    """A network body: ``readinto`` in short reads, no file descriptor."""
+
+    def __init__(self, data, step=5000):
+        self.data, self.pos, self.step = data, 0, step
+
+    def readinto(self, buf):
+        n = min(len(buf), self.step, len(self.data) - self.pos)
+        buf[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
+@pytest.mark.parametrize("announced", [None, 10, 100 * 1024, 10 << 20])
+def test_a_stream_is_copied_exactly_whatever_length_it_announces(tmp_path, small_pipeline,
+                                                                   monkeypatch, announced):
+    # The announced length only picks the way: a large one the pipeline,
+    # a wrong one still gets every byte, hashed.
+    used = []
+    real = fsutil._copy_pipelined
+    monkeypatch.setattr(fsutil, "_copy_pipelined", lambda *a: used.append(True) or real(*a))
+    data = os.urandom(100 * 1024)
+    fd = os.open(tmp_path / "dst", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        got = fsutil.copy_and_hash(Stream(data), fd, length=announced)
+    finally:
+        os.close(fd)
+    assert got == (hashlib.sha256(data).hexdigest(), len(data))
+    assert (tmp_path / "dst").read_bytes() == data
+    assert used == ([True] if announced is not None and announced >= 64 * 1024 else [])
+
+
+@pytest.mark.parametrize("announced", [None, 100 * 1024])
+def test_a_stream_longer_than_the_limit_is_stopped(tmp_path, small_pipeline, announced):
+    fd = os.open(tmp_path / "dst", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(OverflowError):
+            fsutil.copy_and_hash(Stream(os.urandom(400 * 1024)), fd, limit=100 * 1024,
+                                 length=announced)
+    finally:
+        os.close(fd)
+    # It stopped within a read of the limit: the rest was never written.
+    assert os.path.getsize(tmp_path / "dst") <= 100 * 1024
+    assert not any(t.name == "cloudmanager-copy" for t in threading.enumerate())
+
+
 # -- through the cache -------------------------------------------------------------
 
 @pytest.mark.parametrize("fsync", [False, True])

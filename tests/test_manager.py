@@ -11,7 +11,7 @@ import pytest
 
 from cloudmanager import CloudManager
 from cloudmanager.errors import CloudManagerError
-from helpers import sha
+from helpers import record_reads, sha
 
 
 
@@ -95,6 +95,25 @@ def test_warm_up_hit_miss_and_usage_ratio(make_pool, write_file):
     stats = cm.stats()
     assert stats["hits"] >= 1 and stats["misses"] >= 1
     assert stats["downloaded_bytes"]["total"] == 250
+
+
+def test_a_warm_up_miss_reads_the_bytes_once(make_pool, write_file, tmp_path, monkeypatch):
+    # Issue 12: the folder host hashes the bytes as it writes them into the
+    # cache; nobody reads them again (the engine's tests cover memory and S3).
+    cm = make_pool(capacity=1 << 20, redundancy=1)
+    data = os.urandom(300_000)
+    digest = cm.upload(write_file("f", data))
+    assert cm.evict(0) == 1
+    reads = record_reads(monkeypatch)
+
+    path = cm.warm_up(digest)
+    monkeypatch.undo()
+
+    assert path and open(path, "rb").read() == data
+    assert reads.hashed == []
+    assert reads.under(tmp_path / "node" / "cache") == []
+    assert [p for p in reads.opened if os.path.basename(p) == digest] == [
+        cm.info(digest)["uploads"][0]["url"][len("file://"):]]
 
 
 def test_lru_eviction_keeps_recently_used(make_pool, write_file):

@@ -21,7 +21,7 @@ import importlib
 from typing import Any, Dict, Optional, Tuple, Type
 
 from ..errors import InvalidInputError, MissingDependencyError
-from .base import Host, Location
+from .base import Host, Location, Received
 
 #: scheme → (module, class name, the extra that installs its dependencies).
 #: Imported lazily by :func:`host_class`.
@@ -34,7 +34,7 @@ REGISTRY: Dict[str, Tuple[str, str, Optional[str]]] = {
     "fsspec": ("cloudmanager.hosts.fsspec", "FsspecHost", "fsspec"),
 }
 
-__all__ = ["Host", "Location", "REGISTRY", "from_spec", "host_class"]
+__all__ = ["Host", "Location", "REGISTRY", "Received", "from_spec", "host_class"]
 
 
 def host_class(scheme: str) -> Type[Host]:

@@ -44,6 +44,20 @@ class ObjectInfo(NamedTuple):
     sha256: Optional[str] = None
 
 
+class Received(NamedTuple):
+    """What a host wrote into a download's destination, hashed as it was written.
+
+    Returned by :meth:`Host.download` when the bytes went through Python on
+    their way to the file: the caller then checks these against the hash it
+    asked for instead of reading the file again.
+    """
+
+    #: The SHA-256 hex digest of exactly the bytes written.
+    sha256: str
+    #: How many bytes were written.
+    size: int
+
+
 class Host:
     """Base class of hosts. Subclasses set :attr:`name` and override the methods.
 
@@ -129,17 +143,27 @@ class Host:
                 results.append(exc)
         return results
 
-    def download(self, url: str, dest_path: PathLike, max_bytes: Optional[int] = None) -> None:
+    def download(self, url: str, dest_path: PathLike,
+                 max_bytes: Optional[int] = None) -> Optional[Received]:
         """Fetch the object at ``url`` into ``dest_path``, atomically.
 
         On success ``dest_path`` holds the bytes the host returned (the caller
         verifies them). On failure nothing is left at ``dest_path`` or beside it.
+
+        A host that copies the bytes itself hashes them as they pass
+        (:meth:`receive` does) and returns what it wrote, so that the caller
+        verifies them without reading the file again: a download reads the
+        bytes once. A host whose bytes are written by something else (an
+        external tool) returns None, and the caller hashes the file (as it
+        does for any return value that is not a :class:`Received`).
 
         :param url: a URL this host :meth:`accepts`
         :param dest_path: the destination file; replaced only on success
         :param max_bytes: the expected size; a host that can stop writing
             past it raises :class:`~cloudmanager.errors.TransientHostError`
             instead of filling the disk
+        :return: the :class:`Received` SHA-256 and size of exactly the bytes
+            now at ``dest_path``, or None if the host did not hash them
         :raises HostNotFoundError: if the host does not hold the object
         :raises HostError: on any other failure
         """
@@ -237,11 +261,15 @@ class Host:
     # -- helpers for subclasses ---------------------------------------------
 
     def receive(self, stream: IO[bytes], url: str, dest_path: PathLike,
-                max_bytes: Optional[int] = None, fsync: bool = True) -> None:
-        """Copy a readable binary ``stream`` to ``dest_path`` atomically.
+                max_bytes: Optional[int] = None, fsync: bool = True,
+                length: Optional[int] = None) -> Received:
+        """Copy a readable binary ``stream`` to ``dest_path`` atomically, hashing it.
 
-        For hosts that download by reading a stream. Stops once more than
-        ``max_bytes`` arrive. On any failure the temp file is removed and a
+        For hosts that download by reading a stream: what :meth:`download`
+        returns. The bytes are hashed as they are written
+        (:func:`~cloudmanager.fsutil.copy_and_hash`), so nobody reads them
+        again to verify them. Stops once more than ``max_bytes`` arrive. On
+        any failure the temp file is removed and a
         :class:`~cloudmanager.errors.TransientHostError` raised: a failure
         here is about the transfer or the local disk, never proof that the
         object is missing.
@@ -251,13 +279,18 @@ class Host:
         :param dest_path: the destination file; replaced only on success
         :param max_bytes: refuse (and stop writing) past this many bytes
         :param fsync: fsync the file and its directory before returning
+        :param length: the size the stream announced, if any (a large one is
+            copied by reading and hashing in two threads)
+        :return: the :class:`Received` SHA-256 and size of what was written
         :raises TransientHostError: on any failure
         """
         try:
             with fsutil.atomic_write(dest_path, fsync) as out:
-                fsutil.copy_and_hash(stream, out.fileno(), limit=max_bytes, hashing=False)
+                digest, size = fsutil.copy_and_hash(stream, out.fileno(), limit=max_bytes,
+                                                    length=length)
         except OverflowError as exc:
             raise TransientHostError(self.name, "%s is larger than the %s bytes expected"
                                      % (url, max_bytes)) from exc
         except OSError as exc:
             raise TransientHostError(self.name, "cannot copy %s: %s" % (url, exc)) from exc
+        return Received(digest, size)

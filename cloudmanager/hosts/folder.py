@@ -30,7 +30,7 @@ from ..errors import (
     TransientHostError,
 )
 from ..validation import check_url, is_hash
-from .base import Host, Location, ObjectInfo, PathLike
+from .base import Host, Location, ObjectInfo, PathLike, Received
 
 log = logging.getLogger(__name__)
 
@@ -319,12 +319,15 @@ class FolderHost(Host):
         # fsencode: a root that is not valid UTF-8 still gets an exact URL
         return Location(self.name, "file://" + quote(os.fsencode(path)))
 
-    def download(self, url: str, dest_path: PathLike, max_bytes: Optional[int] = None) -> None:
+    def download(self, url: str, dest_path: PathLike,
+                 max_bytes: Optional[int] = None) -> Received:
         """Copy the object to ``dest_path`` atomically, stopping past ``max_bytes``.
 
         :param url: a ``file://`` URL this host :meth:`accepts`
         :param dest_path: the destination file; replaced only on success
         :param max_bytes: the expected size; a larger object is refused
+        :return: the SHA-256 and size of the bytes copied, hashed as they were
+            read (:meth:`~cloudmanager.hosts.base.Host.receive`)
         :raises PermanentHostError: if ``url`` is not an object of this folder
         :raises HostUnavailableError: if the root is missing, or unmarked
             while :attr:`require_marker` is set
@@ -341,7 +344,7 @@ class FolderHost(Host):
         # Errors from here on are about the destination or the copy, not a
         # missing object: they must not get a good copy marked bad.
         with src:
-            self.receive(src, url, dest_path, max_bytes, self.fsync)
+            return self.receive(src, url, dest_path, max_bytes, self.fsync)
 
     def stat(self, url: str) -> ObjectInfo:
         """The object file's size.

@@ -83,7 +83,7 @@ from ..validation import (
     is_hash,
     redact_url_passwords,
 )
-from .base import Host, Location, ObjectInfo, PathLike
+from .base import Host, Location, ObjectInfo, PathLike, Received
 
 log = logging.getLogger(__name__)
 
@@ -437,12 +437,14 @@ class FsspecHost(Host):
         log.debug("stored %s at %s", name, location.url)
         return location
 
-    def download(self, url: str, dest_path: PathLike, max_bytes: Optional[int] = None) -> None:
+    def download(self, url: str, dest_path: PathLike,
+                 max_bytes: Optional[int] = None) -> Received:
         """Stream the object into ``dest_path`` atomically.
 
         :param url: a URL this host :meth:`accepts`
         :param dest_path: the local file to write; replaced atomically
         :param max_bytes: refuse (and stop writing) past this many bytes
+        :return: the SHA-256 and size of the bytes written, hashed as they arrived
         :raises PermanentHostError: if ``url`` is not an object of this host
         :raises HostNotFoundError: if the object is not there
         :raises TransientHostError: if it is larger than ``max_bytes``, or the
@@ -466,11 +468,12 @@ class FsspecHost(Host):
             raise self._unless_root_missing(self._error(exc, "cannot open %s" % url)) from exc
         try:
             with remote:
-                self.receive(remote, url, dest_path, max_bytes)
+                received = self.receive(remote, url, dest_path, max_bytes)
         except Exception as exc:
             # the object was there when opened: a failure now is the transfer's
             raise self._error(exc, "cannot read %s" % url, missing_is_not_found=False) from exc
         log.debug("fetched %s into %s", url, dest_path)
+        return received
 
     def stat(self, url: str) -> ObjectInfo:
         """Size of the object, from the filesystem's metadata.

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 from ..errors import HostNotFoundError, HostUnavailableError, InvalidInputError
 from ..validation import is_hash
-from .base import Host, Location, ObjectInfo, PathLike
+from .base import Host, Location, ObjectInfo, PathLike, Received
 
 _STORES: Dict[str, Dict[str, bytes]] = {}
 _STORES_LOCK = threading.Lock()
@@ -101,12 +101,14 @@ class MemoryHost(Host):
         except KeyError:
             raise HostNotFoundError(self.name, "no object at %s" % url) from None
 
-    def download(self, url: str, dest_path: PathLike, max_bytes: Optional[int] = None) -> None:
+    def download(self, url: str, dest_path: PathLike,
+                 max_bytes: Optional[int] = None) -> Received:
         """Write the object to ``dest_path`` atomically.
 
         :param url: a ``memory://`` URL this host :meth:`accepts`
         :param dest_path: the destination file; replaced only on success
         :param max_bytes: refuse an object larger than this
+        :return: the SHA-256 and size of the bytes written
         :raises HostNotFoundError: if the object is not there
         :raises TransientHostError: if it is larger than ``max_bytes``
         :raises HostError: on any other failure
@@ -114,7 +116,7 @@ class MemoryHost(Host):
         data = self._object(url)
         if self.faults["corrupt"] and data:
             data = bytes([data[0] ^ 1]) + data[1:]
-        self.receive(io.BytesIO(data), url, dest_path, max_bytes, fsync=False)
+        return self.receive(io.BytesIO(data), url, dest_path, max_bytes, fsync=False)
 
     def stat(self, url: str) -> ObjectInfo:
         """The object's size and the SHA-256 the store computes for it.

@@ -50,7 +50,7 @@ from ..errors import (
     TransientHostError,
 )
 from ..validation import check_url, is_hash
-from .base import Host, Location, PathLike
+from .base import Host, Location, PathLike, Received
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,8 @@ class PlowshareHost(Host):
                                                 "(delete and admin links are not copies)")
         return Location(self.name, url)
 
-    def download(self, url: str, dest_path: PathLike, max_bytes: Optional[int] = None) -> None:
+    def download(self, url: str, dest_path: PathLike,
+                 max_bytes: Optional[int] = None) -> Optional[Received]:
         """Run ``plowdown URL -o DIR --temp-rename`` into a private directory.
 
         plowdown cannot be told a size limit, so the bytes in its private
@@ -335,6 +336,8 @@ class PlowshareHost(Host):
         :param dest_path: the destination file; replaced only on success
         :param max_bytes: the expected size; a larger object is refused and
             its download stopped
+        :return: None: plowdown writes the file itself, so its bytes never
+            pass through here to be hashed; the caller reads them once more
         :raises InvalidInputError: if ``url`` is not safe to hand to plowdown
         :raises TransientHostError: if the object is larger than
             ``max_bytes``, or plowdown left no single file
@@ -358,6 +361,10 @@ class PlowshareHost(Host):
             os.replace(got, dest_path)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+        # plowdown wrote the file itself: no byte of it passed through this
+        # process, so there is no digest to return, and the engine hashes the
+        # file (the one download that reads its bytes twice).
+        return None
 
     def _too_large(self, url: str, max_bytes: int) -> TransientHostError:
         # The same error as the other hosts' (Host.receive) for an object

@@ -36,7 +36,7 @@ from cloudmanager.errors import (
     InvalidInputError,
     PermanentHostError,
 )
-from cloudmanager.hosts.base import Location, ObjectInfo
+from cloudmanager.hosts.base import Location, ObjectInfo, Received
 from cloudmanager.validation import check_url
 
 
@@ -70,11 +70,18 @@ class HostConformance:
 
     @staticmethod
     def fetch(host, url, tmp_path, max_bytes=None):
+        """Download ``url`` and return its bytes, checking what the host says it wrote."""
         out = tmp_path / "out"
         out.mkdir(exist_ok=True)
         dest = out / "object"
-        host.download(url, str(dest), max_bytes=max_bytes)
-        return dest.read_bytes()
+        received = host.download(url, str(dest), max_bytes=max_bytes)
+        data = dest.read_bytes()
+        # The engine trusts a returned digest instead of reading the file
+        # again: it must be of exactly the bytes written.
+        if received is not None:
+            assert isinstance(received, Received)
+            assert received == (sha(data), len(data))
+        return data
 
     @pytest.fixture
     def tamper(self):

@@ -14,7 +14,7 @@ from cloudmanager.errors import (
     InvalidInputError,
     TransientHostError,
 )
-from cloudmanager.hosts import Location, from_spec
+from cloudmanager.hosts import Location, Received, from_spec
 from cloudmanager.hosts.folder import FolderHost
 from cloudmanager.validation import check_url
 from helpers import sha
@@ -59,7 +59,7 @@ def test_round_trip_is_byte_exact(host, root, tmp_path, out_dir):
     assert loc.host_name == "dir:" + str(root)
     assert (root / sha(data)).read_bytes() == data
     dest = out_dir / "copy.bin"
-    assert host.download(loc.url, str(dest)) is None
+    assert host.download(loc.url, str(dest)) == Received(sha(data), len(data))
     assert dest.read_bytes() == data
     assert [p.name for p in out_dir.iterdir()] == ["copy.bin"]
     assert src.read_bytes() == data
