@@ -87,6 +87,8 @@ class Health:
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.db = db
+        #: The node whose transfers this records (set once its cache is open).
+        self.node = ""
         self.threshold = threshold
         self.cooldown = cooldown
         self._clock = clock
@@ -209,7 +211,8 @@ class Health:
                 if counted:
                     outcomes[host] = [Outcome(False, None, counted[-1].error, now)]
         if outcomes or uploaded or downloaded:
-            self.db.health.record(outcomes, uploaded=uploaded, downloaded=downloaded)
+            self.db.health.record(outcomes, uploaded=uploaded, downloaded=downloaded,
+                                  node=self.node)
         with self._lock:
             for host, outcome in outcomes.items():
                 self._probing.pop(host, None)

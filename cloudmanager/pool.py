@@ -88,6 +88,8 @@ class Pool:
             self.records = RecordStore(self.db, self.engine, self.replication.merge)
             #: What the cheap open-time check (:func:`cloudmanager.cache.fsck.on_open`) mended.
             self.open_check = fsck.on_open(self.cache, self.db)
+            self.health.node = self.cache.node_id
+            self.db.leases.register_node(self.cache.node_id, self.cache.node, time.time())
             self._end_dead_removals()
             self._guard_folders()
         except BaseException:
@@ -96,7 +98,7 @@ class Pool:
 
     def _end_dead_removals(self) -> None:
         live = [s.owner for s in self.db.sessions.all()]
-        with self.db.transaction() as conn:
+        with self.db.catalog.transaction() as conn:
             ended = self.replication.end_dead_removals(conn, live)
         if ended:
             log.info("ended %d removals whose process died", len(ended))
@@ -424,7 +426,7 @@ class Pool:
         # Under the hash's lock: a warm_up in flight finishes first, and one
         # that starts later finds no record, so nothing brings the file back.
         return self.replication.remove(
-            file_hash, forget_cached=lambda conn: self.cache.forget_rows(conn, [file_hash]),
+            file_hash, forget_cached=lambda conn: self.cache.forget_rows([file_hash]),
             unlink_cached=lambda: self.cache.unlink_forgotten([file_hash]))
 
     def pin(self, file_hash: str, pinned: bool = True) -> bool:
@@ -436,7 +438,7 @@ class Pool:
         row = self.db.files.get(file_hash)
         if row is None:
             return False
-        with self.db.transaction() as conn:
+        with self.db.local.transaction() as conn:
             self.db.cache_index.pin(conn, file_hash, row.size, pinned)
         return True
 

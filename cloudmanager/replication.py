@@ -73,6 +73,10 @@ RECHECK_BASE = 60.0
 RECHECK_MAX = 7 * 86400.0
 #: Failed looks in a row (host errors) after which a copy is suspect.
 SUSPECT_AFTER = 3
+#: Seconds after which a removal still in progress is taken for dead by any
+#: node (one on another node that never came back); a day, far beyond any
+#: host delete.
+REMOVAL_MAX_AGE = 24 * 3600.0
 
 
 class SyncSummary(NamedTuple):
@@ -157,7 +161,7 @@ class Replicator:
     def queue(self, conn, hashes: Iterable[str], when: float) -> None:
         """Queue new files for upload, inside the caller's transaction (the one
         that publishes them in the cache and records them)."""
-        self.db.queue.add(conn, hashes, when, known=True)
+        self.db.queue.add(conn, hashes, when, known=True, node=self.owner.split(":", 1)[0])
 
     def merge(self, records: Sequence) -> Tuple[int, List[str]]:
         """Merge imported records: new files, and their copies as claims (see
@@ -552,9 +556,12 @@ class Replicator:
         return {"deleted": deleted, "kept": kept}
 
     def end_dead_removals(self, conn, live_owners: Iterable[str]) -> List[str]:
-        """End removals whose process died (inside a transaction); their files
-        were forgotten already."""
-        dead = self.db.copies.removals_of_owners_not_in(conn, live_owners)
+        """End removals whose process died (inside a transaction): this node's
+        whose session is not among ``live_owners``, and any older than
+        :data:`REMOVAL_MAX_AGE`; their files were forgotten already."""
+        dead = self.db.copies.removals_of_owners_not_in(
+            conn, live_owners, node=self.owner.split(":", 1)[0],
+            started_before=time.time() - REMOVAL_MAX_AGE)
         self.db.copies.end_removals(conn, dead)
         return dead
 

@@ -118,7 +118,10 @@ def test_removals_tombstones_and_the_queue(cat):
         cat.copies.begin_removal(conn, H[0], "node:1:a", 30.0)
         cat.copies.begin_removal(conn, H[0], "node:2:b", 31.0)  # taken over
         assert cat.copies.removing(conn, H[:2]) == {H[0]}
-        assert cat.copies.removals_of_owners_not_in(conn, ["node:1:a"]) == [H[0]]
+        assert cat.copies.removals_of_owners_not_in(conn, ["node:1:a"], node="node") == [H[0]]
+        assert cat.copies.removals_of_owners_not_in(conn, [], node="other") == []
+        assert cat.copies.removals_of_owners_not_in(conn, [], node="other",
+                                                    started_before=32.0) == [H[0]]
         cat.copies.record_deleted(conn, [(H[0], "h1", url)], 40.0)
         cat.copies.record_deleted(conn, [(H[0], "h1", url)], 41.0)  # twice: one tombstone
         cat.queue.note_failure(conn, H[1], "no host")

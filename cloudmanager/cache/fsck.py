@@ -50,7 +50,7 @@ NUMBER_FINDINGS = ("usage_drift", "count_drift", "stale_reservations", "dead_ses
 #: ``fetch(hash)``: bring a file back into the cache; true if it did.
 Fetch = Callable[[str], bool]
 #: ``queue(conn, hashes, when)``: queue files for upload in the caller's transaction.
-QueueUploads = Callable[[sqlite3.Connection, List[str], float], None]
+QueueUploads = Callable[[Any, List[str], float], None]
 
 
 # -- sessions ------------------------------------------------------------------------
@@ -171,15 +171,17 @@ def reconcile(cache: "CacheStore", full: Optional[bool] = None) -> Dict[str, Any
                               "dead_sessions": len(dead), "full": False}
     report["temp_removed"] = cache.layout.scan_temps(live.__contains__, remove=True).removed
     if full is None:
-        full = bool(dead) or not db.files.has_any() and cache.layout.has_any_file()
+        # A new (or emptied) index beside a directory that holds files.
+        full = bool(dead) or not db.cache_index.counter("cached_files") \
+            and cache.layout.has_any_file()
     if full:
-        with db.transaction() as conn:
+        with db.local.transaction() as conn:
             found = _compare(cache, conn, repair=True)
             db.cache_index.recount(conn)
         report.update(full=True, orphans_removed=found.orphans_removed,
                       missing_marked=len(found.missing) + len(found.size_mismatch))
     if dead:
-        with db.transaction() as conn:
+        with db.local.transaction() as conn:
             db.sessions.end(conn, dead)
     if any(report[k] for k in ("temp_removed", "orphans_removed", "missing_marked")):
         log.info("reconciled %s: %s", cache.root, report)
@@ -206,7 +208,7 @@ def on_open(cache: "CacheStore", db: FileDatabase) -> Dict[str, Any]:
     :return: ``{"orphan_reservations": n, "recounted": bool, "evicted": n}``
     """
     report: Dict[str, Any] = {"orphan_reservations": 0, "recounted": False, "evicted": 0}
-    with db.transaction() as conn:
+    with db.local.transaction() as conn:
         orphans = db.sessions.orphan_reservations(conn)
         if orphans:
             db.sessions.release(conn, orphans)
@@ -246,11 +248,16 @@ def check(cache: "CacheStore", db: FileDatabase, repair: bool = False, deep: boo
                               "files_checked": 0}
     report.update({k: [] for k in LIST_FINDINGS})
     report.update(dict.fromkeys(NUMBER_FINDINGS, 0))
+    #: ``{node: [hash]}``: files no host holds yet that another node's cache
+    #: holds, queued there (not a finding: that node uploads them).
+    report["pending_elsewhere"] = {}
     repaired = dict.fromkeys(LIST_FINDINGS + NUMBER_FINDINGS, 0)
     cache.flush()
     dead = dead_sessions(cache)
+    to_queue: List[str] = []
     # Under the write lock: no other process publishes or evicts mid-walk.
-    with db.transaction() as conn:
+    # The cache index's lock only: a catalog on a server is read as committed.
+    with db.local.transaction() as conn:
         live = {s.owner for s in db.sessions.all()} - set(dead)
         found = _compare(cache, conn, repair)
         temps = cache.layout.scan_temps(_live_tokens(cache, list(live)).__contains__,
@@ -276,16 +283,21 @@ def check(cache: "CacheStore", db: FileDatabase, repair: bool = False, deep: boo
         report["pins_without_file"] = db.cache_index.pins_without_file(conn)
         damaged = set(found.missing) | set(found.size_mismatch)
         now = time.time()
-        unverified = db.files.unprotected(conn)  # no copy this node verified
+        unverified = db.files.unprotected(None if db.shared else conn)  # no good copy
         cached = db.cache_index.cached_among([u.hash for u in unverified], conn)
-        for file_hash, copies, queued in unverified:
+        node = cache.node_id
+        for file_hash, copies, queued, queued_on in unverified:
             if file_hash in cached and file_hash not in damaged:
                 if not queued:
                     report["unprotected"].append(file_hash)
                     if repair and queue is not None:
-                        queue(conn, [file_hash], now)
-                        repaired["unprotected"] += 1
-            elif not copies:  # claimed copies elsewhere are not lost: verify judges them
+                        to_queue.append(file_hash)
+            elif copies:  # claimed copies elsewhere are not lost: verify judges them
+                continue
+            elif queued and queued_on not in ("", node):
+                # Another node's cache holds it until a host does: pending there.
+                report["pending_elsewhere"].setdefault(queued_on, []).append(file_hash)
+            else:
                 report["lost"].append(file_hash)
 
         if repair:
@@ -301,6 +313,10 @@ def check(cache: "CacheStore", db: FileDatabase, repair: bool = False, deep: boo
         # What the directory really holds: the cached rows whose file is right.
         held = row_bytes - sum(size for file_hash, size in rows if file_hash in damaged)
         report["over_capacity"] = max(0, held + reserved - cache.capacity)
+    if to_queue and queue is not None:
+        with db.catalog.transaction() as catalog_conn:
+            queue(catalog_conn, to_queue, now)
+        repaired["unprotected"] += len(to_queue)
 
     if repair and report["over_capacity"]:
         cache.evict(max(0, cache.capacity - reserved))
@@ -369,7 +385,7 @@ def _deep(cache: "CacheStore", db: FileDatabase, report: Dict[str, Any], repair:
     report["hash_mismatch"] = sorted(h for h, _, _ in bad)
     if not (repair and bad):
         return
-    with db.transaction() as conn:
+    with db.local.transaction() as conn:
         for file_hash, ino, mtime_ns in bad:
             # The same file we hashed, still cached: no one replaced it meanwhile.
             now = cache.layout.file_stat(file_hash)

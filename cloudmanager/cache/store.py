@@ -94,8 +94,11 @@ class CacheStore:
         self.tmp_dir = self.layout.tmp_dir
         self.layout.prepare()
         self.node = socket.gethostname()
+        #: This cache's id in the pool (several caches on one machine are
+        #: several nodes); sessions' owner names start with it.
+        self.node_id = db.sessions.node_id()
         self.token = secrets.token_hex(8)
-        self.owner = "%s:%d:%s" % (self.node, os.getpid(), self.token)
+        self.owner = "%s:%d:%s" % (self.node_id, os.getpid(), self.token)
         self._lock = threading.Lock()
         self._touches: Dict[str, float] = {}
         self._hits = self._misses = 0
@@ -221,17 +224,28 @@ class CacheStore:
         :return: the number of files evicted, or None if ``all_or_nothing``
             and the evictable files do not add up to ``excess``
         """
-        victims, freed = [], 0
-        # Read one candidate at a time: evicting one file reads one row.
-        candidates = self.db.cache_index.eviction_candidates(conn)
-        try:
-            for file_hash, size, _ in candidates:
-                victims.append(file_hash)
-                freed += size
-                if freed >= excess:
-                    break
-        finally:
-            candidates.close()
+        while True:
+            victims, freed = [], 0
+            # Read one candidate at a time: evicting one file reads one row.
+            candidates = self.db.cache_index.eviction_candidates(conn)
+            try:
+                for file_hash, size, _ in candidates:
+                    victims.append(file_hash)
+                    freed += size
+                    if freed >= excess:
+                        break
+            finally:
+                candidates.close()
+            # On a shared catalog, another node may have found a victim's only
+            # good copy bad since this index last heard: ask the catalog, and
+            # choose again without the files it no longer vouches for.
+            doubted = set(victims) - self.db.files.protected_among(None, victims) \
+                if self.db.shared and victims else set()
+            if not doubted:
+                break
+            log.warning("not evicting %d files: the catalog no longer holds a good copy of "
+                        "them", len(doubted))
+            self.db.cache_index.set_protected(conn, doubted, False)
         if freed < excess and all_or_nothing:
             return None
         self.db.cache_index.uncache(conn, victims)
@@ -253,7 +267,7 @@ class CacheStore:
         if size > self.capacity:
             raise CacheFullError("%d bytes do not fit a %d-byte cache" % (size, self.capacity))
         self.flush()  # eviction must see every recent hit
-        with self.db.transaction() as conn:
+        with self.db.local.transaction() as conn:
             if not self._make_room(conn, size):
                 raise CacheFullError(
                     "no room for %d bytes: %d of %d bytes are pinned or in flight"
@@ -266,7 +280,7 @@ class CacheStore:
         finally:
             if not reservation.committed:
                 fsutil.remove_quietly(reservation.temp)
-                with self.db.transaction() as conn:
+                with self.db.local.transaction() as conn:
                     self.db.sessions.release(conn, [reservation.id])
 
     def evict(self, target_bytes: int) -> int:
@@ -275,7 +289,7 @@ class CacheStore:
         :return: the number of files evicted
         """
         self.flush()
-        with self.db.transaction() as conn:
+        with self.db.local.transaction() as conn:
             excess = self.db.cache_index.counter("cached_bytes") - target_bytes
             return self._evict_bytes(conn, excess, all_or_nothing=False) if excess > 0 else 0
 
@@ -329,7 +343,7 @@ class CacheStore:
         """
         path = self.path_for(file_hash)
         now = time.time()
-        with self.db.transaction() as conn:
+        with self.db.both() as (conn, local):
             outcome = self.db.files.add(conn, file_hash, filename, size,
                                        int(created if created is not None else now),
                                        size_known=True)
@@ -339,13 +353,13 @@ class CacheStore:
                 raise NotInPoolError("%s was removed while it was fetched" % file_hash)
             protected = bool(self.db.files.protected_among(conn, [file_hash]))
             if self.db.cache_index.is_cached(file_hash) and self.layout.is_file(file_hash, size):
-                self.db.cache_index.touch([(file_hash, now)], conn)
+                self.db.cache_index.touch([(file_hash, now)], local)
                 fsutil.remove_quietly(reservation.temp)  # a duplicate of the cached copy
             else:
                 self._set_mode(reservation.temp)
                 fsutil.publish(reservation.temp, path, self.fsync)
-                self.db.cache_index.put(conn, [(file_hash, size, protected)], now)
-            self.db.sessions.release(conn, [reservation.id])
+                self.db.cache_index.put(local, [(file_hash, size, protected)], now)
+            self.db.sessions.release(local, [reservation.id])
             if queue and not protected and self.queue is not None:
                 self.queue(conn, [file_hash], now)
         reservation.committed = True
@@ -454,10 +468,10 @@ class CacheStore:
         now = time.time()
         done: Dict[str, int] = {}  # hash -> the size published (or found cached) in this batch
         shards = set()
-        with self.db.transaction() as conn:
+        with self.db.both() as (conn, local):
             hashes = {r[0] for r in results if isinstance(r, tuple)}
             known = self.db.files.states(conn, hashes)
-            cached = self.db.cache_index.cached_among(hashes, conn)
+            cached = self.db.cache_index.cached_among(hashes, local)
             new_rows, to_queue, entries, new_entries = [], [], [], []
             for k, (_, filename, created) in enumerate(sources):
                 if k not in temps:
@@ -485,7 +499,7 @@ class CacheStore:
                         fsutil.remove_quietly(temps.pop(k))
                         continue
                     if file_hash in cached and self.layout.is_file(file_hash, size):
-                        self.db.cache_index.touch([(file_hash, now)], conn)
+                        self.db.cache_index.touch([(file_hash, now)], local)
                         fsutil.remove_quietly(temps.pop(k))
                         done[file_hash] = size
                         continue
@@ -498,8 +512,8 @@ class CacheStore:
                 shards.add(self.layout.shard_dir(file_hash))
                 done[file_hash] = size
             self.db.files.insert(conn, new_rows)
-            self.db.cache_index.put(conn, new_entries, now, new=True)
-            self.db.cache_index.put(conn, entries, now)
+            self.db.cache_index.put(local, new_entries, now, new=True)
+            self.db.cache_index.put(local, entries, now)
             if to_queue and self.queue is not None:
                 self.queue(conn, to_queue, now)
             if batch_sync and shards:
@@ -507,7 +521,7 @@ class CacheStore:
             elif self.fsync:
                 for shard in shards:  # one fsync per directory, not per file
                     fsutil.fsync_dir(shard)
-            self.db.sessions.release(conn, [reservation.id])
+            self.db.sessions.release(local, [reservation.id])
         reservation.committed = True
 
     def drop(self, file_hash: str, only_if_damaged: bool = False) -> None:
@@ -517,7 +531,7 @@ class CacheStore:
             only if the file is still missing or of the wrong size (another
             process may have replaced it since the caller looked)
         """
-        with self.db.transaction() as conn:
+        with self.db.local.transaction() as conn:
             if only_if_damaged:
                 state = self.db.cache_index.state(file_hash)
                 if not state or not state[1] or self.layout.is_file(file_hash, state[0]):
@@ -527,20 +541,22 @@ class CacheStore:
             self.db.cache_index.uncache(conn, [file_hash])
             self.layout.unlink(file_hash)
 
-    def forget_rows(self, conn, hashes):
-        """Drop files' cache index rows (pins too), inside the caller's
-        transaction; :meth:`unlink_forgotten` removes the files once it commits.
+    def forget_rows(self, hashes: Sequence[str]) -> None:
+        """Drop files' cache index rows (pins too), in the caller's transaction
+        when the index shares the catalog's file; :meth:`unlink_forgotten`
+        removes the files once it commits.
 
         The row goes first and the file after, so a crash in between leaves an
         orphan file that reconciliation removes, never a row without its file.
         """
-        self.db.cache_index.forget(conn, hashes)
+        with self.db.local.transaction() as conn:
+            self.db.cache_index.forget(conn, hashes)
 
     def unlink_forgotten(self, hashes: Sequence[str]) -> None:
         """Remove the cached files of rows :meth:`forget_rows` dropped, unless
         another process cached the file again meanwhile: the check and the
         unlink happen under the write lock, as its publish does."""
-        with self.db.transaction() as conn:
+        with self.db.local.transaction() as conn:
             cached = self.db.cache_index.cached_among(hashes, conn)
             for file_hash in hashes:
                 if file_hash not in cached:
@@ -560,7 +576,7 @@ class CacheStore:
     def close(self) -> None:
         """Flush deferred updates and end this session."""
         self.flush()
-        with self.db.transaction() as conn:
+        with self.db.local.transaction() as conn:
             self.db.sessions.end(conn, [self.owner])
 
 

@@ -26,8 +26,9 @@ attribute           tables                                written on behalf of
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, ContextManager, Optional, Sequence, Union
+from typing import Any, ContextManager, Iterator, Optional, Sequence, Tuple, Union
 
 from ..errors import DatabaseError
 from .cache_index import CacheIndex
@@ -121,6 +122,20 @@ class FileDatabase:
             raise DatabaseError("a transaction must name its part: the catalog is on a "
                                 "server, the cache index local")
         return self.local.transaction()
+
+    @contextlib.contextmanager
+    def both(self) -> Iterator[Tuple[Any, Any]]:
+        """A write transaction on each part: yields ``(catalog_conn, local_conn)``.
+
+        In one SQLite file they are one transaction (the same connection).
+        With the catalog on a server, the cache index's commits first, then
+        the catalog's: a crash between them leaves this node with more than
+        the catalog knows (which fsck can restore), never the catalog
+        promising a file this node does not hold.
+        """
+        with self.catalog.transaction() as catalog_conn:
+            with self.local.transaction() as local_conn:
+                yield catalog_conn, local_conn
 
     def read(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """A read of the single-file database (see :meth:`transaction`)."""

@@ -191,12 +191,16 @@ class Copies:
         """The removals of these files are over."""
         conn.executemany("DELETE FROM removals WHERE hash = ?", [(h,) for h in hashes])
 
-    def removals_of_owners_not_in(self, conn: sqlite3.Connection,
-                                  owners: Iterable[str]) -> List[str]:
-        """Hashes of removals whose owner is none of ``owners`` (it died)."""
+    def removals_of_owners_not_in(self, conn: sqlite3.Connection, owners: Iterable[str],
+                                  node: str = "", started_before: float = 0.0) -> List[str]:
+        """Hashes of removals that died: this ``node``'s whose owner is none of
+        its live ``owners``, and anyone's started before ``started_before``
+        (a node that never came back). Other nodes judge their own."""
         live = set(owners)
-        return [h for h, owner in conn.execute("SELECT hash, owner FROM removals")
-                if owner not in live]
+        return [h for h, owner, started in conn.execute(
+                    "SELECT hash, owner, started FROM removals")
+                if (owner.startswith(node + ":") and owner not in live)
+                or started < started_before]
 
     def record_good(self, conn: sqlite3.Connection, copies: Iterable[CopyKey],
                     when: int, checked: bool = False) -> None:

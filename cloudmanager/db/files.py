@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Set
 
 from .connection import Store, in_list, json_list
 
@@ -44,6 +44,8 @@ class Unprotected(NamedTuple):
     #: Hosts claimed to hold it by other nodes' records.
     copies: int
     queued: bool
+    #: The node whose cache holds it, queued ('' if not known).
+    queued_on: str = ""
 
 
 _COLUMNS = "hash, filename, size, created, copies, verified"
@@ -147,19 +149,23 @@ class Files:
         return int(self.db.read("SELECT count(*) FROM files WHERE verified < ?",
                                 (target,)).fetchone()[0])
 
-    def unprotected(self, conn: sqlite3.Connection) -> List[Unprotected]:
-        """Files with no copy this node verified, by hash.
+    def unprotected(self, conn: Optional[Any]) -> List[Unprotected]:
+        """Files with no copy this node verified, by hash (in the transaction of
+        ``conn``, or, with None, as committed).
 
         A range scan of the ``files_verified`` index.
         """
-        return [Unprotected(h, c, bool(q)) for h, c, q in conn.execute(
-            "SELECT f.hash, f.copies, q.hash IS NOT NULL FROM files AS f"
+        run = self.db.read if conn is None else conn.execute
+        return [Unprotected(h, c, bool(q), node or "") for h, c, q, node in run(
+            "SELECT f.hash, f.copies, q.hash IS NOT NULL, q.node FROM files AS f"
             " LEFT JOIN upload_queue AS q ON q.hash = f.hash"
             " WHERE f.verified = 0 ORDER BY f.hash")]
 
-    def protected_among(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> Set[str]:
-        """Those of ``hashes`` with at least one copy this node verified."""
-        return {h for (h,) in conn.execute(
+    def protected_among(self, conn: Optional[Any], hashes: Iterable[str]) -> Set[str]:
+        """Those of ``hashes`` with at least one copy this node verified (in the
+        transaction of ``conn``, or, with None, as committed)."""
+        run = self.db.read if conn is None else conn.execute
+        return {h for (h,) in run(
             "SELECT f.hash FROM json_each(?) AS j JOIN files AS f ON f.hash = j.value"
             " WHERE f.verified > 0", (json_list(hashes),))}
 

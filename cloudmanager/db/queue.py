@@ -18,21 +18,22 @@ class Queue:
         self.db = db
 
     def add(self, conn: sqlite3.Connection, hashes: Iterable[str], when: float,
-            known: bool = False) -> None:
+            known: bool = False, node: str = "") -> None:
         """Queue files for upload; queued ones keep their place. Files no longer
         in the pool are not queued.
 
         :param known: the files were recorded in this same transaction, so
             the check that they still exist is skipped (the foreign key
             would refuse one that did not)
+        :param node: the node whose cache holds the files' bytes, if any
         """
         if known:
-            conn.executemany("INSERT OR IGNORE INTO upload_queue (hash, queued) VALUES (?, ?)",
-                             [(h, when) for h in hashes])
+            conn.executemany("INSERT OR IGNORE INTO upload_queue (hash, queued, node)"
+                             " VALUES (?, ?, ?)", [(h, when, node) for h in hashes])
             return
-        conn.executemany("INSERT OR IGNORE INTO upload_queue (hash, queued)"
-                         " SELECT ?, ? WHERE EXISTS (SELECT 1 FROM files WHERE hash = ?)",
-                         [(h, when, h) for h in hashes])
+        conn.executemany("INSERT OR IGNORE INTO upload_queue (hash, queued, node)"
+                         " SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM files WHERE hash = ?)",
+                         [(h, when, node, h) for h in hashes])
 
     def remove(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> None:
         """Take files off the queue."""
