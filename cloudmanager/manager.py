@@ -43,7 +43,8 @@ class CloudManager:
     :param database_path: the SQLite file, created with the schema if new; or
         a ``postgresql://`` (``postgres://``) URL of a catalog that several
         nodes share, each with its own cache (its index is then the local
-        file ``index.sqlite3`` in ``storage_path``). A password in the URL is
+        file ``STORAGE_PATH.index.sqlite3``, beside the cache directory). A
+        password in the URL is
         never logged or shown; libpq's ``~/.pgpass`` and ``PG*`` variables work
         too. Needs ``pip install 'cloudmanager[postgres]'``
     :param storage_path: the cache directory; created if missing

@@ -181,8 +181,19 @@ class Replicator:
         if not hashes:
             return
         protected = self.db.files.protected_among(conn, hashes)
-        self.db.cache_index.set_protected(conn, protected, True)
-        self.db.cache_index.set_protected(conn, hashes - protected, False)
+        self._set_protected(protected, True)
+        self._set_protected(hashes - protected, False)
+
+    def _set_protected(self, hashes: Set[str], flag: bool) -> None:
+        """Set the cache index's ``protected`` flags, inside the caller's catalog
+        transaction (the same one, when the index shares the catalog's file).
+
+        On a catalog on a server, the index's write commits first: a flag set
+        for a copy whose record then fails to commit is caught by eviction,
+        which asks the catalog before it deletes (see the cache store)."""
+        if hashes:
+            with self.db.local.transaction() as local:
+                self.db.cache_index.set_protected(local, hashes, flag)
 
     def apply(self, verdicts: Iterable[Verdict], facts: Iterable[Fact] = (),
               file_hash: Optional[str] = None, hashes: Optional[Dict[Location, str]] = None,
@@ -217,7 +228,7 @@ class Replicator:
             elif verdict.state == "error" and strike:
                 errors.append(key)
         facts = list(facts)
-        with self.db.transaction() as conn:
+        with self.db.catalog.transaction() as conn:
             copies = self.db.copies
             copies.record_good(conn, good, int(when), checked=True)
             copies.seen_intact(conn, intact, when)
@@ -249,7 +260,7 @@ class Replicator:
         now = time.time()
         shorts = []
         settled = list(settled)
-        with self.db.transaction() as conn:
+        with self.db.catalog.transaction() as conn:
             removing = self.db.copies.removing(conn, [r[0] for r in rounds])
             good, pending, short_hashes = [], [], []
             for file_hash, holders, target, result in rounds:
@@ -281,7 +292,7 @@ class Replicator:
                 self.db.queue.note_failure(conn, file_hash, why[:500])
             # A good copy made protects its file; a round that made none took
             # nothing away, so no other flag changes.
-            self.db.cache_index.set_protected(conn, {g[0] for g in good}, True)
+            self._set_protected({g[0] for g in good}, True)
             self.health.record(list(facts) + [f for r in rounds for f in r[3].facts])
         for file_hash, copies, target, why in shorts:
             log.warning("%s has %d of %d copies: %s", file_hash, copies, target, why)
@@ -371,7 +382,7 @@ class Replicator:
                         self._record_rounds([(file_hash, holders, target, result)])
                         return len(result.successes)
             if holders:
-                with self.db.transaction() as conn:
+                with self.db.catalog.transaction() as conn:
                     self.db.queue.remove(conn, [file_hash])
             return 0
 
@@ -402,11 +413,11 @@ class Replicator:
                 raise IntegrityError("%s changed while it was uploaded; refused (nothing is "
                                      "recorded)" % path)
             if not holders and not result.successes:
-                with self.db.transaction():
+                with self.db.catalog.transaction():
                     self.health.record(result.facts)
                 raise UploadError("no host accepted %s (and it cannot be cached)" % path,
                                   result.failures, result.facts)
-            with self.db.transaction() as conn:
+            with self.db.catalog.transaction() as conn:
                 record(conn, file_hash, size)
                 shorts = self._record_rounds([(file_hash, holders, self.redundancy, result)])
                 if any(why.startswith("removal in progress") for *_, why in shorts):
@@ -479,7 +490,7 @@ class Replicator:
                 if verdict in ("unreachable", "cooling"):
                     # Not looked at: noted, so the next budgeted pass moves on
                     # to other copies; it proves nothing against the copy.
-                    with self.db.transaction() as conn:
+                    with self.db.catalog.transaction() as conn:
                         self.db.copies.note_checked(conn, [(copy.hash, copy.host_name,
                                                             copy.url)], now)
                     continue
@@ -520,7 +531,7 @@ class Replicator:
                     ours.append(row)
                 else:
                     foreign.append(row)
-            with self.db.transaction() as conn:
+            with self.db.catalog.transaction() as conn:
                 self.db.copies.begin_removal(conn, file_hash, self.owner, now)
                 self.db.copies.record_deleted(
                     conn, [(file_hash, r.host_name, r.url) for r in ours], now)
@@ -533,7 +544,7 @@ class Replicator:
                 facts += delete_facts
                 (deleted if gone else kept).append((row.host_name, row.url))
             kept += [(r.host_name, r.url) for r in foreign + undeletable]
-            with self.db.transaction() as conn:
+            with self.db.catalog.transaction() as conn:
                 self.db.copies.end_removals(conn, [file_hash])
                 if deleted and self.db.files.exists(file_hash):
                     # Added again meanwhile: its copies where we deleted are gone.

@@ -60,23 +60,67 @@ def make_folder_roots(hosts):
             os.makedirs(root)
 
 
+class PoolCatalog:
+    """Where a test's pools keep their catalog: a SQLite file per node, or a
+    PostgreSQL database per node (``server`` given). Each node has its own
+    catalog either way, as the suites run on both expect; a test of nodes
+    sharing one passes the same ``database`` to each."""
+
+    def __init__(self, kind, server=None):
+        self.kind, self.server = kind, server
+        self._urls = {}
+
+    def database(self, base):
+        if self.server is None:
+            return str(base / "db.sqlite3")
+        if base not in self._urls:
+            self._urls[base] = self.server.new_database()
+        return self._urls[base]
+
+
+#: Test modules whose pools run on both catalogs (the facade's and the CLI's
+#: suites); elsewhere pools use SQLite.
+BOTH_CATALOGS = {"test_manager.py", "test_cli.py", "test_cli_process.py"}
+
+
+def pytest_generate_tests(metafunc):
+    if "pool_catalog" in metafunc.fixturenames \
+            and os.path.basename(str(metafunc.definition.fspath)) in BOTH_CATALOGS:
+        metafunc.parametrize("pool_catalog", ["sqlite", "postgresql"], indirect=True)
+
+
 @pytest.fixture
-def make_pool(tmp_path):
+def pool_catalog(request):
+    """The catalog of the test's pools (see :class:`PoolCatalog`)."""
+    kind = getattr(request, "param", "sqlite")
+    if kind == "sqlite":
+        return PoolCatalog("sqlite")
+    return PoolCatalog(kind, request.getfixturevalue("postgres_server"))
+
+
+@pytest.fixture
+def make_pool(tmp_path, pool_catalog):
     """Factory for CloudManager instances on real files under tmp_path.
 
-    ``make_pool(capacity, hosts=..., **kw)``; hosts default to three folder
-    hosts. Every instance is closed at teardown.
+    ``make_pool(capacity, hosts=..., name=..., **kw)``; hosts default to
+    three folder hosts. Pools of one test with different names are nodes,
+    each with its own cache and catalog (SQLite, or PostgreSQL in the suites
+    run on both); ``database=`` overrides the catalog. Every instance is
+    closed at teardown.
     """
     made = []
 
-    def make(capacity=1 << 20, hosts=None, name="node", make_roots=True, **kwargs):
+    def make(capacity=1 << 20, hosts=None, name="node", make_roots=True, database=None,
+             **kwargs):
         base = tmp_path / name
         if hosts is None:
             hosts = ["dir:%s" % (tmp_path / "hosts" / h) for h in ("h1", "h2", "h3")]
         if make_roots:  # as `cm init` makes the folders it is given
             make_folder_roots(hosts)
         kwargs.setdefault("fsync", False)
-        cm = CloudManager(base / "db.sqlite3", base / "cache", capacity, hosts=hosts, **kwargs)
+        if database is None:
+            database = pool_catalog.database(base)
+        cm = CloudManager(database, base / "cache", capacity, hosts=hosts, **kwargs)
         made.append(cm)
         return cm
 

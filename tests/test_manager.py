@@ -437,8 +437,8 @@ def test_threads_share_one_instance(make_pool, write_file):
 WORKER = r"""
 import os, sys
 from cloudmanager import CloudManager
-base, hosts, idx = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
-with CloudManager(os.path.join(base, "db.sqlite3"), os.path.join(base, "cache"), 3000,
+base, hosts, idx, database = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), sys.argv[4]
+with CloudManager(database, os.path.join(base, "cache"), 3000,
                   hosts=hosts, redundancy=2, fsync=False) as cm:
     for i in range(15):
         data = ("%d-%d" % (idx, i)).encode() * 20
@@ -453,11 +453,12 @@ with CloudManager(os.path.join(base, "db.sqlite3"), os.path.join(base, "cache"),
 """
 
 
-def test_two_processes_share_one_pool(tmp_path):
+def test_two_processes_share_one_pool(tmp_path, pool_catalog):
     base = tmp_path / "shared"
     base.mkdir()
+    database = pool_catalog.database(base)
     hosts = ",".join("dir:%s" % (tmp_path / h) for h in ("h1", "h2"))
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(base), hosts, str(i)],
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(base), hosts, str(i), database],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
@@ -465,7 +466,7 @@ def test_two_processes_share_one_pool(tmp_path):
         assert p.returncode == 0, err
     digests = {line for out, _ in outs for line in out.split()}
     assert len(digests) == 30
-    with CloudManager(base / "db.sqlite3", base / "cache", 3000,
+    with CloudManager(database, base / "cache", 3000,
                       hosts=hosts.split(","), redundancy=2) as cm:
         stats = cm.stats()
         assert stats["files"] == 30 and stats["cached_bytes"] <= 3000
@@ -648,11 +649,12 @@ def test_upload_reports_the_bytes_it_reads_for_progress_bars(make_pool, write_fi
     assert sum(seen) == 9 << 20  # the large file, chunk by chunk; the small one in one go
 
 
-def test_an_upload_racing_remove_is_not_lost(make_pool, write_file, tmp_path):
+def test_an_upload_racing_remove_is_not_lost(make_pool, write_file, tmp_path, pool_catalog):
     """Another instance (as another process would) uploads the same bytes
     while remove() deletes the copies: the re-added file must survive."""
     cm = make_pool(hosts=["dir:%s" % (tmp_path / "h1")], redundancy=1)
-    other = CloudManager(tmp_path / "node" / "db.sqlite3", tmp_path / "node" / "cache", 1 << 20,
+    other = CloudManager(pool_catalog.database(tmp_path / "node"), tmp_path / "node" / "cache",
+                         1 << 20,
                          hosts=["dir:%s" % (tmp_path / "h1")], redundancy=1, fsync=False)
     source = write_file("raced.txt", b"uploaded twice, removed once")
     digest = cm.upload(source)

@@ -43,21 +43,27 @@ from .records import Records
 from .sessions import Sessions
 from .sources import Sources
 
-__all__ = ["FileDatabase", "INDEX_NAME", "SCHEMA_VERSION", "in_list", "index_path_for",
+__all__ = ["FileDatabase", "INDEX_SUFFIX", "SCHEMA_VERSION", "in_list", "index_path_for",
            "is_postgres_url", "json_list", "month_key", "redact", "schema_sql"]
 
 
-#: The name of a node's cache index file in its storage directory, for a
-#: pool whose catalog is on a server.
-INDEX_NAME = "index.sqlite3"
+#: What a node's cache index file adds to its storage directory's path, for
+#: a pool whose catalog is on a server: ``cache/`` has ``cache.index.sqlite3``
+#: beside it.
+INDEX_SUFFIX = ".index.sqlite3"
 
 
 def index_path_for(database: os.PathLike[str] | str,
                    storage: os.PathLike[str] | str) -> Optional[str]:
     """Where a node keeps its cache index: inside the database file when it
-    is SQLite (None), else ``storage/index.sqlite3`` (the catalog is on a server)."""
+    is SQLite (None), else beside the storage directory (the catalog is on a
+    server): ``STORAGE.index.sqlite3``.
+
+    >>> index_path_for("postgresql://db.example/pool", "/var/cache/cm")
+    '/var/cache/cm.index.sqlite3'
+    """
     if is_postgres_url(database):
-        return os.path.join(os.path.abspath(os.fspath(storage)), INDEX_NAME)
+        return os.path.abspath(os.fspath(storage)) + INDEX_SUFFIX
     return None
 
 

@@ -242,6 +242,7 @@ class PostgresDatabase:
         self.path = redact(url)
         self._secrets = _secrets(url)
         self._local = threading.local()
+        self._writer = threading.Lock()
         with self.errors("connect"):
             # One connection first, outside the pool: a wrong password or host
             # is reported as libpq says it, at once (the pool would retry, then
@@ -298,7 +299,11 @@ class PostgresDatabase:
         if current is not None:
             yield from self._savepoint(current, local)
             return
-        with self._begin() as raw:
+        # One writer per process at a time: writers queue for the catalog's
+        # lock anyway, and a thread waiting for it must not hold one of the
+        # pool's connections, which the readers (eviction's check among
+        # them, under the cache index's lock) need.
+        with self._writer, self._begin() as raw:
             wrapped = PostgresConnection(raw, self)
             local.conn, local.depth = wrapped, 1
             try:
