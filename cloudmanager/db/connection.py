@@ -262,6 +262,17 @@ def json_list(values: Iterable[Any]) -> str:
     return json.dumps(list(values))
 
 
+class Conn(Protocol):
+    """A connection inside a transaction, on either catalog: ``sqlite3``'s, or
+    :class:`~cloudmanager.db.postgres.PostgresConnection`."""
+
+    def execute(self, sql: str, params: Any = ..., /) -> Any:
+        """Run one statement."""
+
+    def executemany(self, sql: str, seq: Any, /) -> Any:
+        """Run one statement per parameter tuple."""
+
+
 class Store(Protocol):
     """What the catalog's modules need of a database: :class:`Database` (SQLite)
     or :class:`~cloudmanager.db.postgres.PostgresDatabase`."""

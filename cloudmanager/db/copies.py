@@ -17,7 +17,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
-from .connection import Store, in_list, json_list
+from .connection import Conn, Store, in_list, json_list
 
 #: Every state a copy can be in (see :mod:`cloudmanager.replication`).
 STATES = ("pending", "good", "claimed", "suspect", "bad", "missing", "deleted")
@@ -172,7 +172,7 @@ class Copies:
                            " AND state IN " + _HOLDING_SQL + " LIMIT 1", (host_name,)).fetchone()
         return None if row is None else row[0]
 
-    def removing(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> Set[str]:
+    def removing(self, conn: Conn, hashes: Iterable[str]) -> Set[str]:
         """Those of ``hashes`` whose removal is in progress."""
         return {h for (h,) in conn.execute(
             "SELECT r.hash FROM json_each(?) AS j JOIN removals AS r ON r.hash = j.value",
@@ -180,18 +180,18 @@ class Copies:
 
     # -- writes (inside a transaction) ------------------------------------------------
 
-    def begin_removal(self, conn: sqlite3.Connection, file_hash: str, owner: str,
+    def begin_removal(self, conn: Conn, file_hash: str, owner: str,
                       when: float) -> None:
         """Note that ``owner`` is removing the file (see :meth:`removing`)."""
         conn.execute("INSERT INTO removals (hash, owner, started) VALUES (?, ?, ?)"
                      " ON CONFLICT (hash) DO UPDATE SET owner = excluded.owner,"
                      " started = excluded.started", (file_hash, owner, when))
 
-    def end_removals(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> None:
+    def end_removals(self, conn: Conn, hashes: Iterable[str]) -> None:
         """The removals of these files are over."""
         conn.executemany("DELETE FROM removals WHERE hash = ?", [(h,) for h in hashes])
 
-    def removals_of_owners_not_in(self, conn: sqlite3.Connection, owners: Iterable[str],
+    def removals_of_owners_not_in(self, conn: Conn, owners: Iterable[str],
                                   node: str = "", started_before: float = 0.0) -> List[str]:
         """Hashes of removals that died: this ``node``'s whose owner is none of
         its live ``owners``, and anyone's started before ``started_before``
@@ -202,7 +202,7 @@ class Copies:
                 if (owner.startswith(node + ":") and owner not in live)
                 or started < started_before]
 
-    def record_good(self, conn: sqlite3.Connection, copies: Iterable[CopyKey],
+    def record_good(self, conn: Conn, copies: Iterable[CopyKey],
                     when: int, checked: bool = False) -> None:
         """Copies this node made or checked are good: insert or update them, drop
         the pending rows of their hosts and any tombstone at their place.
@@ -237,7 +237,7 @@ class Copies:
             conn.executemany("DELETE FROM tombstones WHERE hash = ? AND host_name = ?"
                              " AND url = ?", copies)
 
-    def record_pending(self, conn: sqlite3.Connection, failures: Iterable[Tuple[str, str]],
+    def record_pending(self, conn: Conn, failures: Iterable[Tuple[str, str]],
                        when: int) -> None:
         """Record failed uploads ``[(hash, host_name)]`` as copies owed, unless the
         host holds a good copy already or the file is gone."""
@@ -249,7 +249,7 @@ class Copies:
             " ON CONFLICT (hash, host_name, url) DO UPDATE SET time = excluded.time",
             [(h, host, when, h, host, h) for h, host in failures])
 
-    def condemn(self, conn: sqlite3.Connection, copies: Iterable[Tuple[str, str, str, str]],
+    def condemn(self, conn: Conn, copies: Iterable[Tuple[str, str, str, str]],
                 when: float, backoff_base: float, backoff_max: float) -> None:
         """Set copies ``[(hash, host_name, url, state)]`` to a condemned state
         (suspect, bad or missing), counting a strike and putting the next look
@@ -261,7 +261,7 @@ class Copies:
             [(state, int(when), when, backoff_max, backoff_base, h, host, url)
              for h, host, url, state in copies])
 
-    def strike(self, conn: sqlite3.Connection, copies: Iterable[CopyKey], when: float,
+    def strike(self, conn: Conn, copies: Iterable[CopyKey], when: float,
                suspect_after: int, backoff_base: float, backoff_max: float) -> None:
         """A look at copies failed for want of an answer (a host error): count a
         strike, and make a copy believed good suspect at ``suspect_after``."""
@@ -274,7 +274,7 @@ class Copies:
             [(int(when), suspect_after, when, backoff_max, backoff_base, h, host, url)
              for h, host, url in copies])
 
-    def seen_intact(self, conn: sqlite3.Connection, copies: Iterable[CopyKey],
+    def seen_intact(self, conn: Conn, copies: Iterable[CopyKey],
                     when: float) -> None:
         """A look found copies of the right size, their bytes unseen: the look is
         noted and strikes forgiven; a suspect copy is believed again (as
@@ -287,14 +287,14 @@ class Copies:
             " WHERE hash = ? AND host_name = ? AND url = ?",
             [(int(when), h, host, url) for h, host, url in copies])
 
-    def note_checked(self, conn: sqlite3.Connection, copies: Iterable[CopyKey],
+    def note_checked(self, conn: Conn, copies: Iterable[CopyKey],
                      when: float) -> None:
         """Note that a look at copies was due but could not be made (no host can
         reach them, or theirs is cooling down): a budgeted verify moves on."""
         conn.executemany("UPDATE uploads SET checked = ? WHERE hash = ? AND host_name = ?"
                          " AND url = ?", [(int(when), h, host, url) for h, host, url in copies])
 
-    def record_deleted(self, conn: sqlite3.Connection, copies: Iterable[CopyKey],
+    def record_deleted(self, conn: Conn, copies: Iterable[CopyKey],
                        when: float) -> None:
         """Copies this node deleted: their rows say so (while the file's record
         lasts) and tombstones keep them from coming back in an import."""

@@ -9,10 +9,9 @@ this node caches a file is not here but in :mod:`cloudmanager.db.cache_index`.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Set
 
-from .connection import Store, in_list, json_list
+from .connection import Conn, Store, in_list, json_list
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +67,13 @@ class Files:
                            (file_hash,)).fetchone()
         return None if row is None else FileRow(*row)
 
-    def states(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> Dict[str, FileState]:
+    def states(self, conn: Conn, hashes: Iterable[str]) -> Dict[str, FileState]:
         """``{hash: FileState}`` for the known ones among ``hashes`` (one statement)."""
         sql, param = in_list(hashes)
         return {h: FileState(size, verified) for h, size, verified in conn.execute(
             "SELECT hash, size, verified FROM files WHERE hash " + sql, (param,))}
 
-    def add(self, conn: sqlite3.Connection, file_hash: str, filename: str, size: int,
+    def add(self, conn: Conn, file_hash: str, filename: str, size: int,
             created: int, size_known: bool = False) -> str:
         """Insert a file row if it is new, or fill in a missing filename.
 
@@ -104,7 +103,7 @@ class Files:
             return "named"
         return "same"
 
-    def insert(self, conn: sqlite3.Connection, rows: Iterable[tuple]) -> None:
+    def insert(self, conn: Conn, rows: Iterable[tuple]) -> None:
         """Record new files, in one statement (inside a transaction).
 
         :param rows: ``(hash, filename, size, created)`` of files the pool
@@ -113,7 +112,7 @@ class Files:
         conn.executemany("INSERT INTO files (hash, filename, size, created) VALUES (?, ?, ?, ?)",
                          list(rows))
 
-    def forget(self, conn: sqlite3.Connection, file_hash: str) -> bool:
+    def forget(self, conn: Conn, file_hash: str) -> bool:
         """Delete a file's record; its copies' rows and queue entry go with it.
 
         :return: True if the pool had the file

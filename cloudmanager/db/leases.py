@@ -15,9 +15,9 @@ registers its node.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, List, NamedTuple, Set
+from typing import Iterable, List, NamedTuple, Set
 
-from .connection import Store, json_list
+from .connection import Conn, Store, json_list
 
 #: The kinds of work a lease is for.
 KINDS = ("replicate", "verify")
@@ -38,7 +38,7 @@ class Leases:
     def __init__(self, db: Store) -> None:
         self.db = db
 
-    def take(self, conn: Any, kind: str, hashes: Iterable[str], owner: str, until: float,
+    def take(self, conn: Conn, kind: str, hashes: Iterable[str], owner: str, until: float,
              now: float) -> Set[str]:
         """Take ``kind`` leases on ``hashes`` for ``owner`` until ``until``;
         those held by another owner whose lease has not run out by ``now`` are
@@ -62,12 +62,12 @@ class Leases:
             " ON l.kind = ? AND l.hash = j.value WHERE l.owner = ?",
             (json_list(hashes), kind, owner))}
 
-    def release(self, conn: Any, kind: str, hashes: Iterable[str], owner: str) -> None:
+    def release(self, conn: Conn, kind: str, hashes: Iterable[str], owner: str) -> None:
         """End ``owner``'s ``kind`` leases on ``hashes`` (others' stay)."""
         conn.executemany("DELETE FROM leases WHERE kind = ? AND hash = ? AND owner = ?",
                          [(kind, h, owner) for h in hashes])
 
-    def release_all(self, conn: Any, owners: Iterable[str]) -> None:
+    def release_all(self, conn: Conn, owners: Iterable[str]) -> None:
         """End every lease of ``owners`` (sessions that closed or died)."""
         conn.executemany("DELETE FROM leases WHERE owner = ?", [(o,) for o in owners])
 

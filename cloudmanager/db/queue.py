@@ -5,10 +5,9 @@ Only :mod:`cloudmanager.replication` (through this module) writes it.
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Iterable, List
 
-from .connection import Store
+from .connection import Conn, Store
 
 
 class Queue:
@@ -17,7 +16,7 @@ class Queue:
     def __init__(self, db: Store) -> None:
         self.db = db
 
-    def add(self, conn: sqlite3.Connection, hashes: Iterable[str], when: float,
+    def add(self, conn: Conn, hashes: Iterable[str], when: float,
             known: bool = False, node: str = "") -> None:
         """Queue files for upload; queued ones keep their place. Files no longer
         in the pool are not queued.
@@ -35,11 +34,11 @@ class Queue:
                          " SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM files WHERE hash = ?)",
                          [(h, when, node, h) for h in hashes])
 
-    def remove(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> None:
+    def remove(self, conn: Conn, hashes: Iterable[str]) -> None:
         """Take files off the queue."""
         conn.executemany("DELETE FROM upload_queue WHERE hash = ?", [(h,) for h in hashes])
 
-    def note_failure(self, conn: sqlite3.Connection, file_hash: str, error: str) -> None:
+    def note_failure(self, conn: Conn, file_hash: str, error: str) -> None:
         """Count a failed attempt at a queued upload, and keep why."""
         conn.execute("UPDATE upload_queue SET attempts = attempts + 1, last_error = ?"
                      " WHERE hash = ?", (error, file_hash))
