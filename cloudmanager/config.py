@@ -64,6 +64,11 @@ _HOST_KEYS = {"spec", "options", "weight", "enabled"}
 CONFIG_NAME = "cloudmanager.toml"
 #: The environment variable naming a config file.
 CONFIG_ENV = "CLOUDMANAGER_CONFIG"
+#: The environment variable that, when set, is the pool's database for `cm`
+#: (over the config file's): a SQLite path or a ``postgresql://`` URL, so a
+#: password can stay out of the file (libpq's ``PGPASSWORD`` or ``~/.pgpass``
+#: work too).
+DATABASE_ENV = "CLOUDMANAGER_DATABASE"
 #: The share of the free disk space the embedded defaults give the cache.
 DEFAULT_CAPACITY_SHARE = 0.10
 #: The embedded defaults never make a cache smaller than this...

@@ -17,7 +17,7 @@ import click
 
 from ..config import (
     Config, default_capacity, embedded_config, find_config, load_config, parse_size,
-    shown_database,
+    DATABASE_ENV, is_postgres_url, shown_database,
 )
 from ..errors import CloudManagerError, InvalidInputError
 from ..manager import CloudManager
@@ -183,6 +183,10 @@ class Session:
         # A Config is (file, [pool] settings, host tables).
         origin, settings, hosts = load_config(path) if path else embedded_config()
         settings = dict(settings)
+        database = os.environ.get(DATABASE_ENV)
+        if database:
+            settings["database"] = database if is_postgres_url(database) \
+                else os.path.abspath(os.path.expanduser(database))
         if self.capacity is not None:
             settings["capacity"] = self.capacity
         elif "capacity" not in settings:

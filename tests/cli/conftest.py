@@ -24,6 +24,18 @@ class Home:
             "XDG_CACHE_HOME": str(root / "cache"),
         }
 
+    def database(self, path):
+        """What ``cm status`` shows as the database of a pool configured with ``path``."""
+        return self.database_url or str(path)
+
+    def own_catalog(self):
+        """From now on, commands use a catalog of their own (another node with
+        a catalog apart), when the catalog comes from the environment."""
+        if self.database_url is not None:
+            self.database_url = self.server.new_database()
+            self.env["CLOUDMANAGER_DATABASE"] = self.database_url
+            self.monkeypatch.setenv("CLOUDMANAGER_DATABASE", self.database_url)
+
     @property
     def data(self):
         return Path(self.env["XDG_DATA_HOME"]) / "cloudmanager"
@@ -54,6 +66,7 @@ class Home:
         """Run ``python -m cloudmanager ARGS`` as a real subprocess."""
         full_env = dict(os.environ)
         full_env.pop("CLOUDMANAGER_CONFIG", None)
+        full_env.pop("CLOUDMANAGER_DATABASE", None)
         full_env.update(self.env, **(env or {}))
         return subprocess.run([sys.executable, "-m", "cloudmanager"] + [str(a) for a in args],
                               cwd=self.work, env=full_env, input=input, capture_output=True,
@@ -61,14 +74,24 @@ class Home:
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    """A fresh user home; in-process commands run in ``home.work``."""
+def home(tmp_path, monkeypatch, pool_catalog):
+    """A fresh user home; in-process commands run in ``home.work``. In the
+    suites run on both catalogs, its pools' catalog is a new PostgreSQL
+    database, given as ``$CLOUDMANAGER_DATABASE`` (over any config file)."""
     work = tmp_path / "work"
     work.mkdir()
     h = Home(tmp_path, work)
+    h.database_url = None
+    h.monkeypatch = monkeypatch
+    h.server = pool_catalog.server
+    if pool_catalog.server is not None:
+        h.database_url = pool_catalog.server.new_database()
+        h.env["CLOUDMANAGER_DATABASE"] = h.database_url
     for key, value in h.env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("CLOUDMANAGER_CONFIG", raising=False)
+    if h.database_url is None:
+        monkeypatch.delenv("CLOUDMANAGER_DATABASE", raising=False)
     monkeypatch.chdir(work)
     # Files written by the test a moment ago count as stable, so a re-run may
     # skip them (the subprocess tests keep the real window).

@@ -45,7 +45,7 @@ def test_upload_evict_download_status_on_embedded_defaults(home):
     assert "1 in the pool, 0 queued" in status.stdout and "local" in status.stdout
     stats = home.cm_json("status")
     assert stats["config"] is None and stats["files"] == 1
-    assert stats["database"].startswith(str(home.data))
+    assert stats["database"].startswith(home.database(home.data))
     assert stats["uploaded_bytes"]["total"] == len(data)
     assert stats["downloaded_bytes"]["total"] == len(data)
 
@@ -157,7 +157,7 @@ def test_config_discovery_order(home, monkeypatch):
     status = home.cm_json("--config", explicit, "status")
     assert status["config"] == str(explicit) and status["source"] == "--config"
     assert status["capacity"] == 2 * 2**20
-    assert status["database"] == str(home.root / "explicit.sqlite3")
+    assert status["database"] == home.database(home.root / "explicit.sqlite3")
     text = home.cm("--config", explicit, "status").stdout
     assert "config    %s (from --config)" % explicit in text
 
@@ -431,6 +431,7 @@ def test_a_second_node_loads_a_dump_and_downloads_the_file(home, tmp_path):
     stdout_dump = home.cm(*one, "dump").stdout
     assert json.loads(stdout_dump) == json.loads(dump_path.read_text())
 
+    home.own_catalog()  # node two's catalog is apart: a dump is how it learns
     result = home.cm(*two, "load", dump_path)
     assert result.exit_code == 0 and "merged 1 records" in result.stderr
     assert home.cm(*two, "load", input=stdout_dump).stderr.startswith("merged 0 records")
