@@ -605,3 +605,28 @@ def test_a_publish_under_a_name_the_server_hashes_otherwise_is_refused(host, buc
         staged.publish(sha(b"other bytes"))
     staged.abort()
     assert keys_of(s3_admin, bucket) == []  # neither the wrong name nor the staging key
+
+
+def test_a_pool_streams_a_large_file_to_s3_once_and_verify_trusts_it(host, moto_endpoint,
+                                                                     tmp_path, monkeypatch):
+    from cloudmanager import CloudManager
+
+    opened = []
+    real_open = open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file) == str(tmp_path / "big"):
+            opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    cm = CloudManager(tmp_path / "db.sqlite3", tmp_path / "cache", 1000, hosts=[host],
+                      redundancy=1, fsync=False)
+    try:
+        data = os.urandom(6 * MiB)  # larger than the cache, and in parts
+        digest = cm.upload(write(tmp_path, data, "big"))
+        assert digest == sha(data) and len(opened) == 1
+        assert cm.verify(hashes=[digest], deep=True)["good"] == 1
+        assert cm.download(digest, tmp_path / "back") and (tmp_path / "back").read_bytes() == data
+    finally:
+        cm.close()
