@@ -53,7 +53,7 @@ from .errors import (
     TransientHostError,
 )
 from .health import Fact, Health
-from .hosts.base import Host, Location, Received
+from .hosts.base import Host, Location, Received, Staged
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,42 @@ class UploadResult(NamedTuple):
     cooling: Sequence[str] = ()
     #: What each host call did, for :meth:`Health.record`.
     facts: List[Fact] = []
+
+
+class Streamed(NamedTuple):
+    """A source streamed to one host by :meth:`UploadEngine.stream`: staged
+    there under a private name, waiting for :meth:`UploadEngine.publish`."""
+
+    host: Host
+    staged: Staged
+    #: The SHA-256 hex of exactly the bytes the host received.
+    file_hash: str
+    #: How many bytes it received.
+    size: int
+    #: ``time.monotonic()`` when the attempt began (for the fact of the publish).
+    started: float
+
+
+class StreamResult(NamedTuple):
+    """What :meth:`UploadEngine.stream` achieved."""
+
+    #: The staged source, or None if no host took it.
+    streamed: Optional[Streamed]
+    failures: List[HostError]
+    #: Names of hosts skipped because their circuit breaker is open.
+    cooling: Sequence[str]
+    #: The facts of the failed attempts (a staged one's fact comes with its publish).
+    facts: List[Fact]
+
+
+class _SourceFailure(Exception):
+    """Raised by a staging call when the source failed, not the host: it could
+    not be read, or it grew past its size. Internal to the engine: callers
+    get :attr:`error` (an OSError, or an IntegrityError for a size change)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class DownloadResult(NamedTuple):
@@ -200,36 +236,54 @@ class UploadEngine:
     # -- uploads ---------------------------------------------------------------
 
     def upload(self, path: str, file_hash: str, size: int,
-               holders: Iterable[str] = (), target: Optional[int] = None) -> UploadResult:
+               holders: Iterable[str] = (), target: Optional[int] = None,
+               rehash: bool = False) -> UploadResult:
         """Upload a file until ``target`` hosts beyond ``holders`` hold it.
 
         :param path: the local file (the cached copy, or the source itself)
         :param holders: names of hosts that already hold a good copy
         :param target: total hosts wanted (default: the engine's redundancy)
+        :param rehash: for a source that may change under us: only hosts that
+            :attr:`~cloudmanager.hosts.base.Host.can_stage` are used, each
+            gets its own read of ``path`` through a hashing stream, and a copy
+            is published only if its bytes hash to ``file_hash`` (see
+            :meth:`_rehash_one`). Once one does not, the source has changed:
+            no further host is tried
         """
         target = self.redundancy if target is None else target
         holders = set(holders)
         needed = target - len(holders)
         candidates, cooling = self.health.ranked(
-            [h for n, h in self.hosts.items() if n not in holders])
+            [h for n, h in self.hosts.items() if n not in holders and (h.can_stage or not rehash)])
         for host in cooling:
             log.info("not uploading %s to %s: it failed too often lately; cooling down",
                      file_hash, host.name)
+        changed = threading.Event()  # set by a rehash that found other bytes
         successes: List[Location] = []
         failures: List[HostError] = []
         facts: List[Fact] = []
+        unused: List[Host] = []
         running: Set[concurrent.futures.Future] = set()
         while needed > len(successes) and (candidates or running):
+            if changed.is_set():
+                unused += candidates
+                candidates = []
             while candidates and len(running) + len(successes) < needed:
                 host = candidates.pop(0)
-                running.add(self._pool.submit(self._upload_one, host, path, file_hash, size))
+                if rehash:
+                    running.add(self._pool.submit(self._rehash_one, host, path, file_hash, size,
+                                                  changed))
+                else:
+                    running.add(self._pool.submit(self._upload_one, host, path, file_hash, size))
+            if not running:
+                break
             done, running = concurrent.futures.wait(
                 running, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
                 outcome, fact = future.result()
                 facts.append(fact)
                 (successes if isinstance(outcome, Location) else failures).append(outcome)
-        self.health.release(h.name for h in candidates)  # probes not used
+        self.health.release(h.name for h in candidates + unused)  # probes not used
         return UploadResult(successes, failures, [h.name for h in cooling], facts)
 
     def _upload_one(self, host: Host, path: str, file_hash: str,
@@ -246,6 +300,165 @@ class UploadEngine:
         log.info("uploaded %s to %s", file_hash, host.name)
         return location, Fact(host.name, True, (time.monotonic() - started) * 1000,
                               uploaded=size)
+
+    # -- staged uploads (a source read once per host, hashed as it streams) ------
+
+    def stream(self, path: str, size: int, exclude: Iterable[str] = ()) -> StreamResult:
+        """Stream a source to the healthiest host that can stage it, hashing it on the way.
+
+        The file at ``path`` is read once, through a hashing stream, by the
+        host's :meth:`~cloudmanager.hosts.base.Host.stage`; the hash is
+        known when the stream ends. Nothing is published: the caller checks
+        the source and then calls :meth:`publish` or :meth:`abort`. When a
+        host fails, the next one gets a new read of the source (that read is
+        hashed afresh).
+
+        :param path: the source, a regular file
+        :param size: its size when the caller looked: more bytes than that
+            are refused as they come
+        :param exclude: names of hosts not to try (tried already)
+        :return: a :class:`StreamResult`; its ``streamed`` is None if no
+            host that can stage took the source
+        :raises IntegrityError: if the source grew past ``size`` while it was read
+        :raises OSError: if the source could not be read
+        """
+        exclude = set(exclude)
+        candidates, cooling = self.health.ranked(
+            [h for n, h in self.hosts.items() if h.can_stage and n not in exclude])
+        failures: List[HostError] = []
+        facts: List[Fact] = []
+        try:
+            while candidates:
+                host = candidates.pop(0)
+                outcome = self._stage_one(host, path, size)
+                if isinstance(outcome, Streamed):
+                    return StreamResult(outcome, failures, [h.name for h in cooling], facts)
+                failures.append(outcome[0])
+                facts.append(outcome[1])
+        except _SourceFailure as exc:
+            if isinstance(exc.error, OverflowError):
+                raise IntegrityError("%s grew while it was read (more than the %d bytes it "
+                                     "had); refused" % (path, size)) from exc.error
+            raise exc.error from None  # the source's own error, as reading it raised it
+        finally:
+            self.health.release(h.name for h in candidates)  # probes not used
+        return StreamResult(None, failures, [h.name for h in cooling], facts)
+
+    def _stage_one(self, host: Host, path: str, size: int
+                   ) -> Union[Streamed, Tuple[HostError, Fact]]:
+        """One staging of ``path`` on ``host``: a :class:`Streamed`, or ``(error, fact)``.
+
+        A staging that worked has no fact of its own: the publish's (or the
+        failure's) stands for the whole attempt, so that the breaker never
+        counts a host that took the bytes and then failed to publish them
+        as a success.
+
+        The source is opened, read and closed in the call's own thread, so
+        a call the engine gives up on never shares it with the next attempt;
+        if such a call stages its bytes after all, they are aborted.
+
+        :raises _SourceFailure: if the source, not the host, failed
+        """
+        what = "staged upload to %s" % host.name
+        started = time.monotonic()
+        late: Dict[str, Staged] = {}
+
+        def run() -> Streamed:
+            try:
+                source = open(path, "rb")
+            except OSError as exc:
+                raise _SourceFailure(exc) from exc
+            with source:
+                reader = fsutil.HashingReader(source, limit=size)
+                try:
+                    staged = host.stage(reader, size)
+                except BaseException as exc:
+                    if reader.error is not None:
+                        raise _SourceFailure(reader.error) from exc
+                    if reader.eof and reader.count < size:  # a host that wanted them all
+                        raise _SourceFailure(IntegrityError(
+                            "%s shrank while it was read (%d bytes of %d)"
+                            % (path, reader.count, size))) from exc
+                    raise
+                late["staged"] = staged
+                if reader.error is not None:  # a host that swallowed the source's error
+                    staged.abort()
+                    raise _SourceFailure(reader.error)
+            return Streamed(host, staged, reader.hexdigest(), reader.count, started)
+
+        def cleanup() -> None:  # the engine gave up on the call, which ended after all
+            staged = late.get("staged")
+            if staged is not None:
+                staged.abort()
+
+        try:
+            streamed = self._call(host, what, self.deadline(host, size), run, cleanup=cleanup)
+        except _SourceFailure:
+            raise
+        except HostError as exc:
+            return self._failed(host, exc, what)
+        except Exception as exc:  # a host bug must not take the engine down
+            return self._failed(host, TransientHostError(host.name, repr(exc)), what)
+        log.debug("streamed %d bytes to %s (SHA-256 %s)", streamed.size, host.name,
+                  streamed.file_hash)
+        return streamed
+
+    def publish(self, streamed: Streamed, file_hash: str
+                ) -> Tuple[Union[Location, HostError], Fact]:
+        """Give staged bytes their object name (see :meth:`stream`).
+
+        :param file_hash: the object's name: ``streamed.file_hash``, checked
+            by the caller against whatever else it knows
+        :return: ``(Location, fact)``, or ``(HostError, fact)`` when the host
+            failed; the staged bytes then stay until :meth:`abort`
+        """
+        host = streamed.host
+        what = "upload of %s" % file_hash
+        try:
+            location = self._call(host, what, self.deadline(host, streamed.size),
+                                  streamed.staged.publish, file_hash)
+        except HostError as exc:
+            return self._failed(host, exc, what)
+        except Exception as exc:  # a host bug must not take the engine down
+            return self._failed(host, TransientHostError(host.name, repr(exc)), what)
+        log.info("uploaded %s to %s", file_hash, host.name)
+        return location, Fact(host.name, True, (time.monotonic() - streamed.started) * 1000,
+                              uploaded=streamed.size)
+
+    @staticmethod
+    def abort(streamed: Streamed) -> None:
+        """Remove staged bytes, best effort (never raises; nothing after a publish)."""
+        streamed.staged.abort()
+
+    def _rehash_one(self, host: Host, path: str, file_hash: str, size: int,
+                    changed: threading.Event) -> Tuple[object, Fact]:
+        """One host of :meth:`upload` with ``rehash``: stream ``path`` to it
+        hashing it, publish if the bytes hash to ``file_hash``, else abort and
+        set ``changed``. A source that changed is not the host's fault: its
+        fact does not count against the host."""
+        try:
+            outcome = self._stage_one(host, path, size)
+        except _SourceFailure as exc:
+            return self._source_changed(host, file_hash, str(exc.error), changed)
+        if not isinstance(outcome, Streamed):
+            return outcome
+        if outcome.file_hash != file_hash or outcome.size != size:
+            self.abort(outcome)
+            return self._source_changed(host, file_hash, "%d bytes hashing to %s" % (
+                outcome.size, outcome.file_hash), changed)
+        location, fact = self.publish(outcome, file_hash)
+        if not isinstance(location, Location):
+            self.abort(outcome)
+        return location, fact
+
+    @staticmethod
+    def _source_changed(host: Host, file_hash: str, found: str,
+                        changed: threading.Event) -> Tuple[HostError, Fact]:
+        changed.set()
+        error = TransientHostError(host.name, "%s not sent: its source changed since it was "
+                                   "hashed (read again: %s)" % (file_hash, found))
+        log.warning("%s", error)
+        return error, Fact(host.name, False, error=error.message, counts=False)
 
     # -- batches (CloudManager.upload_many) --------------------------------------
 

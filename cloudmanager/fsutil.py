@@ -349,6 +349,92 @@ def hash_file(path):
     return digest.hexdigest(), total
 
 
+class HashingReader:
+    """A forward-only view of a binary file that hashes every byte read through it.
+
+    For a source streamed to a host (:meth:`~cloudmanager.hosts.base.Host.stage`):
+    :meth:`hexdigest` is the SHA-256 of exactly the bytes handed out, in
+    order. It cannot seek (:meth:`seekable` is False), so a reader such as
+    boto3 buffers what it may send again instead of reading it twice.
+
+    The first exception met (from the file, or :class:`OverflowError` past
+    ``limit``) is kept in :attr:`error`, so that the caller can tell a
+    failure of its source from the host's, whatever the host turned it into.
+
+    >>> import io
+    >>> reader = HashingReader(io.BytesIO(b"abc"), limit=3)
+    >>> reader.read(2) + reader.read(), reader.count, reader.eof
+    (b'abc', 3, True)
+    >>> reader.hexdigest()[:16]
+    'ba7816bf8f01cfea'
+
+    :param raw: a readable binary file object, positioned at the first byte
+    :param limit: refuse (:class:`OverflowError`) to hand out more than this
+        many bytes: the source grew
+    """
+
+    def __init__(self, raw, limit: Optional[int] = None) -> None:
+        self._raw = raw
+        self._limit = limit
+        self._digest = hashlib.sha256()
+        #: Bytes handed out so far.
+        self.count = 0
+        #: Whether the end of the file was reached.
+        self.eof = False
+        #: The first exception reading raised, if any.
+        self.error: Optional[BaseException] = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def hexdigest(self) -> str:
+        """The SHA-256 hex digest of the bytes read so far."""
+        return self._digest.hexdigest()
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        """Up to ``size`` bytes (fewer only at the end); all the rest when negative."""
+        chunks = []
+        wanted = -1 if size is None or size < 0 else size
+        got = 0
+        while wanted < 0 or got < wanted:
+            step = CHUNK if wanted < 0 else min(CHUNK, wanted - got)
+            data = self._pass(self._raw.read, step)
+            if not data:
+                break
+            chunks.append(data)
+            got += len(data)
+        return b"".join(chunks)
+
+    def readinto(self, buffer) -> int:
+        """Read into ``buffer``; return how many bytes (0 at the end)."""
+        view = memoryview(buffer).cast("B")
+        n = self._pass(self._raw.readinto, view)
+        return n
+
+    def _pass(self, method, arg):
+        """One read from the file, hashed and counted; remembers its failure."""
+        if self.error is not None:
+            raise self.error
+        try:
+            result = method(arg)
+            n = result if isinstance(result, int) else len(result or b"")
+            if n == 0:
+                self.eof = True
+                return result
+            if self._limit is not None and self.count + n > self._limit:
+                raise OverflowError("more than the %d bytes expected" % self._limit)
+        except BaseException as exc:
+            self.error = exc
+            raise
+        chunk = arg[:n] if isinstance(result, int) else result
+        self._digest.update(chunk)
+        self.count += n
+        return result
+
+
 def copy_file(src_path, final_path, fsync=True):
     """Copy a file to ``final_path`` atomically, the bytes moved by the kernel.
 

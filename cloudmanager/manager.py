@@ -163,7 +163,9 @@ class CloudManager:
         pinned and queued; then, unless uploads are deferred, it is uploaded
         to ``redundancy`` hosts in parallel. Once one host holds it, the pin
         is lifted. A file larger than the cache, or one that finds the cache
-        full of pinned files, is uploaded straight from ``path``.
+        full of pinned files, is read once from ``path``, hashed while it
+        streams to the first host, and refused if ``path`` changed meanwhile
+        (see ``docs/ARCHITECTURE.md``).
 
         :param path: a regular file
         :param defer: override the instance's ``defer_uploads`` for this call

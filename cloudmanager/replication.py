@@ -60,8 +60,8 @@ from typing import (
 from . import fsutil
 from .db import FileDatabase
 from .db.copies import CopyKey
-from .engine import CheckResult, UploadEngine, UploadJob, UploadResult, Verdict
-from .errors import CloudManagerError, IntegrityError, UploadError
+from .engine import CheckResult, Streamed, UploadEngine, UploadJob, UploadResult, Verdict
+from .errors import CloudManagerError, HostError, IntegrityError, UploadError
 from .health import Fact, Health
 from .hosts.base import Location
 
@@ -387,20 +387,147 @@ class Replicator:
             return 0
 
     def upload_source(self, path: str, filename: str, record: Callable) -> str:
-        """Upload a file that will not be cached, straight from ``path``.
+        """Upload a file that will not be cached, reading it once.
 
-        The source is hashed, uploaded, and checked again afterwards: if it
-        changed while it was read (size, mtime, ctime, inode), the upload is
-        refused and the copies just made are deleted, so no copy is ever
-        recorded under a hash its bytes may not have.
+        The source streams to the healthiest host that can stage
+        (:meth:`UploadEngine.stream`), hashed on the way. When the stream
+        ends the hash is known; if the source is unchanged (as many bytes as
+        it had, the same size, mtime, ctime and inode as before), the staged
+        bytes are published under the hash; else they are aborted and the
+        upload refused, with nothing recorded. Another host that failed
+        before the stream ended gets a new read, hashed afresh.
+
+        Further hosts, up to the target, each read the source again through
+        a hashing stream, and a copy is published only if its bytes hash to
+        the same value (``rehash``); a source changed by then gives them no
+        copy, and the file stays short and queued: sync tops it up from a
+        verified copy. Why not always leave them to sync (the source would
+        be read exactly once)? A top-up downloads the whole file back from
+        the first host into a temp directory (a file larger than the cache,
+        so no cache room), costing its transfer (S3 egress) and that disk
+        space; another read of a local source costs neither, and each copy
+        is still hashed as it streams. Hosts that cannot stage (plowshare:
+        ``plowup`` needs a file) are left to sync, which sends them a
+        verified copy.
+
+        One transaction records the file, its copies and the hosts' health.
+        When no configured host can stage, see :meth:`_upload_source_unstaged`.
 
         :param record: ``record(conn, file_hash, size)`` adds the file's row
             inside the transaction that records its copies
         :return: the file's hash
-        :raises UploadError: if no host took it
+        :raises UploadError: if no host took it, or its removal is in progress
+            in another process
         :raises IntegrityError: if the source changed while it was read
+        :raises OSError: if the source could not be read
         """
         before = os.stat(path)
+        if not any(h.can_stage for h in self.engine.hosts.values()):
+            return self._upload_source_unstaged(path, record, before)
+        size = before.st_size
+        failures: List[HostError] = []
+        facts: List[Fact] = []
+        cooling: List[str] = []
+        tried: Set[str] = set()
+        while True:
+            first = self.engine.stream(path, size, exclude=tried)
+            failures += first.failures
+            facts += first.facts
+            cooling = list(first.cooling)
+            streamed = first.streamed
+            if streamed is None:
+                with self.db.catalog.transaction():
+                    self.health.record(facts)
+                raise UploadError("no host accepted %s (and it cannot be cached)" % path,
+                                  failures, facts)
+            tried |= {f.host for f in first.failures} | {streamed.host.name}
+            try:
+                after = os.stat(path)
+                if streamed.size != size or _changed(before, after):
+                    raise IntegrityError("%s changed while it was read (%d bytes read of %d); "
+                                         "refused (nothing is recorded)"
+                                         % (path, streamed.size, size))
+                file_hash = streamed.file_hash
+                with self.locks.hold([file_hash]):
+                    published = self._publish_first(streamed, failures, facts)
+                    if published is None:
+                        continue  # that host failed: the next one reads the source again
+                    holders, location = published
+                    made = [location] if location is not None else []
+                    others = self.engine.upload(
+                        path, file_hash, size, holders=holders | {loc.host_name for loc in made},
+                        rehash=True)
+                    result = UploadResult(made + others.successes, failures + others.failures,
+                                          sorted(set(cooling) | set(others.cooling)),
+                                          facts + others.facts)
+                    self._record_source(path, file_hash, size, holders, result, record)
+                    return file_hash
+            except (IntegrityError, OSError):
+                if facts:  # hosts that failed before: their health, and nothing else
+                    with self.db.catalog.transaction():
+                        self.health.record(facts)
+                raise
+            finally:
+                self.engine.abort(streamed)  # nothing once published
+                self.health.release([streamed.host.name])  # its probe, if no fact took it
+
+    def _publish_first(self, streamed: Streamed, failures: List[HostError],
+                       facts: List[Fact]) -> Optional[Tuple[Set[str], Optional[Location]]]:
+        """Publish the first copy of a streamed source (under its hash's lock).
+
+        :return: ``(holders, location)``: the hosts with a good copy before,
+            and the new copy's location (None when it was not needed: its host
+            or enough others hold one already); None if the publish failed
+            (its failure and fact are appended)
+        """
+        file_hash = streamed.file_hash
+        state = self.db.copies.replication_states([file_hash]).get(file_hash)
+        holders = set(state.good) if state else set()
+        if streamed.host.name in holders or self._plan(holders)[2]:
+            log.info("%s is held already; the bytes staged on %s are not published",
+                     file_hash, streamed.host.name)
+            return holders, None
+        outcome, fact = self.engine.publish(streamed, file_hash)
+        facts.append(fact)
+        if isinstance(outcome, HostError):
+            failures.append(outcome)
+            return None
+        return holders, outcome
+
+    def _record_source(self, path: str, file_hash: str, size: int, holders: Set[str],
+                       result: UploadResult, record: Callable) -> None:
+        """Record a file uploaded from its source, with its copies, in one transaction.
+
+        :raises UploadError: if nothing holds it, or its removal is in
+            progress in another process (nothing is recorded but health)
+        """
+        if not holders and not result.successes:
+            with self.db.catalog.transaction():
+                self.health.record(result.facts)
+            raise UploadError("no host accepted %s (and it cannot be cached)" % path,
+                              result.failures, result.facts)
+        with self.db.catalog.transaction() as conn:
+            record(conn, file_hash, size)
+            shorts = self._record_rounds([(file_hash, holders, self.redundancy, result)])
+            if any(why.startswith("removal in progress") for *_, why in shorts):
+                # Not cached, and the removal may delete what was just
+                # sent: refused (this transaction, the record included,
+                # is rolled back), so no hash is returned for a file
+                # nothing may hold.
+                raise UploadError("%s is being removed by another process; try again "
+                                  "once it is" % path, [], result.facts)
+
+    def _upload_source_unstaged(self, path: str, record: Callable,
+                                before: os.stat_result) -> str:
+        """:meth:`upload_source` for a pool none of whose hosts can stage (only
+        lockers): hashed, then sent from ``path`` by each host, and stat'ed
+        again afterwards. A source rewritten between the reads and restored
+        to the same size, mtime and ctime would go unseen; nothing better is
+        possible when every host reads the file by itself.
+
+        :raises IntegrityError: if the source changed (its copies are deleted
+            where the hosts allow it)
+        """
         file_hash, size = fsutil.hash_file(path)
         with self.locks.hold([file_hash]):
             state = self.db.copies.replication_states([file_hash]).get(file_hash)
@@ -412,21 +539,7 @@ class Replicator:
                     self.engine.delete(location)
                 raise IntegrityError("%s changed while it was uploaded; refused (nothing is "
                                      "recorded)" % path)
-            if not holders and not result.successes:
-                with self.db.catalog.transaction():
-                    self.health.record(result.facts)
-                raise UploadError("no host accepted %s (and it cannot be cached)" % path,
-                                  result.failures, result.facts)
-            with self.db.catalog.transaction() as conn:
-                record(conn, file_hash, size)
-                shorts = self._record_rounds([(file_hash, holders, self.redundancy, result)])
-                if any(why.startswith("removal in progress") for *_, why in shorts):
-                    # Not cached, and the removal may delete what was just
-                    # sent: refused (this transaction, the record included,
-                    # is rolled back), so no hash is returned for a file
-                    # nothing may hold.
-                    raise UploadError("%s is being removed by another process; try again "
-                                      "once it is" % path, [], result.facts)
+            self._record_source(path, file_hash, size, holders, result, record)
         return file_hash
 
     # -- sync and verify ----------------------------------------------------------------

@@ -20,6 +20,7 @@ from cloudmanager.errors import (
     DownloadError,
     HostError,
     HostNotFoundError,
+    IntegrityError,
     InvalidInputError,
     TransientHostError,
 )
@@ -590,3 +591,81 @@ def test_a_streaming_host_stops_at_the_recorded_size(streaming, make_engine, sou
     assert isinstance(failure, TransientHostError)  # too large: not proof of a bad copy
     assert sum(written) <= size  # not a byte past the recorded size was written
     assert list(out_dir.iterdir()) == []
+# -- staged uploads: a source streamed, hashed on the way ---------------------------
+
+
+class SlowStager(FolderHost):
+    """A folder host whose staging ends ``delay`` seconds late (after the deadline)."""
+
+    delay = 0.0
+
+    def stage(self, stream, size):
+        staged = super().stage(stream, size)
+        time.sleep(self.delay)
+        return staged
+
+
+def test_stream_goes_to_a_host_that_can_stage_and_fails_over(make_engine, tmp_path, source,
+                                                             fake_plowshare, db):
+    gone = FolderHost(str(tmp_path / "unmounted"), name="gone", fsync=False)
+    disk = folder(tmp_path, "disk")
+    locker = PlowshareHost("locker", timeout=30)
+    engine = make_engine([locker, gone, disk], redundancy=1)
+    demote(db, "disk")  # tried after the unmounted folder
+    path, digest, size = source(os.urandom(50_000))
+    result = engine.stream(path, size)
+    assert [f.host for f in result.failures] == ["gone"]  # the locker is never tried
+    assert [f.host for f in result.facts] == ["gone"]  # a staging's fact comes with its publish
+    streamed = result.streamed
+    assert streamed.host is disk and streamed.file_hash == digest and streamed.size == size
+    assert os.listdir(disk.root)[0].startswith(".cloudmanager-staging-")
+    location, fact = engine.publish(streamed, digest)
+    assert location == Location("disk", "file://%s/%s" % (disk.root, digest))
+    assert fact.ok and fact.uploaded == size
+    engine.abort(streamed)  # nothing, once published
+    assert sorted(os.listdir(disk.root)) == sorted([digest, FolderHost.MARKER_NAME])
+
+
+def test_a_staging_the_engine_gave_up_on_is_aborted_when_it_ends(make_engine, tmp_path, source):
+    (tmp_path / "hosts" / "slow").mkdir(parents=True)
+    slow = SlowStager(str(tmp_path / "hosts" / "slow"), name="slow", fsync=False, timeout=0.1)
+    slow.weight, slow.delay = 10.0, 2.0  # tried first; ends after its deadline (1.1 s)
+    disk = folder(tmp_path, "disk")
+    engine = make_engine([slow, disk], redundancy=1)
+    path, digest, size = source(b"slow bytes")
+    result = engine.stream(path, size)
+    assert [f.host for f in result.failures] == ["slow"]
+    assert result.streamed.host is disk  # the next host read the source afresh
+    deadline = time.monotonic() + 10
+    while os.listdir(slow.root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.listdir(slow.root) == []  # the late staging was aborted
+    engine.abort(result.streamed)
+    assert os.listdir(disk.root) == []
+
+
+def test_stream_refuses_a_source_that_grows_and_stages_nothing(make_engine, tmp_path, source):
+    disk = folder(tmp_path, "disk")
+    engine = make_engine([disk], redundancy=1)
+    path, _, size = source(b"x" * 1000)
+    with open(path, "ab") as f:
+        f.write(b"grown")
+    with pytest.raises(IntegrityError, match="grew"):
+        engine.stream(path, size)
+    assert os.listdir(disk.root) == []
+
+
+def test_a_rehash_that_finds_other_bytes_publishes_nothing_and_stops(make_engine, tmp_path,
+                                                                    source):
+    hosts = [folder(tmp_path, name) for name in ("a", "b", "c")]
+    engine = make_engine(hosts, redundancy=3)
+    path, digest, size = source(b"the bytes hashed first")
+    with open(path, "r+b") as f:
+        f.write(b"THE")  # the source changed since it was hashed
+    result = engine.upload(path, digest, size, target=1, rehash=True)
+    # One host read other bytes: the others are not sent a source that changed.
+    assert result.successes == [] and len(result.failures) == 1
+    assert "source changed" in result.failures[0].message
+    assert not any(f.counts for f in result.facts)  # not the hosts' fault
+    for host in hosts:
+        assert os.listdir(host.root) == []

@@ -5,10 +5,14 @@ failed before the copy rules moved into replication.py: real SQLite files,
 real folder hosts, real second instances standing in for other processes.
 """
 
+import builtins
+import io
 import json
 import os
 import threading
 import time
+
+import pytest
 
 import cloudmanager.replication as replication
 from cloudmanager import CloudManager
@@ -174,28 +178,191 @@ def test_an_upload_and_eviction_racing_remove_loses_nothing(make_pool, write_fil
     other.close()
 
 
-# -- 8. a source that changes while it is uploaded is refused ----------------------------
+# -- 8. a file larger than the cache is read once, hashed as it streams ---------------------
+
+
+def folder_host(tmp_path, name, cls=FolderHost, weight=1.0):
+    """A folder host named ``name``; the heaviest of equally healthy hosts is tried first."""
+    root = tmp_path / "hosts" / name
+    root.mkdir(parents=True, exist_ok=True)
+    host = cls(str(root), name=name, fsync=False)
+    host.weight = weight
+    return host
+
+
+def leftovers(host):
+    """What a folder host's root holds besides its marker: objects, staging files."""
+    return sorted(set(os.listdir(host.root)) - {FolderHost.MARKER_NAME})
+
+
+@pytest.fixture
+def opens_of(monkeypatch):
+    """``opens_of(path)``: a list that gets one entry per open of ``path`` from now on
+    (``open`` and ``os.open``, whoever calls them)."""
+    watched = {}
+    real_open, real_os_open = builtins.open, os.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) in watched:
+            watched[os.path.abspath(file)].append("open")
+        return real_open(file, *args, **kwargs)
+
+    def counting_os_open(path, *args, **kwargs):
+        if isinstance(path, (str, os.PathLike)) and os.path.abspath(path) in watched:
+            watched[os.path.abspath(path)].append("os.open")
+        return real_os_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(os, "open", counting_os_open)
+
+    def opens_of(path):
+        return watched.setdefault(os.path.abspath(path), [])
+
+    return opens_of
+
+
+def test_a_file_larger_than_the_cache_is_read_once(make_pool, tmp_path, write_file, opens_of):
+    host = folder_host(tmp_path, "nas")
+    cm = make_pool(capacity=1000, hosts=[host], redundancy=1)
+    data = os.urandom(3 * (1 << 20) + 5)  # larger than the cache: sent from its source
+    source = write_file("big", data)
+    opens = opens_of(source)
+    digest = cm.upload(source)
+    assert digest == sha(data)
+    assert opens == ["open"]  # no read to hash it first: hashed as it streamed
+    assert leftovers(host) == [digest]  # published under its hash; no staging file left
+    assert cm.db.files.verified(digest) == 1
+    cm.download(digest, tmp_path / "back")
+    assert (tmp_path / "back").read_bytes() == data
+
+
+def test_each_further_host_gets_one_hashed_read(make_pool, tmp_path, write_file, opens_of):
+    hosts = [folder_host(tmp_path, name) for name in ("a", "b", "c")]
+    cm = make_pool(capacity=1000, hosts=hosts, redundancy=3)
+    data = os.urandom(5000)
+    source = write_file("big", data)
+    opens = opens_of(source)
+    digest = cm.upload(source)
+    assert digest == sha(data) and cm.db.files.verified(digest) == 3
+    assert len(opens) == 3  # one read per host, each hashed; none only to hash
+    for host in hosts:
+        assert leftovers(host) == [digest]
+        assert (tmp_path / "hosts" / host.name / digest).read_bytes() == data
+
+
+class MidStreamHost(FolderHost):
+    """A folder host while it reads whose stream the source changes: ``change(path)``
+    runs once half the stream is read."""
+
+    source = ""
+    change = staticmethod(lambda path: None)
+
+    def stage(self, stream, size):
+        head = stream.read(size // 2)
+        self.change(self.source)
+        rest = stream.read()
+        return super().stage(io.BytesIO(head + rest), size)
+
+
+def rewrite_both_ends(path):  # same size: a byte already read, and one still to come
+    with open(path, "r+b") as f:
+        f.write(b"Z")
+        f.seek(-1, os.SEEK_END)
+        f.write(b"Z")
+
+
+def grow(path):
+    with open(path, "ab") as f:
+        f.write(b"more")
+
+
+def shrink(path):
+    os.truncate(path, os.path.getsize(path) - 10)
+
+
+@pytest.mark.parametrize("change", [rewrite_both_ends, grow, shrink])
+def test_a_source_changed_mid_stream_is_refused_and_leaves_nothing(make_pool, tmp_path,
+                                                                   write_file, change):
+    first = folder_host(tmp_path, "first", MidStreamHost, weight=10.0)  # chosen first
+    other = folder_host(tmp_path, "other")
+    cm = make_pool(capacity=1000, hosts=[first, other], redundancy=2)
+    data = b"a" * 5000  # larger than the cache: sent from its source
+    first.source, first.change = str(write_file("big", data)), change
+    assert cm.upload(first.source) is False
+    assert not cm.exists(sha(data))
+    assert cm.db.files.with_prefix("", limit=10) == []
+    # No object, no staging file, on any host; not even the marker of a first copy.
+    assert os.listdir(first.root) == [] and os.listdir(other.root) == []
+    assert cm.sync()["checked"] == 0
 
 
 class RewritingHost(FolderHost):
-    """A folder host during whose upload someone rewrites the source (same size)."""
+    """A folder host that rewrites the source (same size) before it reads its stream."""
 
-    def upload(self, local_path, name):
-        location = super().upload(local_path, name)
-        with open(local_path, "r+b") as f:
-            f.write(b"Z")
-        return location
+    source = ""
+
+    def stage(self, stream, size):
+        with open(self.source, "r+b") as f:
+            f.write(b"Z" * 10)
+        return super().stage(stream, size)
 
 
-def test_a_large_source_rewritten_during_its_upload_is_refused(make_pool, tmp_path,
-                                                                write_file):
-    (tmp_path / "hosts" / "nas").mkdir(parents=True)
-    host = RewritingHost(str(tmp_path / "hosts" / "nas"), name="nas", fsync=False)
-    cm = make_pool(capacity=1000, hosts=[host], redundancy=1)
-    data = b"a" * 5000  # larger than the cache: uploaded from its source
-    assert cm.upload(write_file("big", data)) is False
-    assert not cm.exists(sha(data))
-    assert os.listdir(host.root) in ([], [".cloudmanager-host"])  # its copy deleted again
+def test_a_source_changed_before_a_further_host_reads_it_gives_that_host_no_copy(
+        make_pool, tmp_path, write_file):
+    first = folder_host(tmp_path, "first", weight=10.0)
+    late = folder_host(tmp_path, "late", RewritingHost)
+    cm = make_pool(capacity=1000, hosts=[first, late], redundancy=2)
+    data = os.urandom(5000)
+    late.source = str(write_file("big", data))
+    digest = cm.upload(late.source)
+    # The first copy was hashed as it streamed, from a source unchanged meanwhile.
+    assert digest == sha(data) and cm.db.files.verified(digest) == 1
+    assert leftovers(first) == [digest] and leftovers(late) == []  # aborted, not published
+    # Short and queued: sync sends the second copy from the verified first one.
+    assert cm.sync()["uploads"] == 1 and cm.db.files.verified(digest) == 2
+    assert (tmp_path / "hosts" / "late" / digest).read_bytes() == data
+    cm.download(digest, tmp_path / "back")
+    assert (tmp_path / "back").read_bytes() == data
+
+
+def test_a_host_that_fails_to_stage_hands_the_source_to_the_next(make_pool, tmp_path,
+                                                                 write_file):
+    gone = FolderHost(str(tmp_path / "unmounted"), name="gone", fsync=False)
+    gone.weight = 10.0
+    other = folder_host(tmp_path, "other")
+    cm = make_pool(capacity=1000, hosts=[gone, other], redundancy=1, make_roots=False)
+    data = os.urandom(5000)
+    digest = cm.upload(write_file("big", data))
+    assert digest == sha(data) and leftovers(other) == [digest]
+    assert not (tmp_path / "unmounted").exists()  # a folder host never creates its root
+    assert cm.db.files.verified(digest) == 1
+
+
+def test_a_locker_is_never_the_first_host_and_gets_its_copy_from_sync(
+        make_pool, tmp_path, write_file, fake_plowshare):
+    nas = folder_host(tmp_path, "nas")
+    cm = make_pool(capacity=1000, hosts=["plowshare:locker", nas], redundancy=2)
+    data = os.urandom(5000)
+    digest = cm.upload(write_file("big", data))
+    assert digest == sha(data) and leftovers(nas) == [digest]
+    assert cm.db.files.verified(digest) == 1 and fake_plowshare.objects("locker") == []
+    assert cm.sync()["uploads"] == 1  # from a verified copy, fetched from the folder
+    assert cm.db.files.verified(digest) == 2 and len(fake_plowshare.objects("locker")) == 1
+    cm.evict(0)
+    nas_copy = tmp_path / "hosts" / "nas" / digest
+    nas_copy.unlink()  # only the locker's copy is left
+    cm.download(digest, tmp_path / "back")
+    assert (tmp_path / "back").read_bytes() == data
+
+
+def test_a_pool_of_lockers_only_still_takes_a_large_file(make_pool, tmp_path, write_file,
+                                                          fake_plowshare):
+    cm = make_pool(capacity=1000, hosts=["plowshare:locker"], redundancy=1)
+    data = os.urandom(5000)
+    digest = cm.upload(write_file("big", data))  # hashed, then sent: nothing can stage
+    assert digest == sha(data) and cm.db.files.verified(digest) == 1
+    cm.download(digest, tmp_path / "back")
+    assert (tmp_path / "back").read_bytes() == data
 
 
 # -- 11. a dump holds only records some host holds ----------------------------------

@@ -13,18 +13,64 @@ Cross-cutting concerns (connection limits, health, failover, verification of
 the bytes) live in the :class:`~cloudmanager.engine.UploadEngine`, not here.
 The shared conformance suite in ``tests/hosts/conformance.py`` states the
 contract as tests; every host class passes it.
+
+Staged uploads (:meth:`Host.stage`) let a caller send a stream whose hash it
+learns only at the end: the host receives the bytes under a private staging
+name (see :func:`staging_name`), and the caller then publishes them under
+their object name or aborts them (:class:`Staged`).
 """
 
+import logging
 import os
-from typing import IO, Any, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+import re
+import secrets
+from typing import IO, Any, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Tuple, Union
 
 from .. import fsutil
-from ..errors import HostError, HostNotFoundError, PermanentHostError, TransientHostError
+from ..errors import (
+    HostError,
+    HostNotFoundError,
+    InvalidInputError,
+    PermanentHostError,
+    TransientHostError,
+)
 from ..validation import is_hash
 
+log = logging.getLogger(__name__)
 
 #: A local path as the hosts take it: a string or an ``os.PathLike``.
 PathLike = Union[str, "os.PathLike[str]"]
+
+#: How every staging name begins (:func:`staging_name`). It is not a SHA-256,
+#: so a staged object is never listed, accepted or taken for a copy; a
+#: leftover of a crash can be found (and, on S3, expired by a lifecycle rule
+#: on this key prefix) by it.
+STAGING_PREFIX = ".cloudmanager-staging-"
+_STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"[0-9a-f]{8,64}\.tmp")
+
+
+def staging_name() -> str:
+    """A new, random staging name: :data:`STAGING_PREFIX`, hex digits, ``.tmp``.
+
+    >>> is_staging_name(staging_name()), is_hash(staging_name())
+    (True, False)
+
+    :return: a name that no object name (a SHA-256 hex digest) can equal
+    """
+    return "%s%s.tmp" % (STAGING_PREFIX, secrets.token_hex(8))
+
+
+def is_staging_name(name: object) -> bool:
+    """Whether ``name`` (a base name, not a path) is a staging name.
+
+    >>> is_staging_name(".cloudmanager-staging-0123abcd.tmp"), is_staging_name("0" * 64)
+    (True, False)
+
+    :param name: anything (answered, never raised on)
+    :return: True for a name :func:`staging_name` (or ``fsutil.open_temp``
+        with :data:`STAGING_PREFIX`) makes
+    """
+    return isinstance(name, str) and _STAGING_NAME.fullmatch(name) is not None
 
 
 class Location(NamedTuple):
@@ -58,6 +104,84 @@ class Received(NamedTuple):
     size: int
 
 
+class Stream(Protocol):
+    """What :meth:`Host.stage` reads: a binary stream, read once, forward only."""
+
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to ``size`` bytes (all the rest when negative); ``b""`` at the end."""
+        ...
+
+
+class Staged:
+    """Bytes a host received under a private staging name (:meth:`Host.stage`),
+    waiting for their object name (:meth:`publish`) or removal (:meth:`abort`).
+
+    Each host kind subclasses it, implementing :meth:`_publish` and
+    :meth:`_discard`; this class keeps the state, so that a staged object is
+    published at most once and an abort after a publish does nothing.
+
+    :param host: the host that holds the staged bytes
+    :param temp: their staging name, path or key (for messages)
+    """
+
+    def __init__(self, host: "Host", temp: str) -> None:
+        self.host = host
+        #: Where the staged bytes are on the host (a path, a key...).
+        self.temp = temp
+        self._done: Optional[str] = None  # "published" or "aborted"
+
+    def publish(self, name: str) -> Location:
+        """Give the staged bytes the object name ``name``, as an upload would have.
+
+        Where the host can, the object appears whole under its name (a rename,
+        a server-side copy): a reader never sees a partial object there. A
+        name already there is replaced.
+
+        :param name: the object's name: the SHA-256 hex digest of the bytes
+            the caller streamed (the host does not check it)
+        :return: the :class:`Location` of the copy
+        :raises InvalidInputError: if ``name`` is not a SHA-256 hex digest
+        :raises PermanentHostError: if it was published or aborted already
+        :raises HostError: on failure; the staged bytes then stay until
+            :meth:`abort`
+        """
+        if not is_hash(name):
+            raise InvalidInputError("objects are named by SHA-256, not %r" % (name,))
+        if self._done is not None:
+            raise PermanentHostError(self.host.name, "the staged %s was %s already"
+                                     % (self.temp, self._done))
+        location = self._publish(name)
+        self._done = "published"
+        return location
+
+    def abort(self) -> None:
+        """Remove the staged bytes, best effort: it never raises.
+
+        Nothing happens after a :meth:`publish` or a first abort. A failure
+        is logged; what stays behind keeps its staging name, which no
+        listing, check or download takes for a copy.
+        """
+        if self._done is not None:
+            return
+        self._done = "aborted"
+        try:
+            self._discard()
+        except Exception as exc:  # best effort: a stray staged object is harmless
+            log.warning("%s: could not remove the staged %s: %s", self.host.name, self.temp,
+                        exc)
+
+    def _publish(self, name: str) -> Location:
+        """The host's publish (``name`` is checked already)."""
+        raise NotImplementedError
+
+    def _discard(self) -> None:
+        """The host's removal of the staged bytes (errors are logged by :meth:`abort`)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return "<%s %s on %s>" % (type(self).__name__, self.temp, self.host.name)
+
+
 class Host:
     """Base class of hosts. Subclasses set :attr:`name` and override the methods.
 
@@ -75,6 +199,9 @@ class Host:
     can_batch = False
     #: Whether :meth:`list` works.
     can_list = False
+    #: Whether :meth:`stage` works: the host can receive a stream under a
+    #: staging name and give it its object name afterwards.
+    can_stage = False
     #: Whether the host keeps a marker in its root that tells it from an
     #: empty mount point: it then implements :meth:`has_marker` and
     #: :meth:`mark`, and honours :attr:`require_marker` (see
@@ -142,6 +269,28 @@ class Host:
             except HostError as exc:
                 results.append(exc)
         return results
+
+    def stage(self, stream: Stream, size: int) -> Staged:
+        """Receive ``stream`` under a new private staging name. Only when :attr:`can_stage`.
+
+        For a caller that learns the object's name (the hash) only once the
+        stream ends: it then calls :meth:`Staged.publish` with it, or
+        :meth:`Staged.abort`. The host reads ``stream`` once, forward, to its
+        end, and stores exactly the bytes it read (a caller may hash them as
+        they are read). The staging name (:func:`staging_name`) is inside
+        the host's own area (its root, its key prefix), never a SHA-256, so
+        a staged object that a crash leaves behind is never listed, checked
+        or downloaded as a copy.
+
+        :param stream: the bytes (see :class:`Stream`)
+        :param size: how many bytes the caller expects; a hint for the
+            transfer (the caller checks what was read)
+        :return: the :class:`Staged` bytes
+        :raises HostError: on failure; nothing stays behind (best effort). An
+            exception the stream raises may come out as it is, or as a
+            HostError: the caller knows its own stream's failures
+        """
+        raise NotImplementedError
 
     def download(self, url: str, dest_path: PathLike,
                  max_bytes: Optional[int] = None) -> Optional[Received]:

@@ -30,7 +30,7 @@ from ..errors import (
     TransientHostError,
 )
 from ..validation import check_url, is_hash
-from .base import Host, Location, ObjectInfo, PathLike, Received
+from .base import Host, Location, ObjectInfo, PathLike, Received, STAGING_PREFIX, Staged, Stream
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class FolderHost(Host):
     can_list = True
     can_batch = True
     can_mark = True
+    can_stage = True
 
     #: The marker file written into the root on the first successful write.
     #: Its name is not a SHA-256, so it is never taken for an object.
@@ -308,6 +309,44 @@ class FolderHost(Host):
         # Every item has its Location or its error by now.
         return [r for r in results if r is not None]
 
+    def stage(self, stream: Stream, size: int) -> Staged:
+        """Write ``stream`` to a new staging file in the root, fsynced.
+
+        The staging file (``ROOT/.cloudmanager-staging-<random>.tmp``) is in
+        the root itself, so :meth:`Staged.publish` is one rename on the same
+        filesystem (and an fsync of the root), and it is never listed: its
+        name is not a SHA-256. The root follows the upload rules: it is
+        never created, and with :attr:`require_marker` it must hold the
+        marker. The marker is written by the first publish.
+
+        :param stream: the bytes, read once to their end
+        :param size: the bytes expected (unused: the caller checks)
+        :return: the :class:`~cloudmanager.hosts.base.Staged` file
+        :raises HostUnavailableError: if the root is missing, or unmarked
+            while :attr:`require_marker` is set (nothing is written)
+        :raises TransientHostError: if the file could not be written (it is
+            removed); an exception of ``stream`` itself comes out as it is
+        """
+        self._before_write()
+        try:
+            fd, temp = fsutil.open_temp(self.root, STAGING_PREFIX)
+        except OSError as exc:
+            raise self._store_failed("a staged file", exc) from exc
+        try:
+            try:
+                fsutil.copy_and_hash(stream, fd, hashing=False)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            fsutil.remove_quietly(temp)
+            raise self._store_failed("a staged file", exc) from exc
+        except BaseException:
+            fsutil.remove_quietly(temp)
+            raise
+        return _FolderStaged(self, temp)
+
     def _store_failed(self, what: str, exc: OSError) -> HostError:
         # A root that went away mid-copy is an outage, like one missing before.
         outage = self._outage()
@@ -401,3 +440,24 @@ class FolderHost(Host):
         for entry in entries:
             if is_hash(entry.name) and entry.is_file(follow_symlinks=False):
                 yield entry.name, entry.stat(follow_symlinks=False).st_size
+
+
+class _FolderStaged(Staged):
+    """A staging file in a folder host's root: renamed into place by :meth:`publish`."""
+
+    host: FolderHost
+
+    def _publish(self, name: str) -> Location:
+        host = self.host
+        dest = host._object_path(name)
+        marked = host._before_write()  # still mounted, still ours
+        try:
+            fsutil.publish(self.temp, dest, host.fsync)
+            if not marked:
+                host._write_marker(host.fsync)
+        except OSError as exc:
+            raise host._store_failed(name, exc) from exc
+        return host._location(dest)
+
+    def _discard(self) -> None:
+        fsutil.remove_quietly(self.temp)

@@ -83,7 +83,7 @@ from ..validation import (
     is_hash,
     redact_url_passwords,
 )
-from .base import Host, Location, ObjectInfo, PathLike, Received
+from .base import Host, Location, ObjectInfo, PathLike, Received, Staged, Stream, staging_name
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ class FsspecHost(Host):
     can_delete = True
     can_check = True
     can_list = True
+    can_stage = True
     url_prefix: str  # set by __init__: every fsspec host has one
 
     def __init__(self, url: str, name: Optional[str] = None, timeout: Optional[float] = None,
@@ -437,6 +438,59 @@ class FsspecHost(Host):
         log.debug("stored %s at %s", name, location.url)
         return location
 
+    def stage(self, stream: Stream, size: int) -> Staged:
+        """Write ``stream`` to ``ROOT/.cloudmanager-staging-<random>.tmp``.
+
+        :meth:`Staged.publish` renames it to its object name, as
+        :meth:`upload` renames its temp file (a WebDAV ``MOVE``). The staging
+        file is never listed (its name is not a SHA-256).
+
+        :param stream: the bytes, read once to their end
+        :param size: the bytes expected (WebDAV sends it as the Content-Length)
+        :return: the :class:`~cloudmanager.hosts.base.Staged` file
+        :raises HostError: on failure (the staging file is removed, best
+            effort); an exception of ``stream`` itself may come out as it is
+        """
+        try:
+            fs, root = self._filesystem()
+            self._ensure_root(fs, root)
+        except Exception as exc:
+            raise self._error(exc, "cannot stage a file", missing_is_not_found=False) from exc
+        temp = root + "/" + staging_name()
+        try:
+            if _is_webdav(fs):
+                # One PUT streaming the bytes, without re-creating the root.
+                fs.client.upload_fileobj(stream, temp, overwrite=True, size=size)
+            else:
+                with fs.open(temp, "wb") as remote:
+                    for chunk in iter(lambda: stream.read(fsutil.CHUNK), b""):
+                        remote.write(chunk)
+        except Exception as exc:
+            self._remove_quietly(fs, temp)
+            raise self._error(exc, "cannot stage a file", missing_is_not_found=False) from exc
+        except BaseException:
+            self._remove_quietly(fs, temp)
+            raise
+        log.debug("%s: staged %s", self.name, temp)
+        return _FsspecStaged(self, temp)
+
+    def _publish_staged(self, temp: str, name: str) -> Location:
+        """Rename the staged ``temp`` to ``name`` (see :class:`_FsspecStaged`)."""
+        try:
+            fs, root = self._filesystem()
+            final = root + "/" + name
+            try:
+                self._rename(fs, temp, final)
+            except Exception:
+                # As in upload(): a concurrent upload of the object may have won.
+                if not self._holds(fs, final, name):
+                    raise
+                self._remove_quietly(fs, temp)
+        except Exception as exc:
+            raise self._error(exc, "cannot publish %s" % name,
+                              missing_is_not_found=False) from exc
+        return Location(self.name, self.url_prefix + name)
+
     def download(self, url: str, dest_path: PathLike,
                  max_bytes: Optional[int] = None) -> Received:
         """Stream the object into ``dest_path`` atomically.
@@ -551,6 +605,19 @@ class FsspecHost(Host):
                 fs.client.close()
         except Exception as exc:  # closing must not fail the caller
             log.debug("closing %s: %s", self.name, self._redact(str(exc)))
+
+
+class _FsspecStaged(Staged):
+    """A staging file in an fsspec host's root."""
+
+    host: FsspecHost
+
+    def _publish(self, name: str) -> Location:
+        return self.host._publish_staged(self.temp, name)
+
+    def _discard(self) -> None:
+        fs, _ = self.host._filesystem()
+        self.host._remove_quietly(fs, self.temp)
 
 
 def _is_webdav(fs: Any) -> bool:

@@ -12,9 +12,14 @@ import threading
 import time
 from typing import Any, Dict, Iterator, Optional, Tuple
 
-from ..errors import HostNotFoundError, HostUnavailableError, InvalidInputError
+from ..errors import (
+    HostNotFoundError,
+    HostUnavailableError,
+    InvalidInputError,
+    TransientHostError,
+)
 from ..validation import is_hash
-from .base import Host, Location, ObjectInfo, PathLike, Received
+from .base import Host, Location, ObjectInfo, PathLike, Received, Staged, Stream, staging_name
 
 _STORES: Dict[str, Dict[str, bytes]] = {}
 _STORES_LOCK = threading.Lock()
@@ -43,6 +48,7 @@ class MemoryHost(Host):
     can_delete = True
     can_check = True
     can_list = True
+    can_stage = True
     url_prefix: str  # set by __init__: every memory host has one
 
     def __init__(self, store_name: str, name: Optional[str] = None, latency: float = 0.0,
@@ -92,6 +98,19 @@ class MemoryHost(Host):
         with open(local_path, "rb") as f:
             self.objects[name] = f.read()
         return Location(self.name, self.url_prefix + name)
+
+    def stage(self, stream: Stream, size: int) -> Staged:
+        """Read ``stream`` into the store under a staging name (never listed).
+
+        :param stream: the bytes, read once to their end
+        :param size: the bytes expected (unused: the caller checks)
+        :return: the :class:`~cloudmanager.hosts.base.Staged` bytes
+        :raises HostUnavailableError: with the ``down`` fault
+        """
+        self._call()
+        temp = staging_name()
+        self.objects[temp] = stream.read()
+        return _MemoryStaged(self, temp)
 
     def _object(self, url: str) -> bytes:
         name = self.object_name(url)
@@ -144,4 +163,22 @@ class MemoryHost(Host):
         """
         self._call()
         for name, data in list(self.objects.items()):
-            yield name, len(data)
+            if is_hash(name):  # not staged bytes
+                yield name, len(data)
+
+
+class _MemoryStaged(Staged):
+    """Bytes in a memory store under a staging name."""
+
+    host: MemoryHost
+
+    def _publish(self, name: str) -> Location:
+        self.host._call()
+        try:
+            self.host.objects[name] = self.host.objects.pop(self.temp)
+        except KeyError:
+            raise TransientHostError(self.host.name, "the staged %s is gone" % self.temp) from None
+        return Location(self.host.name, self.host.url_prefix + name)
+
+    def _discard(self) -> None:
+        self.host.objects.pop(self.temp, None)

@@ -58,7 +58,8 @@ from urllib.parse import unquote, urlsplit
 import boto3
 import botocore.exceptions as bexc
 from boto3.exceptions import S3UploadFailedError
-from boto3.s3.transfer import TransferConfig
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from s3transfer.subscribers import BaseSubscriber
 from botocore.config import Config
 
 from ..errors import (
@@ -70,7 +71,7 @@ from ..errors import (
     TransientHostError,
 )
 from ..validation import is_hash
-from .base import Host, Location, ObjectInfo, PathLike, Received
+from .base import Host, Location, ObjectInfo, PathLike, Received, Staged, Stream, staging_name
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ class S3Host(Host):
     can_delete = True
     can_check = True
     can_list = True
+    can_stage = True
     url_prefix: str  # set by __init__: every S3 host has one
 
     def __init__(self, bucket: str, prefix: Optional[str] = "", *,
@@ -338,6 +340,66 @@ class S3Host(Host):
                                      Config=self._transfer)
         log.debug("%s: stored %s (%d bytes)", self.name, url, size)
         return Location(self.name, url)
+
+    def stage(self, stream: Stream, size: int) -> Staged:
+        """Send ``stream`` to a staging key, ``PREFIX/.cloudmanager-staging-<random>.tmp``.
+
+        The stream is read once, forward: boto3 keeps in memory what it may
+        have to send again (a part, at most a few at once), never rewinds.
+        As for :meth:`upload`, the server checks a SHA-256 of what it
+        receives, and files of ``multipart_threshold`` bytes or more go up in
+        parts. :meth:`Staged.publish` then copies the object to its hash's
+        key on the server and deletes the staging key. A staging key left
+        by a crash is never listed (its name is not a SHA-256); a lifecycle
+        rule on its key prefix can expire such leftovers.
+
+        :param stream: the bytes, read once to their end
+        :param size: the bytes expected: it sizes the parts (S3 allows
+            10,000 per object)
+        :return: the :class:`~cloudmanager.hosts.base.Staged` object
+        :raises HostError: on failure (the staging key is deleted, best effort)
+        """
+        key = self._key_prefix + staging_name()
+        url = self._url_of_key(key)
+        try:
+            with self._translated("upload to", url), \
+                    create_transfer_manager(self._client, self._transfer) as manager:
+                manager.upload(stream, self.bucket, key,
+                               extra_args={"ChecksumAlgorithm": "SHA256"},
+                               subscribers=[_ProvideSize(size)]).result()
+        except BaseException:
+            self._delete_quietly(key)
+            raise
+        log.debug("%s: staged %s", self.name, url)
+        return _S3Staged(self, key)
+
+    def _publish_staged(self, temp: str, name: str) -> Location:
+        """Copy the staged object ``temp`` to ``name``'s key on the server, then
+        delete it (see :class:`_S3Staged`)."""
+        key = self._key_of_name(name)
+        url = self._url_of_key(key)
+        with self._translated("publish", url):
+            # Stored as upload() stores: one part (with the server's SHA-256
+            # of the whole object) below multipart_threshold, parts above.
+            self._client.copy({"Bucket": self.bucket, "Key": temp}, self.bucket, key,
+                              ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=self._transfer)
+        present = self._present(key, url)
+        if present is not None and present.sha256 not in (None, name):
+            # The server hashed other bytes than the caller did: not a copy.
+            self._delete_quietly(key)
+            raise TransientHostError(self.name, "the bytes staged for %s hash to %s on the "
+                                     "server; not published" % (url, present.sha256))
+        self._delete_quietly(temp)
+        log.debug("%s: published %s", self.name, url)
+        return Location(self.name, url)
+
+    def _delete_quietly(self, key: str) -> None:
+        """Delete ``key``, best effort (a failure is logged)."""
+        try:
+            with self._translated("delete", self._url_of_key(key)):
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+        except HostError as exc:
+            log.warning("%s: could not delete %s: %s", self.name, key, exc.message)
 
     def _present(self, key: str, url: str) -> Optional[ObjectInfo]:
         """The ObjectInfo of ``key``, or None if it is missing or cannot be checked."""
@@ -518,6 +580,28 @@ class S3Host(Host):
             return HostUnavailableError(self.name, "%s: %s" % (what, exc))
         # Streaming failures, checksum mismatches in transit, the rest.
         return TransientHostError(self.name, "%s: %s" % (what, exc))
+
+
+class _S3Staged(Staged):
+    """An object under a staging key of an S3 host."""
+
+    host: S3Host
+
+    def _publish(self, name: str) -> Location:
+        return self.host._publish_staged(self.temp, name)
+
+    def _discard(self) -> None:
+        self.host._delete_quietly(self.temp)
+
+
+class _ProvideSize(BaseSubscriber):
+    """Tells a transfer of a stream its size, so that its parts are sized to fit."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def on_queued(self, future: Any, **kwargs: Any) -> None:
+        future.meta.provide_transfer_size(self.size)
 
 
 def _full_object_sha256(head: Mapping[str, Any]) -> Optional[str]:

@@ -16,12 +16,18 @@ A backend's test module provides two fixtures and subclasses
         large_size = 8 << 20
 
 Class attributes tune the suite: ``large_size`` (bytes of the large-file
-test; S3 hosts set a multipart threshold below it).
+test; S3 hosts set a multipart threshold below it), ``removes_failed_stagings``.
 
 A module may also override the ``tamper`` fixture: ``tamper(location, data)``
 replaces the bytes stored behind ``location`` without going through the host
 (as a disk error or another writer would). Without it the tests that need it
 are skipped.
+
+Hosts that can stage (``can_stage``) also pass the staged-upload tests; a
+module gives them the ``raw_names`` fixture: ``raw_names()`` lists every
+name in the host's own area (its root, its key prefix), staging leftovers
+included, as seen without going through the host. Without it the tests that
+look for leftovers are skipped.
 """
 
 import concurrent.futures
@@ -36,7 +42,7 @@ from cloudmanager.errors import (
     InvalidInputError,
     PermanentHostError,
 )
-from cloudmanager.hosts.base import Location, ObjectInfo, Received
+from cloudmanager.hosts.base import Location, ObjectInfo, Received, is_staging_name
 from cloudmanager.validation import check_url
 
 
@@ -44,10 +50,46 @@ def sha(data):
     return hashlib.sha256(data).hexdigest()
 
 
+class ForwardStream:
+    """A source as a staging host gets it: ``read`` only, no seek, no file
+    descriptor. Counts what was read; fails with ``fail`` once ``fail_after``
+    bytes are out."""
+
+    def __init__(self, data, fail_after=None, fail=None):
+        self.data = data
+        self.pos = 0
+        self.ended = False  # a read returned the end (b"", or all the rest)
+        self.fail_after = fail_after
+        self.fail = fail or OSError(5, "Input/output error (injected)")
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return False
+
+    def read(self, size=-1):
+        whole = size is None or size < 0
+        end = len(self.data) if whole else self.pos + size
+        if self.fail_after is not None and end > self.fail_after:
+            if whole or self.pos >= self.fail_after:
+                raise self.fail
+            end = self.fail_after
+        chunk = self.data[self.pos:end]
+        self.pos += len(chunk)
+        if not chunk or size is None or size < 0:
+            self.ended = True
+        return chunk
+
+
 class HostConformance:
     """Tests of the Host contract. Subclasses supply ``host`` and ``unreachable_host``."""
 
     large_size = 6 << 20
+    #: Whether a staging whose stream failed is always gone when ``stage``
+    #: raises (removal is best effort: a server may finish writing a
+    #: request the client gave up on after the client's delete).
+    removes_failed_stagings = True
 
     # -- helpers -------------------------------------------------------------
 
@@ -260,3 +302,117 @@ class HostConformance:
         if isinstance(info.value, HostError):
             assert info.value.host == host.name
         assert not (tmp_path / "x").exists()
+
+    # -- staged uploads (can_stage) ------------------------------------------
+
+    @pytest.fixture
+    def raw_names(self):
+        """``raw_names()``: every name in the host's own area, staging leftovers included."""
+        pytest.skip("this backend's tests give no way to look at its area directly")
+
+    @pytest.fixture
+    def stager(self, host):
+        if not host.can_stage:
+            pytest.skip("this host cannot stage")
+        return host
+
+    def test_stage_is_declared_honestly(self, host):
+        if host.can_stage:
+            return
+        with pytest.raises(NotImplementedError):
+            host.stage(ForwardStream(b"x"), 1)
+
+    def test_staged_bytes_are_read_once_and_published_under_their_hash(self, stager, tmp_path):
+        data = os.urandom(100_000) + bytes(range(256))
+        stream = ForwardStream(data)
+        staged = stager.stage(stream, len(data))
+        assert stream.pos == len(data) and stream.ended  # read to its end
+        location = staged.publish(sha(data))
+        assert isinstance(location, Location) and location.host_name == stager.name
+        assert stager.accepts(location.url) and check_url(location.url) == location.url
+        assert self.fetch(stager, location.url, tmp_path, max_bytes=len(data)) == data
+        if stager.can_list:
+            assert dict(stager.list()) == {sha(data): len(data)}
+        if stager.can_check:
+            info = stager.stat(location.url)
+            assert info.size == len(data) and info.sha256 in (None, sha(data))
+
+    def test_a_large_staged_file(self, stager, tmp_path):
+        data = os.urandom(self.large_size)
+        location = stager.stage(ForwardStream(data), len(data)).publish(sha(data))
+        assert self.fetch(stager, location.url, tmp_path) == data
+
+    def test_an_empty_staged_file(self, stager, tmp_path):
+        location = stager.stage(ForwardStream(b""), 0).publish(sha(b""))
+        assert self.fetch(stager, location.url, tmp_path, max_bytes=0) == b""
+
+    def test_staged_bytes_are_no_object_until_published(self, stager, raw_names, tmp_path):
+        data = b"not an object yet"
+        staged = stager.stage(ForwardStream(data), len(data))
+        # A staging that a crash ends here leaves a name no one takes for a copy.
+        names = raw_names()
+        assert len(names) == 1 and is_staging_name(names[0])
+        if stager.can_list:
+            assert list(stager.list()) == []
+        if stager.url_prefix is not None:
+            assert not stager.accepts(stager.url_prefix + names[0])
+        location = staged.publish(sha(data))
+        assert raw_names() == [sha(data)]  # the staging name is gone
+        assert self.fetch(stager, location.url, tmp_path) == data
+
+    def test_abort_removes_the_staged_bytes_and_is_harmless_twice(self, stager, raw_names):
+        staged = stager.stage(ForwardStream(b"aborted"), 7)
+        staged.abort()
+        staged.abort()
+        assert raw_names() == []
+        with pytest.raises(PermanentHostError):
+            staged.publish(sha(b"aborted"))
+        assert raw_names() == []
+
+    def test_abort_after_publish_keeps_the_object(self, stager, tmp_path):
+        staged = stager.stage(ForwardStream(b"kept"), 4)
+        location = staged.publish(sha(b"kept"))
+        staged.abort()
+        with pytest.raises(PermanentHostError):
+            staged.publish(sha(b"kept"))
+        assert self.fetch(stager, location.url, tmp_path) == b"kept"
+
+    def test_publish_names_must_be_hashes(self, stager, raw_names):
+        staged = stager.stage(ForwardStream(b"x"), 1)
+        for bad in ("../escape", "-rf", "a" * 63, "A" * 64, ""):
+            with pytest.raises(InvalidInputError):
+                staged.publish(bad)
+        staged.abort()
+        assert raw_names() == []
+
+    def test_publish_over_an_object_already_there(self, stager, put, tmp_path):
+        digest, _ = put(b"twice over")
+        location = stager.stage(ForwardStream(b"twice over"), 10).publish(digest)
+        assert self.fetch(stager, location.url, tmp_path) == b"twice over"
+
+    @pytest.mark.parametrize("fail", [OSError(5, "injected"), OverflowError("injected")])
+    def test_a_stream_that_fails_leaves_no_object(self, stager, raw_names, fail):
+        data = os.urandom(300_000)
+        with pytest.raises((HostError, OSError, OverflowError)):
+            stager.stage(ForwardStream(data, fail_after=100_000, fail=fail), len(data))
+        if stager.can_list:
+            assert list(stager.list()) == []
+        left = raw_names()
+        assert all(is_staging_name(name) for name in left)  # never a copy
+        if self.removes_failed_stagings:
+            assert left == []
+
+    def test_concurrent_stagings_do_not_collide(self, stager, tmp_path):
+        blobs = [os.urandom(10_000 + i) for i in range(6)]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            staged = list(pool.map(lambda b: stager.stage(ForwardStream(b), len(b)), blobs))
+        assert len({s.temp for s in staged}) == len(blobs)
+        for blob, item in zip(blobs, staged):
+            assert self.fetch(stager, item.publish(sha(blob)).url, tmp_path) == blob
+
+    def test_unreachable_host_stage_errors_are_transient(self, unreachable_host):
+        if not unreachable_host.can_stage:
+            pytest.skip("this host cannot stage")
+        with pytest.raises(HostError) as info:
+            unreachable_host.stage(ForwardStream(b"data"), 4)
+        assert info.value.transient and info.value.host == unreachable_host.name

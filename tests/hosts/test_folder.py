@@ -19,7 +19,7 @@ from cloudmanager.hosts.folder import FolderHost
 from cloudmanager.validation import check_url
 from helpers import sha
 
-from .conformance import HostConformance
+from .conformance import ForwardStream, HostConformance
 
 
 
@@ -277,10 +277,19 @@ def overwrite_file(root):
     return tamper
 
 
+def names_in(root):
+    """Every name in a folder host's root but its marker."""
+    return lambda: sorted(set(os.listdir(root)) - {FolderHost.MARKER_NAME})
+
+
 class TestFolderConformance(HostConformance):
     @pytest.fixture
     def tamper(self, root):
         return overwrite_file(root)
+
+    @pytest.fixture
+    def raw_names(self, root):
+        return names_in(root)
 
 
 class TestFolderWithFsyncConformance(HostConformance):
@@ -289,6 +298,10 @@ class TestFolderWithFsyncConformance(HostConformance):
     @pytest.fixture
     def tamper(self, root):
         return overwrite_file(root)
+
+    @pytest.fixture
+    def raw_names(self, root):
+        return names_in(root)
 
     @pytest.fixture
     def host(self, root):
@@ -377,7 +390,8 @@ def test_a_failed_rename_in_a_batch_leaves_no_temp(root, tmp_path, monkeypatch):
 # -- the root is never created; the marker tells a mounted pool from an empty mount point --
 
 
-ALL_OPERATIONS = ("upload", "upload_batch", "download", "stat", "exists", "list", "delete")
+ALL_OPERATIONS = ("upload", "upload_batch", "stage", "download", "stat", "exists", "list",
+                  "delete")
 
 
 def call(host, operation, tmp_path, data=b"probe"):
@@ -391,6 +405,8 @@ def call(host, operation, tmp_path, data=b"probe"):
         if isinstance(result, Exception):
             raise result
         return result
+    if operation == "stage":
+        return host.stage(ForwardStream(data), len(data)).publish(sha(data))
     if operation == "download":
         return host.download(url, str(tmp_path / "fetched"))
     if operation == "stat":
@@ -451,6 +467,28 @@ def test_a_batch_writes_the_marker_too(root, tmp_path, fsync):
     assert all(isinstance(r, Location) for r in host.upload_batch(items))
     assert host.has_marker()
     assert sorted(os.listdir(root)) == sorted([MARKER] + [d for _, d in items])
+
+
+def test_a_publish_writes_the_marker_and_a_staging_does_not(host, root):
+    staged = host.stage(ForwardStream(b"staged"), 6)
+    assert not host.has_marker()  # bytes that may never be published
+    [name] = os.listdir(root)
+    assert name.startswith(".cloudmanager-staging-") and os.path.dirname(staged.temp) == str(root)
+    staged.publish(sha(b"staged"))
+    assert host.has_marker() and sorted(os.listdir(root)) == sorted([MARKER, sha(b"staged")])
+
+
+def test_a_staging_root_unmounted_before_the_publish_is_an_outage(root, tmp_path):
+    host = FolderHost(str(root), fsync=False, require_marker=True)
+    host.mark()
+    staged = host.stage(ForwardStream(b"staged"), 6)
+    away = unmount(root)
+    with pytest.raises(HostUnavailableError):
+        staged.publish(sha(b"staged"))
+    assert os.listdir(root) == []  # nothing written onto the mount point
+    remount(root, away)
+    staged.abort()
+    assert os.listdir(root) == [MARKER]
 
 
 def test_a_failed_upload_writes_no_marker(host, root, tmp_path):

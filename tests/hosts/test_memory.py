@@ -25,6 +25,10 @@ def unreachable_host():
 
 class TestMemoryHost(HostConformance):
     @pytest.fixture
+    def raw_names(self, host):
+        return lambda: sorted(host.objects)
+
+    @pytest.fixture
     def tamper(self, host):
         def tamper(location, data):
             host.objects[host.object_name(location.url)] = data

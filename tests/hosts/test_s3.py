@@ -21,7 +21,7 @@ from cloudmanager.errors import (
 from cloudmanager.hosts import from_spec
 from cloudmanager.hosts.s3 import S3Host
 
-from .conformance import HostConformance, sha
+from .conformance import ForwardStream, HostConformance, sha
 from . import s3_server
 from .s3_server import free_port
 
@@ -62,6 +62,14 @@ def unreachable_host(aws_env):
 
 class TestS3Host(HostConformance):
     large_size = 12 * MiB  # three parts of 5 MiB and less
+
+    @pytest.fixture
+    def raw_names(self, bucket, s3_admin):
+        def names():
+            listed = s3_admin.list_objects_v2(Bucket=bucket, Prefix=PREFIX + "/")
+            return sorted(o["Key"][len(PREFIX) + 1:] for o in listed.get("Contents", ()))
+
+        return names
 
     @pytest.fixture
     def tamper(self, host, bucket, s3_admin):
@@ -552,5 +560,73 @@ def test_a_pool_repairs_a_same_size_corruption_on_s3(host, bucket, s3_admin, tmp
         assert s3_admin.get_object(Bucket=bucket, Key=key)["Body"].read() == data
         assert cm.verify(deep=True)["good"] == 1
         assert cm.verify(hashes=[digest])["good"] == 1  # the stored SHA-256 matches now
+    finally:
+        cm.close()
+
+
+# -- staged uploads ---------------------------------------------------------------
+
+
+def keys_of(s3_admin, bucket):
+    return sorted(o["Key"] for o in s3_admin.list_objects_v2(Bucket=bucket).get("Contents", ()))
+
+
+def test_a_staged_object_is_published_with_the_sha256_an_upload_stores(host, bucket, s3_admin):
+    data = os.urandom(300_000)
+    staged = host.stage(ForwardStream(data), len(data))
+    assert staged.temp.startswith("pool/x/.cloudmanager-staging-")  # under the prefix
+    calls = count_calls(host, "CopyObject", "UploadPartCopy", "HeadObject", "DeleteObject")
+    location = staged.publish(sha(data))
+    assert calls["CopyObject"] == 1 and calls["UploadPartCopy"] == 0  # on the server
+    assert calls["DeleteObject"] == 1  # the staging key
+    assert keys_of(s3_admin, bucket) == ["pool/x/" + sha(data)]
+    head = s3_admin.head_object(Bucket=bucket, Key="pool/x/" + sha(data), ChecksumMode="ENABLED")
+    assert head["ChecksumSHA256"] == base64.b64encode(hashlib.sha256(data).digest()).decode()
+    # So a verify can still compare the server's SHA-256 with the hash, without a download.
+    assert host.stat(location.url) == (len(data), sha(data))
+
+
+def test_a_large_staged_object_goes_up_and_is_copied_in_parts(host, bucket, s3_admin, tmp_path):
+    data = os.urandom(12 * MiB)
+    calls = count_calls(host, "PutObject", "UploadPart", "UploadPartCopy", "CopyObject")
+    location = host.stage(ForwardStream(data), len(data)).publish(sha(data))
+    assert calls == {"PutObject": 0, "UploadPart": 3, "UploadPartCopy": 3, "CopyObject": 0}
+    assert keys_of(s3_admin, bucket) == ["pool/x/" + sha(data)]
+    # As for a multipart upload: no SHA-256 of the whole object is kept.
+    assert host.stat(location.url) == (len(data), None)
+    got = tmp_path / "got"
+    host.download(location.url, str(got), max_bytes=len(data))
+    assert got.read_bytes() == data
+
+
+def test_a_publish_under_a_name_the_server_hashes_otherwise_is_refused(host, bucket, s3_admin):
+    staged = host.stage(ForwardStream(b"the staged bytes"), 16)
+    with pytest.raises(TransientHostError, match="hash to"):
+        staged.publish(sha(b"other bytes"))
+    staged.abort()
+    assert keys_of(s3_admin, bucket) == []  # neither the wrong name nor the staging key
+
+
+def test_a_pool_streams_a_large_file_to_s3_once_and_verify_trusts_it(host, moto_endpoint,
+                                                                     tmp_path, monkeypatch):
+    from cloudmanager import CloudManager
+
+    opened = []
+    real_open = open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file) == str(tmp_path / "big"):
+            opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    cm = CloudManager(tmp_path / "db.sqlite3", tmp_path / "cache", 1000, hosts=[host],
+                      redundancy=1, fsync=False)
+    try:
+        data = os.urandom(6 * MiB)  # larger than the cache, and in parts
+        digest = cm.upload(write(tmp_path, data, "big"))
+        assert digest == sha(data) and len(opened) == 1
+        assert cm.verify(hashes=[digest], deep=True)["good"] == 1
+        assert cm.download(digest, tmp_path / "back") and (tmp_path / "back").read_bytes() == data
     finally:
         cm.close()
