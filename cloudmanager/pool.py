@@ -138,6 +138,12 @@ class Pool:
         """Flush the cache's bookkeeping, stop transfers, close the database."""
         try:
             self.engine.close()
+            replication = getattr(self, "replication", None)  # None: init failed before
+            if replication is not None:
+                try:
+                    replication.close()
+                except CloudManagerError as exc:  # they run out by themselves
+                    log.info("leases not released at close: %s", exc)
             self.cache.close()
         finally:
             self.db.close()
@@ -163,7 +169,7 @@ class Pool:
         if st.st_size <= self.cache.capacity:
             try:
                 file_hash, _ = self.cache.ingest(path, filename, created=int(time.time()),
-                                                 progress=progress)
+                                                 progress=progress, lease=not defer)
             except CacheFullError as exc:
                 log.info("not caching %s: %s; uploading it from its source", path, exc)
             except OSError as exc:
@@ -197,7 +203,8 @@ class Pool:
         results: List[Union[str, BaseException, None]] = [None] * len(paths)
         for start in range(0, len(paths), UPLOAD_BATCH):
             ingested, alone = self._ingest_batch(
-                paths, range(start, min(start + UPLOAD_BATCH, len(paths))), results, progress)
+                paths, range(start, min(start + UPLOAD_BATCH, len(paths))), results, progress,
+                lease=not defer)
             # The batch goes to the hosts before the next one is read: uploads
             # to slow hosts overlap in the engine, and a fast local one would
             # only contend with the reading for the GIL (measured: 10,000 small
@@ -212,7 +219,7 @@ class Pool:
         return results  # type: ignore[return-value]
 
     def _ingest_batch(self, paths: list, indexes: Iterable[int], results: list,
-                      progress: Optional[Callable[[int], None]] = None
+                      progress: Optional[Callable[[int], None]] = None, lease: bool = False
                       ) -> Tuple[List[str], List[int]]:
         """Cache ``paths[i] for i in indexes`` as one batch; fills ``results``.
 
@@ -236,7 +243,7 @@ class Pool:
         if batch:
             try:
                 outcomes = self.cache.ingest_many([(p, name, now) for _, p, name in batch],
-                                                  progress=progress)
+                                                  progress=progress, lease=lease)
             except (OSError, CloudManagerError) as exc:  # the batch does not fit, or a
                 log.info("batch of %d files: %s; uploading them one by one", len(batch), exc)
                 outcomes = [exc] * len(batch)  # database error: one by one says more

@@ -73,6 +73,11 @@ RECHECK_BASE = 60.0
 RECHECK_MAX = 7 * 86400.0
 #: Failed looks in a row (host errors) after which a copy is suspect.
 SUSPECT_AFTER = 3
+#: Seconds a lease on a piece of work lasts: past it, another process or
+#: node may take the work over (its holder was killed, or is stuck). Longer
+#: than a batch of uploads takes; an upload that outlasts it may be sent
+#: twice, which costs time, never a copy.
+LEASE_S = 600.0
 #: Seconds after which a removal still in progress is taken for dead by any
 #: node (one on another node that never came back); a day, far beyond any
 #: host delete.
@@ -152,16 +157,30 @@ class Replicator:
         self.health = health
         self.redundancy = redundancy
         self.owner = owner
+        #: This node's id: the owner name's first part.
+        self.node = owner.split(":", 1)[0]
         self.locks = HashLocks()
         self._cached_path = cached_path
         self._source_of = source_of
+        #: ``{kind: hashes}`` whose leases a running block holds and has not
+        #: released yet (one set per kind; blocks never overlap on a hash, the
+        #: hash locks see to that).
+        self._unreleased: Dict[str, Set[str]] = {}
 
     # -- the queue, from the cache's own transactions ------------------------------
 
-    def queue(self, conn, hashes: Iterable[str], when: float) -> None:
+    def queue(self, conn, hashes: Iterable[str], when: float, lease: bool = False) -> None:
         """Queue new files for upload, inside the caller's transaction (the one
-        that publishes them in the cache and records them)."""
-        self.db.queue.add(conn, hashes, when, known=True, node=self.owner.split(":", 1)[0])
+        that publishes them in the cache and records them).
+
+        :param lease: this process replicates them at once: take their
+            ``replicate`` leases in the same transaction, so no other process
+            or node sends them meanwhile (and no extra transaction is spent)
+        """
+        hashes = list(hashes)
+        self.db.queue.add(conn, hashes, when, known=True, node=self.node)
+        if lease:
+            self.db.leases.take(conn, "replicate", hashes, self.owner, when + LEASE_S, when)
 
     def merge(self, records: Sequence) -> Tuple[int, List[str]]:
         """Merge imported records: new files, and their copies as claims (see
@@ -185,15 +204,28 @@ class Replicator:
         self._set_protected(hashes - protected, False)
 
     def _set_protected(self, hashes: Set[str], flag: bool) -> None:
-        """Set the cache index's ``protected`` flags, inside the caller's catalog
-        transaction (the same one, when the index shares the catalog's file).
+        """Set the cache index's ``protected`` flags, from inside the caller's
+        catalog transaction.
 
-        On a catalog on a server, the index's write commits first: a flag set
-        for a copy whose record then fails to commit is caught by eviction,
-        which asks the catalog before it deletes (see the cache store)."""
-        if hashes:
+        In one SQLite file, it is that transaction. With the catalog on a
+        server, a file is unprotected at once, but protected only once the
+        catalog has committed the good copy that protects it: the index never
+        runs ahead of the catalog (eviction also asks the catalog, for what
+        other nodes changed; see the cache store). A crash in between leaves
+        the file pinned, the safe side.
+        """
+        if not hashes:
+            return
+
+        def write() -> None:
             with self.db.local.transaction() as local:
                 self.db.cache_index.set_protected(local, hashes, flag)
+
+        on_commit = getattr(self.db.catalog, "on_commit", None)
+        if flag and self.db.shared and on_commit is not None:
+            on_commit(write)
+        else:
+            write()
 
     def apply(self, verdicts: Iterable[Verdict], facts: Iterable[Fact] = (),
               file_hash: Optional[str] = None, hashes: Optional[Dict[Location, str]] = None,
@@ -242,8 +274,8 @@ class Replicator:
             self.health.record(facts)
 
     def _record_rounds(self, rounds: Sequence[Tuple[str, Set[str], int, UploadResult]],
-                       facts: Iterable[Fact] = (), settled: Iterable[str] = ()
-                       ) -> List[Tuple[str, int, int, str]]:
+                       facts: Iterable[Fact] = (), settled: Iterable[str] = (),
+                       release: Iterable[str] = ()) -> List[Tuple[str, int, int, str]]:
         """Record upload rounds ``[(hash, holders, target, result)]`` in one
         transaction: good copies, pending ones, the queue, protection, health.
 
@@ -253,6 +285,7 @@ class Replicator:
         :meth:`upload_source` refuses a file it could not keep.
 
         :param settled: more files to take off the queue (at target already)
+        :param release: files whose ``replicate`` leases this round ends
         :return: ``[(hash, copies, target, why)]`` of files still short; a
             file whose removal is in progress has ``why`` starting with
             ``"removal in progress"``
@@ -293,12 +326,55 @@ class Replicator:
             # A good copy made protects its file; a round that made none took
             # nothing away, so no other flag changes.
             self._set_protected({g[0] for g in good}, True)
+            released = list(release)
+            self.db.leases.release(conn, "replicate", released, self.owner)
+            self._released(released)
             self.health.record(list(facts) + [f for r in rounds for f in r[3].facts])
         for file_hash, copies, target, why in shorts:
             log.warning("%s has %d of %d copies: %s", file_hash, copies, target, why)
         return shorts
 
     # -- replicating ------------------------------------------------------------------
+
+    # -- leases ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _leases(self, kind: str, hashes: Sequence[str]) -> Iterator[List[str]]:
+        """Hold ``kind`` leases on ``hashes``: yields those this process holds
+        (taken now, or before: a publish that queued them), in order; another
+        live holder's are left to it. Leases the block did not release (by
+        :meth:`_record_rounds`) are released at its end, best effort: one
+        left behind only runs out."""
+        hashes = list(dict.fromkeys(hashes))
+        now = time.time()
+        mine = self.db.leases.owned(kind, hashes, self.owner, now)
+        wanted = [h for h in hashes if h not in mine]
+        if wanted:
+            with self.db.catalog.transaction() as conn:
+                mine |= self.db.leases.take(conn, kind, wanted, self.owner, now + LEASE_S, now)
+        others = len(hashes) - len(mine)
+        if others:
+            log.info("%d of %d files are being worked on by another process or node; "
+                     "left to it", others, len(hashes))
+        held = [h for h in hashes if h in mine]
+        unreleased = self._unreleased.setdefault(kind, set())
+        unreleased.update(held)
+        try:
+            yield held
+        finally:
+            left = [h for h in held if h in unreleased]
+            unreleased.difference_update(held)
+            if left:
+                try:
+                    with self.db.catalog.transaction() as conn:
+                        self.db.leases.release(conn, kind, left, self.owner)
+                except CloudManagerError as exc:
+                    log.info("leases of %d files not released (%s); they run out", len(left),
+                             exc)
+
+    def _released(self, hashes: Iterable[str]) -> None:
+        """Note ``replicate`` leases released inside a recording transaction."""
+        self._unreleased.setdefault("replicate", set()).difference_update(hashes)
 
     def _plan(self, holders: Set[str]) -> Tuple[Set[str], int, bool]:
         """``(holders, target, settled)`` for a file with good copies on ``holders``:
@@ -315,7 +391,7 @@ class Replicator:
 
         :return: the number of new copies
         """
-        with self.locks.hold(hashes):
+        with self.locks.hold(hashes), self._leases("replicate", hashes) as hashes:
             states = self.db.copies.replication_states(hashes)
             jobs, plans, settled, alone = [], [], [], []
             for file_hash in hashes:
@@ -342,7 +418,8 @@ class Replicator:
             rounds = [(h, holders, target, result)
                       for (h, holders, target), result in zip(plans, results)]
             if rounds or settled:
-                self._record_rounds(rounds, settled=settled)
+                self._record_rounds(rounds, settled=settled,
+                                    release=set(hashes) - {h for h, _ in alone})
             made = sum(len(r[3].successes) for r in rounds)
         for file_hash, size in alone:
             try:
@@ -364,8 +441,8 @@ class Replicator:
 
     def replicate_from_source(self, file_hash: str, size: int) -> int:
         """Top up a file that is not cached, from a verified copy fetched for it."""
-        with self.locks.hold([file_hash]):
-            state = self.db.copies.replication_states([file_hash]).get(file_hash)
+        with self.locks.hold([file_hash]), self._leases("replicate", [file_hash]) as mine:
+            state = self.db.copies.replication_states(mine).get(file_hash)
             if state is None:
                 return 0
             holders, target, done = self._plan(set(state.good))
@@ -379,11 +456,11 @@ class Replicator:
                     if not done:
                         result = self.engine.upload(source, file_hash, size, holders=holders,
                                                     target=target)
-                        self._record_rounds([(file_hash, holders, target, result)])
+                        self._record_rounds([(file_hash, holders, target, result)],
+                                            release=[file_hash])
                         return len(result.successes)
             if holders:
-                with self.db.catalog.transaction() as conn:
-                    self.db.queue.remove(conn, [file_hash])
+                self._record_rounds([], settled=[file_hash], release=[file_hash])
             return 0
 
     def upload_source(self, path: str, filename: str, record: Callable) -> str:
@@ -584,8 +661,11 @@ class Replicator:
         todo = self.db.copies.to_check(hashes, hosts, checked_before, limit, due=now)
         summary = dict.fromkeys(("checked", "good", "bad", "missing", "error", "unreachable",
                                  "cooling"), 0)
-        with tempfile.TemporaryDirectory(prefix="cm-verify-") as scratch:
-            for copy in todo:
+        # Copies of files another process or node is checking are left to it.
+        with self._leases("verify", [c.hash for c in todo]) as mine, \
+                tempfile.TemporaryDirectory(prefix="cm-verify-") as scratch:
+            leased = set(mine)
+            for copy in (c for c in todo if c.hash in leased):
                 location = Location(copy.host_name, copy.url)
                 host = self.engine.host_for(copy.host_name, copy.url)
                 if host is not None and self.health.cooling(host.name):  # may open mid-run
@@ -678,6 +758,11 @@ class Replicator:
                         file_hash, host_name, url)
         log.info("removed %s (%d copies deleted)", file_hash, len(deleted))
         return {"deleted": deleted, "kept": kept}
+
+    def close(self) -> None:
+        """Release whatever leases this process still holds (a deferred upload's)."""
+        with self.db.catalog.transaction() as conn:
+            self.db.leases.release_all(conn, [self.owner])
 
     def end_dead_removals(self, conn, live_owners: Iterable[str]) -> List[str]:
         """End removals whose process died (inside a transaction): this node's

@@ -409,7 +409,7 @@ def test_default_hosts_are_plowshare_wrapper_modules(tmp_path, fake_plowshare):
         assert sorted(cm.engine.hosts) == sorted(wrapper_hosts.anonymous)
 
 
-def test_threads_share_one_instance(make_pool, write_file):
+def test_threads_share_one_instance(make_pool, write_file, caplog):
     cm = make_pool(capacity=4000)
     payloads = [os.urandom(100 + i) for i in range(40)]
     paths = [write_file("t%d" % i, p) for i, p in enumerate(payloads)]
@@ -420,7 +420,10 @@ def test_threads_share_one_instance(make_pool, write_file):
             digest = cm.upload(paths[i])
             results[i] = digest
             got = cm.warm_up(digest)
-            assert open(got, "rb").read() == payloads[i]
+            # With 40 uploads in flight, the cache (smaller than their sum) may
+            # be full of files no host holds yet: then warm_up says so, and
+            # returns False (the seed's value); a path it returns is right.
+            assert got is False or open(got, "rb").read() == payloads[i]
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -432,6 +435,10 @@ def test_threads_share_one_instance(make_pool, write_file):
     assert not errors
     assert all(results[i] == sha(p) for i, p in enumerate(payloads))
     assert cm.stats()["cached_bytes"] <= 4000
+    refused = [r for r in caplog.records if r.message.startswith("warm_up of")]
+    assert all("pinned or in flight" in r.message for r in refused)
+    for i, p in enumerate(payloads):  # once the uploads are done, every file comes back
+        assert open(cm.warm_up(results[i]), "rb").read() == p
 
 
 WORKER = r"""

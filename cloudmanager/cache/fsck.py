@@ -30,7 +30,9 @@ import os
 import sqlite3
 import stat
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
+from typing import (
+    TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Set, Tuple,
+)
 
 from .. import fsutil
 from ..db import FileDatabase
@@ -49,8 +51,14 @@ NUMBER_FINDINGS = ("usage_drift", "count_drift", "stale_reservations", "dead_ses
 
 #: ``fetch(hash)``: bring a file back into the cache; true if it did.
 Fetch = Callable[[str], bool]
-#: ``queue(conn, hashes, when)``: queue files for upload in the caller's transaction.
-QueueUploads = Callable[[Any, List[str], float], None]
+
+
+class QueueUploads(Protocol):
+    """``queue(conn, hashes, when, lease=False)``: queue files for upload in the
+    caller's catalog transaction (:meth:`cloudmanager.replication.Replicator.queue`)."""
+
+    def __call__(self, conn: Any, hashes: List[str], when: float, lease: bool = False) -> None:
+        ...
 
 
 # -- sessions ------------------------------------------------------------------------

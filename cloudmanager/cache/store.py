@@ -297,7 +297,8 @@ class CacheStore:
 
     def ingest(self, source_path: Union[str, "os.PathLike[str]"], filename: str,
                created: Optional[float] = None, queue: bool = True,
-               progress: Optional[Callable[[int], None]] = None) -> Tuple[str, int]:
+               progress: Optional[Callable[[int], None]] = None,
+               lease: bool = False) -> Tuple[str, int]:
         """Copy a file into the cache, hashing it on the way (one read).
 
         The bytes go to a temp file under a reservation, are fsynced, and are
@@ -324,12 +325,12 @@ class CacheStore:
                     os.close(fd)
                 if nbytes != size:
                     raise CacheError("%s changed size while it was read" % source_path)
-                self.commit(res, file_hash, nbytes, filename, created, queue=queue)
+                self.commit(res, file_hash, nbytes, filename, created, queue=queue, lease=lease)
         return file_hash, nbytes
 
     def commit(self, reservation: "Reservation", file_hash: str, size: int, filename: str = "",
                created: Optional[float] = None, queue: bool = False,
-               must_exist: bool = False) -> str:
+               must_exist: bool = False, lease: bool = False) -> str:
         """Publish a reservation's verified temp file as the cached copy of ``file_hash``.
 
         If the file is already cached, the temp file is dropped and the
@@ -361,12 +362,13 @@ class CacheStore:
                 self.db.cache_index.put(local, [(file_hash, size, protected)], now)
             self.db.sessions.release(local, [reservation.id])
             if queue and not protected and self.queue is not None:
-                self.queue(conn, [file_hash], now)
+                self.queue(conn, [file_hash], now, lease=lease)
         reservation.committed = True
         return path
 
     def ingest_many(self, sources: Sequence[Tuple[str, str, Optional[float]]], queue: bool = True,
-                    progress: Optional[Callable[[int], None]] = None) -> List[Ingested]:
+                    progress: Optional[Callable[[int], None]] = None,
+                    lease: bool = False) -> List[Ingested]:
         """Copy several files into the cache under one reservation and one transaction.
 
         Like :meth:`ingest` for each source, but room is reserved once for
@@ -414,7 +416,7 @@ class CacheStore:
                         fsutil.remove_quietly(temps.pop(k))
                 if batch_sync and temps:
                     fsutil.sync_filesystem(self.tmp_dir)  # the files, before any rename
-                self._publish_many(res, sources, results, temps, queue, batch_sync)
+                self._publish_many(res, sources, results, temps, queue, batch_sync, lease)
         finally:
             for temp in temps.values():
                 fsutil.remove_quietly(temp)
@@ -458,7 +460,8 @@ class CacheStore:
             raise CacheError("%s changed size while it was read" % source_path)
         return file_hash, nbytes
 
-    def _publish_many(self, reservation, sources, results, temps, queue, batch_sync=False):
+    def _publish_many(self, reservation, sources, results, temps, queue, batch_sync=False,
+                      lease=False):
         """Publish a batch's temp files and record them, in one transaction.
 
         ``batch_sync``: the temp files are on disk already; make the renames
@@ -515,7 +518,7 @@ class CacheStore:
             self.db.cache_index.put(local, new_entries, now, new=True)
             self.db.cache_index.put(local, entries, now)
             if to_queue and self.queue is not None:
-                self.queue(conn, to_queue, now)
+                self.queue(conn, to_queue, now, lease=lease)
             if batch_sync and shards:
                 fsutil.sync_filesystem(self.root)
             elif self.fsync:

@@ -62,6 +62,14 @@ class Leases:
             " ON l.kind = ? AND l.hash = j.value WHERE l.owner = ?",
             (json_list(hashes), kind, owner))}
 
+    def owned(self, kind: str, hashes: Iterable[str], owner: str, now: float) -> Set[str]:
+        """Those of ``hashes`` whose ``kind`` lease ``owner`` holds, not run out
+        by ``now`` (a read: no transaction)."""
+        return {h for (h,) in self.db.read(
+            "SELECT l.hash FROM json_each(?) AS j JOIN leases AS l"
+            " ON l.kind = ? AND l.hash = j.value WHERE l.owner = ? AND l.until >= ?",
+            (json_list(hashes), kind, owner, now))}
+
     def release(self, conn: Conn, kind: str, hashes: Iterable[str], owner: str) -> None:
         """End ``owner``'s ``kind`` leases on ``hashes`` (others' stay)."""
         conn.executemany("DELETE FROM leases WHERE kind = ? AND hash = ? AND owner = ?",

@@ -35,7 +35,7 @@ import logging
 import re
 import threading
 from importlib import resources
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import DatabaseError
@@ -305,19 +305,29 @@ class PostgresDatabase:
         # them, under the cache index's lock) need.
         with self._writer, self._begin() as raw:
             wrapped = PostgresConnection(raw, self)
-            local.conn, local.depth = wrapped, 1
+            local.conn, local.depth, local.after = wrapped, 1, []
             try:
                 yield wrapped
             except BaseException as exc:
-                local.conn, local.depth = None, 0
+                local.conn, local.depth, local.after = None, 0, []
                 with contextlib.suppress(Exception):
                     raw.execute("ROLLBACK")
                 if _is_driver_error(exc):
                     raise DatabaseError(self.scrub("%s on %s" % (exc, self.path))) from None
                 raise
-            local.conn, local.depth = None, 0
+            after, local.conn, local.depth, local.after = local.after, None, 0, []
             with self.errors("commit"):
                 raw.execute("COMMIT")
+        for action in after:
+            action()
+
+    def on_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action()`` once this thread's transaction has committed (not at
+        all if it rolls back); at once outside a transaction."""
+        if getattr(self._local, "conn", None) is None:
+            action()
+        else:
+            self._local.after.append(action)
 
     @contextlib.contextmanager
     def _begin(self) -> Iterator[Any]:
