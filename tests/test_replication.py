@@ -618,3 +618,60 @@ def test_a_warm_up_elsewhere_does_not_bring_a_removed_file_back(tmp_path, write_
     finally:
         remover.close()
         reader.close()
+
+
+# -- leases: processes and nodes split the work ---------------------------------------
+
+
+def test_sync_leaves_files_another_process_is_replicating_to_it(make_pool, tmp_path,
+                                                                 write_file):
+    """Two instances on one pool (as two processes would be): while one holds
+    a file's lease, the other's sync leaves the file alone; once released,
+    or once the lease has run out (its holder was killed), sync takes it."""
+    hosts = [folder_spec(tmp_path, n) for n in ("a", "b")]
+    one = make_pool(hosts=hosts, redundancy=2, defer_uploads=True)
+    other = CloudManager(one.settings()["database"], one.settings()["storage"], 1 << 20,
+                         hosts=hosts, redundancy=2, fsync=False)
+    try:
+        first = one.upload(write_file("one", b"leased by one"))
+        second = one.upload(write_file("two", b"nobody's"))
+        replicator = one.pool.replication
+        with replicator._leases("replicate", [first]) as held:
+            assert held == [first]
+            assert other.sync()["uploads"] == 2  # the second file's two copies only
+            assert one.info(first)["uploads"] == [] and len(one.info(second)["uploads"]) == 2
+        # Released at the end of the block: now anyone may.
+        assert other.sync()["uploads"] == 2
+        assert len(one.info(first)["uploads"]) == 2
+        # A lease whose holder died runs out; until then the work waits for it.
+        third = one.upload(write_file("three", b"its holder was killed"))
+        db = one.pool.db
+        with db.catalog.transaction() as conn:
+            db.leases.take(conn, "replicate", [third], "gone:1:dead", time.time() + 60,
+                           time.time())
+        assert other.sync()["uploads"] == 0
+        with db.catalog.transaction() as conn:
+            db.leases.take(conn, "replicate", [third], "gone:1:dead", time.time() - 1,
+                           time.time())
+        assert other.sync()["uploads"] == 2
+        # Verify leases likewise: copies of a leased file are left to its holder.
+        with replicator._leases("verify", [first]) as held:
+            checked = other.verify(deep=True)
+        assert checked["checked"] == 4  # second's and third's copies, not first's
+        assert db.leases.held("verify", time.time()) == []
+    finally:
+        other.close()
+
+
+def test_a_deferred_upload_is_leased_only_while_its_process_runs(make_pool, tmp_path,
+                                                                 write_file):
+    """An upload that replicates at once holds its file's lease from the
+    publish on; a deferred one takes none, so another process's sync sends it."""
+    hosts = [folder_spec(tmp_path, n) for n in ("a",)]
+    one = make_pool(hosts=hosts, redundancy=1)
+    digest = one.upload(write_file("f", b"sent at once"), defer=True)
+    db = one.pool.db
+    assert db.leases.held("replicate", time.time()) == []
+    assert one.upload(write_file("g", b"sent at once, leased meanwhile"))
+    assert db.leases.held("replicate", time.time()) == []  # released as it recorded
+    assert one.sync()["uploads"] == 1 and one.info(digest)["uploads"]
