@@ -7,6 +7,7 @@ both: these tests run each catalog table's writes and reads, including the
 triggers that count copies and the batch statements of an import.
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -358,3 +359,36 @@ def test_nodes_and_the_meter_per_node(cat):
     assert cat.health.transfers_by_node() == {"2026-03": {"n1": (11, 1), "n2": (5, 0)}}
     node = cat.sessions.node_id()
     assert node == cat.sessions.node_id() and re.fullmatch(r".+-[0-9a-f]{8}", node)
+
+
+def test_a_missing_driver_names_the_extra(monkeypatch, tmp_path):
+    import cloudmanager
+    from cloudmanager.errors import CloudManagerError
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed
+    with pytest.raises(DatabaseError) as info:
+        FileDatabase("postgresql://cm@db.example/pool", tmp_path / "index.sqlite3")
+    assert str(info.value) == ("PostgreSQL catalogs need psycopg: "
+                               "pip install 'cloudmanager[postgres]'")
+    with pytest.raises(CloudManagerError, match=r"pip install 'cloudmanager\[postgres\]'"):
+        cloudmanager.CloudManager("postgres://cm@db.example/pool", tmp_path / "cache", 1 << 20,
+                                  hosts=["dir:%s" % tmp_path])
+    assert not (tmp_path / "postgres:").exists() and not os.path.exists("postgres:")
+
+
+def test_host_health_is_shared_by_the_nodes_of_a_catalog(make_pool, pg_url, fake_plowshare,
+                                                          write_file):
+    """A host that fails for one node is avoided by the others; retried and
+    healthy on one, it is healthy for all."""
+    fake_plowshare.faults("flaky", down=True)
+    hosts = ["plowshare:flaky", "plowshare:steady"]
+    node_a = make_pool(name="a", hosts=hosts, redundancy=2, database=pg_url)
+    node_b = make_pool(name="b", hosts=hosts, redundancy=2, database=pg_url)
+    for i in range(3):
+        assert node_a.upload(write_file("f%d" % i, b"file %d" % i))
+    assert node_b.pool.health.cooling("flaky") and not node_b.pool.health.cooling("steady")
+    fake_plowshare.clear()
+    assert node_b.retry_hosts(["flaky"]) == ["flaky"]
+    assert not node_a.pool.health.cooling("flaky")
+    assert node_a.sync()["complete"] == 3  # A's cached files reach the host again
+    assert node_b.stats()["below_target"] == 0

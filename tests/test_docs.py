@@ -125,3 +125,17 @@ def test_readme_documents_every_cm_subcommand():
     assert not missing, "README lacks: %s" % ", ".join(missing)
     documented = set(re.findall(r"^\| `cm ([a-z]+)", readme, flags=re.M))
     assert documented == set(cli.commands), documented ^ set(cli.commands)
+
+
+def test_readme_several_nodes_walkthrough_runs_on_a_real_postgresql(tmp_path, pg_url):
+    """README, "Several nodes, one pool": two nodes on one catalog, an upload
+    on one and a download on the other, as written."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in python_blocks(readme) if 'os.environ["POOL_URL"]' in b)
+    env = dict(os.environ, POOL_URL=pg_url)
+    result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["True False", "made on node A", "report.txt"]
+    assert (tmp_path / "node-b" / "cache.index.sqlite3").is_file()
+    assert not (tmp_path / "node-a" / "db.sqlite3").exists()
