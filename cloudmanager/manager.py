@@ -518,8 +518,10 @@ class CloudManager:
         Keys: ``files``, ``cached_files``, ``cached_bytes``, ``capacity``,
         ``usage_ratio``, ``queued``, ``below_target``, ``redundancy``,
         ``uploaded_bytes``/``downloaded_bytes`` (``total`` and ``this_month``),
-        ``hits``, ``misses``, ``transfers`` (per month) and ``hosts``
-        (:meth:`host_status`).
+        ``hits``, ``misses``, ``transfers`` (per month, all nodes together),
+        ``hosts`` (:meth:`host_status`), ``node`` (this node's id) and
+        ``nodes`` (every node that used the pool: ``hostname``, ``last_seen``
+        and its own ``transfers`` per month).
         """
         return reports.stats(self.pool)
 

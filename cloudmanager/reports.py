@@ -65,6 +65,7 @@ def stats(pool: Pool) -> dict:
     """Counts and totals of the pool; see :meth:`cloudmanager.CloudManager.stats`."""
     pool.cache.flush()
     transfers = pool.db.health.transfers()
+    by_node = pool.db.health.transfers_by_node()
     this_month = transfers.get(month_key(), (0, 0))
     counter = pool.db.cache_index.counter
     return {
@@ -84,6 +85,12 @@ def stats(pool: Pool) -> dict:
         "misses": counter("misses"),
         "transfers": {m: {"uploaded": u, "downloaded": d} for m, (u, d) in transfers.items()},
         "hosts": host_status(pool),
+        "node": pool.cache.node_id,
+        "nodes": {n.node: {"hostname": n.hostname, "last_seen": n.last_seen,
+                           "transfers": {m: {"uploaded": per[n.node][0],
+                                             "downloaded": per[n.node][1]}
+                                         for m, per in by_node.items() if n.node in per}}
+                  for n in pool.db.leases.nodes()},
     }
 
 

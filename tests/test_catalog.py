@@ -392,3 +392,17 @@ def test_host_health_is_shared_by_the_nodes_of_a_catalog(make_pool, pg_url, fake
     assert not node_a.pool.health.cooling("flaky")
     assert node_a.sync()["complete"] == 3  # A's cached files reach the host again
     assert node_b.stats()["below_target"] == 0
+
+
+def test_stats_show_the_nodes_and_their_transfers(make_pool, pg_url, tmp_path, write_file):
+    hosts = ["dir:%s" % (tmp_path / "hosts" / "h1")]
+    node_a = make_pool(name="a", hosts=hosts, redundancy=1, database=pg_url)
+    node_b = make_pool(name="b", hosts=hosts, redundancy=1, database=pg_url)
+    digest = node_a.upload(write_file("f", b"x" * 1000))
+    assert open(node_b.warm_up(digest), "rb").read() == b"x" * 1000
+    stats = node_b.stats()
+    assert set(stats["nodes"]) == {node_a.stats()["node"], stats["node"]}
+    (month, total), = stats["transfers"].items()
+    assert total == {"uploaded": 1000, "downloaded": 1000}
+    assert stats["nodes"][stats["node"]]["transfers"][month] == \
+        {"uploaded": 0, "downloaded": 1000}
