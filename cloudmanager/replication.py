@@ -767,10 +767,13 @@ class Replicator:
     def end_dead_removals(self, conn, live_owners: Iterable[str]) -> List[str]:
         """End removals whose process died (inside a transaction): this node's
         whose session is not among ``live_owners``, and any older than
-        :data:`REMOVAL_MAX_AGE`; their files were forgotten already."""
+        :data:`REMOVAL_MAX_AGE`; their files were forgotten already. The
+        leases of this node's dead processes end too."""
+        live_owners = list(live_owners)
         dead = self.db.copies.removals_of_owners_not_in(
-            conn, live_owners, node=self.owner.split(":", 1)[0],
-            started_before=time.time() - REMOVAL_MAX_AGE)
+            conn, live_owners, node=self.node, started_before=time.time() - REMOVAL_MAX_AGE)
+        if self.db.leases.release_dead(conn, self.node, live_owners):
+            log.info("ended the leases of this node's processes that died")
         self.db.copies.end_removals(conn, dead)
         return dead
 

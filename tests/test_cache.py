@@ -36,7 +36,8 @@ def make_store(db, root):
         kwargs.setdefault("fsync", False)
         target = database or db
         # What the pool wires in: new files are queued for upload.
-        kwargs.setdefault("queue", lambda conn, hashes, when: target.queue.add(conn, hashes, when))
+        kwargs.setdefault("queue", lambda conn, hashes, when, lease=False:
+                          target.queue.add(conn, hashes, when))
         store = CacheStore(target, root, capacity, **kwargs)
         made.append(store)
         return store

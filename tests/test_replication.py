@@ -675,3 +675,26 @@ def test_a_deferred_upload_is_leased_only_while_its_process_runs(make_pool, tmp_
     assert one.upload(write_file("g", b"sent at once, leased meanwhile"))
     assert db.leases.held("replicate", time.time()) == []  # released as it recorded
     assert one.sync()["uploads"] == 1 and one.info(digest)["uploads"]
+
+
+def test_the_leases_of_a_killed_process_end_when_its_node_next_opens(make_pool, tmp_path,
+                                                                     write_file):
+    hosts = [folder_spec(tmp_path, "a")]
+    one = make_pool(hosts=hosts, redundancy=1, defer_uploads=True)
+    digest = one.upload(write_file("f", b"its uploader was killed"))
+    db, node = one.pool.db, one.stats()["node"]
+    with db.catalog.transaction() as conn:  # as a killed `cm upload` of this node left it
+        db.leases.take(conn, "replicate", [digest], "%s:999999:dead" % node,
+                       time.time() + 600, time.time())
+        db.leases.take(conn, "verify", [digest], "elsewhere-1234:1:live", time.time() + 600,
+                       time.time())
+    assert one.sync()["uploads"] == 0  # leased to a process this one cannot judge yet
+    other = CloudManager(one.settings()["database"], one.settings()["storage"], 1 << 20,
+                         hosts=hosts, redundancy=1, fsync=False)
+    try:  # opening the node again ends its dead processes' leases, not other nodes'
+        assert [o for _, o, _ in db.leases.held("replicate", time.time())] == []
+        assert [o for _, o, _ in db.leases.held("verify", time.time())] == \
+            ["elsewhere-1234:1:live"]
+        assert other.sync()["uploads"] == 1
+    finally:
+        other.close()

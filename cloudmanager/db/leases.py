@@ -75,6 +75,18 @@ class Leases:
         conn.executemany("DELETE FROM leases WHERE kind = ? AND hash = ? AND owner = ?",
                          [(kind, h, owner) for h in hashes])
 
+    def release_dead(self, conn: Conn, node: str, live_owners: Iterable[str]) -> int:
+        """End the leases of ``node``'s sessions that are not among its
+        ``live_owners`` (processes that were killed): their work goes to the
+        next taker at once, not when the leases run out. Other nodes judge
+        their own. :return: how many ended."""
+        live = set(live_owners)
+        dead = {owner for (owner,) in conn.execute(
+            "SELECT DISTINCT owner FROM leases WHERE owner >= ? AND owner < ?",
+            (node + ":", node + ";")) if owner not in live}
+        self.release_all(conn, dead)
+        return len(dead)
+
     def release_all(self, conn: Conn, owners: Iterable[str]) -> None:
         """End every lease of ``owners`` (sessions that closed or died)."""
         conn.executemany("DELETE FROM leases WHERE owner = ?", [(o,) for o in owners])
