@@ -182,8 +182,8 @@ def _copy(source: FileDatabase, target: FileDatabase, copy_index: bool,
                     raise DatabaseError("%s is not empty (it has %s): a pool moves only into "
                                         "an empty database" % (target.path, ", ".join(full)))
                 if dst_local is not None and not pool_rows.index_is_empty(dst_local):
-                    raise DatabaseError("%s already holds a cache index: move it away first"
-                                        % target.local.path)
+                    raise DatabaseError("%s already holds a cache index (an earlier move's?): "
+                                        "move it away first" % target.local.path)
                 for table in pool_rows.CATALOG_TABLES:
                     copied[table.name] = pool_rows.copy_table(src_catalog, dst_catalog, table,
                                                          batch)
