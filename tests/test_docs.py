@@ -65,18 +65,22 @@ def test_every_public_name_has_a_docstring():
                               validation)
     from cloudmanager.db import (cache_index, connection, copies, files, health, queue,
                                  records, sessions, sources)
+    from cloudmanager.db import migrate as db_migrate
     from cloudmanager.hosts import base, folder, fsspec, memory, plowshare, s3
     from cloudmanager import cli, manager, scheduler
     from cloudmanager.cache import fsck, layout, store
     from cloudmanager import sources as source_files
     from cloudmanager.cli import app, configure, maintain, output, share, show, transfer
+    from cloudmanager import migrate
+    from cloudmanager.cli import migrate as cli_migrate
 
     missing = []
     for module in (cloudmanager, cache, config, db, engine, errors, hosts, serializers,
                    validation, base, folder, fsspec, memory, plowshare, s3,
                    cache_index, connection, copies, files, health, queue, records, sessions,
                    sources, manager, scheduler, source_files, cli, app, configure, maintain,
-                   output, share, show, transfer, fsck, layout, store):
+                   output, share, show, transfer, fsck, layout, store, migrate, db_migrate,
+                   cli_migrate):
         if not module.__doc__:
             missing.append(module.__name__)
         for name, obj in vars(module).items():
