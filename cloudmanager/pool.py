@@ -82,7 +82,7 @@ class Pool:
         try:
             self.replication = Replicator(self.db, self.engine, self.health, redundancy,
                                           owner=self.cache.owner,
-                                          cached_path=self.cache.path_if_cached,
+                                          cached_paths=self.cache.paths_if_cached,
                                           source_of=self._source_of)
             self.cache.queue = self.replication.queue
             self.records = RecordStore(self.db, self.engine, self.replication.merge)

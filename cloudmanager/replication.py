@@ -143,14 +143,14 @@ class Replicator:
     :param health: the circuit breaker, which records the engine's facts
     :param redundancy: the target number of good copies per file
     :param owner: this instance's session name (for removals in progress)
-    :param cached_path: ``cached_path(file_hash)``: the cached copy's path,
-        or None if it is not cached
+    :param cached_paths: ``cached_paths(hashes)``: ``{hash: path}`` of those
+        the cache holds (one lookup for a batch)
     :param source_of: see :data:`SourceOf`
     """
 
     def __init__(self, db: FileDatabase, engine: UploadEngine, health: Health,
                  redundancy: int, owner: str,
-                 cached_path: Callable[[str], Optional[str]],
+                 cached_paths: Callable[[Sequence[str]], Dict[str, str]],
                  source_of: SourceOf) -> None:
         self.db = db
         self.engine = engine
@@ -160,7 +160,7 @@ class Replicator:
         #: This node's id: the owner name's first part.
         self.node = owner.split(":", 1)[0]
         self.locks = HashLocks()
-        self._cached_path = cached_path
+        self._cached_paths = cached_paths
         self._source_of = source_of
         #: ``{kind: hashes}`` whose leases a running block holds and has not
         #: released yet (one set per kind; blocks never overlap on a hash, the
@@ -393,6 +393,7 @@ class Replicator:
         """
         with self.locks.hold(hashes), self._leases("replicate", hashes) as hashes:
             states = self.db.copies.replication_states(hashes)
+            cached = self._cached_paths([h for h in hashes if h in states])
             jobs, plans, settled, alone = [], [], [], []
             for file_hash in hashes:
                 state = states.get(file_hash)
@@ -403,7 +404,7 @@ class Replicator:
                     if holders:
                         settled.append(file_hash)
                     continue
-                path = self._cached_path(file_hash)
+                path = cached.get(file_hash)
                 if path is None:
                     alone.append((file_hash, state.size))
                     continue

@@ -161,6 +161,7 @@ class Layout:
 
     def __init__(self, root: str, dir_mode: int = fsutil.DIR_MODE) -> None:
         self.root = root
+        self._root_sep = os.path.join(root, "")  # the hot path() concatenates
         self.dir_mode = dir_mode
         #: The temp directory.
         self.tmp_dir = os.path.join(root, TEMP_DIR)
@@ -169,7 +170,7 @@ class Layout:
 
     def path(self, file_hash: str) -> str:
         """The path of a (validated) hash's cached file, whether or not it is there."""
-        return os.path.join(self.root, shard_of(file_hash), file_hash)
+        return self._root_sep + shard_of(file_hash) + os.sep + file_hash
 
     def shard_dir(self, file_hash: str) -> str:
         """The shard directory a hash's file lives in."""

@@ -142,6 +142,16 @@ class CacheStore:
         """Count a request for a pool file the cache did not hold."""
         self._note_use(None, hit=False)
 
+    def paths_if_cached(self, hashes: Sequence[str]) -> Dict[str, str]:
+        """``{hash: path}`` of those of ``hashes`` the index says are cached: one
+        query for the batch, and no look at the files (a check, not a use).
+
+        For reading them to send: a file that vanished behind the index's
+        back fails that read, a local error that counts against no host, and
+        the next :meth:`contains` or reconciliation marks it not cached.
+        """
+        return {h: self.layout.path(h) for h in self.db.cache_index.cached_among(hashes)}
+
     def contains(self, file_hash: str) -> bool:
         """Whether the cache holds this file: its row says so and the file is there.
 

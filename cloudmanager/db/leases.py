@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Iterable, List, NamedTuple, Set
 
-from .connection import Conn, Store, json_list
+from .connection import Conn, Store, in_list
 
 #: The kinds of work a lease is for.
 KINDS = ("replicate", "verify")
@@ -51,29 +51,35 @@ class Leases:
         hashes = list(dict.fromkeys(hashes))
         if not hashes:
             return set()
-        conn.executemany(
-            "INSERT INTO leases (kind, hash, owner, until) VALUES (?, ?, ?, ?)"
+        fragment, param = in_list(hashes)
+        # One statement for the batch ("WHERE true": SQLite's parser needs it
+        # before ON CONFLICT in an INSERT ... SELECT).
+        conn.execute(
+            "INSERT INTO leases (kind, hash, owner, until)"
+            " SELECT ?, value, ?, ? FROM json_each(?) WHERE true"
             " ON CONFLICT (kind, hash) DO UPDATE SET owner = excluded.owner,"
             " until = excluded.until"
             " WHERE leases.owner = excluded.owner OR leases.until < ?",
-            [(kind, h, owner, until, now) for h in hashes])
+            (kind, owner, until, param, now))
         return {h for (h,) in conn.execute(
-            "SELECT l.hash FROM json_each(?) AS j JOIN leases AS l"
-            " ON l.kind = ? AND l.hash = j.value WHERE l.owner = ?",
-            (json_list(hashes), kind, owner))}
+            "SELECT hash FROM leases WHERE kind = ? AND owner = ? AND hash " + fragment,
+            (kind, owner, param))}
 
     def owned(self, kind: str, hashes: Iterable[str], owner: str, now: float) -> Set[str]:
         """Those of ``hashes`` whose ``kind`` lease ``owner`` holds, not run out
         by ``now`` (a read: no transaction)."""
+        # IN (...), not a join on json_each: SQLite would scan the leases per
+        # element (it cannot tell how long the JSON list is).
+        fragment, param = in_list(hashes)
         return {h for (h,) in self.db.read(
-            "SELECT l.hash FROM json_each(?) AS j JOIN leases AS l"
-            " ON l.kind = ? AND l.hash = j.value WHERE l.owner = ? AND l.until >= ?",
-            (json_list(hashes), kind, owner, now))}
+            "SELECT hash FROM leases WHERE kind = ? AND owner = ? AND until >= ?"
+            " AND hash " + fragment, (kind, owner, now, param))}
 
     def release(self, conn: Conn, kind: str, hashes: Iterable[str], owner: str) -> None:
         """End ``owner``'s ``kind`` leases on ``hashes`` (others' stay)."""
-        conn.executemany("DELETE FROM leases WHERE kind = ? AND hash = ? AND owner = ?",
-                         [(kind, h, owner) for h in hashes])
+        fragment, param = in_list(hashes)
+        conn.execute("DELETE FROM leases WHERE kind = ? AND owner = ? AND hash " + fragment,
+                     (kind, owner, param))
 
     def release_dead(self, conn: Conn, node: str, live_owners: Iterable[str]) -> int:
         """End the leases of ``node``'s sessions that are not among its
