@@ -33,6 +33,7 @@ from typing import (
     List,
     NamedTuple,
     Optional,
+    Protocol,
     Sequence,
     Set,
     Tuple,
@@ -43,6 +44,7 @@ from typing import (
 from . import fsutil
 from .cache import layout
 from .errors import (
+    CloudManagerError,
     CorruptCopyError,
     DownloadError,
     HostError,
@@ -151,12 +153,45 @@ class _SourceFailure(Exception):
         self.error = error
 
 
+class Room(Protocol):
+    """Room reserved for one download attempt where space is bounded (the
+    cache: a :class:`~cloudmanager.cache.store.Reservation`)."""
+
+    @property
+    def temp(self) -> str:
+        """Where the attempt's verified bytes go; its temp files go beside it."""
+
+    def release(self) -> None:
+        """Remove the file at :attr:`temp`, then give the room back (once; never
+        after the caller committed it)."""
+
+
 class DownloadResult(NamedTuple):
     """Where a verified copy came from, and what every attempt found."""
 
     location: Location
     facts: List[Fact]
     verdicts: List[Verdict]
+    #: With :meth:`UploadEngine.download`'s ``room``: the room whose ``temp``
+    #: holds the verified copy, now the caller's (to commit, or release).
+    room: Optional[Room] = None
+
+
+class _Attempt(NamedTuple):
+    """One download attempt's outcome (:meth:`UploadEngine._download_one`)."""
+
+    #: None if it delivered the verified copy.
+    error: Optional[HostError]
+    fact: Fact
+    verdict: Optional[Verdict]
+    #: The engine gave up on the call: its room is the call's until it ends.
+    abandoned: bool = False
+
+
+class _GaveUp(HostUnavailableError):
+    """Raised by :meth:`UploadEngine._call` when the deadline passed: the call
+    runs on, and its ``cleanup`` runs when it ends. Internal: :meth:`_failed`
+    hands callers a plain :class:`HostUnavailableError`."""
 
 
 class CheckResult(NamedTuple):
@@ -612,9 +647,13 @@ class UploadEngine:
         not the caller, and a new thread serves the next call. If the deadline passes, the
         caller gets :class:`~cloudmanager.errors.HostUnavailableError`; when
         the abandoned call ends at last, ``cleanup()`` runs (to remove what
-        it wrote after the caller gave up).
+        it wrote after the caller gave up, and give back its room). Exactly
+        one of the two happens: the caller gets the call's outcome, or
+        ``cleanup`` runs. A caller interrupted while it waits (a
+        KeyboardInterrupt) gives the call up too.
 
-        :raises HostUnavailableError: if the deadline passed
+        :raises HostUnavailableError: if the deadline passed (a :class:`_GaveUp`,
+            which :meth:`_failed` turns into a plain one)
         """
         if deadline is None:
             with self._slots[host.name]:
@@ -638,11 +677,16 @@ class UploadEngine:
 
         finished = threading.Event()
         self._calls.submit(run)
-        finished.wait(deadline)
+        try:
+            finished.wait(deadline)
+        except BaseException:
+            with lock:  # unless it ended already, the call's cleanup is its own now
+                box.setdefault("done", "abandoned")
+            raise
         with lock:
             if box.setdefault("done", "abandoned") == "abandoned":
-                raise HostUnavailableError(host.name, "%s did not end within %.1f s; gave up"
-                                           % (what, deadline))
+                raise _GaveUp(host.name, "%s did not end within %.1f s; gave up"
+                              % (what, deadline))
         if "error" in box:
             raise box["error"]
         return box.get("value")
@@ -652,53 +696,100 @@ class UploadEngine:
         """Log a failure and return it with its fact; it ``counts`` toward the
         host's health unless it says nothing about the host being up (a
         missing or bad object, a local disk error)."""
+        if isinstance(exc, _GaveUp):  # internal to the engine
+            exc = HostUnavailableError(exc.host, exc.message)
         log.warning("%s failed on %s: %s", what, host.name, exc.message)
         return exc, Fact(host.name, False, error=exc.message, counts=counts)
 
     # -- downloads -------------------------------------------------------------
 
     def download(self, file_hash: str, size: int, sources: Iterable[Tuple[str, str]],
-                 dest_path: str, last_resort: Iterable[Tuple[str, str]] = (),
-                 ranked: bool = True) -> DownloadResult:
+                 dest_path: Optional[str] = None, last_resort: Iterable[Tuple[str, str]] = (),
+                 ranked: bool = True, room: Optional[Callable[[], Room]] = None
+                 ) -> DownloadResult:
         """Fetch a verified copy into ``dest_path`` from the first source that has one.
 
         :param sources: copies as ``(host_name, url)`` pairs; tried healthiest
             host first (at random among equals), hosts cooling down last
+        :param dest_path: where the verified copy goes; each attempt writes a
+            temp file beside it. None when ``room`` is given
         :param last_resort: copies to try, in the same order, only after every
             source failed (condemned ones: every byte is checked anyway)
         :param size: the recorded size; hosts stop writing past it, and a
             copy whose hash matches but size does not is refused without
             being called bad (the record, not the copy, is wrong)
         :param ranked: False keeps the given order and takes no probe (a check)
+        :param room: for a destination whose space is bounded (the cache), in
+            place of ``dest_path``: ``room()`` reserves ``size`` bytes and
+            returns a :class:`Room`; an attempt writes beside its
+            ``temp`` and renames the verified bytes to it. It is called
+            before the first attempt, and again after each attempt the engine
+            gave up on (past its deadline): that attempt keeps its room
+            until its call ends at last and its files are removed (see
+            :meth:`_download_one`). An attempt that failed otherwise has
+            removed its files: its room serves the next one. The engine
+            releases the rooms it holds when it fails; the one holding the
+            copy is returned (:attr:`DownloadResult.room`)
         :raises DownloadError: if no source delivered a good copy; its
             ``failures`` list each attempt's error, and its ``facts`` and
-            ``verdicts`` what they found
+            ``verdicts`` what they found. Also when ``room()`` fails after an
+            attempt was given up on (chained from its error)
+        :raises CloudManagerError: what ``room()`` raised before the first
+            attempt (:class:`~cloudmanager.errors.CacheFullError`): nothing was tried
         """
+        if (dest_path is None) == (room is None):
+            raise InvalidInputError("a download needs either a destination or a room")
         unreachable: List[str] = []
         plan = (self._plan_sources(sources, unreachable, ranked)
                 + self._plan_sources(last_resort, unreachable, ranked))
         failures: List[HostError] = []
         facts: List[Fact] = []
         verdicts: List[Verdict] = []
-        directory = os.path.dirname(os.path.abspath(dest_path))
-        # Temp names start with the destination's name, which in the cache
-        # starts with the session token: reconciliation knows whose they are.
-        prefix = layout.download_prefix(dest_path)
-        tried = set()
+        tried: Set[str] = set()
+        held: Optional[Room] = None  # the room the next attempt writes into
+        abandoned = 0
         try:
             for host, location in plan:
+                if room is not None and held is None:
+                    try:
+                        held = room()
+                    except CloudManagerError as exc:
+                        if not tried:  # nothing tried: the caller's own error
+                            raise
+                        raise DownloadError(
+                            "no room for another download of %s while %d abandoned attempts "
+                            "still hold theirs: %s" % (file_hash, abandoned, exc),
+                            failures, facts, verdicts) from exc
+                dest = held.temp if held is not None else dest_path
+                assert dest is not None  # checked above
+                # Temp names start with the destination's name, which in the
+                # cache starts with the session token: reconciliation knows
+                # whose they are.
+                fd, temp = fsutil.open_temp(os.path.dirname(os.path.abspath(dest)),
+                                            layout.download_prefix(dest))
+                os.close(fd)
+                # The attempt's room is its own until it returns, and stays
+                # its call's if the engine gives up on it.
+                attempt_room, held = held, None
                 tried.add(host.name)
-                outcome = self._download_one(file_hash, size, host, location, directory,
-                                             prefix, dest_path)
-                fact, verdict = outcome[1], outcome[2]
-                facts.append(fact)
-                if verdict is not None:
-                    verdicts.append(verdict)
-                if outcome[0] is None:
+                outcome = self._download_one(file_hash, size, host, location, dest, temp,
+                                             attempt_room)
+                if outcome.abandoned:
+                    abandoned += 1
+                else:
+                    held = attempt_room
+                facts.append(outcome.fact)
+                if outcome.verdict is not None:
+                    verdicts.append(outcome.verdict)
+                if outcome.error is None:
                     log.info("downloaded %s from %s", file_hash, host.name)
-                    return DownloadResult(location, facts, verdicts)
-                failures.append(outcome[0])
+                    result = DownloadResult(location, facts, verdicts, held)
+                    held = None  # the caller's now
+                    return result
+                failures.append(outcome.error)
         finally:
+            if held is not None:
+                self._give_back(held, "download of %s" % file_hash)
             if ranked:  # probes of hosts not tried go back
                 self.health.release({h.name for h, _ in plan} - tried)
         reason = "no host delivered a good copy of %s" % file_hash
@@ -706,6 +797,15 @@ class UploadEngine:
             reason += " (no configured host can reach copies on %s)" % ", ".join(
                 sorted(set(unreachable)))
         raise DownloadError(reason, failures, facts, verdicts)
+
+    @staticmethod
+    def _give_back(room: Room, what: str) -> None:
+        """Release a room; a failure leaves it reserved (the safe side) until
+        the cache's session ends, and is logged, never raised."""
+        try:
+            room.release()
+        except Exception as exc:
+            log.warning("could not give back the room of a %s: %s", what, exc)
 
     def _plan_sources(self, sources: Iterable[Tuple[str, str]], unreachable: List[str],
                       ranked: bool) -> List[Tuple[Host, Location]]:
@@ -725,17 +825,26 @@ class UploadEngine:
         return plan
 
     def _download_one(self, file_hash: str, size: int, host: Host, location: Location,
-                      directory: str, prefix: str, dest_path: str
-                      ) -> Tuple[Optional[HostError], Fact, Optional[Verdict]]:
-        """One attempt: ``(None, fact, verdict)`` on success, else ``(error, fact, verdict)``."""
+                      dest_path: str, temp: str, room: Optional[Room] = None) -> _Attempt:
+        """One attempt, written to ``temp`` (an empty file beside ``dest_path``),
+        renamed to ``dest_path`` once verified.
+
+        If the engine gives up on the call, the call's cleanup (when it ends
+        at last) removes the temp file and then releases ``room``: the bytes
+        it wrote stay within that room for as long as they exist, and the
+        outcome says ``abandoned``.
+        """
         what = "download of %s" % file_hash
-        fd, temp = fsutil.open_temp(directory, prefix)
-        os.close(fd)
+
+        def cleanup() -> None:  # the engine gave up on the call, which ended at last
+            fsutil.remove_quietly(temp)  # the host's own temp files are gone already
+            if room is not None:
+                self._give_back(room, what)
+
         started = time.monotonic()
         try:
             received = self._call(host, what, self.deadline(host, size),
-                                  host.download, location.url, temp, size,
-                                  cleanup=lambda: fsutil.remove_quietly(temp))
+                                  host.download, location.url, temp, size, cleanup=cleanup)
             if isinstance(received, Received):
                 # The host hashed the bytes as it wrote them: they are read once.
                 got_hash, got_size = received
@@ -752,19 +861,26 @@ class UploadEngine:
             # Private, whatever mode the host's tool gave the file.
             os.chmod(temp, fsutil.FILE_MODE)
             os.replace(temp, dest_path)
+        except _GaveUp as exc:
+            # The call writes on: its files, and its room, are its cleanup's.
+            fsutil.remove_quietly(temp)
+            return _Attempt(*self._download_failed(file_hash, host, location, exc),
+                            abandoned=True)
         except (HostError, IntegrityError, OSError) as exc:
             fsutil.remove_quietly(temp)
-            return self._download_failed(file_hash, host, location, exc)
+            return _Attempt(*self._download_failed(file_hash, host, location, exc))
         except Exception as exc:  # a host bug must not stop the failover
             fsutil.remove_quietly(temp)
-            return self._download_failed(file_hash, host, location,
-                                         TransientHostError(host.name, repr(exc)))
+            return _Attempt(*self._download_failed(file_hash, host, location,
+                                                   TransientHostError(host.name, repr(exc))))
         except BaseException:
+            # Interrupted: ``room`` stays reserved (the caller does not get it
+            # back), released by the call's cleanup if the call was given up.
             fsutil.remove_quietly(temp)
             raise
         fact = Fact(host.name, True, (time.monotonic() - started) * 1000, downloaded=size)
         # Bytes that match prove the copy good, whichever host served them.
-        return None, fact, Verdict(location, "good")
+        return _Attempt(None, fact, Verdict(location, "good"))
 
     def _download_failed(self, file_hash: str, host: Host, location: Location,
                          exc: Exception) -> Tuple[HostError, Fact, Optional[Verdict]]:

@@ -25,9 +25,9 @@ import time
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from . import fsutil
-from .cache import CacheStore, fsck
+from .cache import CacheStore, Reservation, fsck
 from .db import FileDatabase, index_path_for
-from .engine import UploadEngine
+from .engine import DownloadResult, UploadEngine
 from .errors import (
     CacheError,
     CacheFullError,
@@ -293,22 +293,37 @@ class Pool:
             if not self.db.copies.sources(file_hash) \
                     and not self.db.copies.sources(file_hash, condemned=True):
                 raise DownloadError("no host holds a copy of %s" % file_hash)
-            with self.cache.reserve(size) as reservation:
-                self._download(file_hash, size, reservation.temp)
-                return self.cache.commit(reservation, file_hash, size, must_exist=True)
+            # Each attempt writes under a reservation of its own (issue 11):
+            # one the engine gave up on keeps writing, so it keeps its room
+            # until its call ends, and the next attempt takes a new one.
+            rooms: List[Reservation] = []
 
-    def _download(self, file_hash: str, size: int, dest: str) -> None:
-        """Fetch a verified copy to ``dest``, from the copies believed good and
+            def room() -> Reservation:
+                rooms.append(self.cache.reservation(size))
+                return rooms[-1]
+
+            result = self._download(file_hash, size, room=room)
+            reservation = next(r for r in rooms if r is result.room)
+            try:
+                return self.cache.commit(reservation, file_hash, size, must_exist=True)
+            finally:
+                reservation.release()  # nothing once committed
+
+    def _download(self, file_hash: str, size: int, dest: Optional[str] = None,
+                  room: Optional[Callable[[], Reservation]] = None) -> DownloadResult:
+        """Fetch a verified copy to ``dest`` (or into a ``room`` of the cache,
+        see :meth:`UploadEngine.download`), from the copies believed good and
         then, as a last resort, from condemned ones; what the attempts proved
         is recorded."""
         try:
             result = self.engine.download(
                 file_hash, size, self.db.copies.sources(file_hash), dest,
-                last_resort=self.db.copies.sources(file_hash, condemned=True))
+                last_resort=self.db.copies.sources(file_hash, condemned=True), room=room)
         except DownloadError as exc:
             self.replication.apply(exc.verdicts, exc.facts, file_hash=file_hash)
             raise
         self.replication.apply(result.verdicts, result.facts, file_hash=file_hash)
+        return result
 
     @contextlib.contextmanager
     def _source_of(self, file_hash: str, size: int) -> Iterator[str]:

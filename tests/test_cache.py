@@ -238,6 +238,32 @@ def test_reservations_count_against_capacity(make_store, src, db):
     assert total() == 0
 
 
+def test_a_reservation_outside_a_block_holds_until_released_from_any_thread(make_store, src,
+                                                                            db):
+    """The engine hands a download attempt's room to the call it gave up on,
+    which releases it from its own thread when it ends (issue 11)."""
+    store = make_store(300)
+    first, second = store.reservation(100), store.reservation(100)
+    assert db.sessions.reserved_bytes() == 200
+    with pytest.raises(CacheFullError):
+        store.reservation(101)
+    with open(first.temp, "wb") as f:
+        f.write(b"partial")
+    worker = threading.Thread(target=first.release)
+    worker.start()
+    worker.join()
+    assert first.released and not os.path.exists(first.temp)  # the file went first
+    assert db.sessions.reserved_bytes() == 100
+    first.release()  # a second release does nothing
+    assert db.sessions.reserved_bytes() == 100
+    with open(second.temp, "wb") as f:
+        f.write(b"s" * 100)
+    store.commit(second, sha(b"s" * 100), 100, "s")
+    second.release()  # nothing once committed
+    assert db.sessions.reserved_bytes() == 0 and store.used_bytes() == 100
+    assert store.contains(sha(b"s" * 100))
+
+
 def test_file_larger_than_capacity_is_refused_without_evicting(make_store, src, db):
     store = make_store(300)
     a = ingest(store, src, "a", b"a" * 100)

@@ -7,19 +7,23 @@ fail on purpose: they are hosts, not the layer under test.
 """
 
 import os
+import threading
 import time
 import uuid
 
 import pytest
 
+from cloudmanager import engine as engine_module
 from cloudmanager import fsutil
 from cloudmanager.db.health import Outcome
 from cloudmanager.engine import UploadEngine, UploadResult, Verdict
 from cloudmanager.errors import (
+    CacheFullError,
     CorruptCopyError,
     DownloadError,
     HostError,
     HostNotFoundError,
+    HostUnavailableError,
     IntegrityError,
     InvalidInputError,
     TransientHostError,
@@ -669,3 +673,146 @@ def test_a_rehash_that_finds_other_bytes_publishes_nothing_and_stops(make_engine
     assert not any(f.counts for f in result.facts)  # not the hosts' fault
     for host in hosts:
         assert os.listdir(host.root) == []
+
+
+# -- downloads into rooms (a bounded directory: the cache) ----------------------------
+
+
+class FakeRoom:
+    """A room as the cache gives one: a destination, released once."""
+
+    def __init__(self, directory, n, log):
+        self.temp = str(directory / ("room%d.tmp" % n))
+        self.n, self.log = n, log
+        self.released = False
+
+    def release(self):
+        assert not self.released, "released twice"
+        fsutil.remove_quietly(self.temp)
+        self.released = True
+        self.log.append(("released", self.n))
+
+
+class Rooms:
+    """``room()`` for :meth:`UploadEngine.download`, failing once ``limit`` are out."""
+
+    def __init__(self, directory, limit=None):
+        self.directory, self.limit = directory, limit
+        self.made, self.log = [], []
+
+    def __call__(self):
+        if self.limit is not None and sum(not r.released for r in self.made) >= self.limit:
+            raise CacheFullError("no room (test)")
+        self.made.append(FakeRoom(self.directory, len(self.made), self.log))
+        return self.made[-1]
+
+
+class HangingDownloads(MemoryHost):
+    """Downloads block until ``go`` is set, then write the object; tried first."""
+
+    weight = 10.0
+
+    def __init__(self, name, go):
+        super().__init__("%s-%s" % (name, uuid.uuid4().hex[:8]), name=name, timeout=0.1)
+        self.go = go
+        self.ended = threading.Event()
+
+    def download(self, url, dest_path, max_bytes=None):
+        try:
+            self.go.wait(30)
+            return super().download(url, dest_path, max_bytes)
+        finally:
+            self.ended.set()
+
+
+@pytest.fixture
+def no_grace(monkeypatch):
+    monkeypatch.setattr(engine_module, "DEADLINE_GRACE", 0.0)
+    monkeypatch.setattr(engine_module, "DEADLINE_RATE", 1e12)
+
+
+def stored_in_memory(make_engine, source, db, hosts, data):
+    engine = make_engine(hosts, redundancy=len(hosts))
+    path, digest, size = source(data)
+    result = engine.upload(path, digest, size)
+    assert len(result.successes) == len(hosts)
+    return engine, digest, size, [(loc.host_name, loc.url) for loc in result.successes]
+
+
+def test_a_download_needs_a_destination_or_a_room(make_engine, tmp_path, out_dir):
+    engine = make_engine([folder(tmp_path, "a")])
+    with pytest.raises(InvalidInputError):
+        engine.download("0" * 64, 1, [])
+    with pytest.raises(InvalidInputError):
+        engine.download("0" * 64, 1, [], str(out_dir / "d"), room=Rooms(out_dir))
+
+
+def test_a_failed_attempts_room_serves_the_next(make_engine, source, db, out_dir):
+    down = MemoryHost("down-" + uuid.uuid4().hex[:8], name="down")
+    down.weight = 10.0  # tried first
+    good = MemoryHost("good-" + uuid.uuid4().hex[:8], name="good")
+    data = b"roomy" * 1000
+    engine, digest, size, sources = stored_in_memory(make_engine, source, db, [down, good], data)
+    down.faults["down"] = True
+    rooms = Rooms(out_dir)
+    got = engine.download(digest, size, sources, room=rooms)
+    assert [f.host for f in got.facts] == ["down", "good"]
+    assert len(rooms.made) == 1 and got.room is rooms.made[0] and not rooms.log
+    with open(got.room.temp, "rb") as f:
+        assert f.read() == data
+    assert os.listdir(out_dir) == ["room0.tmp"]  # no attempt's temp file left
+
+
+def test_an_abandoned_attempt_keeps_its_room_until_its_call_ends(make_engine, source, db,
+                                                                 out_dir, no_grace):
+    go = threading.Event()
+    hanging = HangingDownloads("hanging", go)
+    good = MemoryHost("good-" + uuid.uuid4().hex[:8], name="good")
+    data = b"late" * 1000
+    engine, digest, size, sources = stored_in_memory(make_engine, source, db,
+                                                     [hanging, good], data)
+    rooms = Rooms(out_dir)
+    got = engine.download(digest, size, sources, room=rooms)
+    assert got.location.host_name == "good"
+    assert len(rooms.made) == 2 and got.room is rooms.made[1]
+    assert "did not end within" in got.facts[0].error
+    assert rooms.log == []  # the hanging call still holds the first room
+    go.set()
+    assert hanging.ended.wait(10)
+    deadline = time.monotonic() + 10
+    while not rooms.log and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rooms.log == [("released", 0)]  # by the call's cleanup, once its file was gone
+    assert os.listdir(out_dir) == ["room1.tmp"]
+
+
+def test_no_room_for_another_attempt_fails_the_download_cleanly(make_engine, source, db,
+                                                                out_dir, no_grace):
+    go = threading.Event()
+    hanging = HangingDownloads("hanging", go)
+    good = MemoryHost("good-" + uuid.uuid4().hex[:8], name="good")
+    engine, digest, size, sources = stored_in_memory(make_engine, source, db,
+                                                     [hanging, good], b"x" * 5000)
+    rooms = Rooms(out_dir, limit=1)
+    with pytest.raises(DownloadError, match="no room for another download") as caught:
+        engine.download(digest, size, sources, room=rooms)
+    assert isinstance(caught.value.__cause__, CacheFullError)
+    assert [f.host for f in caught.value.facts] == ["hanging"]  # good was never tried
+    assert len(caught.value.failures) == 1
+    assert type(caught.value.failures[0]) is HostUnavailableError  # the engine's own kind stays in
+    assert len(rooms.made) == 1 and rooms.log == []
+    go.set()
+    assert hanging.ended.wait(10)
+    deadline = time.monotonic() + 10
+    while not rooms.log and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rooms.log == [("released", 0)] and os.listdir(out_dir) == []
+
+
+def test_no_room_before_the_first_attempt_is_the_rooms_own_error(make_engine, source, db,
+                                                                 out_dir):
+    good = MemoryHost("good-" + uuid.uuid4().hex[:8], name="good")
+    engine, digest, size, sources = stored_in_memory(make_engine, source, db, [good], b"y" * 10)
+    with pytest.raises(CacheFullError):
+        engine.download(digest, size, sources, room=Rooms(out_dir, limit=0))
+    assert os.listdir(out_dir) == []

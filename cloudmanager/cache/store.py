@@ -264,15 +264,17 @@ class CacheStore:
         log.debug("evicted %d files (%d bytes)", len(victims), freed)
         return len(victims)
 
-    @contextlib.contextmanager
-    def reserve(self, size: int) -> Iterator["Reservation"]:
-        """Reserve room for a ``size``-byte write, evicting LRU files as needed.
+    def reservation(self, size: int) -> "Reservation":
+        """Reserve room for a ``size``-byte write, evicting LRU files as needed,
+        until :meth:`Reservation.release` (or :meth:`commit`).
 
-        Yields a :class:`Reservation`, whose ``temp`` is where to write. The
-        reservation is released on exit; the temp file is removed unless it
-        was committed.
+        Unlike :meth:`reserve`, the room is not bound to a block: its holder
+        may hand it to another thread, which releases it when its write ends
+        (a download attempt the engine gave up on, see
+        :meth:`cloudmanager.engine.UploadEngine.download`).
 
-        :raises CacheFullError: if pinned files leave no room
+        :return: a :class:`Reservation`, whose ``temp`` is where to write
+        :raises CacheFullError: if pinned files and writes in flight leave no room
         """
         if size > self.capacity:
             raise CacheFullError("%d bytes do not fit a %d-byte cache" % (size, self.capacity))
@@ -284,14 +286,30 @@ class CacheStore:
                     % (size, self.used_bytes() + self.db.sessions.reserved_bytes(conn),
                        self.capacity))
             rid = self.db.sessions.reserve(conn, self.owner, size)
-        reservation = Reservation(rid, self.layout.reservation_temp(self.token, rid))
+        return Reservation(rid, self.layout.reservation_temp(self.token, rid), self)
+
+    @contextlib.contextmanager
+    def reserve(self, size: int) -> Iterator["Reservation"]:
+        """Reserve room for a ``size``-byte write, evicting LRU files as needed.
+
+        Yields a :class:`Reservation`, whose ``temp`` is where to write. The
+        reservation is released on exit; the temp file is removed unless it
+        was committed.
+
+        :raises CacheFullError: if pinned files leave no room
+        """
+        reservation = self.reservation(size)
         try:
             yield reservation
         finally:
-            if not reservation.committed:
-                fsutil.remove_quietly(reservation.temp)
-                with self.db.local.transaction() as conn:
-                    self.db.sessions.release(conn, [reservation.id])
+            reservation.release()
+
+    def _release(self, reservation: "Reservation") -> None:
+        """Remove a reservation's temp file, then give its room back (the
+        bytes are gone before the room is)."""
+        fsutil.remove_quietly(reservation.temp)
+        with self.db.local.transaction() as conn:
+            self.db.sessions.release(conn, [reservation.id])
 
     def evict(self, target_bytes: int) -> int:
         """Evict LRU files until at most ``target_bytes`` are cached.
@@ -594,11 +612,29 @@ class CacheStore:
 
 
 class Reservation:
-    """Room promised to one write. ``temp`` is the temp file's path."""
+    """Room promised to one write. ``temp`` is the temp file's path.
 
-    __slots__ = ("id", "temp", "committed")
+    Its holder ends it once: by :meth:`CacheStore.commit`, or by
+    :meth:`release`.
+    """
 
-    def __init__(self, reservation_id: int, temp: str) -> None:
+    __slots__ = ("id", "temp", "committed", "released", "_store")
+
+    def __init__(self, reservation_id: int, temp: str, store: CacheStore) -> None:
         self.id = reservation_id
         self.temp = temp
         self.committed = False
+        self.released = False
+        self._store = store
+
+    def release(self) -> None:
+        """Remove the temp file, then give the room back. Does nothing once
+        committed or released; safe from any thread (one holder at a time).
+
+        :raises DatabaseError: if the room could not be given back (it stays
+            reserved, which errs on the safe side, until this session ends)
+        """
+        if self.committed or self.released:
+            return
+        self._store._release(self)
+        self.released = True
