@@ -23,9 +23,11 @@ sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))
 
 import benchmarks  # noqa: E402
+import postgres_bench  # noqa: E402
 from common import Workspace, machine_facts  # noqa: E402
 
-NAMES = ["large", "small", "lookups", "growth", "sync", "hosts", "startup", "miss"]
+NAMES = ["large", "small", "lookups", "growth", "sync", "hosts", "startup", "miss",
+         "postgres"]
 
 
 def run_all(cfg, only, ws):
@@ -39,6 +41,7 @@ def run_all(cfg, only, ws):
         "hosts": lambda: benchmarks.parallel_hosts(ws, cfg),
         "startup": lambda: benchmarks.startup(ws, cfg),
         "miss": lambda: benchmarks.warm_up_miss(ws, cfg),
+        "postgres": lambda: postgres_bench.postgres(ws, cfg),
     }
     rows, errors, times = [], [], {}
     for name in NAMES:

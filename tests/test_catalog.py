@@ -406,3 +406,38 @@ def test_stats_show_the_nodes_and_their_transfers(make_pool, pg_url, tmp_path, w
     assert total == {"uploaded": 1000, "downloaded": 1000}
     assert stats["nodes"][stats["node"]]["transfers"][month] == \
         {"uploaded": 0, "downloaded": 1000}
+
+
+def test_bulk_inserts_on_postgresql_mean_what_row_by_row_would(pg_url, tmp_path):
+    """executemany of a plain INSERT goes as one statement per batch on
+    PostgreSQL: the same rows, the same conflicts, the same triggers."""
+    db = FileDatabase(pg_url, tmp_path / "index.sqlite3")
+    try:
+        rows = [(h, "f", 10, 1) for h in H[:4]]
+        with db.catalog.transaction() as conn:
+            db.files.insert(conn, rows)
+            # OR IGNORE skips a row repeated within the batch and one already there.
+            conn.executemany("INSERT OR IGNORE INTO upload_queue (hash, queued, node)"
+                             " VALUES (?, ?, ?)", [(H[0], 1.5, "n"), (H[0], 2.5, "n"),
+                                                   (H[1], 3.0, "")])
+            conn.executemany("INSERT OR IGNORE INTO upload_queue (hash, queued, node)"
+                             " VALUES (?, ?, ?)", [(H[1], 9.0, "x"), (H[2], 4.0, "")])
+        assert db.queue.hashes() == [H[0], H[1], H[2]]
+        # A duplicate key without OR IGNORE fails the whole statement.
+        with pytest.raises(DatabaseError):
+            with db.catalog.transaction() as conn:
+                db.files.insert(conn, [(H[4], "", 1, 1), (H[0], "", 1, 1)])
+        assert not db.files.exists(H[4])
+        # A float into an integer column takes the row-by-row path (rounded as before).
+        with db.catalog.transaction() as conn:
+            conn.executemany("INSERT INTO files (hash, filename, size, created)"
+                             " VALUES (?, ?, ?, ?)", [(H[4], "", 7, 2.0), (H[5], "", 8, 3.0)])
+        assert (db.files.get(H[4]).created, db.files.get(H[5]).size) == (2, 8)
+        # The copy-count triggers fire per row of a bulk insert.
+        with db.catalog.transaction() as conn:
+            conn.executemany("INSERT INTO uploads (hash, host_name, url, state, time)"
+                             " VALUES (?, ?, ?, ?, ?)",
+                             [(H[0], "a", "u1", "good", 1), (H[0], "b", "u2", "claimed", 1)])
+        assert (db.files.get(H[0]).copies, db.files.get(H[0]).verified) == (2, 1)
+    finally:
+        db.close()

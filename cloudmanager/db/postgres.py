@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
+import math
 import re
 import threading
 from importlib import resources
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import DatabaseError
@@ -148,6 +150,70 @@ def translate(sql: str) -> str:
     return out.replace("?", "%s")
 
 
+#: Rows per statement when :meth:`PostgresConnection.executemany` sends an INSERT in bulk.
+INSERT_ROWS = 5000
+_PLAIN_INSERT = re.compile(r"\s*INSERT\s+(OR\s+IGNORE\s+)?INTO\s+(\w+)\s*\(([\w\s,]+)\)"
+                           r"\s*VALUES\s*\(((?:\s*\?\s*,)*\s*\?\s*)\)\s*;?\s*",
+                           re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=64)
+def bulk_insert(sql: str) -> Optional[Tuple[str, str, Tuple[str, ...]]]:
+    """``(statement, table, columns)`` to insert many rows of a plain INSERT at once, or None.
+
+    Only ``INSERT [OR IGNORE] INTO t (columns) VALUES (?, ...)`` (placeholders
+    only, nothing after) qualifies. The rows go as one JSON array of objects,
+    read by ``json_populate_recordset`` with the table's own row type, so
+    each value is converted to its column's type, and columns not named keep
+    their defaults. One statement does what the single-row ones would do in
+    turn: row triggers fire once per row, ``ON CONFLICT DO NOTHING`` skips a
+    row repeated within it, and a duplicate key fails either way. But it is
+    one round trip and one plan, not one per row: the inserts of a
+    ``data_load`` of 100k records took half the time of psycopg's pipelined
+    ``executemany``, and queueing an ingest's files a third.
+
+    >>> statement, table, columns = bulk_insert("INSERT OR IGNORE INTO q (a, B) VALUES (?, ?)")
+    >>> statement  # doctest: +NORMALIZE_WHITESPACE
+    'INSERT INTO q (a, b) SELECT a, b FROM json_populate_recordset(NULL::q, %s::json)
+     ON CONFLICT DO NOTHING'
+    >>> table, columns
+    ('q', ('a', 'b'))
+    >>> bulk_insert("INSERT INTO t (a) VALUES (?) ON CONFLICT (a) DO UPDATE SET a = 1")
+    """
+    match = _PLAIN_INSERT.fullmatch(sql)
+    if match is None:
+        return None
+    ignore, table, names, marks = match.groups()
+    # Folded as PostgreSQL folds unquoted names: they are the JSON keys.
+    columns = tuple(c.strip().lower() for c in names.split(","))
+    if len(columns) != marks.count("?"):
+        return None
+    listed = ", ".join(columns)
+    statement = ("INSERT INTO %s (%s) SELECT %s FROM json_populate_recordset(NULL::%s, %%s::json)"
+                 % (table, listed, listed, table))
+    if ignore:
+        statement += " ON CONFLICT DO NOTHING"
+    return statement, table, columns
+
+
+def _json_safe(seq: Sequence[Sequence[Any]], width: int, doubles: Sequence[bool]) -> bool:
+    """Whether every row has ``width`` values that JSON carries as the
+    row-at-a-time insert would: None, a str, an int, or a finite float where
+    ``doubles`` says the column is ``double precision`` (a JSON number with a
+    fraction fails in an integer column, where a float parameter is rounded;
+    a bool, JSON's ``true``, is no integer column's 1).
+    """
+    for row in seq:
+        if len(row) != width:
+            return False
+        for value, double in zip(row, doubles):
+            kind = type(value)
+            if not (value is None or kind is str or kind is int
+                    or (kind is float and double and math.isfinite(value))):
+                return False
+    return True
+
+
 def _scalar_min_max(sql: str) -> str:
     """Rename ``min(``/``max(`` calls that have two or more arguments."""
     pieces, pos = [], 0
@@ -210,14 +276,49 @@ class PostgresConnection:
             return Rows(cur.fetchall() if cur.description else [], cur.rowcount)
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> Rows:
-        """Run one statement per parameter tuple (pipelined by psycopg)."""
+        """Run the statement once per parameter tuple.
+
+        A plain ``INSERT ... VALUES (?, ...)`` of many rows goes as one
+        statement per :data:`INSERT_ROWS` rows (see :func:`bulk_insert`),
+        when JSON carries every value as the row-at-a-time insert would;
+        anything else goes once per tuple, pipelined by psycopg.
+        """
         seq = [tuple(p) for p in seq]
         if not seq:
             return Rows([], 0)
         with self._database.errors("query"):
             with self.raw.cursor() as cur:
-                cur.executemany(translate(sql), seq)
-                return Rows([], cur.rowcount)
+                bulk = bulk_insert(sql) if len(seq) > 1 else None
+                doubles = self._doubles(*bulk[1:]) if bulk else None
+                if bulk is None or doubles is None or not _json_safe(seq, len(bulk[2]),
+                                                                     doubles):
+                    cur.executemany(translate(sql), seq)
+                    return Rows([], cur.rowcount)
+                statement, _, columns = bulk
+                count = 0
+                for start in range(0, len(seq), INSERT_ROWS):
+                    rows = [dict(zip(columns, params))
+                            for params in seq[start:start + INSERT_ROWS]]
+                    cur.execute(statement, (json.dumps(rows),))
+                    count += max(cur.rowcount, 0)
+                return Rows([], count)
+
+    def _doubles(self, table: str, columns: Tuple[str, ...]) -> Optional[Tuple[bool, ...]]:
+        """Which of ``table``'s ``columns`` are ``double precision`` (the table's
+        columns are asked once); None if one is not the table's, or there is
+        no such table (the row-at-a-time insert then says what is wrong)."""
+        known = self._database.column_types
+        if table not in known:
+            known[table] = dict(self.raw.execute(
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod)"
+                " FROM pg_catalog.pg_attribute AS a JOIN pg_catalog.pg_class AS c"
+                " ON c.oid = a.attrelid WHERE c.relname = %s AND c.relkind = 'r'"
+                " AND pg_catalog.pg_table_is_visible(c.oid)"
+                " AND a.attnum > 0 AND NOT a.attisdropped", (table.lower(),)).fetchall())
+        types = known[table]
+        if not all(c in types for c in columns):
+            return None
+        return tuple(types[c] == "double precision" for c in columns)
 
 
 class PostgresDatabase:
@@ -243,6 +344,8 @@ class PostgresDatabase:
         self._secrets = _secrets(url)
         self._local = threading.local()
         self._writer = threading.Lock()
+        #: ``{table: {column: type}}``, read when a bulk insert first needs it.
+        self.column_types: Dict[str, Dict[str, str]] = {}
         with self.errors("connect"):
             # One connection first, outside the pool: a wrong password or host
             # is reported as libpq says it, at once (the pool would retry, then
