@@ -25,6 +25,8 @@ setup(
         "fsspec": ["fsspec>=2023.1"],
         "webdav": ["fsspec>=2023.1", "webdav4>=0.9"],
         "sftp": ["fsspec>=2023.1", "paramiko>=3"],
+        # Copies encrypted on the client, in the age format.
+        "encryption": ["pyrage>=1.2"],
         # A catalog shared by several nodes on a PostgreSQL server.
         "postgres": ["psycopg[binary]>=3.1", "psycopg-pool>=3.2"],
         # Baselines the benchmarks in bench/ measure us against.
@@ -37,6 +39,8 @@ setup(
             # The catalog suite on a real PostgreSQL server (its binaries come
             # from the system: Debian's postgresql package).
             "psycopg[binary]>=3.1", "psycopg-pool>=3.2",
+            # Encryption, checked against the system's `age` command.
+            "pyrage>=1.2",
             # Lint, run by tox's lint environment.
             "ruff>=0.6", "mypy>=1.10",
         ],

@@ -71,8 +71,9 @@ def test_every_public_name_has_a_docstring():
     from cloudmanager.cache import fsck, layout, store
     from cloudmanager import sources as source_files
     from cloudmanager.cli import app, configure, maintain, output, share, show, transfer
-    from cloudmanager import migrate
+    from cloudmanager import crypto, migrate
     from cloudmanager.cli import migrate as cli_migrate
+    from cloudmanager.db import leases, postgres
 
     missing = []
     for module in (cloudmanager, cache, config, db, engine, errors, hosts, serializers,
@@ -80,7 +81,7 @@ def test_every_public_name_has_a_docstring():
                    cache_index, connection, copies, files, health, queue, records, sessions,
                    sources, manager, scheduler, source_files, cli, app, configure, maintain,
                    output, share, show, transfer, fsck, layout, store, migrate, db_migrate,
-                   cli_migrate):
+                   cli_migrate, crypto, leases, postgres):
         if not module.__doc__:
             missing.append(module.__name__)
         for name, obj in vars(module).items():

@@ -252,12 +252,14 @@ class Rows:
             yield self._rows[self._next - 1]
 
     def fetchone(self) -> Optional[tuple]:
+        """The next row, or None after the last."""
         if self._next >= len(self._rows):
             return None
         self._next += 1
         return self._rows[self._next - 1]
 
     def fetchall(self) -> List[tuple]:
+        """The rows not fetched yet."""
         rest, self._next = self._rows[self._next:], len(self._rows)
         return rest
 

@@ -1,0 +1,245 @@
+"""The pool's key: age encryption of copies, and object names that reveal nothing.
+
+A pool with a key keeps only ciphertext on its hosts, in the **age** format
+(age-encryption.org/v1) through pyrage, the Python binding of rage. Nothing
+here is a construction of our own: if cloudmanager disappears, every copy
+still opens with ``age -d -i KEYFILE``.
+
+- **The key** is an age X25519 identity file, as ``age-keygen`` or
+  ``cm key new`` writes it. Its public recipient (``age1...``) encrypts;
+  more recipients (other nodes, a person's offline key) may be added, and
+  each can decrypt every copy made after.
+- **Object names.** A copy is stored under ``HMAC-SHA256(name_key,
+  plaintext SHA-256)`` in hex: a host can neither read the file nor confirm
+  it holds a known one by hashing it. ``name_key`` is derived from the
+  identity with HKDF-SHA256, so every node with the same key computes the
+  same names (an object already there is not sent twice).
+- **key_id** names the key in records (also derived with HKDF, so it says
+  nothing about the key): a node whose key_id differs knows a copy is
+  "encrypted for another key" without trying to decrypt it.
+
+The identity never leaves this module's objects: not in the database, a
+log, a dump, ``stats()`` or an error (:meth:`PoolKey.__repr__` shows the
+recipient only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import stat
+import tempfile
+from typing import IO, Any, Iterable, List, Optional, Sequence, Tuple
+
+from .errors import ConfigError, IntegrityError, MissingDependencyError
+from .fsutil import fsync_dir
+
+#: The one-line hint when pyrage is missing.
+INSTALL_HINT = "encrypted pools need pyrage: pip install 'cloudmanager[encryption]'"
+#: HKDF ``info`` strings: one derived key per purpose.
+_NAME_INFO = b"cloudmanager object names v1"
+_KEY_ID_INFO = b"cloudmanager key id v1"
+#: Bytes age adds to a file at most: a header with one stanza per recipient
+#: (under 200 bytes each, 4 KiB allowing for many) and 16 bytes per 64 KiB chunk.
+AGE_HEADER_MAX = 4096
+AGE_CHUNK = 64 * 1024
+AGE_TAG = 16
+
+
+def _pyrage() -> Any:
+    try:
+        import pyrage
+    except ImportError as exc:
+        raise MissingDependencyError(INSTALL_HINT) from exc
+    return pyrage
+
+
+def ciphertext_size_max(size: int) -> int:
+    """The most bytes age can make of ``size`` bytes of plaintext (for a
+    reservation before the ciphertext's real size is known).
+
+    >>> ciphertext_size_max(0), ciphertext_size_max(65536), ciphertext_size_max(65537)
+    (4112, 69648, 69665)
+    """
+    chunks = max(1, -(-size // AGE_CHUNK))
+    return size + AGE_HEADER_MAX + chunks * AGE_TAG
+
+
+def _hkdf(secret: bytes, info: bytes, length: int = 32) -> bytes:
+    """HKDF-SHA256 (RFC 5869) with an empty salt: a key for one purpose."""
+    prk = hmac.new(b"\0" * 32, secret, hashlib.sha256).digest()
+    out, block = b"", b""
+    for counter in range(1, -(-length // 32) + 1):
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        out += block
+    return out[:length]
+
+
+def new_identity_file(path: str) -> str:
+    """Write a new age identity to ``path`` (mode 0600; never over an existing
+    file), as ``age-keygen -o`` does. :return: its public recipient.
+
+    :raises ConfigError: if ``path`` exists
+    """
+    pyrage = _pyrage()
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        raise ConfigError("%s exists; a key is never overwritten (losing it loses the data)"
+                          % path)
+    identity = pyrage.x25519.Identity.generate()
+    recipient = str(identity.to_public())
+    text = ("# created by cloudmanager (cm key new)\n# public key: %s\n%s\n"
+            % (recipient, identity)).encode("ascii")
+    # Written whole and private beside it, then linked in: the key appears
+    # complete or not at all, and a file made there meanwhile is never replaced.
+    fd, temp = tempfile.mkstemp(prefix=".cm-key-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            raise ConfigError("%s exists; a key is never overwritten (losing it loses the "
+                              "data)" % path) from None
+        fsync_dir(os.path.dirname(path))
+    finally:
+        os.unlink(temp)
+    return recipient
+
+
+class PoolKey:
+    """A pool's age identity and its readers.
+
+    :param identity_path: an age identity file (``AGE-SECRET-KEY-1...``
+        lines; ``#`` comments allowed), private to its owner
+    :param recipients: more ``age1...`` recipients every copy is encrypted to
+    :raises ConfigError: if the file cannot be read, is readable by others,
+        or holds no X25519 identity; if a recipient is malformed
+    :raises MissingDependencyError: if pyrage is not installed
+    """
+
+    def __init__(self, identity_path: str, recipients: Sequence[str] = ()) -> None:
+        pyrage = _pyrage()
+        self.path = os.path.abspath(identity_path)
+        try:
+            st = os.stat(self.path)
+            with open(self.path, encoding="ascii") as f:
+                lines = [line.strip() for line in f]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("cannot read the pool's key %s: %s" % (self.path, exc)) from None
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError("the pool's key %s is readable by others (mode %o); "
+                              "chmod 600 it" % (self.path, st.st_mode & 0o777))
+        secrets = [line for line in lines if line.startswith("AGE-SECRET-KEY-1")]
+        if len(secrets) != 1:
+            raise ConfigError("%s holds %d age X25519 identities; one is needed"
+                              % (self.path, len(secrets)))
+        try:
+            self._identity = pyrage.x25519.Identity.from_str(secrets[0])
+        except Exception:  # never echo the line: it is the secret
+            raise ConfigError("%s holds a malformed age identity" % self.path) from None
+        #: This key's own public recipient.
+        self.recipient = str(self._identity.to_public())
+        extra: List[Any] = []
+        for text in recipients:
+            try:
+                extra.append(pyrage.x25519.Recipient.from_str(text))
+            except Exception:
+                raise ConfigError("not an age X25519 recipient: %r" % (text,)) from None
+        self._recipients = [self._identity.to_public()] + extra
+        #: Every recipient a copy is encrypted to, as text.
+        self.recipients = [self.recipient] + [str(r) for r in extra]
+        secret = secrets[0].encode("ascii")
+        self._name_key = _hkdf(secret, _NAME_INFO)
+        #: The key's id in records (says nothing about the key).
+        self.key_id = _hkdf(secret, _KEY_ID_INFO, 16).hex()
+
+    def __repr__(self) -> str:
+        return "<PoolKey %s (%d recipients)>" % (self.recipient, len(self.recipients))
+
+    def object_name(self, file_hash: str) -> str:
+        """The name a copy of ``file_hash`` has on every host (64 hex digits).
+
+        >>> key = PoolKey.__new__(PoolKey); key._name_key = bytes(32)
+        >>> len(key.object_name("0" * 64)), key.object_name("0" * 64) != "0" * 64
+        (64, True)
+        """
+        return hmac.new(self._name_key, file_hash.encode("ascii"), hashlib.sha256).hexdigest()
+
+    def encrypt(self, source: IO[bytes], destination: Any) -> None:
+        """Encrypt ``source`` to every recipient into ``destination`` (anything
+        with ``write``), streaming."""
+        _pyrage().encrypt_io(source, destination, self._recipients)
+
+    def decrypt(self, source: IO[bytes], destination: IO[bytes]) -> None:
+        """Decrypt ``source`` into ``destination``, streaming.
+
+        Bytes may reach ``destination`` before a later chunk fails to
+        authenticate: the caller writes into a temp file and keeps it only
+        when this returns and the plaintext's hash matches.
+
+        :raises IntegrityError: if the ciphertext is not for this key, or a
+            chunk fails to authenticate (a bad copy)
+        """
+        pyrage = _pyrage()
+        try:
+            pyrage.decrypt_io(source, destination, [self._identity])
+        except pyrage.DecryptError as exc:
+            raise IntegrityError("not decryptable with this pool's key: %s" % exc) from None
+        except OSError as exc:  # rage reports a chunk that fails to authenticate so
+            raise IntegrityError("the ciphertext fails to authenticate: %s" % exc) from None
+
+    def encrypt_file(self, source_path: str, destination_path: str) -> Tuple[str, int]:
+        """Encrypt a file into a new private file; :return: the ciphertext's
+        ``(sha256 hex, size)``, hashed as it is written (the source is read once)."""
+        with open(source_path, "rb") as src, \
+                open(destination_path, "xb") as raw:
+            os.fchmod(raw.fileno(), 0o600)
+            sink = _HashingWriter(raw)
+            self.encrypt(src, sink)
+            raw.flush()
+            return sink.digest.hexdigest(), sink.size
+
+
+class _HashingWriter:
+    """A binary writer that hashes what it passes on."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.raw.write(data) or len(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def recipients_of(values: Iterable[str]) -> List[str]:
+    """Check ``[pool] recipients`` entries; :return: them, stripped.
+
+    :raises ConfigError: for one that is not an ``age1...`` recipient
+    """
+    found = []
+    for value in values:
+        text = str(value).strip()
+        if not text.startswith("age1"):
+            raise ConfigError("not an age X25519 recipient: %r" % (value,))
+        found.append(text)
+    return found
+
+
+def key_from_settings(path: Optional[str], recipients: Sequence[str] = ()) -> Optional[PoolKey]:
+    """The pool's :class:`PoolKey` for ``encryption_key`` / ``recipients``
+    settings, or None when the pool has no key."""
+    if not path:
+        if recipients:
+            raise ConfigError("recipients are given but no encryption_key")
+        return None
+    return PoolKey(os.path.expanduser(path), recipients_of(recipients))
