@@ -573,7 +573,7 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
 
     db = FileDatabase(path)
     try:
-        assert db.schema_version() == SCHEMA_VERSION == 5
+        assert db.schema_version() == SCHEMA_VERSION == 6
         assert db.files.copies("a" * 64) == 1
         assert db.files.verified("a" * 64) == 1
         # v4: each copy's state from its old flags; the counts are the same.

@@ -41,7 +41,7 @@ from ..errors import DatabaseError
 log = logging.getLogger(__name__)
 
 #: The schema version this code writes and expects.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: WAL pages between automatic checkpoints (SQLite's default is 1,000, or
 #: 4 MB); a checkpoint writes each dirty page once, however often it changed.
@@ -222,6 +222,15 @@ MIGRATIONS: Dict[int, Union[str, Dict[str, str]]] = {
         "cache_index": """
             CREATE TABLE this_node (node TEXT NOT NULL);
         """,
+    },
+    # 6: encrypted copies: what each copy's object is, when not the plaintext.
+    5: {
+        "catalog": """
+            ALTER TABLE uploads ADD COLUMN object_sha256 TEXT NOT NULL DEFAULT '';
+            ALTER TABLE uploads ADD COLUMN object_size INTEGER NOT NULL DEFAULT -1;
+            ALTER TABLE uploads ADD COLUMN key_id TEXT NOT NULL DEFAULT '';
+        """,
+        "cache_index": "",
     },
 }
 

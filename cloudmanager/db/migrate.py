@@ -50,7 +50,8 @@ class Table(NamedTuple):
 CATALOG_TABLES = (
     Table("files", ("hash", "filename", "size", "created", "copies", "verified"), ("hash",)),
     Table("uploads", ("hash", "host_name", "url", "state", "time", "checked", "next_check",
-                      "strikes"), ("hash", "host_name", "url")),
+                      "strikes", "object_sha256", "object_size", "key_id"),
+          ("hash", "host_name", "url")),
     Table("tombstones", ("hash", "host_name", "url", "deleted"), ("hash", "host_name", "url")),
     Table("removals", ("hash", "owner", "started"), ("hash",)),
     Table("upload_queue", ("hash", "queued", "attempts", "last_error", "node"), ("hash",)),

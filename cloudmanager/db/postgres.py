@@ -592,6 +592,12 @@ POSTGRES_MIGRATIONS: Dict[int, str] = {
         );
         UPDATE cloudmanager_schema SET version = 5;
     """,
+    5: """
+        ALTER TABLE uploads ADD COLUMN object_sha256 TEXT NOT NULL DEFAULT '';
+        ALTER TABLE uploads ADD COLUMN object_size BIGINT NOT NULL DEFAULT -1;
+        ALTER TABLE uploads ADD COLUMN key_id TEXT NOT NULL DEFAULT '';
+        UPDATE cloudmanager_schema SET version = 6;
+    """,
 }
 
 

@@ -1,4 +1,4 @@
--- cloudmanager database schema, version 5.
+-- cloudmanager database schema, version 6.
 --
 -- Applied by FileDatabase on a new database and by `cm_setup_db PATH`.
 -- Every statement is idempotent, so applying it twice (or from two processes
@@ -54,6 +54,12 @@ CREATE TABLE IF NOT EXISTS uploads (
     -- on, with a back-off that doubles per failed look (`strikes`).
     next_check REAL NOT NULL DEFAULT 0,
     strikes    INTEGER NOT NULL DEFAULT 0,
+    -- What the host holds, when it is not the file itself: the ciphertext
+    -- of an encrypted pool (cloudmanager/crypto.py), its SHA-256 and size,
+    -- and the id of the key it is for. '' / -1 / '': the plaintext.
+    object_sha256 TEXT NOT NULL DEFAULT '',
+    object_size   INTEGER NOT NULL DEFAULT -1,
+    key_id        TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (hash, host_name, url)
 ) WITHOUT ROWID;
 
@@ -258,4 +264,4 @@ CREATE TABLE IF NOT EXISTS sources (
     hash     TEXT NOT NULL CHECK (length(hash) = 64)
 ) WITHOUT ROWID;
 
-PRAGMA user_version = 5;
+PRAGMA user_version = 6;

@@ -1,4 +1,4 @@
--- cloudmanager catalog schema on PostgreSQL, version 5.
+-- cloudmanager catalog schema on PostgreSQL, version 6.
 --
 -- The catalog part of schema.sql (same tables, columns, keys, indexes and
 -- copy-count triggers), in PostgreSQL's types; tests/test_catalog.py checks
@@ -31,6 +31,9 @@ CREATE TABLE uploads (
     checked    BIGINT NOT NULL DEFAULT 0,
     next_check DOUBLE PRECISION NOT NULL DEFAULT 0,
     strikes    INTEGER NOT NULL DEFAULT 0,
+    object_sha256 TEXT NOT NULL DEFAULT '',
+    object_size   BIGINT NOT NULL DEFAULT -1,
+    key_id        TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (hash, host_name, url)
 );
 CREATE INDEX uploads_checked ON uploads (checked) WHERE state IN ('good', 'claimed');
@@ -120,4 +123,4 @@ CREATE TABLE nodes (
 CREATE TABLE cloudmanager_schema (
     version INTEGER NOT NULL
 );
-INSERT INTO cloudmanager_schema (version) VALUES (5);
+INSERT INTO cloudmanager_schema (version) VALUES (6);
