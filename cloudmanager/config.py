@@ -57,6 +57,8 @@ POOL_KEYS: Dict[str, Union[type, Tuple[type, ...]]] = {
     "host_timeout": (int, float),
     "host_cooldown": (int, float),
     "file_mode": int,
+    "encryption_key": str,
+    "recipients": list,
 }
 _HOST_KEYS = {"spec", "options", "weight", "enabled"}
 
@@ -210,9 +212,11 @@ def parse_config(document, base_dir=".", path=None):
         kind = POOL_KEYS[key]
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ConfigError("pool.%s has the wrong type: %r" % (key, value))
-    for key in ("database", "storage"):
+    for key in ("database", "storage", "encryption_key"):
         if key in pool and not (key == "database" and is_postgres_url(pool[key])):
             pool[key] = os.path.join(base_dir, os.path.expanduser(pool[key]))
+    if not all(isinstance(r, str) for r in pool.get("recipients", [])):
+        raise ConfigError("pool.recipients must be a list of age1... strings")
     if "capacity" in pool:
         try:
             pool["capacity"] = parse_size(pool["capacity"])

@@ -174,7 +174,7 @@ class PoolKey:
         with ``write``), streaming."""
         _pyrage().encrypt_io(source, destination, self._recipients)
 
-    def decrypt(self, source: IO[bytes], destination: IO[bytes]) -> None:
+    def decrypt(self, source: IO[bytes], destination: Any) -> None:
         """Decrypt ``source`` into ``destination``, streaming.
 
         Bytes may reach ``destination`` before a later chunk fails to
@@ -204,15 +204,37 @@ class PoolKey:
             return sink.digest.hexdigest(), sink.size
 
 
+    def decrypt_file(self, source_path: str, destination_path: str,
+                     limit: Optional[int] = None) -> Tuple[str, int]:
+        """Decrypt a file into ``destination_path`` (created private, or
+        truncated); :return: the plaintext's ``(sha256 hex, size)``, hashed as
+        it is written.
+
+        :param limit: write at most this many bytes (the recorded size): more
+            is a bad copy, refused before it can overfill a reservation
+        :raises IntegrityError: see :meth:`decrypt`; also past ``limit``
+        """
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(destination_path, flags, 0o600)
+        with open(source_path, "rb") as src, os.fdopen(fd, "wb") as raw:
+            sink = _HashingWriter(raw, limit)
+            self.decrypt(src, sink)
+            raw.flush()
+            return sink.digest.hexdigest(), sink.size
+
+
 class _HashingWriter:
     """A binary writer that hashes what it passes on."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: IO[bytes], limit: Optional[int] = None) -> None:
         self.raw = raw
+        self.limit = limit
         self.digest = hashlib.sha256()
         self.size = 0
 
     def write(self, data: Any) -> int:
+        if self.limit is not None and self.size + len(data) > self.limit:
+            raise IntegrityError("the plaintext is longer than the %d bytes recorded" % self.limit)
         self.digest.update(data)
         self.size += len(data)
         return self.raw.write(data) or len(data)

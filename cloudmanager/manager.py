@@ -15,6 +15,7 @@ from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, 
 
 from . import reports
 from .config import Config, load_config
+from .crypto import key_from_settings
 from .db.postgres import is_postgres_url
 from .errors import CloudManagerError, InvalidInputError, NotInPoolError, SerializationError
 from .hosts import from_spec
@@ -25,8 +26,10 @@ from .validation import check_hash
 log = logging.getLogger("cloudmanager")
 
 #: Settings a pool gets when neither the caller nor the config file sets them.
-DEFAULTS = {"redundancy": 3, "defer_uploads": False, "fsync": True, "host_timeout": None,
-            "host_cooldown": 60.0, "file_mode": 0o600}
+DEFAULTS: Dict[str, Any] = {
+    "redundancy": 3, "defer_uploads": False, "fsync": True, "host_timeout": None,
+    "host_cooldown": 60.0, "file_mode": 0o600, "encryption_key": None, "recipients": [],
+}
 
 #: What the facade turns into the seed's return values, with a logged reason.
 _FAILURES = (OSError, CloudManagerError)
@@ -65,6 +68,12 @@ class CloudManager:
         specs
     :param host_cooldown: seconds a host is skipped after it failed three
         times in a row (the circuit breaker); doubled for each further failure
+    :param encryption_key: an age identity file (``age-keygen``): the hosts
+        then hold only age ciphertext of each file, under a name that is a
+        keyed HMAC of its hash (see :mod:`cloudmanager.crypto`). Losing the
+        key loses the files it encrypts. Copies made before stay readable.
+    :param recipients: more ``age1...`` recipients every new copy is
+        encrypted to (other nodes' keys, a person's offline key)
     :param file_mode: the mode of cached files: 0o600 (private, the default),
         or e.g. 0o640 to let the group read the cache; directories get the
         matching search bits
@@ -84,11 +93,13 @@ class CloudManager:
 
     def __init__(self, database_path=None, storage_path=None, storage_size=None, *,
                  config=None, hosts=None, redundancy=None, defer_uploads=None, fsync=None,
-                 host_timeout=None, host_cooldown=None, file_mode=None) -> None:
+                 host_timeout=None, host_cooldown=None, file_mode=None, encryption_key=None,
+                 recipients=None) -> None:
         settings = self._settings(config, dict(
             database=database_path, storage=storage_path, capacity=storage_size,
             redundancy=redundancy, defer_uploads=defer_uploads, fsync=fsync,
-            host_timeout=host_timeout, host_cooldown=host_cooldown, file_mode=file_mode))
+            host_timeout=host_timeout, host_cooldown=host_cooldown, file_mode=file_mode,
+            encryption_key=encryption_key, recipients=recipients))
         redundancy = settings["redundancy"]
         if isinstance(redundancy, bool) or not isinstance(redundancy, int) or redundancy < 1:
             raise InvalidInputError("redundancy must be a positive integer, not %r" % (redundancy,))
@@ -99,7 +110,9 @@ class CloudManager:
                          self._build_hosts(hosts, self.config, settings["host_timeout"]),
                          redundancy=redundancy, defer_uploads=settings["defer_uploads"],
                          fsync=settings["fsync"], host_cooldown=settings["host_cooldown"],
-                         file_mode=settings["file_mode"])
+                         file_mode=settings["file_mode"],
+                         key=key_from_settings(settings["encryption_key"],
+                                               settings["recipients"]))
         #: The parts, for tools and tests that look inside.
         self.db, self.cache, self.engine = self.pool.db, self.pool.cache, self.pool.engine
         self.redundancy = redundancy

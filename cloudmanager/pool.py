@@ -22,22 +22,26 @@ import os
 import stat
 import tempfile
 import time
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from . import fsutil
 from .cache import CacheStore, Reservation, fsck
+from .crypto import PoolKey
 from .db import FileDatabase, index_path_for
-from .engine import DownloadResult, UploadEngine
+from .db.copies import HeldCopy
+from .engine import DownloadResult, UploadEngine, Verdict
 from .errors import (
     CacheError,
     CacheFullError,
     CloudManagerError,
+    CorruptCopyError,
     DownloadError,
     HostError,
+    IntegrityError,
     InvalidInputError,
     NotInPoolError,
 )
-from .health import Health
+from .health import Fact, Health
 from .hosts.base import Host
 from .records import RecordStore
 from .replication import Replicator, SyncSummary
@@ -62,8 +66,11 @@ class Pool:
 
     def __init__(self, database: str, storage: str, capacity: int, hosts: Sequence[Host],
                  redundancy: int = 3, defer_uploads: bool = False, fsync: bool = True,
-                 host_cooldown: float = 60.0, file_mode: int = fsutil.FILE_MODE) -> None:
+                 host_cooldown: float = 60.0, file_mode: int = fsutil.FILE_MODE,
+                 key: Optional[PoolKey] = None) -> None:
         self.redundancy = redundancy
+        #: The pool's encryption key, or None: copies are the plaintext.
+        self.key = key
         self.defer_uploads = defer_uploads
         self.db = FileDatabase(database, index_path_for(database, storage))
         try:
@@ -83,7 +90,8 @@ class Pool:
             self.replication = Replicator(self.db, self.engine, self.health, redundancy,
                                           owner=self.cache.owner,
                                           cached_paths=self.cache.paths_if_cached,
-                                          source_of=self._source_of)
+                                          source_of=self._source_of, key=key,
+                                          scratch=self.cache.scratch)
             self.cache.queue = self.replication.queue
             self.records = RecordStore(self.db, self.engine, self.replication.merge)
             #: What the cheap open-time check (:func:`cloudmanager.cache.fsck.on_open`) mended.
@@ -290,8 +298,8 @@ class Pool:
             path = self.cache.path_if_cached(file_hash)
             if path is not None:  # another thread fetched it while we waited
                 return path
-            if not self.db.copies.sources(file_hash) \
-                    and not self.db.copies.sources(file_hash, condemned=True):
+            if not self.db.copies.objects(file_hash) \
+                    and not self.db.copies.objects(file_hash, condemned=True):
                 raise DownloadError("no host holds a copy of %s" % file_hash)
             # Each attempt writes under a reservation of its own (issue 11):
             # one the engine gave up on keeps writing, so it keeps its room
@@ -315,15 +323,95 @@ class Pool:
         see :meth:`UploadEngine.download`), from the copies believed good and
         then, as a last resort, from condemned ones; what the attempts proved
         is recorded."""
+        held = self.db.copies.objects(file_hash)
+        condemned = self.db.copies.objects(file_hash, condemned=True)
+        plain = [(c.host_name, c.url) for c in held if not c.encrypted]
+        plain_last = [(c.host_name, c.url) for c in condemned if not c.encrypted]
+        sealed = [c for c in held + condemned if c.encrypted]
+        failure: Optional[DownloadError] = None
+        if plain or plain_last or not sealed:
+            try:
+                result = self.engine.download(file_hash, size, plain, dest,
+                                              last_resort=plain_last, room=room)
+            except DownloadError as exc:
+                self.replication.apply(exc.verdicts, exc.facts, file_hash=file_hash)
+                if not sealed:
+                    raise
+                failure = exc
+            else:
+                self.replication.apply(result.verdicts, result.facts, file_hash=file_hash)
+                return result
         try:
-            result = self.engine.download(
-                file_hash, size, self.db.copies.sources(file_hash), dest,
-                last_resort=self.db.copies.sources(file_hash, condemned=True), room=room)
+            return self._download_sealed(file_hash, size, sealed, dest, room)
         except DownloadError as exc:
-            self.replication.apply(exc.verdicts, exc.facts, file_hash=file_hash)
+            if failure is not None:
+                exc.failures[:0] = failure.failures
             raise
-        self.replication.apply(result.verdicts, result.facts, file_hash=file_hash)
-        return result
+
+    def _download_sealed(self, file_hash: str, size: int, sealed: Sequence[HeldCopy],
+                         dest: Optional[str], room: Optional[Callable[[], Reservation]]
+                         ) -> DownloadResult:
+        """Fetch a file from its encrypted copies: the ciphertext first, checked
+        against its recorded hash (into room of its own in the cache), then
+        decrypted into ``dest`` (or ``room()``) while the plaintext is hashed.
+        A ciphertext that does not decrypt to the file is a bad copy."""
+        key = self.key
+        if key is None or not any(c.key_id == key.key_id for c in sealed):
+            raise DownloadError("%s is only on hosts encrypted for another key (%s); this "
+                                "node %s" % (file_hash, ", ".join(sorted({c.host_name for c in
+                                                                          sealed})),
+                                             "has another key" if key else "has no key"))
+        groups: Dict[Tuple[str, int], List[HeldCopy]] = {}
+        for copy in sealed:
+            if copy.key_id == key.key_id:
+                groups.setdefault((copy.object_sha256, copy.object_size), []).append(copy)
+        failures: List[HostError] = []
+        facts: List[Fact] = []
+        verdicts: List[Verdict] = []
+        for (digest, osize), copies in groups.items():
+            sources = [(c.host_name, c.url) for c in copies]
+            rooms: List[Reservation] = []
+
+            def ciphertext_room() -> Reservation:
+                rooms.append(self.cache.reservation(osize))
+                return rooms[-1]
+
+            try:
+                got = self.engine.download(digest, osize, sources, room=ciphertext_room)
+            except DownloadError as exc:
+                self.replication.apply(exc.verdicts, exc.facts, file_hash=file_hash)
+                failures += exc.failures
+                facts += exc.facts
+                continue
+            self.replication.apply(got.verdicts, got.facts, file_hash=file_hash)
+            facts += got.facts
+            ciphertext = got.room
+            assert ciphertext is not None
+            target = room() if room is not None else None
+            out = target.temp if target is not None else dest
+            assert out is not None
+            try:
+                plain_hash, plain_size = key.decrypt_file(ciphertext.temp, out, limit=size)
+                if (plain_hash, plain_size) != (file_hash, size):
+                    raise IntegrityError("it decrypts to %d bytes hashing to %s"
+                                         % (plain_size, plain_hash))
+            except IntegrityError as exc:
+                fsutil.remove_quietly(out)
+                if target is not None:
+                    target.release()
+                bad = [Verdict(got.location, "bad")]
+                self.replication.apply(bad, file_hash=file_hash)
+                verdicts += bad
+                failures.append(CorruptCopyError(got.location.host_name,
+                                                 "encrypted copy: %s" % exc))
+                log.warning("the encrypted copy of %s on %s is bad: %s", file_hash,
+                            got.location.host_name, exc)
+                continue
+            finally:
+                ciphertext.release()
+            return DownloadResult(got.location, facts, verdicts + got.verdicts, room=target)
+        raise DownloadError("no host delivered a good copy of %s" % file_hash, failures, facts,
+                            verdicts)
 
     @contextlib.contextmanager
     def _source_of(self, file_hash: str, size: int) -> Iterator[str]:

@@ -48,7 +48,7 @@ class RecordStore:
         """The pool's records, in hash order."""
         for row in self.db.records.iter(hashes, with_copies_only=with_copies_only):
             yield serializers.Record(row.hash, row.filename, row.size, row.created,
-                                     tuple(row.uploads))
+                                     tuple(row.uploads), tuple(row.objects))
 
     def dump(self) -> str:
         """Every record with a copy on a host, as a JSON array of v0.2 records."""

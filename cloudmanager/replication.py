@@ -58,8 +58,9 @@ from typing import (
 )
 
 from . import fsutil
+from .crypto import PoolKey, ciphertext_size_max
 from .db import FileDatabase
-from .db.copies import CopyKey
+from .db.copies import CopyKey, ObjectMeta
 from .engine import CheckResult, Streamed, UploadEngine, UploadJob, UploadResult, Verdict
 from .errors import CloudManagerError, HostError, IntegrityError, UploadError
 from .health import Fact, Health
@@ -146,12 +147,18 @@ class Replicator:
     :param cached_paths: ``cached_paths(hashes)``: ``{hash: path}`` of those
         the cache holds (one lookup for a batch)
     :param source_of: see :data:`SourceOf`
+    :param key: the pool's :class:`~cloudmanager.crypto.PoolKey`: every copy
+        made is its ciphertext, under its keyed name; None for plaintext
+    :param scratch: ``scratch(size)``, room for the ciphertext on its way
+        (:meth:`cloudmanager.cache.store.CacheStore.scratch`)
     """
 
     def __init__(self, db: FileDatabase, engine: UploadEngine, health: Health,
                  redundancy: int, owner: str,
                  cached_paths: Callable[[Sequence[str]], Dict[str, str]],
-                 source_of: SourceOf) -> None:
+                 source_of: SourceOf, key: Optional[PoolKey] = None,
+                 scratch: Optional[Callable[[int], ContextManager[Callable[[int], str]]]] = None
+                 ) -> None:
         self.db = db
         self.engine = engine
         self.health = health
@@ -162,6 +169,9 @@ class Replicator:
         self.locks = HashLocks()
         self._cached_paths = cached_paths
         self._source_of = source_of
+        #: The pool's key: copies are sealed (encrypted) with it, or None.
+        self.key = key
+        self._scratch = scratch
         #: ``{kind: hashes}`` whose leases a running block holds and has not
         #: released yet (one set per kind; blocks never overlap on a hash, the
         #: hash locks see to that).
@@ -275,7 +285,9 @@ class Replicator:
 
     def _record_rounds(self, rounds: Sequence[Tuple[str, Set[str], int, UploadResult]],
                        facts: Iterable[Fact] = (), settled: Iterable[str] = (),
-                       release: Iterable[str] = ()) -> List[Tuple[str, int, int, str]]:
+                       release: Iterable[str] = (),
+                       objects: Optional[Dict[str, ObjectMeta]] = None
+                       ) -> List[Tuple[str, int, int, str]]:
         """Record upload rounds ``[(hash, holders, target, result)]`` in one
         transaction: good copies, pending ones, the queue, protection, health.
 
@@ -286,6 +298,8 @@ class Replicator:
 
         :param settled: more files to take off the queue (at target already)
         :param release: files whose ``replicate`` leases this round ends
+        :param objects: ``{hash: ObjectMeta}``: the ciphertext each file's new
+            copies hold (an encrypted pool); None: the copies are the plaintext
         :return: ``[(hash, copies, target, why)]`` of files still short; a
             file whose removal is in progress has ``why`` starting with
             ``"removal in progress"``
@@ -317,7 +331,9 @@ class Replicator:
                 else:
                     short_hashes.append(file_hash)
                     shorts.append((file_hash, copies, target, short_reason(result)))
-            self.db.copies.record_good(conn, good, int(now))
+            made_objects = None if objects is None else \
+                {g: objects[g[0]] for g in good if g[0] in objects}
+            self.db.copies.record_good(conn, good, int(now), objects=made_objects)
             self.db.copies.record_pending(conn, pending, int(now))
             self.db.queue.remove(conn, settled)
             self.db.queue.add(conn, short_hashes, now)
@@ -376,6 +392,29 @@ class Replicator:
         """Note ``replicate`` leases released inside a recording transaction."""
         self._unreleased.setdefault("replicate", set()).difference_update(hashes)
 
+    @contextlib.contextmanager
+    def _sealed(self, jobs: List[UploadJob]
+                ) -> Iterator[Tuple[List[UploadJob], Optional[Dict[str, ObjectMeta]]]]:
+        """The jobs as the hosts get them: unchanged without a key (and no
+        objects); with one, each file encrypted once, into room the cache
+        gives for the purpose, and sent under its keyed name, with
+        ``{hash: ObjectMeta}`` of the ciphertexts. The ciphertext files go
+        when the block ends."""
+        if self.key is None or not jobs:
+            yield jobs, None
+            return
+        assert self._scratch is not None, "an encrypted pool needs room to encrypt in"
+        key = self.key
+        with self._scratch(sum(ciphertext_size_max(j.size) for j in jobs)) as path_of:
+            sealed, objects = [], {}
+            for k, job in enumerate(jobs):
+                temp = path_of(k)
+                digest, size = key.encrypt_file(job.path, temp)
+                sealed.append(job._replace(path=temp, file_hash=key.object_name(job.file_hash),
+                                           size=size))
+                objects[job.file_hash] = ObjectMeta(digest, size, key.key_id)
+            yield sealed, objects
+
     def _plan(self, holders: Set[str]) -> Tuple[Set[str], int, bool]:
         """``(holders, target, settled)`` for a file with good copies on ``holders``:
         settled at the target, or when no configured host lacks a good copy."""
@@ -410,17 +449,19 @@ class Replicator:
                     continue
                 jobs.append(UploadJob(path, file_hash, state.size, frozenset(holders), target))
                 plans.append((file_hash, holders, target))
-            if len(jobs) == 1:  # one file: each host's own upload, no group overhead
-                job = jobs[0]
-                results = [self.engine.upload(job.path, job.file_hash, job.size,
-                                              holders=job.holders, target=job.target)]
-            else:
-                results = self.engine.upload_many(jobs) if jobs else []
+            with self._sealed(jobs) as (jobs, objects):
+                if len(jobs) == 1:  # one file: each host's own upload, no group overhead
+                    job = jobs[0]
+                    results = [self.engine.upload(job.path, job.file_hash, job.size,
+                                                  holders=job.holders, target=job.target)]
+                else:
+                    results = self.engine.upload_many(jobs) if jobs else []
             rounds = [(h, holders, target, result)
                       for (h, holders, target), result in zip(plans, results)]
             if rounds or settled:
                 self._record_rounds(rounds, settled=settled,
-                                    release=set(hashes) - {h for h, _ in alone})
+                                    release=set(hashes) - {h for h, _ in alone},
+                                    objects=objects)
             made = sum(len(r[3].successes) for r in rounds)
         for file_hash, size in alone:
             try:
@@ -455,10 +496,12 @@ class Replicator:
                         return 0
                     holders, target, done = self._plan(set(state.good))
                     if not done:
-                        result = self.engine.upload(source, file_hash, size, holders=holders,
-                                                    target=target)
+                        job = UploadJob(source, file_hash, size, frozenset(holders), target)
+                        with self._sealed([job]) as ([job], objects):
+                            result = self.engine.upload(job.path, job.file_hash, job.size,
+                                                        holders=holders, target=target)
                         self._record_rounds([(file_hash, holders, target, result)],
-                                            release=[file_hash])
+                                            release=[file_hash], objects=objects)
                         return len(result.successes)
             if holders:
                 self._record_rounds([], settled=[file_hash], release=[file_hash])
@@ -673,7 +716,10 @@ class Replicator:
                     outcome = CheckResult("cooling", [], [])
                 else:
                     condemned = copy.state in ("suspect", "bad", "missing")
-                    outcome = self.engine.check(copy.hash, copy.size, location,
+                    # An encrypted copy is checked as the ciphertext it is (its
+                    # hash and size were recorded when it was made): no key needed.
+                    digest, size = copy.object
+                    outcome = self.engine.check(digest, size, location,
                                                 deep=deep or condemned, scratch=scratch)
                 verdict = outcome.verdict
                 if verdict == "intact":
@@ -721,8 +767,10 @@ class Replicator:
                 host = self.engine.host_for(row.host_name, row.url)
                 if host is None or not host.can_delete:
                     undeletable.append(row)  # a locker's link, or no host here: kept
-                elif self.engine.names(location, file_hash):
-                    ours.append(row)
+                elif self.engine.names(location, file_hash) or (
+                        self.key is not None
+                        and self.engine.names(location, self.key.object_name(file_hash))):
+                    ours.append(row)  # the file's object: plaintext, or sealed by our key
                 else:
                     foreign.append(row)
             with self.db.catalog.transaction() as conn:

@@ -29,7 +29,7 @@ True
 import json
 import logging
 import re
-from typing import Dict, NamedTuple, Tuple
+from typing import Any, Dict, NamedTuple, Tuple
 
 from .errors import InvalidInputError, SerializationError
 from .validation import check_hash, check_host_name, check_url, safe_basename
@@ -56,6 +56,9 @@ MAX_FILESIZE = 2 ** 48
 #: refused rather than read as a date tens of thousands of years ahead.
 MAX_DATETIME = 253402300799
 MAX_UPLOADS = 1000
+#: An encrypted copy is at most this much larger than the largest file (age's
+#: header and one 16-byte tag per 64 KiB chunk; see cloudmanager/crypto.py).
+MAX_OBJECT_SIZE = MAX_FILESIZE + MAX_FILESIZE // 4096 + 4096 + 16
 
 
 class Record(NamedTuple):
@@ -66,6 +69,16 @@ class Record(NamedTuple):
     size: int
     datetime: int
     uploads: Tuple[Tuple[str, str, bool], ...]
+    #: The copies that are not the plaintext (an encrypted pool's), as
+    #: ``(host_name, url, object_sha256, object_size, key_id)``: optional
+    #: fields of their upload entries, which a v0.2 reader ignores.
+    objects: Tuple[Tuple[str, str, str, int, str], ...] = ()
+
+
+#: A key id: 32 lowercase hex digits (see :attr:`cloudmanager.crypto.PoolKey.key_id`).
+_KEY_ID = re.compile(r"[0-9a-f]{32}")
+#: The fields of an upload entry that describe an encrypted copy's object.
+OBJECT_FIELDS = ("object_sha256", "object_size", "key_id")
 
 
 def _count(value, field, maximum):
@@ -98,6 +111,8 @@ def _count(value, field, maximum):
 
 
 def _upload(entry):
+    """``((host_name, url, error), object)``: an upload entry, and its object's
+    ``(sha256, size, key_id)`` when it is an encrypted copy (else None)."""
     if not isinstance(entry, dict):
         raise SerializationError("an upload is not an object: %.60r" % (entry,))
     host_name = check_host_name(entry.get("host_name"))
@@ -108,8 +123,22 @@ def _upload(entry):
     if url is None or (error and url == ""):
         if not error:
             raise SerializationError("upload to %s has neither url nor error" % host_name)
-        return host_name, "", True
-    return host_name, check_url(url), error
+        return (host_name, "", True), None
+    url = check_url(url)
+    if not any(field in entry for field in OBJECT_FIELDS):
+        return (host_name, url, error), None
+    # All three or none: half an object description would send a copy to
+    # a decryption (or a hash check) it cannot pass.
+    try:
+        sha = check_hash(entry.get("object_sha256"))
+    except InvalidInputError as exc:
+        raise SerializationError("upload to %s: object_sha256: %s" % (host_name, exc)) from None
+    size = _count(entry.get("object_size"), "object_size", MAX_OBJECT_SIZE)
+    key_id = entry.get("key_id")
+    if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+        raise SerializationError("upload to %s: key_id is not 32 hex digits: %.40r"
+                                 % (host_name, key_id))
+    return (host_name, url, error), (sha, size, key_id)
 
 
 def parse_record(obj):
@@ -140,25 +169,32 @@ def parse_record(obj):
                                  % (file_hash, len(raw_uploads), MAX_UPLOADS))
     # A dict: duplicates merged in O(1) each, the first order kept.
     uploads: Dict[Tuple[str, str, bool], None] = {}
+    objects: Dict[Tuple[str, str], Tuple[str, str, str, int, str]] = {}
     for entry in raw_uploads:
         try:
-            item = _upload(entry)
+            item, obj = _upload(entry)
         except (SerializationError, InvalidInputError) as exc:
             log.warning("record %s: skipping an upload entry: %s", file_hash, exc)
             continue
         uploads.setdefault(item)
-    return Record(file_hash, filename, size, when, tuple(uploads))
+        if obj is not None:
+            objects.setdefault(item[:2], item[:2] + obj)
+    return Record(file_hash, filename, size, when, tuple(uploads), tuple(objects.values()))
 
 
 def record_to_dict(record):
     """Return a :class:`Record` as a v0.2 JSON object (a dict)."""
+    objects = {(h, u): (sha, size, key_id) for h, u, sha, size, key_id in record.objects}
     uploads = []
     for host_name, url, error in record.uploads:
-        entry = {"host_name": host_name}
+        entry: Dict[str, Any] = {"host_name": host_name}
         if url:
             entry["url"] = url
         if error:
             entry["error"] = True
+        obj = objects.get((host_name, url)) if url else None
+        if obj is not None:
+            entry.update(zip(OBJECT_FIELDS, (obj[0], str(obj[1]), obj[2])))
         uploads.append(entry)
     return {
         "version": VERSION,

@@ -25,6 +25,7 @@ import logging
 import os
 import secrets
 import socket
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
@@ -141,6 +142,37 @@ class CacheStore:
     def note_miss(self) -> None:
         """Count a request for a pool file the cache did not hold."""
         self._note_use(None, hit=False)
+
+    @contextlib.contextmanager
+    def scratch(self, size: int) -> Iterator[Callable[[int], str]]:
+        """Room for work files of ``size`` bytes in all (an encrypted pool's
+        ciphertext on its way to or from the hosts): yields ``path(k)``, the
+        ``k``-th file's path in ``tmp/``. The files are removed, then the room
+        released, on exit.
+
+        When the cache has no room for them (pinned files, writes in flight),
+        they go to a private temp directory outside it, which is logged: the
+        cache's bound holds, the disk's use is brief.
+        """
+        try:
+            reservation = self.reservation(size)
+        except CacheFullError as exc:
+            log.info("work files of %d bytes outside the cache: %s", size, exc)
+            with tempfile.TemporaryDirectory(prefix="cm-work-") as directory:
+                yield lambda k: os.path.join(directory, "%d" % k)
+            return
+        made: List[str] = []
+
+        def path(k: int) -> str:
+            made.append(self.layout.batch_temp(self.token, reservation.id, k))
+            return made[-1]
+
+        try:
+            yield path
+        finally:
+            for temp in made:
+                fsutil.remove_quietly(temp)
+            reservation.release()
 
     def paths_if_cached(self, hashes: Sequence[str]) -> Dict[str, str]:
         """``{hash: path}`` of those of ``hashes`` the index says are cached: one

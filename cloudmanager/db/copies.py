@@ -64,11 +64,48 @@ class ReplicationState(NamedTuple):
 
 
 class CopyToCheck(NamedTuple):
+    """A copy for verify to look at."""
+
     hash: str
     host_name: str
     url: str
     size: int
     state: str
+    #: What the host holds when it is not the plaintext (see :class:`HeldCopy`).
+    object_sha256: str = ""
+    object_size: int = -1
+    key_id: str = ""
+
+    @property
+    def object(self) -> Tuple[str, int]:
+        """``(sha256, size)`` of the bytes on the host: the ciphertext's, or the file's."""
+        if self.key_id:
+            return self.object_sha256, self.object_size
+        return self.hash, self.size
+
+
+class ObjectMeta(NamedTuple):
+    """An encrypted copy's object: the ciphertext's SHA-256 and size, and the key's id."""
+
+    sha256: str
+    size: int
+    key_id: str
+
+
+class HeldCopy(NamedTuple):
+    """A copy to fetch a file from, and what its host holds."""
+
+    host_name: str
+    url: str
+    #: ``''`` / ``-1`` / ``''`` for the plaintext itself.
+    object_sha256: str
+    object_size: int
+    key_id: str
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether the host holds ciphertext (for the key ``key_id``)."""
+        return bool(self.key_id)
 
 
 #: (hash, host_name, url)
@@ -97,6 +134,14 @@ class Copies:
         return [(h, u) for h, u in self.db.read(
             "SELECT host_name, url FROM uploads WHERE hash = ? AND url != ''"
             " AND state IN %s ORDER BY time, host_name, url" % states, (file_hash,))]
+
+    def objects(self, file_hash: str, condemned: bool = False) -> List[HeldCopy]:
+        """Like :meth:`sources`, with what each copy's host holds."""
+        states = _CONDEMNED_SQL if condemned else _HOLDING_SQL
+        return [HeldCopy(*row) for row in self.db.read(
+            "SELECT host_name, url, object_sha256, object_size, key_id FROM uploads"
+            " WHERE hash = ? AND url != '' AND state IN %s ORDER BY time, host_name, url"
+            % states, (file_hash,))]
 
     def replication_states(self, hashes: Iterable[str]) -> Dict[str, ReplicationState]:
         """``{hash: ReplicationState}`` for the known ones among ``hashes``. Two statements."""
@@ -131,7 +176,8 @@ class Copies:
         :param limit: at most this many copies
         :param due: the unix time against which back-offs are measured
         """
-        base = ("SELECT u.hash, u.host_name, u.url, f.size, u.state FROM uploads AS u"
+        base = ("SELECT u.hash, u.host_name, u.url, f.size, u.state, u.object_sha256,"
+                " u.object_size, u.key_id FROM uploads AS u"
                 " JOIN files AS f ON f.hash = u.hash WHERE u.url != ''")
         params: List[object] = []
         for column, values in (("u.hash", hashes), ("u.host_name", host_names)):
@@ -203,7 +249,8 @@ class Copies:
                 or started < started_before]
 
     def record_good(self, conn: Conn, copies: Iterable[CopyKey],
-                    when: int, checked: bool = False) -> None:
+                    when: int, checked: bool = False,
+                    objects: Optional[Dict[CopyKey, ObjectMeta]] = None) -> None:
         """Copies this node made or checked are good: insert or update them, drop
         the pending rows of their hosts and any tombstone at their place.
         Copies of files no longer in the pool are not recorded.
@@ -211,6 +258,9 @@ class Copies:
         :param checked: the copies' bytes were looked at now (a verify or a
             download), so a budgeted verify can leave them for later; a copy
             just made keeps its place in the verify order
+        :param objects: what the copies just made hold, for those that are
+            not the plaintext (the others are recorded as plaintext); None
+            leaves what is recorded (a look at a copy proves it as it is)
         """
         copies = list(copies)
         if not copies:
@@ -220,15 +270,30 @@ class Copies:
             "SELECT f.hash FROM json_each(?) AS j JOIN files AS f ON f.hash = j.value",
             (json_list({c[0] for c in copies}),))}
         copies = [c for c in copies if c[0] in present]
-        conn.executemany(
-            "INSERT INTO uploads (hash, host_name, url, state, time, checked)"
-            " VALUES (?, ?, ?, 'good', ?, ?)"
-            " ON CONFLICT (hash, host_name, url) DO UPDATE SET state = 'good',"
-            " time = CASE WHEN ? THEN uploads.time ELSE excluded.time END,"
-            " checked = CASE WHEN ? THEN excluded.checked ELSE uploads.checked END,"
-            " strikes = 0, next_check = 0",
-            [(h, host, url, when, when if checked else 0, checked, checked)
-             for h, host, url in copies])
+        if objects is None:  # looked at: what the copy holds stays as recorded
+            conn.executemany(
+                "INSERT INTO uploads (hash, host_name, url, state, time, checked)"
+                " VALUES (?, ?, ?, 'good', ?, ?)"
+                " ON CONFLICT (hash, host_name, url) DO UPDATE SET state = 'good',"
+                " time = CASE WHEN ? THEN uploads.time ELSE excluded.time END,"
+                " checked = CASE WHEN ? THEN excluded.checked ELSE uploads.checked END,"
+                " strikes = 0, next_check = 0",
+                [(h, host, url, when, when if checked else 0, checked, checked)
+                 for h, host, url in copies])
+        else:  # made: what the host now holds under that URL
+            plain = ObjectMeta("", -1, "")
+            conn.executemany(
+                "INSERT INTO uploads (hash, host_name, url, state, time, checked,"
+                " object_sha256, object_size, key_id)"
+                " VALUES (?, ?, ?, 'good', ?, ?, ?, ?, ?)"
+                " ON CONFLICT (hash, host_name, url) DO UPDATE SET state = 'good',"
+                " time = CASE WHEN ? THEN uploads.time ELSE excluded.time END,"
+                " checked = CASE WHEN ? THEN excluded.checked ELSE uploads.checked END,"
+                " strikes = 0, next_check = 0, object_sha256 = excluded.object_sha256,"
+                " object_size = excluded.object_size, key_id = excluded.key_id",
+                [(h, host, url, when, when if checked else 0)
+                 + tuple(objects.get((h, host, url), plain)) + (checked, checked)
+                 for h, host, url in copies])
         conn.executemany("DELETE FROM uploads WHERE hash = ? AND host_name = ? AND url = ''"
                          " AND state = 'pending'", [(h, host) for h, host, _ in copies])
         # Tombstones are few (removed files' copies): one probe spares a

@@ -20,6 +20,9 @@ class StoredRecord(NamedTuple):
     created: int
     #: ``[(host_name, url, error)]``
     uploads: List[Tuple[str, str, bool]]
+    #: ``[(host_name, url, object_sha256, object_size, key_id)]`` of the
+    #: copies that are not the plaintext (encrypted ones)
+    objects: List[Tuple[str, str, str, int, str]]
 
 
 class KnownRecord(NamedTuple):
@@ -49,7 +52,8 @@ class Records:
         # Deleted copies are not exported; suspect ones are (a host that did
         # not answer proves nothing against the copy).
         columns = ("SELECT f.hash, f.filename, f.size, f.created, u.host_name, u.url,"
-                   " u.state NOT IN ('good', 'claimed', 'suspect')")
+                   " u.state NOT IN ('good', 'claimed', 'suspect'),"
+                   " u.object_sha256, u.object_size, u.key_id")
         joined = " LEFT JOIN uploads AS u ON u.hash = f.hash AND u.state != 'deleted'"
         sql = columns + " FROM files AS f" + joined
         where: List[str] = []
@@ -63,13 +67,16 @@ class Records:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY f.hash, u.time, u.host_name, u.url"
         current: Optional[StoredRecord] = None
-        for h, name, size, created, host, url, error in self.db.read(sql, params):
+        for h, name, size, created, host, url, error, osha, osize, key_id in self.db.read(
+                sql, params):
             if current is None or current.hash != h:
                 if current is not None:
                     yield current
-                current = StoredRecord(h, name, size, created, [])
+                current = StoredRecord(h, name, size, created, [], [])
             if host is not None:
                 current.uploads.append((host, url, bool(error)))
+                if key_id and url:
+                    current.objects.append((host, url, osha, int(osize), key_id))
         if current is not None:
             yield current
 
@@ -99,7 +106,9 @@ class Records:
         (a tombstone) is dropped.
 
         :param records: objects with ``hash``, ``filename``, ``size``,
-            ``datetime`` and ``uploads`` (``[(host_name, url, error)]``)
+            ``datetime``, ``uploads`` (``[(host_name, url, error)]``) and
+            ``objects`` (``[(host_name, url, object_sha256, object_size,
+            key_id)]``, for encrypted copies)
         :return: ``(changed, refused)``: how many records added something, and
             the hashes refused for a size conflict
         """
@@ -134,11 +143,14 @@ class Records:
                     did = True
                 else:
                     did = False
+                objects = {(o[0], o[1]): o[2:] for o in getattr(rec, "objects", ())}
                 for host_name, url, error in rec.uploads:
                     if (rec.hash, host_name, url) not in have:
                         have.add((rec.hash, host_name, url))
                         state = ("bad" if url else "pending") if error else "claimed"
-                        new_uploads.append((rec.hash, host_name, url, state, rec.datetime))
+                        obj = objects.get((host_name, url), ("", -1, ""))
+                        new_uploads.append((rec.hash, host_name, url, state, rec.datetime)
+                                           + tuple(obj))
                         did = True
                 changed += did
             # A new file's uploads go in before its row, with the foreign key
@@ -147,11 +159,12 @@ class Records:
             # the row is inserted with its count. Imported copies are never
             # verified, so that count is the distinct hosts of claimed copies.
             fresh: Dict[str, Set[str]] = {h: set() for h, _, _, _ in new_files}
-            for h, host_name, _, state, _ in new_uploads:
+            for h, host_name, _, state, *_ in new_uploads:
                 if h in fresh and state == "claimed":
                     fresh[h].add(host_name)
-            insert_uploads = ("INSERT OR IGNORE INTO uploads (hash, host_name, url, state, time)"
-                              " VALUES (?, ?, ?, ?, ?)")
+            insert_uploads = ("INSERT OR IGNORE INTO uploads (hash, host_name, url, state, time,"
+                              " object_sha256, object_size, key_id)"
+                              " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
             conn.execute("PRAGMA defer_foreign_keys = ON")  # until this commit
             conn.executemany(insert_uploads, [u for u in new_uploads if u[0] in fresh])
             conn.executemany("INSERT INTO files (hash, filename, size, created, copies)"
