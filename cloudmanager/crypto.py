@@ -33,7 +33,7 @@ import tempfile
 from typing import IO, Any, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import ConfigError, IntegrityError, MissingDependencyError
-from .fsutil import fsync_dir
+from .fsutil import HashingWriter, fsync_dir
 
 #: The one-line hint when pyrage is missing.
 INSTALL_HINT = "encrypted pools need pyrage: pip install 'cloudmanager[encryption]'"
@@ -169,7 +169,7 @@ class PoolKey:
         """
         return hmac.new(self._name_key, file_hash.encode("ascii"), hashlib.sha256).hexdigest()
 
-    def encrypt(self, source: IO[bytes], destination: Any) -> None:
+    def encrypt(self, source: Any, destination: Any) -> None:
         """Encrypt ``source`` to every recipient into ``destination`` (anything
         with ``write``), streaming."""
         _pyrage().encrypt_io(source, destination, self._recipients)
@@ -198,7 +198,7 @@ class PoolKey:
         with open(source_path, "rb") as src, \
                 open(destination_path, "xb") as raw:
             os.fchmod(raw.fileno(), 0o600)
-            sink = _HashingWriter(raw)
+            sink = HashingWriter(raw)
             self.encrypt(src, sink)
             raw.flush()
             return sink.digest.hexdigest(), sink.size
@@ -217,30 +217,10 @@ class PoolKey:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
         fd = os.open(destination_path, flags, 0o600)
         with open(source_path, "rb") as src, os.fdopen(fd, "wb") as raw:
-            sink = _HashingWriter(raw, limit)
+            sink = HashingWriter(raw, limit)
             self.decrypt(src, sink)
             raw.flush()
             return sink.digest.hexdigest(), sink.size
-
-
-class _HashingWriter:
-    """A binary writer that hashes what it passes on."""
-
-    def __init__(self, raw: IO[bytes], limit: Optional[int] = None) -> None:
-        self.raw = raw
-        self.limit = limit
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        if self.limit is not None and self.size + len(data) > self.limit:
-            raise IntegrityError("the plaintext is longer than the %d bytes recorded" % self.limit)
-        self.digest.update(data)
-        self.size += len(data)
-        return self.raw.write(data) or len(data)
-
-    def flush(self) -> None:
-        self.raw.flush()
 
 
 def recipients_of(values: Iterable[str]) -> List[str]:

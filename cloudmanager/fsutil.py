@@ -514,3 +514,39 @@ def atomic_write(final_path, fsync=True):
     except BaseException:
         remove_quietly(temp)
         raise
+
+
+class HashingWriter:
+    """A binary writer that hashes what it passes on to ``raw`` (a file object).
+
+    >>> import io
+    >>> out = io.BytesIO(); writer = HashingWriter(out, limit=4)
+    >>> writer.write(b"abc"), writer.size, writer.digest.hexdigest()[:16]
+    (3, 3, 'ba7816bf8f01cfea')
+
+    :param limit: refuse (:class:`~cloudmanager.errors.IntegrityError`) to
+        pass on more than this many bytes (a recorded size)
+    """
+
+    def __init__(self, raw, limit: Optional[int] = None) -> None:
+        self.raw = raw
+        self.limit = limit
+        #: The SHA-256 of the bytes written so far.
+        self.digest = hashlib.sha256()
+        #: Bytes written so far.
+        self.size = 0
+
+    def write(self, data) -> int:
+        """Hash ``data`` and pass it on; :return: its length."""
+        if self.limit is not None and self.size + len(data) > self.limit:
+            from .errors import IntegrityError
+
+            raise IntegrityError("more than the %d bytes recorded" % self.limit)
+        self.digest.update(data)
+        self.size += len(data)
+        self.raw.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        """Flush ``raw``."""
+        self.raw.flush()

@@ -314,7 +314,7 @@ class CloudManager:
             log.error("info(%s) failed: %s", checked, exc)
             return None
 
-    def sync(self) -> Dict[str, int]:
+    def sync(self, reencrypt: bool = False) -> Dict[str, int]:
         """Upload queued files and top up files below the redundancy target.
 
         Every queued or short file is tried, whatever its retry time; the
@@ -323,10 +323,26 @@ class CloudManager:
         cooling down after failures are tried once at the start (an explicit
         sync probes them).
 
+        With ``reencrypt`` (a pool with an ``encryption_key``), copies made
+        before the pool had its key are then rewritten encrypted, and the
+        plaintext ones deleted where the hosts allow it, a batch of files at
+        a time: resumable, and never leaving a file without its old copies or
+        its new ones.
+
         :return: a summary dict: ``checked``, ``uploads`` (new copies),
-            ``complete`` (files now at target), ``short`` (still below it)
+            ``complete`` (files now at target), ``short`` (still below it);
+            with ``reencrypt`` also ``reencrypted`` (files), ``sealed`` (new
+            encrypted copies), ``plaintext_deleted``, ``plaintext_kept``
+            (copies no host here could delete) and ``reencrypt_failed``
+        :raises InvalidInputError: with ``reencrypt``, on a pool without a key
         """
-        return self.pool.sync()._asdict()
+        summary = self.pool.sync()._asdict()
+        if reencrypt:
+            done = self.pool.reencrypt()
+            summary.update(reencrypted=done["files"] - done["failed"], sealed=done["sealed"],
+                           plaintext_deleted=done["deleted"], plaintext_kept=done["kept"],
+                           reencrypt_failed=done["failed"])
+        return summary
 
     def verify(self, hashes: Optional[Sequence[str]] = None,
                hosts: Optional[Sequence[str]] = None, older_than: Optional[float] = None,
@@ -532,7 +548,9 @@ class CloudManager:
         ``usage_ratio``, ``queued``, ``below_target``, ``redundancy``,
         ``uploaded_bytes``/``downloaded_bytes`` (``total`` and ``this_month``),
         ``hits``, ``misses``, ``transfers`` (per month, all nodes together),
-        ``hosts`` (:meth:`host_status`), ``node`` (this node's id) and
+        ``hosts`` (:meth:`host_status`), ``encryption`` (None, or the key's
+        public ``recipient``, every ``recipients`` and ``key_id``: never the
+        key itself), ``node`` (this node's id) and
         ``nodes`` (every node that used the pool: ``hostname``, ``last_seen``
         and its own ``transfers`` per month).
         """

@@ -370,48 +370,67 @@ class Pool:
         verdicts: List[Verdict] = []
         for (digest, osize), copies in groups.items():
             sources = [(c.host_name, c.url) for c in copies]
-            rooms: List[Reservation] = []
-
-            def ciphertext_room() -> Reservation:
-                rooms.append(self.cache.reservation(osize))
-                return rooms[-1]
-
-            try:
-                got = self.engine.download(digest, osize, sources, room=ciphertext_room)
-            except DownloadError as exc:
-                self.replication.apply(exc.verdicts, exc.facts, file_hash=file_hash)
-                failures += exc.failures
-                facts += exc.facts
-                continue
-            self.replication.apply(got.verdicts, got.facts, file_hash=file_hash)
-            facts += got.facts
-            ciphertext = got.room
-            assert ciphertext is not None
-            target = room() if room is not None else None
-            out = target.temp if target is not None else dest
-            assert out is not None
-            try:
-                plain_hash, plain_size = key.decrypt_file(ciphertext.temp, out, limit=size)
-                if (plain_hash, plain_size) != (file_hash, size):
-                    raise IntegrityError("it decrypts to %d bytes hashing to %s"
-                                         % (plain_size, plain_hash))
-            except IntegrityError as exc:
-                fsutil.remove_quietly(out)
-                if target is not None:
-                    target.release()
-                bad = [Verdict(got.location, "bad")]
-                self.replication.apply(bad, file_hash=file_hash)
-                verdicts += bad
-                failures.append(CorruptCopyError(got.location.host_name,
-                                                 "encrypted copy: %s" % exc))
-                log.warning("the encrypted copy of %s on %s is bad: %s", file_hash,
-                            got.location.host_name, exc)
-                continue
-            finally:
-                ciphertext.release()
-            return DownloadResult(got.location, facts, verdicts + got.verdicts, room=target)
+            with contextlib.ExitStack() as stack:
+                try:
+                    got, ciphertext = self._fetch_ciphertext(digest, osize, sources, stack)
+                except DownloadError as exc:
+                    self.replication.apply(exc.verdicts, exc.facts, file_hash=file_hash)
+                    failures += exc.failures
+                    facts += exc.facts
+                    continue
+                self.replication.apply(got.verdicts, got.facts, file_hash=file_hash)
+                facts += got.facts
+                target = room() if room is not None else None
+                out = target.temp if target is not None else dest
+                assert out is not None
+                try:
+                    plain_hash, plain_size = key.decrypt_file(ciphertext, out, limit=size)
+                    if (plain_hash, plain_size) != (file_hash, size):
+                        raise IntegrityError("it decrypts to %d bytes hashing to %s"
+                                             % (plain_size, plain_hash))
+                except IntegrityError as exc:
+                    fsutil.remove_quietly(out)
+                    if target is not None:
+                        target.release()
+                    bad = [Verdict(got.location, "bad")]
+                    self.replication.apply(bad, file_hash=file_hash)
+                    verdicts += bad
+                    failures.append(CorruptCopyError(got.location.host_name,
+                                                     "encrypted copy: %s" % exc))
+                    log.warning("the encrypted copy of %s on %s is bad: %s", file_hash,
+                                got.location.host_name, exc)
+                    continue
+                return DownloadResult(got.location, facts, verdicts + got.verdicts, room=target)
         raise DownloadError("no host delivered a good copy of %s" % file_hash, failures, facts,
                             verdicts)
+
+    def _fetch_ciphertext(self, digest: str, size: int, sources: List[Tuple[str, str]],
+                          stack: contextlib.ExitStack) -> Tuple[DownloadResult, str]:
+        """Fetch an encrypted copy's ciphertext, checked against its recorded
+        hash, into room of its own in the cache (released when ``stack``
+        closes), or, when it does not fit, into a private temp directory.
+
+        :return: the download's result, and the ciphertext's path
+        :raises DownloadError: if no source delivered it
+        """
+        rooms: List[Reservation] = []
+
+        def ciphertext_room() -> Reservation:
+            rooms.append(self.cache.reservation(size))
+            return rooms[-1]
+
+        if size <= self.cache.capacity:
+            try:
+                got = self.engine.download(digest, size, sources, room=ciphertext_room)
+            except CacheFullError as exc:
+                log.info("not fetching an encrypted copy into the cache: %s", exc)
+            else:
+                assert got.room is not None
+                stack.callback(got.room.release)
+                return got, got.room.temp
+        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="cm-sealed-"))
+        path = os.path.join(directory, digest)
+        return self.engine.download(digest, size, sources, path), path
 
     @contextlib.contextmanager
     def _source_of(self, file_hash: str, size: int) -> Iterator[str]:
@@ -505,6 +524,14 @@ class Pool:
         """Upload queued files and top up files below target."""
         self.cache.flush()
         return self.replication.sync()
+
+    def reencrypt(self, limit: int = 1000) -> dict:
+        """Rewrite plaintext copies encrypted; see :meth:`Replicator.reencrypt`.
+
+        :raises InvalidInputError: if the pool has no key
+        """
+        self.cache.flush()
+        return self.replication.reencrypt(limit)
 
     def verify(self, hashes: Optional[Sequence[str]] = None,
                hosts: Optional[Sequence[str]] = None, older_than: Optional[float] = None,

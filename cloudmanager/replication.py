@@ -62,7 +62,9 @@ from .crypto import PoolKey, ciphertext_size_max
 from .db import FileDatabase
 from .db.copies import CopyKey, ObjectMeta
 from .engine import CheckResult, Streamed, UploadEngine, UploadJob, UploadResult, Verdict
-from .errors import CloudManagerError, HostError, IntegrityError, UploadError
+from .errors import (
+    CloudManagerError, HostError, IntegrityError, InvalidInputError, UploadError,
+)
 from .health import Fact, Health
 from .hosts.base import Location
 
@@ -543,6 +545,8 @@ class Replicator:
         :raises OSError: if the source could not be read
         """
         before = os.stat(path)
+        if self.key is not None:
+            return self._upload_source_sealed(path, record, before)
         if not any(h.can_stage for h in self.engine.hosts.values()):
             return self._upload_source_unstaged(path, record, before)
         size = before.st_size
@@ -592,6 +596,43 @@ class Replicator:
                 self.engine.abort(streamed)  # nothing once published
                 self.health.release([streamed.host.name])  # its probe, if no fact took it
 
+    def _upload_source_sealed(self, path: str, record: Callable,
+                              before: os.stat_result) -> str:
+        """:meth:`upload_source` for an encrypted pool: the source is read once,
+        hashed as it is encrypted into a private work file outside the cache
+        (the file does not fit it), and that one ciphertext goes to every host
+        under the file's keyed name. A source changed during the read is
+        refused, with nothing sent.
+
+        The work file takes the file's size on the disk while it is sent
+        (see the README's Encryption section).
+        """
+        key = self.key
+        assert key is not None
+        with tempfile.TemporaryDirectory(prefix="cm-seal-") as work:
+            sealed = os.path.join(work, "object")
+            with open(path, "rb") as raw:
+                source = fsutil.HashingReader(raw)
+                with open(sealed, "xb") as out:
+                    os.fchmod(out.fileno(), 0o600)
+                    sink = fsutil.HashingWriter(out)
+                    key.encrypt(source, sink)
+            after = os.stat(path)
+            if source.count != before.st_size or _changed(before, after):
+                raise IntegrityError("%s changed while it was read (%d bytes read of %d); "
+                                     "refused (nothing is sent)"
+                                     % (path, source.count, before.st_size))
+            file_hash, size = source.hexdigest(), source.count
+            meta = ObjectMeta(sink.digest.hexdigest(), sink.size, key.key_id)
+            with self.locks.hold([file_hash]):
+                state = self.db.copies.replication_states([file_hash]).get(file_hash)
+                holders = set(state.good) if state else set()
+                result = self.engine.upload(sealed, key.object_name(file_hash), meta.size,
+                                            holders=holders)
+                self._record_source(path, file_hash, size, holders, result, record,
+                                    objects={file_hash: meta})
+        return file_hash
+
     def _publish_first(self, streamed: Streamed, failures: List[HostError],
                        facts: List[Fact]) -> Optional[Tuple[Set[str], Optional[Location]]]:
         """Publish the first copy of a streamed source (under its hash's lock).
@@ -616,7 +657,8 @@ class Replicator:
         return holders, outcome
 
     def _record_source(self, path: str, file_hash: str, size: int, holders: Set[str],
-                       result: UploadResult, record: Callable) -> None:
+                       result: UploadResult, record: Callable,
+                       objects: Optional[Dict[str, ObjectMeta]] = None) -> None:
         """Record a file uploaded from its source, with its copies, in one transaction.
 
         :raises UploadError: if nothing holds it, or its removal is in
@@ -629,7 +671,8 @@ class Replicator:
                               result.failures, result.facts)
         with self.db.catalog.transaction() as conn:
             record(conn, file_hash, size)
-            shorts = self._record_rounds([(file_hash, holders, self.redundancy, result)])
+            shorts = self._record_rounds([(file_hash, holders, self.redundancy, result)],
+                                         objects=objects)
             if any(why.startswith("removal in progress") for *_, why in shorts):
                 # Not cached, and the removal may delete what was just
                 # sent: refused (this transaction, the record included,
@@ -686,6 +729,78 @@ class Replicator:
         summary = SyncSummary(len(todo), uploads, complete, len(todo) - complete)
         log.info("sync: %s", summary._asdict())
         return summary
+
+    def reencrypt(self, limit: int = 1000) -> Dict[str, int]:
+        """Rewrite plaintext copies (made before the pool had a key) as
+        encrypted ones, then delete the plaintext ones; up to ``limit`` files.
+
+        For each file, under its lease: a verified plaintext is had (the
+        cached copy, or one fetched), sealed once, and sent to its target of
+        hosts; the new copies are recorded; only then are the plaintext
+        copies deleted (where the hosts allow it) and recorded deleted. A
+        kill at any point leaves every file with its old copies or its new
+        ones, and running it again goes on where it stopped.
+
+        :return: ``{"files", "sealed" (new copies), "deleted", "kept", "failed"}``
+        """
+        if self.key is None:
+            raise InvalidInputError("re-encryption needs the pool's encryption_key")
+        key = self.key
+        summary = dict.fromkeys(("files", "sealed", "deleted", "kept", "failed"), 0)
+        for file_hash in self.db.copies.plaintext_files(limit):
+            summary["files"] += 1
+            try:
+                self._reencrypt_one(file_hash, key, summary)
+            except (OSError, CloudManagerError) as exc:
+                summary["failed"] += 1
+                log.error("cannot re-encrypt %s: %s; its plaintext copies stay", file_hash, exc)
+        log.info("reencrypt: %s", summary)
+        return summary
+
+    def _reencrypt_one(self, file_hash: str, key: PoolKey, summary: Dict[str, int]) -> None:
+        with self.locks.hold([file_hash]), self._leases("replicate", [file_hash]) as mine:
+            if not mine:
+                summary["failed"] += 1
+                return
+            row = self.db.files.get(file_hash)
+            if row is None:
+                return
+            copies = self.db.copies.objects(file_hash)
+            sealed_on = {c.host_name for c in copies if c.key_id == key.key_id}
+            plain = [c for c in copies if not c.encrypted]
+            if len(sealed_on) < self.redundancy:
+                with self._source_of(file_hash, row.size) as source:
+                    job = UploadJob(source, file_hash, row.size, frozenset(sealed_on),
+                                    self.redundancy)
+                    with self._sealed([job]) as ([job], objects):
+                        result = self.engine.upload(job.path, job.file_hash, job.size,
+                                                    holders=sealed_on, target=self.redundancy)
+                self._record_rounds([(file_hash, sealed_on, self.redundancy, result)],
+                                    release=[file_hash], objects=objects)
+                summary["sealed"] += len(result.successes)
+                sealed_on |= {loc.host_name for loc in result.successes}
+            if len(sealed_on) < min(self.redundancy, len(self.engine.hosts)):
+                raise UploadError("only %d hosts took its encrypted copy" % len(sealed_on),
+                                  [], [])
+            deleted: List[CopyKey] = []
+            facts: List[Fact] = []
+            for copy in plain:
+                location = Location(copy.host_name, copy.url)
+                host = self.engine.host_for(copy.host_name, copy.url)
+                if host is None or not host.can_delete \
+                        or not self.engine.names(location, file_hash):
+                    summary["kept"] += 1
+                    continue
+                gone, delete_facts = self.engine.delete(location)
+                facts += delete_facts
+                if gone:
+                    deleted.append((file_hash, copy.host_name, copy.url))
+                else:
+                    summary["kept"] += 1
+            with self.db.catalog.transaction() as conn:
+                self.db.copies.record_deleted(conn, deleted, time.time())
+                self.health.record(facts)
+            summary["deleted"] += len(deleted)
 
     def verify(self, hashes: Optional[Sequence[str]] = None,
                hosts: Optional[Sequence[str]] = None, older_than: Optional[float] = None,

@@ -86,6 +86,9 @@ def stats(pool: Pool) -> dict:
         "transfers": {m: {"uploaded": u, "downloaded": d} for m, (u, d) in transfers.items()},
         "hosts": host_status(pool),
         "node": pool.cache.node_id,
+        "encryption": None if pool.key is None else {
+            "recipient": pool.key.recipient, "recipients": list(pool.key.recipients),
+            "key_id": pool.key.key_id},
         "nodes": {n.node: {"hostname": n.hostname, "last_seen": n.last_seen,
                            "transfers": {m: {"uploaded": per[n.node][0],
                                              "downloaded": per[n.node][1]}

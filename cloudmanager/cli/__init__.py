@@ -23,7 +23,7 @@ import click
 
 from .. import __version__
 from ..config import CONFIG_ENV, CONFIG_NAME
-from . import configure, maintain, migrate, share, show, transfer
+from . import configure, key, maintain, migrate, share, show, transfer
 from .app import LOGGING, SIZE, CmGroup, OperationFailed, Session, parse_duration
 
 __all__ = ["cli", "main", "OperationFailed", "parse_duration"]
@@ -80,7 +80,7 @@ def cli(ctx, config_path, capacity, verbose, quiet):
     ctx.call_on_close(session.close)
 
 
-for module in (configure, transfer, show, maintain, share, migrate):
+for module in (configure, transfer, show, maintain, share, migrate, key):
     for command in module.COMMANDS:
         cli.add_command(command)
 del module, command

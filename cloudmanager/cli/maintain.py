@@ -6,7 +6,7 @@ import sys
 import click
 
 from ..config import parse_size
-from ..errors import InvalidInputError
+from ..errors import CloudManagerError, InvalidInputError
 from .app import JSON_OPTION, OperationFailed, parse_duration, pass_session, resolve_hash
 from .output import emit_json, human_size, plural, print_summary
 
@@ -15,15 +15,21 @@ FSCK_META = {"clean", "repair", "deep", "repaired", "unrepaired", "files_checked
 
 
 @click.command()
+@click.option("--reencrypt", is_flag=True,
+              help="Then rewrite plaintext copies (made before the pool had its "
+                   "encryption_key) encrypted, and delete the plaintext ones; resumable.")
 @JSON_OPTION
 @pass_session
-def sync(session, as_json):
+def sync(session, reencrypt, as_json):
     """Upload queued files and top up files below the redundancy target.
 
     Exits 1 if some files are still short of copies afterwards.
     """
     cm = session.open()
-    summary = cm.sync()
+    try:
+        summary = cm.sync(reencrypt=reencrypt)
+    except CloudManagerError as exc:
+        raise OperationFailed(str(exc)) from None
     print_summary(session, "sync", summary, as_json)
     if summary["short"]:
         raise OperationFailed("%d files are still below the target of %d copies (see cm status)"

@@ -97,6 +97,9 @@ def status(session, as_json):
     click.echo("config    %s" % (("%s (from %s)" % (session.config_path, session.config_source))
                                  if session.config_path else session.config_source))
     click.echo("database  %s" % settings["database"])
+    encryption = stats.get("encryption")
+    click.echo("copies    %s" % ("encrypted with age to %s" % ", ".join(encryption["recipients"])
+                                 if encryption else "not encrypted (no encryption_key)"))
     click.echo("cache     %s: %s of %s used (%.0f%%), %s"
                % (settings["storage"], human_size(stats["cached_bytes"]),
                   human_size(stats["capacity"]), 100 * stats["usage_ratio"],

@@ -143,6 +143,14 @@ class Copies:
             " WHERE hash = ? AND url != '' AND state IN %s ORDER BY time, host_name, url"
             % states, (file_hash,))]
 
+    def plaintext_files(self, limit: int) -> List[str]:
+        """Up to ``limit`` hashes of files with a copy believed good that is the
+        plaintext (made before the pool had a key). Scans the copies: for
+        ``sync(reencrypt=True)``, not hot paths."""
+        return [r[0] for r in self.db.read(
+            "SELECT DISTINCT hash FROM uploads WHERE key_id = '' AND url != ''"
+            " AND state IN " + _HOLDING_SQL + " ORDER BY hash LIMIT ?", (limit,))]
+
     def replication_states(self, hashes: Iterable[str]) -> Dict[str, ReplicationState]:
         """``{hash: ReplicationState}`` for the known ones among ``hashes``. Two statements."""
         param = (json_list(hashes),)

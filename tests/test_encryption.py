@@ -1,0 +1,319 @@
+"""Encrypted pools: hosts hold only age ciphertext, under names that reveal nothing.
+
+Real hosts (folders, moto's S3, a WsgiDAV server), real pools, and the real
+``age`` command to open what the hosts hold (skipped without it, a failure
+when ``CM_REQUIRE_AGE=1``, as in CI).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from cloudmanager import CloudManager
+from cloudmanager.crypto import new_identity_file
+from hosts.s3_server import aws_env, bucket, moto_endpoint, s3_admin  # noqa: F401
+from hosts.webdav_server import PASSWORD, USER, webdav_server_fixture  # noqa: F401
+
+pytest.importorskip("pyrage")
+
+SENTENCE = b"a sentence only the owner may read. "
+NAME = "private-report.txt"
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def age():
+    found = shutil.which("age")
+    if not found:
+        if os.environ.get("CM_REQUIRE_AGE") == "1":
+            pytest.fail("the age command is required here (CM_REQUIRE_AGE=1)")
+        pytest.skip("no age command (apt-get install age)")
+    return found
+
+
+@pytest.fixture
+def key(tmp_path):
+    path = tmp_path / "keys" / "pool.key"
+    path.parent.mkdir()
+    new_identity_file(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def folders(tmp_path):
+    roots = [tmp_path / "hosts" / n for n in ("h1", "h2")]
+    for root in roots:
+        root.mkdir(parents=True)
+    return roots
+
+
+def open_with_age(age, key, blob, tmp_path):
+    path = tmp_path / ("object-" + uuid.uuid4().hex)
+    path.write_bytes(blob)
+    return subprocess.run([age, "-d", "-i", key, str(path)], capture_output=True,
+                          check=True).stdout
+
+
+def objects_in(root):
+    """``{name: bytes}`` of a folder host's objects (its marker left out)."""
+    return {p.name: p.read_bytes() for p in root.iterdir() if not p.name.startswith(".")}
+
+
+def assert_reveals_nothing(objects, data, digest):
+    assert objects
+    for name, blob in objects.items():
+        assert SENTENCE not in blob and SENTENCE[:16] not in blob
+        assert digest not in name and NAME not in name and len(name) == 64
+        assert blob != data
+
+
+# -- what the hosts hold ------------------------------------------------------------------
+
+def test_folder_hosts_hold_only_ciphertext_that_age_opens(make_pool, folders, key, age,
+                                                          write_file, tmp_path):
+    data = SENTENCE * 2000
+    cm = make_pool(hosts=["dir:%s" % r for r in folders], redundancy=2, encryption_key=key)
+    digest = cm.upload(write_file(NAME, data))
+    assert digest == sha(data)
+    for root in folders:
+        objects = objects_in(root)
+        assert_reveals_nothing(objects, data, digest)
+        (blob,) = objects.values()
+        assert open_with_age(age, key, blob, tmp_path) == data
+    # The record says what each copy holds; a v0.2 reader sees its usual fields.
+    (record,) = json.loads(cm.data_dump())
+    for entry in record["uploads"]:
+        assert {"host_name", "url", "object_sha256", "object_size", "key_id"} == set(entry)
+        assert entry["object_sha256"] == sha(objects_in(folders[0])[entry["url"][-64:]])
+    assert cm.evict(0) == 1
+    assert open(cm.warm_up(digest), "rb").read() == data
+    assert cm.verify(deep=True)["good"] == 2
+    assert cm.stats()["encryption"]["recipient"].startswith("age1")
+
+
+def test_s3_and_webdav_hold_only_ciphertext(make_pool, key, age, write_file, tmp_path,
+                                            moto_endpoint, bucket, s3_admin, webdav_server):
+    from cloudmanager.hosts.fsspec import FsspecHost
+    from cloudmanager.hosts.s3 import S3Host
+
+    s3 = S3Host(bucket, "pool", endpoint_url=moto_endpoint, region="us-east-1",
+                addressing_style="path")
+    dav_root = "t" + uuid.uuid4().hex[:12]
+    dav = FsspecHost("webdav://%s/pool" % dav_root, base_url=webdav_server.base_url,
+                     storage_options={"auth": (USER, PASSWORD)}, timeout=10)
+    data = SENTENCE * 500
+    cm = make_pool(hosts=[s3, dav], redundancy=2, encryption_key=key)
+    digest = cm.upload(write_file(NAME, data))
+    s3_objects = {o["Key"].split("/")[-1]: s3_admin.get_object(Bucket=bucket, Key=o["Key"])
+                  ["Body"].read()
+                  for o in s3_admin.list_objects_v2(Bucket=bucket)["Contents"]}
+    dav_dir = webdav_server.root / dav_root / "pool"
+    dav_objects = {p.name: p.read_bytes() for p in dav_dir.iterdir()
+                   if not p.name.startswith(".")}
+    for objects in (s3_objects, dav_objects):
+        assert_reveals_nothing(objects, data, digest)
+        assert [open_with_age(age, key, b, tmp_path) for b in objects.values()] == [data]
+    cm.evict(0)
+    assert open(cm.warm_up(digest), "rb").read() == data
+    assert cm.verify(deep=True)["good"] == 2
+
+
+def test_every_recipient_can_read(make_pool, folders, key, age, write_file, tmp_path):
+    reader = tmp_path / "keys" / "offline.key"
+    recipient = new_identity_file(str(reader))
+    cm = make_pool(hosts=["dir:%s" % folders[0]], redundancy=1, encryption_key=key,
+                   recipients=[recipient])
+    cm.upload(write_file(NAME, SENTENCE))
+    (blob,) = objects_in(folders[0]).values()
+    for identity in (key, str(reader)):
+        assert open_with_age(age, identity, blob, tmp_path) == SENTENCE
+    assert cm.stats()["encryption"]["recipients"][1] == recipient
+
+
+def test_a_file_larger_than_the_cache_is_sealed_as_it_is_read(make_pool, folders, key, age,
+                                                              write_file, tmp_path):
+    data = os.urandom(300_000) + SENTENCE
+    cm = make_pool(capacity=100_000, hosts=["dir:%s" % r for r in folders], redundancy=2,
+                   encryption_key=key)
+    digest = cm.upload(write_file(NAME, data))
+    assert digest == sha(data) and not cm.on_cache(digest)
+    for root in folders:
+        (blob,) = objects_in(root).values()
+        assert open_with_age(age, key, blob, tmp_path) == data
+    dest = tmp_path / "back"
+    assert cm.download(digest, str(dest)) and dest.read_bytes() == data
+
+
+# -- bad copies, other keys, hostile records ---------------------------------------------------
+
+def test_a_flipped_ciphertext_byte_is_a_bad_copy_that_sync_replaces(make_pool, folders, key,
+                                                                    write_file):
+    data = SENTENCE * 3000
+    cm = make_pool(hosts=["dir:%s" % r for r in folders], redundancy=2, encryption_key=key)
+    digest = cm.upload(write_file(NAME, data))
+    (name,) = objects_in(folders[0])
+    path = folders[0] / name
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 1
+    path.write_bytes(bytes(blob))
+    assert cm.verify(deep=True)["bad"] == 1
+    assert cm.sync()["uploads"] == 1
+    assert cm.verify(deep=True)["good"] == 2
+    cm.evict(0)
+    assert open(cm.warm_up(digest), "rb").read() == data
+
+
+def test_a_ciphertext_that_matches_its_record_but_not_the_file_is_refused(
+        make_pool, folders, key, write_file, tmp_path, caplog):
+    """A record whose ciphertext hash was made up to match other bytes (another
+    file's object): the bytes match, the decryption does not."""
+    cm = make_pool(hosts=["dir:%s" % folders[0]], redundancy=1, encryption_key=key)
+    real = cm.upload(write_file("real", SENTENCE))
+    other = cm.upload(write_file("other", b"something else entirely"))
+    records = json.loads(cm.data_dump())
+    by_hash = {r["filehash"]: r for r in records}
+    # Node B is told that `real` lives in `other`'s object.
+    forged = dict(by_hash[real], uploads=by_hash[other]["uploads"])
+    node_b = make_pool(name="b", hosts=["dir:%s" % folders[0]], redundancy=1,
+                       encryption_key=key)
+    assert node_b.data_load(json.dumps([forged])) == 1
+    assert node_b.warm_up(real) is False
+    assert "decrypts to" in caplog.text
+    assert node_b.info(real)["uploads"][0]["error"] is True
+
+
+def test_another_key_gets_a_clear_reason_and_no_bytes(make_pool, folders, key, write_file,
+                                                      tmp_path, caplog):
+    cm = make_pool(hosts=["dir:%s" % folders[0]], redundancy=1, encryption_key=key)
+    digest = cm.upload(write_file(NAME, SENTENCE))
+    other_key = tmp_path / "keys" / "other.key"
+    new_identity_file(str(other_key))
+    for name, kwargs in (("stranger", {"encryption_key": str(other_key)}), ("keyless", {})):
+        node = make_pool(name=name, hosts=["dir:%s" % folders[0]], redundancy=1, **kwargs)
+        assert node.data_load(cm.data_dump()) == 1
+        assert node.exists(digest)  # the record is kept...
+        assert node.warm_up(digest) is False  # ...and no bytes come out of it
+        assert "encrypted for another key" in caplog.text
+        assert node.download(digest, str(tmp_path / ("out-" + name))) is False
+        assert not (tmp_path / ("out-" + name)).exists() and not node.on_cache(digest)
+
+
+def test_hostile_object_sizes_cannot_overfill_the_cache(make_pool, folders, key, write_file,
+                                                        tmp_path):
+    cm = make_pool(hosts=["dir:%s" % folders[0]], redundancy=1, encryption_key=key)
+    digest = cm.upload(write_file(NAME, SENTENCE * 100))
+    (record,) = json.loads(cm.data_dump())
+    for entry in record["uploads"]:
+        entry["object_size"] = str(10 ** 12)  # a terabyte: more than any cache here
+    node = make_pool(name="b", capacity=50_000, hosts=["dir:%s" % folders[0]],
+                     redundancy=1, encryption_key=key)
+    assert node.data_load(json.dumps([record])) == 1
+    assert node.warm_up(digest) is False
+    assert node.stats()["cached_bytes"] == 0
+    leftovers = [p for p in (tmp_path / "b" / "cache" / "tmp").iterdir()]
+    assert leftovers == []
+    for entry in record["uploads"]:
+        entry["object_size"] = str(2 ** 60)  # beyond any real file: refused at import
+    node2 = make_pool(name="c", hosts=["dir:%s" % folders[0]], redundancy=1,
+                      encryption_key=key)
+    node2.data_load(json.dumps([record]))
+    assert node2.info(digest)["uploads"] == [] or all(
+        "object_size" not in u for u in node2.info(digest)["uploads"])
+
+
+# -- pools that change -------------------------------------------------------------------
+
+def test_a_pool_that_gains_a_key_keeps_reading_old_copies_and_reencrypts_them(
+        make_pool, folders, key, age, write_file, tmp_path):
+    hosts = ["dir:%s" % r for r in folders]
+    plain = make_pool(hosts=hosts, redundancy=2)
+    old = {plain.upload(write_file("old%d" % i, SENTENCE + b"%d" % i)): SENTENCE + b"%d" % i
+           for i in range(3)}
+    plain.close()
+    cm = make_pool(hosts=hosts, redundancy=2, encryption_key=key)
+    cm.evict(0)
+    for digest, data in old.items():  # still readable: plaintext copies
+        assert open(cm.warm_up(digest), "rb").read() == data
+    new = cm.upload(write_file("new", SENTENCE + b"new"))
+    summary = cm.sync(reencrypt=True)
+    assert summary["reencrypted"] == 3 and summary["sealed"] == 6
+    assert summary["plaintext_deleted"] == 6 and summary["reencrypt_failed"] == 0
+    for root in folders:
+        objects = objects_in(root)
+        assert len(objects) == 4
+        assert not set(old) & set(objects)  # no plaintext object is left
+        for blob in objects.values():
+            assert SENTENCE not in blob
+    cm.evict(0)
+    for digest, data in list(old.items()) + [(new, SENTENCE + b"new")]:
+        assert open(cm.warm_up(digest), "rb").read() == data
+    assert cm.sync(reencrypt=True)["reencrypted"] == 0  # nothing left to do
+
+
+REENCRYPT_WORKER = r"""
+import sys
+from cloudmanager import CloudManager
+database, storage, key, hosts = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+with CloudManager(database, storage, 1 << 24, hosts=hosts, redundancy=2, encryption_key=key,
+                  fsync=False) as cm:
+    cm.sync(reencrypt=True)
+"""
+
+
+def test_reencryption_under_sigkills_loses_nothing(make_pool, folders, key, write_file,
+                                                   tmp_path):
+    hosts = ["dir:%s" % r for r in folders]
+    plain = make_pool(hosts=hosts, redundancy=2)
+    files = {}
+    for i in range(400):
+        data = os.urandom(2000 + i) + SENTENCE
+        files[plain.upload(write_file("f%d" % i, data))] = data
+    database, storage = plain.settings()["database"], plain.settings()["storage"]
+    plain.close()
+    argv = [sys.executable, "-c", REENCRYPT_WORKER, database, storage, key] + hosts
+    killed = 0
+    for delay in (0.6, 0.8, 0.7, 0.9, 0.75, 1.0, 0.85, 0.95):
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(delay)
+        if proc.poll() is not None:
+            break  # it finished: the kills are over
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed += 1
+    subprocess.run(argv, check=True, capture_output=True, timeout=120)
+    with CloudManager(database, storage, 1 << 24, hosts=hosts, redundancy=2,
+                      encryption_key=key, fsync=False) as cm:
+        cm.check(repair=True)
+        assert cm.sync(reencrypt=True)["reencrypted"] == 0
+        cm.evict(0)
+        for digest, data in files.items():
+            assert open(cm.warm_up(digest), "rb").read() == data, digest
+        for root in folders:
+            assert not set(files) & set(objects_in(root))
+            assert all(SENTENCE not in blob for blob in objects_in(root).values())
+    assert killed >= 2, "the workers ended before their kill: nothing was tested"
+
+
+def test_a_folder_host_copy_needs_no_key_to_be_verified(make_pool, folders, key, write_file):
+    """verify checks an encrypted copy as the ciphertext it is: a node without
+    the key can still tell good copies from bad ones."""
+    cm = make_pool(hosts=["dir:%s" % folders[0]], redundancy=1, encryption_key=key)
+    digest = cm.upload(write_file(NAME, SENTENCE * 10))
+    keyless = make_pool(name="keyless", hosts=["dir:%s" % folders[0]], redundancy=1)
+    keyless.data_load(cm.data_dump())
+    assert keyless.exists(digest)
+    assert keyless.verify(deep=True)["good"] == 1
+    (name,) = objects_in(folders[0])
+    (folders[0] / name).write_bytes(b"x" * (folders[0] / name).stat().st_size)
+    assert keyless.verify(deep=True)["bad"] == 1
