@@ -144,3 +144,24 @@ def test_readme_several_nodes_walkthrough_runs_on_a_real_postgresql(tmp_path, pg
     assert result.stdout.splitlines() == ["True False", "made on node A", "report.txt"]
     assert (tmp_path / "node-b" / "cache.index.sqlite3").is_file()
     assert not (tmp_path / "node-a" / "db.sqlite3").exists()
+
+
+def test_readme_encryption_walkthrough_runs_as_written(tmp_path):
+    """README, "Encryption": a key, an upload, a look at the host, and the copy
+    opened with the real age command."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("age") is None:
+        if os.environ.get("CM_REQUIRE_AGE") == "1":
+            pytest.fail("the age command is required here (CM_REQUIRE_AGE=1)")
+        pytest.skip("no age command")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in python_blocks(readme) if "new_identity_file(\"pool.key\")" in b)
+    result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["True False", "only for the board",
+                                          "only for the board"]
+    assert oct(os.stat(tmp_path / "pool.key").st_mode & 0o777) == "0o600"

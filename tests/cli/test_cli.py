@@ -619,3 +619,37 @@ def test_hosts_retry_of_an_unknown_host_is_a_usage_error(home):
     assert result.exit_code == 2 and "no host named 'nobody'" in result.stderr
     assert result.stderr.count("\n") == 1 and "--retry" in result.stderr
     assert "--retry NAME" in home.cm("hosts", "--help").stdout
+
+
+def test_key_new_then_an_encrypted_pool_from_the_command_line(home, tmp_path):
+    pytest.importorskip("pyrage")
+    result = home.cm("key", "new", "pool.key")
+    assert result.exit_code == 0, result.stderr
+    recipient = result.stdout.strip()
+    assert recipient.startswith("age1") and "Losing it loses" in result.stderr
+    assert oct(os.stat(home.work / "pool.key").st_mode & 0o777) == "0o600"
+    again = home.cm("key", "new", "pool.key")  # never over an existing key
+    assert again.exit_code == 1 and "never overwritten" in again.stderr
+    nas = tmp_path / "nas"
+    assert home.cm("init", "--host", "nas=dir:%s" % nas).exit_code == 0
+    config = home.work / "cloudmanager.toml"
+    config.write_text(config.read_text().replace(
+        "[pool]\n", '[pool]\nencryption_key = "pool.key"\n'))
+    status = home.cm("status")
+    assert "encrypted with age to %s" % recipient in status.stdout
+    home.file("notes.txt", b"private notes " * 10)
+    digest = home.cm("upload", "notes.txt").stdout.split()[0]
+    (name,) = [n for n in os.listdir(nas) if not n.startswith(".")]
+    assert name != digest and b"private notes" not in (nas / name).read_bytes()
+    assert home.cm("evict").exit_code == 0
+    out = home.cm("download", digest, tmp_path / "back.txt")
+    assert out.exit_code == 0 and (tmp_path / "back.txt").read_bytes() == b"private notes " * 10
+    assert home.cm_json("sync", "--reencrypt")["reencrypted"] == 0
+
+
+def test_sync_reencrypt_without_a_key_is_a_clear_error(home):
+    home.file("a.txt", b"a")
+    assert home.cm("upload", "a.txt").exit_code == 0
+    result = home.cm("sync", "--reencrypt")
+    assert result.exit_code == 1 and "encryption_key" in result.stderr
+    assert result.stderr.count("\n") == 1
