@@ -291,6 +291,30 @@ def test_translation_of_the_dialect():
     assert redact("postgresql://u:p%40ss@h/db") == "postgresql://u:***@h/db"
 
 
+V4_TRIGGERS = """CREATE FUNCTION cloudmanager_count_copies() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    h TEXT;
+BEGIN
+    IF TG_OP = 'DELETE' THEN h := OLD.hash; ELSE h := NEW.hash; END IF;
+    UPDATE files SET
+        copies = (SELECT count(DISTINCT host_name) FROM uploads
+                  WHERE hash = h AND state IN ('good', 'claimed', 'suspect')),
+        verified = (SELECT count(DISTINCT host_name) FROM uploads
+                    WHERE hash = h AND state = 'good')
+    WHERE hash = h;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER uploads_insert AFTER INSERT ON uploads
+    FOR EACH ROW EXECUTE FUNCTION cloudmanager_count_copies();
+CREATE TRIGGER uploads_update AFTER UPDATE OF state ON uploads
+    FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state)
+    EXECUTE FUNCTION cloudmanager_count_copies();
+CREATE TRIGGER uploads_delete AFTER DELETE ON uploads
+    FOR EACH ROW EXECUTE FUNCTION cloudmanager_count_copies();
+"""
+
+
 def test_a_version_4_postgresql_catalog_is_migrated(pg_url, tmp_path):
     """A catalog made at version 4 (this series' first) gains what 5 adds,
     keeping its rows."""
@@ -300,6 +324,9 @@ def test_a_version_4_postgresql_catalog_is_migrated(pg_url, tmp_path):
 
     v5 = postgres_schema_sql()
     v4 = v5.replace("VALUES (%d)" % SCHEMA_VERSION, "VALUES (4)")
+    # Version 4's copy counts: a row trigger.
+    v4 = re.sub(r"CREATE FUNCTION cloudmanager_recount.*?cloudmanager_count_deleted\(\);\n",
+                V4_TRIGGERS, v4, flags=re.S)
     v4 = re.sub(r"\n    (object_sha256|object_size|key_id) .*,", "", v4)  # version 6's
     v4 = re.sub(r"CREATE TABLE (leases|nodes) \(.*?\);", "", v4, flags=re.S)
     v4 = v4.replace("    last_error   TEXT,\n    node         TEXT NOT NULL DEFAULT ''",
@@ -318,6 +345,10 @@ def test_a_version_4_postgresql_catalog_is_migrated(pg_url, tmp_path):
         db.health.record({}, uploaded=1, when=time.mktime((2026, 1, 15, 0, 0, 0, 0, 0, -1)),
                          node="n1")
         assert db.health.transfers() == {"2026-01": (6, 6)}
+        add_files(db, H[:1])  # the copy counts are kept by version 6's triggers
+        with db.catalog.transaction() as conn:
+            db.copies.record_good(conn, [(H[0], "a", "u1"), (H[0], "b", "u2")], when=1)
+        assert (db.files.get(H[0]).copies, db.files.get(H[0]).verified) == (2, 2)
     finally:
         db.close()
 

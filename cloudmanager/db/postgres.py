@@ -567,6 +567,48 @@ class PostgresDatabase:
         return before
 
 
+#: The copy-count triggers of version 6 (frozen here, as every migration is).
+_STATEMENT_TRIGGERS = """
+CREATE FUNCTION cloudmanager_recount(hashes TEXT[]) RETURNS void LANGUAGE sql AS $$
+    UPDATE files AS f SET
+        copies = (SELECT count(DISTINCT u.host_name) FROM uploads AS u
+                  WHERE u.hash = f.hash AND u.state IN ('good', 'claimed', 'suspect')),
+        verified = (SELECT count(DISTINCT u.host_name) FROM uploads AS u
+                    WHERE u.hash = f.hash AND u.state = 'good')
+    WHERE f.hash = ANY (hashes);
+$$;
+CREATE FUNCTION cloudmanager_count_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM cloudmanager_recount(ARRAY(SELECT DISTINCT hash FROM inserted_rows));
+    RETURN NULL;
+END
+$$;
+CREATE FUNCTION cloudmanager_count_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM cloudmanager_recount(ARRAY(SELECT DISTINCT hash FROM deleted_rows));
+    RETURN NULL;
+END
+$$;
+CREATE FUNCTION cloudmanager_count_updated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM cloudmanager_recount(ARRAY(
+        SELECT DISTINCT n.hash FROM new_rows AS n JOIN old_rows AS o
+            ON o.hash = n.hash AND o.host_name = n.host_name AND o.url = n.url
+        WHERE o.state IS DISTINCT FROM n.state));
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER uploads_insert AFTER INSERT ON uploads
+    REFERENCING NEW TABLE AS inserted_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION cloudmanager_count_inserted();
+CREATE TRIGGER uploads_update AFTER UPDATE ON uploads
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION cloudmanager_count_updated();
+CREATE TRIGGER uploads_delete AFTER DELETE ON uploads
+    REFERENCING OLD TABLE AS deleted_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION cloudmanager_count_deleted();
+"""
+
 #: ``{from_version: sql}`` for catalogs on PostgreSQL, as
 #: :data:`~cloudmanager.db.connection.MIGRATIONS` is for SQLite (its
 #: ``catalog`` part). PostgreSQL catalogs begin at version 4. Each script
@@ -592,10 +634,17 @@ POSTGRES_MIGRATIONS: Dict[int, str] = {
         );
         UPDATE cloudmanager_schema SET version = 5;
     """,
+    # 6: encrypted copies' objects; the copy counts kept once per statement
+    # (statement triggers with transition tables), not once per row.
     5: """
         ALTER TABLE uploads ADD COLUMN object_sha256 TEXT NOT NULL DEFAULT '';
         ALTER TABLE uploads ADD COLUMN object_size BIGINT NOT NULL DEFAULT -1;
         ALTER TABLE uploads ADD COLUMN key_id TEXT NOT NULL DEFAULT '';
+        DROP TRIGGER uploads_insert ON uploads;
+        DROP TRIGGER uploads_update ON uploads;
+        DROP TRIGGER uploads_delete ON uploads;
+        DROP FUNCTION cloudmanager_count_copies();
+    """ + _STATEMENT_TRIGGERS + """
         UPDATE cloudmanager_schema SET version = 6;
     """,
 }
