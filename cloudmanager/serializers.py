@@ -178,7 +178,8 @@ def parse_record(obj):
             continue
         uploads.setdefault(item)
         if obj is not None:
-            objects.setdefault(item[:2], item[:2] + obj)
+            host_name, url, _ = item
+            objects.setdefault((host_name, url), (host_name, url) + obj)
     return Record(file_hash, filename, size, when, tuple(uploads), tuple(objects.values()))
 
 

@@ -405,8 +405,8 @@ def test_iter_records_streams_files_with_uploads(db):
     db.records.merge([rec(H[1], size=3, uploads=[("h2", "http://h2.example/1", False)]),
                       rec(H[0], size=4)])
     assert list(db.records.iter()) == [
-        (H[0], "doc.txt", 4, 1391212800, []),
-        (H[1], "doc.txt", 3, 1391212800, [("h2", "http://h2.example/1", False)]),
+        (H[0], "doc.txt", 4, 1391212800, [], []),
+        (H[1], "doc.txt", 3, 1391212800, [("h2", "http://h2.example/1", False)], []),
     ]
     assert [r[0] for r in db.records.iter([H[1]])] == [H[1]]
 

@@ -88,13 +88,31 @@ def test_data_load_never_raises_on_text_that_is_not_json(pool, text):
     assert result is None or isinstance(result, int)
 
 
-valid_records = st.builds(
+plain_records = st.builds(
     serializers.Record, hashes,
     st.text(max_size=30).map(safe_basename),
     st.integers(0, serializers.MAX_FILESIZE), st.integers(0, serializers.MAX_DATETIME),
     st.lists(st.tuples(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,20}", fullmatch=True),
                        st.builds(lambda h: "https://host.example/f/" + h, hashes),
-                       st.booleans()), max_size=3, unique=True).map(tuple))
+                       st.booleans()), max_size=3, unique=True).map(tuple),
+    objects=st.just(()))
+#: An encrypted copy's object (its ciphertext's hash and size, the key id), or None.
+object_meta = st.none() | st.tuples(hashes, st.integers(0, serializers.MAX_OBJECT_SIZE),
+                                    st.from_regex(r"[0-9a-f]{32}", fullmatch=True))
+
+
+def _with_objects(record, metas):
+    """The record with the given objects for its uploads (the first entry per URL)."""
+    objects = {}
+    for (host, url, _), meta in zip(record.uploads, metas):
+        if meta is not None:
+            objects.setdefault((host, url), (host, url) + meta)
+    return record._replace(objects=tuple(objects.values()))
+
+
+valid_records = plain_records.flatmap(
+    lambda r: st.tuples(*[object_meta for _ in r.uploads]).map(
+        lambda metas: _with_objects(r, metas)))
 
 
 @settings(max_examples=150, deadline=None)

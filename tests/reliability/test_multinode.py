@@ -37,6 +37,7 @@ import pytest
 from cloudmanager import CloudManager
 
 from .figures import DATA_LOST, add
+from .test_chaos import all_stopped
 
 SECONDS = float(os.environ.get("CM_MULTINODE_SECONDS", "30"))
 SEED = int(os.environ.get("CM_MULTINODE_SEED", "20261202"))
@@ -94,11 +95,11 @@ class Cluster:
                 str(self.node(i) / "cloudmanager.toml")] + [str(a) for a in args]
         env = dict(os.environ)
         env.pop("CLOUDMANAGER_DATABASE", None)
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=env, cwd=str(self.node(i)))
-        with self.lock:
-            if killable:
-                self.running[proc] = i
+        with self.lock:  # started and registered at once: the sampler stops it too
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=env, cwd=str(self.node(i)))
+            proc.killable = killable
+            self.running[proc] = i
             self.counts["procs"] += 1
         try:
             out, err = proc.communicate(timeout=HANG_S)
@@ -108,7 +109,7 @@ class Cluster:
             self.problems.append("hang: cm %s on node %d" % (" ".join(map(str, args)), i))
         with self.lock:
             self.running.pop(proc, None)
-        killed = proc.returncode == -signal.SIGKILL
+        killed = proc.returncode == -signal.SIGKILL and killable
         for alarm in ALARMS:
             if alarm in err:
                 self.problems.append("node %d, cm %s: %s" % (i, args[0], err.strip()[-800:]))
@@ -158,8 +159,10 @@ class Cluster:
 
     def note_failure(self, i, what, err):
         text = err.strip().splitlines()[-1] if err.strip() else "(no message)"
-        if "failed on postgresql://" in text or "cannot start a transaction" in text \
-                or "connect" in text and "postgresql://" in text:
+        # libpq's messages span lines ("... failed: Connection refused / Is the
+        # server running on that host ..."): the whole of stderr says which.
+        if "postgresql://" in err or "cannot start a transaction" in err \
+                or "server running on that host" in err:
             with self.lock:
                 self.counts["catalog_down"] += 1
         elif "no host" in text or "holds" in text:
@@ -189,7 +192,7 @@ class Cluster:
         rng = random.Random(self.rng.random())
         while not self.stop.wait(rng.uniform(0.5, 2.0)):
             with self.lock:
-                procs = list(self.running)
+                procs = [p for p in self.running if p.killable]
             if procs:
                 victim = rng.choice(procs)
                 try:
@@ -200,9 +203,30 @@ class Cluster:
                     pass
 
     def sampler(self):
+        """Each node's cache directory, measured with its processes stopped
+        (SIGSTOP, until every thread is), so a walk never adds a file that
+        was evicted to one that landed after it."""
         while not self.stop.wait(0.02):
             for i in range(NODES):
-                self.peak[i] = max(self.peak[i], cache_bytes(self.node(i) / "cache"))
+                with self.lock:
+                    procs = [p for p, node in self.running.items() if node == i]
+                    stopped = []
+                    for proc in procs:
+                        try:
+                            proc.send_signal(signal.SIGSTOP)
+                            stopped.append(proc)
+                        except ProcessLookupError:
+                            pass
+                    try:
+                        if all_stopped([p.pid for p in stopped], timeout=2.0):
+                            self.peak[i] = max(self.peak[i],
+                                               cache_bytes(self.node(i) / "cache"))
+                    finally:
+                        for proc in stopped:
+                            try:
+                                proc.send_signal(signal.SIGCONT)
+                            except ProcessLookupError:
+                                pass
 
 
 def test_four_nodes_on_one_catalog_lose_nothing(postgres_server, tmp_path):
