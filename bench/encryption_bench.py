@@ -19,7 +19,6 @@ The figures (issue 14, item 6):
 Skipped, with the reason printed, when pyrage is not installed.
 """
 
-import importlib.util
 import os
 import sys
 
@@ -39,8 +38,10 @@ MODES = ("plain", "encrypted")
 
 def encryption(ws, cfg):
     """Every figure of the group; ``[]`` (the reason printed) without pyrage."""
-    if importlib.util.find_spec("pyrage") is None:
-        reason = "pyrage is not installed (pip install 'cloudmanager[encryption]')"
+    try:
+        import pyrage  # noqa: F401
+    except ImportError as exc:
+        reason = "pyrage is not installed (%s; pip install 'cloudmanager[encryption]')" % exc
         print("11. encryption: skipped: %s" % reason, flush=True)
         print("encryption skipped: %s" % reason, file=sys.stderr, flush=True)
         return []
