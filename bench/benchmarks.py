@@ -25,12 +25,14 @@ from cloudmanager.hosts.folder import FolderHost
 FULL = {"large_mib": 512, "small_files": 10000, "small_original": 2000, "lookup_files": 100000,
         "growth_small": 1000, "growth_large": 100000, "lookups": 20000, "evictions": 500,
         "host_seconds": 0.5, "dead_timeout": 1.0, "startup_runs": 15, "repeat": 3,
-        "pg_files": 10000, "pg_nodes": 4, "pg_records": 100000}
+        "pg_files": 10000, "pg_nodes": 4, "pg_records": 100000,
+        "enc_mib": 256, "enc_files": 10000}
 #: A smoke run for CI: every benchmark, small data, no claims.
 QUICK = {"large_mib": 32, "small_files": 500, "small_original": 200, "lookup_files": 2000,
          "growth_small": 200, "growth_large": 2000, "lookups": 2000, "evictions": 50,
          "host_seconds": 0.3, "dead_timeout": 0.5, "startup_runs": 3, "repeat": 1,
-         "pg_files": 400, "pg_nodes": 4, "pg_records": 5000}
+         "pg_files": 400, "pg_nodes": 4, "pg_records": 5000,
+         "enc_mib": 32, "enc_files": 500}
 
 
 def _pool(base, capacity, hosts, **kwargs):

@@ -23,11 +23,12 @@ sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))
 
 import benchmarks  # noqa: E402
+import encryption_bench  # noqa: E402
 import postgres_bench  # noqa: E402
 from common import Workspace, machine_facts  # noqa: E402
 
 NAMES = ["large", "small", "lookups", "growth", "sync", "hosts", "startup", "miss",
-         "postgres"]
+         "postgres", "encryption"]
 
 
 def run_all(cfg, only, ws):
@@ -42,6 +43,7 @@ def run_all(cfg, only, ws):
         "startup": lambda: benchmarks.startup(ws, cfg),
         "miss": lambda: benchmarks.warm_up_miss(ws, cfg),
         "postgres": lambda: postgres_bench.postgres(ws, cfg),
+        "encryption": lambda: encryption_bench.encryption(ws, cfg),
     }
     rows, errors, times = [], [], {}
     for name in NAMES:
