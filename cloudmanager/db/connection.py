@@ -41,7 +41,7 @@ from ..errors import DatabaseError
 log = logging.getLogger(__name__)
 
 #: The schema version this code writes and expects.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: WAL pages between automatic checkpoints (SQLite's default is 1,000, or
 #: 4 MB); a checkpoint writes each dirty page once, however often it changed.
@@ -222,6 +222,24 @@ MIGRATIONS: Dict[int, Union[str, Dict[str, str]]] = {
         "cache_index": """
             CREATE TABLE this_node (node TEXT NOT NULL);
         """,
+    },
+    # 6: the original's API for sharing records through a log (a
+    # blockchain): which records were exported or loaded from a source, and
+    # the pool's named integers (the last known block).
+    5: {
+        "catalog": """
+            CREATE TABLE published (
+                hash     TEXT PRIMARY KEY REFERENCES files (hash) ON DELETE CASCADE,
+                exported REAL,
+                source   TEXT,
+                CHECK (exported IS NOT NULL OR source IS NOT NULL)
+            ) WITHOUT ROWID;
+            CREATE TABLE pool_state (
+                name  TEXT PRIMARY KEY,
+                value INTEGER NOT NULL
+            ) WITHOUT ROWID;
+        """,
+        "cache_index": "",
     },
 }
 

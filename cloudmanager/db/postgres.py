@@ -487,6 +487,19 @@ POSTGRES_MIGRATIONS: Dict[int, str] = {
         );
         UPDATE cloudmanager_schema SET version = 5;
     """,
+    5: """
+        CREATE TABLE published (
+            hash     TEXT COLLATE "C" PRIMARY KEY REFERENCES files (hash) ON DELETE CASCADE,
+            exported DOUBLE PRECISION,
+            source   TEXT,
+            CHECK (exported IS NOT NULL OR source IS NOT NULL)
+        );
+        CREATE TABLE pool_state (
+            name  TEXT COLLATE "C" PRIMARY KEY,
+            value BIGINT NOT NULL
+        );
+        UPDATE cloudmanager_schema SET version = 6;
+    """,
 }
 
 

@@ -1,4 +1,4 @@
--- cloudmanager catalog schema on PostgreSQL, version 5.
+-- cloudmanager catalog schema on PostgreSQL, version 6.
 --
 -- The catalog part of schema.sql (same tables, columns, keys, indexes and
 -- copy-count triggers), in PostgreSQL's types; tests/test_catalog.py checks
@@ -116,8 +116,20 @@ CREATE TABLE nodes (
     last_seen  DOUBLE PRECISION NOT NULL
 );
 
+CREATE TABLE published (
+    hash     TEXT COLLATE "C" PRIMARY KEY REFERENCES files (hash) ON DELETE CASCADE,
+    exported DOUBLE PRECISION,
+    source   TEXT,
+    CHECK (exported IS NOT NULL OR source IS NOT NULL)
+);
+
+CREATE TABLE pool_state (
+    name  TEXT COLLATE "C" PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+
 -- The catalog's schema version (SQLite keeps it in PRAGMA user_version).
 CREATE TABLE cloudmanager_schema (
     version INTEGER NOT NULL
 );
-INSERT INTO cloudmanager_schema (version) VALUES (5);
+INSERT INTO cloudmanager_schema (version) VALUES (6);
