@@ -73,6 +73,8 @@ def test_every_public_name_has_a_docstring():
     from cloudmanager.cli import app, configure, maintain, output, share, show, transfer
     from cloudmanager import migrate
     from cloudmanager.cli import migrate as cli_migrate
+    from cloudmanager import legacy, setup_db
+    from cloudmanager.db import published, state
 
     missing = []
     for module in (cloudmanager, cache, config, db, engine, errors, hosts, serializers,
@@ -80,7 +82,7 @@ def test_every_public_name_has_a_docstring():
                    cache_index, connection, copies, files, health, queue, records, sessions,
                    sources, manager, scheduler, source_files, cli, app, configure, maintain,
                    output, share, show, transfer, fsck, layout, store, migrate, db_migrate,
-                   cli_migrate):
+                   cli_migrate, legacy, setup_db, published, state):
         if not module.__doc__:
             missing.append(module.__name__)
         for name, obj in vars(module).items():
