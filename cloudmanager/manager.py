@@ -1,7 +1,9 @@
 """CloudManager: the facade of the library.
 
 It keeps the original cloud-manager's API and return values (``hash | False``,
-``path | None | False``) and logs the cause of every ``False`` and ``None``
+``path | None | False``), the wider API its code had too (queues, transfer
+meter, block cursor, ``data_dump(limit)``: see :mod:`cloudmanager.legacy`),
+and logs the cause of every ``False`` and ``None``
 on the ``cloudmanager`` logger. The work is done by the core
 :class:`~cloudmanager.pool.Pool` below it, which raises typed exceptions
 (:mod:`cloudmanager.errors`) for callers who want them.
@@ -494,8 +496,8 @@ class CloudManager:
         tagged with it, in the transaction that merges it; a tagged record is
         out there already, so ``data_dump(limit)`` never exports it, nor
         counts it in :meth:`blockchain_queue_info`. A record keeps the first
-        tag it gets. The original refused the whole text if one record was
-        not version 0.1; here invalid records are skipped and the rest load.
+        tag it gets. The original refused the whole text if one record could
+        not be read; here invalid records are skipped and the rest load.
 
         :param data: JSON text (or UTF-8 bytes): an array of records, or one
         :param blockchain_hash: where ``data`` came from: 1 to 256

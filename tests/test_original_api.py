@@ -159,8 +159,8 @@ def test_data_load_with_a_source_tags_the_records(make_pool, write_file, caplog)
     assert node_b.data_dump(10 ** 6) is None
     tags = node_b.db.published.of(mine)
     assert {t.source for t in tags.values()} == {"blockhash-1"} and len(tags) == 3
-    assert node_b.data_load(block, "blockhash-2") is True  # again: changes nothing
-    assert {t.source for t in node_b.db.published.of(mine).values()} == {"blockhash-1"}
+    assert node_b.data_load(block.encode(), "blockhash-2") is True  # bytes too; again:
+    assert {t.source for t in node_b.db.published.of(mine).values()} == {"blockhash-1"}  # no change
     # Its own upload is exported as usual.
     own = node_b.upload(write_file("b", b"node b"))
     assert [r["filehash"] for r in json.loads(node_b.data_dump(10 ** 6))] == [own]
@@ -177,6 +177,7 @@ def test_data_load_with_a_source_tags_the_records(make_pool, write_file, caplog)
     for data, source in (("not json", "blockhash-3"), ("[]", "blockhash-3"),
                          ('{"version": "9"}', "blockhash-3"), (b"\xff\xfe", "blockhash-3"),
                          (json.dumps([bad_record]), "blockhash-3"), (None, "blockhash-3"),
+                         (json.loads(block), "blockhash-3"),  # decoded: not text
                          (block, ""), (block, 7), (block, b"raw"), (block, "a\nb"),
                          (block, "x" * 257)):
         assert node_b.data_load(data, source) is None, (data, source)
