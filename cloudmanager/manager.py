@@ -1,7 +1,9 @@
 """CloudManager: the facade of the library.
 
 It keeps the original cloud-manager's API and return values (``hash | False``,
-``path | None | False``) and logs the cause of every ``False`` and ``None``
+``path | None | False``), the wider API its code had too (queues, transfer
+meter, block cursor, ``data_dump(limit)``: see :mod:`cloudmanager.legacy`),
+and logs the cause of every ``False`` and ``None``
 on the ``cloudmanager`` logger. The work is done by the core
 :class:`~cloudmanager.pool.Pool` below it, which raises typed exceptions
 (:mod:`cloudmanager.errors`) for callers who want them.
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import (
+    IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union, overload,
+)
 
 from . import reports
 from .config import Config, load_config
@@ -461,11 +465,40 @@ class CloudManager:
 
     # -- node sync -----------------------------------------------------------
 
-    def data_dump(self) -> str:
-        """Every file's record with at least one copy on a host, as a JSON array of
-        v0.2 records (a str). A file no host holds yet (pinned here, queued)
-        is left out: another node could do nothing with it."""
-        return self.pool.records.dump()
+    @overload
+    def data_dump(self) -> str: ...
+
+    @overload
+    def data_dump(self, data_limit: int) -> Optional[str]: ...
+
+    def data_dump(self, data_limit: Optional[int] = None) -> Optional[str]:
+        """Export records as a JSON array of v0.2 records (a str).
+
+        Without ``data_limit``: every file's record with at least one copy
+        on a host. A file no host holds yet (pinned here, queued) is left
+        out: another node could do nothing with it. Nothing is stamped: call
+        it as often as you like.
+
+        With ``data_limit`` (the original's form, which fed a blockchain a
+        transaction at a time): only records not exported by an earlier
+        such call nor loaded with a source (:meth:`data_load`), smallest
+        first, as many as fit in ``data_limit`` bytes of JSON (UTF-8, no
+        spaces between items); they are stamped as exported and never
+        returned again. Call it until it returns ``None``. A record larger
+        than ``data_limit`` on its own is skipped, as the original did, and
+        stays counted by :meth:`blockchain_queue_info` until a call with a
+        larger limit takes it. Unlike the original, an export is not
+        offered again a day later if no load confirmed it.
+
+        :param data_limit: the most bytes the returned text may have (>= 2)
+        :return: the JSON text; with ``data_limit``, ``None`` once no record
+            that fits is left
+        :raises InvalidInputError: for a ``data_limit`` that is not an int >= 2
+        :raises DatabaseError: if the database fails (nothing is stamped)
+        """
+        if data_limit is None:
+            return self.pool.records.dump()
+        return self.pool.legacy.export(data_limit)
 
     def dump_to(self, fileobj: IO[str]) -> int:
         """Stream every record as a JSON array to a text file object.
@@ -474,17 +507,48 @@ class CloudManager:
         """
         return self.pool.records.dump_to(fileobj)
 
-    def data_load(self, text: Union[str, bytes]) -> Optional[int]:
+    @overload
+    def data_load(self, data: Union[str, bytes]) -> Optional[int]: ...
+
+    @overload
+    def data_load(self, data: Union[str, bytes], blockchain_hash: str) -> Optional[bool]: ...
+
+    def data_load(self, data: Union[str, bytes], blockchain_hash: Optional[str] = None
+                  ) -> Union[int, bool, None]:
         """Merge records exported by another node (the text of :meth:`data_dump`).
 
         Upload lists are merged as a union; loading the same text twice
         changes nothing. Invalid records are skipped with a logged reason.
 
-        :return: how many records were imported or updated; ``None`` if the
-            text is not JSON records. Never raises on bad data.
+        With ``blockchain_hash`` (the original's form: the hash of the block
+        or transaction the text was read from), every valid record is also
+        tagged with it, in the transaction that merges it; a tagged record is
+        out there already, so ``data_dump(limit)`` never exports it, nor
+        counts it in :meth:`blockchain_queue_info`. A record keeps the first
+        tag it gets. The original refused the whole text if one record could
+        not be read; here invalid records are skipped and the rest load.
+
+        :param data: JSON text (or UTF-8 bytes): an array of records, or one
+        :param blockchain_hash: where ``data`` came from: 1 to 256
+            characters, no control characters
+        :return: with one argument, how many records were imported or
+            updated, ``None`` if the text is not JSON records. With
+            ``blockchain_hash``, ``True`` (as the original), ``None`` if the
+            text is not JSON records or holds no valid one, or for a bad
+            ``blockchain_hash``. Never raises on bad data.
         """
+        if blockchain_hash is not None:
+            try:
+                self.pool.legacy.load(data, blockchain_hash)
+            except (SerializationError, InvalidInputError) as exc:
+                log.error("data_load: %s", exc)
+                return None
+            except CloudManagerError as exc:
+                log.error("data_load failed: %s", exc)
+                return None
+            return True
         try:
-            return self.pool.records.load(text)
+            return self.pool.records.load(data)
         except SerializationError as exc:
             log.error("data_load: %s", exc)
             return None
@@ -506,6 +570,122 @@ class CloudManager:
         except CloudManagerError as exc:
             log.error("load_from failed: %s", exc)
             return None
+
+    # -- the original's wider API ---------------------------------------------
+    # Storj's cloud-manager had these beyond its README; see the README's
+    # "Moving from cloud-manager" and cloudmanager/legacy.py.
+
+    def cloud_sync(self) -> None:
+        """Upload what is queued: :meth:`sync`, under the original's name.
+
+        The original uploaded each file no host held yet. This also tops up
+        files below the redundancy target, as :meth:`sync` does; a failure
+        is logged and the file stays queued.
+
+        :return: None, as the original (:meth:`sync` returns a summary)
+        """
+        self.sync()
+
+    def sync_status(self) -> Dict[str, List[dict]]:
+        """The records waiting in both of the original's queues.
+
+        ``cloud_queue``: the files on the upload queue (cached here and
+        waiting for hosts, or short of copies). ``blockchain_queue``: the
+        records ``data_dump(limit)`` has yet to export (see
+        :meth:`blockchain_queue_info`). Each record is a v0.2 dict, as
+        :meth:`info` gives it; the original's lacked ``version`` and, before
+        an upload, ``uploads`` and ``datetime``. Reads every record of both
+        queues: for reports.
+
+        :return: ``{"cloud_queue": [record], "blockchain_queue": [record]}``
+        """
+        return self.pool.legacy.sync_status()
+
+    def upload_queue_info(self) -> Dict[str, int]:
+        """The upload queue: ``{"size": bytes, "count": files}``, as the original.
+
+        ``size`` sums the queued files' sizes (one statement).
+        """
+        return self.pool.legacy.upload_queue_info()
+
+    def blockchain_queue_info(self) -> Dict[str, int]:
+        """The export backlog: ``{"size": bytes, "count": records}``, as the original.
+
+        It counts the records ``data_dump(limit)`` has not exported: files
+        with a copy on a host, neither exported nor loaded with a
+        ``blockchain_hash``. ``size`` sums their files' sizes, as the
+        original did (not the records' JSON). One statement, over every file.
+        """
+        return self.pool.legacy.blockchain_queue_info()
+
+    def used_space(self) -> int:
+        """Bytes of the files in the local cache, as the original's.
+
+        The original summed the storage directory's files; this reads a
+        running total (space reserved for writes in flight is not counted).
+        """
+        return self.pool.cache.used_bytes()
+
+    def capacity(self) -> int:
+        """The local cache's capacity in bytes: the ``storage_size`` the pool
+        was opened with, as the original's."""
+        return self.pool.cache.capacity
+
+    def total_incoming(self) -> int:
+        """Bytes downloaded from hosts, by every node of the pool, ever.
+
+        The original also counted as incoming the bytes of every file added
+        with :meth:`upload`; here the meter counts what crosses the network
+        to and from hosts only (``stats()["downloaded_bytes"]``).
+        """
+        return self.pool.legacy.traffic().total_incoming
+
+    def total_outgoing(self) -> int:
+        """Bytes uploaded to hosts, by every node of the pool, ever.
+
+        The original also counted as outgoing the bytes :meth:`warm_up`
+        served, cache hits included; here only what was sent to hosts
+        (``stats()["uploaded_bytes"]``).
+        """
+        return self.pool.legacy.traffic().total_outgoing
+
+    def current_incoming(self) -> int:
+        """Bytes downloaded from hosts this calendar month (UTC; the original
+        used local time). See :meth:`total_incoming`."""
+        return self.pool.legacy.traffic().current_incoming
+
+    def current_outgoing(self) -> int:
+        """Bytes uploaded to hosts this calendar month (UTC; the original used
+        local time). See :meth:`total_outgoing`."""
+        return self.pool.legacy.traffic().current_outgoing
+
+    def last_known_block(self) -> int:
+        """The block height :meth:`visit_block` stored last, 0 before the first.
+
+        Kept in the catalog: it survives a reopen, and the nodes of a shared
+        catalog share it.
+        """
+        return self.pool.legacy.last_known_block()
+
+    def visit_block(self, block_height: int) -> Optional[bool]:
+        """Store ``block_height`` as the last known block (the original's
+        cursor over the blockchain it read records from).
+
+        Any height may be stored, a lower one too (to rewind).
+
+        :param block_height: an int in [0, 2**63)
+        :return: None, as the original; ``False`` (with a logged reason) for
+            a height that is not such an int, or if the database failed
+        """
+        try:
+            self.pool.legacy.visit_block(block_height)
+        except InvalidInputError as exc:
+            log.warning("visit_block: %s", exc)
+            return False
+        except CloudManagerError as exc:
+            log.error("visit_block(%r) failed: %s", block_height, exc)
+            return False
+        return None
 
     # -- beyond the seed -----------------------------------------------------
 

@@ -10,6 +10,7 @@ the seed's ``False`` and ``None``. The parts:
 - :class:`~cloudmanager.health.Health`: the circuit breaker;
 - :class:`~cloudmanager.replication.Replicator`: copies, the queue, sync, verify;
 - :class:`~cloudmanager.records.RecordStore`: import and export;
+- :class:`~cloudmanager.legacy.OriginalApi`: the original's wider API;
 - :mod:`cloudmanager.reports`: statistics and status.
 """
 
@@ -43,6 +44,7 @@ from .errors import (
 )
 from .health import Fact, Health
 from .hosts.base import Host
+from .legacy import OriginalApi
 from .records import RecordStore
 from .replication import Replicator, SyncSummary
 from .validation import check_hash, safe_basename
@@ -94,6 +96,8 @@ class Pool:
                                           scratch=self.cache.scratch)
             self.cache.queue = self.replication.queue
             self.records = RecordStore(self.db, self.engine, self.replication.merge)
+            #: The original cloud-manager's wider API (queues, meter, block cursor).
+            self.legacy = OriginalApi(self.db, self.records)
             #: What the cheap open-time check (:func:`cloudmanager.cache.fsck.on_open`) mended.
             self.open_check = fsck.on_open(self.cache, self.db)
             self.health.node = self.cache.node_id

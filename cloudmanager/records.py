@@ -44,9 +44,16 @@ class RecordStore:
     # -- export ---------------------------------------------------------------------
 
     def records(self, hashes: Optional[Iterable[str]] = None,
-                with_copies_only: bool = True) -> Iterator[serializers.Record]:
-        """The pool's records, in hash order."""
-        for row in self.db.records.iter(hashes, with_copies_only=with_copies_only):
+                with_copies_only: bool = True, unpublished: bool = False
+                ) -> Iterator[serializers.Record]:
+        """The pool's records, in hash order.
+
+        :param unpublished: only those neither exported by
+            ``data_dump(limit)`` nor loaded from a source (see
+            :mod:`cloudmanager.legacy`)
+        """
+        for row in self.db.records.iter(hashes, with_copies_only=with_copies_only,
+                                        unpublished=unpublished):
             yield serializers.Record(row.hash, row.filename, row.size, row.created,
                                      tuple(row.uploads), tuple(row.objects))
 
@@ -77,23 +84,26 @@ class RecordStore:
         :return: how many records were imported or updated
         :raises SerializationError: if the text is not JSON records
         """
-        if isinstance(text, bytes):
-            try:
-                text = text.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise SerializationError("not UTF-8 text: %s" % exc) from exc
-        if not isinstance(text, str):
-            raise SerializationError("expected JSON text, got %s" % type(text).__name__)
-        try:
-            document = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise SerializationError("not JSON: %s" % exc) from exc
-        if isinstance(document, dict):
-            document = [document]
-        if not isinstance(document, list):
-            raise SerializationError("expected a JSON array of records, got %s"
-                                     % type(document).__name__)
-        return self._merge(_parse_all(document))
+        return self._merge(_parse_all(_document(text)))
+
+    def load_tagged(self, text: str | bytes, source: str) -> int:
+        """Merge the text of a dump and tag its records with ``source`` (see
+        :meth:`cloudmanager.db.published.Published.tag`), each batch's merge
+        and tags in one transaction.
+
+        Invalid records are skipped with a logged reason, as :meth:`load`
+        does; a record refused for its size is not tagged.
+
+        :param source: where the text came from (checked by the caller)
+        :return: how many valid records the text held
+        :raises SerializationError: if the text is not JSON records, or holds
+            no valid one
+        """
+        records = list(_parse_all(_document(text)))
+        if not records:
+            raise SerializationError("no valid record in the text")
+        self._merge(records, source=source)
+        return len(records)
 
     def load_from(self, fileobj: IO[str]) -> int:
         """Merge records streamed from a text file object holding a JSON array.
@@ -133,17 +143,18 @@ class RecordStore:
             except SerializationError as exc:
                 log.warning("skipping record #%d: %s", index, exc)
 
-    def _merge(self, records: Iterable[serializers.Record]) -> int:
+    def _merge(self, records: Iterable[serializers.Record], source: Optional[str] = None
+               ) -> int:
         changed = 0
         unreachable: collections.Counter[str] = collections.Counter()
         batch: List[serializers.Record] = []
         for record in records:
             batch.append(record)
             if len(batch) >= LOAD_BATCH:
-                changed += self._merge_batch(batch, unreachable)
+                changed += self._merge_batch(batch, unreachable, source)
                 batch = []
         if batch:
-            changed += self._merge_batch(batch, unreachable)
+            changed += self._merge_batch(batch, unreachable, source)
         if unreachable:
             log.warning("%d imported records have copies only on hosts this node has not "
                         "configured (%s); they are kept, and listed by unreachable()",
@@ -151,8 +162,15 @@ class RecordStore:
         return changed
 
     def _merge_batch(self, batch: List[serializers.Record],
-                     unreachable: collections.Counter[str]) -> int:
-        changed, refused = self._merge_claims(batch)
+                     unreachable: collections.Counter[str], source: Optional[str] = None
+                     ) -> int:
+        if source is None:
+            changed, refused = self._merge_claims(batch)
+        else:  # the merge a savepoint of the transaction that tags
+            with self.db.catalog.transaction() as conn:
+                changed, refused = self._merge_claims(batch)
+                self.db.published.tag(conn, [r.hash for r in batch if r.hash not in refused],
+                                      source)
         for file_hash in refused:
             log.warning("refused a record of %s: its size differs from the known one",
                         file_hash)
@@ -182,6 +200,30 @@ def _changes_nothing(doc: dict, known: Optional[KnownRecord]) -> bool:
                and isinstance(entry.get("url", ""), str)
                and (entry.get("host_name"), entry.get("url", "")) in copies
                for entry in uploads)
+
+
+def _document(text: str | bytes) -> list:
+    """The decoded JSON array of a dump (an object alone is an array of one).
+
+    :raises SerializationError: if the text is not a JSON array or object
+    """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SerializationError("not UTF-8 text: %s" % exc) from exc
+    if not isinstance(text, str):
+        raise SerializationError("expected JSON text, got %s" % type(text).__name__)
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise SerializationError("not JSON: %s" % exc) from exc
+    if isinstance(document, dict):
+        document = [document]
+    if not isinstance(document, list):
+        raise SerializationError("expected a JSON array of records, got %s"
+                                 % type(document).__name__)
+    return document
 
 
 def _parse_all(document: list) -> Iterator[serializers.Record]:

@@ -202,6 +202,46 @@ def check_url(value, schemes=URL_SCHEMES):
     return value
 
 
+#: The longest source tag :func:`check_source` accepts (a block or
+#: transaction hash is 64 hex digits).
+MAX_SOURCE_LENGTH = 256
+
+
+def check_source(value):
+    r"""Return ``value`` if it can tag imported records with where they came
+    from (the original's ``blockchain_hash``): text of 1 to 256 characters,
+    none of them a control character or a line separator.
+
+    >>> check_source("6e" * 32) == "6e" * 32
+    True
+    >>> check_source("block\n42")
+    Traceback (most recent call last):
+    ...
+    cloudmanager.errors.InvalidInputError: not a valid source: 'block\n42'
+    """
+    if isinstance(value, str) and 0 < len(value) <= MAX_SOURCE_LENGTH \
+            and not any(unicodedata.category(ch)[0] == "C" or ch in _LINE_SEPARATORS
+                        for ch in value):
+        return value
+    raise InvalidInputError("not a valid source: %r" % (_short(value),))
+
+
+def check_count(value, what, minimum=0, maximum=2 ** 63 - 1):
+    """Return ``value`` if it is an int (not a bool) in ``[minimum, maximum]``.
+
+    >>> check_count(7, "a block height")
+    7
+    >>> check_count(True, "a block height")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    cloudmanager.errors.InvalidInputError: a block height must be an integer from 0 to ..., not True
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise InvalidInputError("%s must be an integer from %d to %d, not %s"
+                                % (what, minimum, maximum, _short(value)))
+    return value
+
+
 def _short(value, limit=80):
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[:limit] + "..."

@@ -169,6 +169,37 @@ def test_import_and_export_records(cat):
     assert cat.files.in_pool(H[:3]) == {H[0], H[1]}
 
 
+def test_published_records_and_the_pool_state(cat):
+    """The original's export backlog: files with a copy and no published row;
+    stamps once, tags keep their first source, rows go with their file."""
+    add_files(cat, H[:5])
+    with cat.catalog.transaction() as conn:
+        cat.copies.record_good(conn, [(h, "h1", "file:///h1/" + h) for h in H[:4]], 1)
+        cat.queue.add(conn, [H[4]], 5.0)
+    assert cat.queue.totals() == (1, 10)
+    assert cat.records.unpublished_totals() == (4, 40)
+    assert [r.hash for r in cat.records.iter(with_copies_only=True, unpublished=True)] == H[:4]
+    with cat.catalog.transaction() as conn:
+        assert cat.published.mark_exported(conn, [H[1], H[0], H[1], "f" * 64], 100.0) \
+            == [H[1], H[0]]
+        assert cat.published.mark_exported(conn, [H[0]], 101.0) == []  # once
+        cat.published.tag(conn, [H[0], H[2], "f" * 64], "block-a")
+        cat.published.tag(conn, [H[2]], "block-b")  # the first source stays
+    assert cat.published.of(H + ["f" * 64]) == {
+        H[0]: (100.0, "block-a"), H[1]: (100.0, None), H[2]: (None, "block-a")}
+    assert [r.hash for r in cat.records.iter(with_copies_only=True, unpublished=True)] == [H[3]]
+    assert cat.records.unpublished_totals() == (1, 10)
+    with cat.catalog.transaction() as conn:
+        assert cat.files.forget(conn, H[0])
+        assert cat.published.mark_exported(conn, [H[0]], 102.0) == []  # gone: not stamped
+    assert cat.published.of(H[:1]) == {}
+    assert cat.state.get("last_known_block") == 0 and cat.state.get("x", 7) == 7
+    with cat.catalog.transaction() as conn:
+        cat.state.set(conn, [("last_known_block", 2 ** 40), ("other", 3)])
+        cat.state.set(conn, [("other", 4)])
+    assert (cat.state.get("last_known_block"), cat.state.get("other")) == (2 ** 40, 4)
+
+
 def test_health_and_the_transfer_meter(cat):
     now = time.time()
     cat.health.record({"h1": [Outcome(True, 12.0, None, now), Outcome(False, None, "boom", now)],
@@ -316,8 +347,8 @@ CREATE TRIGGER uploads_delete AFTER DELETE ON uploads
 
 
 def test_a_version_4_postgresql_catalog_is_migrated(pg_url, tmp_path):
-    """A catalog made at version 4 (this series' first) gains what 5 adds,
-    keeping its rows."""
+    """A catalog made at version 4 (this series' first) gains what 5 and 6
+    add, keeping its rows."""
     import psycopg
 
     from cloudmanager.db.postgres import POSTGRES_MIGRATIONS
@@ -328,7 +359,8 @@ def test_a_version_4_postgresql_catalog_is_migrated(pg_url, tmp_path):
     v4 = re.sub(r"CREATE FUNCTION cloudmanager_recount.*?cloudmanager_count_deleted\(\);\n",
                 V4_TRIGGERS, v4, flags=re.S)
     v4 = re.sub(r"\n    (object_sha256|object_size|key_id) .*,", "", v4)  # version 6's
-    v4 = re.sub(r"CREATE TABLE (leases|nodes) \(.*?\);", "", v4, flags=re.S)
+    v4 = re.sub(r"CREATE TABLE (leases|nodes|published|pool_state) \(.*?\n\);", "", v4,
+                flags=re.S)
     v4 = v4.replace("    last_error   TEXT,\n    node         TEXT NOT NULL DEFAULT ''",
                     "    last_error   TEXT")
     v4 = v4.replace("""    month      TEXT COLLATE "C" NOT NULL,
@@ -349,6 +381,12 @@ def test_a_version_4_postgresql_catalog_is_migrated(pg_url, tmp_path):
         with db.catalog.transaction() as conn:
             db.copies.record_good(conn, [(H[0], "a", "u1"), (H[0], "b", "u2")], when=1)
         assert (db.files.get(H[0]).copies, db.files.get(H[0]).verified) == (2, 2)
+        # 6: the published records and the pool's named integers.
+        with db.catalog.transaction() as conn:
+            assert db.published.mark_exported(conn, H[:1], 5.0) == H[:1]
+            db.state.set(conn, [("last_known_block", 9)])
+        assert db.published.of(H[:1]) == {H[0]: (5.0, None)}
+        assert db.state.get("last_known_block") == 9
     finally:
         db.close()
 

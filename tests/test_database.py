@@ -597,7 +597,8 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
         fresh = sqlite3.connect(":memory:")
         fresh.executescript(schema_sql())
         for table in ("uploads", "host_health", "sources", "cache_entries", "tombstones",
-                      "removals", "upload_queue", "transfers", "leases", "nodes", "this_node"):
+                      "removals", "upload_queue", "transfers", "leases", "nodes", "this_node",
+                      "published", "pool_state"):
             columns = {r[1] for r in db.connection.execute("PRAGMA table_info(%s)" % table)}
             assert columns >= {r[1] for r in fresh.execute("PRAGMA table_info(%s)" % table)}
         host_result(db, "h", True, latency_ms=20.5)
@@ -607,6 +608,17 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
         # v5: the transfer meter has a node column, the old months under ''.
         db.health.record({}, uploaded=3, when=0, node="n1")
         assert db.health.transfers_by_node()["1970-01"] == {"n1": (3, 0)}
+        # v6: what was published (a file's row goes with it) and the block cursor.
+        with db.transaction() as tx:
+            assert db.published.mark_exported(tx, ["a" * 64, b], 9.0) == ["a" * 64, b]
+            db.published.tag(tx, [c], "block")
+            db.state.set(tx, [("last_known_block", 12)])
+        assert set(db.published.of(["a" * 64, b, c])) == {"a" * 64, b, c}
+        assert db.state.get("last_known_block") == 12
+        assert [r.hash for r in db.records.iter(with_copies_only=True, unpublished=True)] == []
+        with db.transaction() as tx:
+            db.files.forget(tx, b)
+        assert set(db.published.of(["a" * 64, b, c])) == {"a" * 64, c}
     finally:
         db.close()
 

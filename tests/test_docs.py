@@ -74,6 +74,8 @@ def test_every_public_name_has_a_docstring():
     from cloudmanager import crypto, migrate
     from cloudmanager.cli import migrate as cli_migrate
     from cloudmanager.db import leases, postgres
+    from cloudmanager import legacy, setup_db
+    from cloudmanager.db import published, state
 
     missing = []
     for module in (cloudmanager, cache, config, db, engine, errors, hosts, serializers,
@@ -81,7 +83,8 @@ def test_every_public_name_has_a_docstring():
                    cache_index, connection, copies, files, health, queue, records, sessions,
                    sources, manager, scheduler, source_files, cli, app, configure, maintain,
                    output, share, show, transfer, fsck, layout, store, migrate, db_migrate,
-                   cli_migrate, crypto, leases, postgres):
+                   cli_migrate, crypto, leases, postgres, legacy, setup_db, published,
+                   state):
         if not module.__doc__:
             missing.append(module.__name__)
         for name, obj in vars(module).items():

@@ -4,7 +4,7 @@ A pool is built with every kind of row: files cached, evicted, pinned and
 queued; copies good, claimed, pending, suspect, bad, missing and deleted
 (with strikes and back-off); a tombstone, a removal in progress, host health
 with failures, the transfer meter of two nodes, a second node, a remembered
-source. It moves to a real PostgreSQL server and back to a new SQLite file;
+source, published records and the block cursor. It moves to a real PostgreSQL server and back to a new SQLite file;
 after each move every catalog and cache index row is compared with the
 source's, and the pool opened on the new database finds its cached files
 (no download) and downloads the others.
@@ -33,9 +33,10 @@ ORDER = {
     "removals": "hash", "upload_queue": "hash", "leases": "kind, hash",
     "host_health": "host_name", "transfers": "month, node", "nodes": "node",
     "this_node": "node", "cache_entries": "hash", "counters": "name", "sources": "path",
+    "published": "hash", "pool_state": "name",
 }
 CATALOG = ["files", "uploads", "tombstones", "removals", "upload_queue", "leases",
-           "host_health", "transfers", "nodes"]
+           "host_health", "transfers", "nodes", "published", "pool_state"]
 INDEX = ["this_node", "cache_entries", "counters", "sources"]
 CAPACITY = 1 << 20
 
@@ -114,6 +115,9 @@ class Pool:
                                   now, 60, 3600)
                 db.copies.begin_removal(conn, self.claimed, "gone-node:1:feed", now)
                 db.queue.note_failure(conn, self.queued, "no host answered")
+                db.published.mark_exported(conn, [self.cached], now)
+                db.published.tag(conn, [self.cached, self.claimed], "block-1")
+                db.state.set(conn, [("last_known_block", 2 ** 40 + 1)])
             db.health.record({names["h1"]: [Outcome(False, None, "boom", now),
                                             Outcome(False, None, "boom again", now)],
                               names["h2"]: [Outcome(True, 4.5, None, now)]}, when=now)
@@ -130,6 +134,7 @@ class Pool:
         assert before["tombstones"] and before["removals"] and before["upload_queue"]
         assert {r[1] for r in before["transfers"]} == {self.node, "other-node"}
         assert any(r[2] for r in before["host_health"]) and before["sources"]
+        assert len(before["published"]) == 2 and before["pool_state"]
         assert not before["leases"]
         return self
 

@@ -19,6 +19,8 @@ attribute           tables                                written on behalf of
 ``sessions``        ``sessions``, ``reservations``,       :mod:`cloudmanager.cache`
                     ``this_node``
 ``records``         ``files``, ``uploads`` (imports)      :mod:`cloudmanager.records`
+``published``       ``published``                         :mod:`cloudmanager.legacy`
+``state``           ``pool_state``                        :mod:`cloudmanager.legacy`
 ``sources``         ``sources``                           :mod:`cloudmanager.sources`
 ``cache_index``     ``cache_entries``, ``counters``       :mod:`cloudmanager.cache`
 ==================  ====================================  ===============================
@@ -38,10 +40,12 @@ from .files import Files
 from .health import Health, month_key
 from .leases import Leases
 from .postgres import PostgresDatabase, is_postgres_url, redact
+from .published import Published
 from .queue import Queue
 from .records import Records
 from .sessions import Sessions
 from .sources import Sources
+from .state import PoolState
 
 __all__ = ["FileDatabase", "INDEX_SUFFIX", "SCHEMA_VERSION", "in_list", "index_path_for",
            "is_postgres_url", "json_list", "month_key", "redact", "schema_sql"]
@@ -70,13 +74,13 @@ def index_path_for(database: os.PathLike[str] | str,
 class FileDatabase:
     """The pool's records, one attribute per table (see the table above).
 
-    Two parts: the pool's **catalog** (files, copies, the queue, host health)
-    and this node's **cache index** (cache entries, reservations, sessions,
-    remembered sources). By default both are in one SQLite file, and one
-    transaction covers both. With a ``postgresql://`` URL, the catalog is on
-    the server (:mod:`.postgres`), shared by every node, and the cache index
-    is the local SQLite file ``index_path``: a cache hit never crosses the
-    network.
+    Two parts: the pool's **catalog** (files, copies, the queue, host health,
+    published records, the block cursor) and this node's **cache index**
+    (cache entries, reservations, sessions, remembered sources). By default
+    both are in one SQLite file, and one transaction covers both. With a
+    ``postgresql://`` URL, the catalog is on the server (:mod:`.postgres`),
+    shared by every node, and the cache index is the local SQLite file
+    ``index_path``: a cache hit never crosses the network.
 
     :param database: a SQLite file path, or a ``postgresql://`` /
         ``postgres://`` URL
@@ -109,6 +113,8 @@ class FileDatabase:
         self.health = Health(self.catalog)
         self.records = Records(self.catalog)
         self.leases = Leases(self.catalog)
+        self.published = Published(self.catalog)
+        self.state = PoolState(self.catalog)
         self.sessions = Sessions(self.local)
         self.sources = Sources(self.local)
         self.cache_index = CacheIndex(self.local)

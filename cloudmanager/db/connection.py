@@ -223,12 +223,25 @@ MIGRATIONS: Dict[int, Union[str, Dict[str, str]]] = {
             CREATE TABLE this_node (node TEXT NOT NULL);
         """,
     },
-    # 6: encrypted copies: what each copy's object is, when not the plaintext.
+    # 6: encrypted copies (what each copy's object is, when not the
+    # plaintext); and for the original's API of sharing records through a
+    # log (a blockchain): which records were exported or loaded from a
+    # source, and the pool's named integers (the last known block).
     5: {
         "catalog": """
             ALTER TABLE uploads ADD COLUMN object_sha256 TEXT NOT NULL DEFAULT '';
             ALTER TABLE uploads ADD COLUMN object_size INTEGER NOT NULL DEFAULT -1;
             ALTER TABLE uploads ADD COLUMN key_id TEXT NOT NULL DEFAULT '';
+            CREATE TABLE published (
+                hash     TEXT PRIMARY KEY REFERENCES files (hash) ON DELETE CASCADE,
+                exported REAL,
+                source   TEXT,
+                CHECK (exported IS NOT NULL OR source IS NOT NULL)
+            ) WITHOUT ROWID;
+            CREATE TABLE pool_state (
+                name  TEXT PRIMARY KEY,
+                value INTEGER NOT NULL
+            ) WITHOUT ROWID;
         """,
         "cache_index": "",
     },

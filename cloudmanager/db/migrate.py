@@ -60,6 +60,8 @@ CATALOG_TABLES = (
           ("host_name",)),
     Table("transfers", ("month", "node", "uploaded", "downloaded"), ("month", "node")),
     Table("nodes", ("node", "hostname", "first_seen", "last_seen"), ("node",)),
+    Table("published", ("hash", "exported", "source"), ("hash",)),
+    Table("pool_state", ("name", "value"), ("name",)),
 )
 #: The cache index's tables that are copied; ``counters`` (a fixed set of
 #: rows the schema makes) is copied last, over what the triggers summed.

@@ -635,7 +635,8 @@ POSTGRES_MIGRATIONS: Dict[int, str] = {
         UPDATE cloudmanager_schema SET version = 5;
     """,
     # 6: encrypted copies' objects; the copy counts kept once per statement
-    # (statement triggers with transition tables), not once per row.
+    # (statement triggers with transition tables), not once per row; the
+    # original API's published records and named integers.
     5: """
         ALTER TABLE uploads ADD COLUMN object_sha256 TEXT NOT NULL DEFAULT '';
         ALTER TABLE uploads ADD COLUMN object_size BIGINT NOT NULL DEFAULT -1;
@@ -645,6 +646,16 @@ POSTGRES_MIGRATIONS: Dict[int, str] = {
         DROP TRIGGER uploads_delete ON uploads;
         DROP FUNCTION cloudmanager_count_copies();
     """ + _STATEMENT_TRIGGERS + """
+        CREATE TABLE published (
+            hash     TEXT COLLATE "C" PRIMARY KEY REFERENCES files (hash) ON DELETE CASCADE,
+            exported DOUBLE PRECISION,
+            source   TEXT,
+            CHECK (exported IS NOT NULL OR source IS NOT NULL)
+        );
+        CREATE TABLE pool_state (
+            name  TEXT COLLATE "C" PRIMARY KEY,
+            value BIGINT NOT NULL
+        );
         UPDATE cloudmanager_schema SET version = 6;
     """,
 }

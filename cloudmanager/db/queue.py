@@ -5,7 +5,7 @@ Only :mod:`cloudmanager.replication` (through this module) writes it.
 
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Iterable, List, Tuple
 
 from .connection import Conn, Store
 
@@ -50,3 +50,10 @@ class Queue:
     def length(self) -> int:
         """Number of files on the queue."""
         return int(self.db.read("SELECT count(*) FROM upload_queue").fetchone()[0])
+
+    def totals(self) -> Tuple[int, int]:
+        """``(count, bytes)``: the files on the queue and their sizes."""
+        count, size = self.db.read(
+            "SELECT count(*), coalesce(sum(f.size), 0) FROM upload_queue AS q"
+            " JOIN files AS f ON f.hash = q.hash").fetchone()
+        return int(count), int(size)

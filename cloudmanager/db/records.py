@@ -11,6 +11,10 @@ from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tu
 from .connection import Store, json_list
 
 
+#: Files whose record is neither exported nor loaded from a source.
+_UNPUBLISHED = "NOT EXISTS (SELECT 1 FROM published AS p WHERE p.hash = f.hash)"
+
+
 class StoredRecord(NamedTuple):
     """A file's record as the JSON format carries it."""
 
@@ -41,13 +45,16 @@ class Records:
         self.db = db
 
     def iter(self, hashes: Optional[Iterable[str]] = None,
-             with_copies_only: bool = False) -> Iterator[StoredRecord]:
+             with_copies_only: bool = False, unpublished: bool = False
+             ) -> Iterator[StoredRecord]:
         """Yield each file's record, in hash order, streamed from one cursor.
 
         :param hashes: only these files
         :param with_copies_only: only files with at least one good copy on a
             host (what a dump exports: a record no host holds is of no use
             to another node)
+        :param unpublished: only files neither exported nor loaded from a
+            source (no ``published`` row; see :mod:`.published`)
         """
         # Deleted copies are not exported; suspect ones are (a host that did
         # not answer proves nothing against the copy).
@@ -63,6 +70,8 @@ class Records:
             params.append(json_list(hashes))
         if with_copies_only:
             where.append("f.copies > 0")
+        if unpublished:
+            where.append(_UNPUBLISHED)
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY f.hash, u.time, u.host_name, u.url"
@@ -79,6 +88,15 @@ class Records:
                     current.objects.append((host, url, osha, int(osize), key_id))
         if current is not None:
             yield current
+
+    def unpublished_totals(self) -> Tuple[int, int]:
+        """``(count, bytes)`` of the files with a copy on a host that are not
+        published: the export backlog (the records :meth:`iter` yields with
+        ``with_copies_only`` and ``unpublished``), and their files' sizes."""
+        count, size = self.db.read(
+            "SELECT count(*), coalesce(sum(f.size), 0) FROM files AS f"
+            " WHERE f.copies > 0 AND " + _UNPUBLISHED).fetchone()
+        return int(count), int(size)
 
     def known(self, hashes: Iterable[str]) -> Dict[str, KnownRecord]:
         """``{hash: KnownRecord}`` for the known ones among ``hashes``. Two statements."""

@@ -8,7 +8,7 @@
 -- Two parts, which no statement joins (so the catalog can move to a server
 -- while the cache index stays in a local file beside the storage directory):
 --   the pool's CATALOG: files, uploads, tombstones, removals, upload_queue,
---       leases, host_health, transfers, nodes;
+--       leases, host_health, transfers, nodes, published, pool_state;
 --   this node's CACHE INDEX: this_node, cache_entries, counters,
 --       reservations, sessions, sources.
 -- The catalog part is also schema_postgres.sql, in PostgreSQL's types.
@@ -171,6 +171,28 @@ CREATE TABLE IF NOT EXISTS nodes (
     hostname   TEXT NOT NULL,
     first_seen REAL NOT NULL,
     last_seen  REAL NOT NULL
+) WITHOUT ROWID;
+
+-- Records known to be in the shared log the original cloud-manager wrote
+-- to (a blockchain): exported by data_dump(limit) (`exported`), or loaded
+-- from one of its entries by data_load(data, source) (`source`, the
+-- original's blockchain_hash). A file with a row here is not exported
+-- again; files with copies and no row are the "blockchain queue". Apart
+-- from `files`, which every lookup reads: most files never get a row until
+-- they are exported, the columns are read by the export alone, and this
+-- table has one writer (db/published.py) for one concern.
+CREATE TABLE IF NOT EXISTS published (
+    hash     TEXT PRIMARY KEY REFERENCES files (hash) ON DELETE CASCADE,
+    exported REAL,                   -- unix time data_dump(limit) exported it
+    source   TEXT,                   -- the first source a load tagged it with
+    CHECK (exported IS NOT NULL OR source IS NOT NULL)
+) WITHOUT ROWID;
+
+-- Small named integers of the pool: 'last_known_block', the cursor of
+-- last_known_block() / visit_block(n).
+CREATE TABLE IF NOT EXISTS pool_state (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 ) WITHOUT ROWID;
 
 -- == this node's cache index ===================================================

@@ -138,6 +138,18 @@ CREATE TABLE nodes (
     last_seen  DOUBLE PRECISION NOT NULL
 );
 
+CREATE TABLE published (
+    hash     TEXT COLLATE "C" PRIMARY KEY REFERENCES files (hash) ON DELETE CASCADE,
+    exported DOUBLE PRECISION,
+    source   TEXT,
+    CHECK (exported IS NOT NULL OR source IS NOT NULL)
+);
+
+CREATE TABLE pool_state (
+    name  TEXT COLLATE "C" PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+
 -- The catalog's schema version (SQLite keeps it in PRAGMA user_version).
 CREATE TABLE cloudmanager_schema (
     version INTEGER NOT NULL
