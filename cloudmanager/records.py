@@ -13,7 +13,7 @@ import collections
 import io
 import json
 import logging
-from typing import IO, Iterable, Iterator, List, Optional, Tuple
+from typing import IO, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import serializers
 from .db import FileDatabase
@@ -174,9 +174,19 @@ class RecordStore:
         for file_hash in refused:
             log.warning("refused a record of %s: its size differs from the known one",
                         file_hash)
+        # Whether some configured host can fetch a copy: asked once per host
+        # name and URL directory (a URL's check costs ~20 us; a batch names a
+        # few places many times). For the warning below, nothing else.
+        reached: Dict[Tuple[str, str], bool] = {}
         for record in batch:
             copies = [(h, u) for h, u, error in record.uploads if not error]
-            if copies and not self.engine.reaches(copies):
+            if not copies:
+                continue
+            places = [(h, u.rsplit("/", 1)[0], u) for h, u in copies]
+            for host_name, directory, url in places:
+                if (host_name, directory) not in reached:
+                    reached[(host_name, directory)] = self.engine.reaches([(host_name, url)])
+            if not any(reached[(h, d)] for h, d, _ in places):
                 unreachable.update({h for h, _ in copies})
         return changed
 
