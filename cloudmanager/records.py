@@ -10,6 +10,7 @@ change nothing without parsing them, and merges the rest in batches through
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import io
 import json
 import logging
@@ -148,11 +149,20 @@ class RecordStore:
         changed = 0
         unreachable: collections.Counter[str] = collections.Counter()
         batch: List[serializers.Record] = []
-        for record in records:
-            batch.append(record)
-            if len(batch) >= LOAD_BATCH:
-                changed += self._merge_batch(batch, unreachable, source)
-                batch = []
+        # The next batch is decoded and checked while the last one is written,
+        # on a thread of its own, so the database's work (a server's, on
+        # PostgreSQL) overlaps ours; one batch at a time is written, in order.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cm-load") as writer:
+            writing: Optional[concurrent.futures.Future[int]] = None
+            for record in records:
+                batch.append(record)
+                if len(batch) >= LOAD_BATCH:
+                    if writing is not None:
+                        changed += writing.result()
+                    writing = writer.submit(self._merge_batch, batch, unreachable, source)
+                    batch = []
+            if writing is not None:
+                changed += writing.result()
         if batch:
             changed += self._merge_batch(batch, unreachable, source)
         if unreachable:
