@@ -199,13 +199,12 @@ def test_failed_migration_is_atomic(opened, db_path, monkeypatch):
         conn.close()
 
 
-# -- triggers ---------------------------------------------------------------------
+# -- running totals and triggers -------------------------------------------------------
 
 
 def test_cache_counters_follow_insert_update_delete(db):
     with db.transaction() as conn:
-        # a row inserted already cached is counted by the insert trigger
-        conn.execute("INSERT INTO cache_entries (hash, size, cached) VALUES (?, 7, 1)", (H[2],))
+        db.cache_index.put(conn, [(H[2], 7, False)], 1.0, new=True)  # a new cached row
         db.cache_index.pin(conn, H[1], 30, True)  # pinned, not cached: not counted
     assert (db.cache_index.counter("cached_bytes"), db.cache_index.counter("cached_files")) == (7, 1)
     with db.transaction() as conn:
@@ -226,6 +225,8 @@ def test_cache_counters_follow_insert_update_delete(db):
     assert (db.cache_index.counter("cached_bytes"), db.cache_index.counter("cached_files")) == (7, 1)
     with db.transaction() as conn:
         assert db.cache_index.recount(conn) == (7, 1)
+        db.cache_index.put(conn, [(H[2], 9, False), (H[3], 4, False)], 2.0)  # a size changed
+        assert db.cache_index.totals(conn)[0] == db.cache_index.totals(conn)[1] == (13, 2)
 
 
 def test_copies_counts_distinct_good_hosts(db):

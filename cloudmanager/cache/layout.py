@@ -165,6 +165,7 @@ class Layout:
         self.dir_mode = dir_mode
         #: The temp directory.
         self.tmp_dir = os.path.join(root, TEMP_DIR)
+        self._tmp_sep = os.path.join(self.tmp_dir, "")
 
     # -- paths ---------------------------------------------------------------
 
@@ -174,7 +175,7 @@ class Layout:
 
     def shard_dir(self, file_hash: str) -> str:
         """The shard directory a hash's file lives in."""
-        return os.path.join(self.root, shard_of(file_hash))
+        return self._root_sep + shard_of(file_hash)
 
     def reservation_temp(self, token: str, reservation_id: int) -> str:
         """The temp file path of a reservation (:func:`reservation_temp_name`)."""
@@ -182,7 +183,7 @@ class Layout:
 
     def batch_temp(self, token: str, reservation_id: int, item: int) -> str:
         """The temp file path of a batch item (:func:`batch_temp_name`)."""
-        return os.path.join(self.tmp_dir, batch_temp_name(token, reservation_id, item))
+        return self._tmp_sep + batch_temp_name(token, reservation_id, item)
 
     # -- the directories -------------------------------------------------------
 

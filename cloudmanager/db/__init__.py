@@ -145,6 +145,10 @@ class FileDatabase:
         the catalog knows (which fsck can restore), never the catalog
         promising a file this node does not hold.
         """
+        if not self.shared:  # one file: one transaction, no savepoint
+            with self.local.transaction() as conn:
+                yield conn, conn
+            return
         with self.catalog.transaction() as catalog_conn:
             with self.local.transaction() as local_conn:
                 yield catalog_conn, local_conn

@@ -224,7 +224,8 @@ MIGRATIONS: Dict[int, Union[str, Dict[str, str]]] = {
         """,
     },
     # 6: encrypted copies (what each copy's object is, when not the
-    # plaintext); and for the original's API of sharing records through a
+    # plaintext); the cache's totals kept per batch by db/cache_index.py, not
+    # by triggers per row; and for the original's API of sharing records through a
     # log (a blockchain): which records were exported or loaded from a
     # source, and the pool's named integers (the last known block).
     5: {
@@ -243,7 +244,11 @@ MIGRATIONS: Dict[int, Union[str, Dict[str, str]]] = {
                 value INTEGER NOT NULL
             ) WITHOUT ROWID;
         """,
-        "cache_index": "",
+        "cache_index": """
+            DROP TRIGGER IF EXISTS cache_insert;
+            DROP TRIGGER IF EXISTS cache_update;
+            DROP TRIGGER IF EXISTS cache_delete;
+        """,
     },
 }
 

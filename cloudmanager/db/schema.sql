@@ -222,7 +222,8 @@ CREATE TABLE IF NOT EXISTS cache_entries (
 CREATE INDEX IF NOT EXISTS cache_lru ON cache_entries (last_access)
     WHERE cached = 1 AND protected = 1 AND pinned = 0;
 
--- Running totals, so usage and statistics never scan the cache index.
+-- Running totals, so usage and statistics never scan the cache index; kept
+-- by db/cache_index.py (the one writer of cache_entries), once per batch.
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL DEFAULT 0
@@ -230,26 +231,6 @@ CREATE TABLE IF NOT EXISTS counters (
 
 INSERT OR IGNORE INTO counters (name, value) VALUES
     ('cached_bytes', 0), ('cached_files', 0), ('hits', 0), ('misses', 0);
-
-CREATE TRIGGER IF NOT EXISTS cache_insert AFTER INSERT ON cache_entries
-WHEN NEW.cached = 1 BEGIN
-    UPDATE counters SET value = value + NEW.size WHERE name = 'cached_bytes';
-    UPDATE counters SET value = value + 1 WHERE name = 'cached_files';
-END;
-
-CREATE TRIGGER IF NOT EXISTS cache_update AFTER UPDATE OF cached, size ON cache_entries
-WHEN OLD.cached != NEW.cached OR OLD.size != NEW.size BEGIN
-    UPDATE counters SET value = value + NEW.cached * NEW.size - OLD.cached * OLD.size
-        WHERE name = 'cached_bytes';
-    UPDATE counters SET value = value + (NEW.cached - OLD.cached)
-        WHERE name = 'cached_files';
-END;
-
-CREATE TRIGGER IF NOT EXISTS cache_delete AFTER DELETE ON cache_entries
-WHEN OLD.cached = 1 BEGIN
-    UPDATE counters SET value = value - OLD.size WHERE name = 'cached_bytes';
-    UPDATE counters SET value = value - 1 WHERE name = 'cached_files';
-END;
 
 -- Space promised to writes in flight (a temp file being filled). Counted
 -- against the capacity with the cached bytes, so temp files never push the
