@@ -752,3 +752,4 @@ def test_a_full_database_is_a_typed_error_and_loses_nothing(db, db_path):
     add(db, H[2])
     assert db.files.exists(H[2])
     assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+

@@ -161,10 +161,13 @@ class Copies:
                 "SELECT u.hash, u.host_name, u.url, u.state FROM json_each(?) AS j"
                 " JOIN uploads AS u ON u.hash = j.value"
                 " WHERE u.state IN " + _HOLDING_SQL + " AND u.url != ''", param):
+            found = states.get(h)
+            if found is None:  # added by another process between the two reads:
+                continue       # the next look sees it whole
             if state == "good":
-                states[h].good.add(host_name)
+                found.good.add(host_name)
             else:
-                states[h].claimed.append((host_name, url))
+                found.claimed.append((host_name, url))
         return states
 
     def to_check(self, hashes: Optional[Sequence[str]] = None,

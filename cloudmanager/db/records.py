@@ -108,7 +108,8 @@ class Records:
         for h, host_name, url in self.db.read(
                 "SELECT u.hash, u.host_name, u.url FROM json_each(?) AS j"
                 " JOIN uploads AS u ON u.hash = j.value", param):
-            known[h].copies.add((host_name, url))
+            if h in known:  # else added by another process between the two reads
+                known[h].copies.add((host_name, url))
         return known
 
     def merge(self, records: Iterable) -> Tuple[int, List[str]]:
