@@ -187,6 +187,7 @@ def _copy(source: FileDatabase, target: FileDatabase, copy_index: bool,
                 for table in pool_rows.CATALOG_TABLES:
                     copied[table.name] = pool_rows.copy_table(src_catalog, dst_catalog, table,
                                                          batch)
+                pool_rows.recount_copies(dst_catalog)
                 differ = pool_rows.count_differences(src_catalog, dst_catalog, batch)
                 if differ:
                     log.warning("%d files had copy counts that disagree with their copies "

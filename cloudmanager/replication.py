@@ -192,7 +192,9 @@ class Replicator:
         hashes = list(hashes)
         self.db.queue.add(conn, hashes, when, known=True, node=self.node)
         if lease:
-            self.db.leases.take(conn, "replicate", hashes, self.owner, when + LEASE_S, when)
+            # replicate() reads which leases it holds before it acts.
+            self.db.leases.take(conn, "replicate", hashes, self.owner, when + LEASE_S, when,
+                                report=False)
 
     def merge(self, records: Sequence) -> Tuple[int, List[str]]:
         """Merge imported records: new files, and their copies as claims (see
@@ -351,8 +353,6 @@ class Replicator:
         for file_hash, copies, target, why in shorts:
             log.warning("%s has %d of %d copies: %s", file_hash, copies, target, why)
         return shorts
-
-    # -- replicating ------------------------------------------------------------------
 
     # -- leases ------------------------------------------------------------------------
 

@@ -377,7 +377,7 @@ def test_a_version_4_postgresql_catalog_is_migrated(pg_url, tmp_path):
         db.health.record({}, uploaded=1, when=time.mktime((2026, 1, 15, 0, 0, 0, 0, 0, -1)),
                          node="n1")
         assert db.health.transfers() == {"2026-01": (6, 6)}
-        add_files(db, H[:1])  # the copy counts are kept by version 6's triggers
+        add_files(db, H[:1])  # the copy counts are kept (a recount since version 7)
         with db.catalog.transaction() as conn:
             db.copies.record_good(conn, [(H[0], "a", "u1"), (H[0], "b", "u2")], when=1)
         assert (db.files.get(H[0]).copies, db.files.get(H[0]).verified) == (2, 2)
@@ -479,13 +479,18 @@ def test_stats_show_the_nodes_and_their_transfers(make_pool, pg_url, tmp_path, w
 
 
 def test_bulk_inserts_on_postgresql_mean_what_row_by_row_would(pg_url, tmp_path):
-    """executemany of a plain INSERT goes as one statement per batch on
-    PostgreSQL: the same rows, the same conflicts, the same triggers."""
+    """executemany of a plain INSERT goes in bulk on PostgreSQL (COPY, or one
+    statement per batch with OR IGNORE): the same rows, the same conflicts,
+    the same triggers."""
     db = FileDatabase(pg_url, tmp_path / "index.sqlite3")
     try:
-        rows = [(h, "f", 10, 1) for h in H[:4]]
+        # Names COPY's text format must escape come back as they went.
+        names = ["tab\there", "new\nline", "back\\slash", "\\N", "é ü 🙂"]
+        rows = [(h, names[i], 10, 1) for i, h in enumerate(H[:4])]
         with db.catalog.transaction() as conn:
             db.files.insert(conn, rows)
+        assert [db.files.get(h).filename for h in H[:4]] == names[:4]
+        with db.catalog.transaction() as conn:
             # OR IGNORE skips a row repeated within the batch and one already there.
             conn.executemany("INSERT OR IGNORE INTO upload_queue (hash, queued, node)"
                              " VALUES (?, ?, ?)", [(H[0], 1.5, "n"), (H[0], 2.5, "n"),
@@ -503,12 +508,20 @@ def test_bulk_inserts_on_postgresql_mean_what_row_by_row_would(pg_url, tmp_path)
             conn.executemany("INSERT INTO files (hash, filename, size, created)"
                              " VALUES (?, ?, ?, ?)", [(H[4], "", 7, 2.0), (H[5], "", 8, 3.0)])
         assert (db.files.get(H[4]).created, db.files.get(H[5]).size) == (2, 8)
-        # The copy-count triggers fire per row of a bulk insert.
+        # Copies inserted in bulk are counted by one recount after them; a
+        # change of state or a delete by the triggers, however many rows.
         with db.catalog.transaction() as conn:
             conn.executemany("INSERT INTO uploads (hash, host_name, url, state, time)"
                              " VALUES (?, ?, ?, ?, ?)",
-                             [(H[0], "a", "u1", "good", 1), (H[0], "b", "u2", "claimed", 1)])
+                             [(H[0], "a", "u1", "good", 1), (H[0], "b", "u2", "claimed", 1),
+                              (H[1], "a", "u3", "good", 1)])
+            db.copies.recount(conn, [H[0], H[1]])
         assert (db.files.get(H[0]).copies, db.files.get(H[0]).verified) == (2, 1)
+        with db.catalog.transaction() as conn:
+            conn.execute("UPDATE uploads SET state = 'good' WHERE host_name = 'b'")
+            conn.execute("DELETE FROM uploads WHERE hash = ?", (H[1],))
+        assert (db.files.get(H[0]).copies, db.files.get(H[0]).verified) == (2, 2)
+        assert (db.files.get(H[1]).copies, db.files.get(H[1]).verified) == (0, 0)
     finally:
         db.close()
 

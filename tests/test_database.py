@@ -574,7 +574,7 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
 
     db = FileDatabase(path)
     try:
-        assert db.schema_version() == SCHEMA_VERSION == 6
+        assert db.schema_version() == SCHEMA_VERSION == 7
         assert db.files.copies("a" * 64) == 1
         assert db.files.verified("a" * 64) == 1
         # v4: each copy's state from its old flags; the counts are the same.
@@ -620,6 +620,13 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
         with db.transaction() as tx:
             db.files.forget(tx, b)
         assert set(db.published.of(["a" * 64, b, c])) == {"a" * 64, c}
+        # v7: no insert trigger; a copy recorded is counted by its batch.
+        names = {r[0] for r in db.connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+        assert "uploads_insert" not in names and "uploads_update" in names
+        with db.transaction() as tx:
+            db.copies.record_good(tx, [(c, "h", "http://x.example/c")], 3)
+        assert (db.files.copies(c), db.files.verified(c)) == (1, 1)
     finally:
         db.close()
 

@@ -158,8 +158,9 @@ class CacheIndex:
                       protected: bool) -> None:
         """Record whether some host verifiably holds these files (only then may
         they be evicted)."""
-        conn.executemany("UPDATE cache_entries SET protected = ? WHERE hash = ?",
-                         [(1 if protected else 0, h) for h in hashes])
+        fragment, param = in_list(hashes)
+        conn.execute("UPDATE cache_entries SET protected = ? WHERE hash " + fragment,
+                     (1 if protected else 0, param))
 
     def touch(self, accesses: Iterable[Tuple[str, float]],
               conn: Optional[sqlite3.Connection] = None) -> None:

@@ -41,7 +41,7 @@ from ..errors import DatabaseError
 log = logging.getLogger(__name__)
 
 #: The schema version this code writes and expects.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: WAL pages between automatic checkpoints (SQLite's default is 1,000, or
 #: 4 MB); a checkpoint writes each dirty page once, however often it changed.
@@ -249,6 +249,12 @@ MIGRATIONS: Dict[int, Union[str, Dict[str, str]]] = {
             DROP TRIGGER IF EXISTS cache_update;
             DROP TRIGGER IF EXISTS cache_delete;
         """,
+    },
+    # 7: copies inserted are counted per batch by db/copies.py (Copies.recount),
+    # not by a trigger per row.
+    6: {
+        "catalog": "DROP TRIGGER IF EXISTS uploads_insert;",
+        "cache_index": "",
     },
 }
 

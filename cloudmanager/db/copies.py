@@ -4,8 +4,10 @@ what this node knows of each.
 Only :mod:`cloudmanager.replication` (through this module) writes these rows;
 the rules of the copy state machine are there, the statements here. A copy is
 identified by ``(hash, host_name, url)``; its ``state`` is one of
-:data:`STATES`. The triggers in ``schema.sql`` keep ``files.copies`` (good,
-claimed or suspect) and ``files.verified`` (good) in step with these rows.
+:data:`STATES`. ``files.copies`` (good, claimed or suspect) and
+``files.verified`` (good) are kept in step with these rows: for rows
+inserted, by :meth:`Copies.recount` once per batch, which every insert here
+calls; for changes of state and deletes, by the triggers in ``schema.sql``.
 
 Every write takes a batch: a single copy is a batch of one, so the two paths
 cannot drift apart. Every write is guarded against a file removed meanwhile
@@ -28,6 +30,13 @@ CONDEMNED = ("suspect", "bad", "missing")
 
 _HOLDING_SQL = "('good', 'claimed')"
 _CONDEMNED_SQL = "('suspect', 'bad', 'missing')"
+#: Sets files' copy counts from their rows (followed by a WHERE, or not).
+_RECOUNT = ("UPDATE files SET"
+            " copies = (SELECT count(DISTINCT host_name) FROM uploads"
+            "           WHERE uploads.hash = files.hash"
+            "           AND uploads.state IN ('good', 'claimed', 'suspect')),"
+            " verified = (SELECT count(DISTINCT host_name) FROM uploads"
+            "             WHERE uploads.hash = files.hash AND uploads.state = 'good')")
 
 
 class CopyRow(NamedTuple):
@@ -110,6 +119,19 @@ class HeldCopy(NamedTuple):
 
 #: (hash, host_name, url)
 CopyKey = Tuple[str, str, str]
+
+
+def recount(conn: Conn, hashes: Optional[Iterable[str]] = None) -> None:
+    """Set ``files.copies`` and ``files.verified`` of ``hashes`` (every file if
+    None: after ``cm migrate``'s bulk copy) from their rows: one statement
+    after a batch of inserts (see the module's docstring)."""
+    if hashes is None:
+        conn.execute(_RECOUNT)
+        return
+    hashes = list(hashes)
+    if hashes:
+        fragment, param = in_list(hashes)
+        conn.execute(_RECOUNT + " WHERE hash " + fragment, (param,))
 
 
 class Copies:
@@ -307,11 +329,16 @@ class Copies:
                  for h, host, url in copies])
         conn.executemany("DELETE FROM uploads WHERE hash = ? AND host_name = ? AND url = ''"
                          " AND state = 'pending'", [(h, host) for h, host, _ in copies])
+        self.recount(conn, {c[0] for c in copies})
         # Tombstones are few (removed files' copies): one probe spares a
         # delete per copy when there are none.
         if conn.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone() is not None:
             conn.executemany("DELETE FROM tombstones WHERE hash = ? AND host_name = ?"
                              " AND url = ?", copies)
+
+    def recount(self, conn: Conn, hashes: Optional[Iterable[str]] = None) -> None:
+        """:func:`recount` (the rows of ``records`` merges are counted by it too)."""
+        recount(conn, hashes)
 
     def record_pending(self, conn: Conn, failures: Iterable[Tuple[str, str]],
                        when: int) -> None:

@@ -39,12 +39,15 @@ class Leases:
         self.db = db
 
     def take(self, conn: Conn, kind: str, hashes: Iterable[str], owner: str, until: float,
-             now: float) -> Set[str]:
+             now: float, report: bool = True) -> Set[str]:
         """Take ``kind`` leases on ``hashes`` for ``owner`` until ``until``;
         those held by another owner whose lease has not run out by ``now`` are
         left to them.
 
-        :return: the hashes whose lease ``owner`` holds now
+        :param report: read back which ones ``owner`` holds (a caller that
+            looks again before it acts can spare that read)
+        :return: the hashes whose lease ``owner`` holds now (an empty set
+            without ``report``)
         """
         if kind not in KINDS:
             raise ValueError("no lease kind %r" % kind)
@@ -61,6 +64,8 @@ class Leases:
             " until = excluded.until"
             " WHERE leases.owner = excluded.owner OR leases.until < ?",
             (kind, owner, until, param, now))
+        if not report:
+            return set()
         return {h for (h,) in conn.execute(
             "SELECT hash FROM leases WHERE kind = ? AND owner = ? AND hash " + fragment,
             (kind, owner, param))}

@@ -31,6 +31,7 @@ import urllib.parse
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from .connection import Conn
+from .copies import recount
 
 #: Rows per batch read from the source and written to the destination.
 BATCH = 5000
@@ -163,12 +164,18 @@ def live_leases(conn: Conn, now: float) -> List[tuple]:
         (now,))]
 
 
+def recount_copies(conn: Conn) -> None:
+    """Recount every file's ``copies``/``verified`` on the destination from
+    its copies, which went in as plain rows (see :mod:`~cloudmanager.db.copies`)."""
+    recount(conn)
+
+
 def count_differences(source: Conn, destination: Conn, batch: int = BATCH) -> List[str]:
     """Hashes of files whose ``copies``/``verified`` differ between the two.
 
-    The destination's counts were recomputed by its triggers as the copies
-    went in; the same counts on both sides mean the triggers and the source
-    agree. Both are read in hash order, a batch at a time.
+    The destination's counts were recomputed from its copies
+    (:func:`recount_copies`); the same counts on both sides mean the source's
+    were right. Both are read in hash order, a batch at a time.
     """
     table = Table("files", ("hash", "copies", "verified"), ("hash",))
     pairs = itertools.zip_longest(_rows(source, table, batch), _rows(destination, table, batch))

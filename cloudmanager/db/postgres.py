@@ -37,7 +37,9 @@ import math
 import re
 import threading
 from importlib import resources
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import (
+    Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple,
+)
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import DatabaseError
@@ -157,27 +159,47 @@ _PLAIN_INSERT = re.compile(r"\s*INSERT\s+(OR\s+IGNORE\s+)?INTO\s+(\w+)\s*\(([\w\
                            re.IGNORECASE)
 
 
+class BulkInsert(NamedTuple):
+    """How :meth:`PostgresConnection.executemany` sends a plain INSERT of many rows."""
+
+    #: ``INSERT ... SELECT ... FROM json_populate_recordset(...)``: one JSON
+    #: parameter of :data:`INSERT_ROWS` rows
+    statement: str
+    table: str
+    columns: Tuple[str, ...]
+    #: ``COPY table (columns) FROM STDIN``, for an INSERT without OR IGNORE
+    #: (COPY has no ON CONFLICT); None otherwise
+    copy: Optional[str]
+
+
 @functools.lru_cache(maxsize=64)
-def bulk_insert(sql: str) -> Optional[Tuple[str, str, Tuple[str, ...]]]:
-    """``(statement, table, columns)`` to insert many rows of a plain INSERT at once, or None.
+def bulk_insert(sql: str) -> Optional[BulkInsert]:
+    """How to insert many rows of a plain INSERT at once, or None.
 
     Only ``INSERT [OR IGNORE] INTO t (columns) VALUES (?, ...)`` (placeholders
-    only, nothing after) qualifies. The rows go as one JSON array of objects,
-    read by ``json_populate_recordset`` with the table's own row type, so
-    each value is converted to its column's type, and columns not named keep
-    their defaults. One statement does what the single-row ones would do in
-    turn: row triggers fire once per row, ``ON CONFLICT DO NOTHING`` skips a
-    row repeated within it, and a duplicate key fails either way. But it is
-    one round trip and one plan, not one per row: the inserts of a
-    ``data_load`` of 100k records took half the time of psycopg's pipelined
-    ``executemany``, and queueing an ingest's files a third.
+    only, nothing after) qualifies. Either way each value is converted to its
+    column's type, columns not named keep their defaults, and one statement
+    does what the single-row ones would do in turn: row triggers fire once
+    per row, and a duplicate key fails the statement.
 
-    >>> statement, table, columns = bulk_insert("INSERT OR IGNORE INTO q (a, B) VALUES (?, ?)")
-    >>> statement  # doctest: +NORMALIZE_WHITESPACE
+    - Without OR IGNORE, the rows go by ``COPY``, PostgreSQL's bulk load: the
+      fastest path there is, for the client (psycopg formats the rows in C)
+      and for the server.
+    - With it, as one JSON array of objects per :data:`INSERT_ROWS` rows,
+      read by ``json_populate_recordset`` with the table's own row type, and
+      ``ON CONFLICT DO NOTHING`` skips a row repeated within it. One round
+      trip and one plan, not one per row: the inserts of a ``data_load`` of
+      100k records took half the time of psycopg's pipelined
+      ``executemany``.
+
+    >>> bulk = bulk_insert("INSERT OR IGNORE INTO q (a, B) VALUES (?, ?)")
+    >>> bulk.statement  # doctest: +NORMALIZE_WHITESPACE
     'INSERT INTO q (a, b) SELECT a, b FROM json_populate_recordset(NULL::q, %s::json)
      ON CONFLICT DO NOTHING'
-    >>> table, columns
-    ('q', ('a', 'b'))
+    >>> bulk.table, bulk.columns, bulk.copy
+    ('q', ('a', 'b'), None)
+    >>> bulk_insert("INSERT INTO q (a) VALUES (?)").copy
+    'COPY q (a) FROM STDIN'
     >>> bulk_insert("INSERT INTO t (a) VALUES (?) ON CONFLICT (a) DO UPDATE SET a = 1")
     """
     match = _PLAIN_INSERT.fullmatch(sql)
@@ -193,11 +215,12 @@ def bulk_insert(sql: str) -> Optional[Tuple[str, str, Tuple[str, ...]]]:
                  % (table, listed, listed, table))
     if ignore:
         statement += " ON CONFLICT DO NOTHING"
-    return statement, table, columns
+    return BulkInsert(statement, table, columns,
+                      None if ignore else "COPY %s (%s) FROM STDIN" % (table, listed))
 
 
-def _json_safe(seq: Sequence[Sequence[Any]], width: int, doubles: Sequence[bool]) -> bool:
-    """Whether every row has ``width`` values that JSON carries as the
+def _bulk_safe(seq: Sequence[Sequence[Any]], width: int, doubles: Sequence[bool]) -> bool:
+    """Whether every row has ``width`` values that JSON and COPY carry as the
     row-at-a-time insert would: None, a str, an int, or a finite float where
     ``doubles`` says the column is ``double precision`` (a JSON number with a
     fraction fails in an integer column, where a float parameter is rounded;
@@ -280,10 +303,10 @@ class PostgresConnection:
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> Rows:
         """Run the statement once per parameter tuple.
 
-        A plain ``INSERT ... VALUES (?, ...)`` of many rows goes as one
-        statement per :data:`INSERT_ROWS` rows (see :func:`bulk_insert`),
-        when JSON carries every value as the row-at-a-time insert would;
-        anything else goes once per tuple, pipelined by psycopg.
+        A plain ``INSERT ... VALUES (?, ...)`` of many rows goes in bulk (see
+        :func:`bulk_insert`) when every value goes as the row-at-a-time
+        insert would take it; anything else goes once per tuple, pipelined
+        by psycopg.
         """
         seq = [tuple(p) for p in seq]
         if not seq:
@@ -291,17 +314,21 @@ class PostgresConnection:
         with self._database.errors("query"):
             with self.raw.cursor() as cur:
                 bulk = bulk_insert(sql) if len(seq) > 1 else None
-                doubles = self._doubles(*bulk[1:]) if bulk else None
-                if bulk is None or doubles is None or not _json_safe(seq, len(bulk[2]),
+                doubles = self._doubles(bulk.table, bulk.columns) if bulk else None
+                if bulk is None or doubles is None or not _bulk_safe(seq, len(bulk.columns),
                                                                      doubles):
                     cur.executemany(translate(sql), seq)
                     return Rows([], cur.rowcount)
-                statement, _, columns = bulk
+                if bulk.copy is not None:
+                    with cur.copy(bulk.copy) as copy:
+                        for params in seq:
+                            copy.write_row(params)
+                    return Rows([], len(seq))
                 count = 0
                 for start in range(0, len(seq), INSERT_ROWS):
-                    rows = [dict(zip(columns, params))
+                    rows = [dict(zip(bulk.columns, params))
                             for params in seq[start:start + INSERT_ROWS]]
-                    cur.execute(statement, (json.dumps(rows),))
+                    cur.execute(bulk.statement, (json.dumps(rows),))
                     count += max(cur.rowcount, 0)
                 return Rows([], count)
 
@@ -657,6 +684,12 @@ POSTGRES_MIGRATIONS: Dict[int, str] = {
             value BIGINT NOT NULL
         );
         UPDATE cloudmanager_schema SET version = 6;
+    """,
+    # 7: copies inserted are counted by db/copies.py (Copies.recount).
+    6: """
+        DROP TRIGGER uploads_insert ON uploads;
+        DROP FUNCTION cloudmanager_count_inserted();
+        UPDATE cloudmanager_schema SET version = 7;
     """,
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
 
 from .connection import Store, json_list
+from .copies import recount
 
 
 #: Files whose record is neither exported nor loaded from a source.
@@ -141,9 +142,10 @@ class Records:
             known = {h: [size, name] for h, size, name in conn.execute(
                 "SELECT f.hash, f.size, f.filename FROM json_each(?) AS j"
                 " JOIN files AS f ON f.hash = j.value", (hashes,))}
+            # Only known files can have copies (a copy's row needs its file's).
             have = set(conn.execute(
                 "SELECT u.hash, u.host_name, u.url FROM json_each(?) AS j"
-                " JOIN uploads AS u ON u.hash = j.value", (hashes,)))
+                " JOIN uploads AS u ON u.hash = j.value", (json_list(known),))) if known else set()
             have.update(conn.execute(
                 "SELECT t.hash, t.host_name, t.url FROM json_each(?) AS j"
                 " JOIN tombstones AS t ON t.hash = j.value", (hashes,)))
@@ -173,23 +175,26 @@ class Records:
                         did = True
                 changed += did
             # A new file's uploads go in before its row, with the foreign key
-            # checked at commit: the uploads_insert trigger finds no row to
-            # recount (it did so per upload: half the cost of an import), and
-            # the row is inserted with its count. Imported copies are never
+            # checked at commit, and the row is inserted with its count; the
+            # files known before are recounted after their copies went in. Imported copies are never
             # verified, so that count is the distinct hosts of claimed copies.
             fresh: Dict[str, Set[str]] = {h: set() for h, _, _, _ in new_files}
             for h, host_name, _, state, *_ in new_uploads:
                 if h in fresh and state == "claimed":
                     fresh[h].add(host_name)
-            insert_uploads = ("INSERT OR IGNORE INTO uploads (hash, host_name, url, state, time,"
-                              " object_sha256, object_size, key_id)"
-                              " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+            columns = ("uploads (hash, host_name, url, state, time, object_sha256, object_size,"
+                       " key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
             conn.execute("PRAGMA defer_foreign_keys = ON")  # until this commit
-            conn.executemany(insert_uploads, [u for u in new_uploads if u[0] in fresh])
+            # A new file has no copies to collide with (this transaction holds
+            # the write lock, and `have` took out repeats): plain inserts, which
+            # go by COPY on PostgreSQL.
+            conn.executemany("INSERT INTO " + columns, [u for u in new_uploads if u[0] in fresh])
             conn.executemany("INSERT INTO files (hash, filename, size, created, copies)"
                              " VALUES (?, ?, ?, ?, ?)",
                              [row + (len(fresh[row[0]]),) for row in new_files])
             conn.executemany("UPDATE files SET filename = ? WHERE hash = ?",
                              [(name, h) for h, name in named.items()])
-            conn.executemany(insert_uploads, [u for u in new_uploads if u[0] not in fresh])
+            older = [u for u in new_uploads if u[0] not in fresh]
+            conn.executemany("INSERT OR IGNORE INTO " + columns, older)
+            recount(conn, {u[0] for u in older})
         return changed, refused

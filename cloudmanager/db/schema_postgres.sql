@@ -41,8 +41,9 @@ CREATE INDEX uploads_recheck ON uploads (next_check)
     WHERE state IN ('suspect', 'bad', 'missing');
 
 -- files.copies and files.verified, kept in step with the file's copies:
--- once per statement, for the files it touched (a batch insert of 5,000
--- copies recounts each file once, not once per row).
+-- once per statement, for the files it touched. Inserted rows are counted
+-- by the statement after them, Copies.recount in db/copies.py, as on SQLite;
+-- changes of state and deletes by these triggers.
 CREATE FUNCTION cloudmanager_recount(hashes TEXT[]) RETURNS void LANGUAGE sql AS $$
     UPDATE files AS f SET
         copies = (SELECT count(DISTINCT u.host_name) FROM uploads AS u
@@ -50,12 +51,6 @@ CREATE FUNCTION cloudmanager_recount(hashes TEXT[]) RETURNS void LANGUAGE sql AS
         verified = (SELECT count(DISTINCT u.host_name) FROM uploads AS u
                     WHERE u.hash = f.hash AND u.state = 'good')
     WHERE f.hash = ANY (hashes);
-$$;
-CREATE FUNCTION cloudmanager_count_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM cloudmanager_recount(ARRAY(SELECT DISTINCT hash FROM inserted_rows));
-    RETURN NULL;
-END
 $$;
 CREATE FUNCTION cloudmanager_count_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -72,9 +67,6 @@ BEGIN
     RETURN NULL;
 END
 $$;
-CREATE TRIGGER uploads_insert AFTER INSERT ON uploads
-    REFERENCING NEW TABLE AS inserted_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION cloudmanager_count_inserted();
 CREATE TRIGGER uploads_update AFTER UPDATE ON uploads
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION cloudmanager_count_updated();
@@ -154,4 +146,4 @@ CREATE TABLE pool_state (
 CREATE TABLE cloudmanager_schema (
     version INTEGER NOT NULL
 );
-INSERT INTO cloudmanager_schema (version) VALUES (6);
+INSERT INTO cloudmanager_schema (version) VALUES (7);
