@@ -23,6 +23,7 @@ from .crypto import key_from_settings
 from .db.postgres import is_postgres_url
 from .errors import CloudManagerError, InvalidInputError, NotInPoolError, SerializationError
 from .hosts import from_spec
+from .original_methods import OriginalMethods
 from .pool import Pool, UPLOAD_BATCH  # noqa: F401  (UPLOAD_BATCH: part of the API)
 from .records import LOAD_BATCH  # noqa: F401
 from .validation import check_hash
@@ -39,7 +40,7 @@ DEFAULTS: Dict[str, Any] = {
 _FAILURES = (OSError, CloudManagerError)
 
 
-class CloudManager:
+class CloudManager(OriginalMethods):
     """A pool of files kept on several hosts, with a bounded local cache.
 
     Each file is addressed by its SHA-256 and recorded in a SQLite database
@@ -570,122 +571,6 @@ class CloudManager:
         except CloudManagerError as exc:
             log.error("load_from failed: %s", exc)
             return None
-
-    # -- the original's wider API ---------------------------------------------
-    # Storj's cloud-manager had these beyond its README; see the README's
-    # "Moving from cloud-manager" and cloudmanager/legacy.py.
-
-    def cloud_sync(self) -> None:
-        """Upload what is queued: :meth:`sync`, under the original's name.
-
-        The original uploaded each file no host held yet. This also tops up
-        files below the redundancy target, as :meth:`sync` does; a failure
-        is logged and the file stays queued.
-
-        :return: None, as the original (:meth:`sync` returns a summary)
-        """
-        self.sync()
-
-    def sync_status(self) -> Dict[str, List[dict]]:
-        """The records waiting in both of the original's queues.
-
-        ``cloud_queue``: the files on the upload queue (cached here and
-        waiting for hosts, or short of copies). ``blockchain_queue``: the
-        records ``data_dump(limit)`` has yet to export (see
-        :meth:`blockchain_queue_info`). Each record is a v0.2 dict, as
-        :meth:`info` gives it; the original's lacked ``version`` and, before
-        an upload, ``uploads`` and ``datetime``. Reads every record of both
-        queues: for reports.
-
-        :return: ``{"cloud_queue": [record], "blockchain_queue": [record]}``
-        """
-        return self.pool.legacy.sync_status()
-
-    def upload_queue_info(self) -> Dict[str, int]:
-        """The upload queue: ``{"size": bytes, "count": files}``, as the original.
-
-        ``size`` sums the queued files' sizes (one statement).
-        """
-        return self.pool.legacy.upload_queue_info()
-
-    def blockchain_queue_info(self) -> Dict[str, int]:
-        """The export backlog: ``{"size": bytes, "count": records}``, as the original.
-
-        It counts the records ``data_dump(limit)`` has not exported: files
-        with a copy on a host, neither exported nor loaded with a
-        ``blockchain_hash``. ``size`` sums their files' sizes, as the
-        original did (not the records' JSON). One statement, over every file.
-        """
-        return self.pool.legacy.blockchain_queue_info()
-
-    def used_space(self) -> int:
-        """Bytes of the files in the local cache, as the original's.
-
-        The original summed the storage directory's files; this reads a
-        running total (space reserved for writes in flight is not counted).
-        """
-        return self.pool.cache.used_bytes()
-
-    def capacity(self) -> int:
-        """The local cache's capacity in bytes: the ``storage_size`` the pool
-        was opened with, as the original's."""
-        return self.pool.cache.capacity
-
-    def total_incoming(self) -> int:
-        """Bytes downloaded from hosts, by every node of the pool, ever.
-
-        The original also counted as incoming the bytes of every file added
-        with :meth:`upload`; here the meter counts what crosses the network
-        to and from hosts only (``stats()["downloaded_bytes"]``).
-        """
-        return self.pool.legacy.traffic().total_incoming
-
-    def total_outgoing(self) -> int:
-        """Bytes uploaded to hosts, by every node of the pool, ever.
-
-        The original also counted as outgoing the bytes :meth:`warm_up`
-        served, cache hits included; here only what was sent to hosts
-        (``stats()["uploaded_bytes"]``).
-        """
-        return self.pool.legacy.traffic().total_outgoing
-
-    def current_incoming(self) -> int:
-        """Bytes downloaded from hosts this calendar month (UTC; the original
-        used local time). See :meth:`total_incoming`."""
-        return self.pool.legacy.traffic().current_incoming
-
-    def current_outgoing(self) -> int:
-        """Bytes uploaded to hosts this calendar month (UTC; the original used
-        local time). See :meth:`total_outgoing`."""
-        return self.pool.legacy.traffic().current_outgoing
-
-    def last_known_block(self) -> int:
-        """The block height :meth:`visit_block` stored last, 0 before the first.
-
-        Kept in the catalog: it survives a reopen, and the nodes of a shared
-        catalog share it.
-        """
-        return self.pool.legacy.last_known_block()
-
-    def visit_block(self, block_height: int) -> Optional[bool]:
-        """Store ``block_height`` as the last known block (the original's
-        cursor over the blockchain it read records from).
-
-        Any height may be stored, a lower one too (to rewind).
-
-        :param block_height: an int in [0, 2**63)
-        :return: None, as the original; ``False`` (with a logged reason) for
-            a height that is not such an int, or if the database failed
-        """
-        try:
-            self.pool.legacy.visit_block(block_height)
-        except InvalidInputError as exc:
-            log.warning("visit_block: %s", exc)
-            return False
-        except CloudManagerError as exc:
-            log.error("visit_block(%r) failed: %s", block_height, exc)
-            return False
-        return None
 
     # -- beyond the seed -----------------------------------------------------
 
