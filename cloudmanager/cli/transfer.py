@@ -7,7 +7,7 @@ from typing import List, Tuple
 
 import click
 
-from ..scheduler import DEFAULT_JOBS, upload_tree
+from ..scheduler import DEFAULT_JOBS, upload_files
 from ..sources import walk
 from .app import JSON_OPTION, OperationFailed, fail_quietly, pass_session, resolve_hash
 from .output import display_path, emit_json, human_size, progress
@@ -63,7 +63,7 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
     remember = []
     cwd = os.getcwd()
     with progress(session, "uploading", sum(f.size for f in todo), len(todo)) as advance, \
-            contextlib.closing(upload_tree(cm, todo, jobs, defer, advance)) as batches:
+            contextlib.closing(upload_files(cm, todo, jobs, defer, advance)) as batches:
         # Closed at once on Ctrl-C: batches not started yet are not started.
         for batch in batches:
             lines = []
