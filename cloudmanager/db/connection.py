@@ -41,7 +41,7 @@ from ..errors import DatabaseError
 log = logging.getLogger(__name__)
 
 #: The schema version this code writes and expects.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: WAL pages between automatic checkpoints (SQLite's default is 1,000, or
 #: 4 MB); a checkpoint writes each dirty page once, however often it changed.
@@ -249,6 +249,18 @@ MIGRATIONS: Dict[int, Union[str, Dict[str, str]]] = {
             DROP TRIGGER IF EXISTS cache_update;
             DROP TRIGGER IF EXISTS cache_delete;
         """,
+    },
+    # 7: tree manifests by name (cloudmanager/trees.py): which files of the
+    # pool are a directory's manifest. Existing pools have none.
+    6: {
+        "catalog": """
+            CREATE TABLE trees (
+                hash    TEXT PRIMARY KEY REFERENCES files (hash) ON DELETE CASCADE,
+                name    TEXT NOT NULL,
+                created INTEGER NOT NULL
+            ) WITHOUT ROWID;
+        """,
+        "cache_index": "",
     },
 }
 

@@ -658,6 +658,15 @@ POSTGRES_MIGRATIONS: Dict[int, str] = {
         );
         UPDATE cloudmanager_schema SET version = 6;
     """,
+    # 7: tree manifests by name (cloudmanager/trees.py).
+    6: """
+        CREATE TABLE trees (
+            hash    TEXT COLLATE "C" PRIMARY KEY REFERENCES files (hash) ON DELETE CASCADE,
+            name    TEXT NOT NULL,
+            created BIGINT NOT NULL
+        );
+        UPDATE cloudmanager_schema SET version = 7;
+    """,
 }
 
 
