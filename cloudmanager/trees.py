@@ -43,7 +43,6 @@ import os
 import secrets
 import stat
 import tempfile
-import threading
 import time
 from typing import (
     TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple,
@@ -521,7 +520,6 @@ class _Restorer:
             raise InvalidInputError("%s is not a directory" % dest)
         self.sizes: Dict[str, Optional[int]] = {}
         self._cleaned: set = set()
-        self._lock = threading.Lock()
 
     def close(self) -> None:
         if self.root_fd is not None:
@@ -601,9 +599,14 @@ class _Restorer:
                 if not same:
                     same = _hash_at(parent, name) == e.hash
                 if same:
-                    if stat.S_IMODE(st.st_mode) != e.mode or st.st_mtime_ns != e.mtime_ns:
+                    if stat.S_IMODE(st.st_mode) == e.mode and st.st_mtime_ns == e.mtime_ns:
+                        return "keep", ""
+                    if st.st_nlink == 1:
                         return "touch", ""
-                    return "keep", ""
+                    # A hard link: a chmod would change the other names'
+                    # file too (one outside DEST, maybe). Same bytes, so
+                    # a fresh file renamed over this name loses nothing.
+                    return "fetch", ""
             if not self.force:
                 what = "a file that differs" if stat.S_ISREG(st.st_mode) else \
                     "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"

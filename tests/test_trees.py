@@ -315,3 +315,23 @@ def test_jobs_out_of_range_are_refused(uploaded, tmp_path):
     cm, tree, _ = uploaded
     assert cm.restore_tree(tree, tmp_path / "o", jobs=0) is False
     assert cm.restore_tree(tree, tmp_path / "o", jobs=99) is False
+
+
+def test_a_hard_link_in_the_destination_is_replaced_not_changed(uploaded, tmp_path):
+    """An identical file in DEST that is a hard link to a file outside: its
+    mode and mtime are not set through the link (that would change the
+    outside file); a fresh file takes its name."""
+    cm, tree, _ = uploaded
+    dest = tmp_path / "out"
+    dest.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"alpha\n")
+    os.chmod(outside, 0o604)
+    os.utime(outside, (7, 7))
+    os.link(outside, dest / "a.txt")
+    summary = cm.restore_tree(tree, dest)
+    assert summary["ok"] and ("fetch", "a.txt") in summary["actions"]
+    st_out = os.stat(outside)
+    assert (stat.S_IMODE(st_out.st_mode), st_out.st_mtime, st_out.st_nlink) == (0o604, 7, 1)
+    st_in = os.stat(dest / "a.txt")
+    assert (stat.S_IMODE(st_in.st_mode), st_in.st_mtime) == (0o644, 1_600_000_000)

@@ -246,8 +246,12 @@ def test_upload_walks_a_directory_with_several_jobs(home):
     files = make_tree(home)
     result = home.cm("upload", "--jobs", "3", "tree")
     assert result.exit_code == 0, result.stderr
-    printed = dict(line.split("  ", 1) for line in result.stdout.splitlines())
+    *lines, last = result.stdout.splitlines()
+    printed = dict(line.split("  ", 1) for line in lines)
     assert {home.work / p: h for h, p in printed.items()} == {p: h for p, h in files.items()}
+    # The directory's tree, last.
+    tree, shown = last.split("  ")
+    assert shown == "tree/" and [t["hash"] for t in home.cm_json("trees")] == [tree]
     assert "uploaded 12, skipped 0 already in the pool, failed 0" in result.stderr
     for digest in files.values():
         assert (home.local_host / digest).is_file()
