@@ -326,12 +326,12 @@ class TreeStore:
             manifest cannot be made
         :raises CloudManagerError, OSError: if the manifest cannot be uploaded
         """
+        sizes = self.pool.db.files.sizes(e.hash for e in entries)
         checked = []
         for e in entries:
-            row = self.pool.db.files.get(e.hash)
-            if row is None:
+            if e.hash not in sizes:
                 raise TreeError("%s (%s) is not in the pool" % (e.path, e.hash))
-            checked.append(e._replace(size=row.size))
+            checked.append(e._replace(size=sizes[e.hash]))
         data = encode(checked)
         name = safe_basename(name) or "tree"
         with tempfile.TemporaryDirectory(prefix="cm-tree-") as scratch:
@@ -454,6 +454,7 @@ def restore(pool: Pool, entries: Sequence[TreeEntry], dest: Union[str, os.PathLi
             raise InvalidInputError("cannot create %s: %s" % (dest, exc.strerror)) from None
     restorer = _Restorer(pool, dest, force, dry_run, checksum)
     try:
+        restorer.sizes = pool.db.files.sizes(e.hash for e in entries)
         plan = [restorer.plan(e) for e in entries]
         actions = [(action, e.path) for e, (action, _) in zip(entries, plan)]
         conflicts = [(e.path, why) for e, (action, why) in zip(entries, plan)
@@ -518,19 +519,14 @@ class _Restorer:
             self.root_fd = os.open(dest, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
         elif os.path.lexists(dest) or not dry_run:
             raise InvalidInputError("%s is not a directory" % dest)
-        self.sizes: Dict[str, Optional[int]] = {}
+        #: The catalog's size of each file of the tree it has.
+        self.sizes: Dict[str, int] = {}
         self._cleaned: set = set()
 
     def close(self) -> None:
         if self.root_fd is not None:
             os.close(self.root_fd)
             self.root_fd = None
-
-    def _catalog_size(self, file_hash: str) -> Optional[int]:
-        if file_hash not in self.sizes:
-            row = self.pool.db.files.get(file_hash)
-            self.sizes[file_hash] = None if row is None else row.size
-        return self.sizes[file_hash]
 
     def _open_parent(self, path: str, create: bool) -> Optional[int]:
         """A descriptor of ``path``'s directory, opened a component at a time
@@ -573,7 +569,7 @@ class _Restorer:
 
     def plan(self, e: TreeEntry) -> Tuple[str, str]:
         """``(action, reason)`` for one entry (see :attr:`RestoreSummary.actions`)."""
-        size = self._catalog_size(e.hash)
+        size = self.sizes.get(e.hash)
         if size is None:
             return "fail", "%s is not in the pool" % e.hash
         if size != e.size:
