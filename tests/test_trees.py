@@ -335,3 +335,19 @@ def test_a_hard_link_in_the_destination_is_replaced_not_changed(uploaded, tmp_pa
     assert (stat.S_IMODE(st_out.st_mode), st_out.st_mtime, st_out.st_nlink) == (0o604, 7, 1)
     st_in = os.stat(dest / "a.txt")
     assert (stat.S_IMODE(st_in.st_mode), st_in.st_mtime) == (0o644, 1_600_000_000)
+
+
+def test_a_tree_with_files_larger_than_the_cache_restores(make_pool, tmp_path):
+    """Files that do not fit the restoring node's cache are streamed from the
+    hosts into place, verified, as download does."""
+    big = os.urandom(50_000)
+    src = make_tree(tmp_path / "big", {"large.bin": (big, 0o644, 1_000_000_000),
+                                       "small.txt": (b"s", 0o644, 1_000_000_000)})
+    one = make_pool(1 << 20, name="one")
+    tree = one.upload_tree(src)
+    two = make_pool(10_000, name="two")
+    two.data_load(one.data_dump())
+    summary = two.restore_tree(tree, tmp_path / "out", jobs=2)
+    assert summary["ok"] and summary["fetched"] == 2
+    assert snapshot(tmp_path / "out") == snapshot(src)
+    assert not two.on_cache(sha(big))
