@@ -4,7 +4,7 @@
 import click
 
 from ..errors import InvalidInputError
-from .app import JSON_OPTION, OperationFailed, pass_session, resolve_hash
+from .app import JSON_OPTION, fail_quietly, pass_session, resolve_hash
 from .output import (
     emit_json,
     human_size,
@@ -57,8 +57,7 @@ def list_tree(cm, tree, as_json):
     if not entries:
         if entries == []:
             return  # an empty directory's tree
-        raise OperationFailed("%s is not a tree the pool can read (see the message above)"
-                              % tree)
+        fail_quietly()  # the library logged why: not a tree, refused, not fetched
     if as_json:
         emit_json(entries)
         return

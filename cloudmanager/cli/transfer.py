@@ -252,11 +252,11 @@ def restore(session, tree, dest, jobs, dry_run, force, checksum, as_json):
     for path, reason in summary["failed"]:
         click.echo("cm: %s: %s" % (os.path.join(dest, path), reason), err=True)
     if not session.quiet and not as_json:
-        click.echo("%s %s (%s), %d unchanged, %d conflicts, %d failed, in %s"
+        click.echo("%s %s (%s), %d unchanged, %s, %d failed, in %s"
                    % ("would fetch" if dry_run else "restored",
                       plural(summary["fetched"], "file"), human_size(summary["fetched_bytes"]),
-                      summary["unchanged"], len(summary["conflicts"]), len(summary["failed"]),
-                      dest), err=True)
+                      summary["unchanged"], plural(len(summary["conflicts"]), "conflict"),
+                      len(summary["failed"]), dest), err=True)
     if not summary["ok"]:
         fail_quietly()
 
