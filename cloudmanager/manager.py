@@ -717,7 +717,8 @@ class CloudManager:
             log.error("upload_tree of %s failed: %s", path, exc)
             return False
 
-    def record_tree(self, path, files: Iterable[Sequence[Any]]) -> Union[str, bool]:
+    def record_tree(self, path, files: Iterable[Sequence[Any]], *,
+                    defer: Optional[bool] = None) -> Union[str, bool]:
         """Record files already uploaded from under ``path`` as its tree (``cm upload DIR``).
 
         :param path: the directory the files were found in
@@ -725,13 +726,15 @@ class CloudManager:
             below it (:func:`cloudmanager.sources.walk` gives the
             :class:`~cloudmanager.sources.SourceFile`, with the stat taken
             before the file was read)
+        :param defer: as for :meth:`upload`, for the manifest itself
         :return: the tree's hash; ``False`` (logged) if it cannot be recorded
         """
         from .trees import entries_for, tree_name
 
         try:
             return self.pool.trees.record(tree_name(path),
-                                          entries_for(path, ((f, h) for f, h in files)))
+                                          entries_for(path, ((f, h) for f, h in files)),
+                                          defer=defer)
         except _FAILURES as exc:
             log.error("no tree recorded for %s: %s", path, exc)
             return False

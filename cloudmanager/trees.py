@@ -315,12 +315,14 @@ class TreeStore:
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
 
-    def record(self, name: str, entries: Sequence[TreeEntry]) -> str:
+    def record(self, name: str, entries: Sequence[TreeEntry],
+               defer: Optional[bool] = None) -> str:
         """Store a manifest of ``entries`` in the pool as ``NAME.cmtree`` and name it.
 
         Each entry's size is taken from the catalog (the bytes uploaded); a
         file the pool does not have refuses the tree.
 
+        :param defer: as for :meth:`~cloudmanager.pool.Pool.upload`, for the manifest
         :return: the manifest's hash
         :raises TreeError: if an entry's file is not in the pool, or the
             manifest cannot be made
@@ -338,7 +340,7 @@ class TreeStore:
             path = os.path.join(scratch, name + SUFFIX)
             with fsutil.atomic_write(path, fsync=False) as out:
                 out.write(data)
-            tree_hash = self.pool.upload(path)
+            tree_hash = self.pool.upload(path, defer=defer)
         with self.pool.db.catalog.transaction() as conn:
             self.pool.db.trees.add(conn, [(tree_hash, name, int(time.time()))])
         log.info("recorded tree %s of %d files as %s", name, len(checked), tree_hash)
@@ -368,7 +370,8 @@ class TreeStore:
                             % (directory, len(failed), "; ".join(
                                 "%s: %s" % item for item in failed[:3])))
         return self.record(tree_name(directory),
-                           entries_for(directory, zip(files, results)))  # type: ignore[arg-type]
+                           entries_for(directory, zip(files, results)),  # type: ignore[arg-type]
+                           defer=defer)
 
     def read(self, tree_hash: str) -> List[TreeEntry]:
         """The entries of a tree (any file of the pool that is a manifest).

@@ -351,3 +351,13 @@ def test_a_tree_with_files_larger_than_the_cache_restores(make_pool, tmp_path):
     assert summary["ok"] and summary["fetched"] == 2
     assert snapshot(tmp_path / "out") == snapshot(src)
     assert not two.on_cache(sha(big))
+
+
+def test_a_deferred_tree_is_queued_with_its_files(make_pool, tmp_path):
+    src = make_tree(tmp_path / "later", {"x": (b"x", 0o644, 1)})
+    cm = make_pool()
+    tree = cm.upload_tree(src, defer=True)
+    assert [t["hash"] for t in cm.trees()] == [tree]
+    assert cm.status(tree)["copies"] == 0 and cm.stats()["queued"] == 2
+    cm.sync()
+    assert cm.status(tree)["copies"] == 3

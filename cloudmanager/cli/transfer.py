@@ -82,12 +82,12 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
                 cm.remember(remember)
                 remember = []
     cm.remember(remember)
-    trees = record_trees(cm, paths, files, results, problems)
+    trees = record_trees(cm, paths, files, results, problems, defer)
     report_upload(session, files, results, todo, time.monotonic() - started, as_json,
                   problems, trees)
 
 
-def record_trees(cm, paths, files, results, problems):
+def record_trees(cm, paths, files, results, problems, defer=None):
     """Record each directory given as a tree: ``[(directory, tree hash or None)]``.
 
     A directory with a file that failed (or could not be read) gets no tree,
@@ -107,7 +107,7 @@ def record_trees(cm, paths, files, results, problems):
                        % (given, len(failed)), err=True)
             trees.append((given, None))
             continue
-        tree = cm.record_tree(root, [(f, results[f.path][0]) for f in mine])
+        tree = cm.record_tree(root, [(f, results[f.path][0]) for f in mine], defer=defer)
         trees.append((given, tree or None))
     return trees
 
