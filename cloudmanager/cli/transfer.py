@@ -204,7 +204,8 @@ def warm(session, hashes):
 @click.option("-j", "--jobs", type=click.IntRange(1, 16), default=4, show_default=True,
               help="Files fetched at the same time.")
 @click.option("-n", "--dry-run", is_flag=True,
-              help="Only list what would be done: \"ACTION  PATH\" per file.")
+              help="Only list what would be done: ACTION PATH per file (fetch, keep, "
+              "touch, conflict, fail).")
 @click.option("--force", is_flag=True,
               help="Replace files in DEST that differ from the tree's (never a directory).")
 @click.option("--checksum", is_flag=True,
@@ -221,8 +222,9 @@ def restore(session, tree, dest, jobs, dry_run, force, checksum, as_json):
     interruption fetches only what is missing, and a re-run over a finished
     restore does nothing. A file that differs is left alone and reported
     (exit 1) unless --force. The tree's paths are checked first: one that
-    could leave DEST (.., an absolute path, a symbolic link inside DEST, a
-    device name) refuses the whole tree, and no link in DEST is followed.
+    could leave DEST (.., an absolute path, a device name, a duplicate)
+    refuses the whole tree. No symbolic link inside DEST is followed: the
+    paths it would lead astray are reported and left alone.
 
     \b
     Examples:
