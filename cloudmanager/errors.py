@@ -22,7 +22,9 @@ one shallow tree, so ``except CloudManagerError`` catches them all::
     ├── InvalidInputError              a hash, URL, spec or path was refused
     ├── ConfigError                    a cloudmanager.toml could not be used
     ├── MissingDependencyError         an optional backend is not installed
-    └── SerializationError             a JSON document could not be read
+    ├── SerializationError             a JSON document could not be read
+    └── TreeError                      a tree manifest was refused, or a tree not made
+        └── UnsafePathError            (.path) a path would leave its destination
 """
 
 
@@ -130,3 +132,19 @@ class MissingDependencyError(CloudManagerError, ImportError):
 
 class SerializationError(CloudManagerError, ValueError):
     """A JSON document could not be read as cloudmanager records."""
+
+
+class TreeError(CloudManagerError, ValueError):
+    """A tree manifest was refused (malformed, not a manifest, a field out of
+    range), or a directory could not be recorded as a tree."""
+
+
+class UnsafePathError(TreeError):
+    """A path of a tree manifest, or what it meets in the destination, would
+    put a file outside the destination (``..``, an absolute path, a symbolic
+    link, a device name...). ``path`` names it, as the manifest has it."""
+
+    def __init__(self, path, reason):
+        super().__init__("refusing path %r: %s" % (path, reason))
+        #: The path refused, as the manifest gives it.
+        self.path = path

@@ -572,6 +572,137 @@ class CloudManager(OriginalMethods):
             log.error("load_from failed: %s", exc)
             return None
 
+    # -- trees -----------------------------------------------------------------
+    # A directory by name: a manifest stored in the pool (cloudmanager/trees.py).
+
+    def upload_tree(self, path, *, defer: Optional[bool] = None,
+                    follow_symlinks: bool = False) -> Union[str, bool]:
+        """Upload a directory and record it as a tree; return the tree's hash.
+
+        Every regular file below ``path`` is uploaded (as :meth:`upload_many`
+        does), then a **tree manifest** (each file's path relative to
+        ``path``, hash, size, permission bits and mtime; canonical JSON, see
+        :mod:`cloudmanager.trees`) is stored in the pool as an ordinary file
+        named ``NAME.cmtree``, ``NAME`` being the directory's name. It
+        replicates, verifies, dumps and loads like any file, and a node that
+        loads its record knows it as a tree (:meth:`trees`). Symbolic links
+        inside are skipped unless ``follow_symlinks``; empty directories are
+        not recorded.
+
+        :param path: a directory
+        :param defer: as for :meth:`upload_many`
+        :param follow_symlinks: upload what links inside point to
+        :return: the manifest's SHA-256 hex (the tree's hash); ``False`` if
+            a file could not be uploaded (those that were stay in the pool)
+            or the tree could not be recorded; the reason is logged
+        """
+        try:
+            return self.pool.trees.upload(path, defer=defer, follow_symlinks=follow_symlinks)
+        except _FAILURES as exc:
+            log.error("upload_tree of %s failed: %s", path, exc)
+            return False
+
+    def record_tree(self, path, files: Iterable[Sequence[Any]], *,
+                    defer: Optional[bool] = None) -> Union[str, bool]:
+        """Record files already uploaded from under ``path`` as its tree (``cm upload DIR``).
+
+        :param path: the directory the files were found in
+        :param files: ``(SourceFile, hash)`` pairs for every regular file
+            below it (:func:`cloudmanager.sources.walk` gives the
+            :class:`~cloudmanager.sources.SourceFile`, with the stat taken
+            before the file was read)
+        :param defer: as for :meth:`upload`, for the manifest itself
+        :return: the tree's hash; ``False`` (logged) if it cannot be recorded
+        """
+        from .trees import entries_for, tree_name
+
+        try:
+            return self.pool.trees.record(tree_name(path),
+                                          entries_for(path, ((f, h) for f, h in files)),
+                                          defer=defer)
+        except _FAILURES as exc:
+            log.error("no tree recorded for %s: %s", path, exc)
+            return False
+
+    def restore_tree(self, tree_hash: str, dest, *, jobs: int = 4, force: bool = False,
+                     dry_run: bool = False, checksum: bool = False,
+                     progress: Optional[Callable[[int, int], None]] = None
+                     ) -> Union[dict, None, bool]:
+        """Recreate a tree under ``dest`` on any node that has its records.
+
+        The manifest is checked whole first (it may come from another node):
+        a path that could leave ``dest`` (``..``, absolute, a device name, a
+        duplicate, a file where a directory must be) refuses the tree before
+        anything is written. Files are fetched ``jobs`` at a time, each
+        verified against its hash and the size the catalog records, written to
+        a temp name in its directory with its mode and mtime, and renamed in
+        place; a symbolic link met inside ``dest`` is never followed. A file
+        already there with the same content is kept (its mode and mtime set),
+        so an interrupted restore resumes and a finished one is a no-op; one
+        that differs is a conflict and is left alone unless ``force``.
+
+        :param tree_hash: the tree's hash (from :meth:`upload_tree` or :meth:`trees`)
+        :param dest: the directory to restore into; created if missing
+        :param jobs: files fetched at the same time (1 to 16)
+        :param force: replace files that differ (never a directory)
+        :param dry_run: only say what would be done
+        :param checksum: hash files already there even when size and mtime match
+        :param progress: ``progress(nbytes, nfiles)``, from worker threads
+        :return: a summary dict: ``files``, ``fetched``, ``fetched_bytes``,
+            ``unchanged``, ``conflicts`` and ``failed`` (lists of ``[path,
+            reason]``), ``actions`` (``[action, path]``: fetch, keep, touch,
+            conflict, fail) and ``ok`` (every file in place); ``None`` for a
+            malformed or unknown hash; ``False`` (logged) if the manifest is
+            refused or cannot be fetched, or ``dest`` cannot be used
+        """
+        checked = _checked(tree_hash, "restore_tree")
+        if checked is None:
+            return None
+        try:
+            summary = self.pool.trees.restore(checked, dest, jobs=jobs, force=force,
+                                              dry_run=dry_run, checksum=checksum,
+                                              progress=progress)
+        except NotInPoolError as exc:
+            log.warning("restore_tree: %s", exc)
+            return None
+        except _FAILURES as exc:
+            log.error("restore of %s failed: %s", tree_hash, exc)
+            return False
+        result = summary._asdict()
+        result["ok"] = summary.ok
+        return result
+
+    def tree_entries(self, tree_hash: str) -> Union[List[dict], None, bool]:
+        """The files of a tree (``cm ls TREE``), in path order.
+
+        :return: dicts with ``path``, ``hash``, ``size``, ``mode`` and
+            ``mtime_ns``; ``None`` for a malformed or unknown hash; ``False``
+            (logged) if the file is not a tree manifest, is refused, or
+            cannot be fetched
+        """
+        checked = _checked(tree_hash, "tree_entries")
+        if checked is None:
+            return None
+        try:
+            return [e._asdict() for e in self.pool.trees.read(checked)]
+        except NotInPoolError as exc:
+            log.warning("tree_entries: %s", exc)
+            return None
+        except _FAILURES as exc:
+            log.error("cannot read tree %s: %s", checked, exc)
+            return False
+
+    def trees(self) -> List[dict]:
+        """Every tree the pool knows, oldest first (``cm trees``).
+
+        Trees uploaded here and trees whose records were loaded from another
+        node (:meth:`data_load`). Reads the catalog's small ``trees`` table.
+
+        :return: dicts with ``hash``, ``name`` (the directory's) and
+            ``created`` (unix time)
+        """
+        return self.pool.trees.list()
+
     # -- beyond the seed -----------------------------------------------------
 
     def status(self, file_hash: str) -> Optional[dict]:

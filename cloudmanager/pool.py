@@ -11,6 +11,7 @@ the seed's ``False`` and ``None``. The parts:
 - :class:`~cloudmanager.replication.Replicator`: copies, the queue, sync, verify;
 - :class:`~cloudmanager.records.RecordStore`: import and export;
 - :class:`~cloudmanager.legacy.OriginalApi`: the original's wider API;
+- :class:`~cloudmanager.trees.TreeStore`: trees, recorded and restored;
 - :mod:`cloudmanager.reports`: statistics and status.
 """
 
@@ -47,6 +48,7 @@ from .hosts.base import Host
 from .legacy import OriginalApi
 from .records import RecordStore
 from .replication import Replicator, SyncSummary
+from .trees import TreeStore
 from .validation import check_hash, safe_basename
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,8 @@ class Pool:
             self.records = RecordStore(self.db, self.engine, self.replication.merge)
             #: The original cloud-manager's wider API (queues, meter, block cursor).
             self.legacy = OriginalApi(self.db, self.records)
+            #: Trees: directories recorded by name (:mod:`cloudmanager.trees`).
+            self.trees = TreeStore(self)
             #: What the cheap open-time check (:func:`cloudmanager.cache.fsck.on_open`) mended.
             self.open_check = fsck.on_open(self.cache, self.db)
             self.health.node = self.cache.node_id

@@ -17,6 +17,7 @@ import logging
 from typing import IO, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import serializers
+from . import trees as trees_module
 from .db import FileDatabase
 from .db.records import KnownRecord
 from .engine import UploadEngine
@@ -174,13 +175,20 @@ class RecordStore:
     def _merge_batch(self, batch: List[serializers.Record],
                      unreachable: collections.Counter[str], source: Optional[str] = None
                      ) -> int:
-        if source is None:
+        # Records of tree manifests (``NAME.cmtree``) are named trees here too,
+        # in the transaction that merges them: a reload skips known records.
+        trees = [(r.hash, name, r.datetime) for r in batch
+                 for name in (trees_module.name_of_record(r.filename),) if name is not None]
+        if source is None and not trees:
             changed, refused = self._merge_claims(batch)
-        else:  # the merge a savepoint of the transaction that tags
+        else:  # the merge a savepoint of the transaction that tags and names
             with self.db.catalog.transaction() as conn:
                 changed, refused = self._merge_claims(batch)
-                self.db.published.tag(conn, [r.hash for r in batch if r.hash not in refused],
-                                      source)
+                if source is not None:
+                    self.db.published.tag(conn, [r.hash for r in batch
+                                                 if r.hash not in refused], source)
+                if trees:
+                    self.db.trees.add(conn, [t for t in trees if t[0] not in refused])
         for file_hash in refused:
             log.warning("refused a record of %s: its size differs from the known one",
                         file_hash)

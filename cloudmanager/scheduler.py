@@ -1,15 +1,15 @@
 """Uploading many files at once: small ones in batches, large ones side by side.
 
-:func:`upload_tree` is what ``cm upload DIR`` runs, for any caller with a
+:func:`upload_files` is what ``cm upload DIR`` runs, for any caller with a
 list of files (usually from :func:`cloudmanager.sources.walk`)::
 
     import contextlib
 
-    from cloudmanager.scheduler import upload_tree
+    from cloudmanager.scheduler import upload_files
     from cloudmanager.sources import walk
 
     files = list(walk(["photos"]))
-    with contextlib.closing(upload_tree(cm, files, jobs=4)) as batches:
+    with contextlib.closing(upload_files(cm, files, jobs=4)) as batches:
         for batch in batches:
             for done in batch:
                 print(done.hash, done.file.path)
@@ -44,7 +44,7 @@ LARGE_FILE = 8 * 2**20
 
 
 class Uploaded(NamedTuple):
-    """The outcome of one file of :func:`upload_tree`."""
+    """The outcome of one file of :func:`upload_files`."""
 
     #: The :class:`~cloudmanager.sources.SourceFile` given.
     file: SourceFile
@@ -60,7 +60,7 @@ class Uploaded(NamedTuple):
 Advance = Callable[[int, int], None]
 
 
-def upload_tree(cm, files: Iterable[Union[SourceFile, str, os.PathLike[str]]],
+def upload_files(cm, files: Iterable[Union[SourceFile, str, os.PathLike[str]]],
                 jobs: int = DEFAULT_JOBS, defer: Optional[bool] = None,
                 advance: Optional[Advance] = None, *, large_file: Optional[int] = None,
                 batch_files: Optional[int] = None,
@@ -112,7 +112,7 @@ def upload_tree(cm, files: Iterable[Union[SourceFile, str, os.PathLike[str]]],
 def _run(cm, files: List[SourceFile], jobs: int, defer: Optional[bool], advance: Advance,
          large_file: int, batch_files: int,
          batch_bytes: int) -> Generator[List[Uploaded], None, None]:
-    # A generator of its own, so that upload_tree checks its arguments at once.
+    # A generator of its own, so that upload_files checks its arguments at once.
     small = [f for f in files if f.size < large_file]
     large = [[f] for f in files if f.size >= large_file]
     stream = concurrent.futures.ThreadPoolExecutor(max_workers=1,

@@ -359,7 +359,7 @@ def test_a_version_4_postgresql_catalog_is_migrated(pg_url, tmp_path):
     v4 = re.sub(r"CREATE FUNCTION cloudmanager_recount.*?cloudmanager_count_deleted\(\);\n",
                 V4_TRIGGERS, v4, flags=re.S)
     v4 = re.sub(r"\n    (object_sha256|object_size|key_id) .*,", "", v4)  # version 6's
-    v4 = re.sub(r"CREATE TABLE (leases|nodes|published|pool_state) \(.*?\n\);", "", v4,
+    v4 = re.sub(r"CREATE TABLE (leases|nodes|published|pool_state|trees) \(.*?\n\);", "", v4,
                 flags=re.S)
     v4 = v4.replace("    last_error   TEXT,\n    node         TEXT NOT NULL DEFAULT ''",
                     "    last_error   TEXT")

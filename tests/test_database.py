@@ -599,7 +599,7 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
         fresh.executescript(schema_sql())
         for table in ("uploads", "host_health", "sources", "cache_entries", "tombstones",
                       "removals", "upload_queue", "transfers", "leases", "nodes", "this_node",
-                      "published", "pool_state"):
+                      "published", "pool_state", "trees"):
             columns = {r[1] for r in db.connection.execute("PRAGMA table_info(%s)" % table)}
             assert columns >= {r[1] for r in fresh.execute("PRAGMA table_info(%s)" % table)}
         host_result(db, "h", True, latency_ms=20.5)
@@ -627,6 +627,13 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
         with db.transaction() as tx:
             db.copies.record_good(tx, [(c, "h", "http://x.example/c")], 3)
         assert (db.files.copies(c), db.files.verified(c)) == (1, 1)
+        # v7: trees by name (a tree's row goes with its file).
+        with db.transaction() as tx:
+            db.trees.add(tx, [(c, "photos", 5), ("f" * 64, "not a file", 6)])
+        assert db.trees.all() == [(c, "photos", 5)]
+        with db.transaction() as tx:
+            db.files.forget(tx, c)
+        assert db.trees.get(c) is None
     finally:
         db.close()
 

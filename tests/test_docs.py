@@ -125,6 +125,41 @@ def test_readme_main_job_runs_as_written_on_embedded_defaults(tmp_path):
     assert (tmp_path / "data" / "cloudmanager" / "hosts" / "local" / digest).is_file()
 
 
+def test_readme_back_up_a_folder_walkthrough_runs_as_written(tmp_path):
+    """README, "Back up a folder, restore it elsewhere": two pools on one
+    folder host, a dump and a load between them, and the folder restored on
+    the second byte for byte, with its modes and mtimes, as a real shell."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in shell_blocks(readme) if 'cm restore "$tree" photos/' in b)
+    photos = tmp_path / "laptop" / "photos"
+    files = {"2024/a.jpg": (b"a picture", 0o644, 1_700_000_000),
+             "2024/raw/b.raw": (os.urandom(3000), 0o600, 1_700_000_100),
+             "notes.txt": (b"notes\n", 0o640, 1_600_000_000)}
+    for rel, (data, mode, mtime) in files.items():
+        (photos / rel).parent.mkdir(parents=True, exist_ok=True)
+        (photos / rel).write_bytes(data)
+        os.chmod(photos / rel, mode)
+        os.utime(photos / rel, (mtime, mtime))
+    (tmp_path / "desktop").mkdir()
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "data"),
+               XDG_CACHE_HOME=str(tmp_path / "cache"), XDG_CONFIG_HOME=str(tmp_path / "config"),
+               PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+    env.pop("CLOUDMANAGER_CONFIG", None)
+    env.pop("CLOUDMANAGER_DATABASE", None)
+    result = subprocess.run(["bash", "-c", "set -euo pipefail\n" + block], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    restored = tmp_path / "desktop" / "photos"
+    for rel, (data, mode, mtime) in files.items():
+        st = os.stat(restored / rel)
+        assert ((restored / rel).read_bytes(), st.st_mode & 0o777, st.st_mtime) == (
+            data, mode, mtime), rel
+    assert sorted(p.name for p in restored.rglob("*") if p.is_file()) == [
+        "a.jpg", "b.raw", "notes.txt"]
+    assert "restored 0 files (0 B), 3 unchanged" in result.stderr
+    assert result.stdout.count("photos") == 1  # the one line of `cm trees`
+
+
 def test_readme_documents_every_cm_subcommand():
     from cloudmanager.cli import cli
 

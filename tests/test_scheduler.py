@@ -12,7 +12,7 @@ import pytest
 
 from cloudmanager import scheduler
 from cloudmanager.errors import InvalidInputError
-from cloudmanager.scheduler import Uploaded, batches, upload_tree
+from cloudmanager.scheduler import Uploaded, batches, upload_files
 from cloudmanager.sources import SourceFile, walk
 
 
@@ -31,7 +31,7 @@ def tree(write_file, sizes):
 
 def run(cm, files, **kwargs):
     """Every outcome, and the batches they came in."""
-    with contextlib.closing(upload_tree(cm, files, **kwargs)) as results:
+    with contextlib.closing(upload_files(cm, files, **kwargs)) as results:
         got = list(results)
     return {u.file.path: u for batch in got for u in batch}, got
 
@@ -96,7 +96,7 @@ def test_paths_are_accepted_and_stat_ed(make_pool, write_file):
     assert {u.hash for u in outcomes.values()} == {sha(d) for d in made.values()}
     assert set(outcomes) == set(made)  # made absolute
     with pytest.raises(FileNotFoundError):
-        upload_tree(cm, [os.path.join(os.path.dirname(next(iter(made))), "gone")])
+        upload_files(cm, [os.path.join(os.path.dirname(next(iter(made))), "gone")])
 
 
 def test_progress_adds_up_to_the_bytes_and_files(make_pool, write_file):
@@ -171,7 +171,7 @@ def test_stopping_early_starts_no_new_batch(make_pool, write_file):
     cm = make_pool()
     made = tree(write_file, [10] * 40)
     recorder = Recorder(cm)
-    results = upload_tree(cm, walk(sorted(made)), batch_files=1)
+    results = upload_files(cm, walk(sorted(made)), batch_files=1)
     first = next(results)
     assert len(first) == 1 and first[0].hash
     results.close()  # what Ctrl-C in the caller does, through contextlib.closing
@@ -212,7 +212,7 @@ def test_rememberable_only_when_the_file_settled_before_it_was_read(make_pool, w
 @pytest.mark.parametrize("jobs", [0, -1, 1.5, True, "4"])
 def test_jobs_must_be_a_positive_integer(make_pool, jobs):
     with pytest.raises(InvalidInputError):
-        upload_tree(make_pool(), [], jobs=jobs)
+        upload_files(make_pool(), [], jobs=jobs)
 
 
 def test_nothing_to_do_yields_nothing(make_pool):

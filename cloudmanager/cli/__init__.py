@@ -55,6 +55,8 @@ def cli(ctx, config_path, capacity, verbose, quiet):
       cm upload photos/            add files (directories recursively)
       cm ls                        what the pool holds
       cm download HASH [DEST]      get a verified copy back
+      cm trees                     directories uploaded, by name (cm ls TREE)
+      cm restore TREE DEST         recreate a directory, here or on another node
       cm status                    usage, queue, hosts, transfers
     \b
     Setting up hosts:

@@ -1,9 +1,10 @@
-"""Looking at the pool: ``cm ls``, ``cm info``, ``cm whereis``, ``cm status``, ``cm hosts``."""
+"""Looking at the pool: ``cm ls``, ``cm trees``, ``cm info``, ``cm whereis``, ``cm status``,
+``cm hosts``."""
 
 import click
 
 from ..errors import InvalidInputError
-from .app import JSON_OPTION, pass_session, resolve_hash
+from .app import JSON_OPTION, fail_quietly, pass_session, resolve_hash
 from .output import (
     emit_json,
     human_size,
@@ -16,18 +17,27 @@ from .output import (
 
 
 @click.command("ls")
+@click.argument("tree", required=False, metavar="[TREE]")
 @click.option("--cached", "only_cached", is_flag=True, help="Only files in the local cache.")
 @click.option("--short", "only_short", is_flag=True,
               help="Only files on fewer hosts than the redundancy target.")
 @JSON_OPTION
 @pass_session
-def ls(session, only_cached, only_short, as_json):
+def ls(session, tree, only_cached, only_short, as_json):
     """List the pool's files: hash, size, cached, copies/target, name.
 
     "cached" is "pinned" for a file kept in the cache until a host holds it
     (or pinned by hand).
+
+    With TREE (a hash from `cm trees` or `cm upload DIR`), list that tree's
+    files instead: hash, size, mode, modification time, path.
     """
     cm = session.open()
+    if tree is not None:
+        if only_cached or only_short:
+            raise click.UsageError("--cached and --short list the pool, not a tree")
+        list_tree(cm, resolve_hash(cm, tree), as_json)
+        return
     target = cm.settings()["redundancy"]
     rows = (f for f in cm.files()
             if (not only_cached or f["cached"]) and (not only_short or f["copies"] < target))
@@ -39,6 +49,40 @@ def ls(session, only_cached, only_short, as_json):
             else "-"
         click.echo("%s  %10s  %-6s  %d/%d  %s" % (f["hash"], human_size(f["size"]), state,
                                                  f["copies"], target, f["filename"]))
+
+
+def list_tree(cm, tree, as_json):
+    """The files of one tree, for ``cm ls TREE``."""
+    entries = cm.tree_entries(tree)
+    if not entries:
+        if entries == []:
+            return  # an empty directory's tree
+        fail_quietly()  # the library logged why: not a tree, refused, not fetched
+    if as_json:
+        emit_json(entries)
+        return
+    for e in entries:
+        click.echo("%s  %10s  %04o  %s  %s" % (e["hash"], human_size(e["size"]), e["mode"],
+                                               human_time(e["mtime_ns"] // 10**9), e["path"]))
+
+
+@click.command("trees")
+@JSON_OPTION
+@pass_session
+def trees_command(session, as_json):
+    """List the trees the pool knows: hash, time made, directory name.
+
+    Trees are made by `cm upload DIR`, and learnt from other nodes'
+    records by `cm load`. `cm ls TREE` lists a tree's files; `cm restore
+    TREE DEST` recreates it.
+    """
+    cm = session.open()
+    known = cm.trees()
+    if as_json:
+        emit_json(known)
+        return
+    for t in known:
+        click.echo("%s  %s  %s" % (t["hash"], human_time(t["created"]), t["name"]))
 
 
 @click.command()
@@ -154,4 +198,4 @@ def hosts(session, retry_names, as_json):
         click.echo("disabled: %s" % ", ".join(disabled))
 
 
-COMMANDS = [ls, info, whereis, status, hosts]
+COMMANDS = [ls, trees_command, info, whereis, status, hosts]

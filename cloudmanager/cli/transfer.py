@@ -1,4 +1,4 @@
-"""Moving files in and out: ``cm upload``, ``cm download``, ``cm warm``."""
+"""Moving files in and out: ``cm upload``, ``cm download``, ``cm warm``, ``cm restore``."""
 
 import contextlib
 import os
@@ -7,10 +7,10 @@ from typing import List, Tuple
 
 import click
 
-from ..scheduler import DEFAULT_JOBS, upload_tree
+from ..scheduler import DEFAULT_JOBS, upload_files
 from ..sources import walk
 from .app import JSON_OPTION, OperationFailed, fail_quietly, pass_session, resolve_hash
-from .output import display_path, emit_json, human_size, progress
+from .output import display_path, emit_json, human_size, plural, progress
 
 #: ``cm upload`` stores remembered hashes after this many files, so an
 #: interrupted run keeps what it did.
@@ -37,7 +37,10 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
     the configured hosts: small files in batches, each sent to the hosts
     before the next is read; large ones several at a time (--jobs). Prints
     "SHA256  PATH" per file as it lands, like sha256sum (skipped files
-    last). Running it again skips files
+    after). Each directory given is also recorded as a tree (its files'
+    paths, hashes, modes and mtimes, stored in the pool) and printed last as
+    "TREEHASH  DIR/": `cm restore TREEHASH DEST` recreates it anywhere the
+    records are (`cm trees` lists them). Running it again skips files
     already in the pool whose size and times have not changed, without
     reading them.
 
@@ -63,7 +66,7 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
     remember = []
     cwd = os.getcwd()
     with progress(session, "uploading", sum(f.size for f in todo), len(todo)) as advance, \
-            contextlib.closing(upload_tree(cm, todo, jobs, defer, advance)) as batches:
+            contextlib.closing(upload_files(cm, todo, jobs, defer, advance)) as batches:
         # Closed at once on Ctrl-C: batches not started yet are not started.
         for batch in batches:
             lines = []
@@ -79,12 +82,39 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
                 cm.remember(remember)
                 remember = []
     cm.remember(remember)
+    trees = record_trees(cm, paths, files, results, problems, defer)
     report_upload(session, files, results, todo, time.monotonic() - started, as_json,
-                  problems)
+                  problems, trees)
 
 
-def report_upload(session, files, results, todo, elapsed, as_json, problems):
-    """The end of ``cm upload``: skipped files, the JSON report or the summary line."""
+def record_trees(cm, paths, files, results, problems, defer=None):
+    """Record each directory given as a tree: ``[(directory, tree hash or None)]``.
+
+    A directory with a file that failed (or could not be read) gets no tree,
+    with a logged reason: a tree promises every file below it.
+    """
+    trees = []
+    for given in dict.fromkeys(paths):
+        if not os.path.isdir(given):
+            continue
+        root = os.path.abspath(given)
+        below = root.rstrip(os.sep) + os.sep
+        mine = [f for f in files if f.path.startswith(below)]
+        failed = [f.path for f in mine if not results[f.path][0]]
+        failed += [path for path, _ in problems if path.startswith(below)]
+        if failed:
+            click.echo("cm: no tree recorded for %s: %d of its files were not uploaded"
+                       % (given, len(failed)), err=True)
+            trees.append((given, None))
+            continue
+        tree = cm.record_tree(root, [(f, results[f.path][0]) for f in mine], defer=defer)
+        trees.append((given, tree or None))
+    return trees
+
+
+def report_upload(session, files, results, todo, elapsed, as_json, problems, trees=()):
+    """The end of ``cm upload``: skipped files, each directory's tree (last, as
+    ``TREEHASH  DIR/``), the JSON report or the summary line."""
     counts = {"uploaded": 0, "skipped": 0, "failed": len(problems)}
     listing = []
     for f in files:
@@ -93,18 +123,27 @@ def report_upload(session, files, results, todo, elapsed, as_json, problems):
         listing.append({"path": f.path, "hash": file_hash or None, "state": state})
     listing += [{"path": path, "hash": None, "state": "failed", "error": reason}
                 for path, reason in problems]
+    trees = list(trees)
     if as_json:
-        emit_json({"files": listing, **counts})
+        # "tree": the tree of the one directory given (null if none, or if
+        # several were: "trees" has each).
+        emit_json({"files": listing, **counts,
+                   "tree": trees[0][1] if len(trees) == 1 else None,
+                   "trees": [{"path": path, "hash": tree} for path, tree in trees]})
     else:
         for item in listing:
             if item["state"] == "skipped":
                 click.echo("%s  %s" % (item["hash"], display_path(item["path"])))
+        for path, tree in trees:
+            if tree:
+                click.echo("%s  %s/" % (tree, display_path(os.path.abspath(path))
+                                        .rstrip(os.sep)))
     if not session.quiet and not as_json:
         nbytes = sum(f.size for f in todo if results[f.path][1] == "uploaded")
         click.echo("uploaded %d, skipped %d already in the pool, failed %d (%s in %.1f s)"
                    % (counts["uploaded"], counts["skipped"], counts["failed"],
                       human_size(nbytes), elapsed), err=True)
-    if counts["failed"]:
+    if counts["failed"] or any(tree is None for _, tree in trees):
         fail_quietly()  # each failure was logged, and the summary counts them
 
 
@@ -159,4 +198,69 @@ def warm(session, hashes):
         fail_quietly()  # warm_up logged why, file by file
 
 
-COMMANDS = [upload, download, warm]
+@click.command()
+@click.argument("tree", metavar="TREE")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("-j", "--jobs", type=click.IntRange(1, 16), default=4, show_default=True,
+              help="Files fetched at the same time.")
+@click.option("-n", "--dry-run", is_flag=True,
+              help="Only list what would be done: ACTION PATH per file (fetch, keep, "
+              "touch, conflict, fail).")
+@click.option("--force", is_flag=True,
+              help="Replace files in DEST that differ from the tree's (never a directory).")
+@click.option("--checksum", is_flag=True,
+              help="Hash the files already in DEST even when their size and mtime match.")
+@JSON_OPTION
+@pass_session
+def restore(session, tree, dest, jobs, dry_run, force, checksum, as_json):
+    """Recreate a tree (from `cm upload DIR`) in DEST, created if missing.
+
+    Works on any node that has the pool's records (`cm load`). Files are
+    fetched several at a time, each verified against its hash, written
+    under a temp name and renamed in place with its mode and mtime. Files
+    already there with the same content are kept, so a re-run after an
+    interruption fetches only what is missing, and a re-run over a finished
+    restore does nothing. A file that differs is left alone and reported
+    (exit 1) unless --force. The tree's paths are checked first: one that
+    could leave DEST (.., an absolute path, a device name, a duplicate)
+    refuses the whole tree. No symbolic link inside DEST is followed: the
+    paths it would lead astray are reported and left alone.
+
+    \b
+    Examples:
+      cm restore 3f2a photos-copy/
+      cm restore --dry-run 3f2a photos-copy/
+    """
+    cm = session.open()
+    tree = resolve_hash(cm, tree)
+    kwargs = dict(jobs=jobs, force=force, checksum=checksum)
+    if dry_run or not session.show_progress:
+        summary = cm.restore_tree(tree, dest, dry_run=dry_run, **kwargs)
+    else:  # the totals for the bar: a plan first (it reads no file content)
+        plan = cm.restore_tree(tree, dest, dry_run=True, **kwargs)
+        if not plan:
+            fail_quietly()
+        with progress(session, "restoring", plan["fetched_bytes"], plan["fetched"]) as advance:
+            summary = cm.restore_tree(tree, dest, progress=advance, **kwargs)
+    if not summary:
+        fail_quietly()  # logged: not a tree, refused, or DEST unusable
+    if as_json:
+        emit_json(summary)
+    elif dry_run:
+        for action, path in summary["actions"]:
+            click.echo("%-8s %s" % (action, path))
+    for path, reason in summary["conflicts"]:
+        click.echo("cm: %s: %s" % (os.path.join(dest, path), reason), err=True)
+    for path, reason in summary["failed"]:
+        click.echo("cm: %s: %s" % (os.path.join(dest, path), reason), err=True)
+    if not session.quiet and not as_json:
+        click.echo("%s %s (%s), %d unchanged, %s, %d failed, in %s"
+                   % ("would fetch" if dry_run else "restored",
+                      plural(summary["fetched"], "file"), human_size(summary["fetched_bytes"]),
+                      summary["unchanged"], plural(len(summary["conflicts"]), "conflict"),
+                      len(summary["failed"]), dest), err=True)
+    if not summary["ok"]:
+        fail_quietly()
+
+
+COMMANDS = [upload, download, warm, restore]

@@ -22,6 +22,8 @@ attribute           tables                                written on behalf of
 ``published``       ``published``                         :mod:`cloudmanager.legacy`
 ``state``           ``pool_state``                        :mod:`cloudmanager.legacy`
 ``sources``         ``sources``                           :mod:`cloudmanager.sources`
+``trees``           ``trees``                             :mod:`cloudmanager.trees`,
+                                                          records (imports)
 ``cache_index``     ``cache_entries``, ``counters``       :mod:`cloudmanager.cache`
 ==================  ====================================  ===============================
 """
@@ -46,6 +48,7 @@ from .records import Records
 from .sessions import Sessions
 from .sources import Sources
 from .state import PoolState
+from .trees import Trees
 
 __all__ = ["FileDatabase", "INDEX_SUFFIX", "SCHEMA_VERSION", "in_list", "index_path_for",
            "is_postgres_url", "json_list", "month_key", "redact", "schema_sql"]
@@ -115,6 +118,7 @@ class FileDatabase:
         self.leases = Leases(self.catalog)
         self.published = Published(self.catalog)
         self.state = PoolState(self.catalog)
+        self.trees = Trees(self.catalog)
         self.sessions = Sessions(self.local)
         self.sources = Sources(self.local)
         self.cache_index = CacheIndex(self.local)

@@ -251,9 +251,18 @@ MIGRATIONS: Dict[int, Union[str, Dict[str, str]]] = {
         """,
     },
     # 7: copies inserted are counted per batch by db/copies.py (Copies.recount),
-    # not by a trigger per row.
+    # not by a trigger per row; tree manifests by name (cloudmanager/trees.py):
+    # which files of the pool are a directory's manifest (existing pools have
+    # none).
     6: {
-        "catalog": "DROP TRIGGER IF EXISTS uploads_insert;",
+        "catalog": """
+            DROP TRIGGER IF EXISTS uploads_insert;
+            CREATE TABLE trees (
+                hash    TEXT PRIMARY KEY REFERENCES files (hash) ON DELETE CASCADE,
+                name    TEXT NOT NULL,
+                created INTEGER NOT NULL
+            ) WITHOUT ROWID;
+        """,
         "cache_index": "",
     },
 }

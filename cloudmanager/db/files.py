@@ -168,6 +168,17 @@ class Files:
             "SELECT f.hash FROM json_each(?) AS j JOIN files AS f ON f.hash = j.value"
             " WHERE f.verified > 0", (json_list(hashes),))}
 
+    def sizes(self, hashes: Iterable[str], batch: int = 5000) -> Dict[str, int]:
+        """``{hash: size}`` for the known ones among ``hashes``: one statement
+        per ``batch`` of them (a tree's files, checked before a restore)."""
+        found: Dict[str, int] = {}
+        hashes = list(dict.fromkeys(hashes))
+        for start in range(0, len(hashes), batch):
+            found.update((h, size) for h, size in self.db.read(
+                "SELECT f.hash, f.size FROM json_each(?) AS j JOIN files AS f"
+                " ON f.hash = j.value", (json_list(hashes[start:start + batch]),)))
+        return found
+
     def in_pool(self, hashes: Iterable[str]) -> Set[str]:
         """Those of ``hashes`` the pool knows with a copy on a host."""
         return {h for (h,) in self.db.read(

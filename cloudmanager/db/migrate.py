@@ -63,6 +63,7 @@ CATALOG_TABLES = (
     Table("nodes", ("node", "hostname", "first_seen", "last_seen"), ("node",)),
     Table("published", ("hash", "exported", "source"), ("hash",)),
     Table("pool_state", ("name", "value"), ("name",)),
+    Table("trees", ("hash", "name", "created"), ("hash",)),
 )
 #: The cache index's tables that are copied; ``counters`` (a fixed set of
 #: rows the schema makes) is copied last, over what the triggers summed.

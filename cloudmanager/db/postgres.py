@@ -685,10 +685,16 @@ POSTGRES_MIGRATIONS: Dict[int, str] = {
         );
         UPDATE cloudmanager_schema SET version = 6;
     """,
-    # 7: copies inserted are counted by db/copies.py (Copies.recount).
+    # 7: copies inserted are counted by db/copies.py (Copies.recount); tree
+    # manifests by name (cloudmanager/trees.py).
     6: """
         DROP TRIGGER uploads_insert ON uploads;
         DROP FUNCTION cloudmanager_count_inserted();
+        CREATE TABLE trees (
+            hash    TEXT COLLATE "C" PRIMARY KEY REFERENCES files (hash) ON DELETE CASCADE,
+            name    TEXT NOT NULL,
+            created BIGINT NOT NULL
+        );
         UPDATE cloudmanager_schema SET version = 7;
     """,
 }

@@ -1,4 +1,4 @@
--- cloudmanager database schema, version 6.
+-- cloudmanager database schema, version 7.
 --
 -- Applied by FileDatabase on a new database and by `cm_setup_db PATH`.
 -- Every statement is idempotent, so applying it twice (or from two processes
@@ -8,7 +8,7 @@
 -- Two parts, which no statement joins (so the catalog can move to a server
 -- while the cache index stays in a local file beside the storage directory):
 --   the pool's CATALOG: files, uploads, tombstones, removals, upload_queue,
---       leases, host_health, transfers, nodes, published, pool_state;
+--       leases, host_health, transfers, nodes, published, pool_state, trees;
 --   this node's CACHE INDEX: this_node, cache_entries, counters,
 --       reservations, sessions, sources.
 -- The catalog part is also schema_postgres.sql, in PostgreSQL's types.
@@ -189,6 +189,18 @@ CREATE TABLE IF NOT EXISTS published (
 CREATE TABLE IF NOT EXISTS pool_state (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Tree manifests (cloudmanager/trees.py): the files of the pool that are a
+-- directory's manifest, with the directory's name and when it was made, so
+-- `cm trees` reads this small table instead of every file. The manifest
+-- itself is an ordinary file of the pool (its row in `files`, its copies);
+-- a row goes with its file. One writer, db/trees.py: on behalf of trees.py
+-- (an upload) and records.py (a load, from the record's `.cmtree` filename).
+CREATE TABLE IF NOT EXISTS trees (
+    hash    TEXT PRIMARY KEY REFERENCES files (hash) ON DELETE CASCADE,
+    name    TEXT NOT NULL,
+    created INTEGER NOT NULL
 ) WITHOUT ROWID;
 
 -- == this node's cache index ===================================================

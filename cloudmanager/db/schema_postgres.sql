@@ -142,6 +142,12 @@ CREATE TABLE pool_state (
     value BIGINT NOT NULL
 );
 
+CREATE TABLE trees (
+    hash    TEXT COLLATE "C" PRIMARY KEY REFERENCES files (hash) ON DELETE CASCADE,
+    name    TEXT NOT NULL,
+    created BIGINT NOT NULL
+);
+
 -- The catalog's schema version (SQLite keeps it in PRAGMA user_version).
 CREATE TABLE cloudmanager_schema (
     version INTEGER NOT NULL

@@ -246,8 +246,12 @@ def test_upload_walks_a_directory_with_several_jobs(home):
     files = make_tree(home)
     result = home.cm("upload", "--jobs", "3", "tree")
     assert result.exit_code == 0, result.stderr
-    printed = dict(line.split("  ", 1) for line in result.stdout.splitlines())
+    *lines, last = result.stdout.splitlines()
+    printed = dict(line.split("  ", 1) for line in lines)
     assert {home.work / p: h for h, p in printed.items()} == {p: h for p, h in files.items()}
+    # The directory's tree, last.
+    tree, shown = last.split("  ")
+    assert shown == "tree/" and [t["hash"] for t in home.cm_json("trees")] == [tree]
     assert "uploaded 12, skipped 0 already in the pool, failed 0" in result.stderr
     for digest in files.values():
         assert (home.local_host / digest).is_file()
@@ -653,3 +657,43 @@ def test_sync_reencrypt_without_a_key_is_a_clear_error(home):
     result = home.cm("sync", "--reencrypt")
     assert result.exit_code == 1 and "encryption_key" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+# -- trees ------------------------------------------------------------------------------------
+
+def test_restore_lists_plans_keeps_what_differs_and_refuses_a_hostile_tree(home, tmp_path):
+    home.file("album/a.txt", "alpha\n")
+    home.file("album/sub/b.txt", "beta\n")
+    report = home.cm_json("upload", "album")
+    tree = report["tree"]
+    assert report["trees"] == [{"path": "album", "hash": tree}]
+    assert [(t["hash"], t["name"]) for t in home.cm_json("trees")] == [(tree, "album")]
+    assert [e["path"] for e in home.cm_json("ls", tree[:10])] == ["a.txt", "sub/b.txt"]
+    assert home.cm("ls", "--short", tree).exit_code == 2
+
+    plan = home.cm("restore", "--dry-run", tree, "out")
+    assert plan.exit_code == 0 and plan.stdout.split() == ["fetch", "a.txt", "fetch", "sub/b.txt"]
+    assert "would fetch 2 files" in plan.stderr and not (home.work / "out").exists()
+    assert home.cm("restore", tree, "out").exit_code == 0
+    (home.work / "out" / "a.txt").write_text("mine\n")
+    kept = home.cm("restore", tree, "out")
+    assert kept.exit_code == 1 and (home.work / "out" / "a.txt").read_text() == "mine\n"
+    assert "out/a.txt: a file that differs is in the way (--force replaces it)" in kept.stderr
+    assert "1 conflict," in kept.stderr
+    forced = home.cm("restore", "--force", tree, "out")
+    assert forced.exit_code == 0 and (home.work / "out" / "a.txt").read_text() == "alpha\n"
+
+    # A manifest with an escaping path (as another node's record could bring):
+    # refused whole, one line naming the path, nothing written.
+    evil = home.file("evil.cmtree", json.dumps({
+        "format": "cloudmanager-tree", "version": 1, "entries": [
+            {"path": "ok", "hash": "ab" * 32, "size": 1, "mode": 420, "mtime_ns": 0},
+            {"path": "../../escaped", "hash": "ab" * 32, "size": 1, "mode": 420,
+             "mtime_ns": 0}]}))
+    digest = home.cm("upload", evil).stdout.split()[0]
+    refused = home.cm("restore", digest, "dest")
+    assert refused.exit_code == 1 and refused.stderr.count("\n") == 1
+    assert "refusing path '../../escaped': '..' as a component" in refused.stderr
+    assert not (home.work / "dest").exists() or not os.listdir(home.work / "dest")
+    listed = home.cm("ls", digest)
+    assert listed.exit_code == 1 and listed.stderr.count("\n") == 1

@@ -130,7 +130,7 @@ def test_the_check_catches_what_it_forbids(source):
     "from ..manager import CloudManager",
     "from .. import __version__",
     "from ..sources import walk",
-    "from ..scheduler import upload_tree",
+    "from ..scheduler import upload_files",
     "from .app import Session",
     "import click",
     "from os import path",
