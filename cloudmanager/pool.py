@@ -45,6 +45,7 @@ from .errors import (
 from .health import Fact, Health
 from .hosts.base import Host
 from .legacy import OriginalApi
+from .legacy_import import import_legacy
 from .records import RecordStore
 from .replication import Replicator, SyncSummary
 from .validation import check_hash, safe_basename
@@ -586,6 +587,19 @@ class Pool:
     def evict(self, target_bytes: int = 0) -> int:
         """Evict LRU files down to ``target_bytes``; returns how many."""
         return self.cache.evict(target_bytes)
+
+    def import_legacy(self, database: Union[str, os.PathLike[str]],
+                      storage: Union[str, os.PathLike[str]]) -> dict:
+        """Import an original cloud-manager pool; see
+        :meth:`cloudmanager.CloudManager.import_legacy` and
+        :mod:`cloudmanager.legacy_import`.
+
+        :raises LegacyPoolError: for a missing database or storage folder, or
+            a database that is not an original pool
+        :raises CloudManagerError: if a database fails
+        """
+        self.cache.flush()
+        return import_legacy(self, database, storage)
 
     def retry_hosts(self, names: Iterable[str]) -> List[str]:
         """Forget hosts' failure streaks so every process tries them again now.
