@@ -23,8 +23,10 @@ storage folder (its cache). :func:`import_legacy` brings both into a pool:
 - **Bytes.** A file that no host got (no payload, or a record with no copy)
   and whose bytes are in the storage folder is added to the pool: read once,
   hashed, and refused, with nothing recorded, unless its bytes hash to the
-  row's hash. The folder is only read: nothing in it is followed out of it
-  (a symbolic link is refused, not opened), changed or deleted.
+  row's hash (:meth:`cloudmanager.pool.Pool.add_open_file`: into the cache,
+  or streamed to the hosts if it does not fit). The folder is only read:
+  nothing in it is followed out of it (a symbolic link is refused, not
+  opened), changed or deleted.
 
 Running it twice changes nothing the second time: records merge as a union,
 tags and stamps keep what they had, the meter is set (not added), and a file
@@ -322,17 +324,13 @@ class LegacyImport:
     def _add_files(self, wanted: Dict[str, Tuple[_Row, bool]], dir_fd: int) -> None:
         """Add the files of ``wanted`` that no host holds, from the storage folder."""
         held = self.pool.db.files.in_pool(wanted)
-        added: List[str] = []
         for file_hash, (row, required) in wanted.items():
             if file_hash in held or self.pool.cache.contains(file_hash):
                 self.summary["present"] += 1  # a host has it, or it is pinned and queued here
                 continue
             got = self._add_file(row, required, dir_fd)
             if got is not None:
-                added.append(got)
-        if added and not self.pool.defer_uploads:
-            self.pool.replication.replicate_logged(added)
-        self.summary["uploaded"] += added
+                self.summary["uploaded"].append(got)
 
     def _add_file(self, row: _Row, required: bool, dir_fd: int) -> Optional[str]:
         """Ingest one file from the storage folder; None if it is not there or refused."""
@@ -364,15 +362,11 @@ class LegacyImport:
             if st.st_size != row.size:
                 self._refuse(row, "holds %d bytes; its record says %d" % (st.st_size, row.size))
                 return None
-            if st.st_size > self.pool.cache.capacity:
-                self._refuse(row, "is larger than the cache (%d bytes): run again with a "
-                                  "larger capacity" % self.pool.cache.capacity)
-                return None
             label = os.path.join(self.storage, name)
             try:
-                file_hash, _ = self.pool.cache.ingest_file(
+                file_hash = self.pool.add_open_file(
                     src, label, safe_basename(row.filename), created=max(0, int(st.st_mtime)),
-                    lease=not self.pool.defer_uploads, expected=row.hash)
+                    expected=row.hash)
             except (OSError, CloudManagerError) as exc:
                 self._refuse(row, str(exc))
                 return None

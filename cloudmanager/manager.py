@@ -708,8 +708,9 @@ class CloudManager:
         pool and uploaded: read once, and refused, with nothing recorded, if
         its bytes do not hash to its recorded hash. A symbolic link there is
         refused, never followed; nothing in ``storage`` is changed or
-        deleted. A file larger than the cache is refused (run again with a
-        larger capacity).
+        deleted. A file larger than the cache streams to the hosts, checked
+        the same way before anything is published (on Linux; elsewhere it is
+        refused: run again with a larger capacity).
 
         Running it again changes nothing and reads no file again.
 

@@ -151,12 +151,17 @@ def build(original, outside):
     f = o.queued("link.txt", secret, in_storage=False)
     os.symlink(outside, o.storage / ("%s_link.txt" % f[:7]))
     h = o.queued("lost.txt", b"never uploaded, and gone\n", in_storage=False)
+    # Larger than a small cache: streamed to the hosts, checked all the same.
+    big = b"".join(b"%05d big file line\n" % i for i in range(200))
+    i = o.queued("big.bin", big)
+    j = o.queued("bigger.bin", big.replace(b"big", b"BIG"),
+                 stored_bytes=big.replace(b"big", b"bad"))
     o.expected = {"photo.jpg": (a, b"uploaded, exported once\n"),
                   "minutes.txt": (b, b"uploaded, and read back from block 41\n"),
                   "abcdef0_report.txt": (g, b"a name with someone else's prefix\n"),
                   "notes.txt": (c, b"never uploaded: only in storage\n"),
-                  "diary.txt": (d, d_data)}
-    o.refused = {e: "tampered", f: "link"}
+                  "diary.txt": (d, d_data), "big.bin": (i, big)}
+    o.refused = {e: "tampered", f: "link", j: "big tampered"}
     o.missing = h
     o.write()
     return o
@@ -201,17 +206,18 @@ def test_cm_import_legacy_brings_in_an_original_pool(tmp_path, original):
     assert first.returncode == 1, first.stderr  # something was refused
     assert secret not in first.stdout + first.stderr
     summary = json.loads(first.stdout)
-    assert summary["rows"] == 8
+    assert summary["rows"] == 10
     assert summary["records"] == 3 and summary["changed"] == 3
     assert summary["tagged"] == 1 and summary["stamped"] == 1
     assert [s["hash"] for s in summary["skipped"]] == [original.expected["diary.txt"][0]]
     assert "not JSON" in summary["skipped"][0]["reason"]
     assert sorted(summary["uploaded"]) == sorted(
-        [original.expected["notes.txt"][0], original.expected["diary.txt"][0]])
+        original.expected[n][0] for n in ("notes.txt", "diary.txt", "big.bin"))
     refused = {r["hash"]: r["reason"] for r in summary["refused"]}
     assert set(refused) == set(original.refused)
     kinds = {kind: digest for digest, kind in original.refused.items()}
     assert "does not hold the file" in refused[kinds["tampered"]]
+    assert "does not hold the file" in refused[kinds["big tampered"]]
     assert "symbolic link" in refused[kinds["link"]]
     assert [m["hash"] for m in summary["missing"]] == [original.missing]
     assert summary["meter"]["months"] == 3 and summary["last_known_block"] == BLOCK
@@ -237,7 +243,7 @@ def test_cm_import_legacy_brings_in_an_original_pool(tmp_path, original):
     second = cm("import-legacy", original.database, original.storage)
     assert second.returncode == 1
     assert second.stdout == ("import-legacy: 3 records imported (0 changed), 1 bad record "
-                             "skipped, 0 files uploaded, 2 refused, 1 missing\n")
+                             "skipped, 0 files uploaded, 3 refused, 1 missing\n")
     assert secret not in second.stdout + second.stderr
     assert cm("ls", "--json").stdout == listing
     assert snapshot(original.storage) == storage_before
@@ -264,17 +270,28 @@ def test_cm_import_legacy_usage_mistakes_exit_2(tmp_path):
 def test_import_legacy_keeps_tags_stamps_meter_and_cursor(tmp_path, make_pool):
     original = build(OriginalPool(tmp_path / "old"), tmp_path / "outside.txt")
     original_bytes = Path(original.database).read_bytes()
-    cm = make_pool(hosts=["dir:%s" % original.host], redundancy=1)
+    # A cache smaller than big.bin: it is streamed to the host, and the
+    # tampered one of its size is refused before anything is published.
+    cm = make_pool(capacity=1024, hosts=["dir:%s" % original.host], redundancy=1)
     cm.visit_block(10)
     summary = cm.import_legacy(original.database, original.storage)
     assert summary is not None and summary["changed"] == 3
+    big = original.expected["big.bin"][0]
+    assert big in summary["uploaded"] and not cm.on_cache(big)
+    assert (original.host / big).read_bytes() == original.expected["big.bin"][1]
+    (tampered_big,) = [h for h, kind in original.refused.items() if kind == "big tampered"]
+    assert not cm.exists(tampered_big)
+    bad_bytes = (original.storage / ("%s_bigger.bin" % tampered_big[:7])).read_bytes()
+    assert sorted(os.listdir(original.host)) == sorted(
+        [".cloudmanager-host"] + [h for h, _ in original.expected.values()])
+    assert sha(bad_bytes) not in os.listdir(original.host)
     a, b, g = (original.expected[n][0] for n in ("photo.jpg", "minutes.txt",
                                                  "abcdef0_report.txt"))
     # Tagged (b) and stamped (a) records are out there already: only g and
     # the two files uploaded now are left to export.
     exported = json.loads(cm.data_dump(10 ** 6))
     assert {r["filehash"] for r in exported} == {
-        g, original.expected["notes.txt"][0], original.expected["diary.txt"][0]}
+        g, original.expected["notes.txt"][0], original.expected["diary.txt"][0], big}
     assert cm.data_dump(10 ** 6) is None
     assert cm.last_known_block() == BLOCK
     assert summary["meter"]["uploaded"] == sum(u for _, u, _ in METER)
@@ -285,7 +302,7 @@ def test_import_legacy_keeps_tags_stamps_meter_and_cursor(tmp_path, make_pool):
     assert cm.info(b)["filename"] == "minutes.txt"
 
     again = cm.import_legacy(original.database, original.storage)
-    assert again["changed"] == 0 and again["uploaded"] == [] and again["present"] == 2
+    assert again["changed"] == 0 and again["uploaded"] == [] and again["present"] == 3
     assert cm.last_known_block() == BLOCK
     assert (cm.total_outgoing(), cm.total_incoming()) == (outgoing, incoming)  # set, not added
     assert Path(original.database).read_bytes() == original_bytes  # only read

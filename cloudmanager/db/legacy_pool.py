@@ -146,7 +146,9 @@ class LegacyPool:
             raise
         except Exception as exc:
             if isinstance(exc, sqlite3.Error) or type(exc).__module__.startswith("psycopg"):
-                raise DatabaseError(self._scrub("%s failed on %s: %s" % (what, self.path, exc))) \
+                # One line (libpq's messages have several), without the password.
+                text = " ".join(str(exc).split())
+                raise DatabaseError(self._scrub("%s failed on %s: %s" % (what, self.path, text))) \
                     from None
             raise
 
