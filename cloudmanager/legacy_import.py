@@ -15,7 +15,9 @@ storage folder (its cache). :func:`import_legacy` brings both into a pool:
 - **Tags and stamps.** A row's ``blockchain_hash`` tags its record as loaded
   from that source (as ``data_load(data, blockchain_hash)`` does), and its
   ``exported_timestamp`` stamps it as exported then: either way
-  ``data_dump(limit)`` never exports it again.
+  ``data_dump(limit)`` never exports it again. A record with no copy on a
+  host gets neither: its file is added from the folder, and the record
+  naming the new copies has not been published.
 - **The meter and the block cursor.** The original's ``transfer_meter``
   months join this pool's meter under a node of their own
   (:func:`meter_node`), and its ``last_known_block`` becomes the pool's
@@ -239,6 +241,13 @@ class LegacyImport:
                 needs_bytes.setdefault(row.hash, (row, False))
                 continue
             self.summary["records"] += 1
+            if not any(not error for _, _, error in record.uploads):
+                # No host got it: the bytes are added from the folder below,
+                # and the record that names the new copies is yet to be
+                # published, whatever the original's tags and stamps said.
+                by_source.setdefault(None, []).append(record)
+                needs_bytes.setdefault(row.hash, (row, False))
+                continue
             source = self._source(raw, row)
             by_source.setdefault(source, []).append(record)
             if source is not None:
@@ -249,8 +258,6 @@ class LegacyImport:
             elif raw.exported_timestamp is not None:
                 self._note("%s: exported_timestamp %r cannot be read; not carried"
                            % (row.hash, _text(raw.exported_timestamp)))
-            if not any(not error for _, _, error in record.uploads):
-                needs_bytes.setdefault(row.hash, (row, False))
         for source, records in by_source.items():
             self.summary["changed"] += self.pool.records.merge_records(records, source)
         if stamps:

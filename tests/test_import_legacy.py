@@ -269,13 +269,38 @@ def test_cm_import_legacy_usage_mistakes_exit_2(tmp_path):
 
 def test_import_legacy_keeps_tags_stamps_meter_and_cursor(tmp_path, make_pool):
     original = build(OriginalPool(tmp_path / "old"), tmp_path / "outside.txt")
+    # More rows: a v0.1 record (no filename: the row's name, stripped), a
+    # payload of another file, a hash that is not one, and a tagged record
+    # whose every upload failed (its bytes in storage).
+    original.rows = []
+    old_style = original.uploaded("old.txt", b"a v0.1 record\n", version="0.1")
+    failed_data = b"every upload failed\n"
+    failed = sha(failed_data)
+    original.rows.append(("%s_failed.txt" % failed[:7], len(failed_data), failed, json.dumps(
+        {"version": "0.2", "datetime": "1", "filename": "%s_failed.txt" % failed[:7],
+         "filesize": str(len(failed_data)), "filehash": failed,
+         "uploads": [{"host_name": "mediafire", "error": True}]}), "c3" * 32, "2014-05-01"))
+    original.cached("failed.txt", failed_data)
+    original.raw_row("x_other.txt", 5, "ab" * 32, json.dumps(
+        {"version": "0.2", "datetime": "1", "filename": "other.txt", "filesize": "5",
+         "filehash": "cd" * 32, "uploads": []}))
+    original.raw_row("../../etc/passwd", 5, "../../etc/passwd", None)
+    conn = sqlite3.connect(original.database)
+    with conn:
+        conn.executemany("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)", original.rows)
+    conn.close()
     original_bytes = Path(original.database).read_bytes()
     # A cache smaller than big.bin: it is streamed to the host, and the
     # tampered one of its size is refused before anything is published.
     cm = make_pool(capacity=1024, hosts=["dir:%s" % original.host], redundancy=1)
     cm.visit_block(10)
     summary = cm.import_legacy(original.database, original.storage)
-    assert summary is not None and summary["changed"] == 3
+    assert summary is not None and summary["changed"] == 5
+    assert cm.info(old_style)["filename"] == "old.txt"
+    assert failed in summary["uploaded"] and cm.info(failed)["filename"] == "failed.txt"
+    skipped = {s["hash"]: s["reason"] for s in summary["skipped"]}
+    assert "another file" in skipped["ab" * 32] and "SHA-256" in skipped["../../etc/passwd"]
+    assert not cm.exists("ab" * 32) and not cm.exists("cd" * 32)
     big = original.expected["big.bin"][0]
     assert big in summary["uploaded"] and not cm.on_cache(big)
     assert (original.host / big).read_bytes() == original.expected["big.bin"][1]
@@ -283,7 +308,7 @@ def test_import_legacy_keeps_tags_stamps_meter_and_cursor(tmp_path, make_pool):
     assert not cm.exists(tampered_big)
     bad_bytes = (original.storage / ("%s_bigger.bin" % tampered_big[:7])).read_bytes()
     assert sorted(os.listdir(original.host)) == sorted(
-        [".cloudmanager-host"] + [h for h, _ in original.expected.values()])
+        [".cloudmanager-host", old_style, failed] + [h for h, _ in original.expected.values()])
     assert sha(bad_bytes) not in os.listdir(original.host)
     a, b, g = (original.expected[n][0] for n in ("photo.jpg", "minutes.txt",
                                                  "abcdef0_report.txt"))
@@ -291,7 +316,8 @@ def test_import_legacy_keeps_tags_stamps_meter_and_cursor(tmp_path, make_pool):
     # the two files uploaded now are left to export.
     exported = json.loads(cm.data_dump(10 ** 6))
     assert {r["filehash"] for r in exported} == {
-        g, original.expected["notes.txt"][0], original.expected["diary.txt"][0], big}
+        g, original.expected["notes.txt"][0], original.expected["diary.txt"][0], big,
+        old_style, failed}  # failed: tagged, but its new copy is news
     assert cm.data_dump(10 ** 6) is None
     assert cm.last_known_block() == BLOCK
     assert summary["meter"]["uploaded"] == sum(u for _, u, _ in METER)
@@ -302,7 +328,7 @@ def test_import_legacy_keeps_tags_stamps_meter_and_cursor(tmp_path, make_pool):
     assert cm.info(b)["filename"] == "minutes.txt"
 
     again = cm.import_legacy(original.database, original.storage)
-    assert again["changed"] == 0 and again["uploaded"] == [] and again["present"] == 3
+    assert again["changed"] == 0 and again["uploaded"] == [] and again["present"] == 4
     assert cm.last_known_block() == BLOCK
     assert (cm.total_outgoing(), cm.total_incoming()) == (outgoing, incoming)  # set, not added
     assert Path(original.database).read_bytes() == original_bytes  # only read
