@@ -331,13 +331,19 @@ class LegacyImport:
     def _add_files(self, wanted: Dict[str, Tuple[_Row, bool]], dir_fd: int) -> None:
         """Add the files of ``wanted`` that no host holds, from the storage folder."""
         held = self.pool.db.files.in_pool(wanted)
+        added = []
         for file_hash, (row, required) in wanted.items():
             if file_hash in held or self.pool.cache.contains(file_hash):
                 self.summary["present"] += 1  # a host has it, or it is pinned and queued here
                 continue
             got = self._add_file(row, required, dir_fd)
             if got is not None:
-                self.summary["uploaded"].append(got)
+                added.append(got)
+        # The batch goes to the hosts in one round, as upload_many sends its
+        # batches (each file is pinned and queued meanwhile).
+        if added and not self.pool.defer_uploads:
+            self.pool.replication.replicate_logged(added)
+        self.summary["uploaded"] += added
 
     def _add_file(self, row: _Row, required: bool, dir_fd: int) -> Optional[str]:
         """Ingest one file from the storage folder; None if it is not there or refused."""
@@ -373,7 +379,7 @@ class LegacyImport:
             try:
                 file_hash = self.pool.add_open_file(
                     src, label, safe_basename(row.filename), created=max(0, int(st.st_mtime)),
-                    expected=row.hash)
+                    expected=row.hash, defer=True)
             except (OSError, CloudManagerError) as exc:
                 self._refuse(row, str(exc))
                 return None
