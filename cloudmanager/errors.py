@@ -21,6 +21,8 @@ one shallow tree, so ``except CloudManagerError`` catches them all::
     ├── NotInPoolError                 the pool has no record of that hash
     ├── InvalidInputError              a hash, URL, spec or path was refused
     ├── ConfigError                    a cloudmanager.toml could not be used
+    ├── LegacyPoolError                an original cloud-manager pool to import is
+    │                                  missing, or is not one
     ├── MissingDependencyError         an optional backend is not installed
     ├── SerializationError             a JSON document could not be read
     └── TreeError                      a tree manifest was refused, or a tree not made
@@ -120,6 +122,12 @@ class InvalidInputError(CloudManagerError, ValueError):
 
 class ConfigError(CloudManagerError, ValueError):
     """A configuration file could not be read, or holds an invalid setting."""
+
+
+class LegacyPoolError(CloudManagerError, ValueError):
+    """What was given as an original cloud-manager pool (``cm import-legacy``)
+    cannot be one: no such database file, a database without the original's
+    ``files`` table, or a storage folder that is not a directory."""
 
 
 class MissingDependencyError(CloudManagerError, ImportError):

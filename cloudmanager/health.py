@@ -220,6 +220,15 @@ class Health:
                 if outcome[0].ok:
                     self._seen.pop(host, None)
 
+    def carry_meter(self, node: str, months: Iterable[Tuple[str, int, int]]) -> None:
+        """Carry another meter's months (an original pool's, ``cm
+        import-legacy``) under the node name ``node``: its totals join the
+        pool's, and carrying them again changes nothing.
+
+        :param months: ``(month 'YYYY-MM', uploaded, downloaded)`` triples
+        """
+        self.db.health.set_transfers(node, months)
+
     def reset(self, names: Iterable[str]) -> None:
         """Forget hosts' failure streaks, for every process (``cm hosts --retry``)."""
         names = list(names)

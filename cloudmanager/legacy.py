@@ -108,6 +108,20 @@ class OriginalApi:
         with self.db.catalog.transaction() as conn:
             self.db.state.set(conn, [(LAST_KNOWN_BLOCK, height)])
 
+    def carry_block(self, height: int) -> int:
+        """Keep the later of the pool's block cursor and ``height`` (another
+        pool's cursor, carried by ``cm import-legacy``): the blocks before
+        either were read already. Carrying it twice changes nothing.
+
+        :return: the cursor now
+        :raises InvalidInputError: if it is not an integer in [0, 2**63)
+        """
+        height = check_count(height, "a block height")
+        with self.db.catalog.transaction() as conn:
+            now = max(self.db.state.get(LAST_KNOWN_BLOCK, 0), height)
+            self.db.state.set(conn, [(LAST_KNOWN_BLOCK, now)])
+        return now
+
     # -- export and import ------------------------------------------------------------
 
     def export(self, limit: int) -> Optional[str]:
@@ -170,6 +184,18 @@ class OriginalApi:
                 used += dropped[0]
         chosen = sorted(heap, key=lambda item: (-item[0], -item[1]))
         return [(h, text) for _, _, h, text in chosen], too_large
+
+    def stamp_exported(self, stamps: List[Tuple[str, float]]) -> None:
+        """Keep when records were exported by another pool (an original
+        pool's ``exported_timestamp``): such records are out there, so
+        :meth:`export` never exports them again. A stamp or tag already there
+        stays; files the pool does not have are passed over.
+
+        :param stamps: ``(hash, unix time)`` pairs
+        """
+        if stamps:
+            with self.db.catalog.transaction() as conn:
+                self.db.published.stamp(conn, stamps)
 
     def load(self, text: Union[str, bytes], source: str) -> int:
         """Merge the records of ``text`` and tag them with ``source``, so they

@@ -703,6 +703,56 @@ class CloudManager(OriginalMethods):
         """
         return self.pool.trees.list()
 
+    def import_legacy(self, database: Union[str, os.PathLike[str]],
+                      storage: Union[str, os.PathLike[str]]) -> Optional[Dict[str, Any]]:
+        """Import an original cloud-manager pool: its records, and the files
+        in its storage folder that no host got (``cm import-legacy``).
+
+        The original's database (its SQLite file, or a ``postgres://`` URL)
+        is only read. Each row's payload is merged as :meth:`data_load`
+        merges records, after the same validation: a bad record is skipped
+        with its reason and the rest load. Names lose the original's
+        ``<hash7>_`` prefix when it is that file's. A ``blockchain_hash``
+        tags its record as loaded from that source and an
+        ``exported_timestamp`` stamps it as exported, so
+        ``data_dump(limit)`` never exports it again; the transfer meter's
+        months are carried under a node of their own, and the block cursor
+        if the original's is further on.
+
+        A file that was never uploaded (or that no host took) and whose
+        bytes are in ``storage`` under ``<hash7>_<name>`` is added to the
+        pool and uploaded: read once, and refused, with nothing recorded, if
+        its bytes do not hash to its recorded hash. A symbolic link there is
+        refused, never followed; nothing in ``storage`` is changed or
+        deleted. A file larger than the cache streams to the hosts, checked
+        the same way before anything is published (on Linux; elsewhere it is
+        refused: run again with a larger capacity).
+
+        Running it again changes nothing and reads no file again.
+
+        :param database: the original's SQLite file or ``postgres://`` URL
+            (a password in it is never logged or returned)
+        :param storage: the original's storage folder
+        :return: a summary: ``database`` (as it may be shown), ``storage``,
+            ``rows`` read; ``records`` valid, ``changed`` (imported or
+            updated), ``tagged``, ``stamped``; ``skipped``
+            (``[{hash, name, reason}]``, bad records); ``uploaded`` (hashes
+            added from the folder); ``present`` (files that needed bytes and
+            that the pool had already); ``refused`` (``[{hash, name,
+            reason}]``) and ``missing`` (``[{hash, name}]``: never uploaded,
+            not in the folder); ``meter`` (``{node, months, uploaded,
+            downloaded}``, or None without one) and ``last_known_block``
+            (the pool's cursor now, or None); ``notes`` (fields not
+            carried). ``None`` (logged) if the import could not run: a
+            missing database or folder, a database that is not an original
+            pool, or a database failure (what was imported stays; run again)
+        """
+        try:
+            return self.pool.import_legacy(database, storage)
+        except _FAILURES as exc:
+            log.error("import-legacy failed: %s", exc)
+            return None
+
     # -- beyond the seed -----------------------------------------------------
 
     def status(self, file_hash: str) -> Optional[dict]:

@@ -24,7 +24,9 @@ import os
 import stat
 import tempfile
 import time
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (
+    BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union,
+)
 
 from . import fsutil
 from .cache import CacheStore, Reservation, fsck
@@ -46,6 +48,7 @@ from .errors import (
 from .health import Fact, Health
 from .hosts.base import Host
 from .legacy import OriginalApi
+from .legacy_import import import_legacy
 from .records import RecordStore
 from .replication import Replicator, SyncSummary
 from .trees import TreeStore
@@ -206,6 +209,46 @@ class Pool:
                                  size_known=True) == "conflict":
                 raise CacheError("%s is known with another size than %d" % (file_hash, size))
         return record
+
+    def add_open_file(self, src: BinaryIO, label: str, filename: str, created: float,
+                      expected: str, defer: Optional[bool] = None) -> str:
+        """Add a file already open for reading (opened as the caller must, e.g.
+        without following a symlink) whose bytes must hash to ``expected``.
+
+        It is read once: into the cache if it fits (then uploaded unless
+        deferred), else streamed to the hosts as :meth:`upload` streams a
+        file larger than the cache, through ``/proc/self/fd`` so that every
+        read is of the file opened, whatever its name points to meanwhile.
+        Bytes that hash otherwise are refused: nothing is recorded, kept or
+        published.
+
+        :param label: how the file is named in errors
+        :return: ``expected``, once the file is in the pool
+        :raises IntegrityError: if the bytes do not hash to ``expected``, or
+            changed while they were read
+        :raises CacheError: if it does not fit the cache and this system has
+            no ``/proc/self/fd`` to stream it from
+        :raises CloudManagerError, OSError: if it could not be added
+        """
+        defer = self.defer_uploads if defer is None else defer
+        size = os.fstat(src.fileno()).st_size
+        if size <= self.cache.capacity:
+            try:
+                file_hash, _ = self.cache.ingest_file(src, label, filename, created=created,
+                                                      lease=not defer, expected=expected)
+            except CacheFullError as exc:
+                log.info("not caching %s: %s; uploading it from its source", label, exc)
+            else:
+                if not defer:
+                    self.replication.replicate_logged([file_hash])
+                return file_hash
+        pinned = "/proc/self/fd/%d" % src.fileno()
+        if not os.path.exists(pinned):
+            raise CacheError("%s does not fit the cache (%d bytes) and cannot be streamed "
+                             "from here: run again with a larger capacity"
+                             % (label, self.cache.capacity))
+        return self.replication.upload_source(pinned, filename, self._record_new(filename),
+                                              expected=expected)
 
     def upload_many(self, paths: Iterable, defer: Optional[bool] = None,
                     progress: Optional[Callable[[int], None]] = None
@@ -590,6 +633,19 @@ class Pool:
     def evict(self, target_bytes: int = 0) -> int:
         """Evict LRU files down to ``target_bytes``; returns how many."""
         return self.cache.evict(target_bytes)
+
+    def import_legacy(self, database: Union[str, os.PathLike[str]],
+                      storage: Union[str, os.PathLike[str]]) -> dict:
+        """Import an original cloud-manager pool; see
+        :meth:`cloudmanager.CloudManager.import_legacy` and
+        :mod:`cloudmanager.legacy_import`.
+
+        :raises LegacyPoolError: for a missing database or storage folder, or
+            a database that is not an original pool
+        :raises CloudManagerError: if a database fails
+        """
+        self.cache.flush()
+        return import_legacy(self, database, storage)
 
     def retry_hosts(self, names: Iterable[str]) -> List[str]:
         """Forget hosts' failure streaks so every process tries them again now.

@@ -107,6 +107,16 @@ class RecordStore:
         self._merge(records, source=source)
         return len(records)
 
+    def merge_records(self, records: Iterable[serializers.Record],
+                      source: Optional[str] = None) -> int:
+        """Merge records already parsed and validated
+        (:func:`cloudmanager.serializers.parse_record`), tagged with
+        ``source`` if given, as :meth:`load_tagged` tags them.
+
+        :return: how many records were imported or updated
+        """
+        return self._merge(records, source=source)
+
     def load_from(self, fileobj: IO[str]) -> int:
         """Merge records streamed from a text file object holding a JSON array.
 

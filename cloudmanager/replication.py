@@ -509,7 +509,8 @@ class Replicator:
                 self._record_rounds([], settled=[file_hash], release=[file_hash])
             return 0
 
-    def upload_source(self, path: str, filename: str, record: Callable) -> str:
+    def upload_source(self, path: str, filename: str, record: Callable,
+                      expected: Optional[str] = None) -> str:
         """Upload a file that will not be cached, reading it once.
 
         The source streams to the healthiest host that can stage
@@ -538,17 +539,21 @@ class Replicator:
 
         :param record: ``record(conn, file_hash, size)`` adds the file's row
             inside the transaction that records its copies
+        :param expected: the SHA-256 the bytes must have: if they hash to
+            another, the upload is refused as a changed source is (nothing
+            is published or recorded)
         :return: the file's hash
         :raises UploadError: if no host took it, or its removal is in progress
             in another process
-        :raises IntegrityError: if the source changed while it was read
+        :raises IntegrityError: if the source changed while it was read, or
+            does not hash to ``expected``
         :raises OSError: if the source could not be read
         """
         before = os.stat(path)
         if self.key is not None:
-            return self._upload_source_sealed(path, record, before)
+            return self._upload_source_sealed(path, record, before, expected)
         if not any(h.can_stage for h in self.engine.hosts.values()):
-            return self._upload_source_unstaged(path, record, before)
+            return self._upload_source_unstaged(path, record, before, expected)
         size = before.st_size
         failures: List[HostError] = []
         facts: List[Fact] = []
@@ -572,6 +577,7 @@ class Replicator:
                     raise IntegrityError("%s changed while it was read (%d bytes read of %d); "
                                          "refused (nothing is recorded)"
                                          % (path, streamed.size, size))
+                _check_expected(path, streamed.file_hash, expected)
                 file_hash = streamed.file_hash
                 with self.locks.hold([file_hash]):
                     published = self._publish_first(streamed, failures, facts)
@@ -597,7 +603,7 @@ class Replicator:
                 self.health.release([streamed.host.name])  # its probe, if no fact took it
 
     def _upload_source_sealed(self, path: str, record: Callable,
-                              before: os.stat_result) -> str:
+                              before: os.stat_result, expected: Optional[str] = None) -> str:
         """:meth:`upload_source` for an encrypted pool: the source is read once,
         hashed as it is encrypted into a private work file outside the cache
         (the file does not fit it), and that one ciphertext goes to every host
@@ -623,6 +629,7 @@ class Replicator:
                                      "refused (nothing is sent)"
                                      % (path, source.count, before.st_size))
             file_hash, size = source.hexdigest(), source.count
+            _check_expected(path, file_hash, expected)
             meta = ObjectMeta(sink.digest.hexdigest(), sink.size, key.key_id)
             with self.locks.hold([file_hash]):
                 state = self.db.copies.replication_states([file_hash]).get(file_hash)
@@ -682,7 +689,8 @@ class Replicator:
                                   "once it is" % path, [], result.facts)
 
     def _upload_source_unstaged(self, path: str, record: Callable,
-                                before: os.stat_result) -> str:
+                                before: os.stat_result, expected: Optional[str] = None
+                                ) -> str:
         """:meth:`upload_source` for a pool none of whose hosts can stage (only
         lockers): hashed, then sent from ``path`` by each host, and stat'ed
         again afterwards. A source rewritten between the reads and restored
@@ -693,6 +701,7 @@ class Replicator:
             where the hosts allow it)
         """
         file_hash, size = fsutil.hash_file(path)
+        _check_expected(path, file_hash, expected)
         with self.locks.hold([file_hash]):
             state = self.db.copies.replication_states([file_hash]).get(file_hash)
             holders = set(state.good) if state else set()
@@ -948,6 +957,17 @@ def short_reason(result: UploadResult) -> str:
     if result.cooling:
         errors.append("cooling down after repeated failures: %s" % ", ".join(result.cooling))
     return "; ".join(errors) or "not enough hosts"
+
+
+def _check_expected(path: str, file_hash: str, expected: Optional[str]) -> None:
+    """Refuse a source whose bytes are not the file it was recorded as.
+
+    :raises IntegrityError: if ``expected`` is given and is not ``file_hash``
+    """
+    if expected is not None and file_hash != expected:
+        raise IntegrityError("%s does not hold the file it is recorded as: its bytes hash to "
+                             "%s, not %s; refused (nothing is sent or recorded)"
+                             % (path, file_hash, expected))
 
 
 def _changed(before: os.stat_result, after: os.stat_result) -> bool:

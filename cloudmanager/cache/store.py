@@ -28,7 +28,9 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
+from typing import (
+    Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast,
+)
 
 from .. import fsutil
 from ..db import FileDatabase
@@ -371,21 +373,44 @@ class CacheStore:
         :raises OSError: if the source cannot be read
         """
         with open(source_path, "rb", buffering=0) as src:
-            size = os.fstat(src.fileno()).st_size
-            with self.reserve(size) as res:
-                fd = os.open(res.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, fsutil.FILE_MODE)
-                try:
-                    file_hash, nbytes = fsutil.copy_and_hash(src, fd, limit=size,
-                                                             progress=progress)
-                    if self.fsync:
-                        os.fsync(fd)
-                except OverflowError:
-                    raise CacheError("%s grew while it was read" % source_path) from None
-                finally:
-                    os.close(fd)
-                if nbytes != size:
-                    raise CacheError("%s changed size while it was read" % source_path)
-                self.commit(res, file_hash, nbytes, filename, created, queue=queue, lease=lease)
+            return self.ingest_file(src, os.fspath(source_path), filename, created, queue,
+                                    progress, lease)
+
+    def ingest_file(self, src: BinaryIO, label: str, filename: str,
+                    created: Optional[float] = None, queue: bool = True,
+                    progress: Optional[Callable[[int], None]] = None, lease: bool = False,
+                    expected: Optional[str] = None) -> Tuple[str, int]:
+        """:meth:`ingest` from a file already open (the caller opened it as
+        it must, e.g. without following a symlink), read from where it is.
+
+        :param label: how the file is named in errors
+        :param expected: the SHA-256 the bytes must have: if they hash to
+            another, nothing is recorded or kept and
+            :class:`~cloudmanager.errors.IntegrityError` is raised
+        :return: ``(hash, size)``
+        :raises CacheFullError: if there is no room for it
+        :raises IntegrityError: for bytes that do not hash to ``expected``
+        :raises OSError: if the source cannot be read
+        """
+        size = os.fstat(src.fileno()).st_size
+        with self.reserve(size) as res:
+            fd = os.open(res.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, fsutil.FILE_MODE)
+            try:
+                file_hash, nbytes = fsutil.copy_and_hash(src, fd, limit=size,
+                                                         progress=progress)
+                if self.fsync and (expected is None or expected == file_hash):
+                    os.fsync(fd)
+            except OverflowError:
+                raise CacheError("%s grew while it was read" % label) from None
+            finally:
+                os.close(fd)
+            if nbytes != size:
+                raise CacheError("%s changed size while it was read" % label)
+            if expected is not None and file_hash != expected:
+                # The reservation's release removes the temp file.
+                raise IntegrityError("%s does not hold the file it is recorded as: its bytes "
+                                     "hash to %s, not %s" % (label, file_hash, expected))
+            self.commit(res, file_hash, nbytes, filename, created, queue=queue, lease=lease)
         return file_hash, nbytes
 
     def commit(self, reservation: "Reservation", file_hash: str, size: int, filename: str = "",

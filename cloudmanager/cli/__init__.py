@@ -16,14 +16,14 @@ modules to keep it so):
 - the commands, by concern: :mod:`.configure` (init), :mod:`.transfer`
   (upload, download, warm), :mod:`.show` (ls, info, whereis, status, hosts),
   :mod:`.maintain` (sync, verify, fsck, remove, evict), :mod:`.share`
-  (dump, load), :mod:`.migrate` (migrate).
+  (dump, load), :mod:`.migrate` (migrate), :mod:`.legacy` (import-legacy).
 """
 
 import click
 
 from .. import __version__
 from ..config import CONFIG_ENV, CONFIG_NAME
-from . import configure, key, maintain, migrate, share, show, transfer
+from . import configure, key, legacy, maintain, migrate, share, show, transfer
 from .app import LOGGING, SIZE, CmGroup, OperationFailed, Session, parse_duration
 
 __all__ = ["cli", "main", "OperationFailed", "parse_duration"]
@@ -73,6 +73,7 @@ def cli(ctx, config_path, capacity, verbose, quiet):
       cm dump pool.json            every record, as JSON
       cm load pool.json            merge another node's records
       cm migrate --to URL          move the database to PostgreSQL (or back)
+      cm import-legacy DB STORAGE  bring in a pool of the original cloud-manager
 
     Exit status: 0 on success, 1 when an operation failed, 2 on a usage error.
     """
@@ -82,7 +83,7 @@ def cli(ctx, config_path, capacity, verbose, quiet):
     ctx.call_on_close(session.close)
 
 
-for module in (configure, transfer, show, maintain, share, migrate, key):
+for module in (configure, transfer, show, maintain, share, migrate, key, legacy):
     for command in module.COMMANDS:
         cli.add_command(command)
 del module, command

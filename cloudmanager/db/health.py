@@ -101,6 +101,19 @@ class Health:
                     " downloaded = transfers.downloaded + excluded.downloaded",
                     (month_key(when), node, uploaded, downloaded))
 
+    def set_transfers(self, node: str, months: Iterable[Tuple[str, int, int]]) -> None:
+        """Set a node's transfer meter for some months, replacing what it had
+        there (so setting it twice is setting it once), in one transaction.
+
+        :param months: ``(month 'YYYY-MM', uploaded, downloaded)`` triples
+        """
+        with self.db.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO transfers (month, node, uploaded, downloaded) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (month, node) DO UPDATE SET uploaded = excluded.uploaded,"
+                " downloaded = excluded.downloaded",
+                [(month, node, int(up), int(down)) for month, up, down in months])
+
     def reset(self, host_names: Iterable[str]) -> None:
         """Forget hosts' consecutive failures (an explicit retry succeeded)."""
         with self.db.transaction() as conn:

@@ -16,7 +16,7 @@ row goes with the file (``ON DELETE CASCADE``).
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, NamedTuple, Optional
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from .connection import Conn, Store, json_list
 
@@ -69,6 +69,20 @@ class Published:
             " ON CONFLICT (hash) DO UPDATE SET source = coalesce(published.source,"
             " excluded.source)",
             (source, json_list(dict.fromkeys(hashes))))
+
+    def stamp(self, conn: Conn, stamps: Iterable[Tuple[str, float]]) -> None:
+        """Record when records were exported elsewhere (an original pool's
+        ``exported_timestamp``), inside the caller's transaction: a stamp
+        already there stays, a file the pool does not have is passed over.
+        One statement per stamp.
+
+        :param stamps: ``(hash, unix time)`` pairs
+        """
+        pairs = [(float(when), h) for h, when in dict(stamps).items()]
+        conn.executemany(
+            "INSERT INTO published (hash, exported) SELECT hash, ? FROM files WHERE hash = ?"
+            " ON CONFLICT (hash) DO UPDATE SET exported = coalesce(published.exported,"
+            " excluded.exported)", pairs)
 
     def of(self, hashes: Iterable[str]) -> Dict[str, PublishedRow]:
         """``{hash: PublishedRow}`` for the published ones among ``hashes``."""
