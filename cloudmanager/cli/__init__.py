@@ -24,7 +24,9 @@ import click
 from .. import __version__
 from ..config import CONFIG_ENV, CONFIG_NAME
 from . import configure, key, maintain, migrate, share, show, transfer
-from .app import LOGGING, SIZE, CmGroup, OperationFailed, Session, parse_duration
+from .app import (
+    LOGGING, SIZE, CmGroup, OperationFailed, Session, parse_duration, verbosity_options,
+)
 
 __all__ = ["cli", "main", "OperationFailed", "parse_duration"]
 
@@ -80,8 +82,16 @@ def cli(ctx, config_path, capacity, verbose, quiet):
     ctx.call_on_close(session.close)
 
 
+def _with_verbosity(command):
+    """Give a command (and a group's subcommands) ``-v`` and ``-q`` of its own."""
+    command.params.extend(verbosity_options())
+    for sub in getattr(command, "commands", {}).values():
+        _with_verbosity(sub)
+
+
 for module in (configure, transfer, show, maintain, share, migrate, key):
     for command in module.COMMANDS:
+        _with_verbosity(command)
         cli.add_command(command)
 del module, command
 

@@ -3,7 +3,7 @@
 import click
 
 from ..errors import InvalidInputError
-from .app import JSON_OPTION, pass_session, resolve_hash
+from .app import HASH, JSON_OPTION, pass_session, resolve_hash
 from .output import (
     emit_json,
     human_size,
@@ -17,16 +17,20 @@ from .output import (
 
 @click.command("ls")
 @click.option("--cached", "only_cached", is_flag=True, help="Only files in the local cache.")
-@click.option("--short", "only_short", is_flag=True,
+@click.option("--below-target", "only_short", is_flag=True,
               help="Only files on fewer hosts than the redundancy target.")
+# The old spelling, kept working for scripts; "short" read as "short listing".
+@click.option("--short", "old_short", is_flag=True, hidden=True,
+              help="The old spelling of --below-target.")
 @JSON_OPTION
 @pass_session
-def ls(session, only_cached, only_short, as_json):
+def ls(session, only_cached, only_short, old_short, as_json):
     """List the pool's files: hash, size, cached, copies/target, name.
 
     "cached" is "pinned" for a file kept in the cache until a host holds it
     (or pinned by hand).
     """
+    only_short = only_short or old_short
     cm = session.open()
     target = cm.settings()["redundancy"]
     rows = (f for f in cm.files()
@@ -42,7 +46,7 @@ def ls(session, only_cached, only_short, as_json):
 
 
 @click.command()
-@click.argument("file_hash", metavar="HASH")
+@click.argument("file_hash", metavar="HASH", type=HASH)
 @JSON_OPTION
 @pass_session
 def info(session, file_hash, as_json):
@@ -64,7 +68,7 @@ def info(session, file_hash, as_json):
 
 
 @click.command()
-@click.argument("file_hash", metavar="HASH")
+@click.argument("file_hash", metavar="HASH", type=HASH)
 @JSON_OPTION
 @pass_session
 def whereis(session, file_hash, as_json):
@@ -154,4 +158,27 @@ def hosts(session, retry_names, as_json):
         click.echo("disabled: %s" % ", ".join(disabled))
 
 
-COMMANDS = [ls, info, whereis, status, hosts]
+@click.command()
+@JSON_OPTION
+@pass_session
+def unreachable(session, as_json):
+    """Files whose every good copy is on a host this node has not configured.
+
+    Records loaded from other nodes may name hosts this node cannot reach;
+    such files cannot be downloaded here until a matching host is added
+    (cm init --host, or the config's [hosts] tables). Prints "HASH  HOSTS"
+    per file; cached files are not listed.
+    """
+    cm = session.open()
+    found = cm.unreachable()
+    if as_json:
+        emit_json(found)
+        return
+    for file_hash, names in found.items():
+        click.echo("%s  %s" % (file_hash, ",".join(names)))
+    if not session.quiet:
+        click.echo("%s only on hosts not configured here" % plural(len(found), "file is",
+                                                                    "files are"), err=True)
+
+
+COMMANDS = [ls, info, whereis, status, hosts, unreachable]
