@@ -82,8 +82,7 @@ class CloudManager:
     :param bwlimit: a bandwidth limit that every transfer to and from hosts
         shares, in bytes per second, or as rclone writes it (``"10M"`` is
         10 MiB/s; see :func:`cloudmanager.meter.parse_rate`); None for no
-        limit. Bytes moved by external tools (plowshare) or by boto3's own
-        threads (S3 uploads from the cache) are not limited
+        limit. Bytes that external tools move (plowshare) are not limited
     :param file_mode: the mode of cached files: 0o600 (private, the default),
         or e.g. 0o640 to let the group read the cache; directories get the
         matching search bits
@@ -365,7 +364,7 @@ class CloudManager:
             runs: with the byte count of each chunk sent to a host, and with
             the number of files done after each group of them (for progress
             bars; :meth:`sync_plan` gives the totals to expect). Bytes that
-            external tools or boto3's own threads send are not counted
+            external tools send (plowshare) are not counted
         :return: a summary dict: ``checked``, ``uploads`` (new copies),
             ``complete`` (files now at target), ``short`` (still below it);
             with ``reencrypt`` also ``reencrypted`` (files), ``sealed`` (new

@@ -10,9 +10,10 @@ tells the caller's ``progress`` callback and takes the bytes from the pool's
 copy on a thread with no meter (the cache's own reads and writes) costs one
 attribute lookup per chunk and is never slowed.
 
-Bytes that pass outside Python (an external tool such as ``plowdown``, or
-boto3's managed multipart uploads on their own threads) are neither reported
-nor limited.
+Where a library reads a file itself (boto3 on threads of its own, webdav4,
+fsspec's ``put_file``), the host hands it the meter of its call
+(:func:`current`) as its progress callback. Bytes that pass outside Python
+(an external tool such as ``plowdown``) are neither reported nor limited.
 
 >>> bucket = TokenBucket(parse_rate("1M"))
 >>> bucket.rate
@@ -119,8 +120,12 @@ class Meter:
         self.bucket = bucket
 
     def __call__(self, nbytes: int) -> None:
-        """Account for ``nbytes`` moved: wait for the limit, then report them."""
-        if self.bucket is not None:
+        """Account for ``nbytes`` moved: wait for the limit, then report them.
+
+        A negative count (boto3 takes back the bytes of a part it sends
+        again) is reported, and never waited for.
+        """
+        if self.bucket is not None and nbytes > 0:
             self.bucket.take(nbytes)
         if self.progress is not None:
             self.progress(nbytes)

@@ -1,10 +1,14 @@
 """Metering: the bandwidth limit's arithmetic, and progress from a real pool's transfers."""
 
+import hashlib
 import os
 
 import pytest
+from hosts.s3_server import aws_env, bucket, moto_endpoint, s3_admin  # noqa: F401  (fixtures)
+from hosts.webdav_server import PASSWORD, USER, webdav_server_fixture  # noqa: F401
 
 from cloudmanager import CloudManager
+from cloudmanager.hosts.fsspec import FsspecHost
 from cloudmanager.meter import TokenBucket, parse_rate
 
 
@@ -91,3 +95,47 @@ def test_downloads_report_their_bytes_as_they_move_and_once(tmp_path):
     with pytest.raises(Exception, match="bwlimit"):
         CloudManager(str(tmp_path / "db.sqlite3"), str(tmp_path / "cache"), 64 << 20,
                      hosts=[], bwlimit=-5)
+
+
+def test_the_limit_holds_on_s3_where_boto3_moves_the_bytes(tmp_path, bucket, moto_endpoint):
+    """boto3 reads files and streams on threads of its own: the meter goes
+    with each call (a callback, a subscriber), so a streamed upload, a sync
+    from the cache and a download all pay the bucket for their bytes."""
+    data = os.urandom(6 * 2**20)
+    (tmp_path / "f.bin").write_bytes(data)
+    spec = "s3://%s/p?endpoint_url=%s&addressing_style=path" % (bucket, moto_endpoint)
+    clock = Clock()
+    # 1 MiB of cache: the 6 MiB file streams to the host as it is hashed (staged).
+    with CloudManager(str(tmp_path / "db.sqlite3"), str(tmp_path / "cache"), 1 << 20,
+                      hosts=[spec], redundancy=1, bwlimit="1M") as cm:
+        cm.engine.bucket = TokenBucket(2**20, clock=clock, sleep=clock.sleep)
+        streamed = cm.upload(str(tmp_path / "f.bin"))
+        assert streamed == hashlib.sha256(data).hexdigest()
+        assert sum(clock.slept) == pytest.approx(5.0, abs=0.01)  # 6 MiB at 1 MiB/s, 1 free
+        got = []
+        assert cm.download(streamed, str(tmp_path / "back.bin"), progress=got.append)
+        assert sum(got) == len(data) and sum(clock.slept) == pytest.approx(11.0, abs=0.01)
+    with CloudManager(str(tmp_path / "db2.sqlite3"), str(tmp_path / "cache2"), 64 << 20,
+                      hosts=[spec.replace("/p?", "/q?")], redundancy=1, bwlimit="1M") as cm:
+        cm.engine.bucket = TokenBucket(2**20, clock=clock, sleep=clock.sleep)
+        cm.upload(str(tmp_path / "f.bin"), defer=True)
+        sent = []
+        assert cm.sync(progress=lambda b, n: sent.append(b))["uploads"] == 1
+        assert sum(sent) == len(data) and sum(clock.slept) == pytest.approx(16.0, abs=0.01)  # a new bucket: 1 free again
+
+
+def test_the_limit_holds_on_webdav_where_the_client_reads_the_file(tmp_path, webdav_server):
+    """An upload from the cache to a WebDAV host: webdav4 reads the file
+    itself, and is handed the call's meter as its callback."""
+    data = os.urandom(3 * 2**20)
+    (tmp_path / "f.bin").write_bytes(data)
+    dav = FsspecHost("webdav://meter-%s/pool" % os.getpid(), base_url=webdav_server.base_url,
+                     storage_options={"auth": (USER, PASSWORD)}, timeout=30)
+    clock = Clock()
+    with CloudManager(str(tmp_path / "db.sqlite3"), str(tmp_path / "cache"), 64 << 20,
+                      hosts=[dav], redundancy=1) as cm:
+        cm.engine.bucket = TokenBucket(2**20, clock=clock, sleep=clock.sleep)
+        cm.upload(str(tmp_path / "f.bin"), defer=True)
+        sent = []
+        assert cm.sync(progress=lambda b, n: sent.append(b))["uploads"] == 1
+        assert sum(sent) == len(data) and sum(clock.slept) == pytest.approx(2.0, abs=0.01)
