@@ -13,8 +13,9 @@ modules to keep it so):
 - this module: the ``cm`` group, its global options, and :func:`main`;
 - :mod:`.app`: the session, errors, logging and parameter types;
 - :mod:`.output`: sizes, times, JSON, tables and progress bars;
-- the commands, by concern: :mod:`.configure` (init), :mod:`.transfer`
-  (upload, download, warm), :mod:`.show` (ls, info, whereis, status, hosts),
+- the commands, by concern: :mod:`.configure` (init, config), :mod:`.transfer`
+  (upload, download, warm), :mod:`.show` (ls, info, whereis, status, hosts,
+  unreachable),
   :mod:`.maintain` (sync, verify, fsck, remove, evict), :mod:`.share`
   (dump, load), :mod:`.migrate` (migrate).
 """
@@ -61,6 +62,7 @@ def cli(ctx, config_path, capacity, verbose, quiet):
     \b
     Setting up hosts:
       cm init --host nas=dir:/mnt/nas/pool --host b2=s3://bucket/pool
+      cm config show               the config in use, secrets hidden
       cm hosts                     the configured hosts and their health
       cm hosts --retry NAME        try a cooling host again now
     \b
@@ -72,9 +74,15 @@ def cli(ctx, config_path, capacity, verbose, quiet):
     Sharing with another node:
       cm dump pool.json            every record, as JSON
       cm load pool.json            merge another node's records
+      cm unreachable               files only on hosts not configured here
       cm migrate --to URL          move the database to PostgreSQL (or back)
 
-    Exit status: 0 on success, 1 when an operation failed, 2 on a usage error.
+    -v and -q work before or after the command. Shell completion (commands,
+    options, hashes): eval "$(_CM_COMPLETE=bash_source cm)" in ~/.bashrc
+    (zsh_source, fish_source for those shells).
+
+    Exit status: 0 on success, 1 when an operation failed, 2 on a usage or
+    config error.
     """
     LOGGING.configure(verbose - quiet)
     session = Session(config_path, capacity, verbose - quiet)

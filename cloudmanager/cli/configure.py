@@ -213,7 +213,7 @@ class ConfigProblem(click.ClickException):
 
 @click.group("config")
 def config_group():
-    """Look at the configuration in use: cm config show, cm config check."""
+    """The configuration in use: show it (secrets hidden), check it."""
 
 
 @config_group.command("show")

@@ -80,6 +80,21 @@ def test_progress_moves_while_bytes_move_and_never_breaks_an_output_line(home):
     assert open(home.work / "out" / "f0.bin", "rb").read() == \
         open(home.work / "big" / "f0.bin", "rb").read()
 
+    # Log messages while a bar is drawn: a second host whose folder is gone
+    # fails every upload (a warning each), beside the one that works.
+    gone = home.root / "gone"
+    assert home.run("init", "--host", "ok=dir:%s" % (home.root / "ok"),
+                    "--host", "gone=dir:%s" % gone, "--redundancy", "2").returncode == 0
+    gone.rmdir()
+    for i in range(4):
+        home.file("small/s%d.txt" % i, "small %d\n" % i)
+    # (The first frame is drawn before any file is read: each warning comes after it.)
+    status, warned = run_on_a_terminal(home, "upload", "small")
+    shown = [line for line in screen(warned) if line]
+    assert "uploading" in warned and any(line.startswith("cm: warning: ") for line in shown)
+    for line in shown:
+        assert HASH_LINE.match(line) or line.startswith(("cm: ", "uploaded 4")), line
+
 
 def colliding_contents():
     """Two contents whose SHA-256 share their first 4 hex digits."""
