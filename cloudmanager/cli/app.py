@@ -318,6 +318,8 @@ class HashType(click.ParamType):
 
         root = ctx.find_root().params
         session = Session(root.get("config_path"), root.get("capacity"), -1)
+        # Nothing may be printed into the user's shell line: not even a warning.
+        logging.getLogger("cloudmanager").setLevel(logging.CRITICAL + 1)
         try:
             cm = session.open()
             return [CompletionItem(h) for h in cm.complete_hash(incomplete)]

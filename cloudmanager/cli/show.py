@@ -108,10 +108,11 @@ def status(session, as_json):
                % (settings["storage"], human_size(stats["cached_bytes"]),
                   human_size(stats["capacity"]), 100 * stats["usage_ratio"],
                   plural(stats["cached_files"], "file")))
-    click.echo("files     %d in the pool, %d queued for upload, %d below the target of %d "
-               "copies" % (stats["files"], stats["queued"], stats["below_target"],
-                           stats["redundancy"]))
-    click.echo("cache use %d hits, %d misses" % (stats["hits"], stats["misses"]))
+    click.echo("files     %d in the pool, %d queued for upload, %d below the target of %s"
+               % (stats["files"], stats["queued"], stats["below_target"],
+                  plural(stats["redundancy"], "copy", "copies")))
+    click.echo("cache use %s, %s" % (plural(stats["hits"], "hit"),
+                                     plural(stats["misses"], "miss", "misses")))
     print_hosts(stats["hosts"])
     months = sorted(stats["transfers"].items(), reverse=True)[:12]
     if months:

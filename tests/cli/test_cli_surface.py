@@ -137,6 +137,7 @@ def test_the_command_line_surface_in_a_fresh_home(home, tmp_path):
     assert below == home.run("ls", "--short").stdout and later in below
     assert home.run("sync").returncode == 0
     assert home.run("ls", "--below-target").stdout == ""
+    assert "0 below the target of 1 copy\n" in home.run("status").stdout  # not "1 copies"
 
     # -- remove --dry-run removes nothing; then the real one, in good grammar
     dry_remove = home.run("remove", "--dry-run", later[:8])
