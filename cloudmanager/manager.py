@@ -416,7 +416,9 @@ class CloudManager:
         :param deep: download and hash every copy, even where a cheap check exists
         :param progress: called as ``progress(nbytes, ncopies)`` while it
             runs: with the byte count of each chunk downloaded for a check,
-            and with 1 after each copy looked at (for progress bars)
+            and with 1 after each copy looked at (for progress bars). If it
+            has a method ``expect(total_bytes, total_copies)``, that is
+            called first, once the copies to look at are chosen
         :return: counts: ``checked``, ``good``, ``bad``, ``missing``,
             ``error`` (the host failed; try again later), ``unreachable`` (no
             configured host can reach the URL) and ``cooling`` (the host's

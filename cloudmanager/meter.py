@@ -172,6 +172,16 @@ def files_done(nfiles: int = 1) -> None:
         advance(0, nfiles)
 
 
+def expect(total_bytes: Optional[int], total_files: Optional[int]) -> None:
+    """Tell the operation's ``advance`` the totals to expect, once they are
+    known, if it has an ``expect(total_bytes, total_files)`` method (a
+    progress bar's ETA needs them)."""
+    advance = _reporting.get()
+    told = getattr(advance, "expect", None)
+    if told is not None:
+        told(total_bytes, total_files)
+
+
 def bytes_only(progress: Optional[Progress]) -> Optional[Advance]:
     """An :data:`Advance` that passes the bytes to ``progress`` (files are not its business)."""
     if progress is None:

@@ -853,7 +853,10 @@ class Replicator:
         with self._leases("verify", [c.hash for c in todo]) as mine, \
                 tempfile.TemporaryDirectory(prefix="cm-verify-") as scratch:
             leased = set(mine)
-            for copy in (c for c in todo if c.hash in leased):
+            chosen = [c for c in todo if c.hash in leased]
+            meter.expect(sum(c.object[1] for c in chosen if self._checked_by_download(c, deep)),
+                         len(chosen))
+            for copy in chosen:
                 location = Location(copy.host_name, copy.url)
                 host = self.engine.host_for(copy.host_name, copy.url)
                 if host is not None and self.health.cooling(host.name):  # may open mid-run
@@ -883,6 +886,14 @@ class Replicator:
                 meter.files_done(1)
         log.info("verify: %s", summary)
         return summary
+
+    def _checked_by_download(self, copy, deep: bool) -> bool:
+        """Whether :meth:`verify` will download ``copy`` (for the bytes a
+        progress bar expects): deep, condemned, or a host that cannot stat."""
+        if deep or copy.state in ("suspect", "bad", "missing"):
+            return True
+        host = self.engine.host_for(copy.host_name, copy.url)
+        return host is not None and not host.can_check
 
     # -- removal ------------------------------------------------------------------------
 

@@ -78,9 +78,21 @@ def test_downloads_report_their_bytes_as_they_move_and_once(tmp_path):
         assert cm.warm_up(digest, progress=warmed.append) and sum(warmed) == len(data)  # a hit
 
         checked = []
-        summary = cm.verify(deep=True, progress=lambda b, n: checked.append((b, n)))
+
+        class Told:
+            """A progress callback that also takes the totals to expect."""
+
+            def __call__(self, nbytes, ncopies):
+                checked.append((nbytes, ncopies))
+
+            def expect(self, total_bytes, total_copies):
+                checked.append(("expect", total_bytes, total_copies))
+
+        summary = cm.verify(deep=True, progress=Told())
         assert summary["good"] == 1
-        assert sum(b for b, _ in checked) == len(data) and sum(n for _, n in checked) == 1
+        assert checked[0] == ("expect", len(data), 1)
+        assert sum(b for b, _ in checked[1:]) == len(data)
+        assert sum(n for _, n in checked[1:]) == 1
 
         (tmp_path / "g.bin").write_bytes(data[::-1])
         deferred = cm.upload(str(tmp_path / "g.bin"), defer=True)

@@ -89,8 +89,8 @@ def verify(session, hashes, host_names, older_than, limit, deep, as_json):
     """
     cm = session.open()
     wanted = [resolve_hash(cm, h) for h in hashes] or None
-    # How many copies will be looked at is known only once the run has them
-    # leased: the bar counts what is done, with no total.
+    # How many copies will be looked at is known once the run has them
+    # leased: the library tells the bar then (Bar.expect).
     with progress(session, "verifying", None, None) as bar:
         summary = cm.verify(wanted, list(host_names) or None, older_than, limit, deep,
                             progress=bar)

@@ -152,6 +152,11 @@ class Bar:
             self.done_bytes += nbytes
             self.done_files += files
 
+    def expect(self, total_bytes, total_files):
+        """Set the totals, once the library knows them (``cm verify``)."""
+        with self.lock:
+            self.total_bytes, self.total_files = total_bytes, total_files
+
     def echo(self, text, err=False):
         """Print ``text`` as a line of its own (on stdout, or stderr with
         ``err``); the bar comes back at the next frame."""
