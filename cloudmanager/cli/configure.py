@@ -277,6 +277,8 @@ def shown_pool(settings):
     words, no password of a database URL."""
     shown = {}
     for key, value in settings.items():
+        if value is None:  # unset (bwlimit = "off"): TOML has no null
+            continue
         if key == "database":
             value = shown_database(value)
         elif key == "capacity":

@@ -94,7 +94,8 @@ def status(session, as_json):
     stats = cm.stats()
     settings = cm.settings()
     where = {"config": session.config_path, "source": session.config_source,
-             "database": settings["database"], "storage": settings["storage"]}
+             "database": settings["database"], "storage": settings["storage"],
+             "bwlimit": settings["bwlimit"]}
     if as_json:
         emit_json(dict(where, **stats))
         return
@@ -113,6 +114,9 @@ def status(session, as_json):
                   plural(stats["redundancy"], "copy", "copies")))
     click.echo("cache use %s, %s" % (plural(stats["hits"], "hit"),
                                      plural(stats["misses"], "miss", "misses")))
+    if settings["bwlimit"]:
+        click.echo("bwlimit   %s/s for all transfers to and from hosts"
+                   % human_size(settings["bwlimit"]))
     print_hosts(stats["hosts"])
     months = sorted(stats["transfers"].items(), reverse=True)[:12]
     if months:

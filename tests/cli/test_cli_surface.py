@@ -196,6 +196,10 @@ def test_the_command_line_surface_in_a_fresh_home(home, tmp_path):
     assert check.returncode == 0 and "host nas" in check.stdout and "ok" in check.stderr
     hosts = home.run("hosts").stdout.splitlines()
     assert any(line.startswith("nas ") and line.endswith("dir:%s" % nas) for line in hosts)
+    (home.work / "cloudmanager.toml").write_text(written.replace("[pool]\n",
+                                                                  '[pool]\nbwlimit = "2M"\n'))
+    assert "bwlimit   2.0 MiB/s" in home.run("status").stdout
+    assert 'bwlimit = "2.0 MiB/s"' in home.run("config", "show").stdout
     (home.work / "cloudmanager.toml").write_text(written + "\n[hosts.bad]\nspec = 'dir:rel'\n")
     broken = home.run("config", "check")
     assert broken.returncode == 1 and "host bad" in broken.stdout and "absolute" in broken.stdout
