@@ -535,10 +535,10 @@ class Pool:
         if len(found) > 1:
             shown = ", ".join(found[:AMBIGUOUS_SHOWN]) + (
                 ", ..." if len(found) > AMBIGUOUS_SHOWN else "")
-            raise InvalidInputError("%s is ambiguous: it starts %s: %s"
-                                    % (text, "more than %d hashes" % AMBIGUOUS_SHOWN
+            raise InvalidInputError("%s is ambiguous: %s start with it: %s"
+                                    % (text, "more than %d files' hashes" % AMBIGUOUS_SHOWN
                                        if len(found) > AMBIGUOUS_SHOWN
-                                       else "%d hashes" % len(found), shown))
+                                       else "%d files' hashes" % len(found), shown))
         return found[0] if found else None
 
     def complete_hash(self, prefix: str, limit: int = 100) -> List[str]:
