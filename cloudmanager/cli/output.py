@@ -183,7 +183,11 @@ class Bar:
         """The drawing thread: a frame every :attr:`INTERVAL` seconds until closed."""
         while not self.stopping.wait(self.INTERVAL):
             with self.lock:
-                self.draw()
+                try:
+                    self.draw()
+                except (OSError, ValueError):  # the terminal went away: stop drawing
+                    self.drawn = False
+                    return
 
     def draw(self):
         """Write the current frame over the last one."""
