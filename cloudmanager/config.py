@@ -8,6 +8,7 @@ Example::
     capacity = "20 GiB"           # bytes, or a number with a unit (KiB ... TiB, KB ... TB)
     redundancy = 2
     file_mode = 0o640             # cached files readable by the group (default 0o600)
+    bwlimit = "10M"               # transfers to and from hosts share 10 MiB/s (as rclone's)
 
     [hosts.nas]
     spec = "dir:/mnt/nas/pool"
@@ -58,6 +59,7 @@ POOL_KEYS: Dict[str, Union[type, Tuple[type, ...]]] = {
     "host_cooldown": (int, float),
     "file_mode": int,
     "encryption_key": str,
+    "bwlimit": str,
     "recipients": list,
 }
 _HOST_KEYS = {"spec", "options", "weight", "enabled"}
@@ -222,6 +224,13 @@ def parse_config(document, base_dir=".", path=None):
             pool["capacity"] = parse_size(pool["capacity"])
         except InvalidInputError as exc:
             raise ConfigError("pool.capacity: %s" % exc) from None
+    if "bwlimit" in pool:
+        from .meter import parse_rate
+
+        try:
+            pool["bwlimit"] = parse_rate(pool["bwlimit"]) or None
+        except ValueError as exc:
+            raise ConfigError("pool.bwlimit: %s" % exc) from None
     hosts = [_host_config(name, table) for name, table in _table(document, "hosts").items()]
     return Config(path, pool, hosts)
 

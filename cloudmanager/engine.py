@@ -19,6 +19,7 @@ records them, with the rest of what the operation changed, in one transaction.
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import logging
 import os
 import queue
@@ -26,6 +27,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 from typing import (
+    Any,
     Callable,
     Dict,
     FrozenSet,
@@ -41,7 +43,7 @@ from typing import (
     Union,
 )
 
-from . import fsutil
+from . import fsutil, meter
 from .cache import layout
 from .errors import (
     CloudManagerError,
@@ -219,9 +221,12 @@ class UploadEngine:
     :raises InvalidInputError: if two hosts share a name
     """
 
-    def __init__(self, hosts: Iterable[Host], redundancy: int, health: Health) -> None:
+    def __init__(self, hosts: Iterable[Host], redundancy: int, health: Health,
+                 bwlimit: Optional[float] = None) -> None:
         self.redundancy = redundancy
         self.health = health
+        #: The bandwidth limit every host transfer shares (None: no limit).
+        self.bucket = meter.TokenBucket(bwlimit) if bwlimit else None
         self.hosts: Dict[str, Host] = {}
         for host in hosts:
             if host.name in self.hosts:
@@ -234,6 +239,33 @@ class UploadEngine:
             max_workers=min(workers, 32), thread_name_prefix="cloudmanager")
         #: Long-lived threads that run host calls under a deadline (see :meth:`_call`).
         self._calls = _CallPool()
+
+    # -- metering: progress and the bandwidth limit ------------------------------
+
+    def _meter(self) -> Optional[meter.Meter]:
+        """The meter for a host call started now: the caller's progress
+        (:func:`cloudmanager.meter.reporting`) and the bandwidth limit."""
+        progress = meter.reported()
+        if progress is None and self.bucket is None:
+            return None
+        return meter.Meter(progress, self.bucket)
+
+    def _metered(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``fn`` to run on a call thread, metered as the caller asked
+        (decided here, in the caller's thread)."""
+        chosen = self._meter()
+        if chosen is None:
+            return fn
+
+        def run() -> Any:
+            with meter.metering(chosen):
+                return fn()
+        return run
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        """``fn(*args)`` on the engine's worker pool, in a copy of the
+        caller's context, so that its host calls report to the caller's progress."""
+        return self._pool.submit(contextvars.copy_context().run, fn, *args)
 
     # -- choosing hosts --------------------------------------------------------
 
@@ -306,10 +338,10 @@ class UploadEngine:
             while candidates and len(running) + len(successes) < needed:
                 host = candidates.pop(0)
                 if rehash:
-                    running.add(self._pool.submit(self._rehash_one, host, path, file_hash, size,
+                    running.add(self._spawn(self._rehash_one, host, path, file_hash, size,
                                                   changed))
                 else:
-                    running.add(self._pool.submit(self._upload_one, host, path, file_hash, size))
+                    running.add(self._spawn(self._upload_one, host, path, file_hash, size))
             if not running:
                 break
             done, running = concurrent.futures.wait(
@@ -589,7 +621,7 @@ class UploadEngine:
                     state["finished"] = True
                     cond.notify()
 
-        self._calls.submit(run)
+        self._calls.submit(self._metered(run))
         with cond:
             while not state["finished"]:
                 started, limit = state["current"]
@@ -656,7 +688,7 @@ class UploadEngine:
             which :meth:`_failed` turns into a plain one)
         """
         if deadline is None:
-            with self._slots[host.name]:
+            with self._slots[host.name], meter.metering(self._meter()):
                 return fn(*args)
         box = {}
         lock = threading.Lock()
@@ -676,7 +708,7 @@ class UploadEngine:
                     cleanup()
 
         finished = threading.Event()
-        self._calls.submit(run)
+        self._calls.submit(self._metered(run))
         try:
             finished.wait(deadline)
         except BaseException:
@@ -1087,7 +1119,7 @@ class _Batch:
                 group, indexes[:] = indexes[:size], indexes[size:]
                 items = [(i, self.plans[i].job.path, self.plans[i].job.file_hash,
                           self.plans[i].job.size) for i in group]
-                self.done.watch(self.engine._pool.submit(self.engine._upload_group, host, items),
+                self.done.watch(self.engine._spawn(self.engine._upload_group, host, items),
                                 host)
                 self.in_flight += 1
             if not indexes:

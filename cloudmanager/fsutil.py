@@ -19,6 +19,8 @@ import sys
 import threading
 from typing import Optional, Tuple, Union
 
+from . import meter
+
 #: Read size for copying and hashing. Large enough that hashlib releases the
 #: GIL and syscalls are few; small enough to stay in cache.
 CHUNK = 1 << 20
@@ -160,6 +162,7 @@ def copy_and_hash(src, dst_fd, limit=None, hashing=True, progress=None, length=N
         if digest is not None:
             digest.update(chunk)
         write_all(dst_fd, chunk)
+        meter.tick(len(chunk))  # a host transfer's progress and bandwidth limit
         if progress is not None:
             progress(len(chunk))
     return (digest.hexdigest() if digest is not None else None), total
@@ -237,6 +240,7 @@ def _copy_pipelined(src, dst_fd, limit, progress=None):
             digest.update(memoryview(buf)[:n])
             total += n
             free.put(buf)
+            meter.tick(n)  # here, not in the I/O thread: the meter is this thread's
             if progress is not None:
                 progress(n)
     finally:
@@ -432,6 +436,7 @@ class HashingReader:
         chunk = arg[:n] if isinstance(result, int) else result
         self._digest.update(chunk)
         self.count += n
+        meter.tick(n)  # a staged upload's progress and bandwidth limit
         return result
 
 
@@ -489,11 +494,13 @@ def _kernel_copy(src_fd, dst_fd):
             if not sent:
                 return
             offset += sent
+            meter.tick(sent)
     while True:
         data = os.read(src_fd, CHUNK)
         if not data:
             return
         write_all(dst_fd, data)
+        meter.tick(len(data))
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from typing import (
     IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union, overload,
 )
 
-from . import reports
+from . import meter, reports
 from .config import Config, load_config
 from .crypto import key_from_settings
 from .db.postgres import is_postgres_url
@@ -34,6 +34,7 @@ log = logging.getLogger("cloudmanager")
 DEFAULTS: Dict[str, Any] = {
     "redundancy": 3, "defer_uploads": False, "fsync": True, "host_timeout": None,
     "host_cooldown": 60.0, "file_mode": 0o600, "encryption_key": None, "recipients": [],
+    "bwlimit": None,
 }
 
 #: What the facade turns into the seed's return values, with a logged reason.
@@ -79,6 +80,10 @@ class CloudManager(OriginalMethods):
         key loses the files it encrypts. Copies made before stay readable.
     :param recipients: more ``age1...`` recipients every new copy is
         encrypted to (other nodes' keys, a person's offline key)
+    :param bwlimit: a bandwidth limit that every transfer to and from hosts
+        shares, in bytes per second, or as rclone writes it (``"10M"`` is
+        10 MiB/s; see :func:`cloudmanager.meter.parse_rate`); None for no
+        limit. Bytes that external tools move (plowshare) are not limited
     :param file_mode: the mode of cached files: 0o600 (private, the default),
         or e.g. 0o640 to let the group read the cache; directories get the
         matching search bits
@@ -99,12 +104,12 @@ class CloudManager(OriginalMethods):
     def __init__(self, database_path=None, storage_path=None, storage_size=None, *,
                  config=None, hosts=None, redundancy=None, defer_uploads=None, fsync=None,
                  host_timeout=None, host_cooldown=None, file_mode=None, encryption_key=None,
-                 recipients=None) -> None:
+                 recipients=None, bwlimit=None) -> None:
         settings = self._settings(config, dict(
             database=database_path, storage=storage_path, capacity=storage_size,
             redundancy=redundancy, defer_uploads=defer_uploads, fsync=fsync,
             host_timeout=host_timeout, host_cooldown=host_cooldown, file_mode=file_mode,
-            encryption_key=encryption_key, recipients=recipients))
+            encryption_key=encryption_key, recipients=recipients, bwlimit=bwlimit))
         redundancy = settings["redundancy"]
         if isinstance(redundancy, bool) or not isinstance(redundancy, int) or redundancy < 1:
             raise InvalidInputError("redundancy must be a positive integer, not %r" % (redundancy,))
@@ -117,7 +122,8 @@ class CloudManager(OriginalMethods):
                          fsync=settings["fsync"], host_cooldown=settings["host_cooldown"],
                          file_mode=settings["file_mode"],
                          key=key_from_settings(settings["encryption_key"],
-                                               settings["recipients"]))
+                                               settings["recipients"]),
+                         bwlimit=meter.rate_setting(settings["bwlimit"]))
         #: The parts, for tools and tests that look inside.
         self.db, self.cache, self.engine = self.pool.db, self.pool.cache, self.pool.engine
         self.redundancy = redundancy
@@ -234,7 +240,8 @@ class CloudManager(OriginalMethods):
                 results.append(False)
         return results
 
-    def warm_up(self, file_hash: str) -> Union[str, None, bool]:
+    def warm_up(self, file_hash: str, *, progress: Optional[meter.Progress] = None
+                ) -> Union[str, None, bool]:
         """Put a file in the cache and return its local path.
 
         A hit only updates the LRU order. A miss downloads the file from its
@@ -242,13 +249,19 @@ class CloudManager(OriginalMethods):
         files to make room.
 
         :param file_hash: the file's SHA-256 hex
+        :param progress: called with the byte count of each chunk received
+            from a host, from the thread that moves it (for progress bars).
+            A failed attempt's bytes are counted too: the next host starts
+            over. Not called on a hit, nor for hosts whose bytes an external
+            tool writes (plowshare)
         :return: the cached file's path; ``None`` for a malformed or unknown
             hash; ``False`` if it cannot be cached (larger than the cache, no
             room, or no host delivered a good copy)
         """
-        return self._path_call("warm_up", file_hash, self.pool.warm_up, file_hash)
+        return self._path_call("warm_up", file_hash, self.pool.warm_up, file_hash, progress)
 
-    def download(self, file_hash: str, destination=None) -> Union[str, None, bool]:
+    def download(self, file_hash: str, destination=None, *,
+                 progress: Optional[meter.Progress] = None) -> Union[str, None, bool]:
         """Get a file: into the cache, or to ``destination``.
 
         :param file_hash: the file's SHA-256 hex
@@ -257,14 +270,17 @@ class CloudManager(OriginalMethods):
             hash if it has none); or a file path. The file is written
             atomically and verified, from the cache or streamed from a host,
             whether or not it fits in the cache.
+        :param progress: called with the byte count of each chunk written
+            (received from a host, or copied from the cache when the file
+            was cached already), as for :meth:`warm_up`
         :return: like :meth:`warm_up` without a destination; with one, the
             path written, ``None`` for a malformed or unknown hash, or
             ``False`` on failure
         """
         if destination is None:
-            return self.warm_up(file_hash)
+            return self.warm_up(file_hash, progress=progress)
         return self._path_call("download", file_hash, self.pool.download, file_hash,
-                               destination)
+                               destination, progress)
 
     def _path_call(self, what: str, file_hash: Any, call: Callable, *args: Any
                    ) -> Union[str, None, bool]:
@@ -319,7 +335,8 @@ class CloudManager(OriginalMethods):
             log.error("info(%s) failed: %s", checked, exc)
             return None
 
-    def sync(self, reencrypt: bool = False) -> Dict[str, int]:
+    def sync(self, reencrypt: bool = False, *,
+             progress: Optional[meter.Advance] = None) -> Dict[str, int]:
         """Upload queued files and top up files below the redundancy target.
 
         Every queued or short file is tried, whatever its retry time; the
@@ -334,6 +351,11 @@ class CloudManager(OriginalMethods):
         a time: resumable, and never leaving a file without its old copies or
         its new ones.
 
+        :param progress: called as ``progress(nbytes, nfiles)`` while it
+            runs: with the byte count of each chunk sent to a host, and with
+            the number of files done after each group of them (for progress
+            bars; :meth:`sync_plan` gives the totals to expect). Bytes that
+            external tools send (plowshare) are not counted
         :return: a summary dict: ``checked``, ``uploads`` (new copies),
             ``complete`` (files now at target), ``short`` (still below it);
             with ``reencrypt`` also ``reencrypted`` (files), ``sealed`` (new
@@ -341,7 +363,7 @@ class CloudManager(OriginalMethods):
             (copies no host here could delete) and ``reencrypt_failed``
         :raises InvalidInputError: with ``reencrypt``, on a pool without a key
         """
-        summary = self.pool.sync()._asdict()
+        summary = self.pool.sync(progress)._asdict()
         if reencrypt:
             done = self.pool.reencrypt()
             summary.update(reencrypted=done["files"] - done["failed"], sealed=done["sealed"],
@@ -349,9 +371,24 @@ class CloudManager(OriginalMethods):
                            reencrypt_failed=done["failed"])
         return summary
 
+    def sync_plan(self) -> List[Dict[str, Any]]:
+        """What :meth:`sync` would do now, without doing it (``cm sync --dry-run``).
+
+        Nothing is sent and nothing is written. Reads a row per file to do:
+        for reports and progress bars, not hot paths.
+
+        :return: one dict per file, in the order sync takes them: ``hash``,
+            ``filename``, ``size``, ``copies`` (good copies this node made or
+            checked), ``wanted`` (new copies sync will try to make, as far as
+            the configured hosts allow) and ``queued`` (True for a file
+            waiting for its first upload)
+        """
+        return self.pool.sync_plan()
+
     def verify(self, hashes: Optional[Sequence[str]] = None,
                hosts: Optional[Sequence[str]] = None, older_than: Optional[float] = None,
-               limit: Optional[int] = None, deep: bool = False) -> Dict[str, int]:
+               limit: Optional[int] = None, deep: bool = False, *,
+               progress: Optional[meter.Advance] = None) -> Dict[str, int]:
         """Check that remote copies are still there and intact.
 
         A host that can answer cheaply is asked for the object's size (and
@@ -368,6 +405,11 @@ class CloudManager(OriginalMethods):
         :param older_than: only copies not checked in this many seconds
         :param limit: check at most this many copies
         :param deep: download and hash every copy, even where a cheap check exists
+        :param progress: called as ``progress(nbytes, ncopies)`` while it
+            runs: with the byte count of each chunk downloaded for a check,
+            and with 1 after each copy looked at (for progress bars). If it
+            has a method ``expect(total_bytes, total_copies)``, that is
+            called first, once the copies to look at are chosen
         :return: counts: ``checked``, ``good``, ``bad``, ``missing``,
             ``error`` (the host failed; try again later), ``unreachable`` (no
             configured host can reach the URL) and ``cooling`` (the host's
@@ -376,7 +418,7 @@ class CloudManager(OriginalMethods):
             (suspect, bad, missing) whose back-off is over are looked at
             again, by download
         """
-        return self.pool.verify(hashes, hosts, older_than, limit, deep)
+        return self.pool.verify(hashes, hosts, older_than, limit, deep, progress)
 
     def check(self, repair: bool = False, deep: bool = False) -> dict:
         """Compare the database with the storage directory (``cm fsck``).
@@ -787,6 +829,16 @@ class CloudManager(OriginalMethods):
         """
         return self.pool.expand_hash(prefix)
 
+    def complete_hash(self, prefix: str, limit: int = 100) -> List[str]:
+        """Up to ``limit`` file hashes starting with ``prefix``, in order (shell completion).
+
+        A range scan on the hashes, however large the pool.
+
+        :param prefix: 0 to 64 hex digits; anything else matches nothing
+        :return: full hashes, sorted
+        """
+        return self.pool.complete_hash(prefix, limit)
+
     def stats(self) -> dict:
         """Counts and totals of the pool, as a dict.
 
@@ -853,11 +905,14 @@ class CloudManager(OriginalMethods):
         :return: a dict: ``database`` (the SQLite file, absolute),
             ``storage`` (the cache directory, absolute), ``capacity`` (the
             cache's size in bytes), ``redundancy`` (the target number of
-            hosts for each file) and ``defer_uploads``
+            hosts for each file), ``defer_uploads`` and ``bwlimit`` (bytes
+            per second, or None)
         """
+        bucket = self.pool.engine.bucket
         return {"database": self.pool.db.path, "storage": self.pool.cache.root,
                 "capacity": self.pool.cache.capacity, "redundancy": self.redundancy,
-                "defer_uploads": self.defer_uploads}
+                "defer_uploads": self.defer_uploads,
+                "bwlimit": None if bucket is None else bucket.rate}
 
     @staticmethod
     def cached_bytes_at(database_path: Union[str, os.PathLike[str]],

@@ -28,7 +28,7 @@ from typing import (
     BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union,
 )
 
-from . import fsutil
+from . import fsutil, meter
 from .cache import CacheStore, Reservation, fsck
 from .crypto import PoolKey
 from .db import FileDatabase, index_path_for
@@ -62,6 +62,9 @@ UPLOAD_BATCH = 500
 
 #: Write errors that mean the cache's disk (or this process's file size
 #: limit) is full: :meth:`Pool.upload` then goes straight to the hosts.
+#: How many candidates an ambiguous hash prefix's error names.
+AMBIGUOUS_SHOWN = 10
+
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
@@ -74,7 +77,7 @@ class Pool:
     def __init__(self, database: str, storage: str, capacity: int, hosts: Sequence[Host],
                  redundancy: int = 3, defer_uploads: bool = False, fsync: bool = True,
                  host_cooldown: float = 60.0, file_mode: int = fsutil.FILE_MODE,
-                 key: Optional[PoolKey] = None) -> None:
+                 key: Optional[PoolKey] = None, bwlimit: Optional[float] = None) -> None:
         self.redundancy = redundancy
         #: The pool's encryption key, or None: copies are the plaintext.
         self.key = key
@@ -82,7 +85,7 @@ class Pool:
         self.db = FileDatabase(database, index_path_for(database, storage))
         try:
             self.health = Health(self.db, cooldown=host_cooldown)
-            self.engine = UploadEngine(hosts, redundancy, self.health)
+            self.engine = UploadEngine(hosts, redundancy, self.health, bwlimit=bwlimit)
         except BaseException:
             self.db.close()
             raise
@@ -326,9 +329,10 @@ class Pool:
             raise NotInPoolError("%s is not in the pool" % file_hash)
         return row.size
 
-    def warm_up(self, file_hash: str) -> str:
+    def warm_up(self, file_hash: str, progress: Optional[meter.Progress] = None) -> str:
         """Put a file in the cache; see :meth:`cloudmanager.CloudManager.warm_up`.
 
+        :param progress: told of the bytes received from a host
         :return: the cached file's path
         :raises InvalidInputError: for a malformed hash
         :raises NotInPoolError: for a file the pool does not have
@@ -340,7 +344,8 @@ class Pool:
             return path
         size = self.size_of(file_hash)
         self.cache.note_miss()
-        return self._fetch_into_cache(file_hash, size)
+        with meter.reporting(meter.bytes_only(progress)):
+            return self._fetch_into_cache(file_hash, size)
 
     def _fetch_into_cache(self, file_hash: str, size: int) -> str:
         # One download per hash at a time in this process; later callers find
@@ -508,11 +513,19 @@ class Pool:
             self._download(file_hash, size, dest)
             yield dest
 
-    def download(self, file_hash: str, destination: os.PathLike[str] | str) -> str:
+    def download(self, file_hash: str, destination: os.PathLike[str] | str,
+                 progress: Optional[meter.Progress] = None) -> str:
         """Write a file to ``destination``; see :meth:`cloudmanager.CloudManager.download`.
 
+        :param progress: told of the bytes written: received from a host, or
+            copied from the cache when the file was cached already
         :return: the path written
         """
+        with meter.reporting(meter.bytes_only(progress)):
+            return self._download_to(file_hash, destination, progress)
+
+    def _download_to(self, file_hash: str, destination: os.PathLike[str] | str,
+                     progress: Optional[meter.Progress]) -> str:
         file_hash = check_hash(file_hash)
         row = self.db.files.get(file_hash)
         if row is None:
@@ -525,6 +538,7 @@ class Pool:
             self.cache.note_miss()
             try:
                 cached = self._fetch_into_cache(file_hash, row.size)
+                progress = None  # its bytes were counted as they arrived
             except (CacheError, DownloadError) as exc:
                 log.info("not caching %s (%s); streaming it to %s", file_hash, exc, dest)
         src = None
@@ -536,7 +550,8 @@ class Pool:
         if src is not None:
             with src, fsutil.atomic_write(dest) as out:
                 try:
-                    got, _ = fsutil.copy_and_hash(src, out.fileno(), limit=row.size)
+                    got, _ = fsutil.copy_and_hash(src, out.fileno(), limit=row.size,
+                                                  progress=progress)
                 except OverflowError:
                     got = None  # the cached file grew: it cannot be the file
                 if got != file_hash:  # bit rot or tampering in the cache
@@ -563,18 +578,38 @@ class Pool:
         if len(text) < 4 or len(text) > 64 or text.strip("0123456789abcdef"):
             raise InvalidInputError("not a SHA-256 or a prefix of one (4 to 64 hex digits): %r"
                                     % (prefix,))
-        found = self.db.files.with_prefix(text, limit=2)
+        found = self.db.files.with_prefix(text, limit=AMBIGUOUS_SHOWN + 1)
         if len(found) > 1:
-            raise InvalidInputError("%s is ambiguous: more than one file's hash starts with it"
-                                    % text)
+            shown = ", ".join(found[:AMBIGUOUS_SHOWN]) + (
+                ", ..." if len(found) > AMBIGUOUS_SHOWN else "")
+            raise InvalidInputError("%s is ambiguous: %s start with it: %s"
+                                    % (text, "more than %d files' hashes" % AMBIGUOUS_SHOWN
+                                       if len(found) > AMBIGUOUS_SHOWN
+                                       else "%d files' hashes" % len(found), shown))
         return found[0] if found else None
+
+    def complete_hash(self, prefix: str, limit: int = 100) -> List[str]:
+        """Hashes starting with ``prefix``; see :meth:`cloudmanager.CloudManager.complete_hash`."""
+        text = prefix.lower() if isinstance(prefix, str) else ""
+        if len(text) > 64 or text.strip("0123456789abcdef"):
+            return []
+        return self.db.files.with_prefix(text, limit=max(1, int(limit)))
 
     # -- keeping the pool -----------------------------------------------------------------
 
-    def sync(self) -> SyncSummary:
-        """Upload queued files and top up files below target."""
+    def sync(self, progress: Optional[meter.Advance] = None) -> SyncSummary:
+        """Upload queued files and top up files below target.
+
+        :param progress: told of bytes sent and of files done, as they are
+        """
         self.cache.flush()
-        return self.replication.sync()
+        with meter.reporting(progress):
+            return self.replication.sync()
+
+    def sync_plan(self) -> List[Dict[str, object]]:
+        """What :meth:`sync` would do; see :meth:`Replicator.sync_plan`."""
+        self.cache.flush()
+        return self.replication.sync_plan()
 
     def reencrypt(self, limit: int = 1000) -> dict:
         """Rewrite plaintext copies encrypted; see :meth:`Replicator.reencrypt`.
@@ -586,11 +621,13 @@ class Pool:
 
     def verify(self, hashes: Optional[Sequence[str]] = None,
                hosts: Optional[Sequence[str]] = None, older_than: Optional[float] = None,
-               limit: Optional[int] = None, deep: bool = False) -> dict:
+               limit: Optional[int] = None, deep: bool = False,
+               progress: Optional[meter.Advance] = None) -> dict:
         """Look at remote copies; see :meth:`cloudmanager.CloudManager.verify`."""
         if hashes is not None:
             hashes = [check_hash(h) for h in hashes]
-        return self.replication.verify(hashes, hosts, older_than, limit, deep)
+        with meter.reporting(progress):
+            return self.replication.verify(hashes, hosts, older_than, limit, deep)
 
     def check(self, repair: bool = False, deep: bool = False) -> dict:
         """Compare the database with the storage directory (``cm fsck``)."""

@@ -57,7 +57,7 @@ from typing import (
     Tuple,
 )
 
-from . import fsutil
+from . import fsutil, meter
 from .crypto import PoolKey, ciphertext_size_max
 from .db import FileDatabase
 from .db.copies import CopyKey, ObjectMeta
@@ -725,8 +725,7 @@ class Replicator:
         """
         if probe:
             self.health.probe_now(self.engine.hosts)
-        reachable = min(self.redundancy, len(self.engine.hosts))
-        todo = list(dict.fromkeys(self.db.queue.hashes() + self.db.files.below_target(reachable)))
+        todo = self._sync_todo()
         uploads = 0
         for start in range(0, len(todo), 500):
             chunk = todo[start:start + 500]
@@ -734,10 +733,40 @@ class Replicator:
                 uploads += self.replicate(chunk)
             except (OSError, CloudManagerError) as exc:
                 log.error("sync of %d files failed: %s", len(chunk), exc)
+            meter.files_done(len(chunk))
         complete = sum(1 for h in todo if self.db.files.verified(h) >= self.redundancy)
         summary = SyncSummary(len(todo), uploads, complete, len(todo) - complete)
         log.info("sync: %s", summary._asdict())
         return summary
+
+    def _sync_todo(self) -> List[str]:
+        """The files :meth:`sync` works on: queued ones, then ones below target."""
+        reachable = min(self.redundancy, len(self.engine.hosts))
+        return list(dict.fromkeys(self.db.queue.hashes() + self.db.files.below_target(reachable)))
+
+    def sync_plan(self) -> List[Dict[str, object]]:
+        """What :meth:`sync` would do now, without doing it (``cm sync --dry-run``).
+
+        Reads one row per file to do: for reports and progress bars, not hot paths.
+
+        :return: one dict per file, in the order sync takes them: ``hash``,
+            ``filename``, ``size``, ``copies`` (good copies this node made or
+            checked), ``wanted`` (new copies sync will try to make, as far as
+            the configured hosts allow) and ``queued`` (waiting for its first
+            upload)
+        """
+        queued = set(self.db.queue.hashes())
+        reachable = min(self.redundancy, len(self.engine.hosts))
+        plan: List[Dict[str, object]] = []
+        for file_hash in self._sync_todo():
+            row = self.db.files.get(file_hash)
+            if row is None:  # removed since the lists were read
+                continue
+            have = self.db.files.verified(file_hash)
+            plan.append({"hash": file_hash, "filename": row.filename, "size": row.size,
+                         "copies": have, "wanted": max(0, reachable - have),
+                         "queued": file_hash in queued})
+        return plan
 
     def reencrypt(self, limit: int = 1000) -> Dict[str, int]:
         """Rewrite plaintext copies (made before the pool had a key) as
@@ -833,7 +862,10 @@ class Replicator:
         with self._leases("verify", [c.hash for c in todo]) as mine, \
                 tempfile.TemporaryDirectory(prefix="cm-verify-") as scratch:
             leased = set(mine)
-            for copy in (c for c in todo if c.hash in leased):
+            chosen = [c for c in todo if c.hash in leased]
+            meter.expect(sum(c.object[1] for c in chosen if self._checked_by_download(c, deep)),
+                         len(chosen))
+            for copy in chosen:
                 location = Location(copy.host_name, copy.url)
                 host = self.engine.host_for(copy.host_name, copy.url)
                 if host is not None and self.health.cooling(host.name):  # may open mid-run
@@ -857,10 +889,20 @@ class Replicator:
                     with self.db.catalog.transaction() as conn:
                         self.db.copies.note_checked(conn, [(copy.hash, copy.host_name,
                                                             copy.url)], now)
+                    meter.files_done(1)
                     continue
                 self.apply(outcome.verdicts, outcome.facts, file_hash=copy.hash, strike=True)
+                meter.files_done(1)
         log.info("verify: %s", summary)
         return summary
+
+    def _checked_by_download(self, copy, deep: bool) -> bool:
+        """Whether :meth:`verify` will download ``copy`` (for the bytes a
+        progress bar expects): deep, condemned, or a host that cannot stat."""
+        if deep or copy.state in ("suspect", "bad", "missing"):
+            return True
+        host = self.engine.host_for(copy.host_name, copy.url)
+        return host is not None and not host.can_check
 
     # -- removal ------------------------------------------------------------------------
 

@@ -76,6 +76,7 @@ def test_every_public_name_has_a_docstring():
     from cloudmanager.db import leases, postgres
     from cloudmanager import legacy, setup_db
     from cloudmanager.db import published, state
+    from cloudmanager import meter
 
     missing = []
     for module in (cloudmanager, cache, config, db, engine, errors, hosts, serializers,
@@ -84,7 +85,7 @@ def test_every_public_name_has_a_docstring():
                    sources, manager, scheduler, source_files, cli, app, configure, maintain,
                    output, share, show, transfer, fsck, layout, store, migrate, db_migrate,
                    cli_migrate, crypto, leases, postgres, legacy, setup_db, published,
-                   state):
+                   state, meter):
         if not module.__doc__:
             missing.append(module.__name__)
         for name, obj in vars(module).items():
@@ -168,6 +169,49 @@ def test_readme_documents_every_cm_subcommand():
     assert not missing, "README lacks: %s" % ", ".join(missing)
     documented = set(re.findall(r"^\| `cm ([a-z][a-z-]*)", readme, flags=re.M))
     assert documented == set(cli.commands), documented ^ set(cli.commands)
+
+
+def command_tree(command, path=("cm",)):
+    """``(path, command)`` for ``cm`` and every command below it, groups' subcommands included."""
+    yield path, command
+    for name, sub in sorted(getattr(command, "commands", {}).items()):
+        yield from command_tree(sub, path + (name,))
+
+
+def test_readme_documents_every_option_of_every_command():
+    """README, "Every option": a row per command (group subcommands too),
+    naming each of its options; the per-command -v/-q are the global ones,
+    named in the row of `cm` itself."""
+    import click
+
+    from cloudmanager.cli import cli
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Every option", 1)[1].split("\n#", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        match = re.match(r"\| `(cm[a-z -]*)` \|(.*)\|$", line)
+        if match:
+            rows[match.group(1)] = match.group(2)
+    everywhere = {"--help", "--verbose", "--quiet"}
+    missing = []
+    for path, command in command_tree(cli):
+        name = " ".join(path)
+        if isinstance(command, click.Group) and path != ("cm",):
+            continue  # a group runs nothing itself: its subcommands have rows
+        if name not in rows:
+            missing.append("a row for `%s`" % name)
+            continue
+        options = [p for p in command.params if isinstance(p, click.Option) and not p.hidden]
+        for option in options:
+            longest = max(option.opts, key=len)
+            if path != ("cm",) and longest in everywhere:
+                continue
+            if "`%s" % longest not in rows[name]:
+                missing.append("%s %s" % (name, longest))
+    assert not missing, "README's \"Every option\" lacks: %s" % ", ".join(missing)
+    assert "`-v`/`--verbose`" in rows["cm"] and "`-q`/`--quiet`" in rows["cm"]
+    assert "_CM_COMPLETE=bash_source cm" in readme
 
 
 def test_readme_several_nodes_walkthrough_runs_on_a_real_postgresql(tmp_path, pg_url):

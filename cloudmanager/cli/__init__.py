@@ -13,8 +13,9 @@ modules to keep it so):
 - this module: the ``cm`` group, its global options, and :func:`main`;
 - :mod:`.app`: the session, errors, logging and parameter types;
 - :mod:`.output`: sizes, times, JSON, tables and progress bars;
-- the commands, by concern: :mod:`.configure` (init), :mod:`.transfer`
-  (upload, download, warm), :mod:`.show` (ls, info, whereis, status, hosts),
+- the commands, by concern: :mod:`.configure` (init, config), :mod:`.transfer`
+  (upload, download, warm), :mod:`.show` (ls, info, whereis, status, hosts,
+  unreachable),
   :mod:`.maintain` (sync, verify, fsck, remove, evict), :mod:`.share`
   (dump, load), :mod:`.migrate` (migrate), :mod:`.legacy` (import-legacy).
 """
@@ -24,7 +25,9 @@ import click
 from .. import __version__
 from ..config import CONFIG_ENV, CONFIG_NAME
 from . import configure, key, legacy, maintain, migrate, share, show, transfer
-from .app import LOGGING, SIZE, CmGroup, OperationFailed, Session, parse_duration
+from .app import (
+    LOGGING, SIZE, CmGroup, OperationFailed, Session, parse_duration, verbosity_options,
+)
 
 __all__ = ["cli", "main", "OperationFailed", "parse_duration"]
 
@@ -61,6 +64,7 @@ def cli(ctx, config_path, capacity, verbose, quiet):
     \b
     Setting up hosts:
       cm init --host nas=dir:/mnt/nas/pool --host b2=s3://bucket/pool
+      cm config show               the config in use, secrets hidden
       cm hosts                     the configured hosts and their health
       cm hosts --retry NAME        try a cooling host again now
     \b
@@ -72,10 +76,16 @@ def cli(ctx, config_path, capacity, verbose, quiet):
     Sharing with another node:
       cm dump pool.json            every record, as JSON
       cm load pool.json            merge another node's records
+      cm unreachable               files only on hosts not configured here
       cm migrate --to URL          move the database to PostgreSQL (or back)
       cm import-legacy DB STORAGE  bring in a pool of the original cloud-manager
 
-    Exit status: 0 on success, 1 when an operation failed, 2 on a usage error.
+    -v and -q work before or after the command. Shell completion (commands,
+    options, hashes): eval "$(_CM_COMPLETE=bash_source cm)" in ~/.bashrc
+    (zsh_source, fish_source for those shells).
+
+    Exit status: 0 on success, 1 when an operation failed, 2 on a usage or
+    config error.
     """
     LOGGING.configure(verbose - quiet)
     session = Session(config_path, capacity, verbose - quiet)
@@ -83,8 +93,16 @@ def cli(ctx, config_path, capacity, verbose, quiet):
     ctx.call_on_close(session.close)
 
 
+def _with_verbosity(command):
+    """Give a command (and a group's subcommands) ``-v`` and ``-q`` of its own."""
+    command.params.extend(verbosity_options())
+    for sub in getattr(command, "commands", {}).values():
+        _with_verbosity(sub)
+
+
 for module in (configure, transfer, show, maintain, share, migrate, key, legacy):
     for command in module.COMMANDS:
+        _with_verbosity(command)
         cli.add_command(command)
 del module, command
 

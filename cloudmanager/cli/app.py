@@ -21,6 +21,8 @@ from ..config import (
 )
 from ..errors import CloudManagerError, InvalidInputError
 from ..manager import CloudManager
+from ..meter import parse_rate
+from .output import bar_cleared
 
 log = logging.getLogger("cloudmanager")
 
@@ -51,8 +53,8 @@ class LogFormatter(logging.Formatter):
 
 
 class StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is now, so progress bars (which
-    redirect it while they draw) and test runners both see the messages."""
+    """Writes to whatever ``sys.stderr`` is now (test runners swap it), on a
+    line of its own even while a progress bar is drawn."""
 
     @property
     def stream(self):
@@ -62,6 +64,11 @@ class StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value):
         pass
+
+    def emit(self, record):
+        """Write the record, with any progress bar's frame erased first."""
+        with bar_cleared():
+            super().emit(record)
 
 
 class LogSetup:
@@ -168,6 +175,8 @@ class Session:
         self.config_option = config_option
         self.capacity = capacity
         self.verbosity = verbosity
+        #: ``--bwlimit`` in bytes per second (0: none), over the config's; None: the config's.
+        self.bwlimit = None
         #: The config file in use (None for the embedded defaults), and how it was found.
         self.config_path = None
         self.config_source = None
@@ -187,6 +196,8 @@ class Session:
         if database:
             settings["database"] = database if is_postgres_url(database) \
                 else os.path.abspath(os.path.expanduser(database))
+        if self.bwlimit is not None:
+            settings["bwlimit"] = self.bwlimit or None
         if self.capacity is not None:
             settings["capacity"] = self.capacity
         elif "capacity" not in settings:
@@ -224,8 +235,8 @@ class Session:
 
     @property
     def show_progress(self):
-        """Progress bars only on a terminal, and not with ``-q``."""
-        return not self.quiet and sys.stdout.isatty()
+        """Progress bars only on a terminal (stdout and stderr), and not with ``-q``."""
+        return not self.quiet and sys.stdout.isatty() and sys.stderr.isatty()
 
 
 pass_session = click.make_pass_decorator(Session)
@@ -275,3 +286,72 @@ class SizeType(click.ParamType):
 SIZE = SizeType()
 JSON_OPTION = click.option("--json", "as_json", is_flag=True,
                            help="Print the result as JSON, for scripts.")
+DRY_RUN_OPTION = click.option("-n", "--dry-run", is_flag=True,
+                              help="Only show what would be done; change nothing.")
+
+
+def _set_bwlimit(ctx, param, value):
+    if value is None:
+        return
+    try:
+        rate = parse_rate(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    ctx.find_object(Session).bwlimit = rate
+
+
+BWLIMIT_OPTION = click.option(
+    "--bwlimit", metavar="RATE", expose_value=False, callback=_set_bwlimit,
+    help="Limit the bandwidth of transfers to and from hosts, all together, e.g. 10M "
+         "(MiB/s; K, M, G suffixes as in rclone; 'off' for none). Overrides the config's "
+         "[pool] bwlimit.")
+
+
+class HashType(click.ParamType):
+    """A file hash or a unique prefix of one; completes from the pool's hashes."""
+
+    name = "HASH"
+
+    def shell_complete(self, ctx, param, incomplete):
+        """The pool's hashes starting with ``incomplete`` (for ``_CM_COMPLETE``)."""
+        from click.shell_completion import CompletionItem
+
+        root = ctx.find_root().params
+        session = Session(root.get("config_path"), root.get("capacity"), -1)
+        # Nothing may be printed into the user's shell line: not even a warning.
+        logging.getLogger("cloudmanager").setLevel(logging.CRITICAL + 1)
+        try:
+            cm = session.open()
+            return [CompletionItem(h) for h in cm.complete_hash(incomplete)]
+        except Exception:  # completion must never print a traceback into a shell
+            return []
+        finally:
+            session.close()
+
+
+HASH = HashType()
+
+
+def _more_verbose(ctx, param, value):
+    _adjust_verbosity(ctx, value)
+
+
+def _less_verbose(ctx, param, value):
+    _adjust_verbosity(ctx, -value)
+
+
+def _adjust_verbosity(ctx, delta):
+    session = ctx.find_object(Session)
+    if delta and session is not None and not ctx.resilient_parsing:
+        session.verbosity += delta
+        LOGGING.configure(session.verbosity)
+
+
+def verbosity_options():
+    """``-v`` and ``-q`` for a subcommand, so they work after it too (``cm ls -q``)."""
+    return [
+        click.Option(["-v", "--verbose"], count=True, expose_value=False,
+                     callback=_more_verbose, help="More messages (-vv for debugging)."),
+        click.Option(["-q", "--quiet"], count=True, expose_value=False,
+                     callback=_less_verbose, help="Fewer messages (only errors), no progress."),
+    ]

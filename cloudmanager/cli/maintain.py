@@ -7,8 +7,11 @@ import click
 
 from ..config import parse_size
 from ..errors import CloudManagerError, InvalidInputError
-from .app import JSON_OPTION, OperationFailed, parse_duration, pass_session, resolve_hash
-from .output import emit_json, human_size, plural, print_summary
+from .app import (
+    BWLIMIT_OPTION, DRY_RUN_OPTION, HASH, JSON_OPTION, OperationFailed, parse_duration,
+    pass_session, resolve_hash,
+)
+from .output import emit_json, human_size, plural, print_summary, progress
 
 #: Keys of the fsck report that are not findings.
 FSCK_META = {"clean", "repair", "deep", "repaired", "unrepaired", "files_checked"}
@@ -18,26 +21,54 @@ FSCK_META = {"clean", "repair", "deep", "repaired", "unrepaired", "files_checked
 @click.option("--reencrypt", is_flag=True,
               help="Then rewrite plaintext copies (made before the pool had its "
                    "encryption_key) encrypted, and delete the plaintext ones; resumable.")
+@DRY_RUN_OPTION
+@BWLIMIT_OPTION
 @JSON_OPTION
 @pass_session
-def sync(session, reencrypt, as_json):
+def sync(session, reencrypt, dry_run, as_json):
     """Upload queued files and top up files below the redundancy target.
 
-    Exits 1 if some files are still short of copies afterwards.
+    With --dry-run, lists each file it would work on ("HASH  SIZE  copies
+    HAVE+WANTED  NAME") and sends nothing. Exits 1 if some files are still
+    short of copies afterwards.
     """
     cm = session.open()
+    if dry_run:
+        report_dry_sync(session, cm.sync_plan(), as_json)
+        return
+    plan = cm.sync_plan() if session.show_progress else []
     try:
-        summary = cm.sync(reencrypt=reencrypt)
+        with progress(session, "syncing", sum(p["size"] * p["wanted"] for p in plan),
+                      len(plan) or None) as bar:
+            summary = cm.sync(reencrypt=reencrypt, progress=bar)
     except CloudManagerError as exc:
         raise OperationFailed(str(exc)) from None
     print_summary(session, "sync", summary, as_json)
     if summary["short"]:
-        raise OperationFailed("%d files are still below the target of %d copies (see cm status)"
-                              % (summary["short"], cm.settings()["redundancy"]))
+        raise OperationFailed("%s still below the target of %s (see cm status)"
+                              % (plural(summary["short"], "file is", "files are"),
+                                 plural(cm.settings()["redundancy"], "copy", "copies")))
+
+
+def report_dry_sync(session, plan, as_json):
+    """``cm sync --dry-run``: the files sync would work on, and the copies it would make."""
+    if as_json:
+        emit_json({"dry_run": True, "files": plan,
+                   "copies_wanted": sum(p["wanted"] for p in plan)})
+        return
+    for p in plan:
+        click.echo("%s  %10s  copies %d+%d  %s%s" % (
+            p["hash"], human_size(p["size"]), p["copies"], p["wanted"], p["filename"] or "-",
+            "  (queued)" if p["queued"] else ""))
+    if not session.quiet:
+        wanted = sum(p["wanted"] for p in plan)
+        click.echo("dry run: sync would work on %s and make up to %s (%s); nothing was sent"
+                   % (plural(len(plan), "file"), plural(wanted, "copy", "copies"),
+                      human_size(sum(p["size"] * p["wanted"] for p in plan))), err=True)
 
 
 @click.command()
-@click.argument("hashes", nargs=-1, metavar="[HASH...]")
+@click.argument("hashes", nargs=-1, metavar="[HASH...]", type=HASH)
 @click.option("--host", "host_names", multiple=True, metavar="NAME",
               help="Only copies on this host (repeat for more).")
 @click.option("--older-than", type=parse_duration, metavar="AGE",
@@ -45,6 +76,7 @@ def sync(session, reencrypt, as_json):
 @click.option("--limit", type=click.IntRange(min=1), help="Check at most this many copies.")
 @click.option("--deep", is_flag=True,
               help="Download and hash every copy, even where the host can answer cheaply.")
+@BWLIMIT_OPTION
 @JSON_OPTION
 @pass_session
 def verify(session, hashes, host_names, older_than, limit, deep, as_json):
@@ -57,7 +89,11 @@ def verify(session, hashes, host_names, older_than, limit, deep, as_json):
     """
     cm = session.open()
     wanted = [resolve_hash(cm, h) for h in hashes] or None
-    summary = cm.verify(wanted, list(host_names) or None, older_than, limit, deep)
+    # How many copies will be looked at is known once the run has them
+    # leased: the library tells the bar then (Bar.expect).
+    with progress(session, "verifying", None, None) as bar:
+        summary = cm.verify(wanted, list(host_names) or None, older_than, limit, deep,
+                            progress=bar)
     print_summary(session, "verify", summary, as_json)
     problems = summary["bad"] + summary["missing"] + summary["error"]
     if problems:
@@ -108,19 +144,24 @@ def fsck(session, repair, deep, as_json):
 
 
 @click.command()
-@click.argument("hashes", nargs=-1, required=True, metavar="HASH...")
+@click.argument("hashes", nargs=-1, required=True, metavar="HASH...", type=HASH)
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@DRY_RUN_OPTION
 @JSON_OPTION
 @pass_session
-def remove(session, hashes, yes, as_json):
+def remove(session, hashes, yes, dry_run, as_json):
     """Remove files from the pool: their copies on hosts, cache and record.
 
     Copies on hosts that cannot delete (file lockers) stay there; their
     URLs are printed. Asks first, unless --yes; without a terminal to ask
-    on, --yes is required.
+    on, --yes is required. --dry-run lists what would be deleted and kept,
+    and asks nothing.
     """
     cm = session.open()
     wanted = [resolve_hash(cm, h) for h in hashes]
+    if dry_run:
+        report_dry_remove(session, cm, wanted, as_json)
+        return
     if not yes:
         if not sys.stdin.isatty():
             raise click.UsageError("remove deletes remote copies; pass --yes to confirm")
@@ -131,10 +172,35 @@ def remove(session, hashes, yes, as_json):
         emit_json(outcome)
         return
     for file_hash, result in outcome.items():
-        click.echo("removed %s: %d copies deleted, %d kept" % (
-            file_hash, len(result["deleted"]), len(result["kept"])))
+        click.echo("removed %s: %s deleted, %d kept" % (
+            file_hash, plural(len(result["deleted"]), "copy", "copies"), len(result["kept"])))
         for host_name, url in result["kept"]:
             click.echo("  kept on %s: %s" % (host_name, url))
+
+
+def report_dry_remove(session, cm, wanted, as_json):
+    """``cm remove --dry-run``: the copies each removal would delete, and those it would keep."""
+    hosts = cm.host_status()
+    outcome = {}
+    for file_hash in wanted:
+        status = cm.status(file_hash)
+        copies = [(u["host_name"], u["url"]) for u in status["uploads"] if u["url"]]
+        deletable = [c for c in copies if c[0] in hosts and hosts[c[0]]["can_delete"]]
+        outcome[file_hash] = {"filename": status["filename"], "cached": status["cached"],
+                              "would_delete": deletable,
+                              "would_keep": [c for c in copies if c not in deletable]}
+    if as_json:
+        emit_json({"dry_run": True, "files": outcome})
+        return
+    for file_hash, plan in outcome.items():
+        click.echo("would remove %s (%s): delete %s, keep %d%s" % (
+            file_hash, plan["filename"] or "-",
+            plural(len(plan["would_delete"]), "copy", "copies"), len(plan["would_keep"]),
+            ", and its cached copy" if plan["cached"] else ""))
+        for host_name, url in plan["would_keep"]:
+            click.echo("  would keep on %s: %s" % (host_name, url))
+    if not session.quiet:
+        click.echo("dry run: nothing was removed", err=True)
 
 
 @click.command()

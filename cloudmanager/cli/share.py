@@ -7,6 +7,7 @@ import click
 
 from ..fsutil import atomic_write
 from .app import fail_quietly, pass_session
+from .output import plural
 
 
 @click.command()
@@ -30,7 +31,7 @@ def dump(session, file):
             out.flush()
             out.detach()  # atomic_write closes and renames the file
     if not session.quiet:
-        click.echo("dumped %d records" % count, err=True)
+        click.echo("dumped %s" % plural(count, "record"), err=True)
 
 
 @click.command()
@@ -48,9 +49,10 @@ def load(session, file):
         fail_quietly()  # load_from logged what is wrong with the document
     if not session.quiet:
         unreachable = len(cm.unreachable())
-        click.echo("merged %d records%s" % (merged, "; %d files have copies only on hosts "
-                                            "not configured here" % unreachable
-                                            if unreachable else ""), err=True)
+        click.echo("merged %s%s" % (plural(merged, "record"), "; %s copies only on hosts "
+                                    "not configured here (see cm unreachable)"
+                                    % plural(unreachable, "file has", "files have")
+                                    if unreachable else ""), err=True)
 
 
 COMMANDS = [dump, load]

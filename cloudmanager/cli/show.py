@@ -4,7 +4,7 @@
 import click
 
 from ..errors import InvalidInputError
-from .app import JSON_OPTION, fail_quietly, pass_session, resolve_hash
+from .app import HASH, JSON_OPTION, fail_quietly, pass_session, resolve_hash
 from .output import (
     emit_json,
     human_size,
@@ -17,13 +17,16 @@ from .output import (
 
 
 @click.command("ls")
-@click.argument("tree", required=False, metavar="[TREE]")
+@click.argument("tree", required=False, metavar="[TREE]", type=HASH)
 @click.option("--cached", "only_cached", is_flag=True, help="Only files in the local cache.")
-@click.option("--short", "only_short", is_flag=True,
+@click.option("--below-target", "only_short", is_flag=True,
               help="Only files on fewer hosts than the redundancy target.")
+# The old spelling, kept working for scripts; "short" read as "short listing".
+@click.option("--short", "old_short", is_flag=True, hidden=True,
+              help="The old spelling of --below-target.")
 @JSON_OPTION
 @pass_session
-def ls(session, tree, only_cached, only_short, as_json):
+def ls(session, tree, only_cached, only_short, old_short, as_json):
     """List the pool's files: hash, size, cached, copies/target, name.
 
     "cached" is "pinned" for a file kept in the cache until a host holds it
@@ -32,6 +35,7 @@ def ls(session, tree, only_cached, only_short, as_json):
     With TREE (a hash from `cm trees` or `cm upload DIR`), list that tree's
     files instead: hash, size, mode, modification time, path.
     """
+    only_short = only_short or old_short
     cm = session.open()
     if tree is not None:
         if only_cached or only_short:
@@ -86,7 +90,7 @@ def trees_command(session, as_json):
 
 
 @click.command()
-@click.argument("file_hash", metavar="HASH")
+@click.argument("file_hash", metavar="HASH", type=HASH)
 @JSON_OPTION
 @pass_session
 def info(session, file_hash, as_json):
@@ -108,7 +112,7 @@ def info(session, file_hash, as_json):
 
 
 @click.command()
-@click.argument("file_hash", metavar="HASH")
+@click.argument("file_hash", metavar="HASH", type=HASH)
 @JSON_OPTION
 @pass_session
 def whereis(session, file_hash, as_json):
@@ -134,7 +138,8 @@ def status(session, as_json):
     stats = cm.stats()
     settings = cm.settings()
     where = {"config": session.config_path, "source": session.config_source,
-             "database": settings["database"], "storage": settings["storage"]}
+             "database": settings["database"], "storage": settings["storage"],
+             "bwlimit": settings["bwlimit"]}
     if as_json:
         emit_json(dict(where, **stats))
         return
@@ -148,10 +153,14 @@ def status(session, as_json):
                % (settings["storage"], human_size(stats["cached_bytes"]),
                   human_size(stats["capacity"]), 100 * stats["usage_ratio"],
                   plural(stats["cached_files"], "file")))
-    click.echo("files     %d in the pool, %d queued for upload, %d below the target of %d "
-               "copies" % (stats["files"], stats["queued"], stats["below_target"],
-                           stats["redundancy"]))
-    click.echo("cache use %d hits, %d misses" % (stats["hits"], stats["misses"]))
+    click.echo("files     %d in the pool, %d queued for upload, %d below the target of %s"
+               % (stats["files"], stats["queued"], stats["below_target"],
+                  plural(stats["redundancy"], "copy", "copies")))
+    click.echo("cache use %s, %s" % (plural(stats["hits"], "hit"),
+                                     plural(stats["misses"], "miss", "misses")))
+    if settings["bwlimit"]:
+        click.echo("bwlimit   %s/s for all transfers to and from hosts"
+                   % human_size(settings["bwlimit"]))
     print_hosts(stats["hosts"])
     months = sorted(stats["transfers"].items(), reverse=True)[:12]
     if months:
@@ -198,4 +207,27 @@ def hosts(session, retry_names, as_json):
         click.echo("disabled: %s" % ", ".join(disabled))
 
 
-COMMANDS = [ls, trees_command, info, whereis, status, hosts]
+@click.command()
+@JSON_OPTION
+@pass_session
+def unreachable(session, as_json):
+    """Files whose every good copy is on a host this node has not configured.
+
+    Records loaded from other nodes may name hosts this node cannot reach;
+    such files cannot be downloaded here until a matching host is added
+    (cm init --host, or the config's [hosts] tables). Prints "HASH  HOSTS"
+    per file; cached files are not listed.
+    """
+    cm = session.open()
+    found = cm.unreachable()
+    if as_json:
+        emit_json(found)
+        return
+    for file_hash, names in found.items():
+        click.echo("%s  %s" % (file_hash, ",".join(names)))
+    if not session.quiet:
+        click.echo("%s only on hosts not configured here" % plural(len(found), "file is",
+                                                                    "files are"), err=True)
+
+
+COMMANDS = [ls, trees_command, info, whereis, status, hosts, unreachable]

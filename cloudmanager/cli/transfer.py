@@ -8,8 +8,11 @@ from typing import List, Tuple
 import click
 
 from ..scheduler import DEFAULT_JOBS, upload_files
-from ..sources import walk
-from .app import JSON_OPTION, OperationFailed, fail_quietly, pass_session, resolve_hash
+from ..sources import PathFilter, walk
+from .app import (
+    BWLIMIT_OPTION, DRY_RUN_OPTION, HASH, JSON_OPTION, OperationFailed, fail_quietly,
+    pass_session, resolve_hash,
+)
 from .output import display_path, emit_json, human_size, plural, progress
 
 #: ``cm upload`` stores remembered hashes after this many files, so an
@@ -28,9 +31,16 @@ REMEMBER_BATCH = 2000
               help="Read every file, even those unchanged since they were last uploaded.")
 @click.option("-L", "--follow-symlinks", is_flag=True,
               help="Upload what symbolic links point to (they are skipped otherwise).")
+@click.option("--include", "includes", multiple=True, metavar="GLOB",
+              help="Only files matching GLOB (repeat for more); see Filters below.")
+@click.option("--exclude", "excludes", multiple=True, metavar="GLOB",
+              help="Not files matching GLOB (repeat for more); wins over --include.")
+@DRY_RUN_OPTION
+@BWLIMIT_OPTION
 @JSON_OPTION
 @pass_session
-def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
+def upload(session, paths, jobs, defer, rehash, follow_symlinks, includes, excludes, dry_run,
+           as_json):
     """Add files to the pool; directories are walked recursively.
 
     Each file is hashed while it is copied into the cache, then uploaded to
@@ -44,16 +54,35 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
     already in the pool whose size and times have not changed, without
     reading them.
 
+    Filters, as rclone's: a GLOB is matched against each file's path
+    relative to the directory given (a file given by name: its name), with
+    / between directories. * matches within a name, ** across directories,
+    ? one character, [abc] a class, {a,b} either; a GLOB starting with / is
+    anchored at the top, any other matches the end of the path; one ending
+    with / matches everything below a directory of that name (which is then
+    not walked at all). A file matching an --exclude is skipped; with
+    --include, a file is uploaded only if it matches one.
+
     \b
     Examples:
       cm upload notes.txt
       cm upload --jobs 8 ~/photos
+      cm upload --include '*.jpg' --exclude 'thumbs/' ~/photos
+      cm upload --dry-run ~/photos       what would be uploaded
       h=$(cm upload notes.txt | cut -c1-64)
     """
+    try:
+        filters = PathFilter(includes, excludes)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--include' / '--exclude'") from None
     cm = session.open()
     problems: List[Tuple[str, str]] = []  # (path, reason), from walk()
-    files = list(walk(paths, follow_symlinks=follow_symlinks, problems=problems))
+    files = list(walk(paths, follow_symlinks=follow_symlinks, problems=problems,
+                      filters=filters))
     known = {} if rehash else cm.remembered(files)
+    if dry_run:
+        report_dry_upload(session, files, known, problems, as_json)
+        return
     results = {}  # path -> (hash or None, "uploaded" | "skipped" | "failed")
     todo = []
     for f in files:
@@ -65,8 +94,8 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
     started = time.monotonic()
     remember = []
     cwd = os.getcwd()
-    with progress(session, "uploading", sum(f.size for f in todo), len(todo)) as advance, \
-            contextlib.closing(upload_files(cm, todo, jobs, defer, advance)) as batches:
+    with progress(session, "uploading", sum(f.size for f in todo), len(todo)) as bar, \
+            contextlib.closing(upload_files(cm, todo, jobs, defer, bar)) as batches:
         # Closed at once on Ctrl-C: batches not started yet are not started.
         for batch in batches:
             lines = []
@@ -77,7 +106,7 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
                     if done.rememberable:
                         remember.append((done.file, done.hash))
             if lines and not as_json:  # as they land, so an interrupted run shows them
-                click.echo("\n".join(lines))
+                bar.echo("\n".join(lines))
             if len(remember) >= REMEMBER_BATCH:
                 cm.remember(remember)
                 remember = []
@@ -110,6 +139,30 @@ def record_trees(cm, paths, files, results, problems, defer=None):
         tree = cm.record_tree(root, [(f, results[f.path][0]) for f in mine], defer=defer)
         trees.append((given, tree or None))
     return trees
+
+
+def report_dry_upload(session, files, known, problems, as_json):
+    """``cm upload --dry-run``: what would be uploaded and what skipped; nothing is read."""
+    listing = [{"path": f.path, "size": f.size, "hash": known.get(f.path),
+                "state": "skipped" if f.path in known else "would upload"} for f in files]
+    listing += [{"path": path, "size": None, "hash": None, "state": "failed", "error": reason}
+                for path, reason in problems]
+    todo = [item for item in listing if item["state"] == "would upload"]
+    if as_json:
+        emit_json({"dry_run": True, "files": listing, "would_upload": len(todo),
+                   "skipped": len(files) - len(todo), "failed": len(problems)})
+    else:
+        for item in listing:
+            if item["state"] != "failed":
+                click.echo("%-12s  %10s  %s" % (item["state"], human_size(item["size"]),
+                                                display_path(item["path"])))
+        if not session.quiet:
+            click.echo("dry run: would upload %s (%s), skip %d already in the pool; "
+                       "nothing was read or sent"
+                       % (plural(len(todo), "file"), human_size(sum(i["size"] for i in todo)),
+                          len(files) - len(todo)), err=True)
+    if problems:
+        fail_quietly()
 
 
 def report_upload(session, files, results, todo, elapsed, as_json, problems, trees=()):
@@ -148,8 +201,9 @@ def report_upload(session, files, results, todo, elapsed, as_json, problems, tre
 
 
 @click.command()
-@click.argument("file_hash", metavar="HASH")
+@click.argument("file_hash", metavar="HASH", type=HASH)
 @click.argument("dest", required=False, type=click.Path())
+@BWLIMIT_OPTION
 @pass_session
 def download(session, file_hash, dest):
     """Write a verified copy of a file to DEST and print its path.
@@ -166,16 +220,33 @@ def download(session, file_hash, dest):
         # The copy is renamed into place: it would replace a device, FIFO or link.
         raise OperationFailed("%s exists and is not a regular file or a directory" % dest)
     size = cm.status(file_hash)["size"]
-    with progress(session, "downloading", size, 1) as advance:
-        path = cm.download(file_hash, dest)
-        advance(size)
+    with progress(session, "downloading", size, 1) as bar, counted(bar, size) as told:
+        path = cm.download(file_hash, dest, progress=told)
     if not path:
         fail_quietly()
     click.echo(path)
 
 
+@contextlib.contextmanager
+def counted(bar, size):
+    """Yield a bytes callback for one file's transfer; when it ends, the
+    file counts as done and its bar makes up the bytes nobody reported (a
+    cache hit moves none)."""
+    told = [0]
+
+    def progress(nbytes):
+        told[0] += nbytes
+        bar(nbytes, 0)
+
+    try:
+        yield progress
+    finally:
+        bar(max(0, size - told[0]), 1)
+
+
 @click.command()
-@click.argument("hashes", nargs=-1, required=True, metavar="HASH...")
+@click.argument("hashes", nargs=-1, required=True, metavar="HASH...", type=HASH)
+@BWLIMIT_OPTION
 @pass_session
 def warm(session, hashes):
     """Bring files into the local cache; print "SHA256  CACHED-PATH" for each.
@@ -186,12 +257,12 @@ def warm(session, hashes):
     wanted = [resolve_hash(cm, h) for h in hashes]
     sizes = {h: cm.status(h)["size"] for h in wanted}
     failed = 0
-    with progress(session, "warming", sum(sizes.values()), len(wanted)) as advance:
+    with progress(session, "warming", sum(sizes.values()), len(wanted)) as bar:
         for file_hash in wanted:
-            path = cm.warm_up(file_hash)
-            advance(sizes[file_hash])
+            with counted(bar, sizes[file_hash]) as told:
+                path = cm.warm_up(file_hash, progress=told)
             if path:
-                click.echo("%s  %s" % (file_hash, path))
+                bar.echo("%s  %s" % (file_hash, path))
             else:
                 failed += 1
     if failed:

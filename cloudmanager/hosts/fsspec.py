@@ -65,8 +65,9 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Type
 from urllib.parse import unquote, urlsplit
 
 import fsspec  # the library: absolute imports never resolve to this module
+from fsspec import callbacks as fsspec_callbacks
 
-from .. import fsutil
+from .. import fsutil, meter
 from ..errors import (
     HostError,
     HostNotFoundError,
@@ -350,10 +351,15 @@ class FsspecHost(Host):
         return int(info["size"])
 
     def _put(self, fs: Any, local_path: PathLike, path: str) -> None:
+        # The library reads the file itself: the meter of this call (progress,
+        # bandwidth limit) goes with it as its callback.
+        metered = meter.current()
         if _is_webdav(fs):
             # webdav4's put_file re-creates the parent directory first: three
             # requests per upload that _ensure_root made useless.
-            fs.client.upload_file(local_path, path, overwrite=True)
+            fs.client.upload_file(local_path, path, overwrite=True, callback=metered)
+        elif metered is not None:
+            fs.put_file(local_path, path, callback=_MeterCallback(metered))
         else:
             fs.put_file(local_path, path)
 
@@ -618,6 +624,24 @@ class _FsspecStaged(Staged):
     def _discard(self) -> None:
         fs, _ = self.host._filesystem()
         self.host._remove_quietly(fs, self.temp)
+
+
+class _MeterCallback(fsspec_callbacks.Callback):
+    """An fsspec progress callback that hands each step to a :class:`~cloudmanager.meter.Meter`."""
+
+    def __init__(self, metered: meter.Meter) -> None:
+        super().__init__()
+        self.metered = metered
+
+    def relative_update(self, inc: int = 1) -> None:
+        """``inc`` more bytes moved."""
+        self.metered(inc)
+        super().relative_update(inc)
+
+    def absolute_update(self, value: int) -> None:
+        """``value`` bytes moved so far."""
+        self.metered(value - (self.value or 0))
+        super().absolute_update(value)
 
 
 def _is_webdav(fs: Any) -> bool:

@@ -58,10 +58,11 @@ from urllib.parse import unquote, urlsplit
 import boto3
 import botocore.exceptions as bexc
 from boto3.exceptions import S3UploadFailedError
-from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from boto3.s3.transfer import ProgressCallbackInvoker, TransferConfig, create_transfer_manager
 from s3transfer.subscribers import BaseSubscriber
 from botocore.config import Config
 
+from .. import meter
 from ..errors import (
     HostError,
     HostNotFoundError,
@@ -335,9 +336,11 @@ class S3Host(Host):
             log.info("%s: replacing %s (%d bytes, sha256 %s)", self.name, url,
                      present.size, present.sha256 or "unknown")
         with self._translated("upload to", url):
+            # boto3 reads the file on threads of its own: the meter of this
+            # call (progress, bandwidth limit) goes with it as its callback.
             self._client.upload_file(local_path, self.bucket, key,
                                      ExtraArgs={"ChecksumAlgorithm": "SHA256"},
-                                     Config=self._transfer)
+                                     Config=self._transfer, Callback=meter.current())
         log.debug("%s: stored %s (%d bytes)", self.name, url, size)
         return Location(self.name, url)
 
@@ -364,9 +367,14 @@ class S3Host(Host):
         try:
             with self._translated("upload to", url), \
                     create_transfer_manager(self._client, self._transfer) as manager:
+                # The manager reads the stream on threads of its own: the
+                # meter of this call goes with it as a subscriber.
+                metered = meter.current()
+                subscribers = [_ProvideSize(size)] + (
+                    [ProgressCallbackInvoker(metered)] if metered is not None else [])
                 manager.upload(stream, self.bucket, key,
                                extra_args={"ChecksumAlgorithm": "SHA256"},
-                               subscribers=[_ProvideSize(size)]).result()
+                               subscribers=subscribers).result()
         except BaseException:
             self._delete_quietly(key)
             raise

@@ -224,10 +224,11 @@ def test_init_keeps_odd_characters_in_toml_and_refuses_bad_hosts(home):
 
     bad = home.cm("init", "--force", "--host", "nas")
     assert bad.exit_code == 2 and "NAME=SPEC" in bad.stderr
+    # A host that cannot be built is a usage mistake too (issue 15: 2 for usage and config).
     relative = home.cm("init", "--force", "--host", "nas=dir:relative/path")
-    assert relative.exit_code == 1 and "absolute" in relative.stderr
+    assert relative.exit_code == 2 and "absolute" in relative.stderr
     bad_name = home.cm("init", "--force", "--host", "a b=dir:/tmp/x")
-    assert bad_name.exit_code == 1
+    assert bad_name.exit_code == 2
     # The refused attempts did not touch the file written before.
     assert load_config(home.work / "cloudmanager.toml").hosts[0].name == "odd"
 
@@ -430,14 +431,14 @@ def test_a_second_node_loads_a_dump_and_downloads_the_file(home, tmp_path):
 
     dump_path = tmp_path / "pool.json"
     result = home.cm(*one, "dump", dump_path)
-    assert result.exit_code == 0 and "dumped 1 records" in result.stderr
+    assert result.exit_code == 0 and "dumped 1 record\n" in result.stderr
     assert json.loads(dump_path.read_text())[0]["filehash"] == digest
     stdout_dump = home.cm(*one, "dump").stdout
     assert json.loads(stdout_dump) == json.loads(dump_path.read_text())
 
     home.own_catalog()  # node two's catalog is apart: a dump is how it learns
     result = home.cm(*two, "load", dump_path)
-    assert result.exit_code == 0 and "merged 1 records" in result.stderr
+    assert result.exit_code == 0 and "merged 1 record\n" in result.stderr
     assert home.cm(*two, "load", input=stdout_dump).stderr.startswith("merged 0 records")
     out = home.cm(*two, "download", digest, tmp_path / "copy.txt")
     assert out.exit_code == 0 and (tmp_path / "copy.txt").read_bytes() == b"made on node one"
