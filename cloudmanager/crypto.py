@@ -25,6 +25,7 @@ recipient only).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import hmac
@@ -34,6 +35,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 from typing import IO, Any, Iterable, List, Optional, Sequence, Tuple
 
 from . import fsutil
@@ -353,6 +355,148 @@ class PoolKey:
             log.debug("age: %s", text)
             raise IntegrityError(text or "the age command failed (exit status %d)" % code)
         return digest, size
+
+
+class SealingStream:
+    """A source's age ciphertext, made as it is read: a forward-only binary
+    stream (``read``, ``readinto``) for a host's
+    :meth:`~cloudmanager.hosts.base.Host.stage`, so that sealing a file
+    needs no work file. The plaintext is hashed on the way (:attr:`source`).
+
+    The encryption runs beside the reader, into a pipe it reads: the ``age``
+    command fed by a thread (from :data:`AGE_BINARY_MIN` bytes, when
+    installed), else pyrage in a thread. Every byte handed out may also be
+    written to ``spool`` (a file the caller sends to more hosts: the same
+    ciphertext for all). Close it (or use it as a context manager) to stop
+    the work and reap the command, whether or not it was read to the end.
+
+    :param key: the pool's key
+    :param raw: the source, a binary file object at its first byte
+    :param size: the source's size; more bytes are refused (OverflowError)
+    :param spool: a new private file to write the ciphertext to as well, or None
+    """
+
+    def __init__(self, key: PoolKey, raw: IO[bytes], size: int,
+                 spool: Optional[str] = None) -> None:
+        #: The source as read: its SHA-256 (``hexdigest()``) and ``count``.
+        self.source = fsutil.HashingReader(raw, limit=size)
+        #: The file the ciphertext is written to as well, or None.
+        self.spool_path = spool
+        self._spool = None if spool is None else os.open(
+            spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        self._error: Optional[BaseException] = None
+        self._done = False
+        self._proc: Optional[subprocess.Popen[bytes]] = None
+        if key._use_binary(size):
+            self._proc = subprocess.Popen([key.binary or "age"] + key._encrypt_args(),
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, bufsize=0)
+            assert self._proc.stdout is not None
+            self._out: Any = self._proc.stdout
+            try:
+                fcntl.fcntl(self._out.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
+            except OSError:
+                pass
+            target = self._feed
+        else:
+            read_end, self._write_end = os.pipe()
+            self._out = os.fdopen(read_end, "rb", buffering=0)
+            self._key = key
+            target = self._pyrage
+        self._thread = threading.Thread(target=target, name="cloudmanager-seal", daemon=True)
+        self._thread.start()
+
+    def _feed(self) -> None:
+        """The ``age`` command's feeder: the source, hashed, into its stdin."""
+        assert self._proc is not None and self._proc.stdin is not None
+        stdin = self._proc.stdin
+        try:
+            while True:
+                data = self.source.read(fsutil.CHUNK)
+                if not data:
+                    break
+                fsutil.write_all(stdin.fileno(), data)
+        except BaseException as exc:  # the reader raises it at the end
+            self._error = exc
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+    def _pyrage(self) -> None:
+        """pyrage's thread: the source, hashed, encrypted into the pipe."""
+        try:
+            with os.fdopen(self._write_end, "wb") as sink:
+                self._key.encrypt(self.source, sink)
+        except BaseException as exc:
+            self._error = exc
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readinto(self, buffer: Any) -> int:
+        """Read ciphertext into ``buffer``; :return: how many bytes (0 at the end).
+
+        :raises OSError: if the source could not be read or the encryption
+            failed (at the end, instead of a short ciphertext); OverflowError
+            if the source grew past its size
+        """
+        n = self._out.readinto(buffer) or 0
+        if n:
+            if self._spool is not None:
+                fsutil.write_all(self._spool, memoryview(buffer)[:n])
+            return n
+        self._finish()
+        return 0
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        """Up to ``size`` bytes of ciphertext (at most a chunk when negative)."""
+        buffer = bytearray(fsutil.CHUNK if size is None or size < 0 else size)
+        n = self.readinto(buffer)
+        return bytes(buffer[:n])
+
+    def _finish(self) -> None:
+        """At the end of the ciphertext: the work is over; raise what failed."""
+        if self._done:
+            return
+        self._done = True
+        self._thread.join()
+        if self._proc is not None:
+            assert self._proc.stderr is not None
+            errors = self._proc.stderr.read()
+            code = self._proc.wait()
+            if self._error is None and code != 0:
+                text = " ".join(errors.decode("utf-8", "replace").split())[:300]
+                self._error = OSError("the age command failed to encrypt (exit status %d): %s"
+                                      % (code, text))
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Stop the work (if the ciphertext was not read to its end) and reap it."""
+        if not self._done:
+            self._done = True
+            if self._proc is not None:
+                self._proc.kill()
+        self._out.close()  # a writer still at work gets EPIPE, and stops
+        self._thread.join()
+        if self._proc is not None:
+            self._proc.wait()
+            for pipe in (self._proc.stdin, self._proc.stderr):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
+        if self._spool is not None:
+            os.close(self._spool)
+            self._spool = None
+
+    def __enter__(self) -> SealingStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def recipients_of(values: Iterable[str]) -> List[str]:
