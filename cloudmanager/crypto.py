@@ -391,12 +391,13 @@ class SealingStream:
             self._proc = subprocess.Popen([key.binary or "age"] + key._encrypt_args(),
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, bufsize=0)
-            assert self._proc.stdout is not None
+            assert self._proc.stdout is not None and self._proc.stdin is not None
             self._out: Any = self._proc.stdout
-            try:
-                fcntl.fcntl(self._out.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
-            except OSError:
-                pass
+            for pipe in (self._proc.stdin, self._out):
+                try:  # large pipes: fewer, larger reads and writes on each side
+                    fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
+                except OSError:
+                    pass
             target = self._feed
         else:
             read_end, self._write_end = os.pipe()
