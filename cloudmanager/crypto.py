@@ -432,9 +432,11 @@ class SealingStream:
             self._error = exc
 
     def readable(self) -> bool:
+        """Always True: it is read."""
         return True
 
     def seekable(self) -> bool:
+        """Always False: forward only (a reader buffers what it may resend)."""
         return False
 
     def readinto(self, buffer: Any) -> int:
