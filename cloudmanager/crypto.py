@@ -60,6 +60,9 @@ AGE_TAG = 16
 #: on 256 MiB: encrypt 1,580 against 770 MB/s, decrypt 1,280 against 650).
 #: Below it, starting a process costs more than it saves.
 AGE_BINARY_MIN = 4 << 20
+#: Files up to this size are encrypted in memory, in one call (see
+#: :meth:`PoolKey.encrypt_file`).
+SMALL_IN_MEMORY = 256 << 10
 #: Linux's ``F_SETPIPE_SZ``: age's output pipe is widened to a megabyte, so
 #: that each read takes a large chunk (hashlib releases the GIL on those).
 _F_SETPIPE_SZ = 1031
@@ -227,6 +230,10 @@ class PoolKey:
 
         :raises OSError: if the file cannot be read or written
         """
+        with open(source_path, "rb") as src:
+            size = os.fstat(src.fileno()).st_size
+            if size <= SMALL_IN_MEMORY:
+                return self._encrypt_small(src, size, destination_path)
         with open(source_path, "rb") as src, \
                 open(destination_path, "xb") as raw:
             os.fchmod(raw.fileno(), 0o600)
@@ -245,6 +252,26 @@ class PoolKey:
             self.encrypt(src, sink)
             raw.flush()
             return sink.digest.hexdigest(), sink.size
+
+    def _encrypt_small(self, src: IO[bytes], size: int,
+                       destination_path: str) -> Tuple[str, int]:
+        """:meth:`encrypt_file` of a small file of ``size`` bytes, in memory:
+        one read, one call into pyrage, one write (its stream wrappers cost
+        more than the encryption of a few KiB: measured 157 against 96 us for
+        4 KiB)."""
+        data = src.read(size + 1)  # one byte more: a file that grew is seen
+        if len(data) != size:
+            raise OSError("%s changed size while it was read (%d bytes, not %d)"
+                          % (getattr(src, "name", "the source"), len(data), size))
+        sealed = _pyrage().encrypt(data, self._recipients)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) \
+            | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(destination_path, flags, 0o600)
+        try:
+            fsutil.write_all(fd, sealed)
+        finally:
+            os.close(fd)
+        return hashlib.sha256(sealed).hexdigest(), len(sealed)
 
     def decrypt_file(self, source_path: str, destination_path: str,
                      limit: Optional[int] = None) -> Tuple[str, int]:
