@@ -179,14 +179,19 @@ def test_a_large_file_streams_sealed_to_its_host_with_no_work_file(
     dest = tmp_path / "back"
     assert cm.download(digest, str(dest)) and dest.read_bytes() == data
     # Two hosts wanted: the ciphertext is spooled once, and both get the same.
+    # A third host is gone (its folder unmounted): tried, it fails before or
+    # after the others, whose streams are sealed afresh.
+    gone = tmp_path / "hosts" / "gone"
     node = make_pool(name="two", capacity=1 << 20, hosts=["dir:%s" % r for r in folders[1:]]
-                     + ["dir:%s" % (tmp_path / "hosts" / "h3")], redundancy=2,
-                     encryption_key=key)
+                     + ["dir:%s" % (tmp_path / "hosts" / "h3"), "dir:%s" % gone],
+                     redundancy=2, encryption_key=key)
+    gone.rmdir()
     assert node.upload(source) == digest
     blobs = list(objects_in(folders[1]).values()) + list(
         objects_in(tmp_path / "hosts" / "h3").values())
     assert len(blobs) == 2 and blobs[0] == blobs[1] and open_with_age(
         age, key, blobs[0], tmp_path) == data
+    assert not gone.exists()
 
 
 # -- bad copies, other keys, hostile records ---------------------------------------------------
