@@ -415,9 +415,13 @@ class SealingStream:
         self._done = False
         self._proc: Optional[subprocess.Popen[bytes]] = None
         if key._use_binary(size):
-            self._proc = subprocess.Popen([key.binary or "age"] + key._encrypt_args(),
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, bufsize=0)
+            try:
+                self._proc = subprocess.Popen([key.binary or "age"] + key._encrypt_args(),
+                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, bufsize=0)
+            except OSError as exc:  # gone since the key was loaded: pyrage does it
+                log.warning("cannot run the age command (%s); using pyrage", exc)
+        if self._proc is not None:
             assert self._proc.stdout is not None and self._proc.stdin is not None
             self._out: Any = self._proc.stdout
             for pipe in (self._proc.stdin, self._out):

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from cloudmanager.crypto import AGE_BINARY_MIN, PoolKey, ciphertext_size_max, \
+from cloudmanager.crypto import AGE_BINARY_MIN, PoolKey, SealingStream, ciphertext_size_max, \
     key_from_settings, new_identity_file
 from cloudmanager.errors import ConfigError, IntegrityError
 
@@ -191,3 +191,37 @@ def test_large_files_go_through_the_age_command_which_never_sees_the_key(
     assert broken.decrypt_file(str(tmp_path / "object2"), str(tmp_path / "back"))[1] \
         == len(data)
     assert "using pyrage" in caplog.text and "trying pyrage" in caplog.text
+
+
+@pytest.mark.parametrize("binary", ["age", None, "missing"])
+def test_a_sealing_stream_is_age_made_as_it_is_read(key_file, age, tmp_path, binary):
+    """SealingStream (a large file sealed as a host reads it): by the ``age``
+    command, by pyrage, or by pyrage when the command has gone; the bytes read
+    are what the spool holds, open with ``age -d``, and the source is hashed
+    on the way."""
+    path, _ = key_file
+    chosen = {"age": age[0], None: None, "missing": str(tmp_path / "gone" / "age")}[binary]
+    key = PoolKey(str(path), age_binary=chosen)
+    data = os.urandom(AGE_BINARY_MIN + 33_333)
+    (tmp_path / "plain").write_bytes(data)
+    with open(tmp_path / "plain", "rb") as raw, \
+            SealingStream(key, raw, len(data), str(tmp_path / "spool")) as stream:
+        chunks = []
+        while True:
+            chunk = stream.read(100_000)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    sealed = b"".join(chunks)
+    assert (tmp_path / "spool").read_bytes() == sealed
+    assert stream.source.count == len(data)
+    assert stream.source.hexdigest() == hashlib.sha256(data).hexdigest()
+    (tmp_path / "object").write_bytes(sealed)
+    opened = subprocess.run([age[0], "-d", "-i", str(path), str(tmp_path / "object")],
+                            capture_output=True, check=True).stdout
+    assert opened == data
+    # Closed before its end: the work stops, nothing hangs.
+    with open(tmp_path / "plain", "rb") as raw:
+        stream = SealingStream(key, raw, len(data))
+        assert stream.read(10)
+        stream.close()
