@@ -36,7 +36,7 @@ import stat
 import subprocess
 import tempfile
 import threading
-from typing import IO, Any, Iterable, List, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 from . import fsutil
 from .errors import ConfigError, IntegrityError, MissingDependencyError
@@ -401,12 +401,19 @@ class SealingStream:
     :param raw: the source, a binary file object at its first byte
     :param size: the source's size; more bytes are refused (OverflowError)
     :param spool: a new private file to write the ciphertext to as well, or None
+    :param hashed: False for a source whose hash is known and trusted (a
+        cached file, verified when it came in, as a plain upload sends it):
+        it is not hashed again, and the ``age`` command reads its file
+        descriptor itself (no feeder, one pass less over the bytes);
+        :attr:`source` is then None
     """
 
     def __init__(self, key: PoolKey, raw: IO[bytes], size: int,
-                 spool: Optional[str] = None) -> None:
+                 spool: Optional[str] = None, hashed: bool = True) -> None:
         #: The source as read: its SHA-256 (``hexdigest()``) and ``count``.
-        self.source = fsutil.HashingReader(raw, limit=size)
+        self.source: Optional[fsutil.HashingReader] = \
+            fsutil.HashingReader(raw, limit=size) if hashed else None
+        self._raw = raw
         #: The file the ciphertext is written to as well, or None.
         self.spool_path = spool
         self._spool = None if spool is None else os.open(
@@ -417,30 +424,33 @@ class SealingStream:
         if key._use_binary(size):
             try:
                 self._proc = subprocess.Popen([key.binary or "age"] + key._encrypt_args(),
-                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                              stdin=subprocess.PIPE if hashed else raw,
+                                              stdout=subprocess.PIPE,
                                               stderr=subprocess.PIPE, bufsize=0)
             except OSError as exc:  # gone since the key was loaded: pyrage does it
                 log.warning("cannot run the age command (%s); using pyrage", exc)
         if self._proc is not None:
-            assert self._proc.stdout is not None and self._proc.stdin is not None
+            assert self._proc.stdout is not None
             self._out: Any = self._proc.stdout
             for pipe in (self._proc.stdin, self._out):
                 try:  # large pipes: fewer, larger reads and writes on each side
-                    fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
+                    if pipe is not None:
+                        fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
                 except OSError:
                     pass
-            target = self._feed
+            target: Optional[Callable[[], None]] = self._feed if hashed else None
         else:
             read_end, self._write_end = os.pipe()
             self._out = os.fdopen(read_end, "rb", buffering=0)
             self._key = key
             target = self._pyrage
         self._thread = threading.Thread(target=target, name="cloudmanager-seal", daemon=True)
-        self._thread.start()
+        self._thread.start()  # with no target (age reads the file), it ends at once
 
     def _feed(self) -> None:
         """The ``age`` command's feeder: the source, hashed, into its stdin."""
         assert self._proc is not None and self._proc.stdin is not None
+        assert self.source is not None
         stdin = self._proc.stdin
         try:
             while True:
@@ -458,7 +468,7 @@ class SealingStream:
         """pyrage's thread: the source, hashed, encrypted into the pipe."""
         try:
             with os.fdopen(self._write_end, "wb") as sink:
-                self._key.encrypt(self.source, sink)
+                self._key.encrypt(self.source if self.source is not None else self._raw, sink)
         except BaseException as exc:
             self._error = exc
 

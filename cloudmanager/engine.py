@@ -156,6 +156,9 @@ class StreamResult(NamedTuple):
     cooling: Sequence[str]
     #: The facts of the failed attempts (a staged one's fact comes with its publish).
     facts: List[Fact]
+    #: With ``name`` and ``vet``: where an object already there was kept
+    #: instead (nothing staged; its fact is in ``facts``).
+    kept: Optional[Location] = None
 
 
 class _SourceFailure(Exception):
@@ -383,7 +386,8 @@ class UploadEngine:
 
     def stream(self, path: str, size: int, exclude: Iterable[str] = (),
                transform: Optional[Callable[[IO[bytes]], Any]] = None,
-               limit: Optional[int] = None) -> StreamResult:
+               limit: Optional[int] = None, name: Optional[str] = None,
+               vet: Optional[Vet] = None) -> StreamResult:
         """Stream a source to the healthiest host that can stage it, hashing it on the way.
 
         The file at ``path`` is read once, through a hashing stream, by the
@@ -403,6 +407,10 @@ class UploadEngine:
             each attempt makes its own. Its failures are the source's. The
             hash and size are then of what it made (``Streamed.made``)
         :param limit: with ``transform``: the most bytes it may make
+        :param name: the object's name, when the caller knows it already,
+            and ``vet`` (see :data:`Vet`): a host holding an object under
+            ``name`` that ``vet`` accepts is not streamed to
+            (:attr:`StreamResult.kept`)
         :return: a :class:`StreamResult`; its ``streamed`` is None if no
             host that can stage took the source
         :raises IntegrityError: if the source grew past ``size`` while it was read
@@ -416,9 +424,12 @@ class UploadEngine:
         try:
             while candidates:
                 host = candidates.pop(0)
-                outcome = self._stage_one(host, path, size, transform, limit)
+                outcome = self._stage_one(host, path, size, transform, limit, name, vet)
                 if isinstance(outcome, Streamed):
                     return StreamResult(outcome, failures, [h.name for h in cooling], facts)
+                if isinstance(outcome[0], Location):  # kept: an object there already
+                    return StreamResult(None, failures, [h.name for h in cooling],
+                                        facts + [outcome[1]], kept=outcome[0])
                 failures.append(outcome[0])
                 facts.append(outcome[1])
         except _SourceFailure as exc:
@@ -432,7 +443,9 @@ class UploadEngine:
 
     def _stage_one(self, host: Host, path: str, size: int,
                    transform: Optional[Callable[[IO[bytes]], Any]] = None,
-                   limit: Optional[int] = None) -> Union[Streamed, Tuple[HostError, Fact]]:
+                   limit: Optional[int] = None, name: Optional[str] = None,
+                   vet: Optional[Vet] = None
+                   ) -> Union[Streamed, Tuple[Union[HostError, Location], Fact]]:
         """One staging of ``path`` on ``host``: a :class:`Streamed`, or ``(error, fact)``.
 
         A staging that worked has no fact of its own: the publish's (or the
@@ -450,7 +463,10 @@ class UploadEngine:
         started = time.monotonic()
         late: Dict[str, Staged] = {}
 
-        def run() -> Streamed:
+        def run() -> Union[Streamed, Location]:
+            kept = self._kept(host, name, vet) if name is not None else None
+            if kept is not None:
+                return kept
             try:
                 source = open(path, "rb")
             except OSError as exc:
@@ -495,6 +511,8 @@ class UploadEngine:
             return self._failed(host, exc, what)
         except Exception as exc:  # a host bug must not take the engine down
             return self._failed(host, TransientHostError(host.name, repr(exc)), what)
+        if isinstance(streamed, Location):
+            return streamed, Fact(host.name, True, (time.monotonic() - started) * 1000)
         log.debug("streamed %d bytes to %s (SHA-256 %s)", streamed.size, host.name,
                   streamed.file_hash)
         return streamed

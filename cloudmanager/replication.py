@@ -58,7 +58,7 @@ from typing import (
 )
 
 from . import fsutil
-from .crypto import PoolKey, SealingStream, ciphertext_size_max
+from .crypto import AGE_BINARY_MIN, PoolKey, SealingStream, ciphertext_size_max
 from .db import FileDatabase
 from .db.copies import CopyKey, ObjectMeta
 from .engine import (
@@ -337,7 +337,7 @@ class Replicator:
                     shorts.append((file_hash, copies, target, short_reason(result)))
             kept = getattr(objects, "kept", {})
             made_objects = None if objects is None else \
-                {g: kept.get(g) or objects[g[0]] for g in good if g[0] in objects}
+                {g: kept.get(g) or objects[g[0]] for g in good if g in kept or g[0] in objects}
             self.db.copies.record_good(conn, good, int(now), objects=made_objects)
             self.db.copies.record_pending(conn, pending, int(now))
             self.db.queue.remove(conn, settled)
@@ -422,6 +422,66 @@ class Replicator:
                 objects[job.file_hash] = ObjectMeta(digest, size, key.key_id)
             yield sealed, objects
 
+    def _streams(self, jobs: Sequence[UploadJob]) -> bool:
+        """Whether a round is one large cached file of an encrypted pool that
+        one more host needs, and a host that lacks it can stage: it is then
+        sealed as it streams to that host (:meth:`_send_streamed`), with no
+        work file and no second copy of the ciphertext."""
+        if self.key is None or len(jobs) != 1:
+            return False
+        job = jobs[0]
+        return (job.size >= AGE_BINARY_MIN and job.target - len(job.holders) == 1
+                and any(h.can_stage for n, h in self.engine.hosts.items()
+                        if n not in job.holders))
+
+    def _send_streamed(self, job: UploadJob
+                       ) -> Tuple[List[UploadResult], SealedObjects]:
+        """Send one cached file to one more host, sealed as the host reads it
+        (:class:`~cloudmanager.crypto.SealingStream`; the ``age`` command
+        reads the cached file itself, which was verified when it came in, as
+        a plain upload sends it unhashed), the ciphertext hashed by the
+        engine on the way, then published under the file's keyed name. A
+        host holding an object under the name that the vet accepts is kept
+        instead (:meth:`_vet`); one that fails is followed by the next.
+
+        :return: ``([result], objects)`` as :meth:`_sealed` gives them
+        """
+        key = self.key
+        assert key is not None
+        name = key.object_name(job.file_hash)
+        objects = SealedObjects()
+        objects.plain[name] = (job.file_hash, job.size)
+        vet = self._vet(objects)
+        failures: List[HostError] = []
+        facts: List[Fact] = []
+        tried = set(job.holders)
+        while True:
+            first = self.engine.stream(
+                job.path, job.size, exclude=tried,
+                transform=lambda raw: SealingStream(key, raw, job.size, hashed=False),
+                limit=ciphertext_size_max(job.size), name=name, vet=vet)
+            failures += first.failures
+            facts += first.facts
+            made: List[Location] = []
+            if first.kept is not None:
+                made = [first.kept]
+            elif first.streamed is not None:
+                streamed = first.streamed
+                tried.add(streamed.host.name)
+                try:
+                    outcome, fact = self.engine.publish(streamed, name)
+                    facts.append(fact)
+                    if isinstance(outcome, HostError):
+                        failures.append(outcome)
+                        continue  # the next host seals it again
+                    made = [outcome]
+                    objects[job.file_hash] = ObjectMeta(streamed.file_hash, streamed.size,
+                                                        key.key_id)
+                finally:
+                    self.engine.abort(streamed)  # nothing once published
+                    self.health.release([streamed.host.name])
+            return [UploadResult(made, failures, first.cooling, facts)], objects
+
     def _vet(self, objects: SealedObjects) -> Vet:
         """The :data:`~cloudmanager.engine.Vet` of an encrypted pool's uploads:
         an object a host holds already under a file's keyed name (made by
@@ -498,14 +558,18 @@ class Replicator:
                     continue
                 jobs.append(UploadJob(path, file_hash, state.size, frozenset(holders), target))
                 plans.append((file_hash, holders, target))
-            with self._sealed(jobs) as (jobs, objects):
-                if len(jobs) == 1:  # one file: each host's own upload, no group overhead
-                    job = jobs[0]
-                    results = [self.engine.upload(job.path, job.file_hash, job.size,
-                                                  holders=job.holders, target=job.target,
-                                                  vet=job.vet)]
-                else:
-                    results = self.engine.upload_many(jobs) if jobs else []
+            objects: Optional[Dict[str, ObjectMeta]]
+            if self._streams(jobs):
+                results, objects = self._send_streamed(jobs[0])
+            else:
+                with self._sealed(jobs) as (jobs, objects):
+                    if len(jobs) == 1:  # one file: each host's own upload, no group overhead
+                        job = jobs[0]
+                        results = [self.engine.upload(job.path, job.file_hash, job.size,
+                                                      holders=job.holders, target=job.target,
+                                                      vet=job.vet)]
+                    else:
+                        results = self.engine.upload_many(jobs) if jobs else []
             rounds = [(h, holders, target, result)
                       for (h, holders, target), result in zip(plans, results)]
             if rounds or settled:

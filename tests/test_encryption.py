@@ -8,6 +8,7 @@ when ``CM_REQUIRE_AGE=1``, as in CI).
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -192,6 +193,37 @@ def test_a_large_file_streams_sealed_to_its_host_with_no_work_file(
     assert len(blobs) == 2 and blobs[0] == blobs[1] and open_with_age(
         age, key, blobs[0], tmp_path) == data
     assert not gone.exists()
+
+
+def test_a_large_cached_file_streams_sealed_and_an_object_there_is_kept(
+        make_pool, folders, key, age, write_file, tmp_path, caplog):
+    """A large cached file one host needs is sealed by ``age`` straight into
+    that host's staging (no ciphertext in the cache's work room); another
+    node with the key finds the object there and keeps it, recording its
+    own ciphertext hash, and reads it back."""
+    from cloudmanager.crypto import AGE_BINARY_MIN
+
+    data = os.urandom(AGE_BINARY_MIN + 50_000) + SENTENCE
+    source = write_file(NAME, data)
+    caplog.set_level("DEBUG", logger="cloudmanager")
+    node_a = make_pool(name="a", capacity=64 << 20, hosts=["dir:%s" % folders[0]],
+                       redundancy=1, encryption_key=key)
+    digest = node_a.upload(source)
+    assert digest == sha(data) and node_a.on_cache(digest)
+    assert re.search(r"streamed \d+ bytes to", caplog.text)  # not sealed into the cache
+    (name, blob), = objects_in(folders[0]).items()
+    assert SENTENCE not in blob and open_with_age(age, key, blob, tmp_path) == data
+    (entry,) = node_a.info(digest)["uploads"]
+    assert (entry["object_sha256"], int(entry["object_size"])) == (sha(blob), len(blob))
+    caplog.clear()
+    node_b = make_pool(name="b", capacity=64 << 20, hosts=["dir:%s" % folders[0]],
+                       redundancy=1, encryption_key=key)
+    assert node_b.upload(source) == digest
+    assert objects_in(folders[0]) == {name: blob} and "not sent again" in caplog.text
+    (entry,) = node_b.info(digest)["uploads"]
+    assert (entry["object_sha256"], int(entry["object_size"])) == (sha(blob), len(blob))
+    assert node_b.evict(0) == 1 and open(node_b.warm_up(digest), "rb").read() == data
+    assert node_b.verify(deep=True)["good"] == 1
 
 
 # -- bad copies, other keys, hostile records ---------------------------------------------------
