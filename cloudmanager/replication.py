@@ -487,11 +487,12 @@ class Replicator:
         an object a host holds already under a file's keyed name (made by
         another node with this key, whose catalog we never saw) is kept, not
         sent again over it, if it is a copy of the file. That is proved by
-        fetching it once, hashing it (the ciphertext's SHA-256 and size, as
-        a copy made here records them, so that a cheap verify stays what it
-        is) and decrypting it to the file's hash and size; the plaintext goes
-        nowhere. Anything else under the name (another size, bytes that do
-        not decrypt to the file) is replaced by the upload, as before."""
+        fetching it once (into room the cache gives), hashing it (the
+        ciphertext's SHA-256 and size, as a copy made here records them, so
+        that a cheap verify stays what it is) and decrypting it to the
+        file's hash and size; the plaintext goes nowhere. Anything else under
+        the name (another size, bytes that do not decrypt to the file) is
+        replaced by the upload, as before."""
         key = self.key
         assert key is not None
 
@@ -501,8 +502,10 @@ class Replicator:
                 log.info("%s holds %d bytes under %s's name, not a copy of it; replacing them",
                          host.name, info.size, file_hash)
                 return False
-            with tempfile.TemporaryDirectory(prefix="cm-present-") as work:
-                fetched = os.path.join(work, "object")
+            assert self._scratch is not None
+            # Room in the cache (or a private temp directory when it is full).
+            with self._scratch(info.size) as path_of:
+                fetched = path_of(0)
                 try:
                     received = host.download(location.url, fetched, max_bytes=info.size)
                     digest, got = received if isinstance(received, Received) \
@@ -512,6 +515,8 @@ class Replicator:
                     log.info("%s holds an object under %s's name that is not a copy of it "
                              "(%s); replacing it", host.name, file_hash, exc)
                     return False
+                finally:
+                    fsutil.remove_quietly(fetched)
             if plain != (file_hash, size):
                 log.info("%s holds an object under %s's name that decrypts to another file; "
                          "replacing it", host.name, file_hash)
