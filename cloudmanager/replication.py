@@ -564,8 +564,15 @@ class Replicator:
                 jobs.append(UploadJob(path, file_hash, state.size, frozenset(holders), target))
                 plans.append((file_hash, holders, target))
             objects: Optional[Dict[str, ObjectMeta]]
+            sent = None
             if self._streams(jobs):
-                results, objects = self._send_streamed(jobs[0])
+                try:
+                    sent = self._send_streamed(jobs[0])
+                except OSError as exc:  # the age command failed, say: the usual way
+                    log.warning("could not seal %s as it streams (%s); sealing it first",
+                                jobs[0].file_hash, exc)
+            if sent is not None:
+                results, objects = sent
             else:
                 with self._sealed(jobs) as (jobs, objects):
                     if len(jobs) == 1:  # one file: each host's own upload, no group overhead

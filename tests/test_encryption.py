@@ -226,6 +226,31 @@ def test_a_large_cached_file_streams_sealed_and_an_object_there_is_kept(
     assert node_b.verify(deep=True)["good"] == 1
 
 
+def test_a_failing_age_command_leaves_the_work_to_pyrage(make_pool, folders, key, age,
+                                                          write_file, tmp_path, monkeypatch,
+                                                          caplog):
+    """An ``age`` on the PATH that fails: large files are still sealed and
+    opened (by pyrage), and what the host holds still opens with the real one."""
+    from cloudmanager.crypto import AGE_BINARY_MIN
+
+    broken = tmp_path / "bin" / "age"
+    broken.parent.mkdir()
+    broken.write_text("#!/bin/sh\necho 'age: error: broken on purpose' >&2\nexit 1\n")
+    broken.chmod(0o700)
+    monkeypatch.setenv("PATH", "%s%s%s" % (broken.parent, os.pathsep, os.environ["PATH"]))
+    caplog.set_level("INFO", logger="cloudmanager")
+    data = os.urandom(AGE_BINARY_MIN + 10_000)
+    cm = make_pool(capacity=64 << 20, hosts=["dir:%s" % folders[0]], redundancy=1,
+                   encryption_key=key)
+    digest = cm.upload(write_file(NAME, data))
+    assert not cm.stats()["queued"]
+    (blob,) = objects_in(folders[0]).values()
+    assert open_with_age(age, key, blob, tmp_path) == data
+    assert cm.evict(0) == 1 and open(cm.warm_up(digest), "rb").read() == data
+    assert "broken on purpose" in caplog.text and "sealing it first" in caplog.text
+    assert "using pyrage" in caplog.text and "trying pyrage" in caplog.text
+
+
 # -- bad copies, other keys, hostile records ---------------------------------------------------
 
 def test_a_flipped_ciphertext_byte_is_a_bad_copy_that_sync_replaces(make_pool, folders, key,
