@@ -25,15 +25,24 @@ recipient only).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
+import logging
 import os
+import shutil
 import stat
+import subprocess
 import tempfile
-from typing import IO, Any, Iterable, List, Optional, Sequence, Tuple
+import threading
+from typing import IO, Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
+from . import fsutil
 from .errors import ConfigError, IntegrityError, MissingDependencyError
 from .fsutil import HashingWriter, fsync_dir
+
+log = logging.getLogger(__name__)
 
 #: The one-line hint when pyrage is missing.
 INSTALL_HINT = "encrypted pools need pyrage: pip install 'cloudmanager[encryption]'"
@@ -45,6 +54,19 @@ _KEY_ID_INFO = b"cloudmanager key id v1"
 AGE_HEADER_MAX = 4096
 AGE_CHUNK = 64 * 1024
 AGE_TAG = 16
+#: Files at least this large are sealed and opened by the ``age`` command
+#: when it is installed: it runs on another core while this process hashes
+#: (pyrage holds the GIL, so nothing overlaps it), and it is faster (measured
+#: on 256 MiB: encrypt 1,580 against 770 MB/s, decrypt 1,280 against 650).
+#: Below it, starting a process costs more than it saves.
+AGE_BINARY_MIN = 4 << 20
+#: Files up to this size are encrypted in memory, in one call (see
+#: :meth:`PoolKey.encrypt_file`).
+SMALL_IN_MEMORY = 256 << 10
+#: Linux's ``F_SETPIPE_SZ``: age's output pipe is widened to a megabyte, so
+#: that each read takes a large chunk (hashlib releases the GIL on those).
+_F_SETPIPE_SZ = 1031
+_PIPE_SIZE = 1 << 20
 
 
 def _pyrage() -> Any:
@@ -116,12 +138,16 @@ class PoolKey:
     :param identity_path: an age identity file (``AGE-SECRET-KEY-1...``
         lines; ``#`` comments allowed), private to its owner
     :param recipients: more ``age1...`` recipients every copy is encrypted to
+    :param age_binary: the ``age`` command for files of :data:`AGE_BINARY_MIN`
+        bytes or more: ``"auto"`` finds it on the ``PATH``; None uses pyrage
+        for every file. Both write the same format (age-encryption.org/v1)
     :raises ConfigError: if the file cannot be read, is readable by others,
         or holds no X25519 identity; if a recipient is malformed
     :raises MissingDependencyError: if pyrage is not installed
     """
 
-    def __init__(self, identity_path: str, recipients: Sequence[str] = ()) -> None:
+    def __init__(self, identity_path: str, recipients: Sequence[str] = (),
+                 age_binary: Optional[str] = "auto") -> None:
         pyrage = _pyrage()
         self.path = os.path.abspath(identity_path)
         try:
@@ -156,6 +182,8 @@ class PoolKey:
         self._name_key = _hkdf(secret, _NAME_INFO)
         #: The key's id in records (says nothing about the key).
         self.key_id = _hkdf(secret, _KEY_ID_INFO, 16).hex()
+        #: The ``age`` command used for large files, or None (pyrage only).
+        self.binary = shutil.which("age") if age_binary == "auto" else age_binary
 
     def __repr__(self) -> str:
         return "<PoolKey %s (%d recipients)>" % (self.recipient, len(self.recipients))
@@ -194,21 +222,66 @@ class PoolKey:
 
     def encrypt_file(self, source_path: str, destination_path: str) -> Tuple[str, int]:
         """Encrypt a file into a new private file; :return: the ciphertext's
-        ``(sha256 hex, size)``, hashed as it is written (the source is read once)."""
+        ``(sha256 hex, size)``, hashed as it is written (the source is read once).
+
+        A large file is encrypted by the ``age`` command (see
+        :data:`AGE_BINARY_MIN`), its output hashed here as it arrives; if
+        that fails, by pyrage.
+
+        :raises OSError: if the file cannot be read or written
+        """
+        with open(source_path, "rb") as src:
+            size = os.fstat(src.fileno()).st_size
+            if size <= SMALL_IN_MEMORY:
+                return self._encrypt_small(src, size, destination_path)
         with open(source_path, "rb") as src, \
                 open(destination_path, "xb") as raw:
             os.fchmod(raw.fileno(), 0o600)
+            size = os.fstat(src.fileno()).st_size
+            if self._use_binary(size):
+                try:
+                    return self._run_binary(self._encrypt_args(), src.fileno(), raw.fileno(),
+                                            None, size)
+                except (IntegrityError, OSError) as exc:
+                    log.warning("the age command could not encrypt %s (%s); using pyrage",
+                                source_path, exc)
+                src.seek(0)
+                raw.seek(0)
+                raw.truncate()
             sink = HashingWriter(raw)
             self.encrypt(src, sink)
             raw.flush()
             return sink.digest.hexdigest(), sink.size
 
+    def _encrypt_small(self, src: IO[bytes], size: int,
+                       destination_path: str) -> Tuple[str, int]:
+        """:meth:`encrypt_file` of a small file of ``size`` bytes, in memory:
+        one read, one call into pyrage, one write (its stream wrappers cost
+        more than the encryption of a few KiB: measured 157 against 96 us for
+        4 KiB)."""
+        data = src.read(size + 1)  # one byte more: a file that grew is seen
+        if len(data) != size:
+            raise OSError("%s changed size while it was read (%d bytes, not %d)"
+                          % (getattr(src, "name", "the source"), len(data), size))
+        sealed = _pyrage().encrypt(data, self._recipients)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) \
+            | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(destination_path, flags, 0o600)
+        try:
+            fsutil.write_all(fd, sealed)
+        finally:
+            os.close(fd)
+        return hashlib.sha256(sealed).hexdigest(), len(sealed)
 
     def decrypt_file(self, source_path: str, destination_path: str,
                      limit: Optional[int] = None) -> Tuple[str, int]:
         """Decrypt a file into ``destination_path`` (created private, or
         truncated); :return: the plaintext's ``(sha256 hex, size)``, hashed as
         it is written.
+
+        A large file is decrypted by the ``age`` command (see
+        :data:`AGE_BINARY_MIN`); a failure there is confirmed by pyrage
+        before it condemns the copy (a broken or foreign ``age`` must not).
 
         :param limit: write at most this many bytes (the recorded size): more
             is a bad copy, refused before it can overfill a reservation
@@ -217,10 +290,257 @@ class PoolKey:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
         fd = os.open(destination_path, flags, 0o600)
         with open(source_path, "rb") as src, os.fdopen(fd, "wb") as raw:
+            if self._use_binary(os.fstat(src.fileno()).st_size):
+                try:
+                    return self._run_binary(["--decrypt"], src.fileno(), raw.fileno(), limit,
+                                            limit, identity=True)
+                except (IntegrityError, OSError) as exc:
+                    log.info("the age command could not decrypt %s (%s); trying pyrage",
+                             source_path, exc)
+                src.seek(0)
+                raw.seek(0)
+                raw.truncate()
             sink = HashingWriter(raw, limit)
             self.decrypt(src, sink)
             raw.flush()
             return sink.digest.hexdigest(), sink.size
+
+    # -- the age command -----------------------------------------------------------
+
+    def _use_binary(self, size: Optional[int]) -> bool:
+        """Whether a file of ``size`` bytes goes through the ``age`` command."""
+        return (self.binary is not None and size is not None and size >= AGE_BINARY_MIN
+                and os.path.isdir("/dev/fd"))  # the identity goes through a descriptor
+
+    def _encrypt_args(self) -> List[str]:
+        """``age``'s arguments to encrypt to every recipient. Each recipient was
+        parsed by pyrage (``age1`` and bech32), so none can be an option."""
+        args = ["--encrypt"]
+        for recipient in self.recipients:
+            args += ["--recipient", recipient]
+        return args
+
+    def _run_binary(self, args: List[str], stdin_fd: int, out_fd: int, limit: Optional[int],
+                    length: Optional[int], identity: bool = False) -> Tuple[str, int]:
+        """Run ``age ARGS`` from ``stdin_fd`` into ``out_fd``, hashing its
+        output here (:func:`~cloudmanager.fsutil.copy_and_hash`, pipelined
+        for a large one) while it works on the other core.
+
+        No path, name or other input is on its command line: it reads a
+        descriptor and writes a pipe. The identity (``identity=True``) goes
+        through a pipe of its own, passed as ``/dev/fd/N``: never in an
+        argument, the environment or a file.
+
+        :param limit: stop, kill it and raise past this many output bytes
+        :param length: the output's expected size (chooses the copy's pipeline)
+        :return: the output's ``(sha256 hex, size)``
+        :raises IntegrityError: if it exits with an error (the input is not
+            age for this key, or fails to authenticate), or writes past ``limit``
+        :raises OSError: if it cannot run, or is killed
+        """
+        assert self.binary is not None
+        command = [self.binary] + args
+        pass_fds: Tuple[int, ...] = ()
+        key_fd = None
+        try:
+            if identity:
+                key_fd, key_w = os.pipe()
+                try:  # ~80 bytes: far within the pipe's buffer, so this never blocks
+                    fsutil.write_all(key_w, ("%s\n" % self._identity).encode("ascii"))
+                finally:
+                    os.close(key_w)
+                command += ["--identity", "/dev/fd/%d" % key_fd]
+                pass_fds = (key_fd,)
+            proc = subprocess.Popen(command, stdin=stdin_fd, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, pass_fds=pass_fds, bufsize=0)
+        finally:
+            if key_fd is not None:
+                os.close(key_fd)
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            try:
+                fcntl.fcntl(proc.stdout.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
+            except OSError:
+                pass  # not Linux, or a lower limit: smaller reads, same bytes
+            try:
+                digest, size = fsutil.copy_and_hash(proc.stdout, out_fd, limit=limit,
+                                                    length=length)
+            except OverflowError:
+                raise IntegrityError("more than the %s bytes recorded" % limit) from None
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            proc.stdout.close()
+            errors = proc.stderr.read()  # a line or two: age says little
+            proc.stderr.close()
+            code = proc.wait()
+        if code < 0:
+            raise OSError("the age command was killed (signal %d)" % -code)
+        if code != 0:
+            text = " ".join(errors.decode("utf-8", "replace").split())[:300]
+            log.debug("age: %s", text)
+            raise IntegrityError(text or "the age command failed (exit status %d)" % code)
+        return digest, size
+
+
+class SealingStream:
+    """A source's age ciphertext, made as it is read: a forward-only binary
+    stream (``read``, ``readinto``) for a host's
+    :meth:`~cloudmanager.hosts.base.Host.stage`, so that sealing a file
+    needs no work file. The plaintext is hashed on the way (:attr:`source`).
+
+    The encryption runs beside the reader, into a pipe it reads: the ``age``
+    command fed by a thread (from :data:`AGE_BINARY_MIN` bytes, when
+    installed), else pyrage in a thread. Every byte handed out may also be
+    written to ``spool`` (a file the caller sends to more hosts: the same
+    ciphertext for all). Close it (or use it as a context manager) to stop
+    the work and reap the command, whether or not it was read to the end.
+
+    :param key: the pool's key
+    :param raw: the source, a binary file object at its first byte
+    :param size: the source's size; more bytes are refused (OverflowError)
+    :param spool: a new private file to write the ciphertext to as well, or None
+    :param hashed: False for a source whose hash is known and trusted (a
+        cached file, verified when it came in, as a plain upload sends it):
+        it is not hashed again, and the ``age`` command reads its file
+        descriptor itself (no feeder, one pass less over the bytes);
+        :attr:`source` is then None
+    """
+
+    def __init__(self, key: PoolKey, raw: IO[bytes], size: int,
+                 spool: Optional[str] = None, hashed: bool = True) -> None:
+        #: The source as read: its SHA-256 (``hexdigest()``) and ``count``.
+        self.source: Optional[fsutil.HashingReader] = \
+            fsutil.HashingReader(raw, limit=size) if hashed else None
+        self._raw = raw
+        #: The file the ciphertext is written to as well, or None.
+        self.spool_path = spool
+        self._spool = None if spool is None else os.open(
+            spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        self._error: Optional[BaseException] = None
+        self._done = False
+        self._proc: Optional[subprocess.Popen[bytes]] = None
+        if key._use_binary(size):
+            try:
+                self._proc = subprocess.Popen([key.binary or "age"] + key._encrypt_args(),
+                                              stdin=subprocess.PIPE if hashed else raw,
+                                              stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, bufsize=0)
+            except OSError as exc:  # gone since the key was loaded: pyrage does it
+                log.warning("cannot run the age command (%s); using pyrage", exc)
+        if self._proc is not None:
+            assert self._proc.stdout is not None
+            self._out: Any = self._proc.stdout
+            for pipe in (self._proc.stdin, self._out):
+                try:  # large pipes: fewer, larger reads and writes on each side
+                    if pipe is not None:
+                        fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
+                except OSError:
+                    pass
+            target: Optional[Callable[[], None]] = self._feed if hashed else None
+        else:
+            read_end, self._write_end = os.pipe()
+            self._out = os.fdopen(read_end, "rb", buffering=0)
+            self._key = key
+            target = self._pyrage
+        self._thread = threading.Thread(target=target, name="cloudmanager-seal", daemon=True)
+        self._thread.start()  # with no target (age reads the file), it ends at once
+
+    def _feed(self) -> None:
+        """The ``age`` command's feeder: the source, hashed, into its stdin."""
+        assert self._proc is not None and self._proc.stdin is not None
+        assert self.source is not None
+        stdin = self._proc.stdin
+        try:
+            while True:
+                data = self.source.read(fsutil.CHUNK)
+                if not data:
+                    break
+                fsutil.write_all(stdin.fileno(), data)
+        except BaseException as exc:  # the reader raises it at the end
+            self._error = exc
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+    def _pyrage(self) -> None:
+        """pyrage's thread: the source, hashed, encrypted into the pipe."""
+        try:
+            with os.fdopen(self._write_end, "wb") as sink:
+                self._key.encrypt(self.source if self.source is not None else self._raw, sink)
+        except BaseException as exc:
+            self._error = exc
+
+    def readable(self) -> bool:
+        """Always True: it is read."""
+        return True
+
+    def seekable(self) -> bool:
+        """Always False: forward only (a reader buffers what it may resend)."""
+        return False
+
+    def readinto(self, buffer: Any) -> int:
+        """Read ciphertext into ``buffer``; :return: how many bytes (0 at the end).
+
+        :raises OSError: if the source could not be read or the encryption
+            failed (at the end, instead of a short ciphertext); OverflowError
+            if the source grew past its size
+        """
+        n = self._out.readinto(buffer) or 0
+        if n:
+            if self._spool is not None:
+                fsutil.write_all(self._spool, memoryview(buffer)[:n])
+            return n
+        self._finish()
+        return 0
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        """Up to ``size`` bytes of ciphertext (at most a chunk when negative)."""
+        buffer = bytearray(fsutil.CHUNK if size is None or size < 0 else size)
+        n = self.readinto(buffer)
+        return bytes(buffer[:n])
+
+    def _finish(self) -> None:
+        """At the end of the ciphertext: the work is over; raise what failed."""
+        if self._done:
+            return
+        self._done = True
+        self._thread.join()
+        if self._proc is not None:
+            assert self._proc.stderr is not None
+            errors = self._proc.stderr.read()
+            code = self._proc.wait()
+            if self._error is None and code != 0:
+                text = " ".join(errors.decode("utf-8", "replace").split())[:300]
+                self._error = OSError("the age command failed to encrypt (exit status %d): %s"
+                                      % (code, text))
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Stop the work (if the ciphertext was not read to its end) and reap it."""
+        if not self._done:
+            self._done = True
+            if self._proc is not None:
+                self._proc.kill()
+        self._out.close()  # a writer still at work gets EPIPE, and stops
+        self._thread.join()
+        if self._proc is not None:
+            self._proc.wait()
+            for pipe in (self._proc.stdin, self._proc.stderr):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
+        if self._spool is not None:
+            os.close(self._spool)
+            self._spool = None
+
+    def __enter__(self) -> SealingStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def recipients_of(values: Iterable[str]) -> List[str]:

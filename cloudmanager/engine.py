@@ -19,6 +19,7 @@ records them, with the rest of what the operation changed, in one transaction.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import contextvars
 import logging
 import os
@@ -27,6 +28,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 from typing import (
+    IO,
     Any,
     Callable,
     Dict,
@@ -57,7 +59,7 @@ from .errors import (
     TransientHostError,
 )
 from .health import Fact, Health
-from .hosts.base import Host, Location, Received, Staged
+from .hosts.base import Host, Location, ObjectInfo, Received, Staged
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,15 @@ class UploadJob(NamedTuple):
     holders: FrozenSet[str]
     #: Hosts wanted in all, holders included.
     target: int
+    #: See :data:`Vet`: keep an object already on a host under this name.
+    vet: Optional[Vet] = None
+
+
+#: ``vet(host, name, location, info)``: whether an object a host holds already
+#: under the name an upload would give (``host.find(name)``) may stand for
+#: the upload, which is then not sent. Called in the transfer's thread; the
+#: caller's business (an encrypted pool fetches it once and decrypts it).
+Vet = Callable[[Host, str, Location, ObjectInfo], bool]
 
 
 class UploadResult(NamedTuple):
@@ -131,6 +142,9 @@ class Streamed(NamedTuple):
     size: int
     #: ``time.monotonic()`` when the attempt began (for the fact of the publish).
     started: float
+    #: With :meth:`UploadEngine.stream`'s ``transform``: what it made of the
+    #: source (the stream the host read, closed), for the caller to ask.
+    made: Any = None
 
 
 class StreamResult(NamedTuple):
@@ -143,6 +157,9 @@ class StreamResult(NamedTuple):
     cooling: Sequence[str]
     #: The facts of the failed attempts (a staged one's fact comes with its publish).
     facts: List[Fact]
+    #: With ``name`` and ``vet``: where an object already there was kept
+    #: instead (nothing staged; its fact is in ``facts``).
+    kept: Optional[Location] = None
 
 
 class _SourceFailure(Exception):
@@ -304,7 +321,7 @@ class UploadEngine:
 
     def upload(self, path: str, file_hash: str, size: int,
                holders: Iterable[str] = (), target: Optional[int] = None,
-               rehash: bool = False) -> UploadResult:
+               rehash: bool = False, vet: Optional[Vet] = None) -> UploadResult:
         """Upload a file until ``target`` hosts beyond ``holders`` hold it.
 
         :param path: the local file (the cached copy, or the source itself)
@@ -316,6 +333,8 @@ class UploadEngine:
             is published only if its bytes hash to ``file_hash`` (see
             :meth:`_rehash_one`). Once one does not, the source has changed:
             no further host is tried
+        :param vet: see :data:`Vet`: a host that holds an object under
+            ``file_hash`` already, which ``vet`` accepts, is not sent it again
         """
         target = self.redundancy if target is None else target
         holders = set(holders)
@@ -341,7 +360,8 @@ class UploadEngine:
                     running.add(self._spawn(self._rehash_one, host, path, file_hash, size,
                                                   changed))
                 else:
-                    running.add(self._spawn(self._upload_one, host, path, file_hash, size))
+                    running.add(self._spawn(self._upload_one, host, path, file_hash, size,
+                                            vet))
             if not running:
                 break
             done, running = concurrent.futures.wait(
@@ -354,12 +374,12 @@ class UploadEngine:
         return UploadResult(successes, failures, [h.name for h in cooling], facts)
 
     def _upload_one(self, host: Host, path: str, file_hash: str,
-                    size: int) -> Tuple[object, Fact]:
+                    size: int, vet: Optional[Vet] = None) -> Tuple[object, Fact]:
         started = time.monotonic()
         what = "upload of %s" % file_hash
         try:
             location = self._call(host, what, self.deadline(host, size),
-                                  host.upload, path, file_hash)
+                                  self._send, host, path, file_hash, vet)
         except HostError as exc:
             return self._failed(host, exc, what)
         except Exception as exc:  # a host bug must not take the engine down
@@ -368,9 +388,37 @@ class UploadEngine:
         return location, Fact(host.name, True, (time.monotonic() - started) * 1000,
                               uploaded=size)
 
+    @staticmethod
+    def _send(host: Host, path: str, name: str, vet: Optional[Vet]) -> Location:
+        """``host.upload(path, name)``, unless ``vet`` accepts an object the
+        host holds under ``name`` already (see :data:`Vet`)."""
+        kept = UploadEngine._kept(host, name, vet)
+        return kept if kept is not None else host.upload(path, name)
+
+    @staticmethod
+    def _kept(host: Host, name: str, vet: Optional[Vet]) -> Optional[Location]:
+        """The location of an object ``host`` holds under ``name`` that ``vet``
+        accepts in place of an upload, or None."""
+        if vet is None or not host.can_check:
+            return None
+        try:
+            found = host.find(name)
+        except HostError as exc:
+            # Only a saving: a host that cannot tell (a pool folder not made
+            # yet, say) gets the upload, which succeeds or fails on its own.
+            log.debug("%s: cannot tell whether %s is there (%s); sending it", host.name, name,
+                      exc.message)
+            return None
+        if found is None or not vet(host, name, *found):
+            return None
+        return found[0]
+
     # -- staged uploads (a source read once per host, hashed as it streams) ------
 
-    def stream(self, path: str, size: int, exclude: Iterable[str] = ()) -> StreamResult:
+    def stream(self, path: str, size: int, exclude: Iterable[str] = (),
+               transform: Optional[Callable[[IO[bytes]], Any]] = None,
+               limit: Optional[int] = None, name: Optional[str] = None,
+               vet: Optional[Vet] = None) -> StreamResult:
         """Stream a source to the healthiest host that can stage it, hashing it on the way.
 
         The file at ``path`` is read once, through a hashing stream, by the
@@ -384,6 +432,16 @@ class UploadEngine:
         :param size: its size when the caller looked: more bytes than that
             are refused as they come
         :param exclude: names of hosts not to try (tried already)
+        :param transform: ``transform(source)``: the stream the host reads in
+            place of the source (an encrypted pool's
+            :class:`~cloudmanager.crypto.SealingStream`), with ``close()``;
+            each attempt makes its own. Its failures are the source's. The
+            hash and size are then of what it made (``Streamed.made``)
+        :param limit: with ``transform``: the most bytes it may make
+        :param name: the object's name, when the caller knows it already,
+            and ``vet`` (see :data:`Vet`): a host holding an object under
+            ``name`` that ``vet`` accepts is not streamed to
+            (:attr:`StreamResult.kept`)
         :return: a :class:`StreamResult`; its ``streamed`` is None if no
             host that can stage took the source
         :raises IntegrityError: if the source grew past ``size`` while it was read
@@ -397,9 +455,12 @@ class UploadEngine:
         try:
             while candidates:
                 host = candidates.pop(0)
-                outcome = self._stage_one(host, path, size)
+                outcome = self._stage_one(host, path, size, transform, limit, name, vet)
                 if isinstance(outcome, Streamed):
                     return StreamResult(outcome, failures, [h.name for h in cooling], facts)
+                if isinstance(outcome[0], Location):  # kept: an object there already
+                    return StreamResult(None, failures, [h.name for h in cooling],
+                                        facts + [outcome[1]], kept=outcome[0])
                 failures.append(outcome[0])
                 facts.append(outcome[1])
         except _SourceFailure as exc:
@@ -411,8 +472,11 @@ class UploadEngine:
             self.health.release(h.name for h in candidates)  # probes not used
         return StreamResult(None, failures, [h.name for h in cooling], facts)
 
-    def _stage_one(self, host: Host, path: str, size: int
-                   ) -> Union[Streamed, Tuple[HostError, Fact]]:
+    def _stage_one(self, host: Host, path: str, size: int,
+                   transform: Optional[Callable[[IO[bytes]], Any]] = None,
+                   limit: Optional[int] = None, name: Optional[str] = None,
+                   vet: Optional[Vet] = None
+                   ) -> Union[Streamed, Tuple[Union[HostError, Location], Fact]]:
         """One staging of ``path`` on ``host``: a :class:`Streamed`, or ``(error, fact)``.
 
         A staging that worked has no fact of its own: the publish's (or the
@@ -430,20 +494,32 @@ class UploadEngine:
         started = time.monotonic()
         late: Dict[str, Staged] = {}
 
-        def run() -> Streamed:
+        def run() -> Union[Streamed, Location]:
+            kept = self._kept(host, name, vet) if name is not None else None
+            if kept is not None:
+                return kept
             try:
                 source = open(path, "rb")
             except OSError as exc:
                 raise _SourceFailure(exc) from exc
-            with source:
-                reader = fsutil.HashingReader(source, limit=size)
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(source)
+                made = None
+                if transform is not None:
+                    try:
+                        made = transform(source)
+                    except OSError as exc:
+                        raise _SourceFailure(exc) from exc
+                    stack.callback(made.close)
+                reader = fsutil.HashingReader(made if made is not None else source,
+                                              limit=limit if made is not None else size)
                 try:
                     staged = host.stage(reader, size)
                 except BaseException as exc:
                     if reader.error is not None:
                         raise _SourceFailure(reader.error) from exc
-                    if reader.eof and reader.count < size:  # a host that wanted them all
-                        raise _SourceFailure(IntegrityError(
+                    if made is None and reader.eof and reader.count < size:  # a host that
+                        raise _SourceFailure(IntegrityError(  # wanted them all
                             "%s shrank while it was read (%d bytes of %d)"
                             % (path, reader.count, size))) from exc
                     raise
@@ -451,7 +527,7 @@ class UploadEngine:
                 if reader.error is not None:  # a host that swallowed the source's error
                     staged.abort()
                     raise _SourceFailure(reader.error)
-            return Streamed(host, staged, reader.hexdigest(), reader.count, started)
+            return Streamed(host, staged, reader.hexdigest(), reader.count, started, made)
 
         def cleanup() -> None:  # the engine gave up on the call, which ended after all
             staged = late.get("staged")
@@ -466,6 +542,8 @@ class UploadEngine:
             return self._failed(host, exc, what)
         except Exception as exc:  # a host bug must not take the engine down
             return self._failed(host, TransientHostError(host.name, repr(exc)), what)
+        if isinstance(streamed, Location):
+            return streamed, Fact(host.name, True, (time.monotonic() - started) * 1000)
         log.debug("streamed %d bytes to %s (SHA-256 %s)", streamed.size, host.name,
                   streamed.file_hash)
         return streamed
@@ -546,9 +624,10 @@ class UploadEngine:
         """
         return _Batch(self, jobs).run()
 
-    def _upload_group(self, host: Host, items: Sequence[Tuple[int, str, str, int]]
+    def _upload_group(self, host: Host,
+                      items: Sequence[Tuple[int, str, str, int, Optional[Vet]]]
                       ) -> List[_GroupOutcome]:
-        """Upload ``[(index, path, file_hash, size)]`` to one host, one after another.
+        """Upload ``[(index, path, file_hash, size, vet)]`` to one host, one after another.
 
         One daemon thread does the uploads, under one connection slot; the
         caller waits for each file no longer than :meth:`deadline` would let
@@ -582,34 +661,40 @@ class UploadEngine:
                     state["current"] = then
 
         def one_by_one():
-            for position, (index, path, file_hash, size) in enumerate(items):
+            for position, (index, path, file_hash, size, vet) in enumerate(items):
                 started = time.monotonic()
                 with cond:
                     if state["abandoned"]:
                         return
                     state["current"] = (started, self.deadline(host, size))
-                outcome = self._guarded(host, lambda: host.upload(path, file_hash))
+                outcome = self._guarded(host, lambda: self._send(host, path, file_hash, vet))
                 ended = time.monotonic()
                 then = (ended, self.deadline(host, items[position + 1][3])) \
                     if position + 1 < len(items) else None
                 finish(index, file_hash, outcome, (ended - started) * 1000, then)
 
         def as_batch():
-            limits = [self.deadline(host, size) for _, _, _, size in items]
+            limits = [self.deadline(host, size) for _, _, _, size, _ in items]
             started = time.monotonic()
             with cond:
                 state["current"] = (started, None if None in limits else sum(limits))
+            # Objects already there that the job's vet accepts are not sent.
+            kept = [self._guarded(host, lambda: self._kept(host, file_hash, vet))
+                    for _, _, file_hash, _, vet in items]
+            send = [item for item, k in zip(items, kept) if k is None]
             outcomes = self._guarded(host, lambda: host.upload_batch(
-                [(path, file_hash) for _, path, file_hash, _ in items]))
+                [(path, file_hash) for _, path, file_hash, _, _ in send])) if send else []
             if isinstance(outcomes, HostError):
-                outcomes = [outcomes] * len(items)
-            elif not isinstance(outcomes, list) or len(outcomes) != len(items):  # a host's bug
+                outcomes = [outcomes] * len(send)
+            elif not isinstance(outcomes, list) or len(outcomes) != len(send):  # a host's bug
                 outcomes = [TransientHostError(host.name, "upload_batch returned %.60r for %d "
-                                               "files" % (outcomes, len(items)))] * len(items)
+                                               "files" % (outcomes, len(send)))] * len(send)
             outcomes = [o if isinstance(o, (Location, HostError)) else TransientHostError(
                 host.name, "upload_batch gave %.60r for a file" % (o,)) for o in outcomes]
+            sent = iter(outcomes)
+            outcomes = [next(sent) if k is None else k for k in kept]
             latency_ms = (time.monotonic() - started) * 1000 / len(items)
-            for (index, _, file_hash, _), outcome in zip(items, outcomes):
+            for (index, _, file_hash, _, _), outcome in zip(items, outcomes):
                 finish(index, file_hash, outcome, latency_ms)
 
         def run():
@@ -634,7 +719,7 @@ class UploadEngine:
                     break
                 cond.wait(remaining)
             results = list(done)
-        for index, _, file_hash, _ in items[len(results):]:
+        for index, _, file_hash, _, _ in items[len(results):]:
             exc = HostUnavailableError(host.name, "upload of %s did not end within %.1f s; "
                                        "gave up" % (file_hash, self.deadline(host, 0)))
             log.warning("%s", exc.message)
@@ -1118,7 +1203,7 @@ class _Batch:
                     and self.in_flight < BATCH_IN_FLIGHT:
                 group, indexes[:] = indexes[:size], indexes[size:]
                 items = [(i, self.plans[i].job.path, self.plans[i].job.file_hash,
-                          self.plans[i].job.size) for i in group]
+                          self.plans[i].job.size, self.plans[i].job.vet) for i in group]
                 self.done.watch(self.engine._spawn(self.engine._upload_group, host, items),
                                 host)
                 self.in_flight += 1

@@ -58,15 +58,17 @@ from typing import (
 )
 
 from . import fsutil, meter
-from .crypto import PoolKey, ciphertext_size_max
+from .crypto import AGE_BINARY_MIN, PoolKey, SealingStream, ciphertext_size_max
 from .db import FileDatabase
 from .db.copies import CopyKey, ObjectMeta
-from .engine import CheckResult, Streamed, UploadEngine, UploadJob, UploadResult, Verdict
+from .engine import (
+    CheckResult, Streamed, UploadEngine, UploadJob, UploadResult, Verdict, Vet,
+)
 from .errors import (
     CloudManagerError, HostError, IntegrityError, InvalidInputError, UploadError,
 )
 from .health import Fact, Health
-from .hosts.base import Location
+from .hosts.base import Host, Location, ObjectInfo, Received
 
 log = logging.getLogger(__name__)
 
@@ -335,8 +337,9 @@ class Replicator:
                 else:
                     short_hashes.append(file_hash)
                     shorts.append((file_hash, copies, target, short_reason(result)))
+            kept = getattr(objects, "kept", {})
             made_objects = None if objects is None else \
-                {g: objects[g[0]] for g in good if g[0] in objects}
+                {g: kept.get(g) or objects[g[0]] for g in good if g in kept or g[0] in objects}
             self.db.copies.record_good(conn, good, int(now), objects=made_objects)
             self.db.copies.record_pending(conn, pending, int(now))
             self.db.queue.remove(conn, settled)
@@ -408,14 +411,123 @@ class Replicator:
         assert self._scratch is not None, "an encrypted pool needs room to encrypt in"
         key = self.key
         with self._scratch(sum(ciphertext_size_max(j.size) for j in jobs)) as path_of:
-            sealed, objects = [], {}
+            sealed, objects = [], SealedObjects()
+            vet = self._vet(objects)
             for k, job in enumerate(jobs):
                 temp = path_of(k)
                 digest, size = key.encrypt_file(job.path, temp)
-                sealed.append(job._replace(path=temp, file_hash=key.object_name(job.file_hash),
-                                           size=size))
+                name = key.object_name(job.file_hash)
+                objects.plain[name] = (job.file_hash, job.size)
+                sealed.append(job._replace(path=temp, file_hash=name, size=size, vet=vet))
                 objects[job.file_hash] = ObjectMeta(digest, size, key.key_id)
             yield sealed, objects
+
+    def _streams(self, jobs: Sequence[UploadJob]) -> bool:
+        """Whether a round is one large cached file of an encrypted pool that
+        one more host needs, and a host that lacks it can stage: it is then
+        sealed as it streams to that host (:meth:`_send_streamed`), with no
+        work file and no second copy of the ciphertext."""
+        if self.key is None or len(jobs) != 1:
+            return False
+        job = jobs[0]
+        return (job.size >= AGE_BINARY_MIN and job.target - len(job.holders) == 1
+                and any(h.can_stage for n, h in self.engine.hosts.items()
+                        if n not in job.holders))
+
+    def _send_streamed(self, job: UploadJob
+                       ) -> Tuple[List[UploadResult], SealedObjects]:
+        """Send one cached file to one more host, sealed as the host reads it
+        (:class:`~cloudmanager.crypto.SealingStream`; the ``age`` command
+        reads the cached file itself, which was verified when it came in, as
+        a plain upload sends it unhashed), the ciphertext hashed by the
+        engine on the way, then published under the file's keyed name. A
+        host holding an object under the name that the vet accepts is kept
+        instead (:meth:`_vet`); one that fails is followed by the next.
+
+        :return: ``([result], objects)`` as :meth:`_sealed` gives them
+        """
+        key = self.key
+        assert key is not None
+        name = key.object_name(job.file_hash)
+        objects = SealedObjects()
+        objects.plain[name] = (job.file_hash, job.size)
+        vet = self._vet(objects)
+        failures: List[HostError] = []
+        facts: List[Fact] = []
+        tried = set(job.holders)
+        while True:
+            first = self.engine.stream(
+                job.path, job.size, exclude=tried,
+                transform=lambda raw: SealingStream(key, raw, job.size, hashed=False),
+                limit=ciphertext_size_max(job.size), name=name, vet=vet)
+            failures += first.failures
+            facts += first.facts
+            made: List[Location] = []
+            if first.kept is not None:
+                made = [first.kept]
+            elif first.streamed is not None:
+                streamed = first.streamed
+                tried.add(streamed.host.name)
+                try:
+                    outcome, fact = self.engine.publish(streamed, name)
+                    facts.append(fact)
+                    if isinstance(outcome, HostError):
+                        failures.append(outcome)
+                        continue  # the next host seals it again
+                    made = [outcome]
+                    objects[job.file_hash] = ObjectMeta(streamed.file_hash, streamed.size,
+                                                        key.key_id)
+                finally:
+                    self.engine.abort(streamed)  # nothing once published
+                    self.health.release([streamed.host.name])
+            return [UploadResult(made, failures, first.cooling, facts)], objects
+
+    def _vet(self, objects: SealedObjects) -> Vet:
+        """The :data:`~cloudmanager.engine.Vet` of an encrypted pool's uploads:
+        an object a host holds already under a file's keyed name (made by
+        another node with this key, whose catalog we never saw) is kept, not
+        sent again over it, if it is a copy of the file. That is proved by
+        fetching it once (into room the cache gives), hashing it (the
+        ciphertext's SHA-256 and size, as a copy made here records them, so
+        that a cheap verify stays what it is) and decrypting it to the
+        file's hash and size; the plaintext goes nowhere. Anything else under
+        the name (another size, bytes that do not decrypt to the file) is
+        replaced by the upload, as before."""
+        key = self.key
+        assert key is not None
+
+        def vet(host: Host, name: str, location: Location, info: ObjectInfo) -> bool:
+            file_hash, size = objects.plain[name]
+            if not size <= info.size <= ciphertext_size_max(size):
+                log.info("%s holds %d bytes under %s's name, not a copy of it; replacing them",
+                         host.name, info.size, file_hash)
+                return False
+            assert self._scratch is not None
+            # Room in the cache (or a private temp directory when it is full).
+            with self._scratch(info.size) as path_of:
+                fetched = path_of(0)
+                try:
+                    received = host.download(location.url, fetched, max_bytes=info.size)
+                    digest, got = received if isinstance(received, Received) \
+                        else fsutil.hash_file(fetched)
+                    plain = key.decrypt_file(fetched, os.devnull, limit=size)
+                except (HostError, IntegrityError, OSError) as exc:
+                    log.info("%s holds an object under %s's name that is not a copy of it "
+                             "(%s); replacing it", host.name, file_hash, exc)
+                    return False
+                finally:
+                    fsutil.remove_quietly(fetched)
+            if plain != (file_hash, size):
+                log.info("%s holds an object under %s's name that decrypts to another file; "
+                         "replacing it", host.name, file_hash)
+                return False
+            objects.kept[(file_hash, location.host_name, location.url)] = \
+                ObjectMeta(digest, got, key.key_id)
+            log.info("%s holds %s already (sealed by a node with this key); not sent again",
+                     host.name, file_hash)
+            return True
+
+        return vet
 
     def _plan(self, holders: Set[str]) -> Tuple[Set[str], int, bool]:
         """``(holders, target, settled)`` for a file with good copies on ``holders``:
@@ -451,13 +563,25 @@ class Replicator:
                     continue
                 jobs.append(UploadJob(path, file_hash, state.size, frozenset(holders), target))
                 plans.append((file_hash, holders, target))
-            with self._sealed(jobs) as (jobs, objects):
-                if len(jobs) == 1:  # one file: each host's own upload, no group overhead
-                    job = jobs[0]
-                    results = [self.engine.upload(job.path, job.file_hash, job.size,
-                                                  holders=job.holders, target=job.target)]
-                else:
-                    results = self.engine.upload_many(jobs) if jobs else []
+            objects: Optional[Dict[str, ObjectMeta]]
+            sent = None
+            if self._streams(jobs):
+                try:
+                    sent = self._send_streamed(jobs[0])
+                except OSError as exc:  # the age command failed, say: the usual way
+                    log.warning("could not seal %s as it streams (%s); sealing it first",
+                                jobs[0].file_hash, exc)
+            if sent is not None:
+                results, objects = sent
+            else:
+                with self._sealed(jobs) as (jobs, objects):
+                    if len(jobs) == 1:  # one file: each host's own upload, no group overhead
+                        job = jobs[0]
+                        results = [self.engine.upload(job.path, job.file_hash, job.size,
+                                                      holders=job.holders, target=job.target,
+                                                      vet=job.vet)]
+                    else:
+                        results = self.engine.upload_many(jobs) if jobs else []
             rounds = [(h, holders, target, result)
                       for (h, holders, target), result in zip(plans, results)]
             if rounds or settled:
@@ -501,7 +625,8 @@ class Replicator:
                         job = UploadJob(source, file_hash, size, frozenset(holders), target)
                         with self._sealed([job]) as ([job], objects):
                             result = self.engine.upload(job.path, job.file_hash, job.size,
-                                                        holders=holders, target=target)
+                                                        holders=holders, target=target,
+                                                        vet=job.vet)
                         self._record_rounds([(file_hash, holders, target, result)],
                                             release=[file_hash], objects=objects)
                         return len(result.successes)
@@ -604,11 +729,105 @@ class Replicator:
 
     def _upload_source_sealed(self, path: str, record: Callable,
                               before: os.stat_result, expected: Optional[str] = None) -> str:
-        """:meth:`upload_source` for an encrypted pool: the source is read once,
-        hashed as it is encrypted into a private work file outside the cache
-        (the file does not fit it), and that one ciphertext goes to every host
-        under the file's keyed name. A source changed during the read is
-        refused, with nothing sent.
+        """:meth:`upload_source` for an encrypted pool: the source is read once
+        and sealed as it streams (:class:`~cloudmanager.crypto.SealingStream`)
+        to the healthiest host that can stage, the plaintext and the
+        ciphertext hashed on the way; when it ends, the staged object is
+        published under the file's keyed name if the source is unchanged,
+        else aborted and the upload refused.
+
+        No work file holds the ciphertext when one host is wanted (redundancy
+        1, or one host). When more are, the ciphertext is also written to a
+        private work file outside the cache as it streams, once, and that
+        same ciphertext goes from it to the other hosts: a second sealing
+        would make another ciphertext, and reading the object back from the
+        first host would cost its transfer and the same space. A host that
+        fails before the stream ended is followed by the next, which reads
+        (and seals) the source afresh, into a work file of its own.
+        """
+        key = self.key
+        assert key is not None
+        if not any(h.can_stage for h in self.engine.hosts.values()):
+            return self._upload_source_spooled(path, record, before, expected)
+        size = before.st_size
+        wanted = min(self.redundancy, len(self.engine.hosts))
+        failures: List[HostError] = []
+        facts: List[Fact] = []
+        tried: Set[str] = set()
+        # The work directory only when more than one host is wanted.
+        spooling = tempfile.TemporaryDirectory(prefix="cm-seal-") if wanted > 1 \
+            else contextlib.nullcontext(None)
+        with spooling as work:
+
+            def seal(raw) -> SealingStream:
+                # A work file per attempt: one the engine gave up on may write on.
+                spool = None if work is None else \
+                    os.path.join(work, "object-%d" % len(os.listdir(work)))
+                return SealingStream(key, raw, size, spool)
+
+            while True:
+                first = self.engine.stream(path, size, exclude=tried, transform=seal,
+                                           limit=ciphertext_size_max(size))
+                failures += first.failures
+                facts += first.facts
+                streamed = first.streamed
+                if streamed is None:
+                    with self.db.catalog.transaction():
+                        self.health.record(facts)
+                    raise UploadError("no host accepted %s (and it cannot be cached)" % path,
+                                      failures, facts)
+                tried |= {f.host for f in first.failures} | {streamed.host.name}
+                try:
+                    source = streamed.made.source
+                    after = os.stat(path)
+                    if source.count != size or _changed(before, after):
+                        raise IntegrityError("%s changed while it was read (%d bytes read of "
+                                             "%d); refused (nothing is recorded)"
+                                             % (path, source.count, size))
+                    file_hash = source.hexdigest()
+                    _check_expected(path, file_hash, expected)
+                    name = key.object_name(file_hash)
+                    objects = SealedObjects()
+                    objects[file_hash] = ObjectMeta(streamed.file_hash, streamed.size,
+                                                    key.key_id)
+                    objects.plain[name] = (file_hash, size)
+                    with self.locks.hold([file_hash]):
+                        published = self._publish_first(streamed, failures, facts, name)
+                        if published is None:
+                            continue  # that host failed: the next one seals the source again
+                        holders, location = published
+                        made = [location] if location is not None else []
+                        others = UploadResult([], [], [], [])
+                        spool = streamed.made.spool_path
+                        if spool is not None and len(holders) + len(made) < wanted:
+                            others = self.engine.upload(
+                                spool, name, streamed.size,
+                                holders=holders | {loc.host_name for loc in made},
+                                vet=self._vet(objects))
+                        result = UploadResult(made + others.successes,
+                                              failures + others.failures,
+                                              sorted(set(first.cooling) | set(others.cooling)),
+                                              facts + others.facts)
+                        self._record_source(path, file_hash, size, holders, result, record,
+                                            objects=objects)
+                        return file_hash
+                except (IntegrityError, OSError):
+                    if facts:
+                        with self.db.catalog.transaction():
+                            self.health.record(facts)
+                    raise
+                finally:
+                    self.engine.abort(streamed)  # nothing once published
+                    self.health.release([streamed.host.name])
+
+    def _upload_source_spooled(self, path: str, record: Callable,
+                               before: os.stat_result, expected: Optional[str] = None
+                               ) -> str:
+        """:meth:`_upload_source_sealed` when no host can stage (lockers only):
+        the source is read once, hashed as it is encrypted into a private
+        work file outside the cache (the file does not fit it), and that one
+        ciphertext goes to every host under the file's keyed name. A source
+        changed during the read is refused, with nothing sent.
 
         The work file takes the file's size on the disk while it is sent
         (see the README's Encryption section).
@@ -631,17 +850,22 @@ class Replicator:
             file_hash, size = source.hexdigest(), source.count
             _check_expected(path, file_hash, expected)
             meta = ObjectMeta(sink.digest.hexdigest(), sink.size, key.key_id)
+            name = key.object_name(file_hash)
+            objects = SealedObjects()
+            objects[file_hash] = meta
+            objects.plain[name] = (file_hash, size)
             with self.locks.hold([file_hash]):
                 state = self.db.copies.replication_states([file_hash]).get(file_hash)
                 holders = set(state.good) if state else set()
-                result = self.engine.upload(sealed, key.object_name(file_hash), meta.size,
-                                            holders=holders)
+                result = self.engine.upload(sealed, name, meta.size, holders=holders,
+                                            vet=self._vet(objects))
                 self._record_source(path, file_hash, size, holders, result, record,
-                                    objects={file_hash: meta})
+                                    objects=objects)
         return file_hash
 
     def _publish_first(self, streamed: Streamed, failures: List[HostError],
-                       facts: List[Fact]) -> Optional[Tuple[Set[str], Optional[Location]]]:
+                       facts: List[Fact], name: Optional[str] = None
+                       ) -> Optional[Tuple[Set[str], Optional[Location]]]:
         """Publish the first copy of a streamed source (under its hash's lock).
 
         :return: ``(holders, location)``: the hosts with a good copy before,
@@ -649,14 +873,15 @@ class Replicator:
             or enough others hold one already); None if the publish failed
             (its failure and fact are appended)
         """
-        file_hash = streamed.file_hash
+        file_hash = streamed.file_hash if name is None else \
+            streamed.made.source.hexdigest()
         state = self.db.copies.replication_states([file_hash]).get(file_hash)
         holders = set(state.good) if state else set()
         if streamed.host.name in holders or self._plan(holders)[2]:
             log.info("%s is held already; the bytes staged on %s are not published",
                      file_hash, streamed.host.name)
             return holders, None
-        outcome, fact = self.engine.publish(streamed, file_hash)
+        outcome, fact = self.engine.publish(streamed, file_hash if name is None else name)
         facts.append(fact)
         if isinstance(outcome, HostError):
             failures.append(outcome)
@@ -812,7 +1037,8 @@ class Replicator:
                                     self.redundancy)
                     with self._sealed([job]) as ([job], objects):
                         result = self.engine.upload(job.path, job.file_hash, job.size,
-                                                    holders=sealed_on, target=self.redundancy)
+                                                    holders=sealed_on, target=self.redundancy,
+                                                    vet=job.vet)
                 self._record_rounds([(file_hash, sealed_on, self.redundancy, result)],
                                     release=[file_hash], objects=objects)
                 summary["sealed"] += len(result.successes)
@@ -991,6 +1217,19 @@ class Replicator:
             log.info("ended the leases of this node's processes that died")
         self.db.copies.end_removals(conn, dead)
         return dead
+
+
+class SealedObjects(Dict[str, ObjectMeta]):
+    """``{file hash: ObjectMeta}`` of the ciphertexts sealed for a round of
+    uploads, with what :meth:`Replicator._vet` learns on the way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: ``{object name: (file hash, size)}`` of the files sealed.
+        self.plain: Dict[str, Tuple[str, int]] = {}
+        #: ``{(hash, host_name, url): ObjectMeta}``: objects found on hosts
+        #: that stand for an upload (their own ciphertext, not the one sealed).
+        self.kept: Dict[CopyKey, ObjectMeta] = {}
 
 
 def short_reason(result: UploadResult) -> str:

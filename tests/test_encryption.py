@@ -8,6 +8,7 @@ when ``CM_REQUIRE_AGE=1``, as in CI).
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import uuid
 import pytest
 
 from cloudmanager import CloudManager
-from cloudmanager.crypto import new_identity_file
+from cloudmanager.crypto import PoolKey, new_identity_file
 from hosts.s3_server import aws_env, bucket, moto_endpoint, s3_admin  # noqa: F401
 from hosts.webdav_server import PASSWORD, USER, webdav_server_fixture  # noqa: F401
 
@@ -153,6 +154,101 @@ def test_a_file_larger_than_the_cache_is_sealed_as_it_is_read(make_pool, folders
         assert open_with_age(age, key, blob, tmp_path) == data
     dest = tmp_path / "back"
     assert cm.download(digest, str(dest)) and dest.read_bytes() == data
+
+
+def test_a_large_file_streams_sealed_to_its_host_with_no_work_file(
+        make_pool, folders, key, age, write_file, tmp_path, monkeypatch):
+    """A file larger than the cache, sealed by the ``age`` command as it streams
+    straight into the host's staging file: with one host wanted, no work file
+    anywhere (the temp directory does not even exist). What the host holds
+    opens with ``age -d`` and comes back byte for byte; with two hosts, both
+    hold the same ciphertext."""
+    from cloudmanager.crypto import AGE_BINARY_MIN
+
+    data = os.urandom(AGE_BINARY_MIN + 100_000) + SENTENCE
+    source = write_file(NAME, data)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "no-such-dir"))
+    cm = make_pool(capacity=1 << 20, hosts=["dir:%s" % folders[0]], redundancy=1,
+                   encryption_key=key)
+    digest = cm.upload(source)
+    assert digest == sha(data) and not cm.on_cache(digest)
+    (blob,) = objects_in(folders[0]).values()
+    assert SENTENCE not in blob and open_with_age(age, key, blob, tmp_path) == data
+    (entry,) = cm.info(digest)["uploads"]
+    assert (entry["object_sha256"], int(entry["object_size"])) == (sha(blob), len(blob))
+    monkeypatch.undo()
+    dest = tmp_path / "back"
+    assert cm.download(digest, str(dest)) and dest.read_bytes() == data
+    # Two hosts wanted: the ciphertext is spooled once, and both get the same.
+    # A third host is gone (its folder unmounted): tried, it fails before or
+    # after the others, whose streams are sealed afresh.
+    gone = tmp_path / "hosts" / "gone"
+    node = make_pool(name="two", capacity=1 << 20, hosts=["dir:%s" % r for r in folders[1:]]
+                     + ["dir:%s" % (tmp_path / "hosts" / "h3"), "dir:%s" % gone],
+                     redundancy=2, encryption_key=key)
+    gone.rmdir()
+    assert node.upload(source) == digest
+    blobs = list(objects_in(folders[1]).values()) + list(
+        objects_in(tmp_path / "hosts" / "h3").values())
+    assert len(blobs) == 2 and blobs[0] == blobs[1] and open_with_age(
+        age, key, blobs[0], tmp_path) == data
+    assert not gone.exists()
+
+
+def test_a_large_cached_file_streams_sealed_and_an_object_there_is_kept(
+        make_pool, folders, key, age, write_file, tmp_path, caplog):
+    """A large cached file one host needs is sealed by ``age`` straight into
+    that host's staging (no ciphertext in the cache's work room); another
+    node with the key finds the object there and keeps it, recording its
+    own ciphertext hash, and reads it back."""
+    from cloudmanager.crypto import AGE_BINARY_MIN
+
+    data = os.urandom(AGE_BINARY_MIN + 50_000) + SENTENCE
+    source = write_file(NAME, data)
+    caplog.set_level("DEBUG", logger="cloudmanager")
+    node_a = make_pool(name="a", capacity=64 << 20, hosts=["dir:%s" % folders[0]],
+                       redundancy=1, encryption_key=key)
+    digest = node_a.upload(source)
+    assert digest == sha(data) and node_a.on_cache(digest)
+    assert re.search(r"streamed \d+ bytes to", caplog.text)  # not sealed into the cache
+    (name, blob), = objects_in(folders[0]).items()
+    assert SENTENCE not in blob and open_with_age(age, key, blob, tmp_path) == data
+    (entry,) = node_a.info(digest)["uploads"]
+    assert (entry["object_sha256"], int(entry["object_size"])) == (sha(blob), len(blob))
+    caplog.clear()
+    node_b = make_pool(name="b", capacity=64 << 20, hosts=["dir:%s" % folders[0]],
+                       redundancy=1, encryption_key=key)
+    assert node_b.upload(source) == digest
+    assert objects_in(folders[0]) == {name: blob} and "not sent again" in caplog.text
+    (entry,) = node_b.info(digest)["uploads"]
+    assert (entry["object_sha256"], int(entry["object_size"])) == (sha(blob), len(blob))
+    assert node_b.evict(0) == 1 and open(node_b.warm_up(digest), "rb").read() == data
+    assert node_b.verify(deep=True)["good"] == 1
+
+
+def test_a_failing_age_command_leaves_the_work_to_pyrage(make_pool, folders, key, age,
+                                                          write_file, tmp_path, monkeypatch,
+                                                          caplog):
+    """An ``age`` on the PATH that fails: large files are still sealed and
+    opened (by pyrage), and what the host holds still opens with the real one."""
+    from cloudmanager.crypto import AGE_BINARY_MIN
+
+    broken = tmp_path / "bin" / "age"
+    broken.parent.mkdir()
+    broken.write_text("#!/bin/sh\necho 'age: error: broken on purpose' >&2\nexit 1\n")
+    broken.chmod(0o700)
+    monkeypatch.setenv("PATH", "%s%s%s" % (broken.parent, os.pathsep, os.environ["PATH"]))
+    caplog.set_level("INFO", logger="cloudmanager")
+    data = os.urandom(AGE_BINARY_MIN + 10_000)
+    cm = make_pool(capacity=64 << 20, hosts=["dir:%s" % folders[0]], redundancy=1,
+                   encryption_key=key)
+    digest = cm.upload(write_file(NAME, data))
+    assert not cm.stats()["queued"]
+    (blob,) = objects_in(folders[0]).values()
+    assert open_with_age(age, key, blob, tmp_path) == data
+    assert cm.evict(0) == 1 and open(cm.warm_up(digest), "rb").read() == data
+    assert "broken on purpose" in caplog.text and "sealing it first" in caplog.text
+    assert "using pyrage" in caplog.text and "trying pyrage" in caplog.text
 
 
 # -- bad copies, other keys, hostile records ---------------------------------------------------
@@ -324,3 +420,70 @@ def test_a_folder_host_copy_needs_no_key_to_be_verified(make_pool, folders, key,
     (name,) = objects_in(folders[0])
     (folders[0] / name).write_bytes(b"x" * (folders[0] / name).stat().st_size)
     assert keyless.verify(deep=True)["bad"] == 1
+
+
+# -- an object already on a host ----------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["folder", "s3"])
+def test_an_object_another_node_sealed_is_kept_not_sent_again(
+        kind, make_pool, folders, key, write_file, tmp_path, caplog, request):
+    """Two nodes with the same key and catalogs of their own agree on names:
+    the second does not send (and overwrite) an object the first made, one
+    by one or in a batch; it records that object's own ciphertext hash and
+    size, so that its verifies and downloads check what the host holds. An
+    object under the name that is not the file is replaced."""
+    if kind == "s3":
+        from cloudmanager.hosts.s3 import S3Host
+
+        endpoint, bucket, s3_admin = (request.getfixturevalue(n) for n in
+                                      ("moto_endpoint", "bucket", "s3_admin"))
+
+        def host():
+            return S3Host(bucket, "pool", endpoint_url=endpoint, region="us-east-1",
+                          addressing_style="path")
+
+        def held():
+            listed = s3_admin.list_objects_v2(Bucket=bucket).get("Contents", [])
+            return {o["Key"].split("/")[-1]: s3_admin.get_object(Bucket=bucket, Key=o["Key"])
+                    ["Body"].read() for o in listed}
+
+        def plant(name, blob):
+            s3_admin.put_object(Bucket=bucket, Key="pool/" + name, Body=blob)
+    else:
+        def host():
+            return "dir:%s" % folders[0]
+
+        def held():
+            return objects_in(folders[0])
+
+        def plant(name, blob):
+            (folders[0] / name).write_bytes(blob)
+
+    files = {n: os.urandom(5000) + SENTENCE + n.encode() for n in ("one", "two", "three")}
+    paths = {n: write_file(n, data) for n, data in files.items()}
+    node_a = make_pool(name="a", hosts=[host()], redundancy=1, encryption_key=key)
+    assert node_a.upload(paths["one"]) and node_a.upload_many([paths["two"]])[0]
+    before = held()
+    assert len(before) == 2
+    node_b = make_pool(name="b", hosts=[host()], redundancy=1, encryption_key=key)
+    # One object under a name the pool will use that is not a copy of the file.
+    junk_name = PoolKey(key).object_name(sha(files["three"]))
+    plant(junk_name, os.urandom(6000))
+    caplog.set_level("INFO", logger="cloudmanager")
+    assert node_b.upload(paths["one"]) == sha(files["one"])
+    assert node_b.upload_many([paths["two"], paths["three"]]) == \
+        [sha(files["two"]), sha(files["three"])]
+    after = held()
+    assert {n: after[n] for n in before} == before  # not sent again: the same bytes
+    assert caplog.text.count("not sent again") == 2 and "replacing it" in caplog.text
+    assert after[junk_name] != before.get(junk_name)
+    for name, data in files.items():
+        (entry,) = node_b.info(sha(data))["uploads"]
+        blob = after[entry["url"].rsplit("/", 1)[-1]]
+        assert (entry["object_sha256"], int(entry["object_size"])) == (sha(blob), len(blob))
+    summary = node_b.verify()
+    assert summary["checked"] == summary["good"] == 3
+    assert node_b.verify(deep=True)["good"] == 3
+    assert node_b.evict(0) == 3
+    for data in files.values():
+        assert open(node_b.warm_up(sha(data)), "rb").read() == data

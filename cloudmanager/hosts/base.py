@@ -354,6 +354,30 @@ class Host:
         """
         raise NotImplementedError
 
+    def find(self, name: str) -> Optional[Tuple[Location, ObjectInfo]]:
+        """The object this host holds under ``name``, if any. Only when :attr:`can_check`.
+
+        For a caller that would not send an object already there (an
+        encrypted pool's keyed names: every node with the key makes the same
+        name). The default asks :meth:`stat` about :attr:`url_prefix` +
+        ``name``; a host whose URLs are made otherwise overrides it.
+
+        :param name: an object name, a SHA-256 hex digest
+        :return: ``(location, info)``, or None when the host says there is
+            no such object (or can make no URL for it)
+        :raises InvalidInputError: if ``name`` is not a SHA-256 hex digest
+        :raises HostError: when the host cannot tell
+        """
+        if not is_hash(name):
+            raise InvalidInputError("objects are named by SHA-256, not %r" % (name,))
+        if self.url_prefix is None:
+            return None
+        url = self.url_prefix + name
+        try:
+            return Location(self.name, url), self.stat(url)
+        except HostNotFoundError:
+            return None
+
     def exists(self, url: str) -> bool:
         """Whether the object at ``url`` exists. Only when :attr:`can_check`.
 

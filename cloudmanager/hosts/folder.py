@@ -385,6 +385,25 @@ class FolderHost(Host):
         with src:
             return self.receive(src, url, dest_path, max_bytes, self.fsync)
 
+    def find(self, name: str) -> Optional[Tuple[Location, ObjectInfo]]:
+        """The object file ``ROOT/name``, if there; see :meth:`Host.find`.
+
+        :raises InvalidInputError: if ``name`` is not a SHA-256 hex digest
+        :raises HostUnavailableError: if the root is missing, or unmarked
+            while :attr:`require_marker` is set
+        :raises TransientHostError: if it cannot be looked at
+        """
+        path = self._object_path(name)
+        self._check_marker()
+        location = self._location(path)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._failed("stat", location.url, exc) from exc
+        return location, ObjectInfo(st.st_size)
+
     def stat(self, url: str) -> ObjectInfo:
         """The object file's size.
 

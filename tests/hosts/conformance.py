@@ -282,6 +282,17 @@ class HostConformance:
             host.stat(location.url)
         host.delete(location.url)  # deleting a missing object is not an error
 
+    def test_find_a_name(self, host, put):
+        """``find(name)``: the object under a name, as an upload made it, or None."""
+        if not host.can_check:
+            return
+        digest, location = put(b"found")  # first: some hosts make their root on upload
+        assert host.find(sha(b"never stored")) is None
+        found, info = host.find(digest)
+        assert found == location and info.size == len(b"found")
+        with pytest.raises(InvalidInputError):
+            host.find("../" + digest)
+
     def test_list(self, host, put):
         if not host.can_list:
             with pytest.raises(NotImplementedError):

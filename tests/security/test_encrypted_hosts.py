@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from cloudmanager.crypto import new_identity_file
+from cloudmanager.crypto import AGE_BINARY_MIN, new_identity_file
 
 pytest.importorskip("pyrage")
 
@@ -109,7 +109,8 @@ def test_claim_a_hostile_ciphertext_size_cannot_overfill_the_cache(make_pool, ke
     assert node.stats()["cached_bytes"] == 0 and os.listdir(node.cache.tmp_dir) == []
 
 
-def test_claim_the_key_never_leaves_its_file(make_pool, key, nas, write_file, tmp_path, caplog):
+def test_claim_the_key_never_leaves_its_file(make_pool, key, nas, write_file, tmp_path, caplog,
+                                            monkeypatch):
     caplog.set_level(logging.DEBUG)
     secret = [line for line in open(key).read().splitlines()
               if line.startswith("AGE-SECRET-KEY-")][0]
@@ -122,3 +123,24 @@ def test_claim_the_key_never_leaves_its_file(make_pool, key, nas, write_file, tm
             shown.append(path.read_bytes().decode("latin-1"))
     for text in shown:
         assert secret not in text and secret[15:45] not in text
+    # Large files go through the age command when it is installed: the
+    # identity reaches it through a pipe of its own, never its command line.
+    real = shutil.which("age")
+    if real is None:
+        if os.environ.get("CM_REQUIRE_AGE") == "1":
+            pytest.fail("the age command is required here (CM_REQUIRE_AGE=1)")
+        return
+    argv = tmp_path / "age-argv"
+    wrapper = tmp_path / "bin" / "age"
+    wrapper.parent.mkdir()
+    wrapper.write_text('#!/bin/sh\nprintf "%%s\\n" "$@" >> %s\nexec %s "$@"\n' % (argv, real))
+    wrapper.chmod(0o700)
+    monkeypatch.setenv("PATH", "%s%s%s" % (wrapper.parent, os.pathsep, os.environ["PATH"]))
+    big = os.urandom(AGE_BINARY_MIN + 1000)
+    node = make_pool(name="big", capacity=64 << 20, hosts=["dir:%s" % nas], redundancy=1,
+                     encryption_key=key)
+    digest = node.upload(write_file("big.bin", big))
+    assert node.evict(0) == 1 and open(node.warm_up(digest), "rb").read() == big
+    given = argv.read_text()
+    assert "--encrypt" in given and "--decrypt" in given and "/dev/fd/" in given
+    assert secret not in given and secret[15:45] not in given and key not in given
