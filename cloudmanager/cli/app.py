@@ -19,7 +19,7 @@ from ..config import (
     Config, default_capacity, embedded_config, find_config, load_config, parse_size,
     DATABASE_ENV, is_postgres_url, shown_database,
 )
-from ..errors import CloudManagerError, InvalidInputError
+from ..errors import CloudManagerError, ConfigError, InvalidInputError
 from ..manager import CloudManager
 
 log = logging.getLogger("cloudmanager")
@@ -33,6 +33,17 @@ class OperationFailed(click.ClickException):
     """An operation did not succeed: exit status 1, one line on stderr."""
 
     exit_code = 1
+
+
+class BadConfig(click.ClickException):
+    """The configuration cannot be used: exit status 2 (a usage mistake, like
+    a bad option), one line naming the file and the setting."""
+
+    exit_code = 2
+
+
+#: The exit status of ``cm`` stopped by Ctrl-C (SIGINT), as shells report it.
+INTERRUPTED = 130
 
 
 def fail_quietly():
@@ -104,6 +115,9 @@ class CmGroup(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
             raise
+        except ConfigError as exc:  # the config is wrong, as an option can be: exit 2
+            self.print_traceback(ctx)
+            raise BadConfig(str(exc)) from exc
         except (CloudManagerError, OSError) as exc:
             self.print_traceback(ctx)
             raise OperationFailed(str(exc)) from exc
@@ -149,8 +163,11 @@ class CmGroup(click.Group):
         except click.ClickException as exc:
             click.echo("cm: error: %s" % exc.format_message(), err=True)
             sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("cm: aborted", err=True)
+        except click.Abort as exc:
+            if isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl-C, as shells count it
+                click.echo("cm: interrupted", err=True)
+                sys.exit(INTERRUPTED)
+            click.echo("cm: aborted", err=True)  # a confirmation answered no
             sys.exit(1)
         except BrokenPipeError:  # `cm ls | head`: the reader has what it wanted
             # Python would complain again when it flushes stdout at exit.
@@ -187,6 +204,11 @@ class Session:
         if database:
             settings["database"] = database if is_postgres_url(database) \
                 else os.path.abspath(os.path.expanduser(database))
+        for key in ("database", "storage"):
+            if key not in settings:  # a config file that forgot it
+                raise ConfigError("%s: [pool] %s is not set (the pool's %s; see cm init)"
+                                  % (path, key, "SQLite file or postgresql:// URL"
+                                     if key == "database" else "cache directory"))
         if self.capacity is not None:
             settings["capacity"] = self.capacity
         elif "capacity" not in settings:
@@ -203,7 +225,11 @@ class Session:
         """The open :class:`~cloudmanager.CloudManager`."""
         if self.manager is None:
             config = self.config()
-            self.manager = CloudManager(config=config)
+            try:
+                self.manager = CloudManager(config=config)
+            except InvalidInputError as exc:  # a setting or host spec of the config refused
+                raise ConfigError("%s: %s" % (config.path or "the embedded defaults", exc)
+                                  ) from exc
             self.loaded = config
         return self.manager
 

@@ -28,6 +28,8 @@ def sync(session, reencrypt, as_json):
     cm = session.open()
     try:
         summary = cm.sync(reencrypt=reencrypt)
+    except InvalidInputError as exc:  # --reencrypt on a pool without a key: usage
+        raise click.UsageError(str(exc)) from None
     except CloudManagerError as exc:
         raise OperationFailed(str(exc)) from None
     print_summary(session, "sync", summary, as_json)

@@ -2,6 +2,8 @@
 
 import contextlib
 import os
+import shutil
+import tempfile
 import time
 from typing import List, Tuple
 
@@ -9,7 +11,7 @@ import click
 
 from ..scheduler import DEFAULT_JOBS, upload_files
 from ..sources import walk
-from .app import JSON_OPTION, OperationFailed, fail_quietly, pass_session, resolve_hash
+from .app import JSON_OPTION, fail_quietly, pass_session, resolve_hash
 from .output import display_path, emit_json, human_size, plural, progress
 
 #: ``cm upload`` stores remembered hashes after this many files, so an
@@ -149,29 +151,57 @@ def report_upload(session, files, results, todo, elapsed, as_json, problems, tre
 
 @click.command()
 @click.argument("file_hash", metavar="HASH")
-@click.argument("dest", required=False, type=click.Path())
+@click.argument("dest", required=False, type=click.Path(allow_dash=True))
+@click.option("-f", "--force", is_flag=True,
+              help="Replace an existing file at DEST that holds other bytes.")
 @pass_session
-def download(session, file_hash, dest):
+def download(session, file_hash, dest, force):
     """Write a verified copy of a file to DEST and print its path.
 
     DEST is a file path, or a directory where the file gets its recorded
-    name; the default is the current directory. The copy comes from the
-    cache, or from the healthiest host (it is then cached if it fits).
+    name; the default is the current directory. A DEST ending in / is a
+    directory, made if missing. DEST - writes the bytes to stdout (and
+    nothing else). The copy comes from the cache, or from the healthiest
+    host (it is then cached if it fits).
+
+    An existing file is never replaced unless --force: one that already
+    holds the file is left as it is, one that holds other bytes is an error.
+
+    \b
+    Examples:
+      cm download 6f7bed7 restore/
+      cm download 6f7bed7 - | tar -x
     """
     cm = session.open()
     file_hash = resolve_hash(cm, file_hash)
-    dest = dest or os.curdir
-    if os.path.lexists(dest) and not os.path.isdir(dest) and not os.path.isfile(dest) \
-            or os.path.islink(dest) and not os.path.isdir(dest):
-        # The copy is renamed into place: it would replace a device, FIFO or link.
-        raise OperationFailed("%s exists and is not a regular file or a directory" % dest)
     size = cm.status(file_hash)["size"]
+    if dest == "-":
+        to_stdout(session, cm, file_hash, size)
+        return
     with progress(session, "downloading", size, 1) as advance:
-        path = cm.download(file_hash, dest)
+        path = cm.download(file_hash, dest or os.curdir, overwrite=force)
         advance(size)
     if not path:
-        fail_quietly()
+        fail_quietly()  # the library logged why, naming DEST
     click.echo(path)
+
+
+def to_stdout(session, cm, file_hash, size):
+    """``cm download HASH -``: a verified copy, then its bytes on stdout.
+
+    The copy is written to a private temp directory first (a pipe cannot be
+    taken back if a host's bytes turn out bad) and deleted after.
+    """
+    with tempfile.TemporaryDirectory(prefix="cm-download-") as scratch:
+        with progress(session, "downloading", size, 1) as advance:
+            path = cm.download(file_hash, os.path.join(scratch, file_hash))
+            advance(size)
+        if not path:
+            fail_quietly()
+        out = click.get_binary_stream("stdout")
+        with open(path, "rb") as f:
+            shutil.copyfileobj(f, out, 1 << 20)
+        out.flush()
 
 
 @click.command()

@@ -1,0 +1,94 @@
+"""``cm`` as a user meets it: safe downloads, Ctrl-C, and mistakes that get one
+clear line and a consistent exit status (2 for usage and config, 1 for a
+failed operation). Every test drives real ``cm`` processes in a fresh home."""
+
+import hashlib
+import json
+import os
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def one_line_error(result, status, *needles):
+    """``result`` exited ``status`` with one ``cm: error:`` line holding every needle."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cm: error: ")]
+    assert result.returncode == status, result.stderr
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, result.stderr)
+    return errors[0]
+
+
+def test_download_never_clobbers_and_reads_dest_as_a_user_means_it(home):
+    data = b"the pool's notes\n"
+    home.file("src/notes.txt", data)
+    uploaded = home.run("upload", "src/notes.txt")
+    assert uploaded.returncode == 0, uploaded.stderr
+    digest = uploaded.stdout.split()[0]
+    assert digest == sha(data)
+
+    # The user's own file of the same name, in the directory named.
+    mine = home.file("dl/notes.txt", b"my own text\n")
+    refused = home.run("download", digest, "dl/")
+    line = one_line_error(refused, 1, str(mine), "--force")
+    assert ".tmp" not in line and refused.stdout == ""
+    assert mine.read_bytes() == b"my own text\n"
+    assert os.listdir(home.work / "dl") == ["notes.txt"]  # no temp file left behind
+    # The same bytes already there: nothing to do, and no error.
+    home.file("same/notes.txt", data)
+    same = home.run("download", digest, "same")
+    assert same.returncode == 0 and same.stdout.strip() == str(home.work / "same/notes.txt")
+    # --force replaces it.
+    forced = home.run("download", "--force", digest, "dl/notes.txt")
+    assert forced.returncode == 0, forced.stderr
+    assert mine.read_bytes() == data
+
+    # A trailing slash is a directory, made if missing (not a file named newdir).
+    fresh = home.run("download", digest, "newdir/deeper/")
+    assert fresh.returncode == 0, fresh.stderr
+    assert (home.work / "newdir/deeper/notes.txt").read_bytes() == data
+    assert fresh.stdout.strip() == str(home.work / "newdir/deeper/notes.txt")
+
+    # - is stdout: the bytes and nothing else; no file named "-".
+    piped = home.run("download", digest, "-", text=False)
+    assert piped.returncode == 0 and piped.stdout == data
+    assert not os.path.lexists(home.work / "-")
+
+    # A missing directory: the user's path in the message, never a temp name.
+    missing = home.run("download", digest, "nowhere/sub/x.txt")
+    line = one_line_error(missing, 1, "nowhere/sub/x.txt", "does not exist")
+    assert ".tmp" not in line and not (home.work / "nowhere").exists()
+
+
+def test_config_input_and_usage_mistakes_are_one_line_each(home):
+    (home.work / "nodb.toml").write_text('[pool]\nstorage = "cache"\n')
+    one_line_error(home.run("--config", "nodb.toml", "status"), 2,
+                   str(home.work / "nodb.toml"), "[pool] database is not set")
+    (home.work / "nostorage.toml").write_text('[pool]\ndatabase = "p.sqlite3"\n')
+    one_line_error(home.run("--config", "nostorage.toml", "ls"), 2,
+                   str(home.work / "nostorage.toml"), "[pool] storage is not set")
+    (home.work / "badhost.toml").write_text(
+        '[pool]\ndatabase = "p.sqlite3"\nstorage = "cache"\n[hosts.x]\nspec = "dir:rel"\n')
+    one_line_error(home.run("--config", "badhost.toml", "status"), 2,
+                   str(home.work / "badhost.toml"), "absolute")
+
+    twice = home.run("init", "--host", "a=dir:/tmp/one", "--host", "a=dir:/tmp/two")
+    one_line_error(twice, 2, "'a' is given twice")
+    assert not (home.work / "cloudmanager.toml").exists()
+
+    (home.work / "garbage.bin").write_bytes(bytes(range(128, 256)) * 4)
+    one_line_error(home.run("load", "garbage.bin"), 1, "garbage.bin", "not UTF-8")
+    (home.work / "text.txt").write_text("hello world\n")
+    one_line_error(home.run("load", "text.txt"), 1, "text.txt", "not JSON")
+    bad = [{"version": "0.2", "filehash": "../../etc/passwd"}, {"version": "9"}]
+    (home.work / "bad.json").write_text(json.dumps(bad))
+    result = home.run("load", "bad.json")
+    one_line_error(result, 1, "bad.json", "none of its 2 records is valid")
+    assert result.stderr.count("skipping record") == 2  # each reason, then the verdict
+    assert "merged" not in result.stderr
+    # Loading nothing new is still a success.
+    assert home.run("load", input="[]").returncode == 0
+
