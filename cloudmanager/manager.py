@@ -742,6 +742,16 @@ class CloudManager(OriginalMethods):
         """
         return reports.files(self.pool)
 
+    def verified_copies(self, hashes: Iterable[str]) -> Dict[str, int]:
+        """How many hosts hold a copy of each file that counts toward the
+        redundancy target: one this node made or checked (``cm upload`` says
+        which files it left short).
+
+        :param hashes: SHA-256 hex digests
+        :return: ``{hash: copies}`` for those of ``hashes`` in the pool
+        """
+        return reports.verified_copies(self.pool, hashes)
+
     def expand_hash(self, prefix: str) -> Optional[str]:
         """The file hash starting with ``prefix`` (4 to 64 hex digits).
 

@@ -8,7 +8,7 @@ rows; the few that scan (:func:`unreachable`, :func:`file_count` inside
 from __future__ import annotations
 
 import itertools
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional
 
 from .db.health import month_key
 from .pool import Pool
@@ -30,6 +30,16 @@ def status(pool: Pool, file_hash: str) -> Optional[dict]:
     result.update(cached=pool.cache.contains(file_hash), pinned=bool(entry and entry.pinned),
                   target=pool.redundancy, uploads=uploads)
     return result
+
+
+def verified_copies(pool: Pool, hashes: Iterable[str]) -> Dict[str, int]:
+    """Copies that count toward the target, per file; see
+    :meth:`cloudmanager.CloudManager.verified_copies`."""
+    counts: Dict[str, int] = {}
+    hashes = list(hashes)
+    for start in range(0, len(hashes), 10000):  # one statement per slice
+        counts.update(pool.db.files.verified_among(hashes[start:start + 10000]))
+    return counts
 
 
 def files(pool: Pool) -> Iterator[dict]:

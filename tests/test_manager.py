@@ -690,6 +690,7 @@ def test_download_never_replaces_other_bytes_unless_asked(make_pool, write_file,
     cm = make_pool()
     data = b"the pool's bytes"
     digest = cm.upload(write_file("kept.txt", data))
+    assert cm.verified_copies([digest, "0" * 64]) == {digest: 3}  # three hosts, none other
     theirs = tmp_path / "theirs.txt"
     theirs.write_bytes(b"someone else's")
     with caplog.at_level(logging.ERROR, logger="cloudmanager"):

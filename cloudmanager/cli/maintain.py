@@ -55,17 +55,23 @@ def verify(session, hashes, host_names, older_than, limit, deep, as_json):
     Copies checked longest ago go first, so `cm verify --limit 1000` run
     daily walks a large pool a slice at a time. Missing and bad copies are
     marked; the next `cm sync` replaces them. Exits 1 if any copy was bad or
-    missing, or a host failed.
+    missing, or could not be checked (its host failed or is cooling down),
+    or if there were copies and none could be checked.
     """
     cm = session.open()
     wanted = [resolve_hash(cm, h) for h in hashes] or None
     summary = cm.verify(wanted, list(host_names) or None, older_than, limit, deep)
     print_summary(session, "verify", summary, as_json)
-    problems = summary["bad"] + summary["missing"] + summary["error"]
-    if problems:
-        raise OperationFailed("%d bad, %d missing, %d not checkable now: run `cm sync` to "
-                              "replace lost copies" % (summary["bad"], summary["missing"],
-                                                       summary["error"]))
+    unchecked = summary["error"] + summary["cooling"]
+    if not summary["checked"] and (unchecked or summary["unreachable"]):
+        raise OperationFailed(
+            "nothing could be checked: %d copies on hosts that failed or are cooling down "
+            "(see cm hosts; cm hosts --retry NAME), %d on hosts not configured here"
+            % (unchecked, summary["unreachable"]))
+    if summary["bad"] + summary["missing"] + unchecked:
+        raise OperationFailed("%d bad, %d missing, %d not checkable now (a host failed or is "
+                              "cooling down): run `cm sync` to replace lost copies"
+                              % (summary["bad"], summary["missing"], unchecked))
 
 
 @click.command()

@@ -11,7 +11,7 @@ import click
 
 from ..scheduler import DEFAULT_JOBS, upload_files
 from ..sources import walk
-from .app import JSON_OPTION, fail_quietly, pass_session, resolve_hash
+from .app import JSON_OPTION, OperationFailed, fail_quietly, pass_session, resolve_hash
 from .output import display_path, emit_json, human_size, plural, progress
 
 #: ``cm upload`` stores remembered hashes after this many files, so an
@@ -45,6 +45,12 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
     records are (`cm trees` lists them). Running it again skips files
     already in the pool whose size and times have not changed, without
     reading them.
+
+    It warns when files are left below the redundancy target, and exits 1
+    when a file failed or no host took one (it stays cached, pinned and
+    queued for `cm sync`; with --defer that is what was asked). Ctrl-C
+    stops it cleanly: the files already in the pool are printed, and a
+    re-run skips them.
 
     \b
     Examples:
@@ -85,8 +91,9 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
                 remember = []
     cm.remember(remember)
     trees = record_trees(cm, paths, files, results, problems, defer)
+    deferred = defer or cm.settings()["defer_uploads"]
     report_upload(session, files, results, todo, time.monotonic() - started, as_json,
-                  problems, trees)
+                  problems, trees, None if deferred else short_of_target(cm, results))
 
 
 def record_trees(cm, paths, files, results, problems, defer=None):
@@ -114,9 +121,25 @@ def record_trees(cm, paths, files, results, problems, defer=None):
     return trees
 
 
-def report_upload(session, files, results, todo, elapsed, as_json, problems, trees=()):
+def short_of_target(cm, results):
+    """``(below the target, on no host)``: the files uploaded by this run that
+    have fewer copies than the redundancy target, and those no host took."""
+    uploaded = {h for h, state in results.values() if state == "uploaded"}
+    copies = cm.verified_copies(uploaded)
+    target = cm.settings()["redundancy"]
+    return (sum(1 for h in uploaded if copies.get(h, 0) < target),
+            sum(1 for h in uploaded if copies.get(h, 0) == 0), target)
+
+
+def report_upload(session, files, results, todo, elapsed, as_json, problems, trees=(),
+                  short=None):
     """The end of ``cm upload``: skipped files, each directory's tree (last, as
-    ``TREEHASH  DIR/``), the JSON report or the summary line."""
+    ``TREEHASH  DIR/``), the JSON report or the summary line, and what was
+    left below the target.
+
+    :param short: :func:`short_of_target`, or None when uploads were deferred
+    """
+    below, no_host, target = short or (0, 0, 0)
     counts = {"uploaded": 0, "skipped": 0, "failed": len(problems)}
     listing = []
     for f in files:
@@ -131,7 +154,8 @@ def report_upload(session, files, results, todo, elapsed, as_json, problems, tre
         # several were: "trees" has each).
         emit_json({"files": listing, **counts,
                    "tree": trees[0][1] if len(trees) == 1 else None,
-                   "trees": [{"path": path, "hash": tree} for path, tree in trees]})
+                   "trees": [{"path": path, "hash": tree} for path, tree in trees],
+                   "below_target": below, "on_no_host": no_host})
     else:
         for item in listing:
             if item["state"] == "skipped":
@@ -145,6 +169,16 @@ def report_upload(session, files, results, todo, elapsed, as_json, problems, tre
         click.echo("uploaded %d, skipped %d already in the pool, failed %d (%s in %.1f s)"
                    % (counts["uploaded"], counts["skipped"], counts["failed"],
                       human_size(nbytes), elapsed), err=True)
+    if below and not session.quiet:
+        them = "it" if below == 1 else "them"
+        click.echo("cm: warning: %s %s below the target of %d cop%s; `cm sync` tops %s up "
+                   "once the hosts take %s" % (plural(below, "file"), "is" if below == 1
+                                               else "are", target, "y" if target == 1
+                                               else "ies", them, them), err=True)
+    if no_host:
+        raise OperationFailed(
+            "no host took %s: %s kept in the cache and queued (see cm hosts, then cm sync)"
+            % (plural(no_host, "file"), "it is" if no_host == 1 else "they are"))
     if counts["failed"] or any(tree is None for _, tree in trees):
         fail_quietly()  # each failure was logged, and the summary counts them
 

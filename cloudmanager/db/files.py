@@ -179,6 +179,13 @@ class Files:
                 " ON f.hash = j.value", (json_list(hashes[start:start + batch]),)))
         return found
 
+    def verified_among(self, hashes: Iterable[str]) -> Dict[str, int]:
+        """``{hash: hosts with a copy this node made or checked}`` for the known
+        ones among ``hashes`` (one statement)."""
+        return {h: int(v) for h, v in self.db.read(
+            "SELECT f.hash, f.verified FROM json_each(?) AS j JOIN files AS f"
+            " ON f.hash = j.value", (json_list(hashes),))}
+
     def in_pool(self, hashes: Iterable[str]) -> Set[str]:
         """Those of ``hashes`` the pool knows with a copy on a host."""
         return {h for (h,) in self.db.read(

@@ -604,7 +604,8 @@ def test_hosts_retry_ends_a_cool_down_now(home):
     (home.root / "nas").write_text("a file where the host folder should be")
     for n in range(3):  # three failed operations in a row open the circuit breaker
         home.file("f%d.txt" % n, "file %d" % n)
-        assert home.cm("upload", "f%d.txt" % n).exit_code == 0  # cached and queued
+        result = home.cm("upload", "f%d.txt" % n)  # cached and queued, but on no host
+        assert result.exit_code == 1 and "no host took 1 file" in result.stderr
     assert home.cm_json("hosts")["nas"]["state"] == "cooling"
     assert "cooling until" in home.cm("hosts").stdout
     result = home.cm("hosts", "--retry", "nas", "--retry", "nas")

@@ -92,3 +92,37 @@ def test_config_input_and_usage_mistakes_are_one_line_each(home):
     # Loading nothing new is still a success.
     assert home.run("load", input="[]").returncode == 0
 
+
+
+def test_files_left_short_or_on_no_host_are_said_and_nothing_checked_is_a_failure(home):
+    nas = home.root / "nas"
+    nas.mkdir()
+    (home.work / "cloudmanager.toml").write_text(
+        '[pool]\ndatabase = "db.sqlite3"\nstorage = "cache"\ncapacity = "4 MiB"\n'
+        'redundancy = 2\n[hosts.nas]\nspec = "dir:%s"\n' % nas)
+    for i in range(3):
+        home.file("docs/d%d.txt" % i, "doc %d\n" % i)
+    # One host for a target of two: every file is short, but on a host.
+    short = home.run("upload", "docs")
+    assert short.returncode == 0, short.stderr
+    assert "3 files are below the target of 2 copies" in short.stderr
+    assert len(short.stdout.splitlines()) == 3
+
+    # The only host gone (an unmounted disk): no host takes the new file.
+    nas.rename(home.root / "nas-unmounted")
+    home.file("docs/new.txt", "written while the disk was away\n")
+    alone = home.run("upload", "--json", "docs/new.txt")
+    one_line_error(alone, 1, "no host took 1 file", "queued")
+    report = json.loads(alone.stdout)
+    assert (report["uploaded"], report["on_no_host"], report["below_target"]) == (1, 1, 1)
+    digest = report["files"][0]["hash"]
+    assert home.run("info", digest).returncode == 0  # in the pool all the same: pinned
+    deferred = home.run("upload", "--defer", "docs/new.txt")  # asked for: no error
+    assert deferred.returncode == 0, deferred.stderr
+    synced = home.run("sync")
+    one_line_error(synced, 1, "below the target of 2 copies")
+
+    # Every copy is on a host that failed or cools down: nothing was checked.
+    verify = home.run("verify", "--json")
+    one_line_error(verify, 1, "nothing could be checked")
+    assert json.loads(verify.stdout)["checked"] == 0
