@@ -6,10 +6,13 @@ pool, through the public :class:`~cloudmanager.CloudManager` facade only.
 (0 success, 1 failure, 2 usage error).
 """
 
+import contextlib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from typing import Optional
 
@@ -44,6 +47,43 @@ class BadConfig(click.ClickException):
 
 #: The exit status of ``cm`` stopped by Ctrl-C (SIGINT), as shells report it.
 INTERRUPTED = 130
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C stopped the command: exit status 130, one line saying what was done."""
+
+    exit_code = INTERRUPTED
+
+
+@contextlib.contextmanager
+def stop_on_interrupt(session, what):
+    """Turn the first Ctrl-C (SIGINT) into a request to stop, for work that
+    can end cleanly between items: yields a :class:`threading.Event` that is
+    set then. A second Ctrl-C interrupts at once (KeyboardInterrupt).
+
+    :param what: what finishes before the stop, for the message
+    """
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Signal handlers belong to the main thread; an ignored SIGINT (a
+        # background job of a script, nohup) stays ignored.
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        if not session.quiet:
+            click.echo("cm: stopping once %s finish (Ctrl-C again to stop now)" % what,
+                       err=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def fail_quietly():
@@ -161,7 +201,8 @@ class CmGroup(click.Group):
                        err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            click.echo("cm: error: %s" % exc.format_message(), err=True)
+            click.echo("cm: %s%s" % ("" if isinstance(exc, Interrupted) else "error: ",
+                                     exc.format_message()), err=True)
             sys.exit(exc.exit_code)
         except click.Abort as exc:
             if isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl-C, as shells count it

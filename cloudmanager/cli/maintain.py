@@ -7,7 +7,9 @@ import click
 
 from ..config import parse_size
 from ..errors import CloudManagerError, InvalidInputError
-from .app import JSON_OPTION, OperationFailed, parse_duration, pass_session, resolve_hash
+from .app import (
+    JSON_OPTION, Interrupted, OperationFailed, parse_duration, pass_session, resolve_hash,
+)
 from .output import emit_json, human_size, plural, print_summary
 
 #: Keys of the fsck report that are not findings.
@@ -28,6 +30,9 @@ def sync(session, reencrypt, as_json):
     cm = session.open()
     try:
         summary = cm.sync(reencrypt=reencrypt)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: the copies sync made are recorded; run cm sync again "
+                          "to go on") from None
     except InvalidInputError as exc:  # --reencrypt on a pool without a key: usage
         raise click.UsageError(str(exc)) from None
     except CloudManagerError as exc:
@@ -60,7 +65,11 @@ def verify(session, hashes, host_names, older_than, limit, deep, as_json):
     """
     cm = session.open()
     wanted = [resolve_hash(cm, h) for h in hashes] or None
-    summary = cm.verify(wanted, list(host_names) or None, older_than, limit, deep)
+    try:
+        summary = cm.verify(wanted, list(host_names) or None, older_than, limit, deep)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: the copies verify checked are recorded; run cm verify "
+                          "again to go on (the ones checked longest ago go first)") from None
     print_summary(session, "verify", summary, as_json)
     unchecked = summary["error"] + summary["cooling"]
     if not summary["checked"] and (unchecked or summary["unreachable"]):

@@ -11,8 +11,11 @@ import click
 
 from ..scheduler import DEFAULT_JOBS, upload_files
 from ..sources import walk
-from .app import JSON_OPTION, OperationFailed, fail_quietly, pass_session, resolve_hash
-from .output import display_path, emit_json, human_size, plural, progress
+from .app import (
+    JSON_OPTION, Interrupted, OperationFailed, fail_quietly, pass_session, resolve_hash,
+    stop_on_interrupt,
+)
+from .output import display_path, emit_json, hash_line, human_size, plural, progress
 
 #: ``cm upload`` stores remembered hashes after this many files, so an
 #: interrupted run keeps what it did.
@@ -73,27 +76,40 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, as_json):
     started = time.monotonic()
     remember = []
     cwd = os.getcwd()
-    with progress(session, "uploading", sum(f.size for f in todo), len(todo)) as advance, \
-            contextlib.closing(upload_files(cm, todo, jobs, defer, advance)) as batches:
-        # Closed at once on Ctrl-C: batches not started yet are not started.
-        for batch in batches:
-            lines = []
-            for done in batch:
-                results[done.file.path] = (done.hash, "uploaded" if done.hash else "failed")
-                if done.hash:
-                    lines.append("%s  %s" % (done.hash, display_path(done.file.path, cwd)))
-                    if done.rememberable:
-                        remember.append((done.file, done.hash))
-            if lines and not as_json:  # as they land, so an interrupted run shows them
-                click.echo("\n".join(lines))
-            if len(remember) >= REMEMBER_BATCH:
-                cm.remember(remember)
-                remember = []
-    cm.remember(remember)
-    trees = record_trees(cm, paths, files, results, problems, defer)
+    # Ctrl-C: batches not started yet are not started, and the running ones
+    # finish and are reported, so every file that reached the pool is printed
+    # and remembered (a re-run skips it unread). A second Ctrl-C stops at once.
+    with stop_on_interrupt(session, "the files in flight") as stop:
+        try:
+            with progress(session, "uploading", sum(f.size for f in todo),
+                          len(todo)) as advance, \
+                    contextlib.closing(upload_files(cm, todo, jobs, defer, advance,
+                                                    stop=stop)) as batches:
+                for batch in batches:
+                    lines = []
+                    for done in batch:
+                        results[done.file.path] = (done.hash,
+                                                   "uploaded" if done.hash else "failed")
+                        if done.hash:
+                            lines.append(hash_line(done.hash, display_path(done.file.path,
+                                                                           cwd)))
+                            if done.rememberable:
+                                remember.append((done.file, done.hash))
+                    if lines and not as_json:  # as they land, so an interrupted run shows them
+                        click.echo("\n".join(lines))
+                    if len(remember) >= REMEMBER_BATCH:
+                        cm.remember(remember)
+                        remember = []
+        finally:  # even on a second Ctrl-C: what was committed is remembered
+            cm.remember(remember)
+    interrupted = stop.is_set()
+    # An interrupted run records no tree: a tree promises every file below it.
+    trees = [] if interrupted else record_trees(cm, paths, files, results, problems, defer)
     deferred = defer or cm.settings()["defer_uploads"]
     report_upload(session, files, results, todo, time.monotonic() - started, as_json,
-                  problems, trees, None if deferred else short_of_target(cm, results))
+                  problems, trees,
+                  None if deferred or interrupted else short_of_target(cm, results),
+                  interrupted=interrupted)
 
 
 def record_trees(cm, paths, files, results, problems, defer=None):
@@ -132,43 +148,50 @@ def short_of_target(cm, results):
 
 
 def report_upload(session, files, results, todo, elapsed, as_json, problems, trees=(),
-                  short=None):
+                  short=None, interrupted=False):
     """The end of ``cm upload``: skipped files, each directory's tree (last, as
     ``TREEHASH  DIR/``), the JSON report or the summary line, and what was
     left below the target.
 
     :param short: :func:`short_of_target`, or None when uploads were deferred
+    :param interrupted: Ctrl-C stopped the run: the summary says so, exit 130
     """
     below, no_host, target = short or (0, 0, 0)
-    counts = {"uploaded": 0, "skipped": 0, "failed": len(problems)}
+    counts = {"uploaded": 0, "skipped": 0, "failed": len(problems), "not started": 0}
     listing = []
     for f in files:
-        file_hash, state = results[f.path]
+        file_hash, state = results.get(f.path, (None, "not started"))  # Ctrl-C came first
         counts[state] += 1
         listing.append({"path": f.path, "hash": file_hash or None, "state": state})
     listing += [{"path": path, "hash": None, "state": "failed", "error": reason}
                 for path, reason in problems]
+    not_started = counts.pop("not started")
     trees = list(trees)
     if as_json:
         # "tree": the tree of the one directory given (null if none, or if
         # several were: "trees" has each).
-        emit_json({"files": listing, **counts,
+        emit_json({"files": listing, **counts, "not_started": not_started,
+                   "interrupted": interrupted,
                    "tree": trees[0][1] if len(trees) == 1 else None,
                    "trees": [{"path": path, "hash": tree} for path, tree in trees],
                    "below_target": below, "on_no_host": no_host})
     else:
         for item in listing:
             if item["state"] == "skipped":
-                click.echo("%s  %s" % (item["hash"], display_path(item["path"])))
+                click.echo(hash_line(item["hash"], display_path(item["path"])))
         for path, tree in trees:
             if tree:
-                click.echo("%s  %s/" % (tree, display_path(os.path.abspath(path))
-                                        .rstrip(os.sep)))
+                click.echo(hash_line(tree, display_path(os.path.abspath(path))
+                                     .rstrip(os.sep) + "/"))
+    nbytes = sum(f.size for f in todo if results.get(f.path, ("", ""))[1] == "uploaded")
+    summary = "uploaded %d, skipped %d already in the pool, failed %d" % (
+        counts["uploaded"], counts["skipped"], counts["failed"])
+    if interrupted:
+        raise Interrupted("interrupted: %s, not started %d (%s in %.1f s); no tree recorded; "
+                          "run it again to upload the rest" % (summary, not_started,
+                                                                human_size(nbytes), elapsed))
     if not session.quiet and not as_json:
-        nbytes = sum(f.size for f in todo if results[f.path][1] == "uploaded")
-        click.echo("uploaded %d, skipped %d already in the pool, failed %d (%s in %.1f s)"
-                   % (counts["uploaded"], counts["skipped"], counts["failed"],
-                      human_size(nbytes), elapsed), err=True)
+        click.echo("%s (%s in %.1f s)" % (summary, human_size(nbytes), elapsed), err=True)
     if below and not session.quiet:
         them = "it" if below == 1 else "them"
         click.echo("cm: warning: %s %s below the target of %d cop%s; `cm sync` tops %s up "
@@ -212,9 +235,12 @@ def download(session, file_hash, dest, force):
     if dest == "-":
         to_stdout(session, cm, file_hash, size)
         return
-    with progress(session, "downloading", size, 1) as advance:
-        path = cm.download(file_hash, dest or os.curdir, overwrite=force)
-        advance(size)
+    try:
+        with progress(session, "downloading", size, 1) as advance:
+            path = cm.download(file_hash, dest or os.curdir, overwrite=force)
+            advance(size)
+    except KeyboardInterrupt:  # the destination is written whole or not at all
+        raise Interrupted("interrupted: %s was not written" % (dest or "the file")) from None
     if not path:
         fail_quietly()  # the library logged why, naming DEST
     click.echo(path)
@@ -249,15 +275,22 @@ def warm(session, hashes):
     cm = session.open()
     wanted = [resolve_hash(cm, h) for h in hashes]
     sizes = {h: cm.status(h)["size"] for h in wanted}
-    failed = 0
-    with progress(session, "warming", sum(sizes.values()), len(wanted)) as advance:
+    failed = warmed = 0
+    with stop_on_interrupt(session, "the file in flight") as stop, \
+            progress(session, "warming", sum(sizes.values()), len(wanted)) as advance:
         for file_hash in wanted:
+            if stop.is_set():
+                break
             path = cm.warm_up(file_hash)
             advance(sizes[file_hash])
             if path:
-                click.echo("%s  %s" % (file_hash, path))
+                warmed += 1
+                click.echo(hash_line(file_hash, path))
             else:
                 failed += 1
+    if stop.is_set():
+        raise Interrupted("interrupted: warmed %d, failed %d, not started %d"
+                          % (warmed, failed, len(wanted) - warmed - failed))
     if failed:
         fail_quietly()  # warm_up logged why, file by file
 

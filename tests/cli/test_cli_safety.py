@@ -5,6 +5,12 @@ failed operation). Every test drives real ``cm`` processes in a fresh home."""
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 
 
 def sha(data):
@@ -126,3 +132,75 @@ def test_files_left_short_or_on_no_host_are_said_and_nothing_checked_is_a_failur
     verify = home.run("verify", "--json")
     one_line_error(verify, 1, "nothing could be checked")
     assert json.loads(verify.stdout)["checked"] == 0
+
+
+def test_ctrl_c_on_upload_prints_what_reached_the_pool_and_a_rerun_skips_it(home,
+                                                                             fake_plowshare):
+    # A slow host (each plowup takes 1.5 s) and large files, one at a time: the
+    # first file is in when its line comes, the second is then in flight.
+    (home.work / "cloudmanager.toml").write_text(
+        '[pool]\ndatabase = "db.sqlite3"\nstorage = "cache"\ncapacity = "64 MiB"\n'
+        'redundancy = 1\n[hosts.slow]\nspec = "plowshare:slowmod"\n')
+    fake_plowshare.faults("slowmod", slow=1.5)
+    for i in range(4):
+        home.file("big/b%d.bin" % i, os.urandom(8 * 2**20))  # large: a batch each
+    time.sleep(2.2)  # settled, so that a re-run may trust the remembered hashes
+    env = dict(os.environ, **home.env)
+    env.pop("CLOUDMANAGER_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "cloudmanager", "upload", "--jobs", "1",
+                             "big"], cwd=home.work, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the upload finished before the interrupt arrived")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "cm: error" not in err
+    printed = [line[:64] for line in (first + out).splitlines()]
+    assert 2 <= len(printed) < 4  # the first, and the one in flight when Ctrl-C came
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("cm: interrupted: uploaded %d, skipped 0" % len(printed)), err
+    assert "not started %d" % (4 - len(printed)) in last
+    pooled = {f["hash"]: f for f in json.loads(home.run("ls", "--json").stdout)}
+    assert all(pooled[h]["copies"] == 1 for h in printed)
+    assert home.run("fsck").returncode == 0
+
+    # The re-run reads only what was not committed.
+    fake_plowshare.clear()
+    again = home.run("upload", "--json", "big")
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert (report["skipped"], report["uploaded"]) == (len(printed), 4 - len(printed))
+    skipped = {f["hash"] for f in report["files"] if f["state"] == "skipped"}
+    assert skipped == set(printed)
+
+
+def test_ctrl_c_on_sync_is_one_line_and_exit_130_and_the_next_sync_goes_on(home,
+                                                                          fake_plowshare):
+    (home.work / "cloudmanager.toml").write_text(
+        '[pool]\ndatabase = "db.sqlite3"\nstorage = "cache"\ncapacity = "8 MiB"\n'
+        'redundancy = 1\n[hosts.slow]\nspec = "plowshare:slowmod"\n')
+    for i in range(3):
+        home.file("q/f%d.txt" % i, "queued %d\n" % i)
+    assert home.run("upload", "--defer", "q").returncode == 0
+    fake_plowshare.faults("slowmod", slow=1.5)
+    env = dict(os.environ, **home.env)
+    env.pop("CLOUDMANAGER_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "cloudmanager", "sync"], cwd=home.work,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not any(entry["tool"] == "plowup" for entry in fake_plowshare.log()):
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)  # polling for the first upload to start, not timing it
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("sync finished before the interrupt arrived")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and out == ""
+    assert err.strip().splitlines()[-1].startswith("cm: interrupted: ")
+    fake_plowshare.clear()
+    synced = home.run("sync", "--json")
+    assert synced.returncode == 0, synced.stderr
+    assert json.loads(home.run("status", "--json").stdout)["queued"] == 0
