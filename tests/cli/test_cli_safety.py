@@ -5,6 +5,7 @@ failed operation). Every test drives real ``cm`` processes in a fresh home."""
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,3 +205,19 @@ def test_ctrl_c_on_sync_is_one_line_and_exit_130_and_the_next_sync_goes_on(home,
     synced = home.run("sync", "--json")
     assert synced.returncode == 0, synced.stderr
     assert json.loads(home.run("status", "--json").stdout)["queued"] == 0
+
+
+@pytest.mark.skipif(shutil.which("sha256sum") is None, reason="no sha256sum here")
+def test_upload_lines_escape_names_as_sha256sum_does(home):
+    names = ["odd/new\nline.txt", "odd/back\\slash.txt", "odd/cr\rhere.txt", "odd/plain.txt"]
+    for name in names:
+        home.file(name, "contents of %r\n" % name)
+    result = home.run("upload", "odd")
+    assert result.returncode == 0, result.stderr
+    reference = subprocess.run(["sha256sum", "--"] + names, cwd=home.work, capture_output=True,
+                               text=True, check=True).stdout
+    assert sorted(result.stdout.splitlines()) == sorted(reference.splitlines())
+    # So sha256sum reads cm's lines back, one file each.
+    check = subprocess.run(["sha256sum", "-c"], input=result.stdout, cwd=home.work,
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.count(": OK") == 4, check.stdout
