@@ -64,6 +64,10 @@ def verify(session, hashes, host_names, older_than, limit, deep, as_json):
     or if there were copies and none could be checked.
     """
     cm = session.open()
+    unknown = sorted(set(host_names) - set(cm.host_status()))
+    if unknown:  # its copies could not be checked from here: a mistake, as with --retry
+        raise click.BadParameter("no host named %s is configured here" % ", ".join(
+            repr(name) for name in unknown), param_hint="'--host'")
     wanted = [resolve_hash(cm, h) for h in hashes] or None
     try:
         summary = cm.verify(wanted, list(host_names) or None, older_than, limit, deep)

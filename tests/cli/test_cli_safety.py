@@ -99,6 +99,13 @@ def test_config_input_and_usage_mistakes_are_one_line_each(home):
     # Loading nothing new is still a success.
     assert home.run("load", input="[]").returncode == 0
 
+    # The same kind of mistake, the same status, whichever the command.
+    one_line_error(home.run("verify", "--host", "nope"), 2, "no host named 'nope'")
+    one_line_error(home.run("hosts", "--retry", "nope"), 2, "no host named 'nope'")
+    line = one_line_error(home.run("dump", "missing/dir/pool.json"), 1,
+                          "cannot write missing/dir/pool.json")
+    assert ".tmp" not in line
+
 
 
 def test_files_left_short_or_on_no_host_are_said_and_nothing_checked_is_a_failure(home):
