@@ -742,15 +742,18 @@ class CloudManager(OriginalMethods):
         """
         return reports.files(self.pool)
 
-    def verified_copies(self, hashes: Iterable[str]) -> Dict[str, int]:
-        """How many hosts hold a copy of each file that counts toward the
-        redundancy target: one this node made or checked (``cm upload`` says
-        which files it left short).
+    def replication(self, hashes: Iterable[str]) -> Dict[str, dict]:
+        """Where each file stands against the redundancy target (``cm upload``
+        says which files it left short, and which no host took).
 
         :param hashes: SHA-256 hex digests
-        :return: ``{hash: copies}`` for those of ``hashes`` in the pool
+        :return: ``{hash: {"copies", "verified", "target", "last_error"}}`` for
+            those of ``hashes`` in the pool: hosts believed to hold a copy,
+            those of them whose copy this node made or checked (what counts
+            toward ``target``), and why the last upload attempt fell short
+            (None if the file is not queued after a failed attempt)
         """
-        return reports.verified_copies(self.pool, hashes)
+        return reports.replication(self.pool, hashes)
 
     def expand_hash(self, prefix: str) -> Optional[str]:
         """The file hash starting with ``prefix`` (4 to 64 hex digits).

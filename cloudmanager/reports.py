@@ -32,14 +32,17 @@ def status(pool: Pool, file_hash: str) -> Optional[dict]:
     return result
 
 
-def verified_copies(pool: Pool, hashes: Iterable[str]) -> Dict[str, int]:
-    """Copies that count toward the target, per file; see
-    :meth:`cloudmanager.CloudManager.verified_copies`."""
-    counts: Dict[str, int] = {}
+def replication(pool: Pool, hashes: Iterable[str]) -> Dict[str, dict]:
+    """Where each file stands against the target; see
+    :meth:`cloudmanager.CloudManager.replication`."""
+    found: Dict[str, dict] = {}
     hashes = list(hashes)
     for start in range(0, len(hashes), 10000):  # one statement per slice
-        counts.update(pool.db.files.verified_among(hashes[start:start + 10000]))
-    return counts
+        for h, (copies, verified, error) in pool.db.files.replication_among(
+                hashes[start:start + 10000]).items():
+            found[h] = {"copies": copies, "verified": verified, "target": pool.redundancy,
+                        "last_error": error}
+    return found
 
 
 def files(pool: Pool) -> Iterator[dict]:

@@ -255,8 +255,8 @@ def iter_documents(fileobj, chunk_size=1 << 16):
         try:
             data = fileobj.read(chunk_size)
         except UnicodeDecodeError as exc:  # a binary file given for a dump
-            raise SerializationError("not UTF-8 text (byte 0x%02x cannot be decoded): a dump "
-                                     "is a JSON array of records" % exc.object[exc.start]
+            raise SerializationError("not UTF-8 text (byte %s cannot be decoded): a dump is "
+                                     "a JSON array of records" % hex(exc.object[exc.start])
                                      ) from None
         if not data:
             eof = True

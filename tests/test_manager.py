@@ -690,7 +690,8 @@ def test_download_never_replaces_other_bytes_unless_asked(make_pool, write_file,
     cm = make_pool()
     data = b"the pool's bytes"
     digest = cm.upload(write_file("kept.txt", data))
-    assert cm.verified_copies([digest, "0" * 64]) == {digest: 3}  # three hosts, none other
+    assert cm.replication([digest, "0" * 64]) == {  # three hosts; the unknown hash left out
+        digest: {"copies": 3, "verified": 3, "target": 3, "last_error": None}}
     theirs = tmp_path / "theirs.txt"
     theirs.write_bytes(b"someone else's")
     with caplog.at_level(logging.ERROR, logger="cloudmanager"):

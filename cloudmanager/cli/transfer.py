@@ -138,13 +138,23 @@ def record_trees(cm, paths, files, results, problems, defer=None):
 
 
 def short_of_target(cm, results):
-    """``(below the target, on no host)``: the files uploaded by this run that
-    have fewer copies than the redundancy target, and those no host took."""
+    """``(below the target, on no host, target)`` for the files uploaded by
+    this run: those with fewer copies than the target, and those no host
+    took. A file another process is uploading at the same moment (its lease)
+    is short here but not refused: only a failed attempt, or a pool with no
+    host at all, counts as no host taking it."""
     uploaded = {h for h, state in results.values() if state == "uploaded"}
-    copies = cm.verified_copies(uploaded)
+    status = cm.replication(uploaded)
+    no_hosts = not cm.host_status()
     target = cm.settings()["redundancy"]
-    return (sum(1 for h in uploaded if copies.get(h, 0) < target),
-            sum(1 for h in uploaded if copies.get(h, 0) == 0), target)
+    below = no_host = 0
+    for h in uploaded:
+        s = status.get(h)
+        if s is None:  # removed meanwhile by another process: nothing to say
+            continue
+        below += s["verified"] < target
+        no_host += s["copies"] == 0 and (no_hosts or s["last_error"] is not None)
+    return below, no_host, target
 
 
 def report_upload(session, files, results, todo, elapsed, as_json, problems, trees=(),
