@@ -228,3 +228,31 @@ def test_upload_lines_escape_names_as_sha256sum_does(home):
     check = subprocess.run(["sha256sum", "-c"], input=result.stdout, cwd=home.work,
                            capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.count(": OK") == 4, check.stdout
+
+
+def test_ctrl_c_on_warm_finishes_the_file_in_flight_and_says_what_is_left(home,
+                                                                          fake_plowshare):
+    (home.work / "cloudmanager.toml").write_text(
+        '[pool]\ndatabase = "db.sqlite3"\nstorage = "cache"\ncapacity = "8 MiB"\n'
+        'redundancy = 1\n[hosts.slow]\nspec = "plowshare:slowmod"\n')
+    for i in range(4):
+        home.file("w/f%d.txt" % i, "warm me %d\n" % i)
+    digests = [line[:64] for line in home.run("upload", "w").stdout.splitlines()[:4]]
+    assert home.run("evict").returncode == 0
+    fake_plowshare.faults("slowmod", slow=1.5)  # each plowdown takes 1.5 s
+    env = dict(os.environ, **home.env)
+    env.pop("CLOUDMANAGER_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "cloudmanager", "warm"] + digests,
+                            cwd=home.work, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # one file is cached; the next is in flight
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("warm finished before the interrupt arrived")
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    warmed = len((first + out).splitlines())
+    assert warmed == 2  # the first, and the one in flight when Ctrl-C came
+    assert err.strip().splitlines()[-1] == "cm: interrupted: warmed 2, failed 0, not started 2"
+    cached = {f["hash"] for f in json.loads(home.run("ls", "--cached", "--json").stdout)}
+    assert cached == {line[:64] for line in (first + out).splitlines()}
