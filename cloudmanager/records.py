@@ -112,7 +112,8 @@ class RecordStore:
 
         :return: how many records were imported or updated
         :raises SerializationError: if the document is not JSON records
-            (records before the fault stay merged)
+            (records before the fault stay merged), or holds records and
+            none of them is valid
         """
         seen: collections.Counter[str] = collections.Counter()
         merged = self._merge(self._new_records(serializers.iter_documents(fileobj), seen))
