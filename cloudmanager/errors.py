@@ -19,6 +19,8 @@ one shallow tree, so ``except CloudManagerError`` catches them all::
     ├── UploadError                    (.failures: per-host errors)
     ├── DownloadError                  (.failures: per-host errors)
     ├── NotInPoolError                 the pool has no record of that hash
+    ├── DestinationError               a download's destination cannot be written
+    │   └── DestinationExistsError     ...without replacing other bytes
     ├── InvalidInputError              a hash, URL, spec or path was refused
     ├── ConfigError                    a cloudmanager.toml could not be used
     ├── LegacyPoolError                an original cloud-manager pool to import is
@@ -114,6 +116,16 @@ class NotInPoolError(CloudManagerError, KeyError):
 
     def __str__(self):  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class DestinationError(CloudManagerError):
+    """A download's destination cannot be written (its directory is
+    missing, say); the message names it as the caller gave it."""
+
+
+class DestinationExistsError(DestinationError):
+    """A download's destination holds other bytes (and replacing was not
+    asked for), or is not a regular file: it is left as it is."""
 
 
 class InvalidInputError(CloudManagerError, ValueError):

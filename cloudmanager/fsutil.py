@@ -74,9 +74,27 @@ def fsync_dir(directory):
         os.close(fd)
 
 
-def publish(temp_path, final_path, fsync=True):
-    """Atomically give ``temp_path`` the name ``final_path``."""
-    os.replace(temp_path, final_path)
+def publish(temp_path, final_path, fsync=True, replace=True):
+    """Atomically give ``temp_path`` the name ``final_path``.
+
+    :param replace: if False, never replace a file named ``final_path``:
+        :class:`FileExistsError` if one is there, even one that appeared a
+        moment ago (a hard link, made only if the name is free; on a file
+        system without hard links, a check just before the rename)
+    """
+    if replace:
+        os.replace(temp_path, final_path)
+    else:
+        try:
+            os.link(temp_path, final_path)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (FAT, some FUSE file systems)
+            if os.path.lexists(final_path):
+                raise FileExistsError(errno.EEXIST, "file exists", final_path) from None
+            os.replace(temp_path, final_path)
+        else:
+            os.unlink(temp_path)
     if fsync:
         fsync_dir(os.path.dirname(final_path))
 

@@ -261,26 +261,36 @@ class CloudManager(OriginalMethods):
         return self._path_call("warm_up", file_hash, self.pool.warm_up, file_hash, progress)
 
     def download(self, file_hash: str, destination=None, *,
-                 progress: Optional[meter.Progress] = None) -> Union[str, None, bool]:
+                 progress: Optional[meter.Progress] = None, overwrite: bool = False
+                 ) -> Union[str, None, bool]:
         """Get a file: into the cache, or to ``destination``.
+
+        An existing file at the destination is never replaced unless
+        ``overwrite``: one that already holds the file is left as it is (and
+        its path returned), one that holds other bytes is a failure. Nor is
+        a symbolic link, directory, device or FIFO ever replaced.
 
         :param file_hash: the file's SHA-256 hex
         :param destination: ``None`` to behave like :meth:`warm_up`; a
             directory to write the file there under its recorded name (or its
-            hash if it has none); or a file path. The file is written
-            atomically and verified, from the cache or streamed from a host,
-            whether or not it fits in the cache.
+            hash if it has none), made if missing when the path ends with a
+            separator (``"restore/"``); or a file path, whose directory must
+            exist. The file is written atomically and verified, from the
+            cache or streamed from a host, whether or not it fits in the cache.
+        :param overwrite: replace a regular file that holds other bytes
         :param progress: called with the byte count of each chunk written
             (received from a host, or copied from the cache when the file
             was cached already), as for :meth:`warm_up`
         :return: like :meth:`warm_up` without a destination; with one, the
             path written, ``None`` for a malformed or unknown hash, or
-            ``False`` on failure
+            ``False`` on failure (the destination holds other bytes, cannot
+            be written, or no host delivered a good copy), with the reason
+            logged; it names the destination, never a temp file
         """
         if destination is None:
             return self.warm_up(file_hash, progress=progress)
         return self._path_call("download", file_hash, self.pool.download, file_hash,
-                               destination, progress)
+                               destination, progress, overwrite)
 
     def _path_call(self, what: str, file_hash: Any, call: Callable, *args: Any
                    ) -> Union[str, None, bool]:
@@ -603,15 +613,19 @@ class CloudManager(OriginalMethods):
         """Merge records streamed from a text file object holding a JSON array.
 
         :return: how many records were imported or updated; ``None`` if the
-            document is not JSON records (records before the fault stay merged)
+            document is not JSON records, or holds records and none of them
+            is valid (records before a fault stay merged). The logged reason
+            names the file (its ``name``, e.g. ``<stdin>``).
         """
+        name = getattr(fileobj, "name", None)
+        name = name if isinstance(name, str) else "load_from"
         try:
             return self.pool.records.load_from(fileobj)
         except SerializationError as exc:
-            log.error("load_from: %s", exc)
+            log.error("%s: %s", name, exc)
             return None
         except CloudManagerError as exc:
-            log.error("load_from failed: %s", exc)
+            log.error("loading %s failed: %s", name, exc)
             return None
 
     # -- trees -----------------------------------------------------------------
@@ -819,6 +833,19 @@ class CloudManager(OriginalMethods):
         at the file.
         """
         return reports.files(self.pool)
+
+    def replication(self, hashes: Iterable[str]) -> Dict[str, dict]:
+        """Where each file stands against the redundancy target (``cm upload``
+        says which files it left short, and which no host took).
+
+        :param hashes: SHA-256 hex digests
+        :return: ``{hash: {"copies", "verified", "target", "last_error"}}`` for
+            those of ``hashes`` in the pool: hosts believed to hold a copy,
+            those of them whose copy this node made or checked (what counts
+            toward ``target``), and why the last upload attempt fell short
+            (None if the file is not queued after a failed attempt)
+        """
+        return reports.replication(self.pool, hashes)
 
     def expand_hash(self, prefix: str) -> Optional[str]:
         """The file hash starting with ``prefix`` (4 to 64 hex digits).

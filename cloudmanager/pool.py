@@ -39,6 +39,8 @@ from .errors import (
     CacheFullError,
     CloudManagerError,
     CorruptCopyError,
+    DestinationError,
+    DestinationExistsError,
     DownloadError,
     HostError,
     IntegrityError,
@@ -514,30 +516,93 @@ class Pool:
             yield dest
 
     def download(self, file_hash: str, destination: os.PathLike[str] | str,
-                 progress: Optional[meter.Progress] = None) -> str:
+                 progress: Optional[meter.Progress] = None, overwrite: bool = False) -> str:
         """Write a file to ``destination``; see :meth:`cloudmanager.CloudManager.download`.
 
         :param progress: told of the bytes written: received from a host, or
             copied from the cache when the file was cached already
-        :return: the path written
+        :return: the path written (or found holding the file already)
+        :raises DestinationExistsError: if the destination holds other bytes
+            and ``overwrite`` is false, or is not a regular file
+        :raises DestinationError: naming the destination (never a temp
+            file), if it cannot be written
         """
         with meter.reporting(meter.bytes_only(progress)):
-            return self._download_to(file_hash, destination, progress)
+            return self._download_checked(file_hash, destination, progress, overwrite)
 
-    def _download_to(self, file_hash: str, destination: os.PathLike[str] | str,
-                     progress: Optional[meter.Progress]) -> str:
+    def _download_checked(self, file_hash: str, destination: os.PathLike[str] | str,
+                          progress: Optional[meter.Progress], overwrite: bool) -> str:
         file_hash = check_hash(file_hash)
         row = self.db.files.get(file_hash)
         if row is None:
             raise NotInPoolError("%s is not in the pool" % file_hash)
-        dest = os.path.abspath(os.fspath(destination))
+        dest = self._destination(os.fspath(destination), row.filename or file_hash)
+        if os.path.lexists(dest):
+            st = os.lstat(dest)
+            if not stat.S_ISREG(st.st_mode):
+                # A rename would replace the link, device, FIFO or directory itself.
+                raise DestinationExistsError("%s exists and is not a regular file; it is left "
+                                             "as it is" % dest)
+            if st.st_size == row.size and fsutil.hash_file(dest)[0] == file_hash:
+                log.info("%s already holds %s; left as it is", dest, file_hash)
+                return dest
+            if not overwrite:
+                raise DestinationExistsError(
+                    "%s exists and holds other bytes; it is left as it is (pass "
+                    "overwrite=True, or cm download --force, to replace it)" % dest)
+        # The bytes go to a private name beside the destination, then take its
+        # name at the end, with no replace unless asked: a file that appears
+        # there meanwhile is not clobbered either.
+        try:
+            fd, part = fsutil.open_temp(os.path.dirname(dest), ".%s." % os.path.basename(dest)[:40])
+        except OSError as exc:
+            raise DestinationError("cannot write %s: %s" % (dest, exc.strerror)) from None
+        os.close(fd)
+        try:
+            self._write_copy(file_hash, row.size, part, progress)
+            fsutil.publish(part, dest, replace=overwrite)
+        except FileExistsError:
+            raise DestinationExistsError("%s appeared while %s was downloaded; it is left as "
+                                         "it is" % (dest, file_hash)) from None
+        except OSError as exc:
+            raise DestinationError("cannot write %s: %s" % (dest, exc.strerror)) from None
+        finally:
+            fsutil.remove_quietly(part)
+        return dest
+
+    @staticmethod
+    def _destination(text: str, name: str) -> str:
+        """The file a download to ``text`` writes: ``text`` itself, or ``name``
+        in it when it is a directory (a trailing separator says it must be
+        one, made if missing).
+
+        :raises DestinationError: naming ``text``, if its directory does not exist
+        """
+        dest = os.path.abspath(text)
+        if text.endswith(os.sep) or (os.altsep and text.endswith(os.altsep)):
+            if os.path.lexists(dest) and not os.path.isdir(dest):
+                raise DestinationError("cannot write into %s: it is not a directory" % text)
+            try:
+                os.makedirs(dest, exist_ok=True)
+            except OSError as exc:
+                raise DestinationError("cannot make the directory %s: %s"
+                                       % (text, exc.strerror)) from None
         if os.path.isdir(dest):
-            dest = os.path.join(dest, row.filename or file_hash)
+            return os.path.join(dest, name)
+        if not os.path.isdir(os.path.dirname(dest)):
+            raise DestinationError("cannot write %s: the directory %s does not exist"
+                                   % (text, os.path.dirname(dest)))
+        return dest
+
+    def _write_copy(self, file_hash: str, size: int, dest: str,
+                    progress: Optional[meter.Progress]) -> None:
+        """Write a verified copy to ``dest``: from the cache, else fetched into
+        the cache if it fits, else streamed from a host."""
         cached = self.cache.lookup(file_hash)
-        if cached is None and row.size <= self.cache.capacity:
+        if cached is None and size <= self.cache.capacity:
             self.cache.note_miss()
             try:
-                cached = self._fetch_into_cache(file_hash, row.size)
+                cached = self._fetch_into_cache(file_hash, size)
                 progress = None  # its bytes were counted as they arrived
             except (CacheError, DownloadError) as exc:
                 log.info("not caching %s (%s); streaming it to %s", file_hash, exc, dest)
@@ -550,16 +615,15 @@ class Pool:
         if src is not None:
             with src, fsutil.atomic_write(dest) as out:
                 try:
-                    got, _ = fsutil.copy_and_hash(src, out.fileno(), limit=row.size,
+                    got, _ = fsutil.copy_and_hash(src, out.fileno(), limit=size,
                                                   progress=progress)
                 except OverflowError:
                     got = None  # the cached file grew: it cannot be the file
                 if got != file_hash:  # bit rot or tampering in the cache
                     self.cache.drop(file_hash)
                     raise CacheError("cached copy of %s is corrupt; dropped it" % file_hash)
-            return dest
-        self._download(file_hash, row.size, dest)
-        return dest
+            return
+        self._download(file_hash, size, dest)
 
     # -- questions ------------------------------------------------------------------------
 

@@ -122,11 +122,20 @@ class RecordStore:
 
         :return: how many records were imported or updated
         :raises SerializationError: if the document is not JSON records
-            (records before the fault stay merged)
+            (records before the fault stay merged), or holds records and
+            none of them is valid
         """
-        return self._merge(self._new_records(serializers.iter_documents(fileobj)))
+        seen: collections.Counter[str] = collections.Counter()
+        merged = self._merge(self._new_records(serializers.iter_documents(fileobj), seen))
+        if seen["records"] and seen["invalid"] == seen["records"]:
+            # "merged 0" would read as "nothing new": say nothing could be read.
+            raise SerializationError(
+                "its only record is invalid (the reason is logged)" if seen["records"] == 1
+                else "none of its %d records is valid (each reason is logged)" % seen["records"])
+        return merged
 
-    def _new_records(self, documents: Iterable) -> Iterator[serializers.Record]:
+    def _new_records(self, documents: Iterable, seen: Optional[collections.Counter[str]] = None
+                     ) -> Iterator[serializers.Record]:
         """Validate decoded JSON records, passing over those the pool knows already.
 
         A record of a known file with the same size, a filename if it brings
@@ -134,15 +143,18 @@ class RecordStore:
         is skipped unparsed, so reloading a dump costs a lookup per record,
         not a validation. Every other record is parsed and validated.
         """
+        seen = collections.Counter() if seen is None else seen
         batch: List[Tuple[int, object]] = []
         for item in enumerate(documents):
             batch.append(item)
+            seen["records"] += 1
             if len(batch) >= LOAD_BATCH:
-                yield from self._parse_unknown(batch)
+                yield from self._parse_unknown(batch, seen)
                 batch = []
-        yield from self._parse_unknown(batch)
+        yield from self._parse_unknown(batch, seen)
 
-    def _parse_unknown(self, batch: List[Tuple[int, object]]) -> Iterator[serializers.Record]:
+    def _parse_unknown(self, batch: List[Tuple[int, object]], seen: collections.Counter[str]
+                       ) -> Iterator[serializers.Record]:
         known = self.db.records.known(
             doc["filehash"] for _, doc in batch
             if isinstance(doc, dict) and isinstance(doc.get("filehash"), str))
@@ -151,9 +163,12 @@ class RecordStore:
                     and _changes_nothing(doc, known.get(doc["filehash"])):
                 continue
             try:
-                yield serializers.parse_record(doc)
+                record = serializers.parse_record(doc)
             except SerializationError as exc:
+                seen["invalid"] += 1
                 log.warning("skipping record #%d: %s", index, exc)
+                continue
+            yield record
 
     def _merge(self, records: Iterable[serializers.Record], source: Optional[str] = None
                ) -> int:

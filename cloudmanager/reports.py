@@ -8,7 +8,7 @@ rows; the few that scan (:func:`unreachable`, :func:`file_count` inside
 from __future__ import annotations
 
 import itertools
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional
 
 from .db.health import month_key
 from .pool import Pool
@@ -30,6 +30,19 @@ def status(pool: Pool, file_hash: str) -> Optional[dict]:
     result.update(cached=pool.cache.contains(file_hash), pinned=bool(entry and entry.pinned),
                   target=pool.redundancy, uploads=uploads)
     return result
+
+
+def replication(pool: Pool, hashes: Iterable[str]) -> Dict[str, dict]:
+    """Where each file stands against the target; see
+    :meth:`cloudmanager.CloudManager.replication`."""
+    found: Dict[str, dict] = {}
+    hashes = list(hashes)
+    for start in range(0, len(hashes), 10000):  # one statement per slice
+        for h, (copies, verified, error) in pool.db.files.replication_among(
+                hashes[start:start + 10000]).items():
+            found[h] = {"copies": copies, "verified": verified, "target": pool.redundancy,
+                        "last_error": error}
+    return found
 
 
 def files(pool: Pool) -> Iterator[dict]:

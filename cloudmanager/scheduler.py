@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
 import time
 from typing import Callable, Generator, Iterable, Iterator, List, NamedTuple, Optional, Union
 
@@ -63,8 +64,9 @@ Advance = Callable[[int, int], None]
 def upload_files(cm, files: Iterable[Union[SourceFile, str, os.PathLike[str]]],
                 jobs: int = DEFAULT_JOBS, defer: Optional[bool] = None,
                 advance: Optional[Advance] = None, *, large_file: Optional[int] = None,
-                batch_files: Optional[int] = None,
-                batch_bytes: Optional[int] = None) -> Generator[List[Uploaded], None, None]:
+                batch_files: Optional[int] = None, batch_bytes: Optional[int] = None,
+                stop: Optional[threading.Event] = None
+                ) -> Generator[List[Uploaded], None, None]:
     """Upload files to the pool, yielding each batch's outcomes as it finishes.
 
     Files smaller than ``large_file`` go in batches (see :func:`batches`)
@@ -95,6 +97,10 @@ def upload_files(cm, files: Iterable[Union[SourceFile, str, os.PathLike[str]]],
     :param batch_files: the most files in a batch; default :data:`BATCH_FILES`
     :param batch_bytes: the most bytes in a batch (a larger file still makes
         a batch of its own); default :data:`BATCH_BYTES`
+    :param stop: once set (by a Ctrl-C handler, say), batches not started
+        yet are not started: each yields an empty list, while the batches
+        running finish and yield their outcomes as usual, so the caller
+        hears of every file that reached the pool
     :return: an iterator of lists of :class:`Uploaded`, one list per batch
     :raises InvalidInputError: if ``jobs`` is not a positive integer
     :raises OSError: if a path given cannot be stat'ed (before anything starts)
@@ -106,12 +112,13 @@ def upload_files(cm, files: Iterable[Union[SourceFile, str, os.PathLike[str]]],
     batch_bytes = BATCH_BYTES if batch_bytes is None else batch_bytes
     sources = [f if isinstance(f, SourceFile) else source_file(f) for f in files]
     report = advance or (lambda nbytes, nfiles: None)
-    return _run(cm, sources, jobs, defer, report, large_file, batch_files, batch_bytes)
+    return _run(cm, sources, jobs, defer, report, large_file, batch_files, batch_bytes,
+                stop or threading.Event())
 
 
 def _run(cm, files: List[SourceFile], jobs: int, defer: Optional[bool], advance: Advance,
-         large_file: int, batch_files: int,
-         batch_bytes: int) -> Generator[List[Uploaded], None, None]:
+         large_file: int, batch_files: int, batch_bytes: int,
+         stop: threading.Event) -> Generator[List[Uploaded], None, None]:
     # A generator of its own, so that upload_files checks its arguments at once.
     small = [f for f in files if f.size < large_file]
     large = [[f] for f in files if f.size >= large_file]
@@ -120,9 +127,10 @@ def _run(cm, files: List[SourceFile], jobs: int, defer: Optional[bool], advance:
     side = concurrent.futures.ThreadPoolExecutor(max_workers=jobs,
                                                  thread_name_prefix="cm-upload")
     try:
-        futures = [stream.submit(_upload_batch, cm, batch, defer, advance)
+        futures = [stream.submit(_upload_batch, cm, batch, defer, advance, stop)
                    for batch in batches(small, batch_files, batch_bytes)]
-        futures += [side.submit(_upload_batch, cm, batch, defer, advance) for batch in large]
+        futures += [side.submit(_upload_batch, cm, batch, defer, advance, stop)
+                    for batch in large]
         for future in concurrent.futures.as_completed(futures):
             yield future.result()
     finally:
@@ -133,8 +141,11 @@ def _run(cm, files: List[SourceFile], jobs: int, defer: Optional[bool], advance:
 
 
 def _upload_batch(cm, batch: List[SourceFile], defer: Optional[bool],
-                  advance: Advance) -> List[Uploaded]:
-    """One :meth:`upload_many` call, with progress and the rememberable check."""
+                  advance: Advance, stop: threading.Event) -> List[Uploaded]:
+    """One :meth:`upload_many` call, with progress and the rememberable check;
+    nothing once ``stop`` is set."""
+    if stop.is_set():
+        return []
     started = time.time_ns()
     reported = [0]  # bytes the library reported while it read large files
 

@@ -252,7 +252,12 @@ def iter_documents(fileobj, chunk_size=1 << 16):
 
     def read():
         nonlocal eof
-        data = fileobj.read(chunk_size)
+        try:
+            data = fileobj.read(chunk_size)
+        except UnicodeDecodeError as exc:  # a binary file given for a dump
+            raise SerializationError("not UTF-8 text (byte %s cannot be decoded): a dump is "
+                                     "a JSON array of records" % hex(exc.object[exc.start])
+                                     ) from None
         if not data:
             eof = True
         return data
@@ -306,7 +311,7 @@ def iter_documents(fileobj, chunk_size=1 << 16):
             raise SerializationError("not JSON: %s" % exc) from exc
         return
     if buf[pos] != "[":
-        raise SerializationError("a document of records is a JSON array")
+        raise SerializationError(_not_an_array(buf, pos, decoder))
     pos += 1
     first = True
     while True:
@@ -429,6 +434,19 @@ def _may_continue(value, buf, end):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return end >= len(buf) or _TOKEN_CHAR.match(buf, end) is not None
+
+
+def _not_an_array(buf, pos, decoder):
+    """Why the text at ``buf[pos:]`` is not a dump: not JSON at all, or JSON of
+    another kind (``42``, ``"text"``)."""
+    try:
+        value, _ = decoder.raw_decode(buf, pos)
+    except (ValueError, RecursionError):
+        line = buf.count("\n", 0, pos) + 1
+        return ("not JSON (it starts with %r at line %d): a dump is a JSON array of records"
+                % (buf[pos:pos + 12], line))
+    return "a JSON %s, not an array of records" % {
+        str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value), "null")
 
 
 def load_from(fileobj):

@@ -683,3 +683,30 @@ def test_an_upload_racing_remove_is_not_lost(make_pool, write_file, tmp_path, po
     cm.evict(0)
     assert open(cm.warm_up(digest), "rb").read() == b"uploaded twice, removed once"
     other.close()
+
+
+def test_download_never_replaces_other_bytes_unless_asked(make_pool, write_file, tmp_path,
+                                                          caplog):
+    cm = make_pool()
+    data = b"the pool's bytes"
+    digest = cm.upload(write_file("kept.txt", data))
+    assert cm.replication([digest, "0" * 64]) == {  # three hosts; the unknown hash left out
+        digest: {"copies": 3, "verified": 3, "target": 3, "last_error": None}}
+    theirs = tmp_path / "theirs.txt"
+    theirs.write_bytes(b"someone else's")
+    with caplog.at_level(logging.ERROR, logger="cloudmanager"):
+        assert cm.download(digest, theirs) is False
+    assert "holds other bytes" in caplog.text and str(theirs) in caplog.text
+    assert theirs.read_bytes() == b"someone else's"
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    # The same bytes: left as they are, and a success.
+    assert cm.download(digest, theirs, overwrite=True) == str(theirs)
+    assert theirs.read_bytes() == data
+    assert cm.download(digest, theirs) == str(theirs)
+    # A trailing separator makes the directory; a missing parent is named.
+    assert cm.download(digest, str(tmp_path / "made") + os.sep) == str(tmp_path / "made" /
+                                                                       "kept.txt")
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="cloudmanager"):
+        assert cm.download(digest, tmp_path / "no" / "where.txt") is False
+    assert "no/where.txt" in caplog.text and ".tmp" not in caplog.text

@@ -6,10 +6,13 @@ pool, through the public :class:`~cloudmanager.CloudManager` facade only.
 (0 success, 1 failure, 2 usage error).
 """
 
+import contextlib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from typing import Optional
 
@@ -19,7 +22,7 @@ from ..config import (
     Config, default_capacity, embedded_config, find_config, load_config, parse_size,
     DATABASE_ENV, is_postgres_url, shown_database,
 )
-from ..errors import CloudManagerError, InvalidInputError
+from ..errors import CloudManagerError, ConfigError, InvalidInputError
 from ..manager import CloudManager
 from ..meter import parse_rate
 from .output import bar_cleared
@@ -35,6 +38,54 @@ class OperationFailed(click.ClickException):
     """An operation did not succeed: exit status 1, one line on stderr."""
 
     exit_code = 1
+
+
+class BadConfig(click.ClickException):
+    """The configuration cannot be used: exit status 2 (a usage mistake, like
+    a bad option), one line naming the file and the setting."""
+
+    exit_code = 2
+
+
+#: The exit status of ``cm`` stopped by Ctrl-C (SIGINT), as shells report it.
+INTERRUPTED = 130
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C stopped the command: exit status 130, one line saying what was done."""
+
+    exit_code = INTERRUPTED
+
+
+@contextlib.contextmanager
+def stop_on_interrupt(session, what):
+    """Turn the first Ctrl-C (SIGINT) into a request to stop, for work that
+    can end cleanly between items: yields a :class:`threading.Event` that is
+    set then. A second Ctrl-C interrupts at once (KeyboardInterrupt).
+
+    :param what: what finishes before the stop, for the message
+    """
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Signal handlers belong to the main thread; an ignored SIGINT (a
+        # background job of a script, nohup) stays ignored.
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        if not session.quiet:
+            click.echo("cm: stopping once %s finish (Ctrl-C again to stop now)" % what,
+                       err=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def fail_quietly():
@@ -111,6 +162,9 @@ class CmGroup(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
             raise
+        except ConfigError as exc:  # the config is wrong, as an option can be: exit 2
+            self.print_traceback(ctx)
+            raise BadConfig(str(exc)) from exc
         except (CloudManagerError, OSError) as exc:
             self.print_traceback(ctx)
             raise OperationFailed(str(exc)) from exc
@@ -154,10 +208,14 @@ class CmGroup(click.Group):
                        err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            click.echo("cm: error: %s" % exc.format_message(), err=True)
+            click.echo("cm: %s%s" % ("" if isinstance(exc, Interrupted) else "error: ",
+                                     exc.format_message()), err=True)
             sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("cm: aborted", err=True)
+        except click.Abort as exc:
+            if isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl-C, as shells count it
+                click.echo("cm: interrupted", err=True)
+                sys.exit(INTERRUPTED)
+            click.echo("cm: aborted", err=True)  # a confirmation answered no
             sys.exit(1)
         except BrokenPipeError:  # `cm ls | head`: the reader has what it wanted
             # Python would complain again when it flushes stdout at exit.
@@ -198,6 +256,11 @@ class Session:
                 else os.path.abspath(os.path.expanduser(database))
         if self.bwlimit is not None:
             settings["bwlimit"] = self.bwlimit or None
+        for key in ("database", "storage"):
+            if key not in settings:  # a config file that forgot it
+                raise ConfigError("%s: [pool] %s is not set (the pool's %s; see cm init)"
+                                  % (path, key, "SQLite file or postgresql:// URL"
+                                     if key == "database" else "cache directory"))
         if self.capacity is not None:
             settings["capacity"] = self.capacity
         elif "capacity" not in settings:
@@ -214,7 +277,11 @@ class Session:
         """The open :class:`~cloudmanager.CloudManager`."""
         if self.manager is None:
             config = self.config()
-            self.manager = CloudManager(config=config)
+            try:
+                self.manager = CloudManager(config=config)
+            except InvalidInputError as exc:  # a setting or host spec of the config refused
+                raise ConfigError("%s: %s" % (config.path or "the embedded defaults", exc)
+                                  ) from exc
             self.loaded = config
         return self.manager
 

@@ -38,12 +38,14 @@ def toml_key(name):
 
 def host_option(ctx, param, values):
     """``--host NAME=SPEC`` values as ``[(name, spec)]``."""
-    hosts = []
+    hosts: List[Tuple[str, str]] = []
     for value in values:
         name, sep, spec = value.partition("=")
         if not sep or not name or ":" not in spec:
             raise click.BadParameter("%r is not NAME=SPEC (e.g. nas=dir:/mnt/nas/pool)"
                                      % value)
+        if any(name == known for known, _ in hosts):  # TOML refuses a table twice
+            raise click.BadParameter("the host name %r is given twice" % name)
         hosts.append((name, spec))
     return hosts
 
@@ -194,8 +196,10 @@ def folder_root(spec, base):
 
 
 def check_config_text(text, base):
-    """Refuse to write a config that would not load, or whose hosts cannot be
-    built: a usage error (exit 2) naming what is wrong."""
+    """Refuse to write a config that would not load, or whose hosts cannot be built.
+
+    :raises click.UsageError: naming the setting at fault (exit status 2)
+    """
     try:
         config = parse_config(tomllib.loads(text), base_dir=base)
         for host in config.hosts:

@@ -35,8 +35,10 @@ def key_new(session, path):
     """
     try:
         recipient = new_identity_file(os.path.abspath(path))
-    except (CloudManagerError, OSError) as exc:
+    except CloudManagerError as exc:
         raise OperationFailed(str(exc)) from None
+    except OSError as exc:  # named as the user gave it, not by the temp file's name
+        raise OperationFailed("cannot write %s: %s" % (path, exc.strerror or exc)) from None
     click.echo(recipient)
     if not session.quiet:
         click.echo("wrote the key %s (0600). Losing it loses every file it encrypts: keep a "

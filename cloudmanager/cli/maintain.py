@@ -8,8 +8,8 @@ import click
 from ..config import parse_size
 from ..errors import CloudManagerError, InvalidInputError
 from .app import (
-    BWLIMIT_OPTION, DRY_RUN_OPTION, HASH, JSON_OPTION, OperationFailed, parse_duration,
-    pass_session, resolve_hash,
+    BWLIMIT_OPTION, DRY_RUN_OPTION, HASH, JSON_OPTION, Interrupted, OperationFailed,
+    parse_duration, pass_session, resolve_hash,
 )
 from .output import emit_json, human_size, plural, print_summary, progress
 
@@ -41,6 +41,11 @@ def sync(session, reencrypt, dry_run, as_json):
         with progress(session, "syncing", sum(p["size"] * p["wanted"] for p in plan),
                       len(plan) or None) as bar:
             summary = cm.sync(reencrypt=reencrypt, progress=bar)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: the copies sync made are recorded; run cm sync again "
+                          "to go on") from None
+    except InvalidInputError as exc:  # --reencrypt on a pool without a key: usage
+        raise click.UsageError(str(exc)) from None
     except CloudManagerError as exc:
         raise OperationFailed(str(exc)) from None
     print_summary(session, "sync", summary, as_json)
@@ -85,21 +90,35 @@ def verify(session, hashes, host_names, older_than, limit, deep, as_json):
     Copies checked longest ago go first, so `cm verify --limit 1000` run
     daily walks a large pool a slice at a time. Missing and bad copies are
     marked; the next `cm sync` replaces them. Exits 1 if any copy was bad or
-    missing, or a host failed.
+    missing, or could not be checked (its host failed or is cooling down),
+    or if there were copies and none could be checked.
     """
     cm = session.open()
+    unknown = sorted(set(host_names) - set(cm.host_status()))
+    if unknown:  # its copies could not be checked from here: a mistake, as with --retry
+        raise click.BadParameter("no host named %s is configured here" % ", ".join(
+            repr(name) for name in unknown), param_hint="'--host'")
     wanted = [resolve_hash(cm, h) for h in hashes] or None
     # How many copies will be looked at is known once the run has them
     # leased: the library tells the bar then (Bar.expect).
-    with progress(session, "verifying", None, None) as bar:
-        summary = cm.verify(wanted, list(host_names) or None, older_than, limit, deep,
-                            progress=bar)
+    try:
+        with progress(session, "verifying", None, None) as bar:
+            summary = cm.verify(wanted, list(host_names) or None, older_than, limit, deep,
+                                progress=bar)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: the copies verify checked are recorded; run cm verify "
+                          "again to go on (the ones checked longest ago go first)") from None
     print_summary(session, "verify", summary, as_json)
-    problems = summary["bad"] + summary["missing"] + summary["error"]
-    if problems:
-        raise OperationFailed("%d bad, %d missing, %d not checkable now: run `cm sync` to "
-                              "replace lost copies" % (summary["bad"], summary["missing"],
-                                                       summary["error"]))
+    unchecked = summary["error"] + summary["cooling"]
+    if not summary["checked"] and (unchecked or summary["unreachable"]):
+        raise OperationFailed(
+            "nothing could be checked: %d copies on hosts that failed or are cooling down "
+            "(see cm hosts; cm hosts --retry NAME), %d on hosts not configured here"
+            % (unchecked, summary["unreachable"]))
+    if summary["bad"] + summary["missing"] + unchecked:
+        raise OperationFailed("%d bad, %d missing, %d not checkable now (a host failed or is "
+                              "cooling down): run `cm sync` to replace lost copies"
+                              % (summary["bad"], summary["missing"], unchecked))
 
 
 @click.command()

@@ -39,6 +39,21 @@ def plural(count, noun, nouns=None):
     return "%d %s" % (count, noun if count == 1 else nouns or noun + "s")
 
 
+def hash_line(file_hash, name):
+    r"""``HASH  NAME`` as GNU ``sha256sum`` prints it: a name with a backslash,
+    newline or carriage return gets them escaped (``\\``, ``\n``, ``\r``) and
+    the line a leading backslash, so each file stays one line and
+    ``sha256sum -c`` reads it back.
+
+    >>> hash_line("ab", "x.txt"), hash_line("ab", "new\nline"), hash_line("ab", "c:\\d")
+    ('ab  x.txt', '\\ab  new\\nline', '\\ab  c:\\\\d')
+    """
+    if "\\" in name or "\n" in name or "\r" in name:
+        escaped = name.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+        return "\\%s  %s" % (file_hash, escaped)
+    return "%s  %s" % (file_hash, name)
+
+
 def emit_json(value):
     """Print ``value`` as indented JSON on stdout."""
     click.echo(json.dumps(value, indent=2, ensure_ascii=False))

@@ -6,7 +6,7 @@ import sys
 import click
 
 from ..fsutil import atomic_write
-from .app import fail_quietly, pass_session
+from .app import OperationFailed, fail_quietly, pass_session
 from .output import plural
 
 
@@ -24,12 +24,15 @@ def dump(session, file):
         count = cm.dump_to(sys.stdout)
         sys.stdout.write("\n")
     else:
-        with atomic_write(file) as raw:
-            out = io.TextIOWrapper(raw, encoding="utf-8")
-            count = cm.dump_to(out)
-            out.write("\n")
-            out.flush()
-            out.detach()  # atomic_write closes and renames the file
+        try:
+            with atomic_write(file) as raw:
+                out = io.TextIOWrapper(raw, encoding="utf-8")
+                count = cm.dump_to(out)
+                out.write("\n")
+                out.flush()
+                out.detach()  # atomic_write closes and renames the file
+        except OSError as exc:  # named as the user gave it, not by the temp file's name
+            raise OperationFailed("cannot write %s: %s" % (file, exc.strerror or exc)) from None
     if not session.quiet:
         click.echo("dumped %s" % plural(count, "record"), err=True)
 

@@ -2,6 +2,8 @@
 
 import contextlib
 import os
+import shutil
+import tempfile
 import time
 from typing import List, Tuple
 
@@ -10,10 +12,10 @@ import click
 from ..scheduler import DEFAULT_JOBS, upload_files
 from ..sources import PathFilter, walk
 from .app import (
-    BWLIMIT_OPTION, DRY_RUN_OPTION, HASH, JSON_OPTION, OperationFailed, fail_quietly,
-    pass_session, resolve_hash,
+    BWLIMIT_OPTION, DRY_RUN_OPTION, HASH, JSON_OPTION, Interrupted, OperationFailed,
+    fail_quietly, pass_session, resolve_hash, stop_on_interrupt,
 )
-from .output import display_path, emit_json, human_size, plural, progress
+from .output import display_path, emit_json, hash_line, human_size, plural, progress
 
 #: ``cm upload`` stores remembered hashes after this many files, so an
 #: interrupted run keeps what it did.
@@ -63,6 +65,12 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, includes, exclu
     not walked at all). A file matching an --exclude is skipped; with
     --include, a file is uploaded only if it matches one.
 
+    It warns when files are left below the redundancy target, and exits 1
+    when a file failed or no host took one (it stays cached, pinned and
+    queued for `cm sync`; with --defer that is what was asked). Ctrl-C
+    stops it cleanly: the files already in the pool are printed, and a
+    re-run skips them.
+
     \b
     Examples:
       cm upload notes.txt
@@ -94,26 +102,40 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, includes, exclu
     started = time.monotonic()
     remember = []
     cwd = os.getcwd()
-    with progress(session, "uploading", sum(f.size for f in todo), len(todo)) as bar, \
-            contextlib.closing(upload_files(cm, todo, jobs, defer, bar)) as batches:
-        # Closed at once on Ctrl-C: batches not started yet are not started.
-        for batch in batches:
-            lines = []
-            for done in batch:
-                results[done.file.path] = (done.hash, "uploaded" if done.hash else "failed")
-                if done.hash:
-                    lines.append("%s  %s" % (done.hash, display_path(done.file.path, cwd)))
-                    if done.rememberable:
-                        remember.append((done.file, done.hash))
-            if lines and not as_json:  # as they land, so an interrupted run shows them
-                bar.echo("\n".join(lines))
-            if len(remember) >= REMEMBER_BATCH:
-                cm.remember(remember)
-                remember = []
-    cm.remember(remember)
-    trees = record_trees(cm, paths, files, results, problems, defer)
+    # Ctrl-C: batches not started yet are not started, and the running ones
+    # finish and are reported, so every file that reached the pool is printed
+    # and remembered (a re-run skips it unread). A second Ctrl-C stops at once.
+    with stop_on_interrupt(session, "the files in flight") as stop:
+        try:
+            with progress(session, "uploading", sum(f.size for f in todo),
+                          len(todo)) as bar, \
+                    contextlib.closing(upload_files(cm, todo, jobs, defer, bar,
+                                                    stop=stop)) as batches:
+                for batch in batches:
+                    lines = []
+                    for done in batch:
+                        results[done.file.path] = (done.hash,
+                                                   "uploaded" if done.hash else "failed")
+                        if done.hash:
+                            lines.append(hash_line(done.hash, display_path(done.file.path,
+                                                                           cwd)))
+                            if done.rememberable:
+                                remember.append((done.file, done.hash))
+                    if lines and not as_json:  # as they land, so an interrupted run shows them
+                        bar.echo("\n".join(lines))
+                    if len(remember) >= REMEMBER_BATCH:
+                        cm.remember(remember)
+                        remember = []
+        finally:  # even on a second Ctrl-C: what was committed is remembered
+            cm.remember(remember)
+    interrupted = stop.is_set()
+    # An interrupted run records no tree: a tree promises every file below it.
+    trees = [] if interrupted else record_trees(cm, paths, files, results, problems, defer)
+    deferred = defer or cm.settings()["defer_uploads"]
     report_upload(session, files, results, todo, time.monotonic() - started, as_json,
-                  problems, trees)
+                  problems, trees,
+                  None if deferred or interrupted else short_of_target(cm, results),
+                  interrupted=interrupted)
 
 
 def record_trees(cm, paths, files, results, problems, defer=None):
@@ -165,65 +187,122 @@ def report_dry_upload(session, files, known, problems, as_json):
         fail_quietly()
 
 
-def report_upload(session, files, results, todo, elapsed, as_json, problems, trees=()):
+def short_of_target(cm, results):
+    """``(below the target, on no host, target)`` for the files uploaded by
+    this run: those with fewer copies than the target, and those no host
+    took. A file another process is uploading at the same moment (its lease)
+    is short here but not refused: only a failed attempt, or a pool with no
+    host at all, counts as no host taking it."""
+    uploaded = {h for h, state in results.values() if state == "uploaded"}
+    status = cm.replication(uploaded)
+    no_hosts = not cm.host_status()
+    target = cm.settings()["redundancy"]
+    below = no_host = 0
+    for h in uploaded:
+        s = status.get(h)
+        if s is None:  # removed meanwhile by another process: nothing to say
+            continue
+        below += s["verified"] < target
+        no_host += s["copies"] == 0 and (no_hosts or s["last_error"] is not None)
+    return below, no_host, target
+
+
+def report_upload(session, files, results, todo, elapsed, as_json, problems, trees=(),
+                  short=None, interrupted=False):
     """The end of ``cm upload``: skipped files, each directory's tree (last, as
-    ``TREEHASH  DIR/``), the JSON report or the summary line."""
-    counts = {"uploaded": 0, "skipped": 0, "failed": len(problems)}
+    ``TREEHASH  DIR/``), the JSON report or the summary line, and what was
+    left below the target.
+
+    :param short: :func:`short_of_target`, or None when uploads were deferred
+    :param interrupted: Ctrl-C stopped the run: the summary says so, exit 130
+    """
+    below, no_host, target = short or (0, 0, 0)
+    counts = {"uploaded": 0, "skipped": 0, "failed": len(problems), "not started": 0}
     listing = []
     for f in files:
-        file_hash, state = results[f.path]
+        file_hash, state = results.get(f.path, (None, "not started"))  # Ctrl-C came first
         counts[state] += 1
         listing.append({"path": f.path, "hash": file_hash or None, "state": state})
     listing += [{"path": path, "hash": None, "state": "failed", "error": reason}
                 for path, reason in problems]
+    not_started = counts.pop("not started")
     trees = list(trees)
     if as_json:
         # "tree": the tree of the one directory given (null if none, or if
         # several were: "trees" has each).
-        emit_json({"files": listing, **counts,
+        emit_json({"files": listing, **counts, "not_started": not_started,
+                   "interrupted": interrupted,
                    "tree": trees[0][1] if len(trees) == 1 else None,
-                   "trees": [{"path": path, "hash": tree} for path, tree in trees]})
+                   "trees": [{"path": path, "hash": tree} for path, tree in trees],
+                   "below_target": below, "on_no_host": no_host})
     else:
         for item in listing:
             if item["state"] == "skipped":
-                click.echo("%s  %s" % (item["hash"], display_path(item["path"])))
+                click.echo(hash_line(item["hash"], display_path(item["path"])))
         for path, tree in trees:
             if tree:
-                click.echo("%s  %s/" % (tree, display_path(os.path.abspath(path))
-                                        .rstrip(os.sep)))
+                click.echo(hash_line(tree, display_path(os.path.abspath(path))
+                                     .rstrip(os.sep) + "/"))
+    nbytes = sum(f.size for f in todo if results.get(f.path, ("", ""))[1] == "uploaded")
+    summary = "uploaded %d, skipped %d already in the pool, failed %d" % (
+        counts["uploaded"], counts["skipped"], counts["failed"])
+    if interrupted:
+        raise Interrupted("interrupted: %s, not started %d (%s in %.1f s); no tree recorded; "
+                          "run it again to upload the rest" % (summary, not_started,
+                                                                human_size(nbytes), elapsed))
     if not session.quiet and not as_json:
-        nbytes = sum(f.size for f in todo if results[f.path][1] == "uploaded")
-        click.echo("uploaded %d, skipped %d already in the pool, failed %d (%s in %.1f s)"
-                   % (counts["uploaded"], counts["skipped"], counts["failed"],
-                      human_size(nbytes), elapsed), err=True)
+        click.echo("%s (%s in %.1f s)" % (summary, human_size(nbytes), elapsed), err=True)
+    if below and not session.quiet:
+        them = "it" if below == 1 else "them"
+        click.echo("cm: warning: %s %s below the target of %d cop%s; `cm sync` tops %s up "
+                   "once the hosts take %s" % (plural(below, "file"), "is" if below == 1
+                                               else "are", target, "y" if target == 1
+                                               else "ies", them, them), err=True)
+    if no_host:
+        raise OperationFailed(
+            "no host took %s: %s kept in the cache and queued (see cm hosts, then cm sync)"
+            % (plural(no_host, "file"), "it is" if no_host == 1 else "they are"))
     if counts["failed"] or any(tree is None for _, tree in trees):
         fail_quietly()  # each failure was logged, and the summary counts them
 
 
 @click.command()
 @click.argument("file_hash", metavar="HASH", type=HASH)
-@click.argument("dest", required=False, type=click.Path())
+@click.argument("dest", required=False, type=click.Path(allow_dash=True))
+@click.option("-f", "--force", is_flag=True,
+              help="Replace an existing file at DEST that holds other bytes.")
 @BWLIMIT_OPTION
 @pass_session
-def download(session, file_hash, dest):
+def download(session, file_hash, dest, force):
     """Write a verified copy of a file to DEST and print its path.
 
     DEST is a file path, or a directory where the file gets its recorded
-    name; the default is the current directory. The copy comes from the
-    cache, or from the healthiest host (it is then cached if it fits).
+    name; the default is the current directory. A DEST ending in / is a
+    directory, made if missing. DEST - writes the bytes to stdout (and
+    nothing else). The copy comes from the cache, or from the healthiest
+    host (it is then cached if it fits).
+
+    An existing file is never replaced unless --force: one that already
+    holds the file is left as it is, one that holds other bytes is an error.
+
+    \b
+    Examples:
+      cm download 6f7bed7 restore/
+      cm download 6f7bed7 - | tar -x
     """
     cm = session.open()
     file_hash = resolve_hash(cm, file_hash)
-    dest = dest or os.curdir
-    if os.path.lexists(dest) and not os.path.isdir(dest) and not os.path.isfile(dest) \
-            or os.path.islink(dest) and not os.path.isdir(dest):
-        # The copy is renamed into place: it would replace a device, FIFO or link.
-        raise OperationFailed("%s exists and is not a regular file or a directory" % dest)
     size = cm.status(file_hash)["size"]
-    with progress(session, "downloading", size, 1) as bar, counted(bar, size) as told:
-        path = cm.download(file_hash, dest, progress=told)
+    if dest == "-":
+        to_stdout(session, cm, file_hash, size)
+        return
+    try:
+        with progress(session, "downloading", size, 1) as bar, counted(bar, size) as told:
+            path = cm.download(file_hash, dest or os.curdir, progress=told, overwrite=force)
+    except KeyboardInterrupt:  # the destination is written whole or not at all
+        raise Interrupted("interrupted: %s was not written" % (dest or "the file")) from None
     if not path:
-        fail_quietly()
+        fail_quietly()  # the library logged why, naming DEST
     click.echo(path)
 
 
@@ -244,6 +323,23 @@ def counted(bar, size):
         bar(max(0, size - told[0]), 1)
 
 
+def to_stdout(session, cm, file_hash, size):
+    """``cm download HASH -``: a verified copy, then its bytes on stdout.
+
+    The copy is written to a private temp directory first (a pipe cannot be
+    taken back if a host's bytes turn out bad) and deleted after.
+    """
+    with tempfile.TemporaryDirectory(prefix="cm-download-") as scratch:
+        with progress(session, "downloading", size, 1) as bar, counted(bar, size) as told:
+            path = cm.download(file_hash, os.path.join(scratch, file_hash), progress=told)
+        if not path:
+            fail_quietly()
+        out = click.get_binary_stream("stdout")
+        with open(path, "rb") as f:
+            shutil.copyfileobj(f, out, 1 << 20)
+        out.flush()
+
+
 @click.command()
 @click.argument("hashes", nargs=-1, required=True, metavar="HASH...", type=HASH)
 @BWLIMIT_OPTION
@@ -256,15 +352,22 @@ def warm(session, hashes):
     cm = session.open()
     wanted = [resolve_hash(cm, h) for h in hashes]
     sizes = {h: cm.status(h)["size"] for h in wanted}
-    failed = 0
-    with progress(session, "warming", sum(sizes.values()), len(wanted)) as bar:
+    failed = warmed = 0
+    with stop_on_interrupt(session, "the file in flight") as stop, \
+            progress(session, "warming", sum(sizes.values()), len(wanted)) as bar:
         for file_hash in wanted:
+            if stop.is_set():
+                break
             with counted(bar, sizes[file_hash]) as told:
                 path = cm.warm_up(file_hash, progress=told)
             if path:
-                bar.echo("%s  %s" % (file_hash, path))
+                warmed += 1
+                bar.echo(hash_line(file_hash, path))
             else:
                 failed += 1
+    if stop.is_set():
+        raise Interrupted("interrupted: warmed %d, failed %d, not started %d"
+                          % (warmed, failed, len(wanted) - warmed - failed))
     if failed:
         fail_quietly()  # warm_up logged why, file by file
 

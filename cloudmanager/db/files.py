@@ -9,7 +9,7 @@ this node caches a file is not here but in :mod:`cloudmanager.db.cache_index`.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Set
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
 
 from .connection import Conn, Store, in_list, json_list
 
@@ -178,6 +178,15 @@ class Files:
                 "SELECT f.hash, f.size FROM json_each(?) AS j JOIN files AS f"
                 " ON f.hash = j.value", (json_list(hashes[start:start + batch]),)))
         return found
+
+    def replication_among(self, hashes: Iterable[str]) -> Dict[str, Tuple[int, int, Optional[str]]]:
+        """``{hash: (copies, verified, last upload error or None)}`` for the known
+        ones among ``hashes`` (one statement); the error is the queue's, for a
+        file still queued after a failed attempt."""
+        return {h: (int(c), int(v), e) for h, c, v, e in self.db.read(
+            "SELECT f.hash, f.copies, f.verified, q.last_error FROM json_each(?) AS j"
+            " JOIN files AS f ON f.hash = j.value LEFT JOIN upload_queue AS q"
+            " ON q.hash = f.hash", (json_list(hashes),))}
 
     def in_pool(self, hashes: Iterable[str]) -> Set[str]:
         """Those of ``hashes`` the pool knows with a copy on a host."""

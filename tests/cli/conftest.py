@@ -62,15 +62,16 @@ class Home:
         assert result.exit_code == 0, result.stderr
         return json.loads(result.stdout)
 
-    def run(self, *args, input=None, env=None):
-        """Run ``python -m cloudmanager ARGS`` as a real subprocess."""
+    def run(self, *args, input=None, env=None, text=True):
+        """Run ``python -m cloudmanager ARGS`` as a real subprocess (``text=False``:
+        stdout and stderr as bytes)."""
         full_env = dict(os.environ)
         full_env.pop("CLOUDMANAGER_CONFIG", None)
         full_env.pop("CLOUDMANAGER_DATABASE", None)
         full_env.update(self.env, **(env or {}))
         return subprocess.run([sys.executable, "-m", "cloudmanager"] + [str(a) for a in args],
                               cwd=self.work, env=full_env, input=input, capture_output=True,
-                              text=True, timeout=120)
+                              text=text, timeout=120)
 
 
 @pytest.fixture

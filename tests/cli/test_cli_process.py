@@ -39,10 +39,10 @@ def test_exit_codes_and_one_line_errors(home):
 
     (home.work / "cloudmanager.toml").write_text("[pool]\nstorage = 'cache'\nfrobs = 1\n")
     broken = home.run("status")
-    assert broken.returncode == 1 and broken.stderr.count("\n") == 1
+    assert broken.returncode == 2 and broken.stderr.count("\n") == 1
     assert "unknown setting pool.frobs" in broken.stderr
     verbose = home.run("-v", "status")
-    assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
+    assert verbose.returncode == 2 and "Traceback (most recent call last)" in verbose.stderr
     assert verbose.stderr.rstrip().splitlines()[-1].startswith("cm: error: ")
 
 
@@ -107,7 +107,7 @@ def test_ctrl_c_stops_an_upload_and_leaves_a_consistent_pool(home):
     out = first + out
     if proc.returncode == 0:
         pytest.skip("the upload finished before the interrupt arrived")
-    assert proc.returncode == 1 and "aborted" in err and "Traceback" not in err
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     fsck = home.run("fsck", "--json")
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     assert json.loads(fsck.stdout)["clean"]

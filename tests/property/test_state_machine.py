@@ -114,13 +114,24 @@ class PoolModel(RuleBasedStateMachine):
     @rule(h=files)
     def download(self, h):
         dest = os.path.join(self.base, "out")
-        got = self.cm.download(h, dest)
+        before = None
+        if os.path.exists(dest):
+            with open(dest, "rb") as f:
+                before = f.read()
         if h not in self.data:
-            assert got is None
+            assert self.cm.download(h, dest) is None
             return
+        if before is not None and before != self.data[h]:
+            # Other bytes are never replaced unless asked, and nothing is fetched.
+            assert self.cm.download(h, dest) is False
+            with open(dest, "rb") as f:
+                assert f.read() == before
+        got = self.cm.download(h, dest, overwrite=True)
         assert got == dest
         with open(dest, "rb") as f:
             assert f.read() == self.data[h]
+        if before == self.data[h]:
+            return  # the destination held the file already: nothing was fetched
         if h in self.lru:
             self.use(h)
         elif len(self.data[h]) <= CAPACITY and self.make_room(len(self.data[h])):

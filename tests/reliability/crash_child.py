@@ -107,7 +107,7 @@ def workload(cfg, seed):
         elif op == "warm_up":
             cm.warm_up(rng.choice(known))
         elif op == "download":
-            cm.download(rng.choice(known), os.path.join(scratch, "out"))
+            cm.download(rng.choice(known), os.path.join(scratch, "out"), overwrite=True)
         elif op == "evict":
             cm.evict(rng.randrange(capacity))
         elif op == "sync":

@@ -100,7 +100,7 @@ def main():
                         pass
                 elif op == "download":
                     dest = os.path.join(scratch, "out")
-                    if cm.download(digest, dest) != dest:
+                    if cm.download(digest, dest, overwrite=True) != dest:
                         raise AssertionError("download of %s failed" % digest)
                     with open(dest, "rb") as f:
                         if hashlib.sha256(f.read()).hexdigest() != digest:

@@ -389,6 +389,8 @@ class Chaos:
             if not match:
                 continue
             digest, path = match.groups()
+            if path.endswith("/"):  # a directory's tree (its manifest), not a file of it
+                continue
             path = os.path.join(str(self.work), path)
             with self.lock:
                 ever = self.at_path.get(os.path.normpath(path), ())

@@ -91,7 +91,7 @@ def verify(cfg, kill, seed):
         lost = []
         dest = os.path.join(cfg["scratch"], "verify")
         for digest, (cseed, size) in sorted(live.items()):
-            got = cm.download(digest, dest)
+            got = cm.download(digest, dest, overwrite=True)  # one scratch path for all
             if got != dest:
                 lost.append(digest)
                 continue
