@@ -492,7 +492,7 @@ class GitAnnex(Tool):
     kinds = ("folder",)
 
     def version(self, env):
-        return env.run(["git", "annex", "version", "--raw"]).stdout.strip()
+        return "git-annex " + env.run(["git", "annex", "version", "--raw"]).stdout.strip()
 
     def up(self, env, site):
         repo = os.path.join(site.base, "repo")
@@ -890,10 +890,11 @@ def main(argv=None):
         results.errors.append(str(exc))
         print("FAILED: %s" % exc, file=sys.stderr)
     finally:
+        # Timed before the clean-up, which takes minutes after a full run.
+        seconds = time.perf_counter() - started
+        end_load = os.getloadavg()
         moto.stop()
         ws.cleanup()
-    seconds = time.perf_counter() - started
-    end_load = os.getloadavg()
     rows = build_rows(groups, results, missing)
     print()
     print_table(rows)
