@@ -811,12 +811,14 @@ class UploadEngine:
     def _failed(self, host: Host, exc: HostError, what: str,
                 counts: bool = True) -> Tuple[HostError, Fact]:
         """Log a failure and return it with its fact; it ``counts`` toward the
-        host's health unless it says nothing about the host being up (a
-        missing or bad object, a local disk error)."""
+        host's health unless it says nothing against the host (a missing or
+        bad object, a local disk error). A missing or bad object was the
+        host's answer: the fact says it is up (:attr:`Fact.answered`)."""
         if isinstance(exc, _GaveUp):  # internal to the engine
             exc = HostUnavailableError(exc.host, exc.message)
         log.warning("%s failed on %s: %s", what, host.name, exc.message)
-        return exc, Fact(host.name, False, error=exc.message, counts=counts)
+        answered = isinstance(exc, (CorruptCopyError, HostNotFoundError))
+        return exc, Fact(host.name, False, error=exc.message, counts=counts, answered=answered)
 
     # -- downloads -------------------------------------------------------------
 

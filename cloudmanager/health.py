@@ -23,8 +23,10 @@ The breaker:
   clock cannot stretch a 60 s cool-down into a day.
 - **Yields to explicit commands.** :meth:`Health.probe_now` lets a cooling
   host be tried at once (``cm sync``, ``cm verify``, ``cm hosts --retry``).
-- **Ignores what says nothing about the host**: a missing or corrupt object,
-  a local disk error, a hostile size (facts with ``counts=False``).
+- **Ignores what says nothing against the host**: a missing or corrupt
+  object, a local disk error, a hostile size (facts with ``counts=False``).
+  A missing or corrupt object is an answer, though: the host is up, and its
+  breaker closes (``answered=True``).
 """
 
 from __future__ import annotations
@@ -56,9 +58,14 @@ class Fact(NamedTuple):
     latency_ms: Optional[float] = None
     #: Why it failed.
     error: Optional[str] = None
-    #: Whether it says anything about the host being up: False for a
-    #: missing or corrupt object and for local errors.
+    #: Whether a failure counts against the host: False for a missing or
+    #: corrupt object and for local errors.
     counts: bool = True
+    #: The call failed, but the host answered it (a missing or corrupt
+    #: object): it is up, so its breaker closes as on a success. A host that
+    #: stayed cooling after answering a verify would be skipped by the sync
+    #: that must replace the very copy the verify found bad.
+    answered: bool = False
     #: Bytes sent to the host (uploads).
     uploaded: int = 0
     #: Bytes received from it (downloads).
@@ -190,8 +197,8 @@ class Health:
         """Write one operation's (or batch's) facts: health and the transfer meter.
 
         Per host, the facts become one outcome: a success if any call there
-        succeeded (with every success's latency), else one failure if any
-        failure counts. Call inside the caller's transaction to make it one
+        succeeded or was answered (with every success's latency), else one
+        failure if any failure counts. Call inside the caller's transaction to make it one
         with the rest of what the operation writes.
         """
         per_host: Dict[str, List[Fact]] = {}
@@ -203,7 +210,7 @@ class Health:
         now = self._wall()
         outcomes: Dict[str, List[Outcome]] = {}
         for host, host_facts in per_host.items():
-            successes = [f for f in host_facts if f.ok]
+            successes = [f for f in host_facts if f.ok or f.answered]
             if successes:
                 outcomes[host] = [Outcome(True, f.latency_ms, None, now) for f in successes]
             else:

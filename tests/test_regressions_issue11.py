@@ -347,6 +347,37 @@ def test_cb3_a_clock_stepped_back_does_not_stretch_the_cool_down(pool, src, tmp_
     assert cm.status(digest)["verified"] == 1
 
 
+def test_cb5_a_host_that_answered_with_a_bad_copy_gets_its_replacement(pool, src, tmp_path,
+                                                                        monkeypatch):
+    """Found by the copy-beliefs model (tests/property): a host cooling after
+    an outage comes back holding a corrupt copy. The verify that probes it
+    gets an answer, the bad copy: the host is up, so the sync right after
+    must replace that copy there, not skip the host as still cooling."""
+    import cloudmanager.replication as replication
+
+    monkeypatch.setattr(replication, "RECHECK_BASE", 0.0)  # suspect copies due at once
+    a, b = tmp_path / "hosts" / "a", tmp_path / "hosts" / "b"
+    cm = pool(["dir:%s" % a, "dir:%s" % b], redundancy=2)
+    data = b"kept on two disks"
+    digest = cm.upload(src("f", data))
+    assert cm.status(digest)["verified"] == 2
+    aside = tmp_path / "unplugged"
+    b.rename(aside)  # b's disk is unplugged: an empty mount point stays
+    b.mkdir()
+    for _ in range(3):
+        cm.verify(deep=True)
+    assert cm.host_status()["dir:%s" % b]["state"] == "cooling"
+    (aside / digest).write_bytes(bytes(x ^ 0xFF for x in data))  # damaged meanwhile
+    b.rmdir()
+    aside.rename(b)  # plugged back in
+    assert cm.verify(deep=True)["bad"] == 1
+    assert cm.host_status()["dir:%s" % b]["state"] == "ok"
+    assert cm.sync()["uploads"] == 1
+    assert (b / digest).read_bytes() == data
+    states = {c["host_name"]: c["state"] for c in cm.status(digest)["uploads"] if c["url"]}
+    assert states == {"dir:%s" % a: "good", "dir:%s" % b: "good"}
+
+
 def test_cb4_hostile_sizes_never_count_against_a_host(pool, src, tmp_path):
     h = spec(tmp_path, "nas")
     cm = pool([h], redundancy=1)
