@@ -27,8 +27,9 @@ REMEMBER_BATCH = 2000
 @click.option("-j", "--jobs", type=click.IntRange(1, 64), default=DEFAULT_JOBS,
               show_default=True, help="Large files (8 MiB and more) uploaded at the same "
               "time, beside one stream of batches of small files.")
-@click.option("--defer", is_flag=True,
-              help="Only cache and queue the files; `cm sync` uploads them later.")
+@click.option("--defer/--no-defer", default=None,
+              help="Only cache and queue the files; `cm sync` uploads them later. "
+              "Without either, the config's [pool] defer_uploads decides.")
 @click.option("--rehash", is_flag=True,
               help="Read every file, even those unchanged since they were last uploaded.")
 @click.option("-L", "--follow-symlinks", is_flag=True,

@@ -15,9 +15,9 @@ def sha(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def upload_one(home, name="notes.txt", data=b"hello, pool\n"):
+def upload_one(home, name="notes.txt", data=b"hello, pool\n", options=()):
     home.file(name, data)
-    result = home.cm("upload", name)
+    result = home.cm("upload", *options, name)
     assert result.exit_code == 0, result.stderr
     return result.stdout.split()[0]
 
@@ -203,6 +203,19 @@ def test_init_writes_a_config_that_the_next_command_uses(home):
     assert again.exit_code == 1 and "--force" in again.stderr
     assert home.cm("init", "--force").exit_code == 0
     assert [h.name for h in load_config(path).hosts] == ["local"]
+
+
+def test_upload_follows_the_configs_defer_uploads_unless_told(home):
+    """Without --defer or --no-defer, `cm upload` does what [pool]
+    defer_uploads says (the flag used to pass False and override it)."""
+    assert home.cm("init", "--host", "nas=dir:%s" % (home.root / "nas")).exit_code == 0
+    config = home.work / "cloudmanager.toml"
+    config.write_text(config.read_text().replace("[pool]\n", "[pool]\ndefer_uploads = true\n"))
+    queued = upload_one(home, "queued.txt", data=b"queued")
+    assert not (home.root / "nas" / queued).exists()
+    assert home.cm_json("status")["queued"] == 1
+    sent = upload_one(home, "sent.txt", b"sent", options=["--no-defer"])
+    assert (home.root / "nas" / sent).exists()
 
 
 def test_init_user_writes_the_user_config_for_the_default_pool(home):
