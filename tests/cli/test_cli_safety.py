@@ -245,7 +245,8 @@ def test_ctrl_c_on_warm_finishes_the_file_in_flight_and_says_what_is_left(home,
     proc = subprocess.Popen([sys.executable, "-m", "cloudmanager", "warm"] + digests,
                             cwd=home.work, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    first = proc.stdout.readline()  # one file is cached; the next is in flight
+    first = proc.stdout.readline()  # one file is cached; the next starts at once
+    time.sleep(0.5)  # well inside its 1.5 s plowdown: surely in flight now
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
