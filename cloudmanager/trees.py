@@ -291,17 +291,24 @@ def entries_for(root: Union[str, os.PathLike[str]],
 
     :param files: ``(SourceFile, hash)`` pairs, the stat taken before the
         file was read (as :func:`cloudmanager.sources.walk` gives it)
-    :raises UnsafePathError: for a file not under ``root``, or whose path
-        a manifest cannot hold
+    :raises UnsafePathError: for a file not under ``root`` (a path a
+        manifest cannot hold is refused by :func:`encode`)
     """
     root = os.path.abspath(os.fspath(root))
+    below = root.rstrip(os.sep) + os.sep
     out = []
     for f, file_hash in files:
-        relative = os.path.relpath(f.path, root)
+        # walk() gives normalised absolute paths: slicing spares relpath's work.
+        if f.path.startswith(below) and os.path.normpath(f.path) == f.path:
+            relative = f.path[len(below):]
+        else:
+            relative = os.path.relpath(f.path, root)
         if relative.startswith(os.pardir + os.sep) or relative in (os.curdir, os.pardir):
             raise UnsafePathError(f.path, "not under %s" % root)
         path = relative.replace(os.sep, "/")
-        out.append(TreeEntry(check_path(path), check_hash(file_hash), f.stat.st_size,
+        # Paths and hashes are checked once, by encode(), which every
+        # manifest goes through before it is stored.
+        out.append(TreeEntry(path, file_hash, f.stat.st_size,
                              stat.S_IMODE(f.stat.st_mode) & 0o777, f.stat.st_mtime_ns))
     return out
 
