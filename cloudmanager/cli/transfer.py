@@ -374,7 +374,7 @@ def warm(session, hashes):
 
 
 @click.command()
-@click.argument("tree", metavar="TREE")
+@click.argument("tree", metavar="TREE", type=HASH)
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("-j", "--jobs", type=click.IntRange(1, 16), default=4, show_default=True,
               help="Files fetched at the same time.")
@@ -385,6 +385,7 @@ def warm(session, hashes):
               help="Replace files in DEST that differ from the tree's (never a directory).")
 @click.option("--checksum", is_flag=True,
               help="Hash the files already in DEST even when their size and mtime match.")
+@BWLIMIT_OPTION
 @JSON_OPTION
 @pass_session
 def restore(session, tree, dest, jobs, dry_run, force, checksum, as_json):

@@ -691,7 +691,7 @@ def test_restore_lists_plans_keeps_what_differs_and_refuses_a_hostile_tree(home,
     plan = home.cm("restore", "--dry-run", tree, "out")
     assert plan.exit_code == 0 and plan.stdout.split() == ["fetch", "a.txt", "fetch", "sub/b.txt"]
     assert "would fetch 2 files" in plan.stderr and not (home.work / "out").exists()
-    assert home.cm("restore", tree, "out").exit_code == 0
+    assert home.cm("restore", "--bwlimit", "64M", tree, "out").exit_code == 0
     (home.work / "out" / "a.txt").write_text("mine\n")
     kept = home.cm("restore", tree, "out")
     assert kept.exit_code == 1 and (home.work / "out" / "a.txt").read_text() == "mine\n"
