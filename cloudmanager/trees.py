@@ -484,12 +484,24 @@ def restore(pool: Pool, entries: Sequence[TreeEntry], dest: Union[str, os.PathLi
         fetched, fetched_bytes = 0, 0
         with concurrent.futures.ThreadPoolExecutor(
                 max_workers=jobs, thread_name_prefix="cm-restore") as workers:
-            futures = {workers.submit(restorer.fetch, e): e for e in fetch}
+
+            def fetch_one(e: TreeEntry) -> int:
+                """Fetch ``e``, its bytes reported as they move; :return: how many were."""
+                told = [0]
+
+                def moved(nbytes: int) -> None:
+                    told[0] += nbytes
+                    report(nbytes, 0)
+
+                restorer.fetch(e, moved)
+                return told[0]
+
+            futures = {workers.submit(fetch_one, e): e for e in fetch}
             try:
                 for future in concurrent.futures.as_completed(futures):
                     e = futures[future]
                     try:
-                        future.result()
+                        told = future.result()
                     except (OSError, CloudManagerError) as exc:
                         log.error("could not restore %s: %s", e.path, _reason(exc))
                         failed.append((e.path, _reason(exc)))
@@ -497,7 +509,7 @@ def restore(pool: Pool, entries: Sequence[TreeEntry], dest: Union[str, os.PathLi
                     else:
                         fetched += 1
                         fetched_bytes += e.size
-                        report(e.size, 1)
+                        report(max(0, e.size - told), 1)  # what nobody reported
             finally:  # Ctrl-C: files not started are not started
                 for future in futures:
                     future.cancel()
@@ -653,8 +665,12 @@ class _Restorer:
         finally:
             os.close(parent)
 
-    def fetch(self, e: TreeEntry) -> None:
-        """Fetch one file, verified, to a temp name beside its place, and rename it there."""
+    def fetch(self, e: TreeEntry, progress: Optional[Callable[[int], None]] = None) -> None:
+        """Fetch one file, verified, to a temp name beside its place, and rename it there.
+
+        :param progress: told of the bytes as they arrive (or are copied
+            from the cache)
+        """
         parent = self._open_parent(e.path, create=True)
         assert parent is not None  # created
         name = e.path.rsplit("/", 1)[-1]
@@ -663,7 +679,8 @@ class _Restorer:
             # The pool writes the verified bytes to a path; through
             # /proc/self/fd it resolves by the descriptor, so a directory
             # swapped for a link meanwhile cannot redirect it.
-            self.pool.download(e.hash, os.path.join(_fd_path(parent, self.dest, e.path), temp))
+            self.pool.download(e.hash, os.path.join(_fd_path(parent, self.dest, e.path), temp),
+                               progress)
             fd = os.open(temp, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=parent)
             try:
                 st = os.fstat(fd)

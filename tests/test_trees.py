@@ -237,6 +237,23 @@ def test_restore_resumes_and_mends_mode_and_mtime(uploaded, tmp_path):
     assert snapshot(dest) == snapshot(src)  # the temp file is gone too
 
 
+def test_restore_reports_bytes_as_they_arrive(make_pool, tmp_path):
+    """The progress callback hears of a large file's bytes while they move
+    (not once it is done), and in all of every file's bytes and count."""
+    src = make_tree(tmp_path / "src_tree", {"big.bin": (os.urandom(3 << 20), 0o644, 1e9),
+                                             "small.txt": (b"small", 0o600, 1e9)})
+    cm = make_pool(16 << 20)
+    tree = cm.upload_tree(src)
+    cm.evict(0)  # fetched from the hosts, chunk by chunk
+    calls = []
+    summary = cm.restore_tree(tree, tmp_path / "out",
+                              progress=lambda nbytes, nfiles: calls.append((nbytes, nfiles)))
+    assert summary["ok"] and summary["fetched"] == 2
+    assert sum(n for n, _ in calls) == (3 << 20) + 5 and sum(f for _, f in calls) == 2
+    assert len([n for n, f in calls if n and not f]) > 1  # bytes before their file ended
+    assert snapshot(tmp_path / "out") == snapshot(src)
+
+
 def test_dry_run_writes_nothing(uploaded, tmp_path):
     cm, tree, _ = uploaded
     dest = tmp_path / "nowhere"
