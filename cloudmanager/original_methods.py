@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 from .errors import CloudManagerError, InvalidInputError
 
 if TYPE_CHECKING:
+    from . import meter
     from .pool import Pool
 
 log = logging.getLogger("cloudmanager")
@@ -27,7 +28,8 @@ class OriginalMethods:
     pool: Pool
 
     if TYPE_CHECKING:  # CloudManager's
-        def sync(self, reencrypt: bool = False) -> Dict[str, int]: ...
+        def sync(self, reencrypt: bool = False, *,
+                 progress: Optional[meter.Advance] = None) -> Dict[str, int]: ...
 
 
     def cloud_sync(self) -> None:

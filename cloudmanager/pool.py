@@ -62,11 +62,11 @@ log = logging.getLogger(__name__)
 #: transaction and one round of host uploads each.
 UPLOAD_BATCH = 500
 
-#: Write errors that mean the cache's disk (or this process's file size
-#: limit) is full: :meth:`Pool.upload` then goes straight to the hosts.
 #: How many candidates an ambiguous hash prefix's error names.
 AMBIGUOUS_SHOWN = 10
 
+#: Write errors that mean the cache's disk (or this process's file size
+#: limit) is full: :meth:`Pool.upload` then goes straight to the hosts.
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from cloudmanager.db import SCHEMA_VERSION, FileDatabase
 from cloudmanager.db.connection import schema_sql
+from cloudmanager.db.copies import recount
 from cloudmanager.db.health import Outcome
 from cloudmanager.db.postgres import postgres_schema_sql, redact, translate
 from cloudmanager.errors import DatabaseError
@@ -515,7 +516,7 @@ def test_bulk_inserts_on_postgresql_mean_what_row_by_row_would(pg_url, tmp_path)
                              " VALUES (?, ?, ?, ?, ?)",
                              [(H[0], "a", "u1", "good", 1), (H[0], "b", "u2", "claimed", 1),
                               (H[1], "a", "u3", "good", 1)])
-            db.copies.recount(conn, [H[0], H[1]])
+            recount(conn, [H[0], H[1]])
         assert (db.files.get(H[0]).copies, db.files.get(H[0]).verified) == (2, 1)
         with db.catalog.transaction() as conn:
             conn.execute("UPDATE uploads SET state = 'good' WHERE host_name = 'b'")

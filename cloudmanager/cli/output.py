@@ -54,6 +54,19 @@ def hash_line(file_hash, name):
     return "%s  %s" % (file_hash, name)
 
 
+def printable(name):
+    r"""``name`` with what could forge a line or drive the terminal escaped: a
+    backslash, newline and carriage return as :func:`hash_line` escapes them,
+    any other control character as ``\xHH``. For names that come from other
+    nodes (a tree's paths).
+
+    >>> printable("a\nb"), printable("esc\x1b[2J"), printable("ok.txt")
+    ('a\\nb', 'esc\\x1b[2J', 'ok.txt')
+    """
+    out = name.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    return "".join("\\x%02x" % ord(c) if ord(c) < 32 or ord(c) == 127 else c for c in out)
+
+
 def emit_json(value):
     """Print ``value`` as indented JSON on stdout."""
     click.echo(json.dumps(value, indent=2, ensure_ascii=False))

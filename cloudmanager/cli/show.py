@@ -13,6 +13,7 @@ from .output import (
     print_copies,
     print_hosts,
     print_table,
+    printable,
 )
 
 
@@ -39,7 +40,7 @@ def ls(session, tree, only_cached, only_short, old_short, as_json):
     cm = session.open()
     if tree is not None:
         if only_cached or only_short:
-            raise click.UsageError("--cached and --short list the pool, not a tree")
+            raise click.UsageError("--cached and --below-target list the pool, not a tree")
         list_tree(cm, resolve_hash(cm, tree), as_json)
         return
     target = cm.settings()["redundancy"]
@@ -66,8 +67,10 @@ def list_tree(cm, tree, as_json):
         emit_json(entries)
         return
     for e in entries:
+        # A tree from another node is untrusted: its paths cannot forge lines.
         click.echo("%s  %10s  %04o  %s  %s" % (e["hash"], human_size(e["size"]), e["mode"],
-                                               human_time(e["mtime_ns"] // 10**9), e["path"]))
+                                               human_time(e["mtime_ns"] // 10**9),
+                                               printable(e["path"])))
 
 
 @click.command("trees")

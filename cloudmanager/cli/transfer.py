@@ -15,7 +15,9 @@ from .app import (
     BWLIMIT_OPTION, DRY_RUN_OPTION, HASH, JSON_OPTION, Interrupted, OperationFailed,
     fail_quietly, pass_session, resolve_hash, stop_on_interrupt,
 )
-from .output import display_path, emit_json, hash_line, human_size, plural, progress
+from .output import (
+    display_path, emit_json, hash_line, human_size, plural, printable, progress,
+)
 
 #: ``cm upload`` stores remembered hashes after this many files, so an
 #: interrupted run keeps what it did.
@@ -132,7 +134,7 @@ def upload(session, paths, jobs, defer, rehash, follow_symlinks, includes, exclu
     interrupted = stop.is_set()
     # An interrupted run records no tree: a tree promises every file below it.
     trees = [] if interrupted else record_trees(cm, paths, files, results, problems, defer)
-    deferred = defer or cm.settings()["defer_uploads"]
+    deferred = defer if defer is not None else cm.settings()["defer_uploads"]
     report_upload(session, files, results, todo, time.monotonic() - started, as_json,
                   problems, trees,
                   None if deferred or interrupted else short_of_target(cm, results),
@@ -424,11 +426,11 @@ def restore(session, tree, dest, jobs, dry_run, force, checksum, as_json):
         emit_json(summary)
     elif dry_run:
         for action, path in summary["actions"]:
-            click.echo("%-8s %s" % (action, path))
+            click.echo("%-8s %s" % (action, printable(path)))
     for path, reason in summary["conflicts"]:
-        click.echo("cm: %s: %s" % (os.path.join(dest, path), reason), err=True)
+        click.echo("cm: %s: %s" % (printable(os.path.join(dest, path)), reason), err=True)
     for path, reason in summary["failed"]:
-        click.echo("cm: %s: %s" % (os.path.join(dest, path), reason), err=True)
+        click.echo("cm: %s: %s" % (printable(os.path.join(dest, path)), reason), err=True)
     if not session.quiet and not as_json:
         click.echo("%s %s (%s), %d unchanged, %s, %d failed, in %s"
                    % ("would fetch" if dry_run else "restored",

@@ -250,7 +250,7 @@ MIGRATIONS: Dict[int, Union[str, Dict[str, str]]] = {
             DROP TRIGGER IF EXISTS cache_delete;
         """,
     },
-    # 7: copies inserted are counted per batch by db/copies.py (Copies.recount),
+    # 7: copies inserted are counted per batch by db/copies.py (recount),
     # not by a trigger per row; tree manifests by name (cloudmanager/trees.py):
     # which files of the pool are a directory's manifest (existing pools have
     # none).

@@ -6,8 +6,9 @@ the rules of the copy state machine are there, the statements here. A copy is
 identified by ``(hash, host_name, url)``; its ``state`` is one of
 :data:`STATES`. ``files.copies`` (good, claimed or suspect) and
 ``files.verified`` (good) are kept in step with these rows: for rows
-inserted, by :meth:`Copies.recount` once per batch, which every insert here
-calls; for changes of state and deletes, by the triggers in ``schema.sql``.
+inserted, by :func:`recount` once per batch, which every insert of them
+calls (here, in db/records.py and db/migrate.py); for changes of state and
+deletes, by the triggers in ``schema.sql``.
 
 Every write takes a batch: a single copy is a batch of one, so the two paths
 cannot drift apart. Every write is guarded against a file removed meanwhile
@@ -329,16 +330,12 @@ class Copies:
                  for h, host, url in copies])
         conn.executemany("DELETE FROM uploads WHERE hash = ? AND host_name = ? AND url = ''"
                          " AND state = 'pending'", [(h, host) for h, host, _ in copies])
-        self.recount(conn, {c[0] for c in copies})
+        recount(conn, {c[0] for c in copies})
         # Tombstones are few (removed files' copies): one probe spares a
         # delete per copy when there are none.
         if conn.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone() is not None:
             conn.executemany("DELETE FROM tombstones WHERE hash = ? AND host_name = ?"
                              " AND url = ?", copies)
-
-    def recount(self, conn: Conn, hashes: Optional[Iterable[str]] = None) -> None:
-        """:func:`recount` (the rows of ``records`` merges are counted by it too)."""
-        recount(conn, hashes)
 
     def record_pending(self, conn: Conn, failures: Iterable[Tuple[str, str]],
                        when: int) -> None:

@@ -685,7 +685,7 @@ POSTGRES_MIGRATIONS: Dict[int, str] = {
         );
         UPDATE cloudmanager_schema SET version = 6;
     """,
-    # 7: copies inserted are counted by db/copies.py (Copies.recount); tree
+    # 7: copies inserted are counted by db/copies.py (recount); tree
     # manifests by name (cloudmanager/trees.py).
     6: """
         DROP TRIGGER uploads_insert ON uploads;

@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS files (
     -- suspect), and how many of those hold one this node made or checked
     -- itself (state good).
     -- Only `verified` counts for decisions that could lose the file. Kept by
-    -- db/copies.py (Copies.recount) and the uploads_* triggers.
+    -- db/copies.py (recount) and the uploads_* triggers.
     copies      INTEGER NOT NULL DEFAULT 0,
     verified    INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
@@ -71,7 +71,7 @@ CREATE INDEX IF NOT EXISTS uploads_recheck ON uploads (next_check)
     WHERE state IN ('suspect', 'bad', 'missing');
 
 -- files.copies and files.verified: a row inserted here is counted by the
--- statement after it, Copies.recount in db/copies.py (the one writer of
+-- statement after it, recount in db/copies.py (the one writer of
 -- these rows), once per batch; a per-row insert trigger cost 10 us per copy,
 -- a tenth of a small file's whole upload. A change of state or a delete is
 -- counted by these triggers, row by row (they are rarer and come singly).

@@ -42,7 +42,7 @@ CREATE INDEX uploads_recheck ON uploads (next_check)
 
 -- files.copies and files.verified, kept in step with the file's copies:
 -- once per statement, for the files it touched. Inserted rows are counted
--- by the statement after them, Copies.recount in db/copies.py, as on SQLite;
+-- by the statement after them, recount in db/copies.py, as on SQLite;
 -- changes of state and deletes by these triggers.
 CREATE FUNCTION cloudmanager_recount(hashes TEXT[]) RETURNS void LANGUAGE sql AS $$
     UPDATE files AS f SET

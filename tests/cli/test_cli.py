@@ -678,6 +678,20 @@ def test_sync_reencrypt_without_a_key_is_a_clear_error(home):
 
 # -- trees ------------------------------------------------------------------------------------
 
+def test_tree_paths_are_printed_escaped(home):
+    """A tree's paths may hold what would forge a line or drive the terminal
+    (a tree from another node is untrusted): cm ls TREE and cm restore
+    --dry-run print them escaped, one line per file."""
+    home.file("odd/new\nline.txt", "1\n")
+    home.file("odd/esc\x1b[2J.txt", "2\n")
+    tree = home.cm_json("upload", "odd")["tree"]
+    listing = home.cm("ls", tree).stdout.splitlines()
+    assert len(listing) == 2 and "\x1b" not in "".join(listing)
+    assert listing[0].endswith("esc\\x1b[2J.txt") and listing[1].endswith("new\\nline.txt")
+    plan = home.cm("restore", "--dry-run", tree, "out").stdout.splitlines()
+    assert plan == ["fetch    esc\\x1b[2J.txt", "fetch    new\\nline.txt"]
+
+
 def test_restore_lists_plans_keeps_what_differs_and_refuses_a_hostile_tree(home, tmp_path):
     home.file("album/a.txt", "alpha\n")
     home.file("album/sub/b.txt", "beta\n")
