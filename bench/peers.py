@@ -369,13 +369,18 @@ class Cm(Tool):
 
         def check(outs):
             hashes = {}
+            trees = 0
             for line in outs[0].stdout.splitlines():
                 digest, _, path = line.partition("  ")
+                if path.endswith("/"):  # the directory's tree (a manifest, stored too)
+                    trees += 1
+                    continue
                 hashes[os.path.basename(path)] = digest
             if sorted(hashes) != sorted(site.data.sizes):
                 raise BenchError("cm upload printed %d of %d files"
                                  % (len(hashes), site.data.count))
             site.info["hashes"] = hashes
+            site.info["trees"] = trees
             check_stored(site.remote, site.data, "cm upload")
 
         return Job([self._cm(site, "upload", site.data.root)], check)
@@ -411,8 +416,9 @@ class Cm(Tool):
     def check(self, env, site):
         def check(outs):
             summary = json.loads(outs[0].stdout)
-            if summary.get("checked") != site.data.count or summary.get("good") != site.data.count:
-                raise BenchError("cm verify: %r for %d copies" % (summary, site.data.count))
+            copies = site.data.count + site.info.get("trees", 0)  # the files and their tree
+            if summary.get("checked") != copies or summary.get("good") != copies:
+                raise BenchError("cm verify: %r for %d copies" % (summary, copies))
 
         return Job([self._cm(site, "verify", "--json")], check)
 
