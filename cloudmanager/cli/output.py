@@ -64,7 +64,8 @@ def printable(name):
     ('a\\nb', 'esc\\x1b[2J', 'ok.txt')
     """
     out = name.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
-    return "".join("\\x%02x" % ord(c) if ord(c) < 32 or ord(c) == 127 else c for c in out)
+    return "".join(c.encode("unicode_escape").decode("ascii") if ord(c) < 32 or ord(c) == 127
+                   else c for c in out)
 
 
 def emit_json(value):
