@@ -483,7 +483,7 @@ def copy_to_temp(src_path, final_path, fsync=True):
         fd, temp = _temp_beside(final_path)
         try:
             try:
-                _kernel_copy(src, fd)
+                kernel_copy(src, fd)
                 if fsync:
                     os.fsync(fd)
             finally:
@@ -496,8 +496,9 @@ def copy_to_temp(src_path, final_path, fsync=True):
     return temp
 
 
-def _kernel_copy(src_fd, dst_fd):
-    """Copy from ``src_fd``'s position to its end into ``dst_fd``."""
+def kernel_copy(src_fd: int, dst_fd: int) -> None:
+    """Copy from ``src_fd``'s start to its end into ``dst_fd``: ``sendfile``
+    where the platform has it (no pass through this process), else a buffer."""
     sendfile = getattr(os, "sendfile", None)
     if sendfile is not None and sys.platform.startswith("linux"):
         offset = 0

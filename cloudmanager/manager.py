@@ -276,7 +276,10 @@ class CloudManager(OriginalMethods):
             hash if it has none), made if missing when the path ends with a
             separator (``"restore/"``); or a file path, whose directory must
             exist. The file is written atomically and verified, from the
-            cache or streamed from a host, whether or not it fits in the cache.
+            cache or streamed from a host, whether or not it fits in the cache,
+            and fsynced unless the pool's ``fsync`` is off. A file fetched into
+            the cache for it is hashed once, as it arrives, and then copied by
+            the kernel.
         :param overwrite: replace a regular file that holds other bytes
         :param progress: called with the byte count of each chunk written
             (received from a host, or copied from the cache when the file

@@ -560,7 +560,7 @@ class Pool:
         os.close(fd)
         try:
             self._write_copy(file_hash, row.size, part, progress)
-            fsutil.publish(part, dest, replace=overwrite)
+            fsutil.publish(part, dest, self.cache.fsync, replace=overwrite)
         except FileExistsError:
             raise DestinationExistsError("%s appeared while %s was downloaded; it is left as "
                                          "it is" % (dest, file_hash)) from None
@@ -599,11 +599,13 @@ class Pool:
         """Write a verified copy to ``dest``: from the cache, else fetched into
         the cache if it fits, else streamed from a host."""
         cached = self.cache.lookup(file_hash)
+        fetched = False
         if cached is None and size <= self.cache.capacity:
             self.cache.note_miss()
             try:
                 cached = self._fetch_into_cache(file_hash, size)
                 progress = None  # its bytes were counted as they arrived
+                fetched = True
             except (CacheError, DownloadError) as exc:
                 log.info("not caching %s (%s); streaming it to %s", file_hash, exc, dest)
         src = None
@@ -613,7 +615,13 @@ class Pool:
             except FileNotFoundError:  # another process evicted it since the lookup
                 log.info("%s left the cache while it was looked up; fetching it", file_hash)
         if src is not None:
-            with src, fsutil.atomic_write(dest) as out:
+            with src, fsutil.atomic_write(dest, self.cache.fsync) as out:
+                if fetched:
+                    # Its bytes were hashed as they arrived, just now (a cached
+                    # file is written once, verified, under its hash): the
+                    # kernel copies them, with no second pass of SHA-256.
+                    fsutil.kernel_copy(src.fileno(), out.fileno())
+                    return
                 try:
                     got, _ = fsutil.copy_and_hash(src, out.fileno(), limit=size,
                                                   progress=progress)
