@@ -144,7 +144,8 @@ def write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
-def copy_and_hash(src, dst_fd, limit=None, hashing=True, progress=None, length=None):
+def copy_and_hash(src, dst_fd, limit=None, hashing=True, progress=None, length=None,
+                  keep_pages=False):
     """Copy a readable binary file object into ``dst_fd``, hashing as it goes.
 
     The source is read exactly once, and the digest is of exactly the bytes
@@ -161,6 +162,8 @@ def copy_and_hash(src, dst_fd, limit=None, hashing=True, progress=None, length=N
     :param length: the size a stream announced (an HTTP ``Content-Length``),
         for a source that is not a regular file: it only chooses how the
         bytes are copied; ``limit`` is what bounds them
+    :param keep_pages: leave the written pages in the page cache (they are
+        read again at once); by default a pipelined copy drops them behind it
     :return: ``(sha256_hex, nbytes)``
     :raises OverflowError: past ``limit``; ``OSError`` from reading or writing
     """
@@ -170,7 +173,7 @@ def copy_and_hash(src, dst_fd, limit=None, hashing=True, progress=None, length=N
         if size is None:
             size = length
     if hashing and size is not None and size >= PIPELINE_MIN:
-        return _copy_pipelined(src, dst_fd, limit, progress)
+        return _copy_pipelined(src, dst_fd, limit, progress, keep_pages)
     digest = hashlib.sha256() if hashing else None
     total = 0
     for chunk in _chunks(src, size):
@@ -194,7 +197,7 @@ class _End:
 _END = _End()
 
 
-def _copy_pipelined(src, dst_fd, limit, progress=None):
+def _copy_pipelined(src, dst_fd, limit, progress=None, keep_pages=False):
     """Copy and hash with reading and writing in a thread, hashing in the caller's.
 
     hashlib and the file syscalls release the GIL, so on two cores the copy
@@ -206,7 +209,8 @@ def _copy_pipelined(src, dst_fd, limit, progress=None):
     Written windows are sent to disk and then dropped from the page cache
     (:class:`_WriteBehind`): a copy larger than memory does not push out the
     pages other work needs, and new pages are recycled rather than found
-    afresh (which on some virtual machines costs more than the write).
+    afresh (which on some virtual machines costs more than the write);
+    with ``keep_pages`` they are only sent to disk, for a read that follows.
 
     An error on either side stops both: an I/O error is raised in the caller,
     and a caller's exception (KeyboardInterrupt included) stops the thread
@@ -224,7 +228,7 @@ def _copy_pipelined(src, dst_fd, limit, progress=None):
 
     def pump():
         total = 0
-        behind = _WriteBehind(dst_fd)
+        behind = _WriteBehind(dst_fd, drop=not keep_pages)
         try:
             while not stop.is_set():
                 buf = free.get()
@@ -273,13 +277,16 @@ class _WriteBehind:
 
     Every :data:`WRITEBACK_WINDOW` bytes, writeback of the new window starts
     (without waiting); the window :data:`WRITEBACK_LAG` windows back is then
-    waited for and dropped from the page cache. Only hints: durability still
+    waited for and (if ``drop``) dropped from the page cache: its pages are
+    then clean, so a writer is never throttled for dirty pages, and a read
+    that follows finds the kept ones in memory. Only hints: durability still
     comes from the caller's fsync. Linux only (``sync_file_range``); elsewhere,
     and on files that do not support it, it does nothing.
     """
 
-    def __init__(self, fd):
+    def __init__(self, fd, drop=True):
         self.fd = fd
+        self.drop = drop
         self.start = 0
         self.windows = []
         self.sync = _sync_range()
@@ -294,7 +301,8 @@ class _WriteBehind:
             if len(self.windows) > WRITEBACK_LAG:
                 offset, length = self.windows.pop(0)
                 self.sync(self.fd, offset, length, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
-                os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+                if self.drop:
+                    os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
         except OSError:
             self.sync = None  # not a file this works on: stop trying
 
