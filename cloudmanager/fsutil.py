@@ -504,12 +504,18 @@ def copy_to_temp(src_path, final_path, fsync=True):
     return temp
 
 
-def kernel_copy(src_fd: int, dst_fd: int) -> None:
+def kernel_copy(src_fd: int, dst_fd: int, keep_pages: bool = False) -> None:
     """Copy from ``src_fd``'s start to its end into ``dst_fd``: ``sendfile``
-    where the platform has it (no pass through this process), else a buffer."""
+    where the platform has it (no pass through this process), else a buffer.
+
+    A large copy is written back behind itself as :func:`copy_and_hash`'s
+    is (so it is never throttled for dirty pages), and its pages are then
+    dropped unless ``keep_pages``.
+    """
     sendfile = getattr(os, "sendfile", None)
     if sendfile is not None and sys.platform.startswith("linux"):
         offset = 0
+        behind = None  # made once the copy is large: it costs a small one time
         while True:
             try:
                 sent = sendfile(dst_fd, src_fd, offset, CHUNK)
@@ -521,6 +527,10 @@ def kernel_copy(src_fd: int, dst_fd: int) -> None:
             if not sent:
                 return
             offset += sent
+            if behind is None and offset >= WRITEBACK_WINDOW:
+                behind = _WriteBehind(dst_fd, drop=not keep_pages)
+            if behind is not None:
+                behind.wrote(offset)
             meter.tick(sent)
     while True:
         data = os.read(src_fd, CHUNK)

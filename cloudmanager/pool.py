@@ -620,7 +620,7 @@ class Pool:
                     # Its bytes were hashed as they arrived, just now (a cached
                     # file is written once, verified, under its hash): the
                     # kernel copies them, with no second pass of SHA-256.
-                    fsutil.kernel_copy(src.fileno(), out.fileno())
+                    fsutil.kernel_copy(src.fileno(), out.fileno(), keep_pages=True)
                     return
                 try:
                     got, _ = fsutil.copy_and_hash(src, out.fileno(), limit=size,
