@@ -187,7 +187,7 @@ class Pool:
         except TypeError as exc:
             raise InvalidInputError("not a path: %r (%s)" % (path, exc)) from None
         st = os.stat(path)
-        if not os.path.isfile(path):
+        if not stat.S_ISREG(st.st_mode):
             raise InvalidInputError("%s is not a regular file" % path)
         filename = safe_basename(os.path.basename(path))
         if st.st_size <= self.cache.capacity:
@@ -290,7 +290,7 @@ class Pool:
         :return: ``(hashes, alone)``: the distinct hashes cached, and the
             indexes of paths that must go through :meth:`upload` on their own
         """
-        batch, alone = [], []  # (index, path, filename); indexes for upload()
+        batch, alone = [], []  # (index, path, filename, size); indexes for upload()
         now = int(time.time())
         for i in indexes:
             try:
@@ -302,16 +302,17 @@ class Pool:
             if not stat.S_ISREG(st.st_mode) or st.st_size > self.cache.capacity:
                 alone.append(i)
                 continue
-            batch.append((i, path, safe_basename(os.path.basename(path))))
+            batch.append((i, path, safe_basename(os.path.basename(path)), st.st_size))
         ingested = []
         if batch:
             try:
-                outcomes = self.cache.ingest_many([(p, name, now) for _, p, name in batch],
+                outcomes = self.cache.ingest_many([(p, name, now, size)
+                                                   for _, p, name, size in batch],
                                                   progress=progress, lease=lease)
             except (OSError, CloudManagerError) as exc:  # the batch does not fit, or a
                 log.info("batch of %d files: %s; uploading them one by one", len(batch), exc)
                 outcomes = [exc] * len(batch)  # database error: one by one says more
-            for (i, _, _), outcome in zip(batch, outcomes):
+            for (i, _, _, _), outcome in zip(batch, outcomes):
                 if isinstance(outcome, tuple):
                     results[i] = outcome[0]
                     ingested.append(outcome[0])

@@ -455,7 +455,8 @@ class CacheStore:
         reservation.committed = True
         return path
 
-    def ingest_many(self, sources: Sequence[Tuple[str, str, Optional[float]]], queue: bool = True,
+    def ingest_many(self, sources: Sequence[Tuple[str, str, Optional[float], int]],
+                    queue: bool = True,
                     progress: Optional[Callable[[int], None]] = None,
                     lease: bool = False) -> List[Ingested]:
         """Copy several files into the cache under one reservation and one transaction.
@@ -467,7 +468,9 @@ class CacheStore:
         fsync per file and one per shard directory). A file the pool already
         caches is not copied again.
 
-        :param sources: ``[(source_path, filename, created)]``
+        :param sources: ``[(source_path, filename, created, size)]``, the size
+            as the caller's ``stat`` found it: the room reserved, and the
+            bytes the file must hold when it is read
         :param progress: called with each chunk's byte count while the larger
             files are streamed (small ones are read in one go)
         :return: a list, one entry per source in order: ``(hash, size)``, or
@@ -477,13 +480,7 @@ class CacheStore:
             was written)
         """
         results: List[Optional[Ingested]] = [None] * len(sources)  # None: not done yet
-        sizes = []
-        for k, (path, _, _) in enumerate(sources):
-            try:
-                sizes.append(os.stat(path).st_size)
-            except OSError as exc:
-                results[k] = exc
-                sizes.append(0)
+        sizes = [source[3] for source in sources]
         total = sum(sizes)
         if total > self.capacity:
             raise CacheFullError("%d bytes do not fit a %d-byte cache" % (total, self.capacity))
@@ -493,9 +490,7 @@ class CacheStore:
         temps = {}  # k -> temp path, until published or removed
         try:
             with self.reserve(total) as res:
-                for k, (path, _, _) in enumerate(sources):
-                    if results[k] is not None:
-                        continue
+                for k, (path, _, _, _) in enumerate(sources):
                     temps[k] = self.layout.batch_temp(self.token, res.id, k)
                     try:
                         results[k] = self._copy_in(path, temps[k], sizes[k], progress,
@@ -525,9 +520,9 @@ class CacheStore:
                          fsutil.FILE_MODE)
             try:
                 if size <= SMALL_FILE:
-                    data = src.read(size + 1)
-                    while data is not None and len(data) <= size:  # a short read is rare
-                        more = src.read(size + 1 - len(data))
+                    data = os.read(src.fileno(), size + 1)
+                    while len(data) <= size:  # a short read is rare
+                        more = os.read(src.fileno(), size + 1 - len(data))
                         if not more:
                             break
                         data += more
@@ -565,7 +560,7 @@ class CacheStore:
             known = self.db.files.states(conn, hashes)
             cached = self.db.cache_index.cached_among(hashes, local)
             new_rows, to_queue, entries, new_entries = [], [], [], []
-            for k, (_, filename, created) in enumerate(sources):
+            for k, (_, filename, created, _) in enumerate(sources):
                 if k not in temps:
                     continue
                 file_hash, size = results[k]
