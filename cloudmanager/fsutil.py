@@ -7,6 +7,7 @@ partial file never takes the target's name.
 """
 
 import contextlib
+import contextvars
 import errno
 import functools
 import hashlib
@@ -144,8 +145,26 @@ def write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
+#: Whether the pipelined copies of this context keep the pages they write
+#: (:func:`pages_kept`); the engine copies the context to its workers.
+_keep_pages: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "cloudmanager_keep_pages", default=False)
+
+
+@contextlib.contextmanager
+def pages_kept():
+    """Within the block, copies keep the pages they write in memory, even
+    those made in the engine's workers: for bytes read again at once (a
+    download to a destination copies the file it fetched into the cache)."""
+    token = _keep_pages.set(True)
+    try:
+        yield
+    finally:
+        _keep_pages.reset(token)
+
+
 def copy_and_hash(src, dst_fd, limit=None, hashing=True, progress=None, length=None,
-                  keep_pages=False):
+                  keep_pages=None):
     """Copy a readable binary file object into ``dst_fd``, hashing as it goes.
 
     The source is read exactly once, and the digest is of exactly the bytes
@@ -163,7 +182,8 @@ def copy_and_hash(src, dst_fd, limit=None, hashing=True, progress=None, length=N
         for a source that is not a regular file: it only chooses how the
         bytes are copied; ``limit`` is what bounds them
     :param keep_pages: leave the written pages in the page cache (they are
-        read again at once); by default a pipelined copy drops them behind it
+        read again at once); by default a pipelined copy drops them behind
+        it, unless called within :func:`pages_kept`
     :return: ``(sha256_hex, nbytes)``
     :raises OverflowError: past ``limit``; ``OSError`` from reading or writing
     """
@@ -173,6 +193,8 @@ def copy_and_hash(src, dst_fd, limit=None, hashing=True, progress=None, length=N
         if size is None:
             size = length
     if hashing and size is not None and size >= PIPELINE_MIN:
+        if keep_pages is None:
+            keep_pages = _keep_pages.get()
         return _copy_pipelined(src, dst_fd, limit, progress, keep_pages)
     digest = hashlib.sha256() if hashing else None
     total = 0

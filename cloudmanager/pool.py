@@ -604,7 +604,8 @@ class Pool:
         if cached is None and size <= self.cache.capacity:
             self.cache.note_miss()
             try:
-                cached = self._fetch_into_cache(file_hash, size)
+                with fsutil.pages_kept():  # read again at once, below
+                    cached = self._fetch_into_cache(file_hash, size)
                 progress = None  # its bytes were counted as they arrived
                 fetched = True
             except (CacheError, DownloadError) as exc:
