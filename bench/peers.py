@@ -358,7 +358,9 @@ class Cm(Tool):
                     % (r.bucket, r.prefix, r.moto.url))
         else:
             os.makedirs(r.folder)
-            host = '[hosts.folder]\nspec = "dir:%s"\n' % r.folder
+            # The folder host's own fsync off too: it is the remote rclone
+            # and the others write to without syncing.
+            host = '[hosts.folder]\nspec = "dir:%s"\noptions = { fsync = false }\n' % r.folder
         config = os.path.join(site.base, "cloudmanager.toml")
         with open(config, "w", encoding="utf-8") as f:
             # fsync off: rclone, git-annex and DVC do not sync what they write
@@ -756,7 +758,8 @@ def print_table(rows):
 DRIVEN = [
     ("cm", "`python -m cloudmanager --config F upload DIR`; down: `cm evict`, then `cm warm "
      "HASH...` (many files, into the cache) or `cm download HASH DEST` (one file); "
-     "check: `cm verify`. A fresh pool per round, one host, redundancy 1, `fsync = false`"),
+     "check: `cm verify`. A fresh pool per round, one host, redundancy 1, `fsync = false` "
+     "(the folder host's too)"),
     ("rclone", "`rclone copy DIR REMOTE` and back into an empty directory; check: "
      "`rclone check DIR REMOTE`; defaults (4 transfers, 8 checkers); S3 as a `type = s3` "
      "remote in a config file of the run's"),
