@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import queue
@@ -74,6 +75,10 @@ BATCH_GROUP_WHOLE = 128
 #: Groups of a batch queued or running at once: enough to keep every
 #: connection busy, few enough that a failing host stops getting the batch soon.
 BATCH_IN_FLIGHT = 16
+
+#: Seconds without a download ending after which :meth:`UploadEngine.download_many`
+#: tells its caller (``idle``).
+IDLE_AFTER = 0.2
 
 #: Seconds the engine waits past a host's own ``timeout`` before it gives up
 #: on a call: the host's own timeout, with its better error, fires first.
@@ -174,7 +179,13 @@ class _SourceFailure(Exception):
 
 class Room(Protocol):
     """Room reserved for one download attempt where space is bounded (the
-    cache: a :class:`~cloudmanager.cache.store.Reservation`)."""
+    cache: a :class:`~cloudmanager.cache.store.Reservation`).
+
+    A room may also have an ``abandoned()`` method: the engine calls it when
+    it gives up on the attempt writing there, whose call then keeps the room
+    until it ends (a share of a batch's reservation must then outlive the
+    batch: :class:`~cloudmanager.cache.store.BatchRooms`).
+    """
 
     @property
     def temp(self) -> str:
@@ -194,6 +205,20 @@ class DownloadResult(NamedTuple):
     #: With :meth:`UploadEngine.download`'s ``room``: the room whose ``temp``
     #: holds the verified copy, now the caller's (to commit, or release).
     room: Optional[Room] = None
+
+
+class DownloadJob(NamedTuple):
+    """One file for :meth:`UploadEngine.download_many`: what :meth:`UploadEngine.download`
+    takes for it, into a ``room``."""
+
+    file_hash: str
+    size: int
+    #: ``(host_name, url)`` of the copies believed good.
+    sources: Sequence[Tuple[str, str]]
+    #: Reserves the room of an attempt (see :meth:`UploadEngine.download`).
+    room: Callable[[], Room]
+    #: Condemned copies, tried after every source failed.
+    last_resort: Sequence[Tuple[str, str]] = ()
 
 
 class _Attempt(NamedTuple):
@@ -824,8 +849,8 @@ class UploadEngine:
 
     def download(self, file_hash: str, size: int, sources: Iterable[Tuple[str, str]],
                  dest_path: Optional[str] = None, last_resort: Iterable[Tuple[str, str]] = (),
-                 ranked: bool = True, room: Optional[Callable[[], Room]] = None
-                 ) -> DownloadResult:
+                 ranked: bool = True, room: Optional[Callable[[], Room]] = None,
+                 durable: bool = True) -> DownloadResult:
         """Fetch a verified copy into ``dest_path`` from the first source that has one.
 
         :param sources: copies as ``(host_name, url)`` pairs; tried healthiest
@@ -849,6 +874,10 @@ class UploadEngine:
             removed its files: its room serves the next one. The engine
             releases the rooms it holds when it fails; the one holding the
             copy is returned (:attr:`DownloadResult.room`)
+        :param durable: False: hosts that write the file through
+            :func:`~cloudmanager.fsutil.atomic_write` do not flush it; the
+            caller makes its batch durable at once
+            (:func:`~cloudmanager.fsutil.sync_filesystem`)
         :raises DownloadError: if no source delivered a good copy; its
             ``failures`` list each attempt's error, and its ``facts`` and
             ``verdicts`` what they found. Also when ``room()`` fails after an
@@ -892,9 +921,14 @@ class UploadEngine:
                 attempt_room, held = held, None
                 tried.add(host.name)
                 outcome = self._download_one(file_hash, size, host, location, dest, temp,
-                                             attempt_room)
+                                             attempt_room, durable)
                 if outcome.abandoned:
                     abandoned += 1
+                    # A room that lends part of a larger reservation learns
+                    # that it must outlive its lender (see Room).
+                    note = getattr(attempt_room, "abandoned", None)
+                    if callable(note):
+                        note()
                 else:
                     held = attempt_room
                 facts.append(outcome.fact)
@@ -916,6 +950,114 @@ class UploadEngine:
             reason += " (no configured host can reach copies on %s)" % ", ".join(
                 sorted(set(unreachable)))
         raise DownloadError(reason, failures, facts, verdicts)
+
+    @staticmethod
+    def _ended(done: queue.SimpleQueue, index: int, future: concurrent.futures.Future) -> None:
+        """A future's done-callback: ``(index, future)`` into ``done``."""
+        done.put((index, future))
+
+    @staticmethod
+    def _undurable(fetch: Callable[..., Any]) -> Callable[..., Any]:
+        """``fetch`` run with :func:`~cloudmanager.fsutil.syncs_deferred`, in
+        the thread that runs it (the call's own)."""
+        def run(*args: Any) -> Any:
+            with fsutil.syncs_deferred():
+                return fetch(*args)
+        return run
+
+    def download_many(self, jobs: Sequence[DownloadJob], durable: bool = True,
+                      stop: Optional[threading.Event] = None,
+                      landed: Optional[Callable[[int, Any], None]] = None,
+                      idle: Optional[Callable[[], None]] = None
+                      ) -> List[Union[DownloadResult, CloudManagerError, None]]:
+        """Fetch several files, each as :meth:`download` fetches one into its
+        ``room``, several at once.
+
+        Each job fails over from host to host on its own, its bytes checked
+        against its hash. The hosts' connection slots bound the transfers to
+        each host (``max_connections``) as for any call; the jobs in flight
+        are as many as all the hosts' connections together (at most the
+        engine's workers). Nothing is written but the files: the caller
+        records the results' facts and verdicts.
+
+        If a job is interrupted (an exception that is not a
+        :class:`~cloudmanager.errors.CloudManagerError`, such as a
+        ``KeyboardInterrupt`` raised by the caller's progress callback), or
+        the caller is while it waits, or ``landed`` raises, no further job
+        starts; the running ones end (a hung call at its deadline), the rooms
+        of the results not handed to ``landed`` are given back, and the
+        exception is raised.
+
+        :param durable: see :meth:`download`
+        :param stop: once set, no further job starts (those running finish)
+        :param landed: ``landed(index, result)``, called in the caller's
+            thread as each job ends, with what the list will hold for it
+        :param idle: called in the caller's thread when no job has ended for
+            :data:`IDLE_AFTER` seconds while some run (to act on what landed
+            so far without waiting for the next)
+        :return: per job, in order: a :class:`DownloadResult` (its ``room``
+            holds the verified copy, now the caller's), the
+            :class:`~cloudmanager.errors.DownloadError` (or the room's
+            :class:`~cloudmanager.errors.CacheFullError`) that stopped it, or
+            None for a job not started because ``stop`` was set
+        """
+        results: List[Any] = [None] * len(jobs)
+        window = max(1, min(sum(h.max_connections for h in self.hosts.values()),
+                            self._pool._max_workers))
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        following = iter(range(len(jobs)))
+        running = 0
+        handed: Set[int] = set()
+
+        def start_next() -> int:
+            if stop is not None and stop.is_set():
+                return 0
+            for index in following:
+                job = jobs[index]
+                future = self._spawn(self.download, job.file_hash, job.size, job.sources,
+                                     None, job.last_resort, True, job.room, durable)
+                future.add_done_callback(functools.partial(self._ended, done, index))
+                return 1
+            return 0
+
+        failure: Optional[BaseException] = None
+        try:
+            while running < window and start_next():
+                running += 1
+            while running:
+                try:
+                    index, future = done.get(timeout=None if idle is None else IDLE_AFTER)
+                except queue.Empty:
+                    assert idle is not None
+                    idle()
+                    continue
+                running -= 1
+                try:
+                    results[index] = future.result()
+                except CloudManagerError as exc:
+                    results[index] = exc
+                except BaseException as exc:  # stop starting jobs; the others end
+                    failure = failure or exc
+                    continue
+                if failure is None:
+                    running += start_next()
+                    if landed is not None:
+                        handed.add(index)
+                        landed(index, results[index])
+        except BaseException as exc:  # interrupted while it waited, or landed() failed
+            failure = failure or exc
+            while running:  # calls end by themselves, or at their deadline
+                index, future = done.get()
+                running -= 1
+                if future.exception() is None:
+                    results[index] = future.result()
+        if failure is not None:
+            for index, result in enumerate(results):
+                if isinstance(result, DownloadResult) and result.room is not None \
+                        and index not in handed:
+                    self._give_back(result.room, "download of %s" % jobs[index].file_hash)
+            raise failure
+        return results
 
     @staticmethod
     def _give_back(room: Room, what: str) -> None:
@@ -944,7 +1086,8 @@ class UploadEngine:
         return plan
 
     def _download_one(self, file_hash: str, size: int, host: Host, location: Location,
-                      dest_path: str, temp: str, room: Optional[Room] = None) -> _Attempt:
+                      dest_path: str, temp: str, room: Optional[Room] = None,
+                      durable: bool = True) -> _Attempt:
         """One attempt, written to ``temp`` (an empty file beside ``dest_path``),
         renamed to ``dest_path`` once verified.
 
@@ -963,7 +1106,8 @@ class UploadEngine:
         started = time.monotonic()
         try:
             received = self._call(host, what, self.deadline(host, size),
-                                  host.download, location.url, temp, size, cleanup=cleanup)
+                                  host.download if durable else self._undurable(host.download),
+                                  location.url, temp, size, cleanup=cleanup)
             if isinstance(received, Received):
                 # The host hashed the bytes as it wrote them: they are read once.
                 got_hash, got_size = received
