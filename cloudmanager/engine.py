@@ -21,7 +21,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import contextvars
-import functools
 import logging
 import os
 import queue
@@ -952,11 +951,6 @@ class UploadEngine:
         raise DownloadError(reason, failures, facts, verdicts)
 
     @staticmethod
-    def _ended(done: queue.SimpleQueue, index: int, future: concurrent.futures.Future) -> None:
-        """A future's done-callback: ``(index, future)`` into ``done``."""
-        done.put((index, future))
-
-    @staticmethod
     def _undurable(fetch: Callable[..., Any]) -> Callable[..., Any]:
         """``fetch`` run with :func:`~cloudmanager.fsutil.syncs_deferred`, in
         the thread that runs it (the call's own)."""
@@ -1002,55 +996,71 @@ class UploadEngine:
             None for a job not started because ``stop`` was set
         """
         results: List[Any] = [None] * len(jobs)
-        window = max(1, min(sum(h.max_connections for h in self.hosts.values()),
-                            self._pool._max_workers))
+        # Lanes: as many workers as the hosts have connections in all, each
+        # taking the next job when it is done with one (no task per file).
+        lanes = max(1, min(sum(h.max_connections for h in self.hosts.values()),
+                           self._pool._max_workers))
         done: queue.SimpleQueue = queue.SimpleQueue()
         following = iter(range(len(jobs)))
+        take = threading.Lock()
+        halt = threading.Event()  # a job was interrupted, or the caller was
+
+        def lane() -> None:
+            try:
+                while not halt.is_set() and not (stop is not None and stop.is_set()):
+                    with take:
+                        index = next(following, None)
+                    if index is None:
+                        return
+                    job = jobs[index]
+                    try:
+                        outcome: Any = self.download(job.file_hash, job.size, job.sources,
+                                                     None, job.last_resort, True, job.room,
+                                                     durable)
+                    except CloudManagerError as exc:
+                        outcome = exc
+                    except BaseException as exc:
+                        halt.set()
+                        done.put((index, None, exc))
+                        return
+                    done.put((index, outcome, None))
+            finally:
+                done.put(None)  # this lane has ended
+
         running = 0
+        for _ in range(min(lanes, len(jobs))):
+            self._spawn(lane)
+            running += 1
         handed: Set[int] = set()
-
-        def start_next() -> int:
-            if stop is not None and stop.is_set():
-                return 0
-            for index in following:
-                job = jobs[index]
-                future = self._spawn(self.download, job.file_hash, job.size, job.sources,
-                                     None, job.last_resort, True, job.room, durable)
-                future.add_done_callback(functools.partial(self._ended, done, index))
-                return 1
-            return 0
-
         failure: Optional[BaseException] = None
         try:
-            while running < window and start_next():
-                running += 1
             while running:
                 try:
-                    index, future = done.get(timeout=None if idle is None else IDLE_AFTER)
+                    item = done.get(timeout=None if idle is None else IDLE_AFTER)
                 except queue.Empty:
                     assert idle is not None
                     idle()
                     continue
-                running -= 1
-                try:
-                    results[index] = future.result()
-                except CloudManagerError as exc:
-                    results[index] = exc
-                except BaseException as exc:  # stop starting jobs; the others end
-                    failure = failure or exc
+                if item is None:
+                    running -= 1
                     continue
-                if failure is None:
-                    running += start_next()
-                    if landed is not None:
-                        handed.add(index)
-                        landed(index, results[index])
+                index, outcome, error = item
+                if error is not None:
+                    failure = failure or error
+                    continue
+                results[index] = outcome
+                if failure is None and landed is not None:
+                    handed.add(index)
+                    landed(index, outcome)
         except BaseException as exc:  # interrupted while it waited, or landed() failed
             failure = failure or exc
-            while running:  # calls end by themselves, or at their deadline
-                index, future = done.get()
-                running -= 1
-                if future.exception() is None:
-                    results[index] = future.result()
+            halt.set()
+            while running:  # lanes end after their job (a hung call at its deadline)
+                item = done.get()
+                if item is None:
+                    running -= 1
+                elif item[2] is None:
+                    results[item[0]] = item[1]
         if failure is not None:
             for index, result in enumerate(results):
                 if isinstance(result, DownloadResult) and result.room is not None \
