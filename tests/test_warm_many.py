@@ -287,3 +287,34 @@ def test_an_encrypted_pool(make_pool, write_file, tmp_path):
     paths = cm.warm_up_many(list(files))
     assert all(open(p, "rb").read() == files[h] for h, p in zip(files, paths))
     assert_cache_is_whole(cm)
+
+
+def test_restore_brings_a_trees_files_in_through_the_parallel_batches(make_pool, tmp_path):
+    root = tmp_path / "watched"
+    root.mkdir()
+    watched = WatchedFolder(str(root), name="watched", fsync=False, max_connections=2,
+                            pause=0.02)
+    cm = make_pool(capacity=1 << 20, hosts=[watched], redundancy=1)
+    tree = tmp_path / "tree"
+    contents = {}
+    for i in range(30):
+        data = os.urandom(2000 + i)
+        path = tree / ("d%d" % (i % 3)) / ("f%02d.bin" % i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        contents[path.relative_to(tree).as_posix()] = data
+    tree_hash = cm.upload_tree(tree)
+    assert tree_hash
+    cm.evict(0)
+    watched.calls = watched.most = 0
+    moved = []
+    summary = cm.restore_tree(tree_hash, tmp_path / "out", jobs=4,
+                              progress=lambda nbytes, nfiles: moved.append((nbytes, nfiles)))
+    assert summary["ok"] and summary["fetched"] == 30
+    for relative, data in contents.items():
+        assert (tmp_path / "out" / relative).read_bytes() == data
+    # The manifest, then each file once, never more than two at a time.
+    assert watched.calls == 31 and watched.most == 2
+    assert sum(n for n, _ in moved) == sum(len(d) for d in contents.values())
+    assert sum(f for _, f in moved) == 30
+    assert_cache_is_whole(cm)
