@@ -318,3 +318,51 @@ def test_restore_brings_a_trees_files_in_through_the_parallel_batches(make_pool,
     assert sum(n for n, _ in moved) == sum(len(d) for d in contents.values())
     assert sum(f for _, f in moved) == 30
     assert_cache_is_whole(cm)
+
+
+class HangingFolder(FolderHost):
+    """A real folder host whose download of some objects hangs past the
+    engine's deadline (a dead mount, say), then goes on and ends."""
+
+    def __init__(self, *args, hang=(), hang_seconds=2.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hang = set(hang)
+        self.hang_seconds = hang_seconds
+        self.ended = threading.Event()
+
+    def download(self, url, dest_path, max_bytes=None):
+        if url.rsplit("/", 1)[-1] in self.hang:
+            time.sleep(self.hang_seconds)
+            try:
+                return super().download(url, dest_path, max_bytes)
+            finally:
+                self.ended.set()
+        return super().download(url, dest_path, max_bytes)
+
+
+def test_a_call_given_up_keeps_its_room_until_it_ends(make_pool, write_file, tmp_path):
+    roots = [tmp_path / "hanging", tmp_path / "fine"]
+    for root in roots:
+        root.mkdir()
+    hanging = HangingFolder(str(roots[0]), name="hanging", fsync=False, timeout=0.2,
+                            max_connections=4, hang_seconds=6.0)
+    hanging.weight = 10.0  # tried first
+    fine = FolderHost(str(roots[1]), name="fine", fsync=False)
+    cm = make_pool(capacity=1 << 20, hosts=[hanging, fine], redundancy=2)
+    files = upload_files(cm, write_file, 10)
+    hashes = list(files)
+    hanging.hang = {hashes[3]}
+    cm.evict(0)
+    paths = cm.warm_up_many(hashes)
+    # The engine gave up on the hung call and took the file from the other host.
+    assert all(open(p, "rb").read() == files[h] for h, p in zip(hashes, paths))
+    assert not hanging.ended.is_set()
+    # The batch has ended; the call still runs, within a room of its own.
+    assert reserved(cm) == len(files[hashes[3]])
+    assert cm.pool.cache.used_bytes() + reserved(cm) <= cm.pool.cache.capacity
+    assert hanging.ended.wait(30)
+    for _ in range(300):  # its cleanup runs once the call has returned
+        if reserved(cm) == 0:
+            break
+        time.sleep(0.05)
+    assert_cache_is_whole(cm)
