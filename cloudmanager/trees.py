@@ -493,19 +493,19 @@ def restore(pool: Pool, entries: Sequence[TreeEntry], dest: Union[str, os.PathLi
                 max_workers=jobs, thread_name_prefix="cm-restore") as workers:
             for group in _restore_groups(fetch, restorer.sizes, pool.cache.capacity):
                 # The group's files come into the cache together, in parallel
-                # batches (Pool.warm_up_many); the workers then copy them out.
+                # batches (Pool.warm_up_many); a worker copies each file out
+                # as soon as it is cached (one blocked download holds up no other).
                 moved_in = [0]
+                waiting: Dict[str, List[TreeEntry]] = {}
+                for e in group:
+                    waiting.setdefault(e.hash, []).append(e)
+                futures: Dict[concurrent.futures.Future, TreeEntry] = {}
 
                 def arrived(nbytes: int) -> None:
                     moved_in[0] += nbytes
                     report(nbytes, 0)
 
-                warmed = {h for h, outcome in zip(
-                    [e.hash for e in group],
-                    pool.warm_up_many([e.hash for e in group], progress=arrived))
-                    if isinstance(outcome, str)}
-
-                def fetch_one(e: TreeEntry) -> int:
+                def fetch_one(e: TreeEntry, warmed: bool) -> int:
                     """Fetch ``e``, its bytes reported as they move (a file warmed
                     into the cache has been); :return: how many were."""
                     told = [0]
@@ -514,12 +514,18 @@ def restore(pool: Pool, entries: Sequence[TreeEntry], dest: Union[str, os.PathLi
                         told[0] += nbytes
                         report(nbytes, 0)
 
-                    restorer.fetch(e, None if e.hash in warmed else moved)
+                    restorer.fetch(e, None if warmed else moved)
                     return told[0]
 
-                futures = {workers.submit(fetch_one, e): e for e in group}
-                told = moved_in[0]
+                def landed(file_hash: str, outcome: object) -> None:
+                    for e in waiting.pop(file_hash, []):
+                        futures[workers.submit(fetch_one, e, isinstance(outcome, str))] = e
+
                 try:
+                    pool.warm_up_many(list(waiting), progress=arrived, landed=landed)
+                    for file_hash in list(waiting):  # not told (none should be)
+                        landed(file_hash, None)
+                    told = moved_in[0]
                     for future in concurrent.futures.as_completed(futures):
                         e = futures[future]
                         try:
