@@ -75,6 +75,10 @@ BATCH_GROUP_WHOLE = 128
 #: connection busy, few enough that a failing host stops getting the batch soon.
 BATCH_IN_FLIGHT = 16
 
+#: Seconds without a download ending after which :meth:`UploadEngine.download_many`
+#: tells its caller (``idle``).
+IDLE_AFTER = 0.2
+
 #: Seconds the engine waits past a host's own ``timeout`` before it gives up
 #: on a call: the host's own timeout, with its better error, fires first.
 DEADLINE_GRACE = 1.0
@@ -174,7 +178,13 @@ class _SourceFailure(Exception):
 
 class Room(Protocol):
     """Room reserved for one download attempt where space is bounded (the
-    cache: a :class:`~cloudmanager.cache.store.Reservation`)."""
+    cache: a :class:`~cloudmanager.cache.store.Reservation`).
+
+    A room may also have an ``abandoned()`` method: the engine calls it when
+    it gives up on the attempt writing there, whose call then keeps the room
+    until it ends (a share of a batch's reservation must then outlive the
+    batch: :class:`~cloudmanager.cache.store.BatchRooms`).
+    """
 
     @property
     def temp(self) -> str:
@@ -194,6 +204,20 @@ class DownloadResult(NamedTuple):
     #: With :meth:`UploadEngine.download`'s ``room``: the room whose ``temp``
     #: holds the verified copy, now the caller's (to commit, or release).
     room: Optional[Room] = None
+
+
+class DownloadJob(NamedTuple):
+    """One file for :meth:`UploadEngine.download_many`: what :meth:`UploadEngine.download`
+    takes for it, into a ``room``."""
+
+    file_hash: str
+    size: int
+    #: ``(host_name, url)`` of the copies believed good.
+    sources: Sequence[Tuple[str, str]]
+    #: Reserves the room of an attempt (see :meth:`UploadEngine.download`).
+    room: Callable[[], Room]
+    #: Condemned copies, tried after every source failed.
+    last_resort: Sequence[Tuple[str, str]] = ()
 
 
 class _Attempt(NamedTuple):
@@ -824,8 +848,8 @@ class UploadEngine:
 
     def download(self, file_hash: str, size: int, sources: Iterable[Tuple[str, str]],
                  dest_path: Optional[str] = None, last_resort: Iterable[Tuple[str, str]] = (),
-                 ranked: bool = True, room: Optional[Callable[[], Room]] = None
-                 ) -> DownloadResult:
+                 ranked: bool = True, room: Optional[Callable[[], Room]] = None,
+                 durable: bool = True) -> DownloadResult:
         """Fetch a verified copy into ``dest_path`` from the first source that has one.
 
         :param sources: copies as ``(host_name, url)`` pairs; tried healthiest
@@ -849,6 +873,10 @@ class UploadEngine:
             removed its files: its room serves the next one. The engine
             releases the rooms it holds when it fails; the one holding the
             copy is returned (:attr:`DownloadResult.room`)
+        :param durable: False: hosts that write the file through
+            :func:`~cloudmanager.fsutil.atomic_write` do not flush it; the
+            caller makes its batch durable at once
+            (:func:`~cloudmanager.fsutil.sync_filesystem`)
         :raises DownloadError: if no source delivered a good copy; its
             ``failures`` list each attempt's error, and its ``facts`` and
             ``verdicts`` what they found. Also when ``room()`` fails after an
@@ -892,9 +920,14 @@ class UploadEngine:
                 attempt_room, held = held, None
                 tried.add(host.name)
                 outcome = self._download_one(file_hash, size, host, location, dest, temp,
-                                             attempt_room)
+                                             attempt_room, durable)
                 if outcome.abandoned:
                     abandoned += 1
+                    # A room that lends part of a larger reservation learns
+                    # that it must outlive its lender (see Room).
+                    note = getattr(attempt_room, "abandoned", None)
+                    if callable(note):
+                        note()
                 else:
                     held = attempt_room
                 facts.append(outcome.fact)
@@ -916,6 +949,125 @@ class UploadEngine:
             reason += " (no configured host can reach copies on %s)" % ", ".join(
                 sorted(set(unreachable)))
         raise DownloadError(reason, failures, facts, verdicts)
+
+    @staticmethod
+    def _undurable(fetch: Callable[..., Any]) -> Callable[..., Any]:
+        """``fetch`` run with :func:`~cloudmanager.fsutil.syncs_deferred`, in
+        the thread that runs it (the call's own)."""
+        def run(*args: Any) -> Any:
+            with fsutil.syncs_deferred():
+                return fetch(*args)
+        return run
+
+    def download_many(self, jobs: Sequence[DownloadJob], durable: bool = True,
+                      stop: Optional[threading.Event] = None,
+                      landed: Optional[Callable[[int, Any], None]] = None,
+                      idle: Optional[Callable[[], None]] = None
+                      ) -> List[Union[DownloadResult, CloudManagerError, None]]:
+        """Fetch several files, each as :meth:`download` fetches one into its
+        ``room``, several at once.
+
+        Each job fails over from host to host on its own, its bytes checked
+        against its hash. The hosts' connection slots bound the transfers to
+        each host (``max_connections``) as for any call; the jobs in flight
+        are as many as all the hosts' connections together (at most the
+        engine's workers). Nothing is written but the files: the caller
+        records the results' facts and verdicts.
+
+        If a job is interrupted (an exception that is not a
+        :class:`~cloudmanager.errors.CloudManagerError`, such as a
+        ``KeyboardInterrupt`` raised by the caller's progress callback), or
+        the caller is while it waits, or ``landed`` raises, no further job
+        starts; the running ones end (a hung call at its deadline), the rooms
+        of the results not handed to ``landed`` are given back, and the
+        exception is raised.
+
+        :param durable: see :meth:`download`
+        :param stop: once set, no further job starts (those running finish)
+        :param landed: ``landed(index, result)``, called in the caller's
+            thread as each job ends, with what the list will hold for it
+        :param idle: called in the caller's thread when no job has ended for
+            :data:`IDLE_AFTER` seconds while some run (to act on what landed
+            so far without waiting for the next)
+        :return: per job, in order: a :class:`DownloadResult` (its ``room``
+            holds the verified copy, now the caller's), the
+            :class:`~cloudmanager.errors.DownloadError` (or the room's
+            :class:`~cloudmanager.errors.CacheFullError`) that stopped it, or
+            None for a job not started because ``stop`` was set
+        """
+        results: List[Any] = [None] * len(jobs)
+        # Lanes: as many workers as the hosts have connections in all, each
+        # taking the next job when it is done with one (no task per file).
+        lanes = max(1, min(sum(h.max_connections for h in self.hosts.values()),
+                           self._pool._max_workers))
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        following = iter(range(len(jobs)))
+        take = threading.Lock()
+        halt = threading.Event()  # a job was interrupted, or the caller was
+
+        def lane() -> None:
+            try:
+                while not halt.is_set() and not (stop is not None and stop.is_set()):
+                    with take:
+                        index = next(following, None)
+                    if index is None:
+                        return
+                    job = jobs[index]
+                    try:
+                        outcome: Any = self.download(job.file_hash, job.size, job.sources,
+                                                     None, job.last_resort, True, job.room,
+                                                     durable)
+                    except CloudManagerError as exc:
+                        outcome = exc
+                    except BaseException as exc:
+                        halt.set()
+                        done.put((index, None, exc))
+                        return
+                    done.put((index, outcome, None))
+            finally:
+                done.put(None)  # this lane has ended
+
+        running = 0
+        for _ in range(min(lanes, len(jobs))):
+            self._spawn(lane)
+            running += 1
+        handed: Set[int] = set()
+        failure: Optional[BaseException] = None
+        try:
+            while running:
+                try:
+                    item = done.get(timeout=None if idle is None else IDLE_AFTER)
+                except queue.Empty:
+                    assert idle is not None
+                    idle()
+                    continue
+                if item is None:
+                    running -= 1
+                    continue
+                index, outcome, error = item
+                if error is not None:
+                    failure = failure or error
+                    continue
+                results[index] = outcome
+                if failure is None and landed is not None:
+                    handed.add(index)
+                    landed(index, outcome)
+        except BaseException as exc:  # interrupted while it waited, or landed() failed
+            failure = failure or exc
+            halt.set()
+            while running:  # lanes end after their job (a hung call at its deadline)
+                item = done.get()
+                if item is None:
+                    running -= 1
+                elif item[2] is None:
+                    results[item[0]] = item[1]
+        if failure is not None:
+            for index, result in enumerate(results):
+                if isinstance(result, DownloadResult) and result.room is not None \
+                        and index not in handed:
+                    self._give_back(result.room, "download of %s" % jobs[index].file_hash)
+            raise failure
+        return results
 
     @staticmethod
     def _give_back(room: Room, what: str) -> None:
@@ -944,7 +1096,8 @@ class UploadEngine:
         return plan
 
     def _download_one(self, file_hash: str, size: int, host: Host, location: Location,
-                      dest_path: str, temp: str, room: Optional[Room] = None) -> _Attempt:
+                      dest_path: str, temp: str, room: Optional[Room] = None,
+                      durable: bool = True) -> _Attempt:
         """One attempt, written to ``temp`` (an empty file beside ``dest_path``),
         renamed to ``dest_path`` once verified.
 
@@ -963,7 +1116,8 @@ class UploadEngine:
         started = time.monotonic()
         try:
             received = self._call(host, what, self.deadline(host, size),
-                                  host.download, location.url, temp, size, cleanup=cleanup)
+                                  host.download if durable else self._undurable(host.download),
+                                  location.url, temp, size, cleanup=cleanup)
             if isinstance(received, Received):
                 # The host hashed the bytes as it wrote them: they are read once.
                 got_hash, got_size = received

@@ -27,7 +27,8 @@ one shallow tree, so ``except CloudManagerError`` catches them all::
     │                                  missing, or is not one
     ├── MissingDependencyError         an optional backend is not installed
     ├── SerializationError             a JSON document could not be read
-    └── TreeError                      a tree manifest was refused, or a tree not made
+    ├── TreeError                      a tree manifest was refused, or a tree not made
+    └── NotStartedError                an item of a batch the caller stopped
         └── UnsafePathError            (.path) a path would leave its destination
 """
 
@@ -168,3 +169,8 @@ class UnsafePathError(TreeError):
         super().__init__("refusing path %r: %s" % (path, reason))
         #: The path refused, as the manifest gives it.
         self.path = path
+
+
+class NotStartedError(CloudManagerError):
+    """An item of a batch that was not started because the caller asked the
+    batch to stop (``warm_up_many(..., stop=)``): nothing was tried."""

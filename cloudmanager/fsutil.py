@@ -562,13 +562,36 @@ def kernel_copy(src_fd: int, dst_fd: int, keep_pages: bool = False) -> None:
         meter.tick(len(data))
 
 
+#: Set by :func:`syncs_deferred`: whether this thread's :func:`atomic_write`
+#: calls leave durability to their caller.
+_SYNCS_DEFERRED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "cloudmanager_syncs_deferred", default=False)
+
+
+@contextlib.contextmanager
+def syncs_deferred():
+    """Within the block (in this thread), :func:`atomic_write` neither fsyncs
+    the file nor its directory: the caller makes a whole batch durable at
+    once with :func:`sync_filesystem` before it depends on the files (a
+    batch of downloads into the cache, see
+    :meth:`cloudmanager.pool.Pool.warm_up_many`), where a host's download
+    would flush each file and its directory."""
+    token = _SYNCS_DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _SYNCS_DEFERRED.reset(token)
+
+
 @contextlib.contextmanager
 def atomic_write(final_path, fsync=True):
     """Write ``final_path`` atomically: yields a binary file object on a temp file.
 
     The temp file sits in the same directory. On a clean exit it is flushed,
     fsynced and renamed over ``final_path``; on an exception it is removed.
+    Inside :func:`syncs_deferred`, nothing is fsynced.
     """
+    fsync = fsync and not _SYNCS_DEFERRED.get()
     fd, temp = _temp_beside(final_path)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import (
     IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union, overload,
 )
@@ -21,10 +22,12 @@ from . import meter, reports
 from .config import Config, load_config
 from .crypto import key_from_settings
 from .db.postgres import is_postgres_url
-from .errors import CloudManagerError, InvalidInputError, NotInPoolError, SerializationError
+from .errors import (
+    CloudManagerError, InvalidInputError, NotInPoolError, NotStartedError, SerializationError,
+)
 from .hosts import from_spec
 from .original_methods import OriginalMethods
-from .pool import Pool, UPLOAD_BATCH  # noqa: F401  (UPLOAD_BATCH: part of the API)
+from .pool import Pool, UPLOAD_BATCH, WARM_BATCH  # noqa: F401  (the batch sizes: part of the API)
 from .records import LOAD_BATCH  # noqa: F401
 from .validation import check_hash
 
@@ -259,6 +262,49 @@ class CloudManager(OriginalMethods):
             room, or no host delivered a good copy)
         """
         return self._path_call("warm_up", file_hash, self.pool.warm_up, file_hash, progress)
+
+    def warm_up_many(self, hashes: Iterable[str], *,
+                     progress: Optional[meter.Progress] = None,
+                     stop: Optional[threading.Event] = None,
+                     landed: Optional[Callable[[str, Union[str, None, bool]], None]] = None
+                     ) -> List[Union[str, None, bool]]:
+        """Put several files in the cache: :meth:`warm_up` for each, in batches.
+
+        The result is the same as calling :meth:`warm_up` on each hash, but
+        many times faster for many small files: the files already cached are
+        found with one query, and the others are fetched in batches of up to
+        :data:`~cloudmanager.pool.WARM_BATCH` files, each under one
+        reservation, downloaded in parallel (each host within its
+        ``max_connections``, failing over per file as :meth:`warm_up` does,
+        every file checked against its hash), then recorded, published and
+        made durable in groups as they land. Files that do not all fit the
+        cache are fetched in batches that do: a later batch may evict files
+        of an earlier one (least recently used first, never a file no host
+        verifiably holds), so a path returned may be gone by the time the
+        call returns, as after as many :meth:`warm_up` calls.
+
+        :param hashes: files' SHA-256 hex (a repeated one is fetched once)
+        :param progress: called with the byte count of each chunk received
+            from a host, from the threads that move them (see :meth:`warm_up`)
+        :param stop: an event; once it is set, no further file starts: the
+            files in flight are finished and cached, and the others are
+            ``False`` (not logged one by one) and never given to ``landed``
+        :param landed: ``landed(hash, value)``, called in the caller's thread
+            as each distinct file's outcome is known (hits first, then as
+            they are cached), with the value the list will hold for it; not
+            for a malformed hash, nor for a file not started
+        :return: a list with one entry per hash, in order, as :meth:`warm_up`
+            returns: the cached file's path; ``None`` for a malformed or
+            unknown hash; ``False`` if it could not be cached (larger than the
+            cache, no room, or no host delivered a good copy; the reason
+            logged), or was not started (``stop``)
+        """
+        hashes = list(hashes)
+        tell = None if landed is None else (
+            lambda h, outcome: None if isinstance(outcome, NotStartedError)
+            else landed(h, _seed_path(h, outcome, quiet=True)))
+        outcomes = self.pool.warm_up_many(hashes, progress, stop, tell)
+        return [_seed_path(h, outcome) for h, outcome in zip(hashes, outcomes)]
 
     def download(self, file_hash: str, destination=None, *,
                  progress: Optional[meter.Progress] = None, overwrite: bool = False
@@ -1012,3 +1058,20 @@ def _checked(file_hash: Any, operation: str) -> Optional[str]:
     except InvalidInputError as exc:
         log.warning("%s: %s", operation, exc)
         return None
+
+
+
+def _seed_path(file_hash: str, outcome: Union[str, BaseException],
+               quiet: bool = False) -> Union[str, None, bool]:
+    """The seed's ``path | None | False`` for one outcome of a core batch,
+    logged as :meth:`CloudManager.warm_up` logs it (unless ``quiet``); an
+    item not started (:class:`NotStartedError`) is False, not logged."""
+    if isinstance(outcome, str):
+        return outcome
+    if isinstance(outcome, (InvalidInputError, NotInPoolError)):
+        if not quiet:
+            log.warning("warm_up: %s", outcome)
+        return None
+    if not quiet and not isinstance(outcome, NotStartedError):
+        log.error("warm_up of %s failed: %s", file_hash, outcome)
+    return False

@@ -23,6 +23,7 @@ import logging
 import os
 import stat
 import tempfile
+import threading
 import time
 from typing import (
     BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union,
@@ -33,7 +34,7 @@ from .cache import CacheStore, Reservation, fsck
 from .crypto import PoolKey
 from .db import FileDatabase, index_path_for
 from .db.copies import HeldCopy
-from .engine import DownloadResult, UploadEngine, Verdict
+from .engine import DownloadJob, DownloadResult, UploadEngine, Verdict
 from .errors import (
     CacheError,
     CacheFullError,
@@ -46,6 +47,7 @@ from .errors import (
     IntegrityError,
     InvalidInputError,
     NotInPoolError,
+    NotStartedError,
 )
 from .health import Fact, Health
 from .hosts.base import Host
@@ -61,6 +63,16 @@ log = logging.getLogger(__name__)
 #: Files per batch of :meth:`Pool.upload_many`: one reservation, one
 #: transaction and one round of host uploads each.
 UPLOAD_BATCH = 500
+
+#: Files per batch of :meth:`Pool.warm_up_many`: one reservation, one round
+#: of parallel downloads and two write transactions each.
+WARM_BATCH = 500
+#: Files landed in a batch of :meth:`Pool.warm_up_many` are recorded and
+#: published in groups of up to this many...
+WARM_PUBLISH = 500
+#: ...or as many as landed in this many seconds, so that files from slow
+#: hosts show up (and stay, if the caller is interrupted) as they come.
+WARM_PUBLISH_S = 0.5
 
 #: How many candidates an ambiguous hash prefix's error names.
 AMBIGUOUS_SHOWN = 10
@@ -349,6 +361,202 @@ class Pool:
         self.cache.note_miss()
         with meter.reporting(meter.bytes_only(progress)):
             return self._fetch_into_cache(file_hash, size)
+
+    def warm_up_many(self, hashes: Iterable[str], progress: Optional[meter.Progress] = None,
+                     stop: Optional[threading.Event] = None,
+                     landed: Optional[Callable[[str, Union[str, BaseException]], None]] = None
+                     ) -> List[Union[str, BaseException]]:
+        """Put several files in the cache; see :meth:`cloudmanager.CloudManager.warm_up_many`.
+
+        Hits are found with one query. Misses are fetched in batches of up
+        to :data:`WARM_BATCH` files that fit the cache together: per batch,
+        one reservation, the downloads in parallel through the engine
+        (:meth:`UploadEngine.download_many`, each host within its
+        connections); as they land, what they proved (verdicts, host health)
+        is recorded in one transaction and the files published in another,
+        made durable together (:meth:`CacheStore.commit_many`), for up to
+        :data:`WARM_PUBLISH` files or :data:`WARM_PUBLISH_S` seconds' worth
+        at a time. A batch the cache cannot take whole (pinned files, writes
+        in flight) is split in halves, down to single files. Files with only
+        encrypted copies, or whose plaintext copies all failed while
+        encrypted ones remain, are then fetched one by one as
+        :meth:`warm_up` does.
+
+        :param progress: told of the bytes received from hosts, from the
+            threads that move them
+        :param stop: once set, no further file starts: those in flight are
+            finished (and cached); the others get a :class:`NotStartedError`
+        :param landed: ``landed(hash, outcome)``, called in this thread as each
+            file's outcome is known (once per distinct hash)
+        :return: per hash, in order: the cached file's path, or the
+            exception that stopped it (:class:`InvalidInputError`,
+            :class:`NotInPoolError`, :class:`CacheFullError`,
+            :class:`DownloadError`, :class:`NotStartedError`...)
+        :raises KeyboardInterrupt: (or any exception that is not a
+            :class:`CloudManagerError` or an :class:`OSError`) from
+            ``progress`` or ``landed``: the files not published yet are
+            dropped, their temp files and their reservation with them;
+            the files published stay cached
+        """
+        hashes = list(hashes)
+        outcomes: Dict[str, Union[str, BaseException]] = {}
+
+        def settle(file_hash: str, outcome: Union[str, BaseException]) -> None:
+            outcomes[file_hash] = outcome
+            if landed is not None:
+                landed(file_hash, outcome)
+
+        results: List[Union[str, BaseException, None]] = [None] * len(hashes)
+        for i, text in enumerate(hashes):
+            try:
+                hashes[i] = check_hash(text)
+            except InvalidInputError as exc:
+                results[i] = exc
+        wanted = list(dict.fromkeys(h for i, h in enumerate(hashes) if results[i] is None))
+        hits = self.cache.lookup_many(wanted)
+        for file_hash in wanted:
+            if file_hash in hits:
+                settle(file_hash, hits[file_hash])
+        misses = [h for h in wanted if h not in hits]
+        sizes = self.db.files.sizes(misses)
+        fetch = []
+        for file_hash in misses:
+            if file_hash not in sizes:
+                settle(file_hash, NotInPoolError("%s is not in the pool" % file_hash))
+                continue
+            self.cache.note_miss()
+            if sizes[file_hash] > self.cache.capacity:
+                settle(file_hash, CacheFullError("%d bytes do not fit a %d-byte cache"
+                                                 % (sizes[file_hash], self.cache.capacity)))
+            else:
+                fetch.append(file_hash)
+        with meter.reporting(meter.bytes_only(progress)):
+            for batch in self._warm_batches(fetch, sizes):
+                self._warm_batch(batch, sizes, stop, settle)
+        for i, file_hash in enumerate(hashes):
+            if results[i] is None:
+                results[i] = outcomes[file_hash]
+        return results  # type: ignore[return-value]
+
+    def _warm_batches(self, hashes: List[str], sizes: Dict[str, int]) -> Iterator[List[str]]:
+        """``hashes`` in batches of up to :data:`WARM_BATCH` files whose sizes
+        add up to no more than the cache's capacity."""
+        batch: List[str] = []
+        total = 0
+        for file_hash in hashes:
+            if batch and (len(batch) >= WARM_BATCH
+                          or total + sizes[file_hash] > self.cache.capacity):
+                yield batch
+                batch, total = [], 0
+            batch.append(file_hash)
+            total += sizes[file_hash]
+        if batch:
+            yield batch
+
+    def _warm_batch(self, batch: List[str], sizes: Dict[str, int],
+                    stop: Optional[threading.Event], settle: Callable) -> None:
+        """Fetch one batch of :meth:`warm_up_many` into the cache; ``settle(hash,
+        outcome)`` each of its files."""
+        if stop is not None and stop.is_set():
+            for file_hash in batch:
+                settle(file_hash, NotStartedError("%s: stopped before it started" % file_hash))
+            return
+        with self.replication.locks.hold(batch):
+            # Another thread may have fetched some while we waited for the locks.
+            cached = self.cache.paths_if_cached(batch)
+            copies = self.db.copies.objects_among(h for h in batch if h not in cached)
+            plain, alone = [], []
+            for file_hash in batch:
+                held, condemned = copies.get(file_hash, ([], []))
+                if file_hash in cached:
+                    settle(file_hash, cached[file_hash])
+                elif not held and not condemned:
+                    settle(file_hash, DownloadError("no host holds a copy of %s" % file_hash))
+                elif any(not c.encrypted for c in held + condemned):
+                    plain.append(file_hash)
+                else:
+                    alone.append(file_hash)
+            if plain:
+                failed = self._warm_plain(plain, sizes, copies, stop, settle)
+                alone += [h for h in failed if any(c.encrypted for c in sum(copies[h], []))]
+                for file_hash in failed:
+                    if file_hash not in alone:
+                        settle(file_hash, failed[file_hash])
+            for file_hash in alone:  # as warm_up does it, one by one
+                if stop is not None and stop.is_set():
+                    settle(file_hash, NotStartedError("%s: stopped before it started"
+                                                      % file_hash))
+                    continue
+                try:
+                    settle(file_hash, self._fetch_into_cache(file_hash, sizes[file_hash]))
+                except (OSError, CloudManagerError) as exc:
+                    settle(file_hash, exc)
+
+    def _warm_plain(self, hashes: List[str], sizes: Dict[str, int],
+                    copies: Dict[str, Tuple[List[HeldCopy], List[HeldCopy]]],
+                    stop: Optional[threading.Event], settle: Callable
+                    ) -> Dict[str, BaseException]:
+        """Fetch files from their plaintext copies into one batch of rooms;
+        as they land, record what the attempts proved and publish the files
+        (two transactions per group of them); ``settle`` each file published
+        or refused.
+
+        :return: ``{hash: DownloadError}`` of the files no plaintext copy delivered
+        """
+        try:
+            rooms = self.cache.batch_rooms([sizes[h] for h in hashes])
+        except CacheFullError as exc:
+            if len(hashes) == 1:
+                settle(hashes[0], exc)
+                return {}
+            half = len(hashes) // 2
+            first = self._warm_plain(hashes[:half], sizes, copies, stop, settle)
+            first.update(self._warm_plain(hashes[half:], sizes, copies, stop, settle))
+            return first
+        failed: Dict[str, BaseException] = {}
+        waiting: List[Tuple[str, object]] = []  # landed, not recorded yet
+        last = [time.monotonic()]
+
+        def publish() -> None:
+            # A room's CacheFullError has neither: nothing was tried.
+            verdicts = [(v, h) for h, r in waiting for v in getattr(r, "verdicts", [])]
+            self.replication.apply([v for v, _ in verdicts],
+                                   [f for _, r in waiting for f in getattr(r, "facts", [])],
+                                   hashes={v.location: h for v, h in verdicts})
+            good = [(h, sizes[h], r.room) for h, r in waiting if isinstance(r, DownloadResult)]
+            published = self.cache.commit_many(good)
+            for file_hash, result in waiting:
+                if isinstance(result, DownloadError):
+                    failed[file_hash] = result
+                else:
+                    settle(file_hash, published.get(file_hash, result))
+            waiting.clear()
+            last[0] = time.monotonic()
+
+        def landed(k: int, result: object) -> None:
+            waiting.append((hashes[k], result))
+            if len(waiting) >= WARM_PUBLISH or time.monotonic() - last[0] >= WARM_PUBLISH_S:
+                publish()
+
+        try:
+            jobs = []
+            for k, file_hash in enumerate(hashes):
+                held, condemned = copies[file_hash]
+                jobs.append(DownloadJob(
+                    file_hash, sizes[file_hash],
+                    [(c.host_name, c.url) for c in held if not c.encrypted], rooms.room(k),
+                    [(c.host_name, c.url) for c in condemned if not c.encrypted]))
+            got = self.engine.download_many(jobs, durable=not self.cache.batch_sync, stop=stop,
+                                            landed=landed,
+                                            idle=lambda: publish() if waiting else None)
+            if waiting:
+                publish()
+        finally:
+            rooms.close()
+        for file_hash, result in zip(hashes, got):
+            if result is None:
+                settle(file_hash, NotStartedError("%s: stopped before it started" % file_hash))
+        return failed
 
     def _fetch_into_cache(self, file_hash: str, size: int) -> str:
         # One download per hash at a time in this process; later callers find

@@ -45,8 +45,8 @@ import stat
 import tempfile
 import time
 from typing import (
-    TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple,
-    Union,
+    TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence,
+    Tuple, Union,
 )
 
 from . import fsutil
@@ -72,6 +72,10 @@ MAX_MANIFEST_BYTES = 512 * 2**20
 #: and the most allowed.
 DEFAULT_JOBS = 4
 MAX_JOBS = 16
+#: Distinct files a restore brings into the cache together (one
+#: :meth:`~cloudmanager.pool.Pool.warm_up_many` call) before its workers copy
+#: them out: a batch of that call.
+RESTORE_GROUP = 500
 #: Limits of a path in a manifest (Linux's NAME_MAX and PATH_MAX).
 MAX_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 4096
@@ -429,7 +433,10 @@ def restore(pool: Pool, entries: Sequence[TreeEntry], dest: Union[str, os.PathLi
     differ; so a second run over a finished restore reads and writes
     nothing, and a run after an interrupted one fetches only what is missing
     or differs. Every other file is fetched (from the cache, or from a host,
-    and cached if it fits), checked against its hash and size, written to a
+    and cached if it fits: in groups of up to :data:`RESTORE_GROUP` files
+    taking at most half the cache, brought in together by
+    :meth:`~cloudmanager.pool.Pool.warm_up_many`, in parallel within each
+    host's connections), checked against its hash and size, written to a
     temp name in its directory with its mode and mtime, and renamed into
     place. A different file, or anything else, in the way is a conflict and
     is left alone, unless ``force`` (a directory in the way always is).
@@ -484,40 +491,85 @@ def restore(pool: Pool, entries: Sequence[TreeEntry], dest: Union[str, os.PathLi
         fetched, fetched_bytes = 0, 0
         with concurrent.futures.ThreadPoolExecutor(
                 max_workers=jobs, thread_name_prefix="cm-restore") as workers:
+            for group in _restore_groups(fetch, restorer.sizes, pool.cache.capacity):
+                # The group's files come into the cache together, in parallel
+                # batches (Pool.warm_up_many); a worker copies each file out
+                # as soon as it is cached (one blocked download holds up no other).
+                moved_in = [0]
+                waiting: Dict[str, List[TreeEntry]] = {}
+                for e in group:
+                    waiting.setdefault(e.hash, []).append(e)
+                futures: Dict[concurrent.futures.Future, TreeEntry] = {}
 
-            def fetch_one(e: TreeEntry) -> int:
-                """Fetch ``e``, its bytes reported as they move; :return: how many were."""
-                told = [0]
-
-                def moved(nbytes: int) -> None:
-                    told[0] += nbytes
+                def arrived(nbytes: int) -> None:
+                    moved_in[0] += nbytes
                     report(nbytes, 0)
 
-                restorer.fetch(e, moved)
-                return told[0]
+                def fetch_one(e: TreeEntry, warmed: bool) -> int:
+                    """Fetch ``e``, its bytes reported as they move (a file warmed
+                    into the cache has been); :return: how many were."""
+                    told = [0]
 
-            futures = {workers.submit(fetch_one, e): e for e in fetch}
-            try:
-                for future in concurrent.futures.as_completed(futures):
-                    e = futures[future]
-                    try:
-                        told = future.result()
-                    except (OSError, CloudManagerError) as exc:
-                        log.error("could not restore %s: %s", e.path, _reason(exc))
-                        failed.append((e.path, _reason(exc)))
-                        report(0, 1)
-                    else:
-                        fetched += 1
-                        fetched_bytes += e.size
-                        report(max(0, e.size - told), 1)  # what nobody reported
-            finally:  # Ctrl-C: files not started are not started
-                for future in futures:
-                    future.cancel()
+                    def moved(nbytes: int) -> None:
+                        told[0] += nbytes
+                        report(nbytes, 0)
+
+                    restorer.fetch(e, None if warmed else moved)
+                    return told[0]
+
+                def landed(file_hash: str, outcome: object) -> None:
+                    for e in waiting.pop(file_hash, []):
+                        futures[workers.submit(fetch_one, e, isinstance(outcome, str))] = e
+
+                try:
+                    pool.warm_up_many(list(waiting), progress=arrived, landed=landed)
+                    for file_hash in list(waiting):  # not told (none should be)
+                        landed(file_hash, None)
+                    told = moved_in[0]
+                    for future in concurrent.futures.as_completed(futures):
+                        e = futures[future]
+                        try:
+                            told += future.result()
+                        except (OSError, CloudManagerError) as exc:
+                            log.error("could not restore %s: %s", e.path, _reason(exc))
+                            failed.append((e.path, _reason(exc)))
+                            report(0, 1)
+                        else:
+                            fetched += 1
+                            fetched_bytes += e.size
+                            report(0, 1)
+                finally:  # Ctrl-C: files not started are not started
+                    for future in futures:
+                        future.cancel()
+                # What nobody reported: cache hits, repeated contents.
+                report(max(0, sum(e.size for e in group) - told), 0)
         failed.sort()
         return RestoreSummary(len(entries), fetched, fetched_bytes, unchanged, conflicts,
                               failed, actions)
     finally:
         restorer.close()
+
+
+def _restore_groups(fetch: Sequence[TreeEntry], sizes: Dict[str, int],
+                    capacity: int) -> Iterator[List[TreeEntry]]:
+    """The entries to fetch in groups whose distinct files take at most half
+    the cache (so a group's files are still cached when the workers copy
+    them out) and number at most :data:`RESTORE_GROUP`; a
+    file larger than that is a group of its own (fetched as before: streamed
+    if it does not fit)."""
+    group: List[TreeEntry] = []
+    seen: Dict[str, int] = {}
+    budget = capacity // 2
+    for e in fetch:
+        size = sizes.get(e.hash, e.size)
+        if e.hash not in seen and group and (len(seen) >= RESTORE_GROUP
+                                             or sum(seen.values()) + size > budget):
+            yield group
+            group, seen = [], {}
+        group.append(e)
+        seen[e.hash] = size
+    if group:
+        yield group
 
 
 def _reason(exc: BaseException) -> str:

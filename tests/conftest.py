@@ -81,7 +81,7 @@ class PoolCatalog:
 #: Test modules whose pools run on both catalogs (the facade's and the CLI's
 #: suites); elsewhere pools use SQLite.
 BOTH_CATALOGS = {"test_manager.py", "test_cli.py", "test_cli_process.py",
-                 "test_original_api.py", "test_trees.py"}
+                 "test_original_api.py", "test_trees.py", "test_warm_many.py"}
 
 
 def pytest_generate_tests(metafunc):

@@ -106,6 +106,9 @@ class CacheStore:
         self._touches: Dict[str, float] = {}
         self._hits = self._misses = 0
         self._last_flush = time.monotonic()
+        #: Batches are made durable with ``syncfs`` (two per batch), not an
+        #: fsync per file: see :func:`~cloudmanager.fsutil.sync_filesystem`.
+        self.batch_sync = fsync and fsutil.sync_filesystem_available()
         self.proc_start = fsck.process_start(os.getpid())
         self.reconcile(full=reconcile)
         db.sessions.open(self.owner, self.node, os.getpid(), self.proc_start)
@@ -310,6 +313,14 @@ class CacheStore:
         :return: a :class:`Reservation`, whose ``temp`` is where to write
         :raises CacheFullError: if pinned files and writes in flight leave no room
         """
+        rid = self._reserve_row(size)
+        return Reservation(rid, self.layout.reservation_temp(self.token, rid), self)
+
+    def _reserve_row(self, size: int) -> int:
+        """Reserve ``size`` bytes, evicting LRU files as needed: the row's id.
+
+        :raises CacheFullError: if pinned files and writes in flight leave no room
+        """
         if size > self.capacity:
             raise CacheFullError("%d bytes do not fit a %d-byte cache" % (size, self.capacity))
         self.flush()  # eviction must see every recent hit
@@ -319,8 +330,106 @@ class CacheStore:
                     "no room for %d bytes: %d of %d bytes are pinned or in flight"
                     % (size, self.used_bytes() + self.db.sessions.reserved_bytes(conn),
                        self.capacity))
-            rid = self.db.sessions.reserve(conn, self.owner, size)
-        return Reservation(rid, self.layout.reservation_temp(self.token, rid), self)
+            return self.db.sessions.reserve(conn, self.owner, size)
+
+    def batch_rooms(self, sizes: Sequence[int]) -> "BatchRooms":
+        """Reserve room for a batch of downloads of ``sizes`` bytes, in one
+        transaction (evicting LRU files as needed), lent out as a room per
+        file (:meth:`BatchRooms.room`), until :meth:`BatchRooms.close`.
+
+        :raises CacheFullError: if the batch as a whole does not fit
+        """
+        return BatchRooms(self, self._reserve_row(sum(sizes)), sizes)
+
+    def commit_many(self, items: Sequence[Tuple[str, int, Any]]
+                    ) -> Dict[str, Union[str, Exception]]:
+        """Publish verified downloads ``[(hash, size, room)]`` (rooms of a
+        :class:`BatchRooms`, or :class:`Reservation` objects) as cached files,
+        in one transaction, made durable as a batch: with fsync on, one
+        ``syncfs`` for the files' bytes before any rename and one for the
+        renames (where Linux has it; else an fsync per shard directory, the
+        hosts having flushed the files).
+
+        Files of the pool only (a warm-up): one another process removed
+        meanwhile is not published and the removal stands. One cached
+        already keeps its copy, which counts as used.
+
+        :return: ``{hash: path}``, or ``{hash: exception}`` for a file not
+            published (:class:`~cloudmanager.errors.NotInPoolError`,
+            :class:`~cloudmanager.errors.IntegrityError`); its temp file is
+            removed when its room is released
+        """
+        outcomes: Dict[str, Union[str, Exception]] = {}
+        if not items:
+            return outcomes
+        if self.batch_sync:
+            fsutil.sync_filesystem(self.tmp_dir)  # the files' bytes, before any rename
+        now = time.time()
+        hashes = [h for h, _, _ in items]
+        shards = set()
+        committed = []
+        with self.db.both() as (conn, local):
+            known = self.db.files.states(conn, hashes)
+            protected = self.db.files.protected_among(conn, hashes)
+            cached = self.db.cache_index.cached_among(hashes, local)
+            entries, rows = [], []
+            for file_hash, size, room in items:
+                state = known.get(file_hash)
+                if state is None:
+                    outcomes[file_hash] = NotInPoolError("%s was removed while it was fetched"
+                                                         % file_hash)
+                    continue
+                if state.size != size:
+                    outcomes[file_hash] = IntegrityError(
+                        "%s is recorded with another size than %d" % (file_hash, size))
+                    continue
+                if file_hash in cached and self.layout.is_file(file_hash, size):
+                    self.db.cache_index.touch([(file_hash, now)], local)
+                    fsutil.remove_quietly(room.temp)  # a duplicate of the cached copy
+                else:
+                    self._set_mode(room.temp)
+                    fsutil.publish(room.temp, self.layout.path(file_hash), fsync=False)
+                    shards.add(self.layout.shard_dir(file_hash))
+                    entries.append((file_hash, size, file_hash in protected))
+                if isinstance(room, Reservation):
+                    rows.append(room.id)
+                committed.append(room)
+                outcomes[file_hash] = self.layout.path(file_hash)
+            self.db.cache_index.put(local, entries, now)
+            self.db.sessions.release(local, rows)
+            if self.batch_sync and shards:
+                fsutil.sync_filesystem(self.root)
+            elif self.fsync:
+                for shard in shards:
+                    fsutil.fsync_dir(shard)
+        for room in committed:
+            room.committed = True
+        return outcomes
+
+    def lookup_many(self, hashes: Sequence[str]) -> Dict[str, str]:
+        """``{hash: path}`` of those of ``hashes`` the cache holds, each a hit
+        (as :meth:`lookup`): one query for all, and an ``lstat`` each. A row
+        whose file has vanished is marked not cached."""
+        found = {}
+        for file_hash, entry in self.db.cache_index.entries_among(hashes).items():
+            if not entry.cached:
+                continue
+            if self.layout.is_file(file_hash, entry.size):
+                found[file_hash] = self.layout.path(file_hash)
+            else:
+                self.drop(file_hash, only_if_damaged=True)
+        now = time.time()
+        with self._lock:
+            self._hits += len(found)
+            self._touches.update((h, now) for h in found)
+            due = (len(self._touches) >= TOUCH_BATCH
+                   or time.monotonic() - self._last_flush >= TOUCH_INTERVAL_S)
+        if due:
+            try:
+                self.flush()
+            except DatabaseError as exc:  # the bookkeeping waits; the hits stand
+                log.debug("recency updates deferred: %s", exc)
+        return found
 
     @contextlib.contextmanager
     def reserve(self, size: int) -> Iterator["Reservation"]:
@@ -694,3 +803,110 @@ class Reservation:
             return
         self._store._release(self)
         self.released = True
+
+
+class _Share:
+    """One file's room in a :class:`BatchRooms`: a share of the batch's
+    reservation, with a temp file of its own (a :class:`~cloudmanager.engine.Room`)."""
+
+    __slots__ = ("batch", "size", "temp", "committed", "released", "given_up", "own_id",
+                 "_lock")
+
+    def __init__(self, batch: "BatchRooms", size: int, temp: str) -> None:
+        self.batch = batch
+        self.size = size
+        self.temp = temp
+        self.committed = False
+        self.released = False
+        #: The engine gave up on the attempt writing here: its call holds the room.
+        self.given_up = False
+        #: The reservation of its own it got when the batch ended before its call.
+        self.own_id: Optional[int] = None
+        self._lock = threading.Lock()
+
+    def abandoned(self) -> None:
+        """The engine gave up on the attempt writing here (see
+        :class:`~cloudmanager.engine.Room`): its call holds the room until it ends."""
+        with self._lock:
+            self.given_up = True
+
+    def release(self) -> None:
+        """Remove the temp file, then give the room back: to the batch, or,
+        once the batch has ended, the reservation of its own (once; never
+        after a commit)."""
+        with self._lock:
+            if self.committed or self.released:
+                return
+            self.released = True
+            own = self.own_id
+        fsutil.remove_quietly(self.temp)
+        if own is not None:
+            store = self.batch.store
+            with store.db.local.transaction() as conn:
+                store.db.sessions.release(conn, [own])
+
+
+class BatchRooms:
+    """One reservation for a batch of downloads into the cache, lent out as a
+    room per file (:meth:`CacheStore.batch_rooms`): one transaction reserves
+    the batch, and :meth:`CacheStore.commit_many` publishes it.
+
+    The capacity's rule holds as for single rooms (see ``docs/ARCHITECTURE.md``,
+    "Rooms of abandoned downloads"): every byte an attempt writes lies in a
+    reservation for as long as it exists. A file's first attempt writes in its
+    share; an attempt after one the engine gave up on gets a
+    :class:`Reservation` of its own (:meth:`CacheStore.reservation`), and
+    when the batch ends while a call it gave up on still runs, that call's
+    share becomes a reservation of its own in the transaction that releases
+    the batch's, and the call's cleanup releases it.
+    """
+
+    def __init__(self, store: CacheStore, reservation_id: int, sizes: Sequence[int]) -> None:
+        self.store = store
+        self.id = reservation_id
+        self.shares = [_Share(self, size, store.layout.batch_temp(store.token, reservation_id, k))
+                       for k, size in enumerate(sizes)]
+        self._extra: List[Reservation] = []
+        self._lock = threading.Lock()
+
+    def room(self, k: int) -> Callable[[], Any]:
+        """The ``room()`` of file ``k``'s download (see
+        :meth:`cloudmanager.engine.UploadEngine.download`): its share first,
+        then a reservation of its own per further room asked for.
+
+        :raises CacheFullError: (a further room) if there is no room for it
+        """
+        asked = [False]
+
+        def room() -> Any:
+            if not asked[0]:
+                asked[0] = True
+                return self.shares[k]
+            extra = self.store.reservation(self.shares[k].size)
+            with self._lock:
+                self._extra.append(extra)
+            return extra
+        return room
+
+    def close(self) -> None:
+        """End the batch: remove the temp files of shares not committed and
+        give their room back, in one transaction that gives a share still
+        held by a call the engine gave up on a reservation of its own; then
+        release the further reservations not committed."""
+        store = self.store
+        for share in self.shares:
+            with share._lock:
+                if not (share.committed or share.given_up):
+                    share.released = True
+            if share.released and not share.committed:
+                fsutil.remove_quietly(share.temp)
+        with store.db.local.transaction() as conn:
+            for share in self.shares:
+                with share._lock:
+                    if share.given_up and not (share.released or share.committed):
+                        share.own_id = store.db.sessions.reserve(conn, store.owner, share.size)
+            store.db.sessions.release(conn, [self.id])
+        with self._lock:
+            extra, self._extra = self._extra, []
+        for reservation in extra:
+            reservation.release()

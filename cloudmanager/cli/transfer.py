@@ -350,29 +350,50 @@ def to_stdout(session, cm, file_hash, size):
 def warm(session, hashes):
     """Bring files into the local cache; print "SHA256  CACHED-PATH" for each.
 
-    Files already cached only move to the front of the LRU order.
+    Files already cached only move to the front of the LRU order. The others
+    are fetched several at a time (each host within its max_connections);
+    lines come in the order of the arguments, each once its file is cached.
     """
     cm = session.open()
     wanted = [resolve_hash(cm, h) for h in hashes]
-    sizes = {h: cm.status(h)["size"] for h in wanted}
-    failed = warmed = 0
-    with stop_on_interrupt(session, "the file in flight") as stop, \
-            progress(session, "warming", sum(sizes.values()), len(wanted)) as bar:
-        for file_hash in wanted:
-            if stop.is_set():
-                break
-            with counted(bar, sizes[file_hash]) as told:
-                path = cm.warm_up(file_hash, progress=told)
-            if path:
-                warmed += 1
-                bar.echo(hash_line(file_hash, path))
+    # The bar's total; without a bar no file's size is needed.
+    sizes = {h: cm.status(h)["size"] for h in set(wanted)} if session.show_progress else {}
+    total = sum(sizes.get(h, 0) for h in wanted)
+    landed: dict = {}
+    told = [0]
+    shown = [0, 0, 0]  # lines looked at (in argument order), warmed, failed
+    with stop_on_interrupt(session, "the files in flight") as stop, \
+            progress(session, "warming", total, len(wanted)) as bar:
+
+        def moved(nbytes):
+            told[0] += nbytes
+            bar(nbytes, 0)
+
+        def show(file_hash):
+            if landed[file_hash]:
+                shown[1] += 1
+                bar.echo(hash_line(file_hash, landed[file_hash]))
             else:
-                failed += 1
+                shown[2] += 1
+            bar(0, 1)
+
+        def land(file_hash, path):
+            landed[file_hash] = path
+            while shown[0] < len(wanted) and wanted[shown[0]] in landed:
+                show(wanted[shown[0]])
+                shown[0] += 1
+
+        cm.warm_up_many(wanted, progress=moved, stop=stop, landed=land)
+        for file_hash in wanted[shown[0]:]:  # after a file not started, if stopped
+            if file_hash in landed:
+                show(file_hash)
+        bar(max(0, total - told[0]), 0)
+    warmed, failed = shown[1], shown[2]
     if stop.is_set():
         raise Interrupted("interrupted: warmed %d, failed %d, not started %d"
                           % (warmed, failed, len(wanted) - warmed - failed))
     if failed:
-        fail_quietly()  # warm_up logged why, file by file
+        fail_quietly()  # warm_up_many logged why, file by file
 
 
 @click.command()

@@ -166,6 +166,21 @@ class Copies:
             " WHERE hash = ? AND url != '' AND state IN %s ORDER BY time, host_name, url"
             % states, (file_hash,))]
 
+    def objects_among(self, hashes: Iterable[str]
+                      ) -> Dict[str, Tuple[List[HeldCopy], List[HeldCopy]]]:
+        """``{hash: (held, condemned)}``: :meth:`objects` and ``objects(condemned=True)``
+        of each of ``hashes`` that has any, in one statement (a batch of warm-ups)."""
+        found: Dict[str, Tuple[List[HeldCopy], List[HeldCopy]]] = {}
+        for row in self.db.read(
+                "SELECT u.hash, u.state IN " + _CONDEMNED_SQL + ", u.host_name, u.url,"
+                " u.object_sha256, u.object_size, u.key_id FROM json_each(?) AS j"
+                " JOIN uploads AS u ON u.hash = j.value WHERE u.url != ''"
+                " AND u.state IN ('good', 'claimed', 'suspect', 'bad', 'missing')"
+                " ORDER BY u.hash, u.time, u.host_name, u.url", (json_list(hashes),)):
+            held, condemned = found.setdefault(row[0], ([], []))
+            (condemned if row[1] else held).append(HeldCopy(*row[2:]))
+        return found
+
     def plaintext_files(self, limit: int) -> List[str]:
         """Up to ``limit`` hashes of files with a copy believed good that is the
         plaintext (made before the pool had a key). Scans the copies: for
