@@ -47,6 +47,7 @@ above ``multipart_threshold`` go up in parts of ``multipart_chunksize``.
 import base64
 import binascii
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -60,6 +61,7 @@ import botocore.exceptions as bexc
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import ProgressCallbackInvoker, TransferConfig, create_transfer_manager
 from s3transfer.subscribers import BaseSubscriber
+from s3transfer.utils import ReadFileChunk, signal_not_transferring, signal_transferring
 from botocore.config import Config
 
 from .. import meter
@@ -116,6 +118,12 @@ _TRANSIENT_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "TooManyRequestsException",
     "XAmzContentSHA256Mismatch",
 })
+# A conditional write (If-None-Match: *) that found the key taken, or
+# another conditional write of it under way (real S3 answers 409 then).
+_CONDITION_FAILED_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict",
+                                     "409"})
+# A server that does not know conditional writes.
+_NO_CONDITIONS_CODES = frozenset({"NotImplemented", "501"})
 # botocore failures that come from the local setup, not from the network.
 _PERMANENT_BOTOCORE = (bexc.NoRegionError, bexc.ParamValidationError, bexc.ProfileNotFound,
                        bexc.UnknownSignatureVersionError, bexc.InvalidRegionError)
@@ -238,11 +246,27 @@ class S3Host(Host):
         except bexc.BotoCoreError as exc:
             raise InvalidInputError("cannot set up the S3 client of %s: %s"
                                     % (self.name, exc)) from None
+        self._track_sending(self._client)
+        #: Whether small uploads ask for a free key (If-None-Match: *) rather
+        #: than look first; off once the server refuses it.
+        self._conditional = True
         self._lock = threading.Lock()
         self._closed = False
         log.debug("S3 host %s: endpoint %s, region %s, addressing %s", self.name,
                   self._client.meta.endpoint_url, self._client.meta.region_name,
                   self.addressing_style)
+
+    @staticmethod
+    def _track_sending(client: Any) -> None:
+        """Have a request body that reports its reads (ReadFileChunk) report
+        only while the request is sent, not while it is signed (which reads
+        the body to hash it). boto3's transfers register the same two
+        handlers under the same ids: they are registered once."""
+        events = client.meta.events
+        events.register_first("request-created.s3", signal_not_transferring,
+                              unique_id="s3upload-not-transferring")
+        events.register_last("request-created.s3", signal_transferring,
+                             unique_id="s3upload-transferring")
 
     @classmethod
     def from_spec(cls, scheme: str, target: str, **options: Any) -> "S3Host":
@@ -307,10 +331,15 @@ class S3Host(Host):
         holds a SHA-256 of the whole object (a single-part upload's
         ``ChecksumSHA256``) equal to ``name``. The same size is no proof:
         an object with no such checksum (written in parts, or by a client
-        that declared none) is overwritten. Otherwise the file goes up
-        through boto3's managed transfer, in parts above
-        ``multipart_threshold``, and the server checks a SHA-256 of what it
-        receives.
+        that declared none) is overwritten.
+
+        A file below ``multipart_threshold`` goes up in one ``PutObject``
+        with the SHA-256 of its bytes (the server checks it) that asks for
+        the key only if it is free (``If-None-Match: *``): one request when
+        the object is new, the usual case. Only when the server answers that
+        something is there does a ``HEAD`` look at it (kept if it is the
+        file, else replaced). Larger files go
+        through boto3's managed transfer, in parts, after a ``HEAD``.
 
         :param local_path: the file to send
         :param name: its SHA-256 hex digest
@@ -325,16 +354,15 @@ class S3Host(Host):
             size = os.path.getsize(local_path)
         except OSError as exc:
             raise TransientHostError(self.name, "cannot read %s: %s" % (local_path, exc)) from exc
-        present = self._present(key, url)
-        # A positive match only: a same-sized object with no checksum may
-        # hold other bytes, and a skip would record it as a good copy.
-        if present is not None and present.size == size and present.sha256 == name:
-            log.debug("%s: %s is already there (%d bytes, SHA-256 checked), not sent again",
-                      self.name, url, size)
+        small = size < self._transfer.multipart_threshold
+        if small and self._conditional and self._put(local_path, size, key, url,
+                                                     if_absent=True):
             return Location(self.name, url)
-        if present is not None:
-            log.info("%s: replacing %s (%d bytes, sha256 %s)", self.name, url,
-                     present.size, present.sha256 or "unknown")
+        if self._holds(key, url, name, size):
+            return Location(self.name, url)
+        if small:
+            self._put(local_path, size, key, url, if_absent=False)
+            return Location(self.name, url)
         with self._translated("upload to", url):
             # boto3 reads the file on threads of its own: the meter of this
             # call (progress, bandwidth limit) goes with it as its callback.
@@ -343,6 +371,65 @@ class S3Host(Host):
                                      Config=self._transfer, Callback=meter.current())
         log.debug("%s: stored %s (%d bytes)", self.name, url, size)
         return Location(self.name, url)
+
+    def _holds(self, key: str, url: str, name: str, size: int) -> bool:
+        """Whether ``key`` holds the object ``name`` already (a HEAD): only a
+        stored full-object SHA-256 equal to ``name`` proves it."""
+        present = self._present(key, url)
+        # A positive match only: a same-sized object with no checksum may
+        # hold other bytes, and a skip would record it as a good copy.
+        if present is not None and present.size == size and present.sha256 == name:
+            log.debug("%s: %s is already there (%d bytes, SHA-256 checked), not sent again",
+                      self.name, url, size)
+            return True
+        if present is not None:
+            log.info("%s: replacing %s (%d bytes, sha256 %s)", self.name, url,
+                     present.size, present.sha256 or "unknown")
+        return False
+
+    def _put(self, local_path: str, size: int, key: str, url: str, if_absent: bool) -> bool:
+        """One ``PutObject`` of a file below the multipart threshold.
+
+        botocore sends the SHA-256 of the bytes it reads, which the server
+        checks and keeps (the cheap verify compares it with the name). Not
+        ``name`` declared as the checksum: a server that does not check it
+        (moto) would then keep it for whatever bytes were sent. With
+        ``if_absent``, the key is written only if it is free
+        (``If-None-Match: *``).
+
+        :return: True if the object was stored; False if ``if_absent`` and
+            the key is taken (or another conditional write of it is under
+            way), or the server does not do conditional writes
+        :raises HostError: on any other failure
+        """
+        extra: Dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
+        metered = meter.current()
+        # ReadFileChunk is the body of boto3's own uploads: it reports the
+        # bytes read while the request is sent (not signing's reads, see
+        # _track_sending) and takes them back when a retry rewinds it.
+        callbacks = [functools.partial(_tick, metered)] if metered is not None else None
+        try:
+            with self._translated("upload to", url), \
+                    ReadFileChunk.from_filename(local_path, 0, size, callbacks=callbacks,
+                                                enable_callbacks=False) as body:
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                        ContentLength=size,
+                                        ChecksumAlgorithm="SHA256", **extra)
+        except HostError as exc:
+            code = _client_error_code(exc.__cause__)
+            if if_absent and code in _CONDITION_FAILED_CODES:
+                log.debug("%s: %s is taken (%s): looking at it", self.name, url, code)
+                return False
+            if if_absent and code in _NO_CONDITIONS_CODES:
+                # A server without conditional writes: from now on a HEAD
+                # precedes each small upload, as it always did.
+                log.info("%s: the server refuses conditional writes (%s); looking before "
+                         "each upload", self.name, code)
+                self._conditional = False
+                return False
+            raise
+        log.debug("%s: stored %s (%d bytes)", self.name, url, size)
+        return True
 
     def stage(self, stream: Stream, size: int) -> Staged:
         """Send ``stream`` to a staging key, ``PREFIX/.cloudmanager-staging-<random>.tmp``.
@@ -610,6 +697,19 @@ class _ProvideSize(BaseSubscriber):
 
     def on_queued(self, future: Any, **kwargs: Any) -> None:
         future.meta.provide_transfer_size(self.size)
+
+
+def _tick(metered: meter.Meter, bytes_transferred: int) -> None:
+    """A ReadFileChunk callback: the bytes read go to the call's meter."""
+    metered(bytes_transferred)
+
+
+def _client_error_code(exc: Optional[BaseException]) -> Optional[str]:
+    """The S3 error code of a ClientError (its HTTP status when it has none), or None."""
+    if not isinstance(exc, bexc.ClientError):
+        return None
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    return code or str(_status(exc))
 
 
 def _full_object_sha256(head: Mapping[str, Any]) -> Optional[str]:

@@ -143,10 +143,58 @@ def test_an_object_already_there_is_not_sent_again(host, bucket, s3_admin, tmp_p
     before = s3_admin.head_object(Bucket=bucket, Key="pool/x/" + sha(data))
     calls = count_calls(host, "PutObject", "CreateMultipartUpload", "HeadObject")
     location = host.upload(path, sha(data))
-    assert calls == {"PutObject": 0, "CreateMultipartUpload": 0, "HeadObject": 1}
+    # The conditional PutObject (If-None-Match: *) is refused, a HEAD finds
+    # the file's SHA-256: nothing is written.
+    assert calls == {"PutObject": 1, "CreateMultipartUpload": 0, "HeadObject": 1}
     after = s3_admin.head_object(Bucket=bucket, Key="pool/x/" + sha(data))
     assert after["LastModified"] == before["LastModified"] and after["ETag"] == before["ETag"]
     assert location.url == "s3://%s/pool/x/%s" % (bucket, sha(data))
+
+
+def test_a_new_small_object_takes_one_conditional_put_and_no_head(host, bucket, s3_admin,
+                                                                   tmp_path):
+    data = os.urandom(20_000)
+    sent = {}
+
+    def headers(request, **kwargs):
+        sent.update(request.headers)
+
+    host.client.meta.events.register("before-send.s3.PutObject", headers)
+    calls = count_calls(host, "PutObject", "HeadObject", "CreateMultipartUpload")
+    host.upload(write(tmp_path, data), sha(data))
+    assert calls == {"PutObject": 1, "HeadObject": 0, "CreateMultipartUpload": 0}
+    assert sent["If-None-Match"] == b"*" or sent["If-None-Match"] == "*"
+    key = "pool/x/" + sha(data)
+    assert s3_admin.get_object(Bucket=bucket, Key=key)["Body"].read() == data
+
+
+def test_the_bytes_of_a_put_are_metered_once(host, tmp_path):
+    # Signing reads the body to hash it (plain HTTP): those reads are not
+    # reported, the sending is, once.
+    from cloudmanager import meter
+
+    data = os.urandom(300_000)
+    seen = []
+    with meter.metering(meter.Meter(seen.append)):
+        host.upload(write(tmp_path, data), sha(data))
+    assert sum(seen) == len(data)
+
+
+def test_a_server_without_conditional_writes_gets_a_head_before_each_put(error_server,
+                                                                         aws_env, tmp_path):
+    error_server.answers = {"PUT": (501, "NotImplemented"), "HEAD": (404, "NotFound")}
+    h = make_host(error_server.url, "bkt", max_attempts=1)
+    try:
+        data = b"no conditions here"
+        with pytest.raises(PermanentHostError, match="NotImplemented"):
+            h.upload(write(tmp_path, data), sha(data))
+        assert [m for m, _ in error_server.requests] == ["PUT", "HEAD", "PUT"]
+        del error_server.requests[:]
+        with pytest.raises(PermanentHostError, match="NotImplemented"):
+            h.upload(write(tmp_path, data), sha(data))
+        assert [m for m, _ in error_server.requests] == ["HEAD", "PUT"]
+    finally:
+        h.close()
 
 
 def test_same_size_without_a_sha256_is_sent_again(host, bucket, s3_admin, tmp_path):
@@ -159,7 +207,7 @@ def test_same_size_without_a_sha256_is_sent_again(host, bucket, s3_admin, tmp_pa
                                                         ChecksumMode="ENABLED")
     calls = count_calls(host, "PutObject")
     host.upload(write(tmp_path, data), sha(data))
-    assert calls == {"PutObject": 1}
+    assert calls == {"PutObject": 2}  # the conditional one refused, then the replacement
     assert s3_admin.get_object(Bucket=bucket, Key=key)["Body"].read() == data
 
 
@@ -181,7 +229,7 @@ def test_a_wrong_object_under_the_name_is_replaced(host, bucket, s3_admin, tmp_p
     s3_admin.put_object(Bucket=bucket, Key=key, Body=stored, ChecksumAlgorithm="SHA256")
     calls = count_calls(host, "PutObject")
     host.upload(write(tmp_path, data), sha(data))
-    assert calls == {"PutObject": 1}
+    assert calls == {"PutObject": 2}  # the conditional one refused, then the replacement
     assert s3_admin.get_object(Bucket=bucket, Key=key)["Body"].read() == data
 
 
