@@ -48,12 +48,14 @@ import base64
 import binascii
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import os
 import re
 import threading
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import (Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Type,
+                    Union)
 from urllib.parse import unquote, urlsplit
 
 import boto3
@@ -64,7 +66,7 @@ from s3transfer.subscribers import BaseSubscriber
 from s3transfer.utils import ReadFileChunk, signal_not_transferring, signal_transferring
 from botocore.config import Config
 
-from .. import meter
+from .. import fsutil, meter
 from ..errors import (
     HostError,
     HostNotFoundError,
@@ -234,8 +236,11 @@ class S3Host(Host):
             connect_timeout=min(self.timeout, 60.0),
             read_timeout=self.timeout,
             # Every transfer the engine runs at once may use several
-            # connections for its parts; none should wait for a free one.
-            max_pool_connections=max(10, self.max_connections * TRANSFER_THREADS),
+            # connections for its parts (an upload's TRANSFER_THREADS, a
+            # ranged download's max_connections); none should wait for a
+            # free one, and each thread reuses one.
+            max_pool_connections=max(10, self.max_connections
+                                     * max(TRANSFER_THREADS, self.max_connections)),
         )
         try:
             session = boto3.Session(profile_name=self.profile)
@@ -520,37 +525,78 @@ class S3Host(Host):
                  max_bytes: Optional[int] = None) -> Received:
         """Stream the object into ``dest_path``, atomically.
 
+        An object expected to be ``multipart_threshold`` bytes or more
+        (``max_bytes``) comes in byte ranges of ``multipart_chunksize`` on
+        up to ``max_connections`` connections at once, each written in
+        place in the temp file (see :class:`_RangedDownload`); a smaller one
+        in one sequential ``GetObject``. Either way the bytes are hashed as
+        they arrive, in order, and read once.
+
         :param url: an ``s3://`` URL this host :meth:`accepts`
         :param dest_path: the destination file; replaced only on success
         :param max_bytes: the expected size; a larger object is refused
             before its bytes are read
-        :return: the SHA-256 and size of the bytes written, hashed as they
-            arrived (one sequential ``GetObject``; a large body is read and
-            hashed in two threads)
+        :return: the SHA-256 and size of the bytes written
         :raises HostNotFoundError: if the object is not there
         :raises TransientHostError: if it is larger than ``max_bytes``, or
             the transfer or the local disk failed
         :raises HostError: on any other failure
         """
         key = self._key_of_url(url)
+        if max_bytes is not None and max_bytes >= self._transfer.multipart_threshold \
+                and self.max_connections > 1:
+            return self._download_ranged(key, url, dest_path, max_bytes)
         with self._translated("download", url):
-            # One sequential GetObject, hashed as it arrives, not boto3's
-            # ranged parts (download_file): parts land out of order, so they
-            # could not be hashed on the way, and on the moto server ranged
-            # parts plus a hash pass were slower at every size measured
-            # (1, 64 and 256 MiB). ChecksumMode: botocore also checks the
-            # bytes against the stored checksum (single-part objects).
+            # ChecksumMode: botocore also checks the bytes against the
+            # stored checksum (single-part objects).
             response = self._client.get_object(Bucket=self.bucket, Key=key,
                                                ChecksumMode="ENABLED")
             body = response["Body"]
             try:
                 length = response.get("ContentLength")
-                if max_bytes is not None and length is not None and length > max_bytes:
-                    raise TransientHostError(self.name, "%s has %d bytes, not the %d expected"
-                                             % (url, length, max_bytes))
+                self._check_length(url, length, max_bytes)
                 return self.receive(body, url, dest_path, max_bytes, length=length)
             finally:
                 body.close()
+
+    def _check_length(self, url: str, length: Optional[int], max_bytes: Optional[int]) -> None:
+        if max_bytes is not None and length is not None and length > max_bytes:
+            raise TransientHostError(self.name, "%s has %d bytes, not the %d expected"
+                                     % (url, length, max_bytes))
+
+    def _download_ranged(self, key: str, url: str, dest_path: PathLike,
+                         max_bytes: int) -> Received:
+        """:meth:`download` of a large object in byte ranges, in parallel.
+
+        The first range's answer tells the object's size (``Content-Range``);
+        the other ranges are fetched by up to ``max_connections`` threads.
+        """
+        part = self._transfer.multipart_chunksize
+        with self._translated("download", url):
+            first = self._get_range(key, 0, part)
+            try:
+                total = _range_total(first)
+                if total is None:
+                    raise TransientHostError(self.name, "%s: the server gave no size for a "
+                                             "ranged read" % url)
+                self._check_length(url, total, max_bytes)
+            except BaseException:
+                first["Body"].close()
+                raise
+        ranged = _RangedDownload(self, key, url, first, total, part)
+        try:
+            with fsutil.atomic_write(dest_path) as out:
+                digest = ranged.run(out.fileno())
+        except OSError as exc:
+            raise TransientHostError(self.name, "cannot copy %s: %s" % (url, exc)) from exc
+        return Received(digest, total)
+
+    def _get_range(self, key: str, start: int, size: int) -> Dict[str, Any]:
+        """The GetObject answer for ``size`` bytes of ``key`` from ``start``
+        (no ChecksumMode: a stored checksum is of the whole object)."""
+        response: Dict[str, Any] = self._client.get_object(
+            Bucket=self.bucket, Key=key, Range="bytes=%d-%d" % (start, start + size - 1))
+        return response
 
     def stat(self, url: str) -> ObjectInfo:
         """The object's size, and its SHA-256 when the server keeps a full-object one.
@@ -687,6 +733,157 @@ class _S3Staged(Staged):
 
     def _discard(self) -> None:
         self.host._delete_quietly(self.temp)
+
+
+class _RangedDownload:
+    """One ranged, parallel download (:meth:`S3Host.download` of a large object).
+
+    Worker threads take the ranges in order, each GETs its range and writes
+    it in place in the temp file (``os.pwrite``), chunk by chunk, ticking
+    the call's meter (progress, bandwidth limit) for each chunk. The
+    caller's thread hashes the chunks in the file's order as they come: a
+    worker's chunks wait in memory until the ranges before them are hashed.
+    A worker takes a range only while fewer than ``workers + 1`` ranges are
+    taken but not yet hashed, so at most that many ranges' bytes are held.
+
+    Any failure (a range's request, the disk, the meter: a cancelled
+    transfer) stops every worker; the caller waits for all of them to end
+    before it returns or raises, so the temp file is never removed while a
+    worker may still write to it (nor its descriptor closed).
+
+    :param host: the host (its client, its error translation)
+    :param key: the object's key
+    :param url: its URL, for messages
+    :param first: the answer to the first range's GET (its body unread)
+    :param total: the object's size
+    :param part: the size of a range
+    """
+
+    def __init__(self, host: S3Host, key: str, url: str, first: Dict[str, Any], total: int,
+                 part: int) -> None:
+        self.host, self.key, self.url = host, key, url
+        self.first: Optional[Dict[str, Any]] = first
+        self.total, self.part = total, part
+        self.parts = max(1, -(-total // part))
+        self.workers = max(1, min(host.max_connections, self.parts))
+        self.meter = meter.current()  # the caller's thread has the call's meter
+        self.cond = threading.Condition()
+        self.taken = 0  # ranges handed to workers
+        self.hashed = 0  # ranges hashed whole
+        self.chunks: Dict[int, List[bytes]] = {}  # arrived, not hashed yet
+        self.ended: Set[int] = set()  # ranges whose every chunk has arrived
+        self.error: Optional[BaseException] = None
+        self.stop = False
+
+    def run(self, fd: int) -> str:
+        """Fetch every range into ``fd``; the SHA-256 hex digest of the object.
+
+        :raises HostError: for a failed request or a short range
+        :raises BaseException: what a worker's meter raised, or what
+            interrupted the caller (the workers are stopped first)
+        """
+        threads = [threading.Thread(target=self._work, args=(fd,), daemon=True,
+                                    name="cloudmanager-s3-range")
+                   for _ in range(self.workers)]
+        for thread in threads:
+            thread.start()
+        try:
+            return self._hash()
+        finally:
+            with self.cond:
+                self.stop = True
+                self.cond.notify_all()
+            for thread in threads:
+                thread.join()
+            if self.first is not None:  # no worker took it
+                self.first["Body"].close()
+
+    def _hash(self) -> str:
+        digest = hashlib.sha256()
+        while self.hashed < self.parts:
+            with self.cond:
+                while self.error is None and not self.chunks.get(self.hashed) \
+                        and self.hashed not in self.ended:
+                    self.cond.wait()
+                if self.error is not None:
+                    raise self.error
+                chunks = self.chunks.pop(self.hashed, [])
+                whole = self.hashed in self.ended
+            for chunk in chunks:
+                digest.update(chunk)
+            if whole:
+                with self.cond:
+                    if not self.chunks.get(self.hashed):
+                        self.hashed += 1
+                        self.cond.notify_all()  # a worker may take a range now
+        return digest.hexdigest()
+
+    def _work(self, fd: int) -> None:
+        while True:
+            with self.cond:
+                while not self.stop and self.taken < self.parts \
+                        and self.taken >= self.hashed + self.workers + 1:
+                    self.cond.wait()
+                if self.stop or self.taken >= self.parts:
+                    return
+                index = self.taken
+                self.taken += 1
+            try:
+                self._fetch(index, fd)
+            except BaseException as exc:
+                if isinstance(exc, (bexc.ClientError, bexc.BotoCoreError)):
+                    exc = self.host._error(exc, "download", self.url)
+                elif isinstance(exc, OSError):
+                    exc = TransientHostError(self.host.name, "cannot copy %s: %s"
+                                             % (self.url, exc))
+                with self.cond:
+                    if self.error is None:
+                        self.error = exc
+                    self.stop = True
+                    self.cond.notify_all()
+                return
+
+    def _fetch(self, index: int, fd: int) -> None:
+        start = index * self.part
+        size = min(self.part, self.total - start)
+        if index == 0 and self.first is not None:
+            response, self.first = self.first, None
+        else:
+            response = self.host._get_range(self.key, start, size)
+        body = response["Body"]
+        try:
+            if response.get("ContentLength") != size:
+                raise TransientHostError(self.host.name, "%s: asked for %d bytes from %d, "
+                                         "the server sends %s" % (self.url, size, start,
+                                                                  response.get("ContentLength")))
+            offset, end = start, start + size
+            while offset < end:
+                chunk = body.read(min(fsutil.CHUNK, end - offset))
+                if not chunk:
+                    raise TransientHostError(self.host.name, "%s ended at byte %d of %d"
+                                             % (self.url, offset, self.total))
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.pwrite(fd, view, offset + len(chunk) - len(view)):]
+                if self.meter is not None:
+                    self.meter(len(chunk))
+                offset += len(chunk)
+                with self.cond:
+                    if self.stop:
+                        return
+                    self.chunks.setdefault(index, []).append(chunk)
+                    self.cond.notify_all()
+        finally:
+            body.close()
+        with self.cond:
+            self.ended.add(index)
+            self.cond.notify_all()
+
+
+def _range_total(response: Mapping[str, Any]) -> Optional[int]:
+    """The object's whole size from a ranged GET's ``Content-Range`` (``bytes a-b/total``)."""
+    match = re.fullmatch(r"bytes \d+-\d+/(\d+)", str(response.get("ContentRange") or ""))
+    return int(match.group(1)) if match else None
 
 
 class _ProvideSize(BaseSubscriber):

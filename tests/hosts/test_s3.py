@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
+from cloudmanager import meter
 from cloudmanager.errors import (
     HostNotFoundError,
     HostUnavailableError,
@@ -171,8 +173,6 @@ def test_a_new_small_object_takes_one_conditional_put_and_no_head(host, bucket, 
 def test_the_bytes_of_a_put_are_metered_once(host, tmp_path):
     # Signing reads the body to hash it (plain HTTP): those reads are not
     # reported, the sending is, once.
-    from cloudmanager import meter
-
     data = os.urandom(300_000)
     seen = []
     with meter.metering(meter.Meter(seen.append)):
@@ -678,3 +678,107 @@ def test_a_pool_streams_a_large_file_to_s3_once_and_verify_trusts_it(host, moto_
         assert cm.download(digest, tmp_path / "back") and (tmp_path / "back").read_bytes() == data
     finally:
         cm.close()
+
+
+# -- ranged, parallel downloads of large objects ------------------------------------
+
+
+def test_a_large_object_comes_in_parallel_ranges_byte_for_byte(host, s3_admin, bucket,
+                                                               tmp_path):
+    # 3 whole ranges of 5 MiB and a part of one: not a multiple of the range size.
+    data = os.urandom(15 * MiB + 12_345)
+    location = host.upload(write(tmp_path, data), sha(data))
+    ranges = []
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def before(params, **kwargs):
+        ranges.append(params.get("Range"))
+
+    def sending(**kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+
+    def answered(**kwargs):
+        with lock:
+            running[0] -= 1
+
+    events = host.client.meta.events
+    events.register("provide-client-params.s3.GetObject", before)
+    events.register("before-send.s3.GetObject", sending)
+    events.register("after-call.s3.GetObject", answered)
+    got = tmp_path / "got"
+    received = host.download(location.url, str(got), max_bytes=len(data))
+    assert got.read_bytes() == data
+    assert received == (sha(data), len(data))
+    part = 5 * MiB
+    assert sorted(ranges) == sorted("bytes=%d-%d" % (start, min(start + part, len(data)) - 1)
+                                    for start in range(0, len(data), part))
+    assert 1 <= most[0] <= host.max_connections
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["got", "src.bin"]  # no temp file
+
+
+def test_a_ranged_download_is_metered_once(host, tmp_path):
+    data = os.urandom(11 * MiB + 1)
+    location = host.upload(write(tmp_path, data), sha(data))
+    seen = []
+    with meter.metering(meter.Meter(seen.append)):
+        host.download(location.url, str(tmp_path / "got"), max_bytes=len(data))
+    assert sum(seen) == len(data)
+
+
+class Cancelled(Exception):
+    pass
+
+
+def test_a_cancelled_ranged_download_leaves_nothing(host, tmp_path):
+    # The progress callback raises once some bytes have come (a user's
+    # cancel): every range stops, and no temp file stays beside the destination.
+    data = os.urandom(16 * MiB + 7)
+    location = host.upload(write(tmp_path, data), sha(data))
+    out = tmp_path / "out"
+    out.mkdir()
+    seen = []
+
+    def progress(nbytes):
+        seen.append(nbytes)
+        if sum(seen) > 3 * MiB:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled), meter.metering(meter.Meter(progress)):
+        host.download(location.url, str(out / "got"), max_bytes=len(data))
+    assert list(out.iterdir()) == []
+    assert sum(seen) < len(data)
+
+
+def test_a_failed_range_leaves_nothing_and_says_not_found(host, s3_admin, bucket, tmp_path):
+    # The object goes away after the first range's answer: the other ranges
+    # are not found; nothing is left.
+    data = os.urandom(12 * MiB)
+    location = host.upload(write(tmp_path, data), sha(data))
+    key = "pool/x/" + sha(data)
+    deleted = []
+
+    def delete_once(params, **kwargs):
+        if params.get("Range", "").startswith("bytes=0-") and not deleted:
+            return
+        if not deleted:
+            s3_admin.delete_object(Bucket=bucket, Key=key)
+            deleted.append(True)
+
+    host.client.meta.events.register("provide-client-params.s3.GetObject", delete_once)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(HostNotFoundError):
+        host.download(location.url, str(out / "got"), max_bytes=len(data))
+    assert list(out.iterdir()) == []
+
+
+def test_an_oversized_large_object_is_refused_after_its_first_range(host, tmp_path):
+    data = os.urandom(6 * MiB)
+    location = host.upload(write(tmp_path, data), sha(data))
+    calls = count_calls(host, "GetObject")
+    with pytest.raises(TransientHostError, match="has %d bytes" % len(data)):
+        host.download(location.url, str(tmp_path / "out"), max_bytes=len(data) - 1)
+    assert calls == {"GetObject": 1} and not (tmp_path / "out").exists()
