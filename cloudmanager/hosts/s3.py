@@ -54,7 +54,7 @@ import math
 import os
 import re
 import threading
-from typing import (Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Type,
+from typing import (Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type,
                     Union)
 from urllib.parse import unquote, urlsplit
 
@@ -252,6 +252,9 @@ class S3Host(Host):
             raise InvalidInputError("cannot set up the S3 client of %s: %s"
                                     % (self.name, exc)) from None
         self._track_sending(self._client)
+        #: Connections the ranged reads of large downloads may use at once,
+        #: all downloads together (see _RangedDownload).
+        self._range_slots = threading.BoundedSemaphore(self.max_connections)
         #: Whether small uploads ask for a free key (If-None-Match: *) rather
         #: than look first; off once the server refuses it.
         self._conditional = True
@@ -526,11 +529,11 @@ class S3Host(Host):
         """Stream the object into ``dest_path``, atomically.
 
         An object expected to be ``multipart_threshold`` bytes or more
-        (``max_bytes``) comes in byte ranges of ``multipart_chunksize`` on
-        up to ``max_connections`` connections at once, each written in
-        place in the temp file (see :class:`_RangedDownload`); a smaller one
-        in one sequential ``GetObject``. Either way the bytes are hashed as
-        they arrive, in order, and read once.
+        (``max_bytes``) comes in byte ranges, one per connection, on up to
+        ``max_connections`` connections at once, each written in place in
+        the temp file and hashed in order as far as it is written (see
+        :class:`_RangedDownload`); a smaller one in one sequential
+        ``GetObject``, hashed as it arrives.
 
         :param url: an ``s3://`` URL this host :meth:`accepts`
         :param dest_path: the destination file; replaced only on success
@@ -568,24 +571,37 @@ class S3Host(Host):
                          max_bytes: int) -> Received:
         """:meth:`download` of a large object in byte ranges, in parallel.
 
-        The first range's answer tells the object's size (``Content-Range``);
-        the other ranges are fetched by up to ``max_connections`` threads.
+        The expected size is split into one range per connection (at most
+        ``max_connections``, ranges of at least ``multipart_chunksize``),
+        as rclone's multi-thread downloads do: few requests, each a long
+        sequential read. The first range's answer tells the object's real
+        size (``Content-Range``): a larger one is refused there, a smaller
+        one split anew.
         """
-        part = self._transfer.multipart_chunksize
-        with self._translated("download", url):
-            first = self._get_range(key, 0, part)
-            try:
-                total = _range_total(first)
-                if total is None:
-                    raise TransientHostError(self.name, "%s: the server gave no size for a "
-                                             "ranged read" % url)
-                self._check_length(url, total, max_bytes)
-            except BaseException:
-                first["Body"].close()
-                raise
-        ranged = _RangedDownload(self, key, url, first, total, part)
+        connections = max(1, min(self.max_connections,
+                                 max_bytes // self._transfer.multipart_chunksize))
+        first_size = -(-max_bytes // connections)
+        slot = self._range_slots
+        slot.acquire()
         try:
-            with fsutil.atomic_write(dest_path) as out:
+            with self._translated("download", url):
+                first = self._get_range(key, 0, first_size)
+                try:
+                    total = _range_total(first)
+                    if total is None:
+                        raise TransientHostError(self.name, "%s: the server gave no size for "
+                                                 "a ranged read" % url)
+                    self._check_length(url, total, max_bytes)
+                except BaseException:
+                    first["Body"].close()
+                    raise
+        except BaseException:
+            slot.release()
+            raise
+        # The first range's connection and slot go to the worker that reads it.
+        ranged = _RangedDownload(self, key, url, first, total, connections)
+        try:
+            with fsutil.atomic_write(dest_path, readable=True) as out:
                 digest = ranged.run(out.fileno())
         except OSError as exc:
             raise TransientHostError(self.name, "cannot copy %s: %s" % (url, exc)) from exc
@@ -738,40 +754,48 @@ class _S3Staged(Staged):
 class _RangedDownload:
     """One ranged, parallel download (:meth:`S3Host.download` of a large object).
 
-    Worker threads take the ranges in order, each GETs its range and writes
-    it in place in the temp file (``os.pwrite``), chunk by chunk, ticking
-    the call's meter (progress, bandwidth limit) for each chunk. The
-    caller's thread hashes the chunks in the file's order as they come: a
-    worker's chunks wait in memory until the ranges before them are hashed.
-    A worker takes a range only while fewer than ``workers + 1`` ranges are
-    taken but not yet hashed, so at most that many ranges' bytes are held.
+    One thread per range GETs it and writes it in place in the temp file
+    (``os.pwrite``), chunk by chunk, ticking the call's meter (progress,
+    bandwidth limit) for each chunk. Each holds one of the host's range
+    slots while it reads, so the ranged reads of every download at once
+    use at most ``max_connections`` connections to the host.
+
+    The caller's thread hashes the file in order, as far as it is written
+    (each range is written front to back): it reads the bytes back from
+    the temp file, from the page cache, just behind the writers. That is a
+    second read of each byte (from memory, not the disk, while the file
+    fits in the page cache): the price of hashing out-of-order ranges
+    without holding them in memory.
 
     Any failure (a range's request, the disk, the meter: a cancelled
     transfer) stops every worker; the caller waits for all of them to end
     before it returns or raises, so the temp file is never removed while a
     worker may still write to it (nor its descriptor closed).
 
-    :param host: the host (its client, its error translation)
+    :param host: the host (its client, its error translation, its range slots)
     :param key: the object's key
     :param url: its URL, for messages
-    :param first: the answer to the first range's GET (its body unread)
+    :param first: the answer to the first range's GET, its body unread; the
+        caller holds a range slot for it, which the worker reading it releases
     :param total: the object's size
-    :param part: the size of a range
+    :param connections: how many ranges (and threads)
     """
 
     def __init__(self, host: S3Host, key: str, url: str, first: Dict[str, Any], total: int,
-                 part: int) -> None:
+                 connections: int) -> None:
         self.host, self.key, self.url = host, key, url
         self.first: Optional[Dict[str, Any]] = first
-        self.total, self.part = total, part
-        self.parts = max(1, -(-total // part))
-        self.workers = max(1, min(host.max_connections, self.parts))
+        self.total = total
+        first_size = min(total, int(first.get("ContentLength") or 0))
+        rest = max(0, connections - 1) if total > first_size else 0
+        self.ranges: List[Tuple[int, int]] = [(0, first_size)]
+        if rest:
+            step = -(-(total - first_size) // rest)
+            self.ranges += [(start, min(start + step, total))
+                            for start in range(first_size, total, step)]
+        self.written = [0] * len(self.ranges)
         self.meter = meter.current()  # the caller's thread has the call's meter
         self.cond = threading.Condition()
-        self.taken = 0  # ranges handed to workers
-        self.hashed = 0  # ranges hashed whole
-        self.chunks: Dict[int, List[bytes]] = {}  # arrived, not hashed yet
-        self.ended: Set[int] = set()  # ranges whose every chunk has arrived
         self.error: Optional[BaseException] = None
         self.stop = False
 
@@ -782,102 +806,105 @@ class _RangedDownload:
         :raises BaseException: what a worker's meter raised, or what
             interrupted the caller (the workers are stopped first)
         """
-        threads = [threading.Thread(target=self._work, args=(fd,), daemon=True,
+        threads = [threading.Thread(target=self._work, args=(index, fd), daemon=True,
                                     name="cloudmanager-s3-range")
-                   for _ in range(self.workers)]
-        for thread in threads:
-            thread.start()
+                   for index in range(len(self.ranges))]
         try:
-            return self._hash()
+            for thread in threads:
+                thread.start()
+            return self._hash(fd)
         finally:
             with self.cond:
                 self.stop = True
                 self.cond.notify_all()
             for thread in threads:
-                thread.join()
+                if thread.ident is not None:
+                    thread.join()
             if self.first is not None:  # no worker took it
                 self.first["Body"].close()
+                self.host._range_slots.release()
 
-    def _hash(self) -> str:
+    def _hash(self, fd: int) -> str:
         digest = hashlib.sha256()
-        while self.hashed < self.parts:
-            with self.cond:
-                while self.error is None and not self.chunks.get(self.hashed) \
-                        and self.hashed not in self.ended:
-                    self.cond.wait()
-                if self.error is not None:
-                    raise self.error
-                chunks = self.chunks.pop(self.hashed, [])
-                whole = self.hashed in self.ended
-            for chunk in chunks:
-                digest.update(chunk)
-            if whole:
+        position = 0
+        for index, (start, end) in enumerate(self.ranges):
+            while position < end:
                 with self.cond:
-                    if not self.chunks.get(self.hashed):
-                        self.hashed += 1
-                        self.cond.notify_all()  # a worker may take a range now
+                    while self.error is None and start + self.written[index] <= position:
+                        self.cond.wait()
+                    if self.error is not None:
+                        raise self.error
+                    written = start + self.written[index]
+                while position < written:
+                    data = os.pread(fd, min(fsutil.CHUNK, written - position), position)
+                    if not data:
+                        raise TransientHostError(self.host.name, "%s: the temp file ends at "
+                                                 "byte %d" % (self.url, position))
+                    digest.update(data)
+                    position += len(data)
+        if position != self.total:
+            raise TransientHostError(self.host.name, "%s: %d bytes of %d hashed"
+                                     % (self.url, position, self.total))
         return digest.hexdigest()
 
-    def _work(self, fd: int) -> None:
-        while True:
-            with self.cond:
-                while not self.stop and self.taken < self.parts \
-                        and self.taken >= self.hashed + self.workers + 1:
-                    self.cond.wait()
-                if self.stop or self.taken >= self.parts:
-                    return
-                index = self.taken
-                self.taken += 1
-            try:
-                self._fetch(index, fd)
-            except BaseException as exc:
-                if isinstance(exc, (bexc.ClientError, bexc.BotoCoreError)):
-                    exc = self.host._error(exc, "download", self.url)
-                elif isinstance(exc, OSError):
-                    exc = TransientHostError(self.host.name, "cannot copy %s: %s"
-                                             % (self.url, exc))
+    def _work(self, index: int, fd: int) -> None:
+        try:
+            if index == 0:
                 with self.cond:
-                    if self.error is None:
-                        self.error = exc
-                    self.stop = True
-                    self.cond.notify_all()
-                return
+                    response, self.first = self.first, None
+                if response is None:  # run() gave it up already
+                    return
+                try:
+                    self._copy(index, response, fd)
+                finally:
+                    self.host._range_slots.release()
+            else:
+                with self.host._range_slots:
+                    if self.stop:
+                        return
+                    start, end = self.ranges[index]
+                    self._copy(index, self.host._get_range(self.key, start, end - start), fd)
+        except BaseException as exc:
+            if isinstance(exc, (bexc.ClientError, bexc.BotoCoreError)):
+                exc = self.host._error(exc, "download", self.url)
+            elif isinstance(exc, OSError):
+                exc = TransientHostError(self.host.name, "cannot copy %s: %s"
+                                         % (self.url, exc))
+            with self.cond:
+                if self.error is None:
+                    self.error = exc
+                self.stop = True
+                self.cond.notify_all()
 
-    def _fetch(self, index: int, fd: int) -> None:
-        start = index * self.part
-        size = min(self.part, self.total - start)
-        if index == 0 and self.first is not None:
-            response, self.first = self.first, None
-        else:
-            response = self.host._get_range(self.key, start, size)
+    def _copy(self, index: int, response: Dict[str, Any], fd: int) -> None:
+        start, end = self.ranges[index]
         body = response["Body"]
         try:
-            if response.get("ContentLength") != size:
+            if response.get("ContentLength") != end - start:
                 raise TransientHostError(self.host.name, "%s: asked for %d bytes from %d, "
-                                         "the server sends %s" % (self.url, size, start,
+                                         "the server sends %s" % (self.url, end - start, start,
                                                                   response.get("ContentLength")))
-            offset, end = start, start + size
+            offset = start
             while offset < end:
                 chunk = body.read(min(fsutil.CHUNK, end - offset))
                 if not chunk:
                     raise TransientHostError(self.host.name, "%s ended at byte %d of %d"
                                              % (self.url, offset, self.total))
                 view = memoryview(chunk)
+                at = offset
                 while view:
-                    view = view[os.pwrite(fd, view, offset + len(chunk) - len(view)):]
+                    done = os.pwrite(fd, view, at)
+                    view, at = view[done:], at + done
                 if self.meter is not None:
                     self.meter(len(chunk))
                 offset += len(chunk)
                 with self.cond:
+                    self.written[index] = offset - start
+                    self.cond.notify_all()
                     if self.stop:
                         return
-                    self.chunks.setdefault(index, []).append(chunk)
-                    self.cond.notify_all()
         finally:
             body.close()
-        with self.cond:
-            self.ended.add(index)
-            self.cond.notify_all()
 
 
 def _range_total(response: Mapping[str, Any]) -> Optional[int]:

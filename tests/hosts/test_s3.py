@@ -683,40 +683,85 @@ def test_a_pool_streams_a_large_file_to_s3_once_and_verify_trusts_it(host, moto_
 # -- ranged, parallel downloads of large objects ------------------------------------
 
 
-def test_a_large_object_comes_in_parallel_ranges_byte_for_byte(host, s3_admin, bucket,
-                                                               tmp_path):
-    # 3 whole ranges of 5 MiB and a part of one: not a multiple of the range size.
+class RangeWatch:
+    """The Range of every GetObject a host's client sends, and how many were
+    in flight at once at most (from sending to the body's end)."""
+
+    def __init__(self, host):
+        self.ranges = []
+        self.lock = threading.Lock()
+        self.running = self.most = 0
+        events = host.client.meta.events
+        events.register("provide-client-params.s3.GetObject", self.asked)
+        events.register("before-send.s3.GetObject", self.sending)
+        events.register("after-call.s3.GetObject", self.answered)
+
+    def asked(self, params, **kwargs):
+        with self.lock:
+            self.ranges.append(params.get("Range"))
+
+    def sending(self, **kwargs):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+
+    def answered(self, parsed, **kwargs):
+        # The request is in flight until its body is read: count it off then.
+        body = parsed.get("Body")
+        close = body.close
+
+        def closed():
+            close()
+            with self.lock:
+                self.running -= 1
+        body.close = closed
+
+    def spans(self):
+        """The ranges asked for, as sorted (start, end) pairs, end excluded."""
+        pairs = []
+        for text in self.ranges:
+            start, end = text[len("bytes="):].split("-")
+            pairs.append((int(start), int(end) + 1))
+        return sorted(pairs)
+
+
+def test_a_large_object_comes_in_parallel_ranges_byte_for_byte(host, tmp_path):
+    # 15 MiB and a bit: not a multiple of the range size (a third of it).
     data = os.urandom(15 * MiB + 12_345)
     location = host.upload(write(tmp_path, data), sha(data))
-    ranges = []
-    running, most = [0], [0]
-    lock = threading.Lock()
-
-    def before(params, **kwargs):
-        ranges.append(params.get("Range"))
-
-    def sending(**kwargs):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-
-    def answered(**kwargs):
-        with lock:
-            running[0] -= 1
-
-    events = host.client.meta.events
-    events.register("provide-client-params.s3.GetObject", before)
-    events.register("before-send.s3.GetObject", sending)
-    events.register("after-call.s3.GetObject", answered)
+    watch = RangeWatch(host)
     got = tmp_path / "got"
     received = host.download(location.url, str(got), max_bytes=len(data))
     assert got.read_bytes() == data
     assert received == (sha(data), len(data))
-    part = 5 * MiB
-    assert sorted(ranges) == sorted("bytes=%d-%d" % (start, min(start + part, len(data)) - 1)
-                                    for start in range(0, len(data), part))
-    assert 1 <= most[0] <= host.max_connections
+    # One range per connection (at most max_connections, each of at least
+    # multipart_chunksize: 3 here), covering the object once, in order.
+    spans = watch.spans()
+    assert len(spans) == 3
+    assert spans[0][0] == 0 and spans[-1][1] == len(data)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert 1 <= watch.most <= host.max_connections
     assert sorted(p.name for p in tmp_path.iterdir()) == ["got", "src.bin"]  # no temp file
+
+
+def test_ranged_downloads_at_once_share_the_hosts_connections(moto_endpoint, bucket, tmp_path):
+    # Three large downloads at once on a host of 2 connections: never more
+    # than 2 ranged reads in flight, and every file whole.
+    h = make_host(moto_endpoint, bucket, max_connections=2)
+    try:
+        blobs = [os.urandom(10 * MiB + n) for n in range(3)]
+        urls = [h.upload(write(tmp_path, b, "src%d" % n), sha(b)).url
+                for n, b in enumerate(blobs)]
+        watch = RangeWatch(h)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda n: h.download(urls[n], str(tmp_path / ("got%d" % n)),
+                                                     max_bytes=len(blobs[n])), range(3)))
+        assert got == [(sha(b), len(b)) for b in blobs]
+        for n, b in enumerate(blobs):
+            assert (tmp_path / ("got%d" % n)).read_bytes() == b
+        assert len(watch.ranges) == 6 and watch.most == 2
+    finally:
+        h.close()
 
 
 def test_a_ranged_download_is_metered_once(host, tmp_path):
