@@ -827,3 +827,71 @@ def test_an_oversized_large_object_is_refused_after_its_first_range(host, tmp_pa
     with pytest.raises(TransientHostError, match="has %d bytes" % len(data)):
         host.download(location.url, str(tmp_path / "out"), max_bytes=len(data) - 1)
     assert calls == {"GetObject": 1} and not (tmp_path / "out").exists()
+
+
+# -- connections ---------------------------------------------------------------------
+
+
+class KeepAliveServer:
+    """An HTTP/1.1 server on loopback that keeps connections open (moto's
+    server closes each one after its answer) and accepts every PUT: it counts
+    the TCP connections its clients open."""
+
+    def __init__(self):
+        import http.server
+
+        self.connections = 0
+        self.puts = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                with server.lock:
+                    server.connections += 1
+
+            def do_PUT(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with server.lock:
+                    server.puts += 1
+                self.send_response(200)
+                self.send_header("ETag", '"0"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+def test_uploads_reuse_the_clients_connections(aws_env, tmp_path):
+    # 60 small uploads on 3 threads, as the engine runs them: one request
+    # each, over at most 3 connections (one client shared by the threads,
+    # its pool at least max_connections), not one connection per request.
+    server = KeepAliveServer()
+    h = make_host(server.url, "bkt", max_connections=3)
+    try:
+        blobs = [b"object %d" % n for n in range(60)]
+        paths = [write(tmp_path, b, "f%d" % n) for n, b in enumerate(blobs)]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            locations = list(pool.map(h.upload, paths, [sha(b) for b in blobs]))
+        assert [loc.url.rsplit("/", 1)[1] for loc in locations] == [sha(b) for b in blobs]
+        assert server.puts == 60
+        assert 1 <= server.connections <= 3
+    finally:
+        h.close()
+        server.close()
