@@ -41,7 +41,10 @@ Example ``cloudmanager.toml`` table::
     timeout = 120
 
 Uploads ask the server to check a SHA-256 of the bytes it receives. Files
-above ``multipart_threshold`` go up in parts of ``multipart_chunksize``.
+above ``multipart_threshold`` go up in parts of ``multipart_chunksize``;
+smaller ones in one conditional ``PutObject`` each (``If-None-Match: *``,
+no ``HEAD`` first). Objects from ``multipart_threshold`` come down in byte
+ranges on up to ``max_connections`` connections.
 """
 
 import base64
@@ -346,8 +349,8 @@ class S3Host(Host):
         the key only if it is free (``If-None-Match: *``): one request when
         the object is new, the usual case. Only when the server answers that
         something is there does a ``HEAD`` look at it (kept if it is the
-        file, else replaced). Larger files go
-        through boto3's managed transfer, in parts, after a ``HEAD``.
+        file, else replaced). Larger files go through boto3's managed
+        transfer, in parts, after a ``HEAD``.
 
         :param local_path: the file to send
         :param name: its SHA-256 hex digest
