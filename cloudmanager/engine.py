@@ -72,8 +72,12 @@ BATCH_GROUP = 16
 #: larger; a batch of 500 still spreads over four connections.
 BATCH_GROUP_WHOLE = 128
 #: Groups of a batch queued or running at once: enough to keep every
-#: connection busy, few enough that a failing host stops getting the batch soon.
+#: connection busy, few enough that a failing host stops getting the batch
+#: soon. Hosts whose connections add up to more get that many (see _Batch).
 BATCH_IN_FLIGHT = 16
+#: The most threads of the engine's worker pool. A batch's group holds one
+#: while it runs, so the pool has one per connection of every host, up to this.
+MAX_WORKERS = 64
 
 #: Seconds without a download ending after which :meth:`UploadEngine.download_many`
 #: tells its caller (``idle``).
@@ -276,8 +280,10 @@ class UploadEngine:
         self._slots = {h.name: threading.BoundedSemaphore(max(1, h.max_connections))
                        for h in self.hosts.values()}
         workers = max(4, sum(h.max_connections for h in self.hosts.values()))
+        #: Threads of the worker pool: groups of a batch in flight take one each.
+        self.workers = min(workers, MAX_WORKERS)
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(workers, 32), thread_name_prefix="cloudmanager")
+            max_workers=self.workers, thread_name_prefix="cloudmanager")
         #: Long-lived threads that run host calls under a deadline (see :meth:`_call`).
         self._calls = _CallPool()
 
@@ -999,7 +1005,7 @@ class UploadEngine:
         # Lanes: as many workers as the hosts have connections in all, each
         # taking the next job when it is done with one (no task per file).
         lanes = max(1, min(sum(h.max_connections for h in self.hosts.values()),
-                           self._pool._max_workers))
+                           self.workers))
         done: queue.SimpleQueue = queue.SimpleQueue()
         following = iter(range(len(jobs)))
         take = threading.Lock()
@@ -1302,6 +1308,9 @@ class _Batch:
         self.streak: Dict[str, int] = {}  # failures in a row per host, in this batch
         self.given_up: Set[str] = set()
         self.in_flight = 0
+        # Every connection of every host busy at once, within the pool's threads.
+        self.most_in_flight = max(BATCH_IN_FLIGHT, min(
+            engine.workers, sum(h.max_connections for h in self.usable)))
         self.scan = iter(range(len(self.plans)))
 
     def run(self) -> List[UploadResult]:
@@ -1356,7 +1365,7 @@ class _Batch:
             host, indexes = self.pending[name]
             size = BATCH_GROUP_WHOLE if host.can_batch else BATCH_GROUP
             while indexes and (partial or len(indexes) >= size) \
-                    and self.in_flight < BATCH_IN_FLIGHT:
+                    and self.in_flight < self.most_in_flight:
                 group, indexes[:] = indexes[:size], indexes[size:]
                 items = [(i, self.plans[i].job.path, self.plans[i].job.file_hash,
                           self.plans[i].job.size, self.plans[i].job.vet) for i in group]
@@ -1370,7 +1379,7 @@ class _Batch:
         for index in self.scan:
             self.want(index)
             self.submit(partial=False)
-            if self.in_flight >= BATCH_IN_FLIGHT:
+            if self.in_flight >= self.most_in_flight:
                 return
         self.submit(partial=True)  # every job is planned: send the partial groups too
 

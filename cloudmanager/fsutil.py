@@ -44,15 +44,17 @@ FILE_MODE = 0o600
 DIR_MODE = 0o700
 
 
-def open_temp(directory, prefix):
+def open_temp(directory, prefix, readable=False):
     """Create a new, empty, private temp file in ``directory``.
 
+    :param readable: open it for reading too (``O_RDWR``), not only writing
     :return: ``(fd, path)``; the caller owns both
     """
+    access = os.O_RDWR if readable else os.O_WRONLY
     for _ in range(100):
         path = os.path.join(directory, "%s%s.tmp" % (prefix, secrets.token_hex(6)))
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+            fd = os.open(path, access | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
                          FILE_MODE)
         except FileExistsError:
             continue
@@ -60,10 +62,10 @@ def open_temp(directory, prefix):
     raise FileExistsError("cannot create a temp file in %s" % directory)
 
 
-def _temp_beside(final_path):
+def _temp_beside(final_path, readable=False):
     """:func:`open_temp` in ``final_path``'s directory, named after it (hidden)."""
     return open_temp(os.path.dirname(os.path.abspath(final_path)),
-                     ".%s." % os.path.basename(final_path)[:40])
+                     ".%s." % os.path.basename(final_path)[:40], readable)
 
 
 def fsync_dir(directory):
@@ -584,15 +586,16 @@ def syncs_deferred():
 
 
 @contextlib.contextmanager
-def atomic_write(final_path, fsync=True):
+def atomic_write(final_path, fsync=True, readable=False):
     """Write ``final_path`` atomically: yields a binary file object on a temp file.
 
     The temp file sits in the same directory. On a clean exit it is flushed,
     fsynced and renamed over ``final_path``; on an exception it is removed.
-    Inside :func:`syncs_deferred`, nothing is fsynced.
+    Inside :func:`syncs_deferred`, nothing is fsynced. With ``readable``,
+    its descriptor can also be read (``os.pread``).
     """
     fsync = fsync and not _SYNCS_DEFERRED.get()
-    fd, temp = _temp_beside(final_path)
+    fd, temp = _temp_beside(final_path, readable)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

@@ -41,18 +41,24 @@ Example ``cloudmanager.toml`` table::
     timeout = 120
 
 Uploads ask the server to check a SHA-256 of the bytes it receives. Files
-above ``multipart_threshold`` go up in parts of ``multipart_chunksize``.
+above ``multipart_threshold`` go up in parts of ``multipart_chunksize``;
+smaller ones in one conditional ``PutObject`` each (``If-None-Match: *``,
+no ``HEAD`` first). Objects from ``multipart_threshold`` come down in byte
+ranges on up to ``max_connections`` connections.
 """
 
 import base64
 import binascii
 import contextlib
+import functools
+import hashlib
 import logging
 import math
 import os
 import re
 import threading
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import (Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type,
+                    Union)
 from urllib.parse import unquote, urlsplit
 
 import boto3
@@ -60,9 +66,10 @@ import botocore.exceptions as bexc
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import ProgressCallbackInvoker, TransferConfig, create_transfer_manager
 from s3transfer.subscribers import BaseSubscriber
+from s3transfer.utils import ReadFileChunk, signal_not_transferring, signal_transferring
 from botocore.config import Config
 
-from .. import meter
+from .. import fsutil, meter
 from ..errors import (
     HostError,
     HostNotFoundError,
@@ -116,6 +123,12 @@ _TRANSIENT_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "TooManyRequestsException",
     "XAmzContentSHA256Mismatch",
 })
+# A conditional write (If-None-Match: *) that found the key taken, or
+# another conditional write of it under way (real S3 answers 409 then).
+_CONDITION_FAILED_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict",
+                                     "409"})
+# A server that does not know conditional writes.
+_NO_CONDITIONS_CODES = frozenset({"NotImplemented", "501"})
 # botocore failures that come from the local setup, not from the network.
 _PERMANENT_BOTOCORE = (bexc.NoRegionError, bexc.ParamValidationError, bexc.ProfileNotFound,
                        bexc.UnknownSignatureVersionError, bexc.InvalidRegionError)
@@ -226,8 +239,11 @@ class S3Host(Host):
             connect_timeout=min(self.timeout, 60.0),
             read_timeout=self.timeout,
             # Every transfer the engine runs at once may use several
-            # connections for its parts; none should wait for a free one.
-            max_pool_connections=max(10, self.max_connections * TRANSFER_THREADS),
+            # connections for its parts (an upload's TRANSFER_THREADS, a
+            # ranged download's max_connections); none should wait for a
+            # free one, and each thread reuses one.
+            max_pool_connections=max(10, self.max_connections
+                                     * max(TRANSFER_THREADS, self.max_connections)),
         )
         try:
             session = boto3.Session(profile_name=self.profile)
@@ -238,11 +254,30 @@ class S3Host(Host):
         except bexc.BotoCoreError as exc:
             raise InvalidInputError("cannot set up the S3 client of %s: %s"
                                     % (self.name, exc)) from None
+        self._track_sending(self._client)
+        #: Connections the ranged reads of large downloads may use at once,
+        #: all downloads together (see _RangedDownload).
+        self._range_slots = threading.BoundedSemaphore(self.max_connections)
+        #: Whether small uploads ask for a free key (If-None-Match: *) rather
+        #: than look first; off once the server refuses it.
+        self._conditional = True
         self._lock = threading.Lock()
         self._closed = False
         log.debug("S3 host %s: endpoint %s, region %s, addressing %s", self.name,
                   self._client.meta.endpoint_url, self._client.meta.region_name,
                   self.addressing_style)
+
+    @staticmethod
+    def _track_sending(client: Any) -> None:
+        """Have a request body that reports its reads (ReadFileChunk) report
+        only while the request is sent, not while it is signed (which reads
+        the body to hash it). boto3's transfers register the same two
+        handlers under the same ids: they are registered once."""
+        events = client.meta.events
+        events.register_first("request-created.s3", signal_not_transferring,
+                              unique_id="s3upload-not-transferring")
+        events.register_last("request-created.s3", signal_transferring,
+                             unique_id="s3upload-transferring")
 
     @classmethod
     def from_spec(cls, scheme: str, target: str, **options: Any) -> "S3Host":
@@ -307,10 +342,15 @@ class S3Host(Host):
         holds a SHA-256 of the whole object (a single-part upload's
         ``ChecksumSHA256``) equal to ``name``. The same size is no proof:
         an object with no such checksum (written in parts, or by a client
-        that declared none) is overwritten. Otherwise the file goes up
-        through boto3's managed transfer, in parts above
-        ``multipart_threshold``, and the server checks a SHA-256 of what it
-        receives.
+        that declared none) is overwritten.
+
+        A file below ``multipart_threshold`` goes up in one ``PutObject``
+        with the SHA-256 of its bytes (the server checks it) that asks for
+        the key only if it is free (``If-None-Match: *``): one request when
+        the object is new, the usual case. Only when the server answers that
+        something is there does a ``HEAD`` look at it (kept if it is the
+        file, else replaced). Larger files go through boto3's managed
+        transfer, in parts, after a ``HEAD``.
 
         :param local_path: the file to send
         :param name: its SHA-256 hex digest
@@ -325,16 +365,15 @@ class S3Host(Host):
             size = os.path.getsize(local_path)
         except OSError as exc:
             raise TransientHostError(self.name, "cannot read %s: %s" % (local_path, exc)) from exc
-        present = self._present(key, url)
-        # A positive match only: a same-sized object with no checksum may
-        # hold other bytes, and a skip would record it as a good copy.
-        if present is not None and present.size == size and present.sha256 == name:
-            log.debug("%s: %s is already there (%d bytes, SHA-256 checked), not sent again",
-                      self.name, url, size)
+        small = size < self._transfer.multipart_threshold
+        if small and self._conditional and self._put(local_path, size, key, url,
+                                                     if_absent=True):
             return Location(self.name, url)
-        if present is not None:
-            log.info("%s: replacing %s (%d bytes, sha256 %s)", self.name, url,
-                     present.size, present.sha256 or "unknown")
+        if self._holds(key, url, name, size):
+            return Location(self.name, url)
+        if small:
+            self._put(local_path, size, key, url, if_absent=False)
+            return Location(self.name, url)
         with self._translated("upload to", url):
             # boto3 reads the file on threads of its own: the meter of this
             # call (progress, bandwidth limit) goes with it as its callback.
@@ -343,6 +382,65 @@ class S3Host(Host):
                                      Config=self._transfer, Callback=meter.current())
         log.debug("%s: stored %s (%d bytes)", self.name, url, size)
         return Location(self.name, url)
+
+    def _holds(self, key: str, url: str, name: str, size: int) -> bool:
+        """Whether ``key`` holds the object ``name`` already (a HEAD): only a
+        stored full-object SHA-256 equal to ``name`` proves it."""
+        present = self._present(key, url)
+        # A positive match only: a same-sized object with no checksum may
+        # hold other bytes, and a skip would record it as a good copy.
+        if present is not None and present.size == size and present.sha256 == name:
+            log.debug("%s: %s is already there (%d bytes, SHA-256 checked), not sent again",
+                      self.name, url, size)
+            return True
+        if present is not None:
+            log.info("%s: replacing %s (%d bytes, sha256 %s)", self.name, url,
+                     present.size, present.sha256 or "unknown")
+        return False
+
+    def _put(self, local_path: str, size: int, key: str, url: str, if_absent: bool) -> bool:
+        """One ``PutObject`` of a file below the multipart threshold.
+
+        botocore sends the SHA-256 of the bytes it reads, which the server
+        checks and keeps (the cheap verify compares it with the name). Not
+        ``name`` declared as the checksum: a server that does not check it
+        (moto) would then keep it for whatever bytes were sent. With
+        ``if_absent``, the key is written only if it is free
+        (``If-None-Match: *``).
+
+        :return: True if the object was stored; False if ``if_absent`` and
+            the key is taken (or another conditional write of it is under
+            way), or the server does not do conditional writes
+        :raises HostError: on any other failure
+        """
+        extra: Dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
+        metered = meter.current()
+        # ReadFileChunk is the body of boto3's own uploads: it reports the
+        # bytes read while the request is sent (not signing's reads, see
+        # _track_sending) and takes them back when a retry rewinds it.
+        callbacks = [functools.partial(_tick, metered)] if metered is not None else None
+        try:
+            with self._translated("upload to", url), \
+                    ReadFileChunk.from_filename(local_path, 0, size, callbacks=callbacks,
+                                                enable_callbacks=False) as body:
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                        ContentLength=size,
+                                        ChecksumAlgorithm="SHA256", **extra)
+        except HostError as exc:
+            code = _client_error_code(exc.__cause__)
+            if if_absent and code in _CONDITION_FAILED_CODES:
+                log.debug("%s: %s is taken (%s): looking at it", self.name, url, code)
+                return False
+            if if_absent and code in _NO_CONDITIONS_CODES:
+                # A server without conditional writes: from now on a HEAD
+                # precedes each small upload, as it always did.
+                log.info("%s: the server refuses conditional writes (%s); looking before "
+                         "each upload", self.name, code)
+                self._conditional = False
+                return False
+            raise
+        log.debug("%s: stored %s (%d bytes)", self.name, url, size)
+        return True
 
     def stage(self, stream: Stream, size: int) -> Staged:
         """Send ``stream`` to a staging key, ``PREFIX/.cloudmanager-staging-<random>.tmp``.
@@ -433,37 +531,91 @@ class S3Host(Host):
                  max_bytes: Optional[int] = None) -> Received:
         """Stream the object into ``dest_path``, atomically.
 
+        An object expected to be ``multipart_threshold`` bytes or more
+        (``max_bytes``) comes in byte ranges, one per connection, on up to
+        ``max_connections`` connections at once, each written in place in
+        the temp file and hashed in order as far as it is written (see
+        :class:`_RangedDownload`); a smaller one in one sequential
+        ``GetObject``, hashed as it arrives.
+
         :param url: an ``s3://`` URL this host :meth:`accepts`
         :param dest_path: the destination file; replaced only on success
         :param max_bytes: the expected size; a larger object is refused
             before its bytes are read
-        :return: the SHA-256 and size of the bytes written, hashed as they
-            arrived (one sequential ``GetObject``; a large body is read and
-            hashed in two threads)
+        :return: the SHA-256 and size of the bytes written
         :raises HostNotFoundError: if the object is not there
         :raises TransientHostError: if it is larger than ``max_bytes``, or
             the transfer or the local disk failed
         :raises HostError: on any other failure
         """
         key = self._key_of_url(url)
+        if max_bytes is not None and max_bytes >= self._transfer.multipart_threshold \
+                and self.max_connections > 1:
+            return self._download_ranged(key, url, dest_path, max_bytes)
         with self._translated("download", url):
-            # One sequential GetObject, hashed as it arrives, not boto3's
-            # ranged parts (download_file): parts land out of order, so they
-            # could not be hashed on the way, and on the moto server ranged
-            # parts plus a hash pass were slower at every size measured
-            # (1, 64 and 256 MiB). ChecksumMode: botocore also checks the
-            # bytes against the stored checksum (single-part objects).
+            # ChecksumMode: botocore also checks the bytes against the
+            # stored checksum (single-part objects).
             response = self._client.get_object(Bucket=self.bucket, Key=key,
                                                ChecksumMode="ENABLED")
             body = response["Body"]
             try:
                 length = response.get("ContentLength")
-                if max_bytes is not None and length is not None and length > max_bytes:
-                    raise TransientHostError(self.name, "%s has %d bytes, not the %d expected"
-                                             % (url, length, max_bytes))
+                self._check_length(url, length, max_bytes)
                 return self.receive(body, url, dest_path, max_bytes, length=length)
             finally:
                 body.close()
+
+    def _check_length(self, url: str, length: Optional[int], max_bytes: Optional[int]) -> None:
+        if max_bytes is not None and length is not None and length > max_bytes:
+            raise TransientHostError(self.name, "%s has %d bytes, not the %d expected"
+                                     % (url, length, max_bytes))
+
+    def _download_ranged(self, key: str, url: str, dest_path: PathLike,
+                         max_bytes: int) -> Received:
+        """:meth:`download` of a large object in byte ranges, in parallel.
+
+        The expected size is split into one range per connection (at most
+        ``max_connections``, ranges of at least ``multipart_chunksize``),
+        as rclone's multi-thread downloads do: few requests, each a long
+        sequential read. The first range's answer tells the object's real
+        size (``Content-Range``): a larger one is refused there, a smaller
+        one split anew.
+        """
+        connections = max(1, min(self.max_connections,
+                                 max_bytes // self._transfer.multipart_chunksize))
+        first_size = -(-max_bytes // connections)
+        slot = self._range_slots
+        slot.acquire()
+        try:
+            with self._translated("download", url):
+                first = self._get_range(key, 0, first_size)
+                try:
+                    total = _range_total(first)
+                    if total is None:
+                        raise TransientHostError(self.name, "%s: the server gave no size for "
+                                                 "a ranged read" % url)
+                    self._check_length(url, total, max_bytes)
+                except BaseException:
+                    first["Body"].close()
+                    raise
+        except BaseException:
+            slot.release()
+            raise
+        # The first range's connection and slot go to the worker that reads it.
+        ranged = _RangedDownload(self, key, url, first, total, connections)
+        try:
+            with fsutil.atomic_write(dest_path, readable=True) as out:
+                digest = ranged.run(out.fileno())
+        except OSError as exc:
+            raise TransientHostError(self.name, "cannot copy %s: %s" % (url, exc)) from exc
+        return Received(digest, total)
+
+    def _get_range(self, key: str, start: int, size: int) -> Dict[str, Any]:
+        """The GetObject answer for ``size`` bytes of ``key`` from ``start``
+        (no ChecksumMode: a stored checksum is of the whole object)."""
+        response: Dict[str, Any] = self._client.get_object(
+            Bucket=self.bucket, Key=key, Range="bytes=%d-%d" % (start, start + size - 1))
+        return response
 
     def stat(self, url: str) -> ObjectInfo:
         """The object's size, and its SHA-256 when the server keeps a full-object one.
@@ -602,6 +754,168 @@ class _S3Staged(Staged):
         self.host._delete_quietly(self.temp)
 
 
+class _RangedDownload:
+    """One ranged, parallel download (:meth:`S3Host.download` of a large object).
+
+    One thread per range GETs it and writes it in place in the temp file
+    (``os.pwrite``), chunk by chunk, ticking the call's meter (progress,
+    bandwidth limit) for each chunk. Each holds one of the host's range
+    slots while it reads, so the ranged reads of every download at once
+    use at most ``max_connections`` connections to the host.
+
+    The caller's thread hashes the file in order, as far as it is written
+    (each range is written front to back): it reads the bytes back from
+    the temp file, from the page cache, just behind the writers. That is a
+    second read of each byte (from memory, not the disk, while the file
+    fits in the page cache): the price of hashing out-of-order ranges
+    without holding them in memory.
+
+    Any failure (a range's request, the disk, the meter: a cancelled
+    transfer) stops every worker; the caller waits for all of them to end
+    before it returns or raises, so the temp file is never removed while a
+    worker may still write to it (nor its descriptor closed).
+
+    :param host: the host (its client, its error translation, its range slots)
+    :param key: the object's key
+    :param url: its URL, for messages
+    :param first: the answer to the first range's GET, its body unread; the
+        caller holds a range slot for it, which the worker reading it releases
+    :param total: the object's size
+    :param connections: how many ranges (and threads)
+    """
+
+    def __init__(self, host: S3Host, key: str, url: str, first: Dict[str, Any], total: int,
+                 connections: int) -> None:
+        self.host, self.key, self.url = host, key, url
+        self.first: Optional[Dict[str, Any]] = first
+        self.total = total
+        first_size = min(total, int(first.get("ContentLength") or 0))
+        rest = max(0, connections - 1) if total > first_size else 0
+        self.ranges: List[Tuple[int, int]] = [(0, first_size)]
+        if rest:
+            step = -(-(total - first_size) // rest)
+            self.ranges += [(start, min(start + step, total))
+                            for start in range(first_size, total, step)]
+        self.written = [0] * len(self.ranges)
+        self.meter = meter.current()  # the caller's thread has the call's meter
+        self.cond = threading.Condition()
+        self.error: Optional[BaseException] = None
+        self.stop = False
+
+    def run(self, fd: int) -> str:
+        """Fetch every range into ``fd``; the SHA-256 hex digest of the object.
+
+        :raises HostError: for a failed request or a short range
+        :raises BaseException: what a worker's meter raised, or what
+            interrupted the caller (the workers are stopped first)
+        """
+        threads = [threading.Thread(target=self._work, args=(index, fd), daemon=True,
+                                    name="cloudmanager-s3-range")
+                   for index in range(len(self.ranges))]
+        try:
+            for thread in threads:
+                thread.start()
+            return self._hash(fd)
+        finally:
+            with self.cond:
+                self.stop = True
+                self.cond.notify_all()
+            for thread in threads:
+                if thread.ident is not None:
+                    thread.join()
+            if self.first is not None:  # no worker took it
+                self.first["Body"].close()
+                self.host._range_slots.release()
+
+    def _hash(self, fd: int) -> str:
+        digest = hashlib.sha256()
+        position = 0
+        for index, (start, end) in enumerate(self.ranges):
+            while position < end:
+                with self.cond:
+                    while self.error is None and start + self.written[index] <= position:
+                        self.cond.wait()
+                    if self.error is not None:
+                        raise self.error
+                    written = start + self.written[index]
+                while position < written:
+                    data = os.pread(fd, min(fsutil.CHUNK, written - position), position)
+                    if not data:
+                        raise TransientHostError(self.host.name, "%s: the temp file ends at "
+                                                 "byte %d" % (self.url, position))
+                    digest.update(data)
+                    position += len(data)
+        if position != self.total:
+            raise TransientHostError(self.host.name, "%s: %d bytes of %d hashed"
+                                     % (self.url, position, self.total))
+        return digest.hexdigest()
+
+    def _work(self, index: int, fd: int) -> None:
+        try:
+            if index == 0:
+                with self.cond:
+                    response, self.first = self.first, None
+                if response is None:  # run() gave it up already
+                    return
+                try:
+                    self._copy(index, response, fd)
+                finally:
+                    self.host._range_slots.release()
+            else:
+                with self.host._range_slots:
+                    if self.stop:
+                        return
+                    start, end = self.ranges[index]
+                    self._copy(index, self.host._get_range(self.key, start, end - start), fd)
+        except BaseException as exc:
+            if isinstance(exc, (bexc.ClientError, bexc.BotoCoreError)):
+                exc = self.host._error(exc, "download", self.url)
+            elif isinstance(exc, OSError):
+                exc = TransientHostError(self.host.name, "cannot copy %s: %s"
+                                         % (self.url, exc))
+            with self.cond:
+                if self.error is None:
+                    self.error = exc
+                self.stop = True
+                self.cond.notify_all()
+
+    def _copy(self, index: int, response: Dict[str, Any], fd: int) -> None:
+        start, end = self.ranges[index]
+        body = response["Body"]
+        try:
+            if response.get("ContentLength") != end - start:
+                raise TransientHostError(self.host.name, "%s: asked for %d bytes from %d, "
+                                         "the server sends %s" % (self.url, end - start, start,
+                                                                  response.get("ContentLength")))
+            offset = start
+            while offset < end:
+                chunk = body.read(min(fsutil.CHUNK, end - offset))
+                if not chunk:
+                    raise TransientHostError(self.host.name, "%s ended at byte %d of %d"
+                                             % (self.url, offset, self.total))
+                view = memoryview(chunk)
+                at = offset
+                while view:
+                    done = os.pwrite(fd, view, at)
+                    view, at = view[done:], at + done
+                if self.meter is not None:
+                    self.meter(len(chunk))
+                offset += len(chunk)
+                with self.cond:
+                    self.written[index] = offset - start
+                    self.cond.notify_all()
+                    if self.stop:
+                        return
+        finally:
+            body.close()
+
+
+def _range_total(response: Mapping[str, Any]) -> Optional[int]:
+    """The object's whole size from a ranged GET's ``Content-Range`` (``bytes a-b/total``)."""
+    match = re.fullmatch(r"bytes \d+-\d+/(\d+)", str(response.get("ContentRange") or ""))
+    return int(match.group(1)) if match else None
+
+
 class _ProvideSize(BaseSubscriber):
     """Tells a transfer of a stream its size, so that its parts are sized to fit."""
 
@@ -610,6 +924,19 @@ class _ProvideSize(BaseSubscriber):
 
     def on_queued(self, future: Any, **kwargs: Any) -> None:
         future.meta.provide_transfer_size(self.size)
+
+
+def _tick(metered: meter.Meter, bytes_transferred: int) -> None:
+    """A ReadFileChunk callback: the bytes read go to the call's meter."""
+    metered(bytes_transferred)
+
+
+def _client_error_code(exc: Optional[BaseException]) -> Optional[str]:
+    """The S3 error code of a ClientError (its HTTP status when it has none), or None."""
+    if not isinstance(exc, bexc.ClientError):
+        return None
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    return code or str(_status(exc))
 
 
 def _full_object_sha256(head: Mapping[str, Any]) -> Optional[str]:

@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
+from cloudmanager import meter
 from cloudmanager.errors import (
     HostNotFoundError,
     HostUnavailableError,
@@ -143,10 +145,56 @@ def test_an_object_already_there_is_not_sent_again(host, bucket, s3_admin, tmp_p
     before = s3_admin.head_object(Bucket=bucket, Key="pool/x/" + sha(data))
     calls = count_calls(host, "PutObject", "CreateMultipartUpload", "HeadObject")
     location = host.upload(path, sha(data))
-    assert calls == {"PutObject": 0, "CreateMultipartUpload": 0, "HeadObject": 1}
+    # The conditional PutObject (If-None-Match: *) is refused, a HEAD finds
+    # the file's SHA-256: nothing is written.
+    assert calls == {"PutObject": 1, "CreateMultipartUpload": 0, "HeadObject": 1}
     after = s3_admin.head_object(Bucket=bucket, Key="pool/x/" + sha(data))
     assert after["LastModified"] == before["LastModified"] and after["ETag"] == before["ETag"]
     assert location.url == "s3://%s/pool/x/%s" % (bucket, sha(data))
+
+
+def test_a_new_small_object_takes_one_conditional_put_and_no_head(host, bucket, s3_admin,
+                                                                   tmp_path):
+    data = os.urandom(20_000)
+    sent = {}
+
+    def headers(request, **kwargs):
+        sent.update(request.headers)
+
+    host.client.meta.events.register("before-send.s3.PutObject", headers)
+    calls = count_calls(host, "PutObject", "HeadObject", "CreateMultipartUpload")
+    host.upload(write(tmp_path, data), sha(data))
+    assert calls == {"PutObject": 1, "HeadObject": 0, "CreateMultipartUpload": 0}
+    assert sent["If-None-Match"] == b"*" or sent["If-None-Match"] == "*"
+    key = "pool/x/" + sha(data)
+    assert s3_admin.get_object(Bucket=bucket, Key=key)["Body"].read() == data
+
+
+def test_the_bytes_of_a_put_are_metered_once(host, tmp_path):
+    # Signing reads the body to hash it (plain HTTP): those reads are not
+    # reported, the sending is, once.
+    data = os.urandom(300_000)
+    seen = []
+    with meter.metering(meter.Meter(seen.append)):
+        host.upload(write(tmp_path, data), sha(data))
+    assert sum(seen) == len(data)
+
+
+def test_a_server_without_conditional_writes_gets_a_head_before_each_put(error_server,
+                                                                         aws_env, tmp_path):
+    error_server.answers = {"PUT": (501, "NotImplemented"), "HEAD": (404, "NotFound")}
+    h = make_host(error_server.url, "bkt", max_attempts=1)
+    try:
+        data = b"no conditions here"
+        with pytest.raises(PermanentHostError, match="NotImplemented"):
+            h.upload(write(tmp_path, data), sha(data))
+        assert [m for m, _ in error_server.requests] == ["PUT", "HEAD", "PUT"]
+        del error_server.requests[:]
+        with pytest.raises(PermanentHostError, match="NotImplemented"):
+            h.upload(write(tmp_path, data), sha(data))
+        assert [m for m, _ in error_server.requests] == ["HEAD", "PUT"]
+    finally:
+        h.close()
 
 
 def test_same_size_without_a_sha256_is_sent_again(host, bucket, s3_admin, tmp_path):
@@ -159,7 +207,7 @@ def test_same_size_without_a_sha256_is_sent_again(host, bucket, s3_admin, tmp_pa
                                                         ChecksumMode="ENABLED")
     calls = count_calls(host, "PutObject")
     host.upload(write(tmp_path, data), sha(data))
-    assert calls == {"PutObject": 1}
+    assert calls == {"PutObject": 2}  # the conditional one refused, then the replacement
     assert s3_admin.get_object(Bucket=bucket, Key=key)["Body"].read() == data
 
 
@@ -181,7 +229,7 @@ def test_a_wrong_object_under_the_name_is_replaced(host, bucket, s3_admin, tmp_p
     s3_admin.put_object(Bucket=bucket, Key=key, Body=stored, ChecksumAlgorithm="SHA256")
     calls = count_calls(host, "PutObject")
     host.upload(write(tmp_path, data), sha(data))
-    assert calls == {"PutObject": 1}
+    assert calls == {"PutObject": 2}  # the conditional one refused, then the replacement
     assert s3_admin.get_object(Bucket=bucket, Key=key)["Body"].read() == data
 
 
@@ -630,3 +678,220 @@ def test_a_pool_streams_a_large_file_to_s3_once_and_verify_trusts_it(host, moto_
         assert cm.download(digest, tmp_path / "back") and (tmp_path / "back").read_bytes() == data
     finally:
         cm.close()
+
+
+# -- ranged, parallel downloads of large objects ------------------------------------
+
+
+class RangeWatch:
+    """The Range of every GetObject a host's client sends, and how many were
+    in flight at once at most (from sending to the body's end)."""
+
+    def __init__(self, host):
+        self.ranges = []
+        self.lock = threading.Lock()
+        self.running = self.most = 0
+        events = host.client.meta.events
+        events.register("provide-client-params.s3.GetObject", self.asked)
+        events.register("before-send.s3.GetObject", self.sending)
+        events.register("after-call.s3.GetObject", self.answered)
+
+    def asked(self, params, **kwargs):
+        with self.lock:
+            self.ranges.append(params.get("Range"))
+
+    def sending(self, **kwargs):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+
+    def answered(self, parsed, **kwargs):
+        # The request is in flight until its body is read: count it off then.
+        body = parsed.get("Body")
+        close = body.close
+
+        def closed():
+            close()
+            with self.lock:
+                self.running -= 1
+        body.close = closed
+
+    def spans(self):
+        """The ranges asked for, as sorted (start, end) pairs, end excluded."""
+        pairs = []
+        for text in self.ranges:
+            start, end = text[len("bytes="):].split("-")
+            pairs.append((int(start), int(end) + 1))
+        return sorted(pairs)
+
+
+def test_a_large_object_comes_in_parallel_ranges_byte_for_byte(host, tmp_path):
+    # 15 MiB and a bit: not a multiple of the range size (a third of it).
+    data = os.urandom(15 * MiB + 12_345)
+    location = host.upload(write(tmp_path, data), sha(data))
+    watch = RangeWatch(host)
+    got = tmp_path / "got"
+    received = host.download(location.url, str(got), max_bytes=len(data))
+    assert got.read_bytes() == data
+    assert received == (sha(data), len(data))
+    # One range per connection (at most max_connections, each of at least
+    # multipart_chunksize: 3 here), covering the object once, in order.
+    spans = watch.spans()
+    assert len(spans) == 3
+    assert spans[0][0] == 0 and spans[-1][1] == len(data)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert 1 <= watch.most <= host.max_connections
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["got", "src.bin"]  # no temp file
+
+
+def test_ranged_downloads_at_once_share_the_hosts_connections(moto_endpoint, bucket, tmp_path):
+    # Three large downloads at once on a host of 2 connections: never more
+    # than 2 ranged reads in flight, and every file whole.
+    h = make_host(moto_endpoint, bucket, max_connections=2)
+    try:
+        blobs = [os.urandom(10 * MiB + n) for n in range(3)]
+        urls = [h.upload(write(tmp_path, b, "src%d" % n), sha(b)).url
+                for n, b in enumerate(blobs)]
+        watch = RangeWatch(h)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda n: h.download(urls[n], str(tmp_path / ("got%d" % n)),
+                                                     max_bytes=len(blobs[n])), range(3)))
+        assert got == [(sha(b), len(b)) for b in blobs]
+        for n, b in enumerate(blobs):
+            assert (tmp_path / ("got%d" % n)).read_bytes() == b
+        assert len(watch.ranges) == 6 and watch.most == 2
+    finally:
+        h.close()
+
+
+def test_a_ranged_download_is_metered_once(host, tmp_path):
+    data = os.urandom(11 * MiB + 1)
+    location = host.upload(write(tmp_path, data), sha(data))
+    seen = []
+    with meter.metering(meter.Meter(seen.append)):
+        host.download(location.url, str(tmp_path / "got"), max_bytes=len(data))
+    assert sum(seen) == len(data)
+
+
+class Cancelled(Exception):
+    pass
+
+
+def test_a_cancelled_ranged_download_leaves_nothing(host, tmp_path):
+    # The progress callback raises once some bytes have come (a user's
+    # cancel): every range stops, and no temp file stays beside the destination.
+    data = os.urandom(16 * MiB + 7)
+    location = host.upload(write(tmp_path, data), sha(data))
+    out = tmp_path / "out"
+    out.mkdir()
+    seen = []
+
+    def progress(nbytes):
+        seen.append(nbytes)
+        if sum(seen) > 3 * MiB:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled), meter.metering(meter.Meter(progress)):
+        host.download(location.url, str(out / "got"), max_bytes=len(data))
+    assert list(out.iterdir()) == []
+    assert sum(seen) < len(data)
+
+
+def test_a_failed_range_leaves_nothing_and_says_not_found(host, s3_admin, bucket, tmp_path):
+    # The object goes away after the first range's answer: the other ranges
+    # are not found; nothing is left.
+    data = os.urandom(12 * MiB)
+    location = host.upload(write(tmp_path, data), sha(data))
+    key = "pool/x/" + sha(data)
+    deleted = []
+
+    def delete_once(params, **kwargs):
+        if params.get("Range", "").startswith("bytes=0-") and not deleted:
+            return
+        if not deleted:
+            s3_admin.delete_object(Bucket=bucket, Key=key)
+            deleted.append(True)
+
+    host.client.meta.events.register("provide-client-params.s3.GetObject", delete_once)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(HostNotFoundError):
+        host.download(location.url, str(out / "got"), max_bytes=len(data))
+    assert list(out.iterdir()) == []
+
+
+def test_an_oversized_large_object_is_refused_after_its_first_range(host, tmp_path):
+    data = os.urandom(6 * MiB)
+    location = host.upload(write(tmp_path, data), sha(data))
+    calls = count_calls(host, "GetObject")
+    with pytest.raises(TransientHostError, match="has %d bytes" % len(data)):
+        host.download(location.url, str(tmp_path / "out"), max_bytes=len(data) - 1)
+    assert calls == {"GetObject": 1} and not (tmp_path / "out").exists()
+
+
+# -- connections ---------------------------------------------------------------------
+
+
+class KeepAliveServer:
+    """An HTTP/1.1 server on loopback that keeps connections open (moto's
+    server closes each one after its answer) and accepts every PUT: it counts
+    the TCP connections its clients open."""
+
+    def __init__(self):
+        import http.server
+
+        self.connections = 0
+        self.puts = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                with server.lock:
+                    server.connections += 1
+
+            def do_PUT(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with server.lock:
+                    server.puts += 1
+                self.send_response(200)
+                self.send_header("ETag", '"0"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+def test_uploads_reuse_the_clients_connections(aws_env, tmp_path):
+    # 60 small uploads on 3 threads, as the engine runs them: one request
+    # each, over at most 3 connections (one client shared by the threads,
+    # its pool at least max_connections), not one connection per request.
+    server = KeepAliveServer()
+    h = make_host(server.url, "bkt", max_connections=3)
+    try:
+        blobs = [b"object %d" % n for n in range(60)]
+        paths = [write(tmp_path, b, "f%d" % n) for n, b in enumerate(blobs)]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            locations = list(pool.map(h.upload, paths, [sha(b) for b in blobs]))
+        assert [loc.url.rsplit("/", 1)[1] for loc in locations] == [sha(b) for b in blobs]
+        assert server.puts == 60
+        assert 1 <= server.connections <= 3
+    finally:
+        h.close()
+        server.close()
