@@ -72,7 +72,10 @@ from ..errors import (
     TransientHostError,
 )
 from ..validation import is_hash
-from .base import Host, Location, ObjectInfo, PathLike, Received, Staged, Stream, staging_name
+from .base import (
+    Host, ListedObject, Location, ObjectInfo, PathLike, Received, Staged, Stream,
+    check_name_prefix, staging_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -588,6 +591,36 @@ class S3Host(Host):
             return HostUnavailableError(self.name, "%s: %s" % (what, exc))
         # Streaming failures, checksum mismatches in transit, the rest.
         return TransientHostError(self.name, "%s: %s" % (what, exc))
+
+    # -- listings for checks ----------------------------------------------------
+
+    #: A name prefix narrows a listing to its keys (ListObjectsV2's ``Prefix``).
+    list_narrows = True
+
+    def list_objects(self, prefix: str = "") -> Iterator[ListedObject]:
+        """Yield each object directly under the key prefix whose name starts
+        with ``prefix``, with its size: one ListObjectsV2 request per
+        :attr:`list_page` keys, only those under ``PREFIX/prefix``.
+
+        A listing gives each key's size and ETag, not the SHA-256 a HEAD
+        returns (``sha256`` is None): it tells a missing or wrong-sized copy,
+        not one of the right size holding other bytes. Keys deeper under the
+        prefix, staging keys and any other non-SHA-256 names are skipped.
+
+        :param prefix: lowercase hex digits
+        :raises InvalidInputError: if ``prefix`` is not lowercase hex
+        :raises PermanentHostError: if the bucket is not there
+        :raises HostError: on any other failure
+        """
+        key_prefix = self._key_prefix + check_name_prefix(prefix)
+        paginator = self._client.get_paginator("list_objects_v2")
+        with self._translated("list", self.url_prefix + prefix):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=key_prefix, Delimiter="/",
+                                           PaginationConfig={"PageSize": self.list_page}):
+                for item in page.get("Contents", ()):
+                    name = item["Key"][len(self._key_prefix):]
+                    if is_hash(name):
+                        yield ListedObject(name, int(item.get("Size", 0)))
 
 
 class _S3Staged(Staged):
