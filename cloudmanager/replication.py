@@ -1147,7 +1147,11 @@ class Replicator:
                                                       prefixes)
             looks.facts += facts
             for copy, result in zip(copies, results):
-                if result is None:  # not cleared by the listing: its own look decides
+                # Not cleared by the listing: its own look decides. Nor a
+                # claimed copy the listing saw only the size of: that leaves
+                # it claimed, where a HEAD may find the host's SHA-256 (S3)
+                # and make it good.
+                if result is None or (result.verdict != "good" and copy.state != "good"):
                     alone.append(copy)
                 else:
                     yield copy, result

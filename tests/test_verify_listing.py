@@ -381,5 +381,58 @@ def test_odd_keys_in_an_s3_listing_are_skipped(moto_endpoint, bucket, s3_admin):
         assert list(host.list_objects()) == [ListedObject(real, 4)]
         assert list(host.list_objects(real[:3])) == [ListedObject(real, 4)]
         assert list(host.list_objects("0" if real[0] != "0" else "1")) == []
+        # The fields a listing drops before they are parsed stay in any
+        # other call's answer on the host's client.
+        answer = host.client.list_objects_v2(Bucket=bucket, Prefix="odd/")
+        assert all("LastModified" in item and "ETag" in item for item in answer["Contents"])
     finally:
         host.close()
+
+
+@pytest.mark.parametrize("kind", ["folder", "s3"])
+def test_claimed_copies_end_as_a_look_at_each_leaves_them(
+        kind, make_pool, tmp_path, request, write_file):
+    """Another node's copies (claimed): a listing that sees only a size
+    cannot make them good, so they are looked at alone, as without listings
+    (S3's HEAD gives its stored SHA-256: good; a folder's size: still claimed)."""
+    if kind == "s3":
+        endpoint = request.getfixturevalue("moto_endpoint")
+        bucket_name = request.getfixturevalue("bucket")
+
+        def new_host():
+            return S3Host(bucket_name, "claims", endpoint_url=endpoint, region="us-east-1",
+                          addressing_style="path", name="shared")
+    else:
+        root = tmp_path / "shared"
+        root.mkdir()
+
+        def new_host():
+            return FolderHost(str(root), name="shared", fsync=False)
+
+    maker = make_pool(hosts=[new_host()], name="maker", redundancy=1, make_roots=False)
+    digests = [maker.upload(write_file("c%d" % n, contents(n))) for n in range(FILES)]
+    lost = digests[2]
+    dump = maker.data_dump()
+    nodes = {}
+    for listing in (True, False):
+        node = make_pool(hosts=[new_host()], name="node-%s" % listing, redundancy=1,
+                         make_roots=False)
+        node.data_load(dump)
+        node.engine.listing = listing
+        nodes[listing] = node
+    assert {c.state for d in digests for c in nodes[True].db.copies.of(d)} == {"claimed"}
+    if kind == "s3":
+        request.getfixturevalue("s3_admin").delete_object(Bucket=bucket_name,
+                                                          Key="claims/" + lost)
+    else:
+        (root / lost).unlink()
+
+    summaries = {listing: node.verify() for listing, node in nodes.items()}
+
+    assert summaries[True] == summaries[False]
+    assert summaries[True] == dict(summaries[True], checked=FILES, missing=1)
+    ends = {listing: [[c.state for c in node.db.copies.of(d)] for d in digests]
+            for listing, node in nodes.items()}
+    assert ends[True] == ends[False]
+    held = "good" if kind == "s3" else "claimed"
+    assert ends[True] == [["missing"] if d == lost else [held] for d in digests]
