@@ -1103,7 +1103,8 @@ class Replicator:
             chosen = [c for c in todo if c.hash in leased]
             meter.expect(sum(c.object[1] for c in chosen if self._checked_by_download(c, deep)),
                          len(chosen))
-            looks = _Looks(self, now)
+            reaching = (self.engine.host_for(c.host_name, c.url) for c in chosen)
+            looks = _Looks(self, {host.name for host in reaching if host is not None})
             for copy, outcome in self._look(chosen, deep, scratch, looks):
                 verdict = "good" if outcome.verdict == "intact" else outcome.verdict
                 if verdict in ("good", "bad", "missing"):
@@ -1268,9 +1269,11 @@ class _Looks:
     """What a verify's looks proved, recorded :data:`VERIFY_BATCH` copies per
     transaction (:meth:`Replicator.apply`), and the hosts it must not look at."""
 
-    def __init__(self, replicator: Replicator, when: float) -> None:
+    def __init__(self, replicator: Replicator, host_names: Set[str]) -> None:
         self.replicator = replicator
-        self.when = when
+        #: The configured hosts the copies are on (the others' breakers are
+        #: not asked: a half-open one would give this verify its probe).
+        self.hosts = [name for name in replicator.engine.hosts if name in host_names]
         self.verdicts: List[Verdict] = []
         self.hashes: Dict[Location, str] = {}
         self.facts: List[Fact] = []
@@ -1284,7 +1287,7 @@ class _Looks:
 
     def _refresh(self) -> None:
         health = self.replicator.health
-        self.cooling = {name for name in self.replicator.engine.hosts if health.cooling(name)}
+        self.cooling = {name for name in self.hosts if health.cooling(name)}
 
     def add(self, copy: CopyToCheck, outcome: CheckResult) -> None:
         """Note one copy's outcome; record the batch once it is full."""

@@ -436,3 +436,31 @@ def test_claimed_copies_end_as_a_look_at_each_leaves_them(
     assert ends[True] == ends[False]
     held = "good" if kind == "s3" else "claimed"
     assert ends[True] == [["missing"] if d == lost else [held] for d in digests]
+
+
+def test_a_verify_records_its_looks_in_a_few_transactions(make_pool, tmp_path, write_file):
+    from cloudmanager.replication import VERIFY_BATCH
+
+    root = tmp_path / "few"
+    root.mkdir()
+    cm = make_pool(hosts=[FolderHost(str(root), name="few", fsync=False)], redundancy=1,
+                   make_roots=False)
+    count = VERIFY_BATCH + 40
+    digests = cm.upload_many([write_file("t%d" % n, b"copy %d" % n) for n in range(count)])
+    (root / digests[7]).unlink()
+    for listing in (True, False):
+        cm.engine.listing = listing
+        statements = []
+        for conn in cm.db.local._all_connections:
+            conn.set_trace_callback(statements.append)
+        summary = cm.verify()
+        for conn in cm.db.local._all_connections:
+            conn.set_trace_callback(None)
+        begins = [s for s in statements if s.strip().upper().startswith("BEGIN")]
+        # The second time, the missing copy's back-off is not over: not due.
+        missing = 1 if listing else 0
+        assert summary == dict(summary, checked=count - 1 + missing, good=count - 1,
+                               missing=missing)
+        # The leases taken, two batches of looks recorded, the leases released.
+        assert len(begins) <= 4, begins
+    assert [c.state for c in cm.db.copies.of(digests[7])] == ["missing"]
