@@ -21,7 +21,9 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import contextvars
+import itertools
 import logging
+import math
 import os
 import queue
 import threading
@@ -34,6 +36,7 @@ from typing import (
     Dict,
     FrozenSet,
     Iterable,
+    Iterator,
     List,
     NamedTuple,
     Optional,
@@ -59,7 +62,7 @@ from .errors import (
     TransientHostError,
 )
 from .health import Fact, Health
-from .hosts.base import Host, Location, ObjectInfo, Received, Staged
+from .hosts.base import Host, ListedObject, Location, ObjectInfo, Received, Staged
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,17 @@ DEADLINE_GRACE = 1.0
 #: Bytes per second a transfer is allowed on top of the host's ``timeout``,
 #: so that a large file on a slow link is not mistaken for a hang.
 DEADLINE_RATE = 64 * 1024
+
+#: Copies of one host due for a check below which each is looked at alone
+#: (a HEAD each, in parallel) rather than found in a listing of the host.
+LIST_MIN = 16
+#: Objects a listing may read per copy it checks. A listing request reads
+#: up to a page (1,000 on S3) for about the cost of one HEAD; past this
+#: many objects per copy, looking at each copy alone costs less.
+LIST_READ_PER_COPY = 8
+#: The longest name prefix a listing plan narrows to (hosts that
+#: :attr:`~cloudmanager.hosts.base.Host.list_narrows`): 16**4 prefixes.
+LIST_PREFIX_MAX = 4
 
 
 class Verdict(NamedTuple):
@@ -253,6 +267,19 @@ class CheckResult(NamedTuple):
     verdicts: List[Verdict]
 
 
+class CheckItem(NamedTuple):
+    """One copy for :meth:`UploadEngine.check_listed` and :meth:`UploadEngine.check_each`."""
+
+    #: The SHA-256 hex of the bytes the host should hold (an encrypted
+    #: copy's ciphertext, or the file itself).
+    digest: str
+    #: Their size in bytes.
+    size: int
+    location: Location
+    #: Look at its bytes (a download), not only at what the host says of it.
+    deep: bool = False
+
+
 class UploadEngine:
     """Parallel, health-ordered uploads and verified, failing-over downloads.
 
@@ -286,6 +313,9 @@ class UploadEngine:
             max_workers=self.workers, thread_name_prefix="cloudmanager")
         #: Long-lived threads that run host calls under a deadline (see :meth:`_call`).
         self._calls = _CallPool()
+        #: Whether checks of many copies list their hosts (:meth:`listing_plan`):
+        #: None decides by cost, True lists whenever the host can, False never.
+        self.listing: Optional[bool] = None
 
     # -- metering: progress and the bandwidth limit ------------------------------
 
@@ -1245,6 +1275,174 @@ class UploadEngine:
             return CheckResult("intact", [fact], [])
         state = "good" if info.sha256 == file_hash else "intact"
         return CheckResult(state, [fact], [Verdict(location, state)])
+
+    def listing_plan(self, host: Host, names: Sequence[str], objects: int
+                     ) -> Optional[List[str]]:
+        """The name prefixes whose listings check the copies named ``names``
+        on ``host``, or None when looking at each copy alone costs less.
+
+        A listing reads every object under its prefix, ``host.list_page`` per
+        request. The plan takes the shortest prefix (so the fewest requests)
+        at which the listings read at most :data:`LIST_READ_PER_COPY` objects
+        per copy and take fewer requests than one look per copy; prefixes
+        only where the host :attr:`~cloudmanager.hosts.base.Host.list_narrows`
+        (a folder is read whole anyway). Fewer than :data:`LIST_MIN` copies
+        are looked at alone. :attr:`listing` can force either way.
+
+        :param host: the host the copies are on (one that :attr:`can_list`)
+        :param names: the copies' object names (:meth:`Host.listed_name`)
+        :param objects: about how many objects the host holds (the catalog's
+            count of copies on it)
+        :return: sorted prefixes of one length (``[""]``: the whole host), or None
+        """
+        if not host.can_list or not names or self.listing is False:
+            return None
+        if self.listing is None and len(names) < LIST_MIN:
+            return None
+        page = max(1, host.list_page)
+        budget = LIST_READ_PER_COPY * len(names)
+        for length in range((LIST_PREFIX_MAX if host.list_narrows else 0) + 1):
+            prefixes = sorted({name[:length] for name in names})
+            per_prefix = max(objects, 0) / 16 ** length
+            reads = len(prefixes) * per_prefix
+            requests = len(prefixes) * max(1, math.ceil(per_prefix / page))
+            if self.listing or (reads <= budget and requests < len(names)):
+                return prefixes
+        return None
+
+    def _list_prefix(self, host: Host, prefix: str) -> Tuple[Dict[str, ListedObject], Fact]:
+        """Every object ``host`` lists under ``prefix``, a page per call (each
+        under the host's connection slot and deadline), and the listing's fact.
+
+        :raises HostError: if the listing failed (a :class:`_GaveUp` past the deadline)
+        """
+        what = "listing of %s%s*" % (host.url_prefix or host.name + ":", prefix)
+        page = max(1, host.list_page)
+        objects = host.list_objects(prefix)
+        found: Dict[str, ListedObject] = {}
+        while True:
+            chunk = self._call(host, what, self.deadline(host), lambda: list(
+                itertools.islice(objects, page)))
+            found.update((o.name, o) for o in chunk)
+            if len(chunk) < page:
+                break
+        # No latency: a listing's time (pages of a thousand objects) says
+        # nothing of a transfer's, which the host's latency median ranks.
+        return found, Fact(host.name, True)
+
+    def check_listed(self, host: Host, items: Sequence[CheckItem], prefixes: Sequence[str]
+                     ) -> Tuple[List[Optional[CheckResult]], List[Fact]]:
+        """Check copies on ``host`` by listing it under ``prefixes``
+        (:meth:`listing_plan`), in parallel up to its ``max_connections``.
+
+        A copy the listing shows with its size (and its SHA-256, when the
+        listing carries one) gets what :meth:`check` gives for the same
+        answer to a HEAD: ``"good"`` when the listed SHA-256 is the copy's,
+        else ``"intact"`` (its bytes unseen). A listing never condemns: a
+        copy it does not show, or shows with another size or checksum, and
+        every copy of a prefix whose listing failed, gets None, to be looked
+        at alone (:meth:`check_each`), which condemns it or not exactly as
+        a verify without listings would. Writes nothing.
+
+        :param host: the host every item's copy is recorded under
+        :param items: copies whose URLs ``host`` lists (:meth:`Host.listed_name`)
+        :param prefixes: name prefixes covering every item's name
+        :return: ``(results, facts)``: a :class:`CheckResult` or None per
+            item, in order; the listings' facts (a failed listing's does not
+            count against the host: a key may be allowed to read, not to list)
+        """
+        futures = {p: self._spawn(self._list_prefix, host, p) for p in dict.fromkeys(prefixes)}
+        listed: Dict[str, Dict[str, ListedObject]] = {}
+        facts: List[Fact] = []
+        for prefix, future in futures.items():
+            try:
+                listed[prefix], fact = future.result()
+            except Exception as exc:  # a host's bug too: its copies are looked at alone
+                error = exc if isinstance(exc, HostError) else TransientHostError(host.name,
+                                                                                 repr(exc))
+                _, fact = self._failed(host, error, "listing of %r" % prefix, counts=False)
+            facts.append(fact)
+        lengths = sorted({len(p) for p in listed})
+        results: List[Optional[CheckResult]] = []
+        for item in items:
+            name = host.listed_name(item.location.url)
+            entry = None
+            if name is not None and item.location.host_name == host.name:
+                for length in lengths:
+                    entry = listed.get(name[:length], {}).get(name)
+                    if entry is not None:
+                        break
+            if entry is None or entry.size != item.size \
+                    or entry.sha256 not in (None, item.digest):
+                results.append(None)
+                continue
+            state = "good" if entry.sha256 == item.digest else "intact"
+            results.append(CheckResult(state, [], [Verdict(item.location, state)]))
+        return results, facts
+
+    def check_each(self, items: Sequence[CheckItem], scratch: str,
+                   skip: Callable[[Host], bool] = lambda host: False
+                   ) -> Iterator[Tuple[int, CheckResult]]:
+        """:meth:`check` each copy, in parallel: on each host, up to its
+        ``max_connections`` at once (never more: each call also holds one of
+        the host's connection slots), every host at the same time.
+
+        Writes nothing; its threads never touch the database (``skip`` must
+        not either: the caller's own answer, e.g. a set it keeps).
+
+        :param items: the copies; a ``deep`` one is downloaded into ``scratch``
+        :param scratch: a directory for downloads (each thread its own subdirectory)
+        :param skip: ``skip(host)``: whether not to look at a copy on it now
+            (its breaker opened): the copy gets ``"cooling"``
+        :return: an iterator of ``(index in items, CheckResult)`` in the order
+            the checks end; a copy no configured host reaches is
+            ``"unreachable"``. Closing it early stops the threads after the
+            checks they are on.
+        """
+        done: queue.SimpleQueue[Tuple[int, CheckResult]] = queue.SimpleQueue()
+        per_host: Dict[str, Tuple[Host, queue.SimpleQueue[int]]] = {}
+        for index, item in enumerate(items):
+            host = self.host_for(item.location.host_name, item.location.url)
+            if host is None:
+                done.put((index, CheckResult("unreachable", [], [])))
+                continue
+            per_host.setdefault(host.name, (host, queue.SimpleQueue()))[1].put(index)
+        stopped = threading.Event()
+
+        def work(host: Host, todo: queue.SimpleQueue[int], room: str) -> None:
+            while not stopped.is_set():
+                try:
+                    index = todo.get_nowait()
+                except queue.Empty:
+                    return
+                item = items[index]
+                if item.deep:  # made while a result is owed: the caller's scratch lasts
+                    with contextlib.suppress(OSError):  # else the download says why
+                        os.makedirs(room, exist_ok=True)
+                try:
+                    if skip(host):
+                        result = CheckResult("cooling", [], [])
+                    else:
+                        result = self.check(item.digest, item.size, item.location,
+                                            deep=item.deep, scratch=room)
+                except Exception as exc:  # a bug must not lose the other results
+                    log.warning("check of %s failed: %r", item.location.url, exc)
+                    result = CheckResult("error", [], [])
+                done.put((index, result))
+
+        workers = []
+        for number, (host, todo) in enumerate(per_host.values()):
+            for k in range(min(max(1, host.max_connections), todo.qsize())):
+                workers.append(self._spawn(work, host, todo,
+                                           os.path.join(scratch, "%d-%d" % (number, k))))
+        try:
+            for _ in range(len(items)):
+                yield done.get()
+            # Every result is in: the threads are ending (none touches
+            # ``scratch`` any more once they have).
+            concurrent.futures.wait(workers)
+        finally:
+            stopped.set()
 
     def delete(self, location: Location) -> Tuple[bool, List[Fact]]:
         """Delete one remote copy if a configured host can.

@@ -453,7 +453,12 @@ class CloudManager(OriginalMethods):
         A host that can answer cheaply is asked for the object's size (and
         the SHA-256 it stores, as S3 does for single-part uploads); other
         hosts, or every host with ``deep``, send the copy to a temp directory
-        to be hashed. Missing and bad copies are marked bad, and the next
+        to be hashed. Where a host can list (folders, S3, fsspec) and many of
+        its copies are due, they are found in its listing instead (sizes,
+        and a SHA-256 where the listing carries one); a copy the listing
+        does not clear is then asked about alone, so a listing never marks a
+        copy by itself. Looks at single copies run in parallel, up to each
+        host's ``max_connections``. Missing and bad copies are marked bad, and the next
         :meth:`sync` restores the redundancy target from a good copy.
 
         Copies checked longest ago go first, so a large pool can be verified

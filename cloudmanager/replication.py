@@ -60,9 +60,9 @@ from typing import (
 from . import fsutil, meter
 from .crypto import AGE_BINARY_MIN, PoolKey, SealingStream, ciphertext_size_max
 from .db import FileDatabase
-from .db.copies import CopyKey, ObjectMeta
+from .db.copies import CopyKey, CopyToCheck, ObjectMeta
 from .engine import (
-    CheckResult, Streamed, UploadEngine, UploadJob, UploadResult, Verdict, Vet,
+    CheckItem, CheckResult, Streamed, UploadEngine, UploadJob, UploadResult, Verdict, Vet,
 )
 from .errors import (
     CloudManagerError, HostError, IntegrityError, InvalidInputError, UploadError,
@@ -78,6 +78,8 @@ RECHECK_BASE = 60.0
 RECHECK_MAX = 7 * 86400.0
 #: Failed looks in a row (host errors) after which a copy is suspect.
 SUSPECT_AFTER = 3
+#: Copies a verify records per transaction (its looks' verdicts and facts).
+VERIFY_BATCH = 256
 #: Seconds a lease on a piece of work lasts: past it, another process or
 #: node may take the work over (its holder was killed, or is stuck). Longer
 #: than a batch of uploads takes; an upload that outlasts it may be sent
@@ -245,7 +247,8 @@ class Replicator:
 
     def apply(self, verdicts: Iterable[Verdict], facts: Iterable[Fact] = (),
               file_hash: Optional[str] = None, hashes: Optional[Dict[Location, str]] = None,
-              when: Optional[float] = None, strike: bool = False) -> None:
+              when: Optional[float] = None, strike: bool = False,
+              unseen: Iterable[CopyKey] = ()) -> None:
         """Record what transfers and checks proved about copies, and the host
         health they imply, in one transaction.
 
@@ -254,6 +257,9 @@ class Replicator:
         :param strike: count an ``"error"`` verdict (the host did not answer)
             against its copy, toward suspect; only a look made to judge the
             copy (verify) does, not a download that failed for its own reasons
+        :param unseen: copies a verify could not look at (no host reaches
+            them, or theirs is cooling down): noted as looked at, so that a
+            budgeted verify moves on; it proves nothing against them
         """
         when = time.time() if when is None else when
         good: List[CopyKey] = []
@@ -282,6 +288,7 @@ class Replicator:
             copies.seen_intact(conn, intact, when)
             copies.condemn(conn, condemned, when, RECHECK_BASE, RECHECK_MAX)
             copies.strike(conn, errors, when, SUSPECT_AFTER, RECHECK_BASE, RECHECK_MAX)
+            copies.note_checked(conn, unseen, when)
             if condemned or errors:
                 # Fewer good copies now, maybe: sync restores the target.
                 self.db.queue.add(conn, {c[0] for c in condemned} | {e[0] for e in errors},
@@ -1075,7 +1082,12 @@ class Replicator:
         Condemned copies whose back-off is over come first (all of those of
         ``hashes``, when given), then the copies believed good, least recently
         checked first. A condemned copy is always looked at by download: a
-        size alone cannot clear it.
+        size alone cannot clear it. Copies believed good on a host that can
+        list are found in its listing when that costs less than a look at
+        each (:meth:`UploadEngine.listing_plan`); the others, and those the
+        listing does not clear, are looked at one by one, in parallel up to
+        each host's ``max_connections``. What the looks prove is recorded
+        :data:`VERIFY_BATCH` copies per transaction.
         """
         if probe:
             self.health.probe_now(self.engine.hosts)
@@ -1091,36 +1103,63 @@ class Replicator:
             chosen = [c for c in todo if c.hash in leased]
             meter.expect(sum(c.object[1] for c in chosen if self._checked_by_download(c, deep)),
                          len(chosen))
-            for copy in chosen:
-                location = Location(copy.host_name, copy.url)
-                host = self.engine.host_for(copy.host_name, copy.url)
-                if host is not None and self.health.cooling(host.name):  # may open mid-run
-                    outcome = CheckResult("cooling", [], [])
-                else:
-                    condemned = copy.state in ("suspect", "bad", "missing")
-                    # An encrypted copy is checked as the ciphertext it is (its
-                    # hash and size were recorded when it was made): no key needed.
-                    digest, size = copy.object
-                    outcome = self.engine.check(digest, size, location,
-                                                deep=deep or condemned, scratch=scratch)
-                verdict = outcome.verdict
-                if verdict == "intact":
-                    verdict = "good"
+            reaching = (self.engine.host_for(c.host_name, c.url) for c in chosen)
+            looks = _Looks(self, {host.name for host in reaching if host is not None})
+            for copy, outcome in self._look(chosen, deep, scratch, looks):
+                verdict = "good" if outcome.verdict == "intact" else outcome.verdict
                 if verdict in ("good", "bad", "missing"):
                     summary["checked"] += 1
                 summary[verdict] += 1
-                if verdict in ("unreachable", "cooling"):
-                    # Not looked at: noted, so the next budgeted pass moves on
-                    # to other copies; it proves nothing against the copy.
-                    with self.db.catalog.transaction() as conn:
-                        self.db.copies.note_checked(conn, [(copy.hash, copy.host_name,
-                                                            copy.url)], now)
-                    meter.files_done(1)
-                    continue
-                self.apply(outcome.verdicts, outcome.facts, file_hash=copy.hash, strike=True)
+                looks.add(copy, outcome)
                 meter.files_done(1)
+            looks.flush()
         log.info("verify: %s", summary)
         return summary
+
+    def _look(self, chosen: Sequence[CopyToCheck], deep: bool, scratch: str, looks: _Looks
+              ) -> Iterator[Tuple[CopyToCheck, CheckResult]]:
+        """Look at each copy of ``chosen`` once: ``(copy, outcome)`` in the
+        order the looks end. Listings first, host by host, then every copy
+        to look at alone, in parallel (the hosts' facts of the listings go
+        to ``looks``)."""
+        alone: List[CopyToCheck] = []
+        listable: Dict[str, List[CopyToCheck]] = {}
+        for copy in chosen:
+            host = self.engine.host_for(copy.host_name, copy.url)
+            condemned = copy.state in ("suspect", "bad", "missing")
+            if host is not None and host.name == copy.host_name and host.can_list \
+                    and host.can_check and not (deep or condemned) \
+                    and host.name not in looks.cooling \
+                    and host.listed_name(copy.url) is not None:
+                listable.setdefault(host.name, []).append(copy)
+            else:
+                alone.append(copy)
+        counts: Optional[Dict[str, int]] = None
+        for host_name, copies in listable.items():
+            host = self.engine.hosts[host_name]
+            if counts is None:
+                counts = self.db.copies.count_by_host()
+            names = [host.listed_name(c.url) or "" for c in copies]
+            prefixes = self.engine.listing_plan(host, names, counts.get(host_name, 0))
+            if prefixes is None:
+                alone += copies
+                continue
+            results, facts = self.engine.check_listed(host, [_item(c, False) for c in copies],
+                                                      prefixes)
+            looks.facts += facts
+            for copy, result in zip(copies, results):
+                # Not cleared by the listing: its own look decides. Nor a
+                # claimed copy the listing saw only the size of: that leaves
+                # it claimed, where a HEAD may find the host's SHA-256 (S3)
+                # and make it good.
+                if result is None or (result.verdict != "good" and copy.state != "good"):
+                    alone.append(copy)
+                else:
+                    yield copy, result
+        items = [_item(c, deep or c.state in ("suspect", "bad", "missing")) for c in alone]
+        for index, result in self.engine.check_each(items, scratch,
+                                                    lambda host: host.name in looks.cooling):
+            yield alone[index], result
 
     def _checked_by_download(self, copy, deep: bool) -> bool:
         """Whether :meth:`verify` will download ``copy`` (for the bytes a
@@ -1217,6 +1256,61 @@ class Replicator:
             log.info("ended the leases of this node's processes that died")
         self.db.copies.end_removals(conn, dead)
         return dead
+
+
+def _item(copy: CopyToCheck, deep: bool) -> CheckItem:
+    """What the engine checks of ``copy``: an encrypted copy as the ciphertext
+    it is (its hash and size were recorded when it was made: no key needed)."""
+    digest, size = copy.object
+    return CheckItem(digest, size, Location(copy.host_name, copy.url), deep)
+
+
+class _Looks:
+    """What a verify's looks proved, recorded :data:`VERIFY_BATCH` copies per
+    transaction (:meth:`Replicator.apply`), and the hosts it must not look at."""
+
+    def __init__(self, replicator: Replicator, host_names: Set[str]) -> None:
+        self.replicator = replicator
+        #: The configured hosts the copies are on (the others' breakers are
+        #: not asked: a half-open one would give this verify its probe).
+        self.hosts = [name for name in replicator.engine.hosts if name in host_names]
+        self.verdicts: List[Verdict] = []
+        self.hashes: Dict[Location, str] = {}
+        self.facts: List[Fact] = []
+        self.unseen: List[CopyKey] = []
+        self.pending = 0
+        #: Names of the hosts whose breaker keeps them from being looked at:
+        #: read here, in the verify's thread, after each batch recorded (the
+        #: engine's threads never touch the database).
+        self.cooling: Set[str] = set()
+        self._refresh()
+
+    def _refresh(self) -> None:
+        health = self.replicator.health
+        self.cooling = {name for name in self.hosts if health.cooling(name)}
+
+    def add(self, copy: CopyToCheck, outcome: CheckResult) -> None:
+        """Note one copy's outcome; record the batch once it is full."""
+        if outcome.verdict in ("unreachable", "cooling"):
+            self.unseen.append((copy.hash, copy.host_name, copy.url))
+        else:
+            for verdict in outcome.verdicts:
+                self.hashes[verdict.location] = copy.hash
+            self.verdicts += outcome.verdicts
+            self.facts += outcome.facts
+        self.pending += 1
+        if self.pending >= VERIFY_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Record what is noted, in one transaction (none if nothing is)."""
+        if not (self.pending or self.facts):
+            return
+        self.replicator.apply(self.verdicts, self.facts, hashes=self.hashes, strike=True,
+                              unseen=self.unseen)
+        self.verdicts, self.hashes, self.facts, self.unseen = [], {}, [], []
+        self.pending = 0
+        self._refresh()
 
 
 class SealedObjects(Dict[str, ObjectMeta]):

@@ -255,6 +255,14 @@ class Copies:
             params.append(limit - len(found))
         return found + [CopyToCheck(*row) for row in self.db.read(holding_sql, params)]
 
+    def count_by_host(self) -> Dict[str, int]:
+        """``{host_name: copies}``: how many copies with a URL (in any state but
+        deleted) each host has, about how many objects a listing of it reads.
+        One scan of the table (no index by host): once per verify."""
+        return {host: int(count) for host, count in self.db.read(
+            "SELECT host_name, count(*) FROM uploads WHERE url != '' AND state != 'deleted'"
+            " GROUP BY host_name")}
+
     def holding(self) -> sqlite3.Cursor:
         """``(hash, host_name, url)`` of every copy believed good, in hash order."""
         return self.db.read("SELECT hash, host_name, url FROM uploads"

@@ -90,6 +90,41 @@ class ObjectInfo(NamedTuple):
     sha256: Optional[str] = None
 
 
+class ListedObject(NamedTuple):
+    """One object of a host's listing (:meth:`Host.list_objects`): what a
+    check can learn of it without asking about it alone."""
+
+    #: The object's name: a SHA-256 hex digest (a file's hash, or an
+    #: encrypted pool's keyed name).
+    name: str
+    #: Its size in bytes, as the listing gives it.
+    size: int
+    #: A SHA-256 hex digest of the whole object that the host computed and
+    #: the listing carries, or None (most listings carry none: S3's gives an
+    #: ETag, folders and WebDAV only sizes).
+    sha256: Optional[str] = None
+
+
+_HEX_PREFIX = re.compile(r"[0-9a-f]{0,64}")
+
+
+def check_name_prefix(prefix: object) -> str:
+    """``prefix`` if it can begin an object name: at most 64 lowercase hex digits.
+
+    >>> check_name_prefix("0a"), check_name_prefix("")
+    ('0a', '')
+
+    :param prefix: what a caller passes to :meth:`Host.list_objects`
+    :return: the prefix itself
+    :raises InvalidInputError: for anything else (a path, a key fragment, a
+        wildcard: a prefix never leaves the host's own names)
+    """
+    if not isinstance(prefix, str) or _HEX_PREFIX.fullmatch(prefix) is None:
+        raise InvalidInputError("an object name prefix is lowercase hex, not %r"
+                                % (str(prefix)[:80],))
+    return prefix
+
+
 class Received(NamedTuple):
     """What a host wrote into a download's destination, hashed as it was written.
 
@@ -197,8 +232,15 @@ class Host:
     #: Whether :meth:`upload_batch` makes a group of files cheaper than
     #: :meth:`upload` one by one (the engine then hands it whole groups).
     can_batch = False
-    #: Whether :meth:`list` works.
+    #: Whether :meth:`list` and :meth:`list_objects` work.
     can_list = False
+    #: Only for hosts that :attr:`can_list`: whether :meth:`list_objects`
+    #: with a name prefix reads only the objects under it (an S3 key
+    #: prefix), rather than the whole directory anyway (a folder, WebDAV).
+    list_narrows: bool = False
+    #: Only for hosts that :attr:`can_list`: objects one listing request
+    #: returns at most (S3's ``MaxKeys``); a check plans its requests by it.
+    list_page: int = 1000
     #: Whether :meth:`stage` works: the host can receive a stream under a
     #: staging name and give it its object name afterwards.
     can_stage = False
@@ -410,6 +452,45 @@ class Host:
         :raises HostError: on failure
         """
         raise NotImplementedError
+
+    def list_objects(self, prefix: str = "") -> Iterator[ListedObject]:
+        """Yield every object the host holds for us whose name starts with
+        ``prefix``, with what the listing tells of it. Only when :attr:`can_list`.
+
+        What a check of many copies reads instead of asking about each one.
+        Only object names (SHA-256 hex) are yielded: a staging name, a temp
+        file, a marker, a key deeper under the prefix or any foreign name
+        is skipped, never yielded. A listing is a snapshot: an object that
+        it does not show may still be there (a listing that lags behind a
+        write), so callers do not take an absence for proof.
+        This default filters :meth:`list`; a host whose listing carries more
+        (a checksum), or that can narrow it to the prefix, overrides it.
+
+        :param prefix: lowercase hex digits that every name yielded starts with
+        :return: an iterator of :class:`ListedObject`, in no particular order
+        :raises InvalidInputError: if ``prefix`` is not lowercase hex
+        :raises HostError: on failure (a folder not mounted, a bucket that is
+            not there: an outage, never an empty listing)
+        """
+        check_name_prefix(prefix)
+        for name, size in self.list():
+            if name.startswith(prefix):
+                yield ListedObject(name, size)
+
+    def listed_name(self, url: object) -> Optional[str]:
+        """The name under which :meth:`list_objects` shows the object at ``url``.
+
+        The default is :meth:`object_name` for a URL this host :meth:`accepts`.
+
+        :param url: any recorded URL (answered, never raised on)
+        :return: its object name, or None when it is no object of this host
+        """
+        if not self.accepts(url):
+            return None
+        try:
+            return self.object_name(url)
+        except HostError:
+            return None
 
     def has_marker(self) -> bool:
         """Whether the marker is in the host's root. Only for hosts that :attr:`can_mark`.

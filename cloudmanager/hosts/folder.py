@@ -30,7 +30,10 @@ from ..errors import (
     TransientHostError,
 )
 from ..validation import check_url, is_hash
-from .base import Host, Location, ObjectInfo, PathLike, Received, STAGING_PREFIX, Staged, Stream
+from .base import (
+    STAGING_PREFIX, Host, ListedObject, Location, ObjectInfo, PathLike, Received, Staged, Stream,
+    check_name_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -459,6 +462,42 @@ class FolderHost(Host):
         for entry in entries:
             if is_hash(entry.name) and entry.is_file(follow_symlinks=False):
                 yield entry.name, entry.stat(follow_symlinks=False).st_size
+
+    def list_objects(self, prefix: str = "") -> Iterator[ListedObject]:
+        """Yield each object file of the folder whose name starts with
+        ``prefix``, with its size (a folder keeps no checksum).
+
+        One directory scan whatever the prefix (:attr:`list_narrows` is
+        False); only regular files named by a SHA-256 are yielded, never
+        the marker, a temp or staging file, a symlink or a subdirectory.
+
+        :param prefix: lowercase hex digits
+        :raises InvalidInputError: if ``prefix`` is not lowercase hex
+        :raises HostUnavailableError: if the root is missing, or unmarked
+            while :attr:`require_marker` is set
+        :raises TransientHostError: if the folder cannot be read
+        """
+        check_name_prefix(prefix)
+        self._check_marker()
+        try:
+            with os.scandir(self.root) as scan:
+                for entry in scan:
+                    if entry.name.startswith(prefix) and is_hash(entry.name) \
+                            and entry.is_file(follow_symlinks=False):
+                        yield ListedObject(entry.name, entry.stat(follow_symlinks=False).st_size)
+        except OSError as exc:
+            raise (self._outage() or TransientHostError(
+                self.name, "cannot list %s: %s" % (self.root, exc))) from exc
+
+    def listed_name(self, url: object) -> Optional[str]:
+        """The object name of a ``file://`` URL of this folder, else None.
+
+        :param url: any recorded URL (answered, never raised on)
+        """
+        try:
+            return os.path.basename(self._path_of(url))
+        except (InvalidInputError, PermanentHostError):
+            return None
 
 
 class _FolderStaged(Staged):

@@ -84,7 +84,10 @@ from ..validation import (
     is_hash,
     redact_url_passwords,
 )
-from .base import Host, Location, ObjectInfo, PathLike, Received, Staged, Stream, staging_name
+from .base import (
+    Host, ListedObject, Location, ObjectInfo, PathLike, Received, Staged, Stream,
+    check_name_prefix, staging_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -593,6 +596,39 @@ class FsspecHost(Host):
             base = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             if is_hash(base) and entry.get("type", "file") == "file":
                 yield base, int(entry.get("size") or 0)
+
+    def list_objects(self, prefix: str = "") -> Iterator[ListedObject]:
+        """Yield each object file of the root whose name starts with
+        ``prefix``: its size, and its SHA-256 when the filesystem's listing
+        reports a real one (``ls(detail=True)``; WebDAV reports none).
+
+        One listing of the root whatever the prefix (:attr:`list_narrows`
+        is False). Unlike :meth:`list`, a root that is not there is an
+        outage: the objects a caller asks about were stored in it.
+
+        :param prefix: lowercase hex digits
+        :raises InvalidInputError: if ``prefix`` is not lowercase hex
+        :raises HostUnavailableError: if the pool directory is missing
+        :raises HostError: if the root cannot be listed
+        """
+        check_name_prefix(prefix)
+        try:
+            fs, root = self._filesystem()
+            fs.invalidate_cache(root)
+            entries = fs.ls(root or "/", detail=True)
+        except Exception as exc:
+            error = self._error(exc, "cannot list %s" % self.root_url)
+            if isinstance(error, HostNotFoundError):
+                error = HostUnavailableError(self.name, "%s: the pool directory is missing "
+                                                        "(wrong base URL, or not mounted?)"
+                                             % error.message)
+            raise error from exc
+        for entry in entries:
+            base = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if base.startswith(prefix) and is_hash(base) \
+                    and entry.get("type", "file") == "file" and entry.get("size") is not None:
+                digest = entry.get("sha256")
+                yield ListedObject(base, int(entry["size"]), digest if is_hash(digest) else None)
 
     def close(self) -> None:
         """Close the filesystem's connections; the next call opens new ones.

@@ -19,7 +19,10 @@ from ..errors import (
     TransientHostError,
 )
 from ..validation import is_hash
-from .base import Host, Location, ObjectInfo, PathLike, Received, Staged, Stream, staging_name
+from .base import (
+    Host, ListedObject, Location, ObjectInfo, PathLike, Received, Staged, Stream,
+    check_name_prefix, staging_name,
+)
 
 _STORES: Dict[str, Dict[str, bytes]] = {}
 _STORES_LOCK = threading.Lock()
@@ -165,6 +168,21 @@ class MemoryHost(Host):
         for name, data in list(self.objects.items()):
             if is_hash(name):  # not staged bytes
                 yield name, len(data)
+
+    def list_objects(self, prefix: str = "") -> Iterator[ListedObject]:
+        """Yield each object of the store whose name starts with ``prefix``,
+        with its size and the SHA-256 the store computes for it (a listing
+        that carries a checksum, as :meth:`stat` does).
+
+        :param prefix: lowercase hex digits
+        :raises InvalidInputError: if ``prefix`` is not lowercase hex
+        :raises HostUnavailableError: with the ``down`` fault
+        """
+        check_name_prefix(prefix)
+        self._call()
+        for name, data in list(self.objects.items()):
+            if name.startswith(prefix) and is_hash(name):  # not staged bytes
+                yield ListedObject(name, len(data), hashlib.sha256(data).hexdigest())
 
 
 class _MemoryStaged(Staged):

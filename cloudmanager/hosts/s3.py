@@ -79,7 +79,10 @@ from ..errors import (
     TransientHostError,
 )
 from ..validation import is_hash
-from .base import Host, Location, ObjectInfo, PathLike, Received, Staged, Stream, staging_name
+from .base import (
+    Host, ListedObject, Location, ObjectInfo, PathLike, Received, Staged, Stream,
+    check_name_prefix, staging_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -740,6 +743,71 @@ class S3Host(Host):
             return HostUnavailableError(self.name, "%s: %s" % (what, exc))
         # Streaming failures, checksum mismatches in transit, the rest.
         return TransientHostError(self.name, "%s: %s" % (what, exc))
+
+    # -- listings for checks ----------------------------------------------------
+
+    #: A name prefix narrows a listing to its keys (ListObjectsV2's ``Prefix``).
+    list_narrows = True
+
+    def list_objects(self, prefix: str = "") -> Iterator[ListedObject]:
+        """Yield each object directly under the key prefix whose name starts
+        with ``prefix``, with its size: one ListObjectsV2 request per
+        :attr:`list_page` keys, only those under ``PREFIX/prefix``.
+
+        A listing gives each key's size and ETag, not the SHA-256 a HEAD
+        returns (``sha256`` is None): it tells a missing or wrong-sized copy,
+        not one of the right size holding other bytes. Keys deeper under the
+        prefix, staging keys and any other non-SHA-256 names are skipped.
+
+        :param prefix: lowercase hex digits
+        :raises InvalidInputError: if ``prefix`` is not lowercase hex
+        :raises PermanentHostError: if the bucket is not there
+        :raises HostError: on any other failure
+        """
+        key_prefix = self._key_prefix + check_name_prefix(prefix)
+        # Idempotent (unique_id): the first listing registers it.
+        self._client.meta.events.register("before-parse.s3.ListObjectsV2", _unread_fields_dropped,
+                                          unique_id="cloudmanager-listing")
+        paginator = self._client.get_paginator("list_objects_v2")
+        with self._translated("list", self.url_prefix + prefix):
+            pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=key_prefix, Delimiter="/",
+                                            PaginationConfig={"PageSize": self.list_page}))
+            while True:
+                # Only this thread's page requests, while it makes them, are
+                # parsed without the fields a listing does not read: any other
+                # call on the client gets whole answers.
+                _LISTING.active = True
+                try:
+                    page = next(pages, None)
+                finally:
+                    _LISTING.active = False
+                if page is None:
+                    return
+                for item in page.get("Contents", ()):
+                    name = item["Key"][len(self._key_prefix):]
+                    if is_hash(name):
+                        yield ListedObject(name, int(item.get("Size", 0)))
+
+
+#: Whether this thread is fetching a page for :meth:`S3Host.list_objects`.
+_LISTING = threading.local()
+#: Fields of a ListObjectsV2 answer that no check reads. botocore parses
+#: every one, and its date parser (dateutil) took three quarters of the
+#: client's CPU for a listing: about 0.1 s per 2,000 keys here.
+_UNREAD_LISTING_FIELDS = re.compile(
+    rb"<(LastModified|ETag|StorageClass|Owner|ChecksumAlgorithm|ChecksumType|RestoreStatus)>"
+    rb".*?</\1>", re.DOTALL)
+
+
+def _unread_fields_dropped(response_dict: Dict[str, Any], **_: Any) -> None:
+    """botocore's ``before-parse`` hook of ListObjectsV2: drop the fields
+    :meth:`S3Host.list_objects` does not read from a successful answer's XML.
+    Keys are XML-escaped in it (a ``<`` in a key is ``&lt;``): no key can
+    hold a tag that this would take for one."""
+    body = response_dict.get("body")
+    if getattr(_LISTING, "active", False) and response_dict.get("status_code") == 200 \
+            and isinstance(body, bytes):
+        response_dict["body"] = _UNREAD_LISTING_FIELDS.sub(b"", body)
 
 
 class _S3Staged(Staged):
