@@ -44,7 +44,7 @@ Uploads ask the server to check a SHA-256 of the bytes it receives. Files
 above ``multipart_threshold`` go up in parts of ``multipart_chunksize``;
 smaller ones in one conditional ``PutObject`` each (``If-None-Match: *``,
 no ``HEAD`` first). Objects from ``multipart_threshold`` come down in byte
-ranges on up to ``max_connections`` connections.
+ranges on up to ``max_connections`` connections (4 at most).
 """
 
 import base64
@@ -92,6 +92,10 @@ MIN_PART_SIZE = 5 * MiB
 MAX_PART_SIZE = 5 << 30
 #: Threads one managed transfer uses for the parts of a multipart upload.
 TRANSFER_THREADS = 4
+#: At most this many byte ranges of one large object at once: rclone's default
+#: (``--multi-thread-streams 4``). More adds requests (a server may read the
+#: whole object for each: moto does) without a faster disk behind them.
+RANGED_STREAMS = 4
 
 #: Keys that may come from the spec's query or from keyword options.
 SPEC_KEYS = ("endpoint_url", "region", "addressing_style", "profile")
@@ -578,13 +582,14 @@ class S3Host(Host):
         """:meth:`download` of a large object in byte ranges, in parallel.
 
         The expected size is split into one range per connection (at most
-        ``max_connections``, ranges of at least ``multipart_chunksize``),
+        ``max_connections`` and :data:`RANGED_STREAMS`, ranges of at least
+        ``multipart_chunksize``),
         as rclone's multi-thread downloads do: few requests, each a long
         sequential read. The first range's answer tells the object's real
         size (``Content-Range``): a larger one is refused there, a smaller
         one split anew.
         """
-        connections = max(1, min(self.max_connections,
+        connections = max(1, min(self.max_connections, RANGED_STREAMS,
                                  max_bytes // self._transfer.multipart_chunksize))
         first_size = -(-max_bytes // connections)
         slot = self._range_slots
