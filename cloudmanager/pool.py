@@ -812,8 +812,7 @@ class Pool:
         if cached is None and size <= self.cache.capacity:
             self.cache.note_miss()
             try:
-                with fsutil.pages_kept():  # read again at once, below
-                    cached = self._fetch_into_cache(file_hash, size)
+                cached = self._fetch_into_cache(file_hash, size)
                 progress = None  # its bytes were counted as they arrived
                 fetched = True
             except (CacheError, DownloadError) as exc:
@@ -830,7 +829,7 @@ class Pool:
                     # Its bytes were hashed as they arrived, just now (a cached
                     # file is written once, verified, under its hash): the
                     # kernel copies them, with no second pass of SHA-256.
-                    fsutil.kernel_copy(src.fileno(), out.fileno(), keep_pages=True)
+                    fsutil.kernel_copy(src.fileno(), out.fileno())
                     return
                 try:
                     got, _ = fsutil.copy_and_hash(src, out.fileno(), limit=size,

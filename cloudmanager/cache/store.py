@@ -478,9 +478,7 @@ class CacheStore:
 
         :param progress: called with the byte count of each chunk copied
         :param lease: this process sends the file to the hosts at once: its
-            ``replicate`` lease is taken with it, and a large file's pages
-            stay in memory for that read (else they are dropped behind the
-            copy, and the hosts' copies would read it back from disk)
+            ``replicate`` lease is taken with it
         :return: ``(hash, size)``
         :raises CacheFullError: if there is no room for it
         :raises OSError: if the source cannot be read
@@ -510,7 +508,7 @@ class CacheStore:
             fd = os.open(res.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, fsutil.FILE_MODE)
             try:
                 file_hash, nbytes = fsutil.copy_and_hash(src, fd, limit=size,
-                                                         progress=progress, keep_pages=lease)
+                                                         progress=progress)
                 if self.fsync and (expected is None or expected == file_hash):
                     os.fsync(fd)
             except OverflowError:
