@@ -656,7 +656,11 @@ def empty_bucket(moto, bucket):
                                                          "Quiet": True})
 
 
-def make_groups(ws, cfg):
+GROUP_NAMES = ("folder_small", "folder_large", "s3_small", "s3_large")
+
+
+def make_groups(ws, cfg, only=None):
+    """The workloads, each with its generated data; ``only``: these names."""
     n, size = cfg["small_files"], cfg["small_size"]
     s3n, s3size = cfg["s3_files"], cfg["s3_size"]
     big, s3big = cfg["large_mib"], cfg["s3_large_mib"]
@@ -666,21 +670,25 @@ def make_groups(ws, cfg):
 
     small = f"{n:,} × {size // 1024} KiB"
     s3small = f"{s3n:,} × {s3size // 1024} KiB"
-    return [
-        Group("folder_small", "folder", make_data(ws, "small", n, size, small),
-              "%s to a folder remote" % small,
-              "%s back from it (cm: `evict`, then `warm`)" % small),
-        Group("folder_large", "folder", make_data(ws, "large", 1, big * MiB, mib(big)),
-              "%s file to a folder remote" % mib(big),
-              "%s file back (cm: `evict`, then `download`)" % mib(big)),
-        Group("s3_small", "s3", make_data(ws, "s3small", s3n, s3size, s3small),
-              "S3 (moto on loopback), %s up" % s3small,
-              "S3, %s down (cm: `evict`, then `warm`)" % s3small,
-              "check %s S3 copies (`cm verify` vs `rclone check`)" % f"{s3n:,}"),
-        Group("s3_large", "s3", make_data(ws, "s3large", 1, s3big * MiB, mib(s3big)),
-              "S3, %s file up" % mib(s3big),
-              "S3, %s file down (cm: `evict`, then `download`)" % mib(s3big)),
+    # name, kind, (data directory, count, size, label), row titles
+    specs = [
+        ("folder_small", "folder", ("small", n, size, small),
+         ["%s to a folder remote" % small,
+          "%s back from it (cm: `evict`, then `warm`)" % small]),
+        ("folder_large", "folder", ("large", 1, big * MiB, mib(big)),
+         ["%s file to a folder remote" % mib(big),
+          "%s file back (cm: `evict`, then `download`)" % mib(big)]),
+        ("s3_small", "s3", ("s3small", s3n, s3size, s3small),
+         ["S3 (moto on loopback), %s up" % s3small,
+          "S3, %s down (cm: `evict`, then `warm`)" % s3small,
+          "check %s S3 copies (`cm verify` vs `rclone check`)" % f"{s3n:,}"]),
+        ("s3_large", "s3", ("s3large", 1, s3big * MiB, mib(s3big)),
+         ["S3, %s file up" % mib(s3big),
+          "S3, %s file down (cm: `evict`, then `download`)" % mib(s3big)]),
     ]
+    # Only the data of the workloads run is made (a full run's is 1.5 GiB).
+    return [Group(name, kind, make_data(ws, *data), *titles)
+            for name, kind, data, titles in specs if name in (only or GROUP_NAMES)]
 
 
 def warm_up(env, ws, moto):
@@ -859,6 +867,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, help="rounds (default 3, 1 with --quick)")
     parser.add_argument("--workdir", help="where the fresh directories go (default: $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark files")
+    parser.add_argument("--only", nargs="+", choices=GROUP_NAMES, metavar="GROUP",
+                        help="run only these workloads: %s" % ", ".join(GROUP_NAMES))
     parser.add_argument("--json", metavar="FILE", help="write every figure and sample as JSON")
     parser.add_argument("--markdown", metavar="FILE",
                         help="write the 'Against the peers' section into FILE")
@@ -884,7 +894,7 @@ def main(argv=None):
         for name in TOOLS:
             if name not in missing:
                 versions[name] = ALL_TOOLS[name].version(env)
-        groups = make_groups(ws, cfg)
+        groups = make_groups(ws, cfg, args.only)
         if cfg["warm_up"]:
             print("warming up...", file=sys.stderr, flush=True)
             warm_up(env, ws, moto)
