@@ -504,15 +504,10 @@ def copy_to_temp(src_path, final_path, fsync=True):
 
 def kernel_copy(src_fd: int, dst_fd: int) -> None:
     """Copy from ``src_fd``'s start to its end into ``dst_fd``: ``sendfile``
-    where the platform has it (no pass through this process), else a buffer.
-
-    A large copy is written back and dropped behind itself as
-    :func:`copy_and_hash`'s is.
-    """
+    where the platform has it (no pass through this process), else a buffer."""
     sendfile = getattr(os, "sendfile", None)
     if sendfile is not None and sys.platform.startswith("linux"):
         offset = 0
-        behind = None  # made once the copy is large: it costs a small one time
         while True:
             try:
                 sent = sendfile(dst_fd, src_fd, offset, CHUNK)
@@ -524,10 +519,6 @@ def kernel_copy(src_fd: int, dst_fd: int) -> None:
             if not sent:
                 return
             offset += sent
-            if behind is None and offset >= WRITEBACK_WINDOW:
-                behind = _WriteBehind(dst_fd)
-            if behind is not None:
-                behind.wrote(offset)
             meter.tick(sent)
     while True:
         data = os.read(src_fd, CHUNK)
