@@ -82,6 +82,16 @@ BATCH_IN_FLIGHT = 16
 #: while it runs, so the pool has one per connection of every host, up to this.
 MAX_WORKERS = 64
 
+#: Files of :meth:`UploadEngine.download_many` below this many bytes go to
+#: a host that :attr:`~cloudmanager.hosts.base.Host.can_batch` in groups,
+#: one call per group (:meth:`Host.download_batch`): for a small file the
+#: call costs more than its bytes. Larger ones go one by one.
+GROUP_FILE_MAX = 1 << 20
+#: The most files of a group, and the most bytes (with one file at least).
+#: Fewer when the batch is small, so that every connection gets a group.
+DOWNLOAD_GROUP = 64
+DOWNLOAD_GROUP_BYTES = 4 << 20
+
 #: Seconds without a download ending after which :meth:`UploadEngine.download_many`
 #: tells its caller (``idle``).
 IDLE_AFTER = 0.2
@@ -247,6 +257,46 @@ class _Attempt(NamedTuple):
     verdict: Optional[Verdict]
     #: The engine gave up on the call: its room is the call's until it ends.
     abandoned: bool = False
+
+
+class _Tries:
+    """One file's download attempts so far: what :meth:`UploadEngine.download`
+    (or a group of :meth:`UploadEngine.download_many`) found, and the room
+    the next attempt writes into."""
+
+    __slots__ = ("failures", "facts", "verdicts", "tried", "held", "abandoned")
+
+    def __init__(self) -> None:
+        self.failures: List[HostError] = []
+        self.facts: List[Fact] = []
+        self.verdicts: List[Verdict] = []
+        #: Names of the hosts tried.
+        self.tried: Set[str] = set()
+        #: The room the next attempt writes into, if it has one yet.
+        self.held: Optional[Room] = None
+        #: Attempts the engine gave up on (their calls keep their rooms).
+        self.abandoned = 0
+
+
+class _Member:
+    """One file of a group of :meth:`UploadEngine.download_many`."""
+
+    __slots__ = ("index", "job", "plan", "believed", "unreachable", "tries", "outcome",
+                 "delivered")
+
+    def __init__(self, index: int, job: DownloadJob) -> None:
+        self.index = index
+        self.job = job
+        #: ``[(host, location)]``: the sources, then the last resorts.
+        self.plan: List[Tuple[Host, Location]] = []
+        #: How many of :attr:`plan` are sources (the rest are last resorts).
+        self.believed = 0
+        self.unreachable: List[str] = []
+        self.tries = _Tries()
+        #: A DownloadResult, or the CloudManagerError that stopped it, once known.
+        self.outcome: Any = None
+        #: Handed over by the group's call as it landed: no longer the group's.
+        self.delivered = False
 
 
 class _GaveUp(HostUnavailableError):
@@ -925,66 +975,88 @@ class UploadEngine:
         unreachable: List[str] = []
         plan = (self._plan_sources(sources, unreachable, ranked)
                 + self._plan_sources(last_resort, unreachable, ranked))
-        failures: List[HostError] = []
-        facts: List[Fact] = []
-        verdicts: List[Verdict] = []
-        tried: Set[str] = set()
-        held: Optional[Room] = None  # the room the next attempt writes into
-        abandoned = 0
+        tries = _Tries()
         try:
-            for host, location in plan:
-                if room is not None and held is None:
-                    try:
-                        held = room()
-                    except CloudManagerError as exc:
-                        if not tried:  # nothing tried: the caller's own error
-                            raise
-                        raise DownloadError(
-                            "no room for another download of %s while %d abandoned attempts "
-                            "still hold theirs: %s" % (file_hash, abandoned, exc),
-                            failures, facts, verdicts) from exc
-                dest = held.temp if held is not None else dest_path
-                assert dest is not None  # checked above
-                # Temp names start with the destination's name, which in the
-                # cache starts with the session token: reconciliation knows
-                # whose they are.
-                fd, temp = fsutil.open_temp(os.path.dirname(os.path.abspath(dest)),
-                                            layout.download_prefix(dest))
-                os.close(fd)
-                # The attempt's room is its own until it returns, and stays
-                # its call's if the engine gives up on it.
-                attempt_room, held = held, None
-                tried.add(host.name)
-                outcome = self._download_one(file_hash, size, host, location, dest, temp,
-                                             attempt_room, durable)
-                if outcome.abandoned:
-                    abandoned += 1
-                    # A room that lends part of a larger reservation learns
-                    # that it must outlive its lender (see Room).
-                    note = getattr(attempt_room, "abandoned", None)
-                    if callable(note):
-                        note()
-                else:
-                    held = attempt_room
-                facts.append(outcome.fact)
-                if outcome.verdict is not None:
-                    verdicts.append(outcome.verdict)
-                if outcome.error is None:
-                    log.info("downloaded %s from %s", file_hash, host.name)
-                    result = DownloadResult(location, facts, verdicts, held)
-                    held = None  # the caller's now
-                    return result
-                failures.append(outcome.error)
+            result = self._try_sources(file_hash, size, plan, dest_path, room, durable, tries)
+            if result is not None:
+                return result
         finally:
-            if held is not None:
-                self._give_back(held, "download of %s" % file_hash)
+            if tries.held is not None:
+                self._give_back(tries.held, "download of %s" % file_hash)
+                tries.held = None
             if ranked:  # probes of hosts not tried go back
-                self.health.release({h.name for h, _ in plan} - tried)
+                self.health.release({h.name for h, _ in plan} - tries.tried)
+        raise self._no_copy(file_hash, unreachable, tries)
+
+    @staticmethod
+    def _no_copy(file_hash: str, unreachable: Sequence[str], tries: _Tries) -> DownloadError:
+        """The DownloadError of a file no attempt delivered."""
         reason = "no host delivered a good copy of %s" % file_hash
         if unreachable:
             reason += " (no configured host can reach copies on %s)" % ", ".join(
                 sorted(set(unreachable)))
-        raise DownloadError(reason, failures, facts, verdicts)
+        return DownloadError(reason, tries.failures, tries.facts, tries.verdicts)
+
+    def _try_sources(self, file_hash: str, size: int, plan: Sequence[Tuple[Host, Location]],
+                     dest_path: Optional[str], room: Optional[Callable[[], Room]],
+                     durable: bool, tries: _Tries) -> Optional[DownloadResult]:
+        """Attempt ``plan``'s copies in turn, as :meth:`download` does, adding
+        to ``tries``: the result of the first that delivers, or None. The
+        room the next attempt would have used is left in ``tries.held``.
+
+        :raises CloudManagerError: what ``room()`` raised before anything was
+            tried; :class:`DownloadError` if it failed after an attempt was
+            given up on
+        """
+        for host, location in plan:
+            if room is not None and tries.held is None:
+                try:
+                    tries.held = room()
+                except CloudManagerError as exc:
+                    if not tries.tried:  # nothing tried: the caller's own error
+                        raise
+                    raise DownloadError(
+                        "no room for another download of %s while %d abandoned attempts "
+                        "still hold theirs: %s" % (file_hash, tries.abandoned, exc),
+                        tries.failures, tries.facts, tries.verdicts) from exc
+            dest = tries.held.temp if tries.held is not None else dest_path
+            assert dest is not None  # checked by download()
+            # Temp names start with the destination's name, which in the
+            # cache starts with the session token: reconciliation knows
+            # whose they are.
+            fd, temp = fsutil.open_temp(os.path.dirname(os.path.abspath(dest)),
+                                        layout.download_prefix(dest))
+            os.close(fd)
+            # The attempt's room is its own until it returns, and stays
+            # its call's if the engine gives up on it.
+            attempt_room, tries.held = tries.held, None
+            tries.tried.add(host.name)
+            outcome = self._download_one(file_hash, size, host, location, dest, temp,
+                                         attempt_room, durable)
+            if outcome.abandoned:
+                tries.abandoned += 1
+                self._note_abandoned(attempt_room)
+            else:
+                tries.held = attempt_room
+            tries.facts.append(outcome.fact)
+            if outcome.verdict is not None:
+                tries.verdicts.append(outcome.verdict)
+            if outcome.error is None:
+                log.info("downloaded %s from %s", file_hash, host.name)
+                result = DownloadResult(location, tries.facts, tries.verdicts, tries.held)
+                tries.held = None  # the caller's now
+                return result
+            tries.failures.append(outcome.error)
+        return None
+
+    @staticmethod
+    def _note_abandoned(room: Optional[Room]) -> None:
+        """Tell a room that the engine gave up on the attempt writing there: a
+        room that lends part of a larger reservation learns that it must
+        outlive its lender (see :class:`Room`)."""
+        note = getattr(room, "abandoned", None)
+        if callable(note):
+            note()
 
     @staticmethod
     def _undurable(fetch: Callable[..., Any]) -> Callable[..., Any]:
@@ -1005,10 +1077,18 @@ class UploadEngine:
 
         Each job fails over from host to host on its own, its bytes checked
         against its hash. The hosts' connection slots bound the transfers to
-        each host (``max_connections``) as for any call; the jobs in flight
-        are as many as all the hosts' connections together (at most the
-        engine's workers). Nothing is written but the files: the caller
-        records the results' facts and verdicts.
+        each host (``max_connections``) as for any call; the units of work
+        in flight are as many as all the hosts' connections together (at
+        most the engine's workers). A unit is one file, fetched as
+        :meth:`download` fetches it, or a group of files below
+        :data:`GROUP_FILE_MAX` bytes whose first copy is on a host that
+        :attr:`~cloudmanager.hosts.base.Host.can_batch` (up to
+        :data:`DOWNLOAD_GROUP` files and :data:`DOWNLOAD_GROUP_BYTES`),
+        whose first attempts go to each host in one call
+        (:meth:`~cloudmanager.hosts.base.Host.download_batch`, under one
+        deadline that grows with the group's bytes), each file handed over
+        as it lands; a file that fails there fails over alone. Nothing is written but the files: the
+        caller records the results' facts and verdicts.
 
         If a job is interrupted (an exception that is not a
         :class:`~cloudmanager.errors.CloudManagerError`, such as a
@@ -1019,7 +1099,8 @@ class UploadEngine:
         exception is raised.
 
         :param durable: see :meth:`download`
-        :param stop: once set, no further job starts (those running finish)
+        :param stop: once set, no further unit starts (the files of those
+            running finish: a group's files all)
         :param landed: ``landed(index, result)``, called in the caller's
             thread as each job ends, with what the list will hold for it
         :param idle: called in the caller's thread when no job has ended for
@@ -1033,11 +1114,13 @@ class UploadEngine:
         """
         results: List[Any] = [None] * len(jobs)
         # Lanes: as many workers as the hosts have connections in all, each
-        # taking the next job when it is done with one (no task per file).
+        # taking the next unit of work when it is done with one (no task
+        # per file): a large file, or a group of small ones.
         lanes = max(1, min(sum(h.max_connections for h in self.hosts.values()),
                            self.workers))
+        units = self._units(jobs, lanes)
         done: queue.SimpleQueue = queue.SimpleQueue()
-        following = iter(range(len(jobs)))
+        following = iter(units)
         take = threading.Lock()
         halt = threading.Event()  # a job was interrupted, or the caller was
 
@@ -1045,26 +1128,27 @@ class UploadEngine:
             try:
                 while not halt.is_set() and not (stop is not None and stop.is_set()):
                     with take:
-                        index = next(following, None)
-                    if index is None:
+                        unit = next(following, None)
+                    if unit is None:
                         return
-                    job = jobs[index]
                     try:
-                        outcome: Any = self.download(job.file_hash, job.size, job.sources,
-                                                     None, job.last_resort, True, job.room,
-                                                     durable)
-                    except CloudManagerError as exc:
-                        outcome = exc
+                        if len(unit) > 1:
+                            outcomes = self._download_group(
+                                [(i, jobs[i]) for i in unit], durable,
+                                lambda i, result: done.put((i, result, None)))
+                        else:
+                            outcomes = [(unit[0], self._download_job(jobs[unit[0]], durable))]
                     except BaseException as exc:
                         halt.set()
-                        done.put((index, None, exc))
+                        done.put((unit[0], None, exc))
                         return
-                    done.put((index, outcome, None))
+                    for index, outcome in outcomes:
+                        done.put((index, outcome, None))
             finally:
                 done.put(None)  # this lane has ended
 
         running = 0
-        for _ in range(min(lanes, len(jobs))):
+        for _ in range(min(lanes, len(units))):
             self._spawn(lane)
             running += 1
         handed: Set[int] = set()
@@ -1104,6 +1188,261 @@ class UploadEngine:
                     self._give_back(result.room, "download of %s" % jobs[index].file_hash)
             raise failure
         return results
+
+    def _groupable(self, job: DownloadJob) -> bool:
+        """Whether ``job`` goes in a group: a file below :data:`GROUP_FILE_MAX`
+        bytes whose first copy is on a host that takes groups cheaply
+        (:attr:`~cloudmanager.hosts.base.Host.can_batch`: a folder). Files
+        on other hosts (the network's: S3, WebDAV, plowshare) go one per
+        call, so that each one hanging holds up no other file and ``stop``
+        stops between files."""
+        if job.size >= GROUP_FILE_MAX or not job.sources:
+            return False
+        host = self.hosts.get(job.sources[0][0])
+        return host is not None and host.can_batch
+
+    def _units(self, jobs: Sequence[DownloadJob], lanes: int) -> List[List[int]]:
+        """The indexes of ``jobs`` in units of work for :meth:`download_many`'s
+        lanes: a file that is not :meth:`_groupable` alone; the others in
+        groups of consecutive files, up to :data:`DOWNLOAD_GROUP` files and
+        :data:`DOWNLOAD_GROUP_BYTES` bytes, and no more files than spread
+        them over every lane."""
+        groupable = [self._groupable(job) for job in jobs]
+        most = max(1, min(DOWNLOAD_GROUP, -(-sum(groupable) // lanes)))
+        units: List[List[int]] = []
+        group: List[int] = []
+        total = 0
+        for index, job in enumerate(jobs):
+            if not groupable[index]:
+                units.append([index])
+                continue
+            if group and (len(group) >= most or total + job.size > DOWNLOAD_GROUP_BYTES):
+                units.append(group)
+                group, total = [], 0
+            group.append(index)
+            total += job.size
+        if group:
+            units.append(group)
+        return units
+
+    def _download_job(self, job: DownloadJob, durable: bool
+                      ) -> Union[DownloadResult, CloudManagerError]:
+        """One job of :meth:`download_many` alone: its result or its error."""
+        try:
+            return self.download(job.file_hash, job.size, job.sources, None, job.last_resort,
+                                 True, job.room, durable)
+        except CloudManagerError as exc:
+            return exc
+
+    def _download_group(self, group: Sequence[Tuple[int, DownloadJob]], durable: bool,
+                        deliver: Callable[[int, DownloadResult], None]
+                        ) -> List[Tuple[int, Union[DownloadResult, CloudManagerError]]]:
+        """Jobs of :meth:`download_many` as a group: each file's first attempt
+        in one call per host (:meth:`Host.download_batch`), the files that
+        failed there failing over one by one as :meth:`download` does.
+
+        The hosts are ranked once for the group. Each file writes straight
+        into its room's ``temp`` (a name nobody else uses), checked against
+        its hash as :meth:`download` checks it, and is handed over as soon
+        as it is (``deliver(index, result)``, from the call's thread), so
+        that an object that hangs holds up no file before it in the group. A
+        call the engine gives up on keeps the rooms of the files it had not
+        delivered until it ends (its cleanup removes their files, then gives
+        the rooms back).
+
+        :return: ``[(index, outcome)]`` of the files not delivered: a
+            :class:`DownloadResult` (its room the caller's) or the error
+            that stopped the file
+        :raises BaseException: an interruption (not a CloudManagerError):
+            the files' rooms held here are given back first, except those
+            of a call still running (the caller's rooms give them back)
+        """
+        members = [_Member(index, job) for index, job in group]
+        for m in members:
+            m.plan = self._plan_sources(m.job.sources, m.unreachable, False)
+            m.believed = len(m.plan)
+            m.plan += self._plan_sources(m.job.last_resort, m.unreachable, False)
+        ranked: Set[str] = set()
+        if any(len({h.name for h, _ in m.plan}) > 1 for m in members):
+            # One ranking for the group, not a look at the breakers per file.
+            hosts = {h.name: h for m in members for h, _ in m.plan}
+            usable, cooling = self.health.ranked(hosts.values())
+            order = {h.name: i for i, h in enumerate(usable + cooling)}
+            ranked = set(order)
+            for m in members:  # the believed copies first, then the last resorts
+                m.plan = (sorted(m.plan[:m.believed], key=lambda p: order[p[0].name])
+                          + sorted(m.plan[m.believed:], key=lambda p: order[p[0].name]))
+        try:
+            first: Dict[str, List[_Member]] = {}
+            for m in members:
+                if not m.plan:
+                    continue
+                try:
+                    m.tries.held = m.job.room()
+                except CloudManagerError as exc:  # nothing tried: the caller's own error
+                    m.outcome = exc
+                    continue
+                first.setdefault(m.plan[0][0].name, []).append(m)
+            for batch in first.values():
+                self._group_attempt(batch[0].plan[0][0], batch, durable, deliver)
+            for m in members:
+                if m.outcome is not None or m.delivered:
+                    continue
+                tried = 1 if m.tries.tried else 0  # the group's attempt, if it made one
+                try:
+                    result = self._try_sources(m.job.file_hash, m.job.size, m.plan[tried:],
+                                               None, m.job.room, durable, m.tries)
+                except CloudManagerError as exc:
+                    m.outcome = exc
+                    continue
+                if m.tries.held is not None:
+                    self._give_back(m.tries.held, "download of %s" % m.job.file_hash)
+                    m.tries.held = None
+                m.outcome = result if result is not None else self._no_copy(
+                    m.job.file_hash, m.unreachable, m.tries)
+        except BaseException:
+            for m in members:
+                if m.delivered:  # the caller's
+                    continue
+                if isinstance(m.outcome, DownloadResult) and m.outcome.room is not None:
+                    self._give_back(m.outcome.room, "download of %s" % m.job.file_hash)
+                if m.tries.held is not None:
+                    self._give_back(m.tries.held, "download of %s" % m.job.file_hash)
+            raise
+        finally:
+            if ranked:  # probes of hosts not tried go back
+                self.health.release(ranked - {n for m in members for n in m.tries.tried})
+        return [(m.index, m.outcome) for m in members if not m.delivered]
+
+    def _group_attempt(self, host: Host, members: Sequence[_Member], durable: bool,
+                       deliver: Callable[[int, DownloadResult], None]) -> None:
+        """The first attempt of ``members`` on ``host``, in one call. Each
+        file verified as it lands is delivered (``deliver(index, result)``)
+        at once, from the call's thread, and marked ``delivered``; every
+        other member's ``tries`` learns what its attempt found. A member
+        whose attempt failed keeps its room in ``tries.held`` (its file
+        removed); one whose call the engine gave up on leaves it to the call.
+        """
+        rooms: List[Room] = []
+        for m in members:
+            assert m.tries.held is not None  # taken by _download_group
+            rooms.append(m.tries.held)
+            m.tries.held = None  # the attempt's own until it returns
+            m.tries.tried.add(host.name)
+        items = [(m.plan[0][1].url, room.temp, m.job.size) for m, room in zip(members, rooms)]
+        what = "download of %d files" % len(members)
+        lock = threading.Lock()
+        given_up = [False]  # the engine gave up on the call: what is left is its cleanup's
+        clock = [time.monotonic()]  # when the last file landed
+
+        def landed(k: int, received: Any) -> None:  # in the call's thread
+            m, room = members[k], rooms[k]
+            now = time.monotonic()
+            latency_ms, clock[0] = (now - clock[0]) * 1000, now
+            try:
+                self._verified(host, m.job.file_hash, m.job.size, room.temp, received)
+            except Exception:  # told after the call, from the list it returns
+                return
+            location = m.plan[0][1]
+            fact = Fact(host.name, True, latency_ms, downloaded=m.job.size)
+            result = DownloadResult(location, m.tries.facts + [fact],
+                                    m.tries.verdicts + [Verdict(location, "good")], room)
+            with lock:
+                if given_up[0]:
+                    return
+                m.delivered = True
+            log.debug("downloaded %s from %s", m.job.file_hash, host.name)
+            deliver(m.index, result)
+
+        def cleanup() -> None:  # the engine gave up on the call, which ended at last
+            for m, room in zip(members, rooms):
+                if not m.delivered:
+                    fsutil.remove_quietly(room.temp)
+                    self._give_back(room, "download of %s" % m.job.file_hash)
+
+        fetch = host.download_batch if durable else self._undurable(host.download_batch)
+        try:
+            got: Any = self._call(host, what, self.deadline(host, sum(i[2] for i in items)),
+                                  fetch, items, landed, cleanup=cleanup)
+        except _GaveUp as exc:
+            with lock:
+                given_up[0] = True
+            # The call writes on: its files, and its rooms, are its cleanup's.
+            for m, room in zip(members, rooms):
+                if not m.delivered:
+                    m.tries.abandoned += 1
+                    self._note_abandoned(room)
+                    self._tell(m, *self._download_failed(m.job.file_hash, host, m.plan[0][1],
+                                                         exc))
+            return
+        except HostError as exc:
+            got = [exc] * len(items)
+        except Exception as exc:  # a host bug must not stop the failover
+            got = [TransientHostError(host.name, repr(exc))] * len(items)
+        except BaseException:
+            # Interrupted: the rooms stay reserved (as download() leaves its
+            # attempt's), given back by whoever lent them.
+            for m, room in zip(members, rooms):
+                if not m.delivered:
+                    fsutil.remove_quietly(room.temp)
+            raise
+        if not isinstance(got, list) or len(got) != len(items):  # a host's bug
+            got = [TransientHostError(host.name, "download_batch returned %.60r for %d files"
+                                      % (got, len(items)))] * len(items)
+        for m, room, received in zip(members, rooms, got):
+            if m.delivered:
+                continue
+            location = m.plan[0][1]
+            try:
+                self._verified(host, m.job.file_hash, m.job.size, room.temp, received)
+                # Right bytes the host did not report as they landed.
+                m.tries.facts.append(Fact(host.name, True, 0.0, downloaded=m.job.size))
+                m.tries.verdicts.append(Verdict(location, "good"))
+                m.outcome = DownloadResult(location, m.tries.facts, m.tries.verdicts, room)
+                continue
+            except (HostError, IntegrityError, OSError) as exc:
+                error: Exception = exc
+            except Exception as exc:  # a host bug must not stop the failover
+                error = TransientHostError(host.name, repr(exc))
+            fsutil.remove_quietly(room.temp)
+            m.tries.held = room  # for the next attempt
+            self._tell(m, *self._download_failed(m.job.file_hash, host, location, error))
+
+    @staticmethod
+    def _tell(member: _Member, error: HostError, fact: Fact, verdict: Optional[Verdict]) -> None:
+        """Add a failed attempt's findings to ``member``'s tries."""
+        member.tries.failures.append(error)
+        member.tries.facts.append(fact)
+        if verdict is not None:
+            member.tries.verdicts.append(verdict)
+
+    @staticmethod
+    def _verified(host: Host, file_hash: str, size: int, path: str, received: Any) -> None:
+        """Check what a download wrote at ``path`` (``received``: what the host
+        said of it, or its error) against ``file_hash`` and ``size``, and
+        make the file private.
+
+        :raises HostError: the host's own error for the file
+        :raises IntegrityError: if the bytes are not the file's
+        :raises TransientHostError: if they are, but not of the recorded size
+        """
+        if isinstance(received, HostError):
+            raise received
+        if isinstance(received, Received):
+            # The host hashed the bytes as it wrote them: they are read once.
+            got_hash, got_size = received
+        else:
+            # It could not (an external tool wrote the file), or it is a
+            # host written before downloads returned a digest: a second read.
+            got_hash, got_size = fsutil.hash_file(path)
+        if got_hash != file_hash:
+            raise IntegrityError("%s sent %d bytes hashing to %s" % (
+                host.name, got_size, got_hash))
+        if got_size != size:  # the right bytes: the recorded size is wrong
+            raise TransientHostError(host.name, "the copy has %d bytes but %d are "
+                                     "recorded; not using it" % (got_size, size))
+        # Private, whatever mode the host's tool gave the file.
+        os.chmod(path, fsutil.FILE_MODE)
 
     @staticmethod
     def _give_back(room: Room, what: str) -> None:
@@ -1154,21 +1493,7 @@ class UploadEngine:
             received = self._call(host, what, self.deadline(host, size),
                                   host.download if durable else self._undurable(host.download),
                                   location.url, temp, size, cleanup=cleanup)
-            if isinstance(received, Received):
-                # The host hashed the bytes as it wrote them: they are read once.
-                got_hash, got_size = received
-            else:
-                # It could not (an external tool wrote the file), or it is a
-                # host written before downloads returned a digest: a second read.
-                got_hash, got_size = fsutil.hash_file(temp)
-            if got_hash != file_hash:
-                raise IntegrityError("%s sent %d bytes hashing to %s" % (
-                    host.name, got_size, got_hash))
-            if got_size != size:  # the right bytes: the recorded size is wrong
-                raise TransientHostError(host.name, "the copy has %d bytes but %d are "
-                                         "recorded; not using it" % (got_size, size))
-            # Private, whatever mode the host's tool gave the file.
-            os.chmod(temp, fsutil.FILE_MODE)
+            self._verified(host, file_hash, size, temp, received)
             os.replace(temp, dest_path)
         except _GaveUp as exc:
             # The call writes on: its files, and its room, are its cleanup's.

@@ -549,6 +549,12 @@ def syncs_deferred():
         _SYNCS_DEFERRED.reset(token)
 
 
+def syncs_are_deferred() -> bool:
+    """Whether this thread runs within :func:`syncs_deferred` (a host that
+    writes its files without :func:`atomic_write` obeys it through this)."""
+    return _SYNCS_DEFERRED.get()
+
+
 @contextlib.contextmanager
 def atomic_write(final_path, fsync=True, readable=False):
     """Write ``final_path`` atomically: yields a binary file object on a temp file.

@@ -287,8 +287,11 @@ class CloudManager(OriginalMethods):
         :param progress: called with the byte count of each chunk received
             from a host, from the threads that move them (see :meth:`warm_up`)
         :param stop: an event; once it is set, no further file starts: the
-            files in flight are finished and cached, and the others are
-            ``False`` (not logged one by one) and never given to ``landed``
+            files in flight are finished and cached (small files are
+            fetched in groups: the whole groups in flight, at most
+            :data:`~cloudmanager.engine.DOWNLOAD_GROUP` files per
+            connection), and the others are ``False`` (not logged one by
+            one) and never given to ``landed``
         :param landed: ``landed(hash, value)``, called in the caller's thread
             as each distinct file's outcome is known (hits first, then as
             they are cached), with the value the list will hold for it; not

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from cloudmanager.crypto import new_identity_file
+from cloudmanager.engine import DOWNLOAD_GROUP, GROUP_FILE_MAX
 from cloudmanager.hosts.folder import FolderHost
 
 
@@ -21,8 +22,11 @@ def sha(data):
 
 
 class WatchedFolder(FolderHost):
-    """A real folder host whose downloads are counted while they run: the
-    most that ever ran at once, and every call (a test host, not a mock)."""
+    """A real folder host whose calls are counted while they run: the most
+    that ever ran at once (a group of downloads is one call, on one
+    connection), every object asked for, and the groups (a test host, not a
+    mock). With a ``pause``, each object takes that long (a slow channel),
+    and a group is fetched object by object through the folder's own loop."""
 
     def __init__(self, *args, pause=0.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -30,19 +34,44 @@ class WatchedFolder(FolderHost):
         self.running = 0
         self.most = 0
         self.calls = 0
+        self.batches = 0
+        self.singles = 0
         self._count = threading.Lock()
 
-    def download(self, url, dest_path, max_bytes=None):
+    def _enter(self, objects, batch):
         with self._count:
             self.running += 1
-            self.calls += 1
+            self.calls += objects
+            self.batches += batch
+            self.singles += not batch
             self.most = max(self.most, self.running)
+
+    def _leave(self):
+        with self._count:
+            self.running -= 1
+
+    def download(self, url, dest_path, max_bytes=None):
+        self._enter(1, False)
         try:
             time.sleep(self.pause)  # a slow channel: overlapping calls overlap
             return super().download(url, dest_path, max_bytes)
         finally:
-            with self._count:
-                self.running -= 1
+            self._leave()
+
+    def download_batch(self, items, landed=None):
+        self._enter(len(items), True)
+        try:
+            if not self.pause:
+                return super().download_batch(items, landed)
+            results = []
+            for k, item in enumerate(items):
+                time.sleep(self.pause)
+                results += super().download_batch([item])
+                if landed is not None:
+                    landed(k, results[-1])
+            return results
+        finally:
+            self._leave()
 
 
 def upload_files(cm, write_file, count, size=4096, prefix="f"):
@@ -125,8 +154,10 @@ def test_a_hosts_connection_bound_is_held(make_pool, write_file, tmp_path):
     paths = cm.warm_up_many(list(files))
     assert all(open(p, "rb").read() == files[h] for h, p in zip(files, paths))
     assert watched.calls == 24
-    # Never more than its two connections; and the two were used at once.
+    # Never more than its two connections; and the two were used at once,
+    # by two groups of twelve (one per connection).
     assert watched.most == 2
+    assert (watched.batches, watched.singles) == (2, 0)
 
 
 def test_failover_under_parallelism_marks_the_bad_copies(make_pool, write_file, tmp_path):
@@ -202,11 +233,11 @@ def test_an_exception_mid_batch_keeps_what_was_told_and_leaves_nothing_else(
         make_pool, write_file, tmp_path):
     root = tmp_path / "slow"
     root.mkdir()
-    # 80 files through two connections, 30 ms each: at least 1.2 s, so files
-    # are published (and told) in several groups while others still arrive.
-    slow = WatchedFolder(str(root), name="slow", fsync=False, max_connections=2, pause=0.03)
+    # Two groups through one connection, 10 ms per file: the first group
+    # is published (and told) while the second still arrives.
+    slow = WatchedFolder(str(root), name="slow", fsync=False, max_connections=1, pause=0.01)
     cm = make_pool(capacity=1 << 20, hosts=[slow], redundancy=1)
-    files = upload_files(cm, write_file, 80)
+    files = upload_files(cm, write_file, 2 * DOWNLOAD_GROUP)
     hashes = list(files)
     cm.evict(0)
     told = []
@@ -220,18 +251,19 @@ def test_an_exception_mid_batch_keeps_what_was_told_and_leaves_nothing_else(
         cm.warm_up_many(hashes, landed=landed)
     assert_cache_is_whole(cm)
     cached = {h for h in hashes if cm.on_cache(h)}
-    assert set(told) <= cached and len(cached) < 80
+    assert set(told) <= cached and len(cached) < len(hashes)
     for file_hash in cached:
         assert open(cm.pool.cache.path_for(file_hash), "rb").read() == files[file_hash]
 
 
-def test_stop_finishes_the_files_in_flight_and_starts_no_other(make_pool, write_file,
-                                                               tmp_path):
+def test_stop_finishes_the_groups_in_flight_and_starts_no_other(make_pool, write_file,
+                                                                tmp_path):
     root = tmp_path / "slow"
     root.mkdir()
-    slow = WatchedFolder(str(root), name="slow", fsync=False, max_connections=2, pause=0.05)
+    slow = WatchedFolder(str(root), name="slow", fsync=False, max_connections=2, pause=0.01)
     cm = make_pool(hosts=[slow], redundancy=1)
-    files = upload_files(cm, write_file, 20)
+    # Five groups for two connections: two in flight, three not started.
+    files = upload_files(cm, write_file, 4 * DOWNLOAD_GROUP + 10, size=600)
     hashes = list(files)
     cm.evict(0)
     stop = threading.Event()
@@ -240,14 +272,16 @@ def test_stop_finishes_the_files_in_flight_and_starts_no_other(make_pool, write_
     def landed(file_hash, value):
         told[file_hash] = value
 
-    # Set as the first bytes arrive: the two files on the host's two
-    # connections are in flight then, and no other starts.
+    # Set as the first bytes arrive: the groups on the host's two
+    # connections are in flight then (each object takes 10 ms), and no
+    # other starts.
     paths = cm.warm_up_many(hashes, stop=stop, landed=landed,
                             progress=lambda nbytes: stop.set())
-    assert slow.calls == 2
+    assert slow.batches == 2 and slow.calls == 2 * DOWNLOAD_GROUP
     assert sorted(told) == sorted(h for h, p in zip(hashes, paths) if p)
-    assert len(told) == 2 and all(open(p, "rb").read() == files[h] for h, p in told.items())
-    assert sum(1 for p in paths if p is False) == 18
+    assert len(told) == 2 * DOWNLOAD_GROUP
+    assert all(open(p, "rb").read() == files[h] for h, p in told.items())
+    assert sum(1 for p in paths if p is False) == len(hashes) - 2 * DOWNLOAD_GROUP
     assert_cache_is_whole(cm)
 
 
@@ -322,22 +356,36 @@ def test_restore_brings_a_trees_files_in_through_the_parallel_batches(make_pool,
 
 class HangingFolder(FolderHost):
     """A real folder host whose download of some objects hangs past the
-    engine's deadline (a dead mount, say), then goes on and ends."""
+    engine's deadline (a dead mount, say), then goes on and ends; a group
+    holding one of them hangs whole (its objects are noted in ``hung``)."""
 
     def __init__(self, *args, hang=(), hang_seconds=2.5, **kwargs):
         super().__init__(*args, **kwargs)
         self.hang = set(hang)
         self.hang_seconds = hang_seconds
+        self.hung = []
         self.ended = threading.Event()
 
     def download(self, url, dest_path, max_bytes=None):
         if url.rsplit("/", 1)[-1] in self.hang:
+            self.hung.append(url.rsplit("/", 1)[-1])
             time.sleep(self.hang_seconds)
             try:
                 return super().download(url, dest_path, max_bytes)
             finally:
                 self.ended.set()
         return super().download(url, dest_path, max_bytes)
+
+    def download_batch(self, items, landed=None):
+        names = [url.rsplit("/", 1)[-1] for url, _, _ in items]
+        if self.hang.isdisjoint(names):
+            return super().download_batch(items, landed)
+        self.hung += names
+        time.sleep(self.hang_seconds)
+        try:
+            return super().download_batch(items, landed)
+        finally:
+            self.ended.set()
 
 
 def test_a_call_given_up_keeps_its_room_until_it_ends(make_pool, write_file, tmp_path):
@@ -357,8 +405,15 @@ def test_a_call_given_up_keeps_its_room_until_it_ends(make_pool, write_file, tmp
     # The engine gave up on the hung call and took the file from the other host.
     assert all(open(p, "rb").read() == files[h] for h, p in zip(hashes, paths))
     assert not hanging.ended.is_set()
-    # The batch has ended; the call still runs, within a room of its own.
-    assert reserved(cm) == len(files[hashes[3]])
+    # The engine gave up on a group of files (two: 10 files for 5 lanes),
+    # which all came from the other host.
+    assert hashes[3] in hanging.hung and len(hanging.hung) == 2
+    states = {h: {row.host_name: row.state for row in cm.pool.db.copies.of(h)}
+              for h in hanging.hung}
+    assert all(s == {"hanging": "good", "fine": "good"} for s in states.values())
+    # The batch has ended; the call still runs, within rooms of its own
+    # (one per file of its group).
+    assert reserved(cm) == sum(len(files[h]) for h in hanging.hung)
     assert cm.pool.cache.used_bytes() + reserved(cm) <= cm.pool.cache.capacity
     assert hanging.ended.wait(30)
     for _ in range(300):  # its cleanup runs once the call has returned
@@ -366,3 +421,156 @@ def test_a_call_given_up_keeps_its_room_until_it_ends(make_pool, write_file, tmp
             break
         time.sleep(0.05)
     assert_cache_is_whole(cm)
+
+
+def test_groups_of_small_files_and_large_ones_alone(make_pool, write_file, tmp_path):
+    root = tmp_path / "watched"
+    root.mkdir()
+    watched = WatchedFolder(str(root), name="watched", fsync=False, max_connections=1)
+    cm = make_pool(capacity=8 << 20, hosts=[watched], redundancy=1)
+    # 150 small files for one connection: groups of 64, 64 and 22; two
+    # files of GROUP_FILE_MAX bytes or more, each alone (download()).
+    files = upload_files(cm, write_file, 150, size=3000)
+    big = {}
+    for i in range(2):
+        data = os.urandom(GROUP_FILE_MAX + i)
+        big[cm.upload(write_file("big%d" % i, data))] = data
+    hashes = list(files)[:70] + list(big) + list(files)[70:]
+    cm.evict(0)
+    watched.calls = 0
+    paths = cm.warm_up_many(hashes)
+    everything = dict(files, **big)
+    for file_hash, path in zip(hashes, paths):
+        with open(path, "rb") as f:
+            assert f.read() == everything[file_hash]
+    assert (watched.batches, watched.singles, watched.calls) == (3, 2, 152)
+    assert watched.most == 1
+    assert_cache_is_whole(cm)
+
+
+def test_a_group_with_missing_bad_and_grown_objects(make_pool, write_file, tmp_path):
+    roots = [tmp_path / "first", tmp_path / "second"]
+    for root in roots:
+        root.mkdir()
+    first = WatchedFolder(str(roots[0]), name="first", fsync=False, max_connections=1)
+    first.weight = 10.0  # tried first for every file
+    second = WatchedFolder(str(roots[1]), name="second", fsync=False, max_connections=1)
+    cm = make_pool(hosts=[first, second], redundancy=2)
+    files = upload_files(cm, write_file, 40)
+    hashes = list(files)
+    missing, corrupt, short, grown = hashes[1:4], hashes[10:13], hashes[20:22], hashes[30:32]
+    for file_hash in missing:
+        os.unlink(roots[0] / file_hash)
+    for file_hash in corrupt:
+        (roots[0] / file_hash).write_bytes(b"not the file" + files[file_hash][12:])
+    for file_hash in short:
+        (roots[0] / file_hash).write_bytes(files[file_hash][:-1])
+    for file_hash in grown:
+        (roots[0] / file_hash).write_bytes(files[file_hash] + b"more")
+    cm.evict(0)
+    first.calls = second.calls = 0
+    paths = cm.warm_up_many(hashes)
+    for file_hash, path in zip(hashes, paths):
+        assert open(path, "rb").read() == files[file_hash]
+    # Two lanes, groups of 20: every file's first attempt was in a group on
+    # the first host; only the failed ones went on to the second, alone.
+    assert (first.batches, first.singles, first.calls) == (2, 0, 40)
+    failed = missing + corrupt + short + grown
+    assert second.calls == len(failed) and second.batches == 0
+    states = {h: {row.host_name: row.state for row in cm.pool.db.copies.of(h)}
+              for h in hashes}
+    assert all(states[h] == {"first": "missing", "second": "good"} for h in missing)
+    assert all(states[h] == {"first": "bad", "second": "good"} for h in corrupt + short)
+    # More bytes than recorded: refused, but not proof the copy is bad.
+    assert all(states[h] == {"first": "good", "second": "good"} for h in grown)
+    assert all(states[h] == {"first": "good", "second": "good"}
+               for h in hashes if h not in failed)
+    assert_cache_is_whole(cm)
+
+
+def test_an_interruption_mid_group_leaves_nothing(make_pool, write_file, tmp_path):
+    root = tmp_path / "only"
+    root.mkdir()
+    only = WatchedFolder(str(root), name="only", fsync=False, max_connections=1)
+    cm = make_pool(capacity=1 << 20, hosts=[only], redundancy=1)
+    files = upload_files(cm, write_file, 30)  # one group of 30
+    hashes = list(files)
+    cm.evict(0)
+    arrived = [0]
+
+    def interrupt(nbytes):  # Ctrl-C at the tenth file of the group
+        arrived[0] += 1
+        if arrived[0] == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cm.warm_up_many(hashes, progress=interrupt)
+    assert only.batches == 1
+    # Ten files were written, none landed: no temp file, no reservation.
+    assert_cache_is_whole(cm)
+    assert not any(cm.on_cache(h) for h in hashes)
+    paths = cm.warm_up_many(hashes)
+    assert all(open(p, "rb").read() == files[h] for h, p in zip(hashes, paths))
+    assert_cache_is_whole(cm)
+
+
+def test_a_group_fails_over_when_its_host_is_unmounted(make_pool, write_file, tmp_path):
+    roots = [tmp_path / "first", tmp_path / "second"]
+    for root in roots:
+        root.mkdir()
+    first = WatchedFolder(str(roots[0]), name="first", fsync=False, max_connections=2)
+    first.weight = 10.0
+    second = WatchedFolder(str(roots[1]), name="second", fsync=False, max_connections=2)
+    cm = make_pool(hosts=[first, second], redundancy=2)
+    files = upload_files(cm, write_file, 24)
+    hashes = list(files)
+    cm.evict(0)
+    first.require_marker = True
+    os.unlink(roots[0] / FolderHost.MARKER_NAME)  # an empty mount point, say
+    paths = cm.warm_up_many(hashes)
+    assert all(open(p, "rb").read() == files[h] for h, p in zip(hashes, paths))
+    # An outage condemns nothing.
+    assert all({row.state for row in cm.pool.db.copies.of(h)} == {"good"} for h in hashes)
+    assert first.batches >= 1 and second.calls == 24
+    assert_cache_is_whole(cm)
+
+
+def test_an_object_hanging_mid_group_holds_up_no_file_before_it(make_pool, write_file,
+                                                                  tmp_path):
+    roots = [tmp_path / "first", tmp_path / "second"]
+    for root in roots:
+        root.mkdir()
+    first = WatchedFolder(str(roots[0]), name="first", fsync=False, max_connections=2,
+                          timeout=0.3)
+    first.weight = 10.0  # tried first for every file
+    second = WatchedFolder(str(roots[1]), name="second", fsync=False, max_connections=1)
+    cm = make_pool(hosts=[first, second], redundancy=2)
+    files = upload_files(cm, write_file, 20)
+    hashes = list(files)
+    # Three lanes, groups of 7, 7 and 6 on the first host (two at a time);
+    # the fifth object of the first group hangs (a FIFO no one writes yet:
+    # a dead mount, say).
+    hung = hashes[4]
+    os.unlink(roots[0] / hung)
+    os.mkfifo(roots[0] / hung)
+    cm.evict(0)
+    first.calls = second.calls = 0
+    told = []
+    paths = cm.warm_up_many(hashes, landed=lambda h, path: told.append(h))
+    assert all(open(p, "rb").read() == files[h] for h, p in zip(hashes, paths))
+    # The four files before it came from the first host, as did the other
+    # groups; the engine gave up on its group then: it and the two after it
+    # came from the second host, one by one.
+    assert second.calls == 3 and second.batches == 0
+    assert set(told) == set(hashes)
+    # The call given up on still holds the rooms of its files not delivered.
+    assert reserved(cm) == sum(len(files[h]) for h in hashes[4:7])
+    assert cm.pool.cache.used_bytes() + reserved(cm) <= cm.pool.cache.capacity
+    with open(roots[0] / hung, "wb") as fifo:  # the mount comes back
+        fifo.write(files[hung])
+    for _ in range(300):  # the calls end, and their cleanups run
+        if reserved(cm) == 0 and not temp_files(cm):
+            break
+        time.sleep(0.05)
+    assert_cache_is_whole(cm)
+    assert all({row.state for row in cm.pool.db.copies.of(h)} == {"good"} for h in hashes)

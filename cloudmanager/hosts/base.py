@@ -24,7 +24,9 @@ import logging
 import os
 import re
 import secrets
-from typing import IO, Any, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Tuple, Union
+from typing import (
+    IO, Any, Callable, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Tuple, Union,
+)
 
 from .. import fsutil
 from ..errors import (
@@ -229,8 +231,9 @@ class Host:
     can_delete = False
     #: Whether :meth:`stat` and :meth:`exists` work without downloading.
     can_check = False
-    #: Whether :meth:`upload_batch` makes a group of files cheaper than
-    #: :meth:`upload` one by one (the engine then hands it whole groups).
+    #: Whether :meth:`upload_batch` and :meth:`download_batch` make a group
+    #: of files cheaper than :meth:`upload` and :meth:`download` one by one
+    #: (the engine then hands it whole groups of small files).
     can_batch = False
     #: Whether :meth:`list` and :meth:`list_objects` work.
     can_list = False
@@ -359,6 +362,43 @@ class Host:
         :raises HostError: on any other failure
         """
         raise NotImplementedError
+
+    def download_batch(self, items: Sequence[Tuple[str, str, Optional[int]]],
+                       landed: Optional[Callable[[int, Union[Received, None, HostError]],
+                                                 None]] = None
+                       ) -> List[Union[Received, None, HostError]]:
+        """:meth:`download` several objects: ``[(url, dest_path, max_bytes)]``.
+
+        For a caller that fetches many small objects from this host at once
+        (:meth:`cloudmanager.engine.UploadEngine.download_many` sends a host
+        that :attr:`can_batch` groups of them in one call). Each ``dest_path`` is a new name the
+        caller owns in a directory of its own: the host may write it in
+        place rather than through a temp file and a rename; on a failure it
+        may leave a partial file there, which the caller removes. One item
+        failing does not stop the others. This default calls
+        :meth:`download` item by item; a host that does better as a batch
+        overrides it (see :class:`~cloudmanager.hosts.folder.FolderHost`).
+
+        :param items: ``(url, dest_path, max_bytes)``, as :meth:`download` takes them
+        :param landed: ``landed(k, outcome)``, called as item ``k`` ends
+            (before the next begins), with what the list will hold for it: the
+            caller may take a file before the batch ends (one object that
+            hangs then holds up no file before it)
+        :return: per item, in order, what :meth:`download` returned for it
+            (a :class:`Received`, or None if the host did not hash the
+            bytes), or the :class:`~cloudmanager.errors.HostError` that
+            stopped it (a missing object stays a
+            :class:`~cloudmanager.errors.HostNotFoundError`)
+        """
+        results: List[Union[Received, None, HostError]] = []
+        for k, (url, dest_path, max_bytes) in enumerate(items):
+            try:
+                results.append(self.download(url, dest_path, max_bytes))
+            except HostError as exc:
+                results.append(exc)
+            if landed is not None:
+                landed(k, results[-1])
+        return results
 
     def accepts(self, url: object) -> bool:
         """Whether this host can download ``url`` (one recorded by any node).

@@ -14,13 +14,14 @@ the marker is then an empty mount point, an outage, not a folder whose every
 copy is lost.
 """
 
+import hashlib
 import logging
 import os
 import stat
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
-from .. import fsutil
+from .. import fsutil, meter
 from ..errors import (
     HostError,
     HostNotFoundError,
@@ -36,6 +37,14 @@ from .base import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Objects of this many bytes or more are copied by :meth:`FolderHost.download`
+#: within a batch (in chunks, pipelined when large) rather than in one read.
+BATCH_READ_MAX = 1 << 20
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+#: How a batch creates a destination: new, private, never through a symlink.
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | _CLOEXEC
 
 #: What the marker file says, for whoever finds it.
 MARKER_TEXT = (b"cloudmanager folder host\n"
@@ -94,6 +103,8 @@ class FolderHost(Host):
         self.root: str = os.path.normpath(root)
         self.name = name or "dir:" + self.root
         self.fsync = fsync
+        #: What the URL of every object of this folder starts with.
+        self._url_root: str = self._location(os.path.join(self.root, "")).url
         #: The marker file's path.
         self.marker_path: str = os.path.join(self.root, self.MARKER_NAME)
         #: Whether a root without the marker is an outage. The pool sets it
@@ -206,6 +217,13 @@ class FolderHost(Host):
         return os.path.join(self.root, name)
 
     def _path_of(self, url: object) -> str:
+        # The URLs this host makes (its own root, quoted, then a SHA-256):
+        # a prefix and a name check, without parsing (a warm-up of many
+        # files asks for every one of them twice).
+        if isinstance(url, str) and url.startswith(self._url_root):
+            name = url[len(self._url_root):]
+            if is_hash(name):
+                return os.path.join(self.root, name)
         checked: str = check_url(url, schemes={"file"})  # refuses a non-string too
         path = os.path.normpath(os.fsdecode(unquote_to_bytes(urlsplit(checked).path)))
         if os.path.dirname(path) != self.root or not is_hash(os.path.basename(path)):
@@ -387,6 +405,111 @@ class FolderHost(Host):
         # missing object: they must not get a good copy marked bad.
         with src:
             return self.receive(src, url, dest_path, max_bytes, self.fsync)
+
+    def download_batch(self, items: Sequence[Tuple[str, str, Optional[int]]],
+                       landed: Optional[Callable[[int, Union[Received, None, HostError]],
+                                                 None]] = None
+                       ) -> List[Union[Received, None, HostError]]:
+        """:meth:`download` several objects, each written in place; see
+        :meth:`Host.download_batch`.
+
+        A tight loop for many small files: per object, an open, a read of
+        its bytes (one read for a small file) hashed as they are written to
+        ``dest_path``, created new (``O_EXCL``, never through a symlink).
+        With fsync each file and its directory are flushed; within
+        :func:`~cloudmanager.fsutil.syncs_deferred`, nothing is. An object
+        of :data:`BATCH_READ_MAX` bytes or more (or of no expected size)
+        goes through :meth:`download`.
+
+        :param items: ``[(url, dest_path, max_bytes)]``
+        :param landed: see :meth:`Host.download_batch`
+        :return: per item, in order: the :class:`Received` SHA-256 and size
+            of what was written, or the HostError that stopped it
+            (:class:`~cloudmanager.errors.HostNotFoundError` for a missing
+            object; :class:`~cloudmanager.errors.HostUnavailableError` for
+            all of them if the root is missing, or unmarked while
+            :attr:`require_marker` is set; a ``PermanentHostError`` for a
+            URL not of this folder; a TransientHostError for an object
+            larger than ``max_bytes`` or a failed copy, whose partial file
+            is removed)
+        """
+        try:
+            self._check_marker()
+        except HostUnavailableError as exc:
+            outage: List[Union[Received, None, HostError]] = [exc] * len(items)
+            if landed is not None:
+                for k in range(len(items)):
+                    landed(k, exc)
+            return outage
+        fsync = self.fsync and not fsutil.syncs_are_deferred()
+        results: List[Union[Received, None, HostError]] = []
+        for k, (url, dest_path, max_bytes) in enumerate(items):
+            results.append(self._fetch_one(url, dest_path, max_bytes, fsync))
+            if landed is not None:
+                landed(k, results[-1])
+        return results
+
+    def _fetch_one(self, url: str, dest_path: str, max_bytes: Optional[int],
+                   fsync: bool) -> Union[Received, None, HostError]:
+        """One item of :meth:`download_batch`: its outcome."""
+        if max_bytes is None or max_bytes >= BATCH_READ_MAX:
+            try:
+                return self.download(url, dest_path, max_bytes)
+            except HostError as exc:
+                return exc
+        try:
+            path = self._path_of(url)
+            src = os.open(path, os.O_RDONLY | _CLOEXEC)
+        except PermanentHostError as exc:
+            return exc
+        except InvalidInputError as exc:
+            return PermanentHostError(self.name, str(exc))
+        except OSError as exc:
+            return self._failed("read", url, exc)
+        try:
+            return self._copy_small(src, url, dest_path, max_bytes, fsync)
+        finally:
+            os.close(src)
+
+    def _copy_small(self, src: int, url: str, dest_path: str, max_bytes: int,
+                    fsync: bool) -> Union[Received, HostError]:
+        """Copy the open object ``src`` (at most ``max_bytes`` bytes) into a
+        new file at ``dest_path``, hashing it: its :class:`Received`, or the
+        TransientHostError that stopped it (its partial file removed)."""
+        try:
+            # One read more than expected tells an object that grew.
+            data = os.read(src, max_bytes + 1)
+            while 0 < len(data) <= max_bytes:
+                more = os.read(src, max_bytes + 1 - len(data))
+                if not more:
+                    break
+                data += more
+        except OSError as exc:
+            return TransientHostError(self.name, "cannot copy %s: %s" % (url, exc))
+        if len(data) > max_bytes:
+            return TransientHostError(self.name, "%s is larger than the %s bytes expected"
+                                      % (url, max_bytes))
+        try:
+            dst = os.open(dest_path, _NEW_FILE, fsutil.FILE_MODE)
+        except OSError as exc:
+            return TransientHostError(self.name, "cannot copy %s: %s" % (url, exc))
+        try:
+            try:
+                fsutil.write_all(dst, data)
+                if fsync:
+                    os.fsync(dst)
+            finally:
+                os.close(dst)
+            if fsync:
+                fsutil.fsync_dir(os.path.dirname(os.path.abspath(dest_path)))
+        except OSError as exc:
+            fsutil.remove_quietly(dest_path)
+            return TransientHostError(self.name, "cannot copy %s: %s" % (url, exc))
+        except BaseException:
+            fsutil.remove_quietly(dest_path)
+            raise
+        meter.tick(len(data))  # the transfer's progress and bandwidth limit
+        return Received(hashlib.sha256(data).hexdigest(), len(data))
 
     def find(self, name: str) -> Optional[Tuple[Location, ObjectInfo]]:
         """The object file ``ROOT/name``, if there; see :meth:`Host.find`.
