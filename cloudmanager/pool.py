@@ -173,8 +173,10 @@ class Pool:
     def close(self) -> None:
         """Flush the cache's bookkeeping, stop transfers, close the database."""
         try:
-            self.engine.close()
             replication = getattr(self, "replication", None)  # None: init failed before
+            if replication is not None:
+                replication.join_senders()  # before the hosts close under them
+            self.engine.close()
             if replication is not None:
                 try:
                     replication.close()

@@ -190,6 +190,8 @@ class Replicator:
         #: released yet (one set per kind; blocks never overlap on a hash, the
         #: hash locks see to that).
         self._unreleased: Dict[str, Set[str]] = {}
+        #: Threads of :meth:`sent_beside` still streaming (joined by :meth:`join_senders`).
+        self._senders: Set[threading.Thread] = set()
 
     # -- the queue, from the cache's own transactions ------------------------------
 
@@ -692,8 +694,15 @@ class Replicator:
             if abandoned:  # the caller failed and did not wait: nothing to keep
                 drop(first)
 
-        sender = threading.Thread(target=contextvars.copy_context().run, args=(run,),
+        def sending() -> None:
+            try:
+                run()
+            finally:
+                self._senders.discard(sender)
+
+        sender = threading.Thread(target=contextvars.copy_context().run, args=(sending,),
                                   name="cloudmanager-beside", daemon=True)
+        self._senders.add(sender)
         sender.start()
 
         def adopt(file_hash: str) -> int:
@@ -1335,6 +1344,13 @@ class Replicator:
                         file_hash, host_name, url)
         log.info("removed %s (%d copies deleted)", file_hash, len(deleted))
         return {"deleted": deleted, "kept": kept}
+
+    def join_senders(self) -> None:
+        """Wait for the streams of :meth:`sent_beside` whose caller did not (its
+        caching failed or was interrupted): each aborts what it staged, which
+        a process ending with them running would leave on its host."""
+        for sender in list(self._senders):
+            sender.join()
 
     def close(self) -> None:
         """Release whatever leases this process still holds (a deferred upload's)."""

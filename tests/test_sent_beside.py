@@ -4,6 +4,7 @@
 import hashlib
 import os
 import threading
+import time
 
 import pytest
 
@@ -141,3 +142,42 @@ def test_a_refused_file_leaves_nothing_on_the_host(make_pool, tmp_path):
     assert host.calls == ["stage"]
     assert [n for n in os.listdir(root) if n != ".cloudmanager-host"] == []
     assert cm.stats()["files"] == 0
+
+
+class SlowStagingFolderHost(FolderHost):
+    """A real folder host that reads what it stages slowly (a slow link)."""
+
+    def stage(self, stream, size):
+        class Slow:
+            def __init__(self, inner):
+                self.inner = inner
+
+            def read(self, n=-1):
+                time.sleep(0.02)
+                return self.inner.read(n)
+
+            def __getattr__(self, name):
+                return getattr(self.inner, name)
+
+        return super().stage(Slow(stream), size)
+
+
+def test_an_interrupted_caching_leaves_nothing_staged_once_closed(make_pool, tmp_path):
+    """Ctrl-C while the file is cached: the caller does not wait for the stream
+    beside it, but closing the pool does, and the stream aborts what it staged
+    (a process that ended with it running left a staging file behind)."""
+    root = tmp_path / "hosts" / "slow"
+    root.mkdir(parents=True)
+    cm = make_pool(1 << 30, redundancy=1, hosts=[SlowStagingFolderHost(str(root), fsync=False)])
+    path = big_file(tmp_path, seed=b"g")
+    seen = [0]
+
+    def progress(nbytes):
+        seen[0] += nbytes
+        if seen[0] > SIZE // 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cm.pool.upload(path, progress=progress)
+    cm.close()
+    assert [n for n in os.listdir(root) if n != ".cloudmanager-host"] == []
