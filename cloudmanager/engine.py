@@ -1176,7 +1176,13 @@ class UploadEngine:
             failure = failure or exc
             halt.set()
             while running:  # lanes end after their job (a hung call at its deadline)
-                item = done.get()
+                try:
+                    item = done.get()
+                except KeyboardInterrupt:
+                    # Another Ctrl-C: the rooms must outlive the lanes writing
+                    # in them (the caller frees them once this returns), and
+                    # the process waits for the lanes' threads anyway.
+                    continue
                 if item is None:
                     running -= 1
                 elif item[2] is None:
@@ -1724,7 +1730,10 @@ class UploadEngine:
             ``"unreachable"``. Closing it early stops the threads after the
             checks they are on.
         """
-        done: queue.SimpleQueue[Tuple[int, CheckResult]] = queue.SimpleQueue()
+        # (index, result), or an exception that is not a host's answer (a
+        # KeyboardInterrupt from the caller's progress callback), to raise.
+        done: queue.SimpleQueue[Union[Tuple[int, CheckResult], BaseException]] = \
+            queue.SimpleQueue()
         per_host: Dict[str, Tuple[Host, queue.SimpleQueue[int]]] = {}
         for index, item in enumerate(items):
             host = self.host_for(item.location.host_name, item.location.url)
@@ -1753,6 +1762,10 @@ class UploadEngine:
                 except Exception as exc:  # a bug must not lose the other results
                     log.warning("check of %s failed: %r", item.location.url, exc)
                     result = CheckResult("error", [], [])
+                except BaseException as exc:  # the caller's, raised where it waits
+                    stopped.set()
+                    done.put(exc)
+                    return
                 done.put((index, result))
 
         workers = []
@@ -1762,7 +1775,10 @@ class UploadEngine:
                                            os.path.join(scratch, "%d-%d" % (number, k))))
         try:
             for _ in range(len(items)):
-                yield done.get()
+                got = done.get()
+                if isinstance(got, BaseException):
+                    raise got
+                yield got
             # Every result is in: the threads are ending (none touches
             # ``scratch`` any more once they have).
             concurrent.futures.wait(workers)

@@ -204,9 +204,8 @@ class Pool:
         filename = safe_basename(os.path.basename(path))
         if st.st_size <= self.cache.capacity:
             try:
-                file_hash = self._cache_new(path, st.st_size, defer, lambda: self.cache.ingest(
-                    path, filename, created=int(time.time()), progress=progress,
-                    lease=not defer)[0])
+                file_hash, _ = self.cache.ingest(path, filename, created=int(time.time()),
+                                                 progress=progress, lease=not defer)
             except CacheFullError as exc:
                 log.info("not caching %s: %s; uploading it from its source", path, exc)
             except OSError as exc:
@@ -220,21 +219,6 @@ class Pool:
                     self.replication.replicate_logged([file_hash])
                 return file_hash  # in the pool: on a host, or pinned and queued
         return self.replication.upload_source(path, filename, self._record_new(filename))
-
-    def _cache_new(self, path: Optional[str], size: int, defer: bool,
-                   ingest: Callable[[], str]) -> str:
-        """Run ``ingest()`` (it caches the file read from ``path``, and queues it);
-        a large file sent at once also streams from ``path`` to its first host
-        meanwhile (see :meth:`~cloudmanager.replication.Replicator.sent_beside`).
-
-        :return: the file's hash
-        """
-        if defer or path is None or not self.replication.can_send_beside(size):
-            return ingest()
-        with self.replication.sent_beside(path, size) as adopt:
-            file_hash = ingest()
-            adopt(file_hash)
-        return file_hash
 
     def _record_new(self, filename: str) -> Callable:
         def record(conn, file_hash: str, size: int) -> None:
@@ -265,19 +249,17 @@ class Pool:
         """
         defer = self.defer_uploads if defer is None else defer
         size = os.fstat(src.fileno()).st_size
-        pinned = "/proc/self/fd/%d" % src.fileno()
         if size <= self.cache.capacity:
             try:
-                file_hash = self._cache_new(
-                    pinned if os.path.exists(pinned) else None, size, defer,
-                    lambda: self.cache.ingest_file(src, label, filename, created=created,
-                                                   lease=not defer, expected=expected)[0])
+                file_hash, _ = self.cache.ingest_file(src, label, filename, created=created,
+                                                      lease=not defer, expected=expected)
             except CacheFullError as exc:
                 log.info("not caching %s: %s; uploading it from its source", label, exc)
             else:
                 if not defer:
                     self.replication.replicate_logged([file_hash])
                 return file_hash
+        pinned = "/proc/self/fd/%d" % src.fileno()
         if not os.path.exists(pinned):
             raise CacheError("%s does not fit the cache (%d bytes) and cannot be streamed "
                              "from here: run again with a larger capacity"
@@ -329,9 +311,8 @@ class Pool:
             except (TypeError, OSError):
                 alone.append(i)  # upload() says why
                 continue
-            if not stat.S_ISREG(st.st_mode) or st.st_size > self.cache.capacity \
-                    or (lease and self.replication.can_send_beside(st.st_size)):
-                alone.append(i)  # upload() says why, or sends it beside its caching
+            if not stat.S_ISREG(st.st_mode) or st.st_size > self.cache.capacity:
+                alone.append(i)
                 continue
             batch.append((i, path, safe_basename(os.path.basename(path)), st.st_size))
         ingested = []

@@ -37,7 +37,6 @@ The guarantees:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import os
 import stat as stat_module
@@ -63,8 +62,7 @@ from .crypto import AGE_BINARY_MIN, PoolKey, SealingStream, ciphertext_size_max
 from .db import FileDatabase
 from .db.copies import CopyKey, CopyToCheck, ObjectMeta
 from .engine import (
-    CheckItem, CheckResult, Streamed, StreamResult, UploadEngine, UploadJob, UploadResult,
-    Verdict, Vet,
+    CheckItem, CheckResult, Streamed, UploadEngine, UploadJob, UploadResult, Verdict, Vet,
 )
 from .errors import (
     CloudManagerError, HostError, IntegrityError, InvalidInputError, UploadError,
@@ -87,12 +85,6 @@ VERIFY_BATCH = 256
 #: than a batch of uploads takes; an upload that outlasts it may be sent
 #: twice, which costs time, never a copy.
 LEASE_S = 600.0
-
-#: Files from this many bytes, cached and sent at once, go to their first host
-#: as they are cached (:meth:`Replicator.sent_beside`): the cache's copy of a
-#: large file is dropped from memory behind its writer, so a host copy made
-#: after it would read it back from the disk.
-STREAM_BESIDE_MIN = 32 << 20
 #: Seconds after which a removal still in progress is taken for dead by any
 #: node (one on another node that never came back); a day, far beyond any
 #: host delete.
@@ -648,95 +640,6 @@ class Replicator:
             if holders:
                 self._record_rounds([], settled=[file_hash], release=[file_hash])
             return 0
-
-    def can_send_beside(self, size: int) -> bool:
-        """Whether :meth:`sent_beside` applies to a file of ``size`` bytes: a
-        large one, a plaintext pool, and a host that can stage."""
-        return (size >= STREAM_BESIDE_MIN and self.key is None
-                and any(h.can_stage for h in self.engine.hosts.values()))
-
-    @contextlib.contextmanager
-    def sent_beside(self, path: str, size: int) -> Iterator[Callable[[str], int]]:
-        """Stream ``path`` to the healthiest host that can stage while the
-        caller caches it, so that the source is read from memory by both and
-        the host's copy is not read back from the cache's disk.
-
-        Yields ``adopt(file_hash)``, for the caller to call once the file is
-        cached (queued, its ``replicate`` lease held): if the staged bytes hash
-        to ``file_hash``, they are published and recorded as the file's first
-        copy, and the lease released (the caller then tops the file up to its
-        target as usual). Bytes that hash otherwise (the source changed
-        between the two reads), and any staged object not adopted, are
-        aborted: nothing is published or recorded for them.
-
-        :return: from ``adopt``: the copies made (0 or 1)
-        """
-        result: Dict[str, StreamResult] = {}
-        lock = threading.Lock()
-        state = {"adopted": False, "abandoned": False}
-
-        def drop(first: StreamResult) -> None:
-            if first.streamed is not None:
-                self.engine.abort(first.streamed)
-                self.health.release([first.streamed.host.name])
-
-        def run() -> None:
-            try:
-                first = self.engine.stream(path, size)
-            except (OSError, CloudManagerError) as exc:
-                log.info("streaming %s to a host beside its caching failed: %s", path, exc)
-                return
-            with lock:
-                result["first"] = first
-                abandoned = state["abandoned"]
-            if abandoned:  # the caller failed and did not wait: nothing to keep
-                drop(first)
-
-        sender = threading.Thread(target=contextvars.copy_context().run, args=(run,),
-                                  name="cloudmanager-beside", daemon=True)
-        sender.start()
-
-        def adopt(file_hash: str) -> int:
-            sender.join()
-            first = result.get("first")
-            if first is None or first.streamed is None \
-                    or first.streamed.file_hash != file_hash:
-                return 0
-            state["adopted"] = True
-            streamed = first.streamed
-            facts, failures = list(first.facts), list(first.failures)
-            try:
-                with self.locks.hold([file_hash]):
-                    published = self._publish_first(streamed, failures, facts)
-                    made = [] if published is None or published[1] is None \
-                        else [published[1]]
-                    holders = set() if published is None else published[0]
-                    self._record_rounds(
-                        [(file_hash, holders, self.redundancy,
-                          UploadResult(made, failures, list(first.cooling), facts))],
-                        release=[file_hash])
-                return len(made)
-            finally:
-                drop(first)  # nothing once published
-
-        try:
-            yield adopt
-        except BaseException:
-            # The caching failed or was interrupted: the stream is not waited
-            # for (a large file to a slow host); it drops what it staged.
-            with lock:
-                state["abandoned"] = True
-                first = result.get("first")
-            if first is not None and not state["adopted"]:
-                drop(first)
-            raise
-        sender.join()
-        first = result.get("first")
-        if first is not None and not state["adopted"]:
-            drop(first)
-            if first.facts:
-                with self.db.catalog.transaction():
-                    self.health.record(first.facts)
 
     def upload_source(self, path: str, filename: str, record: Callable,
                       expected: Optional[str] = None) -> str:

@@ -464,3 +464,27 @@ def test_a_verify_records_its_looks_in_a_few_transactions(make_pool, tmp_path, w
         # The leases taken, two batches of looks recorded, the leases released.
         assert len(begins) <= 4, begins
     assert [c.state for c in cm.db.copies.of(digests[7])] == ["missing"]
+
+
+def test_a_deep_verify_interrupted_by_its_progress_callback_ends(make_pool, write_file):
+    """Ctrl-C raised by the caller's progress callback in a check's thread
+    reaches the caller (it hung, waiting for that check's result)."""
+    cm = make_pool(capacity=1 << 20, redundancy=1)
+    cm.upload_many([write_file("f%d" % i, b"bytes %d" % i * 100) for i in range(4)])
+    outcome = {}
+
+    def progress(nbytes, nfiles):
+        if nbytes > 0:
+            raise KeyboardInterrupt
+
+    def run():
+        try:
+            outcome["value"] = cm.pool.verify(deep=True, progress=progress)
+        except BaseException as exc:  # what the caller would get
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert isinstance(outcome.get("error"), KeyboardInterrupt)

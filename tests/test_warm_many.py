@@ -574,3 +574,36 @@ def test_an_object_hanging_mid_group_holds_up_no_file_before_it(make_pool, write
         time.sleep(0.05)
     assert_cache_is_whole(cm)
     assert all({row.state for row in cm.pool.db.copies.of(h)} == {"good"} for h in hashes)
+
+
+def test_a_second_attempt_given_up_keeps_its_room_too(make_pool, write_file, tmp_path):
+    """A file whose first two hosts both hang: its second attempt writes in a
+    reservation of its own, which the end of the batch leaves to the call (the
+    review of the merged round found it given back while the call wrote)."""
+    roots = [tmp_path / "h1", tmp_path / "h2", tmp_path / "fine"]
+    for root in roots:
+        root.mkdir()
+    h1 = HangingFolder(str(roots[0]), name="h1", fsync=False, timeout=0.2,
+                       max_connections=4, hang_seconds=6.0)
+    h2 = HangingFolder(str(roots[1]), name="h2", fsync=False, timeout=0.2,
+                       max_connections=4, hang_seconds=6.0)
+    h1.weight, h2.weight = 10.0, 9.0  # tried in this order
+    fine = FolderHost(str(roots[2]), name="fine", fsync=False)
+    cm = make_pool(capacity=1 << 20, hosts=[h1, h2, fine], redundancy=3)
+    files = upload_files(cm, write_file, 10)
+    hashes = list(files)
+    h1.hang = h2.hang = {hashes[3]}
+    cm.evict(0)
+    paths = cm.warm_up_many(hashes)
+    assert all(open(p, "rb").read() == files[h] for h, p in zip(hashes, paths))
+    assert hashes[3] in h1.hung and hashes[3] in h2.hung
+    assert not h2.ended.is_set()
+    # Both given-up calls still write, each within room of its own.
+    assert reserved(cm) == sum(len(files[h]) for h in h1.hung + h2.hung)
+    assert cm.pool.cache.used_bytes() + reserved(cm) <= cm.pool.cache.capacity
+    assert h1.ended.wait(30) and h2.ended.wait(30)
+    for _ in range(300):  # their cleanups run once the calls have returned
+        if reserved(cm) == 0:
+            break
+        time.sleep(0.05)
+    assert_cache_is_whole(cm)

@@ -781,14 +781,22 @@ class Reservation:
     :meth:`release`.
     """
 
-    __slots__ = ("id", "temp", "committed", "released", "_store")
+    __slots__ = ("id", "temp", "committed", "released", "given_up", "_store")
 
     def __init__(self, reservation_id: int, temp: str, store: CacheStore) -> None:
         self.id = reservation_id
         self.temp = temp
         self.committed = False
         self.released = False
+        #: The engine gave up on the call writing here (:meth:`abandoned`).
+        self.given_up = False
         self._store = store
+
+    def abandoned(self) -> None:
+        """The engine gave up on the call writing here, which keeps writing:
+        the call's cleanup releases the room when it ends, not the holder
+        that lent it (a :class:`BatchRooms` ending before the call)."""
+        self.given_up = True
 
     def release(self) -> None:
         """Remove the temp file, then give the room back. Does nothing once
@@ -890,7 +898,8 @@ class BatchRooms:
         """End the batch: remove the temp files of shares not committed and
         give their room back, in one transaction that gives a share still
         held by a call the engine gave up on a reservation of its own; then
-        release the further reservations not committed."""
+        release the further reservations not committed, but those of calls
+        the engine gave up on, which their calls' cleanups release."""
         store = self.store
         for share in self.shares:
             with share._lock:
@@ -907,4 +916,5 @@ class BatchRooms:
         with self._lock:
             extra, self._extra = self._extra, []
         for reservation in extra:
-            reservation.release()
+            if not reservation.given_up:  # else its call's cleanup releases it
+                reservation.release()

@@ -611,11 +611,17 @@ class S3Host(Host):
             raise
         # The first range's connection and slot go to the worker that reads it.
         ranged = _RangedDownload(self, key, url, first, total, connections)
+        running = False
         try:
             with fsutil.atomic_write(dest_path, readable=True) as out:
+                running = True
                 digest = ranged.run(out.fileno())
         except OSError as exc:
             raise TransientHostError(self.name, "cannot copy %s: %s" % (url, exc)) from exc
+        finally:
+            if not running:  # no temp file (EMFILE, ENOSPC...): nobody took them over
+                first["Body"].close()
+                slot.release()
         return Received(digest, total)
 
     def _get_range(self, key: str, start: int, size: int) -> Dict[str, Any]:

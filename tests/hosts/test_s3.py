@@ -895,3 +895,17 @@ def test_uploads_reuse_the_clients_connections(aws_env, tmp_path):
     finally:
         h.close()
         server.close()
+
+
+def test_a_ranged_download_with_no_temp_file_gives_its_connection_back(host, tmp_path):
+    """The temp file cannot be made (its directory is gone): the first range's
+    connection slot and body are given back (they leaked, and a host whose
+    slots all leaked would block every later large download)."""
+    data = os.urandom(11 * MiB)
+    location = host.upload(write(tmp_path, data), sha(data))
+    for _ in range(host.max_connections + 1):  # more failures than slots
+        with pytest.raises(TransientHostError):
+            host.download(location.url, str(tmp_path / "gone" / "got"), max_bytes=len(data))
+    got = tmp_path / "got"
+    assert host.download(location.url, str(got), max_bytes=len(data)) == (sha(data), len(data))
+    assert got.read_bytes() == data
