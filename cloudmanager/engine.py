@@ -1779,11 +1779,13 @@ class UploadEngine:
                 if isinstance(got, BaseException):
                     raise got
                 yield got
-            # Every result is in: the threads are ending (none touches
-            # ``scratch`` any more once they have).
-            concurrent.futures.wait(workers)
         finally:
+            # Every result is in, or the caller stopped early: the threads end
+            # after the checks they are on. Wait for them, so that none writes
+            # into ``scratch`` after the caller removes it (a second Ctrl-C
+            # stops the wait).
             stopped.set()
+            concurrent.futures.wait(workers)
 
     def delete(self, location: Location) -> Tuple[bool, List[Fact]]:
         """Delete one remote copy if a configured host can.

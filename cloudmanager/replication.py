@@ -1098,7 +1098,8 @@ class Replicator:
                                  "cooling"), 0)
         # Copies of files another process or node is checking are left to it.
         with self._leases("verify", [c.hash for c in todo]) as mine, \
-                tempfile.TemporaryDirectory(prefix="cm-verify-") as scratch:
+                tempfile.TemporaryDirectory(prefix="cm-verify-",
+                                            ignore_cleanup_errors=True) as scratch:
             leased = set(mine)
             chosen = [c for c in todo if c.hash in leased]
             meter.expect(sum(c.object[1] for c in chosen if self._checked_by_download(c, deep)),

@@ -9,7 +9,9 @@ they end with must be the same.
 """
 
 import hashlib
+import tempfile
 import threading
+import time
 import uuid
 
 import pytest
@@ -488,3 +490,50 @@ def test_a_deep_verify_interrupted_by_its_progress_callback_ends(make_pool, writ
     thread.join(30)
     assert not thread.is_alive()
     assert isinstance(outcome.get("error"), KeyboardInterrupt)
+
+
+class Lagging(MemoryHost):
+    """A memory host whose downloads after the first take a while, and that
+    counts the downloads begun and ended."""
+
+    max_connections = 3
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lock = threading.Lock()
+        self.begun = 0
+        self.ended = 0
+
+    def download(self, url, dest_path, max_bytes=None):
+        with self.lock:
+            self.begun += 1
+            first = self.begun == 1
+        try:
+            if not first:
+                time.sleep(0.3)
+            return super().download(url, dest_path, max_bytes)
+        finally:
+            with self.lock:
+                self.ended += 1
+
+
+def test_an_interrupted_deep_verify_waits_for_its_checks_before_removing_their_room(
+        make_pool, write_file, tmp_path, monkeypatch):
+    """The checks under way when the caller stops end before their scratch
+    directory is removed (its removal raced with a download still writing,
+    and the caller got "Directory not empty" in place of its Ctrl-C)."""
+    scratch_parent = tmp_path / "tmp"
+    scratch_parent.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_parent))
+    host = Lagging(uuid.uuid4().hex, name="lag")
+    cm = make_pool(hosts=[host], redundancy=1, capacity=1 << 20)
+    cm.upload_many([write_file("f%d" % i, b"bytes %d" % i * 100) for i in range(6)])
+
+    def progress(nbytes, nfiles):
+        if nbytes > 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cm.pool.verify(deep=True, progress=progress)
+    assert host.begun == host.ended >= 2
+    assert list(scratch_parent.iterdir()) == []
