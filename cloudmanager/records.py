@@ -175,20 +175,31 @@ class RecordStore:
         changed = 0
         unreachable: collections.Counter[str] = collections.Counter()
         batch: List[serializers.Record] = []
-        # The next batch is decoded and checked while the last one is written,
-        # on a thread of its own, so the database's work (a server's, on
-        # PostgreSQL) overlaps ours; one batch at a time is written, in order.
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cm-load") as writer:
-            writing: Optional[concurrent.futures.Future[int]] = None
+        if not self.db.shared:
+            # SQLite works in this process, mostly holding the GIL: a writer
+            # thread would only contend with the decoding (measured: 100,000
+            # records took 2.5 s in turn, 2.7 s with the thread).
             for record in records:
                 batch.append(record)
                 if len(batch) >= LOAD_BATCH:
-                    if writing is not None:
-                        changed += writing.result()
-                    writing = writer.submit(self._merge_batch, batch, unreachable, source)
+                    changed += self._merge_batch(batch, unreachable, source)
                     batch = []
-            if writing is not None:
-                changed += writing.result()
+        else:
+            # The next batch is decoded and checked while the last one is
+            # written, on a thread of its own, so the server's work overlaps
+            # ours; one batch at a time is written, in order.
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cm-load") \
+                    as writer:
+                writing: Optional[concurrent.futures.Future[int]] = None
+                for record in records:
+                    batch.append(record)
+                    if len(batch) >= LOAD_BATCH:
+                        if writing is not None:
+                            changed += writing.result()
+                        writing = writer.submit(self._merge_batch, batch, unreachable, source)
+                        batch = []
+                if writing is not None:
+                    changed += writing.result()
         if batch:
             changed += self._merge_batch(batch, unreachable, source)
         if unreachable:

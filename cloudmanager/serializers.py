@@ -125,7 +125,7 @@ def _upload(entry):
             raise SerializationError("upload to %s has neither url nor error" % host_name)
         return (host_name, "", True), None
     url = check_url(url)
-    if not any(field in entry for field in OBJECT_FIELDS):
+    if entry.keys().isdisjoint(OBJECT_FIELDS):
         return (host_name, url, error), None
     # All three or none: half an object description would send a copy to
     # a decryption (or a hash check) it cannot pass.
@@ -185,7 +185,8 @@ def parse_record(obj):
 
 def record_to_dict(record):
     """Return a :class:`Record` as a v0.2 JSON object (a dict)."""
-    objects = {(h, u): (sha, size, key_id) for h, u, sha, size, key_id in record.objects}
+    objects = {(h, u): (sha, size, key_id) for h, u, sha, size, key_id in record.objects} \
+        if record.objects else None
     uploads = []
     for host_name, url, error in record.uploads:
         entry: Dict[str, Any] = {"host_name": host_name}
@@ -193,7 +194,7 @@ def record_to_dict(record):
             entry["url"] = url
         if error:
             entry["error"] = True
-        obj = objects.get((host_name, url)) if url else None
+        obj = objects.get((host_name, url)) if objects and url else None
         if obj is not None:
             entry.update(zip(OBJECT_FIELDS, (obj[0], str(obj[1]), obj[2])))
         uploads.append(entry)
@@ -215,10 +216,11 @@ def dump_to(records, fileobj):
     :return: the number of records written
     """
     count = 0
+    # One encoder for every record: json.dumps with an option builds one a call.
+    encode = json.JSONEncoder(ensure_ascii=False).encode
     fileobj.write("[")
     for record in records:
-        fileobj.write(",\n" if count else "\n")
-        fileobj.write(json.dumps(record_to_dict(record), ensure_ascii=False))
+        fileobj.write((",\n" if count else "\n") + encode(record_to_dict(record)))
         count += 1
     fileobj.write("\n]\n" if count else "]\n")
     return count

@@ -106,6 +106,8 @@ def safe_basename(name):
     junk = _LEADING_JUNK.match(name)
     assert junk is not None  # the pattern matches the empty string: always a match
     name = name[junk.end():].rstrip()
+    if len(name) <= MAX_NAME_BYTES // 4:  # short enough in any encoding: nothing to cut
+        return name
     encoded = name.encode("utf-8")[:MAX_NAME_BYTES]
     return encoded.decode("utf-8", "ignore").rstrip()
 

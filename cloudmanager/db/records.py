@@ -76,17 +76,22 @@ class Records:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY f.hash, u.time, u.host_name, u.url"
+        # Per row, only locals: this loop is most of an export's time.
         current: Optional[StoredRecord] = None
+        current_hash = None
+        uploads: List[Tuple[str, str, bool]] = []
+        objects: List[Tuple[str, str, str, int, str]] = []
         for h, name, size, created, host, url, error, osha, osize, key_id in self.db.read(
                 sql, params):
-            if current is None or current.hash != h:
+            if h != current_hash:
                 if current is not None:
                     yield current
-                current = StoredRecord(h, name, size, created, [], [])
+                uploads, objects, current_hash = [], [], h
+                current = StoredRecord(h, name, size, created, uploads, objects)
             if host is not None:
-                current.uploads.append((host, url, bool(error)))
+                uploads.append((host, url, error == 1))
                 if key_id and url:
-                    current.objects.append((host, url, osha, int(osize), key_id))
+                    objects.append((host, url, osha, int(osize), key_id))
         if current is not None:
             yield current
 
@@ -149,12 +154,18 @@ class Records:
             have.update(conn.execute(
                 "SELECT t.hash, t.host_name, t.url FROM json_each(?) AS j"
                 " JOIN tombstones AS t ON t.hash = j.value", (hashes,)))
-            new_files, named, new_uploads = [], {}, []
+            # A new file's row is inserted with its count: the distinct hosts
+            # of its claimed copies (imported copies are never verified).
+            # Files known before are recounted after their copies went in.
+            new_files: List[Tuple[str, str, int, int, int]] = []
+            named: Dict[str, str] = {}
+            new_uploads: List[Tuple[object, ...]] = []
+            older: List[Tuple[object, ...]] = []
             for rec in records:
                 row = known.get(rec.hash)
+                fresh = row is None
                 if row is None:
                     known[rec.hash] = [rec.size, rec.filename]
-                    new_files.append((rec.hash, rec.filename, rec.size, rec.datetime))
                     did = True
                 elif row[0] != rec.size:
                     refused.append(rec.hash)
@@ -164,37 +175,33 @@ class Records:
                     did = True
                 else:
                     did = False
-                objects = {(o[0], o[1]): o[2:] for o in getattr(rec, "objects", ())}
+                objects = {(o[0], o[1]): o[2:] for o in rec.objects} \
+                    if getattr(rec, "objects", None) else {}
+                claimed_hosts: Set[str] = set()
                 for host_name, url, error in rec.uploads:
                     if (rec.hash, host_name, url) not in have:
                         have.add((rec.hash, host_name, url))
                         state = ("bad" if url else "pending") if error else "claimed"
+                        if state == "claimed":
+                            claimed_hosts.add(host_name)
                         obj = objects.get((host_name, url), ("", -1, ""))
-                        new_uploads.append((rec.hash, host_name, url, state, rec.datetime)
-                                           + tuple(obj))
+                        (new_uploads if fresh else older).append(
+                            (rec.hash, host_name, url, state, rec.datetime) + tuple(obj))
                         did = True
+                if fresh:
+                    new_files.append((rec.hash, rec.filename, rec.size, rec.datetime,
+                                      len(claimed_hosts)))
                 changed += did
-            # A new file's uploads go in before its row, with the foreign key
-            # checked at commit, and the row is inserted with its count; the
-            # files known before are recounted after their copies went in. Imported copies are never
-            # verified, so that count is the distinct hosts of claimed copies.
-            fresh: Dict[str, Set[str]] = {h: set() for h, _, _, _ in new_files}
-            for h, host_name, _, state, *_ in new_uploads:
-                if h in fresh and state == "claimed":
-                    fresh[h].add(host_name)
-            columns = ("uploads (hash, host_name, url, state, time, object_sha256, object_size,"
-                       " key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
-            conn.execute("PRAGMA defer_foreign_keys = ON")  # until this commit
-            # A new file has no copies to collide with (this transaction holds
-            # the write lock, and `have` took out repeats): plain inserts, which
-            # go by COPY on PostgreSQL.
-            conn.executemany("INSERT INTO " + columns, [u for u in new_uploads if u[0] in fresh])
             conn.executemany("INSERT INTO files (hash, filename, size, created, copies)"
-                             " VALUES (?, ?, ?, ?, ?)",
-                             [row + (len(fresh[row[0]]),) for row in new_files])
+                             " VALUES (?, ?, ?, ?, ?)", new_files)
             conn.executemany("UPDATE files SET filename = ? WHERE hash = ?",
                              [(name, h) for h, name in named.items()])
-            older = [u for u in new_uploads if u[0] not in fresh]
+            columns = ("uploads (hash, host_name, url, state, time, object_sha256, object_size,"
+                       " key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+            # A new file has no copies to collide with (this transaction holds
+            # the write lock, and `have` took out repeats): plain inserts, which
+            # go by COPY on PostgreSQL. No trigger counts an insert.
+            conn.executemany("INSERT INTO " + columns, new_uploads)
             conn.executemany("INSERT OR IGNORE INTO " + columns, older)
-            recount(conn, {u[0] for u in older})
+            recount(conn, {str(u[0]) for u in older})
         return changed, refused

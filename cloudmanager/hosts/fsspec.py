@@ -576,6 +576,29 @@ class FsspecHost(Host):
                 raise error from exc
         log.debug("deleted %s", url)
 
+    def _ls_root(self, missing_is_empty: bool) -> List[Dict[str, Any]]:
+        """The root's entries, fresh (``ls(detail=True)``, its cache dropped).
+
+        :param missing_is_empty: what a root that is not there means: no
+            entries (nothing stored yet), or an outage (the objects a caller
+            asks about were stored in it)
+        :raises HostUnavailableError: if the root is missing and that is an outage
+        :raises HostError: if the root cannot be listed
+        """
+        try:
+            fs, root = self._filesystem()
+            fs.invalidate_cache(root)
+            return list(fs.ls(root or "/", detail=True))
+        except Exception as exc:
+            error = self._error(exc, "cannot list %s" % self.root_url)
+            if isinstance(error, HostNotFoundError):
+                if missing_is_empty:
+                    return []
+                error = HostUnavailableError(self.name, "%s: the pool directory is missing "
+                                                        "(wrong base URL, or not mounted?)"
+                                             % error.message)
+            raise error from exc
+
     def list(self) -> Iterator[Tuple[str, int]]:
         """Yield ``(hash, size)`` for each object file in the root.
 
@@ -583,16 +606,7 @@ class FsspecHost(Host):
 
         :raises HostError: if the root cannot be listed
         """
-        try:
-            fs, root = self._filesystem()
-            fs.invalidate_cache(root)
-            entries = fs.ls(root or "/", detail=True)
-        except Exception as exc:
-            error = self._error(exc, "cannot list %s" % self.root_url)
-            if isinstance(error, HostNotFoundError):
-                return  # no root yet: nothing stored
-            raise error from exc
-        for entry in entries:
+        for entry in self._ls_root(missing_is_empty=True):
             base = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             if is_hash(base) and entry.get("type", "file") == "file":
                 yield base, int(entry.get("size") or 0)
@@ -612,18 +626,7 @@ class FsspecHost(Host):
         :raises HostError: if the root cannot be listed
         """
         check_name_prefix(prefix)
-        try:
-            fs, root = self._filesystem()
-            fs.invalidate_cache(root)
-            entries = fs.ls(root or "/", detail=True)
-        except Exception as exc:
-            error = self._error(exc, "cannot list %s" % self.root_url)
-            if isinstance(error, HostNotFoundError):
-                error = HostUnavailableError(self.name, "%s: the pool directory is missing "
-                                                        "(wrong base URL, or not mounted?)"
-                                             % error.message)
-            raise error from exc
-        for entry in entries:
+        for entry in self._ls_root(missing_is_empty=False):
             base = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             if base.startswith(prefix) and is_hash(base) \
                     and entry.get("type", "file") == "file" and entry.get("size") is not None:
