@@ -272,12 +272,13 @@ class CacheStore:
             and the evictable files do not add up to ``excess``
         """
         while True:
-            victims, freed = [], 0
+            victims: Dict[str, int] = {}
+            freed = 0
             # Read one candidate at a time: evicting one file reads one row.
             candidates = self.db.cache_index.eviction_candidates(conn)
             try:
                 for file_hash, size, _ in candidates:
-                    victims.append(file_hash)
+                    victims[file_hash] = size
                     freed += size
                     if freed >= excess:
                         break
@@ -295,7 +296,7 @@ class CacheStore:
             self.db.cache_index.set_protected(conn, doubted, False)
         if freed < excess and all_or_nothing:
             return None
-        self.db.cache_index.uncache(conn, victims)
+        self.db.cache_index.evict(conn, victims)
         for file_hash in victims:
             self.layout.unlink(file_hash)
         log.debug("evicted %d files (%d bytes)", len(victims), freed)
@@ -549,13 +550,17 @@ class CacheStore:
             if outcome == "new" and must_exist:  # rolled back with the transaction
                 raise NotInPoolError("%s was removed while it was fetched" % file_hash)
             protected = bool(self.db.files.protected_among(conn, [file_hash]))
-            if self.db.cache_index.is_cached(file_hash) and self.layout.is_file(file_hash, size):
+            state = self.db.cache_index.state(file_hash)
+            cached = state is not None and state.cached
+            if cached and self.layout.is_file(file_hash, size):
                 self.db.cache_index.touch([(file_hash, now)], local)
                 fsutil.remove_quietly(reservation.temp)  # a duplicate of the cached copy
             else:
                 self._set_mode(reservation.temp)
                 fsutil.publish(reservation.temp, path, self.fsync)
-                self.db.cache_index.put(local, [(file_hash, size, protected)], now)
+                self.db.cache_index.put(local, [(file_hash, size, protected)], now,
+                                        cached_before={file_hash: state.size}
+                                        if state is not None and cached else {})
             self.db.sessions.release(local, [reservation.id])
             if queue and not protected and self.queue is not None:
                 self.queue(conn, [file_hash], now, lease=lease)

@@ -92,11 +92,15 @@ class CacheIndex:
     # -- writes ----------------------------------------------------------------------
 
     def put(self, conn: sqlite3.Connection, entries: Iterable[Tuple[str, int, bool]],
-            when: float, new: bool = False) -> None:
+            when: float, new: bool = False,
+            cached_before: Optional[Dict[str, int]] = None) -> None:
         """Record files ``[(hash, size, protected)]`` as cached, used at ``when``.
 
         :param new: none of them has a row yet (files the pool just learned
             of): a plain insert, cheaper than an upsert
+        :param cached_before: ``{hash: size}`` of those the index says are
+            cached, when the caller read that in this transaction (the
+            counters follow from it; None: read it here)
         """
         entries = list(entries)
         if not entries:
@@ -108,7 +112,8 @@ class CacheIndex:
                 [(h, size, when, 1 if protected else 0) for h, size, protected in entries])
             self._count(conn, sum(size for _, size, _ in entries), len(entries))
             return
-        before = self._cached_sizes(conn, [h for h, _, _ in entries])
+        before = self._cached_sizes(conn, [h for h, _, _ in entries]) \
+            if cached_before is None else cached_before
         conn.executemany(
             "INSERT INTO cache_entries (hash, size, cached, last_access, protected)"
             " VALUES (?, ?, 1, ?, ?) ON CONFLICT (hash) DO UPDATE SET cached = 1,"
@@ -144,6 +149,15 @@ class CacheIndex:
         conn.executemany("DELETE FROM cache_entries WHERE hash = ? AND pinned = 0", rows)
         conn.executemany("UPDATE cache_entries SET cached = 0 WHERE hash = ?", rows)
         self._count(conn, -sum(before.values()), -len(before))
+
+    def evict(self, conn: sqlite3.Connection, victims: Dict[str, int]) -> None:
+        """Drop the rows of evicted files ``{hash: size}``, read in this
+        transaction from :meth:`eviction_candidates` (so cached and not
+        pinned: nothing of their rows is left to keep)."""
+        if victims:
+            conn.executemany("DELETE FROM cache_entries WHERE hash = ?",
+                             [(h,) for h in victims])
+            self._count(conn, -sum(victims.values()), -len(victims))
 
     def forget(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> None:
         """Drop files' rows, pins included (the pool forgot them)."""
