@@ -180,7 +180,8 @@ def parse_record(obj):
         if obj is not None:
             host_name, url, _ = item
             objects.setdefault((host_name, url), (host_name, url) + obj)
-    return Record(file_hash, filename, size, when, tuple(uploads), tuple(objects.values()))
+    return Record(file_hash, filename, size, when, tuple(uploads),
+                  tuple(objects.values()) if objects else ())
 
 
 def record_to_dict(record):

@@ -16,6 +16,10 @@ from .copies import recount
 _UNPUBLISHED = "NOT EXISTS (SELECT 1 FROM published AS p WHERE p.hash = f.hash)"
 
 
+#: The object columns of a copy that holds the plaintext itself.
+_PLAINTEXT = ("", -1, "")
+
+
 class StoredRecord(NamedTuple):
     """A file's record as the JSON format carries it."""
 
@@ -175,18 +179,21 @@ class Records:
                     did = True
                 else:
                     did = False
-                objects = {(o[0], o[1]): o[2:] for o in rec.objects} \
+                objects = {(o[0], o[1]): tuple(o[2:]) for o in rec.objects} \
                     if getattr(rec, "objects", None) else {}
                 claimed_hosts: Set[str] = set()
+                adding = new_uploads if fresh else older
                 for host_name, url, error in rec.uploads:
-                    if (rec.hash, host_name, url) not in have:
-                        have.add((rec.hash, host_name, url))
-                        state = ("bad" if url else "pending") if error else "claimed"
-                        if state == "claimed":
+                    key = (rec.hash, host_name, url)
+                    if key not in have:
+                        have.add(key)
+                        if error:
+                            state = "bad" if url else "pending"
+                        else:
+                            state = "claimed"
                             claimed_hosts.add(host_name)
-                        obj = objects.get((host_name, url), ("", -1, ""))
-                        (new_uploads if fresh else older).append(
-                            (rec.hash, host_name, url, state, rec.datetime) + tuple(obj))
+                        adding.append(key + (state, rec.datetime)
+                                      + objects.get((host_name, url), _PLAINTEXT))
                         did = True
                 if fresh:
                     new_files.append((rec.hash, rec.filename, rec.size, rec.datetime,
