@@ -258,12 +258,12 @@ def _changes_nothing(doc: dict, known: Optional[KnownRecord]) -> bool:
     uploads = doc.get("uploads", [])
     if not isinstance(uploads, list):
         return False
-    # Unhashable junk (a list as a URL) is never in the set: such a record is
-    # parsed, and refused there with its reason.
-    return all(isinstance(entry, dict) and isinstance(entry.get("host_name"), str)
-               and isinstance(entry.get("url", ""), str)
-               and (entry.get("host_name"), entry.get("url", "")) in copies
-               for entry in uploads)
+    try:
+        return all(isinstance(entry, dict)
+                   and (entry.get("host_name"), entry.get("url", "")) in copies
+                   for entry in uploads)
+    except TypeError:  # unhashable junk (a list as a URL): parsed, and refused there
+        return False
 
 
 def _document(text: str | bytes) -> list:

@@ -267,6 +267,8 @@ def iter_documents(fileobj, chunk_size=1 << 16):
 
     def skip_space():
         nonlocal buf, pos
+        if pos < len(buf) and buf[pos] not in " \t\r\n":
+            return  # most often: nothing to skip
         while True:
             space = _SPACE.match(buf, pos)
             assert space is not None  # the pattern matches the empty string
