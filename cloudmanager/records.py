@@ -147,20 +147,21 @@ class RecordStore:
         batch: List[Tuple[int, object]] = []
         for item in enumerate(documents):
             batch.append(item)
-            seen["records"] += 1
             if len(batch) >= LOAD_BATCH:
+                seen["records"] += len(batch)
                 yield from self._parse_unknown(batch, seen)
                 batch = []
+        seen["records"] += len(batch)
         yield from self._parse_unknown(batch, seen)
 
     def _parse_unknown(self, batch: List[Tuple[int, object]], seen: collections.Counter[str]
                        ) -> Iterator[serializers.Record]:
-        named = [(index, doc, doc.get("filehash") if isinstance(doc, dict) else None)
-                 for index, doc in batch]
-        known = self.db.records.known(h for _, _, h in named if isinstance(h, str))
-        for index, doc, file_hash in named:
-            if known and isinstance(doc, dict) and isinstance(file_hash, str) \
-                    and _changes_nothing(doc, known.get(file_hash)):
+        known = self.db.records.known(
+            doc["filehash"] for _, doc in batch
+            if isinstance(doc, dict) and isinstance(doc.get("filehash"), str))
+        for index, doc in batch:
+            if known and isinstance(doc, dict) and isinstance(doc.get("filehash"), str) \
+                    and _changes_nothing(doc, known.get(doc["filehash"])):
                 continue
             try:
                 record = serializers.parse_record(doc)
