@@ -16,7 +16,7 @@ import cloudmanager.cache.store as cache_mod
 from cloudmanager.cache import fsck
 from cloudmanager.cache import CacheStore
 from cloudmanager.db import FileDatabase
-from cloudmanager.errors import CacheError, CacheFullError
+from cloudmanager.errors import CacheError, CacheFullError, DatabaseError
 from helpers import sha
 
 
@@ -528,3 +528,60 @@ def test_in_flight_temp_names_of_a_live_session_survive_another_open(make_store,
             open(path, "wb").close()
         make_store(1000)  # another instance opens and reconciles
         assert all(os.path.exists(p) for p in derived)
+
+
+# -- a transaction that fails after its renames ---------------------------------------
+
+
+def _fail_cache_writes(db):
+    """Make this thread's connection refuse every new cache row, as a full disk
+    or a broken database would at that point of a publish (a real SQLite
+    error, raised by a temporary trigger)."""
+    db.connection.execute("CREATE TEMP TRIGGER fail_cache_writes BEFORE INSERT ON"
+                          " main.cache_entries BEGIN SELECT RAISE(ABORT, 'injected'); END")
+
+
+def _allow_cache_writes(db):
+    db.connection.execute("DROP TRIGGER temp.fail_cache_writes")
+
+
+@pytest.mark.parametrize("how", ["ingest", "ingest_many", "commit_many"])
+def test_a_publish_whose_transaction_fails_leaves_no_unindexed_file(how, make_store, src, db,
+                                                                     root):
+    """The renames into the shards happen inside the transaction that indexes
+    them; when it fails, the files go again: a file no row counts would take
+    room that the cache's bound never sees."""
+    store = make_store(capacity=1000)
+    data = [b"published %d" % n * 5 for n in range(3)]
+    if how == "commit_many":  # a warm-up: files of the pool, evicted, fetched again
+        hashes = [ingest(store, src, "w%d" % n, d) for n, d in enumerate(data)]
+        for file_hash in hashes:
+            give_copy(db, file_hash)
+        assert store.evict(0) == 3
+        rooms = []
+        for file_hash, d in zip(hashes, data):
+            room = store.reservation(len(d))
+            with open(room.temp, "wb") as f:
+                f.write(d)
+            rooms.append((file_hash, len(d), room))
+    before = db.cache_index.counter("cached_bytes")
+    _fail_cache_writes(db)
+    with pytest.raises(DatabaseError, match="injected"):
+        if how == "ingest":
+            store.ingest(src("one", data[0]), "one")
+        elif how == "ingest_many":
+            store.ingest_many([(src("m%d" % n, d), "m%d" % n, None, len(d))
+                               for n, d in enumerate(data)])
+        else:
+            store.commit_many(rooms)
+    _allow_cache_writes(db)
+    if how == "commit_many":
+        for _, _, room in rooms:
+            room.release()
+    assert cached_on_disk(root) == {}
+    assert db.cache_index.counter("cached_bytes") == before == 0
+    # Nothing is left half done: the same files go in once writes work again.
+    for n, d in enumerate(data):
+        ingest(store, src, "again%d" % n, d)
+    assert sorted(cached_on_disk(root).values()) == sorted(len(d) for d in data)
+    assert db.cache_index.counter("cached_bytes") == sum(len(d) for d in data)

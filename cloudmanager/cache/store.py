@@ -342,6 +342,19 @@ class CacheStore:
         """
         return BatchRooms(self, self._reserve_row(sum(sizes)), sizes)
 
+    @contextlib.contextmanager
+    def _unpublished_on_failure(self) -> Iterator[List[str]]:
+        """Yield a list for the paths a transaction renames into the shards;
+        if the block fails (its rows did not go in), they are removed again:
+        a file no row counts would hold room that no bound sees."""
+        published: List[str] = []
+        try:
+            yield published
+        except BaseException:
+            for path in published:
+                fsutil.remove_quietly(path)
+            raise
+
     def commit_many(self, items: Sequence[Tuple[str, int, Any]]
                     ) -> Dict[str, Union[str, Exception]]:
         """Publish verified downloads ``[(hash, size, room)]`` (rooms of a
@@ -369,7 +382,7 @@ class CacheStore:
         hashes = [h for h, _, _ in items]
         shards = set()
         committed = []
-        with self.db.both() as (conn, local):
+        with self._unpublished_on_failure() as published, self.db.both() as (conn, local):
             known = self.db.files.states(conn, hashes)
             protected = self.db.files.protected_among(conn, hashes)
             cached = self.db.cache_index.cached_among(hashes, local)
@@ -390,6 +403,7 @@ class CacheStore:
                 else:
                     self._set_mode(room.temp)
                     fsutil.publish(room.temp, self.layout.path(file_hash), fsync=False)
+                    published.append(self.layout.path(file_hash))
                     shards.add(self.layout.shard_dir(file_hash))
                     entries.append((file_hash, size, file_hash in protected))
                 if isinstance(room, Reservation):
@@ -541,7 +555,7 @@ class CacheStore:
         """
         path = self.path_for(file_hash)
         now = time.time()
-        with self.db.both() as (conn, local):
+        with self._unpublished_on_failure() as published, self.db.both() as (conn, local):
             outcome = self.db.files.add(conn, file_hash, filename, size,
                                        int(created if created is not None else now),
                                        size_known=True)
@@ -558,6 +572,7 @@ class CacheStore:
             else:
                 self._set_mode(reservation.temp)
                 fsutil.publish(reservation.temp, path, self.fsync)
+                published.append(path)
                 self.db.cache_index.put(local, [(file_hash, size, protected)], now,
                                         cached_before={file_hash: state.size}
                                         if state is not None and cached else {})
@@ -667,7 +682,7 @@ class CacheStore:
         now = time.time()
         done: Dict[str, int] = {}  # hash -> the size published (or found cached) in this batch
         shards = set()
-        with self.db.both() as (conn, local):
+        with self._unpublished_on_failure() as published, self.db.both() as (conn, local):
             hashes = {r[0] for r in results if isinstance(r, tuple)}
             known = self.db.files.states(conn, hashes)
             cached = self.db.cache_index.cached_among(hashes, local)
@@ -708,6 +723,7 @@ class CacheStore:
                 temp = temps.pop(k)
                 self._set_mode(temp)
                 fsutil.publish(temp, self.layout.path(file_hash), fsync=False)
+                published.append(self.layout.path(file_hash))
                 shards.add(self.layout.shard_dir(file_hash))
                 done[file_hash] = size
             self.db.files.insert(conn, new_rows)
