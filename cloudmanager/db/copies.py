@@ -351,9 +351,18 @@ class Copies:
                 [(h, host, url, when, when if checked else 0)
                  + tuple(objects.get((h, host, url), plain)) + (checked, checked)
                  for h, host, url in copies])
-        conn.executemany("DELETE FROM uploads WHERE hash = ? AND host_name = ? AND url = ''"
-                         " AND state = 'pending'", [(h, host) for h, host, _ in copies])
-        recount(conn, {c[0] for c in copies})
+        # Pending rows are few (uploads that failed): one probe for the batch
+        # spares a delete per copy when there are none.
+        hashes = {c[0] for c in copies}
+        pending = {(h, host) for h, host in conn.execute(
+            "SELECT u.hash, u.host_name FROM json_each(?) AS j JOIN uploads AS u"
+            " ON u.hash = j.value WHERE u.url = '' AND u.state = 'pending'",
+            (json_list(hashes),))} if copies else set()
+        if pending:
+            conn.executemany("DELETE FROM uploads WHERE hash = ? AND host_name = ? AND url = ''"
+                             " AND state = 'pending'",
+                             [(h, host) for h, host, _ in copies if (h, host) in pending])
+        recount(conn, hashes)
         # Tombstones are few (removed files' copies): one probe spares a
         # delete per copy when there are none.
         if conn.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone() is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Iterable, List, Tuple
 
-from .connection import Conn, Store
+from .connection import Conn, Store, in_list
 
 
 class Queue:
@@ -35,8 +35,11 @@ class Queue:
                          [(h, when, node, h) for h in hashes])
 
     def remove(self, conn: Conn, hashes: Iterable[str]) -> None:
-        """Take files off the queue."""
-        conn.executemany("DELETE FROM upload_queue WHERE hash = ?", [(h,) for h in hashes])
+        """Take files off the queue: one statement for the batch."""
+        hashes = list(hashes)
+        if hashes:
+            fragment, param = in_list(hashes)
+            conn.execute("DELETE FROM upload_queue WHERE hash " + fragment, (param,))
 
     def note_failure(self, conn: Conn, file_hash: str, error: str) -> None:
         """Count a failed attempt at a queued upload, and keep why."""
