@@ -1106,13 +1106,23 @@ class Replicator:
                          len(chosen))
             reaching = (self.engine.host_for(c.host_name, c.url) for c in chosen)
             looks = _Looks(self, {host.name for host in reaching if host is not None})
-            for copy, outcome in self._look(chosen, deep, scratch, looks):
-                verdict = "good" if outcome.verdict == "intact" else outcome.verdict
-                if verdict in ("good", "bad", "missing"):
-                    summary["checked"] += 1
-                summary[verdict] += 1
-                looks.add(copy, outcome)
-                meter.files_done(1)
+            try:
+                for copy, outcome in self._look(chosen, deep, scratch, looks):
+                    verdict = "good" if outcome.verdict == "intact" else outcome.verdict
+                    if verdict in ("good", "bad", "missing"):
+                        summary["checked"] += 1
+                    summary[verdict] += 1
+                    looks.add(copy, outcome)
+                    meter.files_done(1)
+            except BaseException:
+                # Interrupted (Ctrl-C, a host's bug): what was seen is still
+                # recorded, so a verify run again goes on from there.
+                try:
+                    looks.flush()
+                except CloudManagerError as exc:
+                    log.warning("verify: the looks before the interruption were not "
+                                "recorded (%s)", exc)
+                raise
             looks.flush()
         log.info("verify: %s", summary)
         return summary

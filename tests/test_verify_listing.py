@@ -537,3 +537,26 @@ def test_an_interrupted_deep_verify_waits_for_its_checks_before_removing_their_r
         cm.pool.verify(deep=True, progress=progress)
     assert host.begun == host.ended >= 2
     assert list(scratch_parent.iterdir()) == []
+
+
+def test_a_verify_interrupted_midway_records_the_looks_it_made(make_pool, write_file):
+    """Ctrl-C in the middle of a verify keeps what it saw: the copies looked at
+    before it are recorded as checked, so the next verify goes on from there
+    (they were dropped until a batch of VERIFY_BATCH was full)."""
+    cm = make_pool(capacity=1 << 20, redundancy=1)
+    digests = cm.upload_many([write_file("v%d" % i, b"verify me %d" % i) for i in range(12)])
+    cm.engine.listing = False  # one look per copy, each reported as it ends
+    seen = []
+
+    def progress(nbytes, nfiles):
+        seen.append(nfiles)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cm.pool.verify(progress=progress)
+    checked = [h for h in digests if any(c.checked for c in cm.db.copies.of(h))]
+    assert len(checked) >= 4
+    # The next verify looks only at the others (a budget of "not checked in an hour").
+    summary = cm.verify(older_than=3600)
+    assert summary["checked"] == len(digests) - len(checked)
