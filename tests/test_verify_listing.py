@@ -494,7 +494,8 @@ def test_a_deep_verify_interrupted_by_its_progress_callback_ends(make_pool, writ
 
 class Lagging(MemoryHost):
     """A memory host whose downloads after the first take a while, and that
-    counts the downloads begun and ended."""
+    counts the downloads begun and ended. The first ends only once a second
+    has begun, so one is under way when the first one's caller stops."""
 
     max_connections = 3
 
@@ -503,13 +504,18 @@ class Lagging(MemoryHost):
         self.lock = threading.Lock()
         self.begun = 0
         self.ended = 0
+        self.second_begun = threading.Event()
 
     def download(self, url, dest_path, max_bytes=None):
         with self.lock:
             self.begun += 1
             first = self.begun == 1
+            if self.begun == 2:
+                self.second_begun.set()
         try:
-            if not first:
+            if first:
+                self.second_begun.wait(10)
+            else:
                 time.sleep(0.3)
             return super().download(url, dest_path, max_bytes)
         finally:
