@@ -17,7 +17,6 @@ import logging
 from typing import IO, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import serializers
-from . import trees as trees_module
 from .db import FileDatabase
 from .db.records import KnownRecord
 from .engine import UploadEngine
@@ -213,8 +212,11 @@ class RecordStore:
                      ) -> int:
         # Records of tree manifests (``NAME.cmtree``) are named trees here too,
         # in the transaction that merges them: a reload skips known records.
+        # (Imported here: the trees module is for loads, not for every pool.)
+        from .trees import name_of_record
+
         trees = [(r.hash, name, r.datetime) for r in batch
-                 for name in (trees_module.name_of_record(r.filename),) if name is not None]
+                 for name in (name_of_record(r.filename),) if name is not None]
         if source is None and not trees:
             changed, refused = self._merge_claims(batch)
         else:  # the merge a savepoint of the transaction that tags and names
