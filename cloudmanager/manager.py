@@ -27,7 +27,7 @@ from .errors import (
 from .hosts import from_spec
 from .original_methods import OriginalMethods
 from .pool import Pool, UPLOAD_BATCH, WARM_BATCH  # noqa: F401  (the batch sizes: part of the API)
-from .records import LOAD_BATCH  # noqa: F401
+from .db.records import LOAD_BATCH  # noqa: F401  (570c729's manager had it)
 from .validation import check_hash
 
 log = logging.getLogger("cloudmanager")

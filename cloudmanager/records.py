@@ -18,14 +18,11 @@ from typing import IO, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import serializers
 from .db import FileDatabase
-from .db.records import KnownRecord
+from .db.records import LOAD_BATCH, KnownRecord
 from .engine import UploadEngine
 from .errors import SerializationError
 
 log = logging.getLogger(__name__)
-
-#: Records merged per transaction by :func:`load_from`.
-LOAD_BATCH = 5000
 
 
 class RecordStore:
