@@ -34,8 +34,8 @@ NOT_AT_IMPORT = (
 #: Never loaded by ``cm`` before a command runs (its import).
 NOT_IN_THE_CLI = (
     "cloudmanager.legacy_import", "cloudmanager.db.legacy_pool", "cloudmanager.db.postgres",
-    "cloudmanager.crypto", "cloudmanager.trees", "psycopg", "pyrage", "boto3", "fsspec",
-    "hashlib", "subprocess", "socket", "ctypes",
+    "cloudmanager.crypto", "cloudmanager.trees", "cloudmanager.migrate", "psycopg", "pyrage",
+    "boto3", "fsspec", "hashlib", "subprocess", "socket", "ctypes",
 )
 
 
