@@ -20,6 +20,7 @@ from typing import (
 
 from . import meter, reports
 from .config import Config, load_config
+from .db.records import LOAD_BATCH  # noqa: F401  (570c729's manager had it)
 from .db.urls import is_postgres_url
 from .errors import (
     CloudManagerError, InvalidInputError, NotInPoolError, NotStartedError, SerializationError,
@@ -27,7 +28,6 @@ from .errors import (
 from .hosts import from_spec
 from .original_methods import OriginalMethods
 from .pool import Pool, UPLOAD_BATCH, WARM_BATCH  # noqa: F401  (the batch sizes: part of the API)
-from .db.records import LOAD_BATCH  # noqa: F401  (570c729's manager had it)
 from .validation import check_hash
 
 log = logging.getLogger("cloudmanager")
