@@ -37,13 +37,8 @@ import os
 import re
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-from .db.postgres import is_postgres_url
-from .db.postgres import redact as redact_database_url
+from .db.urls import is_postgres_url
+from .db.urls import redact as redact_database_url
 from .errors import ConfigError, InvalidInputError
 from .validation import SECRET_OPTION, check_host_name, redact_url_passwords
 
@@ -183,6 +178,12 @@ def load_config(path):
     :raises ConfigError: if the file cannot be read, is not TOML, or holds an
         unknown or invalid setting; the message names the file and the setting
     """
+    # Imported here: the TOML parser is for the commands that read a file
+    # (``import cloudmanager`` need not load it).
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
     path = os.path.abspath(os.fspath(path))
     try:
         with open(path, "rb") as f:

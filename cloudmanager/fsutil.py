@@ -10,17 +10,18 @@ import contextlib
 import contextvars
 import errno
 import functools
-import hashlib
 import os
 import queue
 import re
-import secrets
 import stat
 import sys
 import threading
-from typing import Optional, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 from . import meter
+
+if TYPE_CHECKING:
+    import hashlib
 
 #: Read size for copying and hashing. Large enough that hashlib releases the
 #: GIL and syscalls are few; small enough to stay in cache.
@@ -44,6 +45,30 @@ FILE_MODE = 0o600
 DIR_MODE = 0o700
 
 
+
+def sha256(data: bytes = b"") -> "hashlib._Hash":
+    """A new SHA-256 digest object (:func:`hashlib.sha256`), fed ``data``.
+
+    hashlib is imported on first use: it starts OpenSSL, a few milliseconds
+    that ``import cloudmanager`` (and a command that hashes nothing) need not pay.
+
+    >>> sha256(b"abc").hexdigest()[:16]
+    'ba7816bf8f01cfea'
+    """
+    import hashlib
+
+    return hashlib.sha256(data)
+
+
+def random_hex(nbytes: int) -> str:
+    """``nbytes`` random bytes from the OS, in hex: what :func:`secrets.token_hex`
+    gives, without loading :mod:`secrets` (which loads hmac and OpenSSL).
+
+    >>> len(random_hex(6))
+    12
+    """
+    return os.urandom(nbytes).hex()
+
 def open_temp(directory, prefix, readable=False):
     """Create a new, empty, private temp file in ``directory``.
 
@@ -52,7 +77,7 @@ def open_temp(directory, prefix, readable=False):
     """
     access = os.O_RDWR if readable else os.O_WRONLY
     for _ in range(100):
-        path = os.path.join(directory, "%s%s.tmp" % (prefix, secrets.token_hex(6)))
+        path = os.path.join(directory, "%s%s.tmp" % (prefix, random_hex(6)))
         try:
             fd = os.open(path, access | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
                          FILE_MODE)
@@ -174,7 +199,7 @@ def copy_and_hash(src, dst_fd, limit=None, hashing=True, progress=None, length=N
             size = length
     if hashing and size is not None and size >= PIPELINE_MIN:
         return _copy_pipelined(src, dst_fd, limit, progress)
-    digest = hashlib.sha256() if hashing else None
+    digest = sha256() if hashing else None
     total = 0
     for chunk in _chunks(src, size):
         total += len(chunk)
@@ -250,7 +275,7 @@ def _copy_pipelined(src, dst_fd, limit, progress=None):
             full.put(exc)
 
     worker = threading.Thread(target=pump, name="cloudmanager-copy", daemon=True)
-    digest = hashlib.sha256()
+    digest = sha256()
     total = 0
     worker.start()
     try:
@@ -368,7 +393,7 @@ def _libc(name, *argtypes):
 
 def hash_file(path):
     """Return ``(sha256_hex, size)`` of a file, reading it once."""
-    digest = hashlib.sha256()
+    digest = sha256()
     total = 0
     with open(path, "rb", buffering=0) as f:
         for chunk in _chunks(f):
@@ -404,7 +429,7 @@ class HashingReader:
     def __init__(self, raw, limit: Optional[int] = None) -> None:
         self._raw = raw
         self._limit = limit
-        self._digest = hashlib.sha256()
+        self._digest = sha256()
         #: Bytes handed out so far.
         self.count = 0
         #: Whether the end of the file was reached.
@@ -594,7 +619,7 @@ class HashingWriter:
         self.raw = raw
         self.limit = limit
         #: The SHA-256 of the bytes written so far.
-        self.digest = hashlib.sha256()
+        self.digest = sha256()
         #: Bytes written so far.
         self.size = 0
 

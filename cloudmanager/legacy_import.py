@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 from . import serializers
 from .db.legacy_pool import LegacyFileRow, LegacyPool, shown
-from .db.postgres import is_postgres_url
+from .db.urls import is_postgres_url
 from .errors import CloudManagerError, InvalidInputError, LegacyPoolError, SerializationError
 from .validation import check_count, check_hash, check_source, safe_basename
 

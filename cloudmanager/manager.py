@@ -20,15 +20,14 @@ from typing import (
 
 from . import meter, reports
 from .config import Config, load_config
-from .crypto import key_from_settings
-from .db.postgres import is_postgres_url
+from .db.records import LOAD_BATCH  # noqa: F401  (570c729's manager had it)
+from .db.urls import is_postgres_url
 from .errors import (
     CloudManagerError, InvalidInputError, NotInPoolError, NotStartedError, SerializationError,
 )
 from .hosts import from_spec
 from .original_methods import OriginalMethods
 from .pool import Pool, UPLOAD_BATCH, WARM_BATCH  # noqa: F401  (the batch sizes: part of the API)
-from .records import LOAD_BATCH  # noqa: F401
 from .validation import check_hash
 
 log = logging.getLogger("cloudmanager")
@@ -124,8 +123,7 @@ class CloudManager(OriginalMethods):
                          redundancy=redundancy, defer_uploads=settings["defer_uploads"],
                          fsync=settings["fsync"], host_cooldown=settings["host_cooldown"],
                          file_mode=settings["file_mode"],
-                         key=key_from_settings(settings["encryption_key"],
-                                               settings["recipients"]),
+                         key=self._key(settings["encryption_key"], settings["recipients"]),
                          bwlimit=meter.rate_setting(settings["bwlimit"]))
         #: The parts, for tools and tests that look inside.
         self.db, self.cache, self.engine = self.pool.db, self.pool.cache, self.pool.engine
@@ -149,6 +147,13 @@ class CloudManager(OriginalMethods):
                                     % " or ".join(missing))
         settings["config"] = config
         return settings
+
+    @staticmethod
+    def _key(path, recipients):
+        if not path and not recipients:
+            return None  # no key: crypto (and subprocess, for age) is never loaded
+        from .crypto import key_from_settings
+        return key_from_settings(path, recipients)
 
     @staticmethod
     def _build_hosts(hosts, config, timeout):

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import sqlite3
 import time
 from typing import Any, Dict, Union
@@ -148,7 +147,7 @@ def _check_local_file(path: str, kind: str) -> None:
 def _refuse_if_in_use(source: FileDatabase, catalog: Any) -> None:
     """Refuse while a process of this machine has the pool open, or some
     process holds work leases in its catalog (read in the move's transaction)."""
-    here = socket.gethostname()
+    here = os.uname().nodename  # as the cache names its node (CacheStore.node)
     for _, node, pid, started in source.sessions.all():
         if node == here and not (pid_alive(pid) and started == process_start(pid)):
             continue  # a process that died: its session is ended at the next open

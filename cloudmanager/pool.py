@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import stat
@@ -26,12 +27,12 @@ import tempfile
 import threading
 import time
 from typing import (
-    BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union,
+    TYPE_CHECKING, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple,
+    Union,
 )
 
 from . import fsutil, meter
 from .cache import CacheStore, Reservation, fsck
-from .crypto import PoolKey
 from .db import FileDatabase, index_path_for
 from .db.copies import HeldCopy
 from .engine import DownloadJob, DownloadResult, UploadEngine, Verdict
@@ -51,12 +52,14 @@ from .errors import (
 )
 from .health import Fact, Health
 from .hosts.base import Host
-from .legacy import OriginalApi
-from .legacy_import import import_legacy
-from .records import RecordStore
 from .replication import Replicator, SyncSummary
-from .trees import TreeStore
 from .validation import check_hash, safe_basename
+
+if TYPE_CHECKING:
+    from .crypto import PoolKey
+    from .legacy import OriginalApi
+    from .records import RecordStore
+    from .trees import TreeStore
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +120,6 @@ class Pool:
                                           source_of=self._source_of, key=key,
                                           scratch=self.cache.scratch)
             self.cache.queue = self.replication.queue
-            self.records = RecordStore(self.db, self.engine, self.replication.merge)
-            #: The original cloud-manager's wider API (queues, meter, block cursor).
-            self.legacy = OriginalApi(self.db, self.records)
-            #: Trees: directories recorded by name (:mod:`cloudmanager.trees`).
-            self.trees = TreeStore(self)
             #: What the cheap open-time check (:func:`cloudmanager.cache.fsck.on_open`) mended.
             self.open_check = fsck.on_open(self.cache, self.db)
             self.health.node = self.cache.node_id
@@ -131,6 +129,30 @@ class Pool:
         except BaseException:
             self.close()
             raise
+
+    # The parts only some operations use are made on first use, so that opening
+    # a pool (and importing cloudmanager) does not load their modules.
+
+    @functools.cached_property
+    def records(self) -> RecordStore:
+        """Import and export of records (:mod:`cloudmanager.records`)."""
+        from .records import RecordStore
+
+        return RecordStore(self.db, self.engine, self.replication.merge)
+
+    @functools.cached_property
+    def legacy(self) -> OriginalApi:
+        """The original cloud-manager's wider API (queues, meter, block cursor)."""
+        from .legacy import OriginalApi
+
+        return OriginalApi(self.db, self.records)
+
+    @functools.cached_property
+    def trees(self) -> TreeStore:
+        """Trees: directories recorded by name (:mod:`cloudmanager.trees`)."""
+        from .trees import TreeStore
+
+        return TreeStore(self)
 
     def _end_dead_removals(self) -> None:
         live = [s.owner for s in self.db.sessions.all()]
@@ -962,6 +984,8 @@ class Pool:
             a database that is not an original pool
         :raises CloudManagerError: if a database fails
         """
+        from .legacy_import import import_legacy  # only this command reads an original pool
+
         self.cache.flush()
         return import_legacy(self, database, storage)
 

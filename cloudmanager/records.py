@@ -17,16 +17,12 @@ import logging
 from typing import IO, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import serializers
-from . import trees as trees_module
 from .db import FileDatabase
-from .db.records import KnownRecord
+from .db.records import LOAD_BATCH, KnownRecord
 from .engine import UploadEngine
 from .errors import SerializationError
 
 log = logging.getLogger(__name__)
-
-#: Records merged per transaction by :func:`load_from`.
-LOAD_BATCH = 5000
 
 
 class RecordStore:
@@ -214,8 +210,11 @@ class RecordStore:
                      ) -> int:
         # Records of tree manifests (``NAME.cmtree``) are named trees here too,
         # in the transaction that merges them: a reload skips known records.
+        # (Imported here: the trees module is for loads, not for every pool.)
+        from .trees import name_of_record
+
         trees = [(r.hash, name, r.datetime) for r in batch
-                 for name in (trees_module.name_of_record(r.filename),) if name is not None]
+                 for name in (name_of_record(r.filename),) if name is not None]
         if source is None and not trees:
             changed, refused = self._merge_claims(batch)
         else:  # the merge a savepoint of the transaction that tags and names

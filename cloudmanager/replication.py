@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 from typing import (
+    TYPE_CHECKING,
     Callable,
     ContextManager,
     Dict,
@@ -58,7 +59,6 @@ from typing import (
 )
 
 from . import fsutil, meter
-from .crypto import AGE_BINARY_MIN, PoolKey, SealingStream, ciphertext_size_max
 from .db import FileDatabase
 from .db.copies import CopyKey, CopyToCheck, ObjectMeta
 from .engine import (
@@ -69,6 +69,9 @@ from .errors import (
 )
 from .health import Fact, Health
 from .hosts.base import Host, Location, ObjectInfo, Received
+
+if TYPE_CHECKING:
+    from .crypto import PoolKey, SealingStream
 
 log = logging.getLogger(__name__)
 
@@ -416,6 +419,9 @@ class Replicator:
             yield jobs, None
             return
         assert self._scratch is not None, "an encrypted pool needs room to encrypt in"
+        # crypto is imported where a key is used: a pool without one never loads it.
+        from .crypto import ciphertext_size_max
+
         key = self.key
         with self._scratch(sum(ciphertext_size_max(j.size) for j in jobs)) as path_of:
             sealed, objects = [], SealedObjects()
@@ -436,6 +442,8 @@ class Replicator:
         work file and no second copy of the ciphertext."""
         if self.key is None or len(jobs) != 1:
             return False
+        from .crypto import AGE_BINARY_MIN
+
         job = jobs[0]
         return (job.size >= AGE_BINARY_MIN and job.target - len(job.holders) == 1
                 and any(h.can_stage for n, h in self.engine.hosts.items()
@@ -453,6 +461,8 @@ class Replicator:
 
         :return: ``([result], objects)`` as :meth:`_sealed` gives them
         """
+        from .crypto import SealingStream, ciphertext_size_max
+
         key = self.key
         assert key is not None
         name = key.object_name(job.file_hash)
@@ -500,6 +510,8 @@ class Replicator:
         file's hash and size; the plaintext goes nowhere. Anything else under
         the name (another size, bytes that do not decrypt to the file) is
         replaced by the upload, as before."""
+        from .crypto import ciphertext_size_max
+
         key = self.key
         assert key is not None
 
@@ -752,6 +764,8 @@ class Replicator:
         fails before the stream ended is followed by the next, which reads
         (and seals) the source afresh, into a work file of its own.
         """
+        from .crypto import SealingStream, ciphertext_size_max
+
         key = self.key
         assert key is not None
         if not any(h.can_stage for h in self.engine.hosts.values()):

@@ -125,7 +125,7 @@ def test_caller_interrupt_stops_the_thread(tmp_path, small_pipeline, monkeypatch
                 raise KeyboardInterrupt
             self.real.update(data)
 
-    monkeypatch.setattr(fsutil.hashlib, "sha256", Digest)
+    monkeypatch.setattr(fsutil, "sha256", Digest)
     with pytest.raises(KeyboardInterrupt):
         copy(tmp_path / "src", tmp_path / "dst")
     assert not any(t.name == "cloudmanager-copy" for t in threading.enumerate())

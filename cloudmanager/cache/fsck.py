@@ -24,7 +24,6 @@ A temp file is removed only when the session its name starts with is not
 running: a dead session on this machine, never another live process's.
 """
 
-import hashlib
 import logging
 import os
 import sqlite3
@@ -369,7 +368,7 @@ def _hash_cached(cache: "CacheStore", file_hash: str) -> Optional[Tuple[str, int
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None
-        digest = hashlib.sha256()
+        digest = fsutil.sha256()
         while True:
             chunk = os.read(fd, fsutil.CHUNK)
             if not chunk:

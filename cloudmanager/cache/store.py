@@ -20,11 +20,9 @@ and reconciles.
 """
 
 import contextlib
-import hashlib
+import functools
 import logging
 import os
-import secrets
-import socket
 import tempfile
 import threading
 import time
@@ -96,22 +94,27 @@ class CacheStore:
         self.layout = Layout(self.root, self.dir_mode)
         self.tmp_dir = self.layout.tmp_dir
         self.layout.prepare()
-        self.node = socket.gethostname()
+        # The machine's name, as socket.gethostname() gives it, without loading socket.
+        self.node = os.uname().nodename
         #: This cache's id in the pool (several caches on one machine are
         #: several nodes); sessions' owner names start with it.
         self.node_id = db.sessions.node_id()
-        self.token = secrets.token_hex(8)
+        self.token = fsutil.random_hex(8)
         self.owner = "%s:%d:%s" % (self.node_id, os.getpid(), self.token)
         self._lock = threading.Lock()
         self._touches: Dict[str, float] = {}
         self._hits = self._misses = 0
         self._last_flush = time.monotonic()
-        #: Batches are made durable with ``syncfs`` (two per batch), not an
-        #: fsync per file: see :func:`~cloudmanager.fsutil.sync_filesystem`.
-        self.batch_sync = fsync and fsutil.sync_filesystem_available()
         self.proc_start = fsck.process_start(os.getpid())
         self.reconcile(full=reconcile)
         db.sessions.open(self.owner, self.node, os.getpid(), self.proc_start)
+
+    @functools.cached_property
+    def batch_sync(self) -> bool:
+        """Whether batches are made durable with ``syncfs`` (two per batch), not
+        an fsync per file: see :func:`~cloudmanager.fsutil.sync_filesystem`.
+        Found on first use: the check loads ctypes, which an open need not."""
+        return self.fsync and fsutil.sync_filesystem_available()
 
     # -- paths ---------------------------------------------------------------
 
@@ -655,7 +658,7 @@ class CacheStore:
                         data += more
                     if len(data) > size:
                         raise CacheError("%s grew while it was read" % source_path)
-                    file_hash, nbytes = hashlib.sha256(data).hexdigest(), len(data)
+                    file_hash, nbytes = fsutil.sha256(data).hexdigest(), len(data)
                     fsutil.write_all(fd, data)
                 else:
                     try:

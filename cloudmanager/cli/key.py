@@ -4,7 +4,6 @@ import os
 
 import click
 
-from ..crypto import new_identity_file
 from ..errors import CloudManagerError
 from .app import OperationFailed, pass_session
 
@@ -33,6 +32,10 @@ def key_new(session, path):
     \b
     LOSING THIS FILE LOSES EVERY FILE IT ENCRYPTS. Keep a copy off the hosts.
     """
+    # Imported here: the crypto module (and subprocess, for age) is for this
+    # command and encrypted pools, not for every start of cm.
+    from ..crypto import new_identity_file
+
     try:
         recipient = new_identity_file(os.path.abspath(path))
     except CloudManagerError as exc:

@@ -3,7 +3,6 @@
 import click
 
 from ..errors import CloudManagerError, LegacyPoolError
-from ..legacy_import import check_source_pool
 from .app import JSON_OPTION, OperationFailed, fail_quietly, pass_session
 from .output import emit_json, plural
 
@@ -36,6 +35,8 @@ def import_legacy(session, database, storage, as_json):
     Example:
       cm import-legacy old/cloudmanager.db old/storage
     """
+    from ..legacy_import import check_source_pool  # for this command only, not every start of cm
+
     try:
         database, storage = check_source_pool(database, storage)
     except LegacyPoolError as exc:

@@ -13,7 +13,6 @@ except ImportError:  # Python 3.10
 from ..config import DATABASE_ENV, is_postgres_url, parse_config, shown_database
 from ..errors import CloudManagerError
 from ..fsutil import atomic_write
-from ..migrate import migrate_pool
 from .app import JSON_OPTION, OperationFailed, pass_session
 from .configure import toml_string
 from .output import emit_json, plural
@@ -89,6 +88,8 @@ def migrate(session, destination, write_config, as_json):
             "--write-config needs a config file that names the database; %s" % (
                 "$%s names it now: set that instead" % DATABASE_ENV if from_environment
                 else "there is none (see cm init)"))
+    from ..migrate import migrate_pool  # for this command only, not every start of cm
+
     report = migrate_pool(settings["database"], settings["storage"], destination)
     if write_config:
         update_config(session.config_path, destination)

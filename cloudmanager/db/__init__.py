@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, ContextManager, Iterator, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Optional, Sequence, Tuple, Union
 
 from ..errors import DatabaseError
 from .cache_index import CacheIndex
@@ -41,7 +41,6 @@ from .copies import Copies
 from .files import Files
 from .health import Health, month_key
 from .leases import Leases
-from .postgres import PostgresDatabase, is_postgres_url, redact
 from .published import Published
 from .queue import Queue
 from .records import Records
@@ -49,6 +48,10 @@ from .sessions import Sessions
 from .sources import Sources
 from .state import PoolState
 from .trees import Trees
+from .urls import is_postgres_url, redact
+
+if TYPE_CHECKING:
+    from .postgres import PostgresDatabase
 
 __all__ = ["FileDatabase", "INDEX_SUFFIX", "SCHEMA_VERSION", "in_list", "index_path_for",
            "is_postgres_url", "json_list", "month_key", "redact", "schema_sql"]
@@ -99,6 +102,9 @@ class FileDatabase:
             if index_path is None:
                 raise DatabaseError("a catalog on a server needs a local file for the "
                                     "cache index")
+            # Imported here: a SQLite pool never loads the PostgreSQL catalog's module.
+            from .postgres import PostgresDatabase
+
             self.catalog = PostgresDatabase(str(database))
             try:
                 self.local = Database(index_path, with_catalog=False)

@@ -7,15 +7,29 @@ the transfer meter is written with it, once per operation or batch.
 from __future__ import annotations
 
 import json
-import statistics
 import time
-from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .connection import Store
 
 #: How many recent transfer times per host the latency median is taken over.
 LATENCY_SAMPLES = 31
 
+
+
+def median(samples: Sequence[Union[int, float]]) -> Union[int, float]:
+    """The median of ``samples`` (not empty), as :func:`statistics.median` gives
+    it; written out because the statistics module (with decimal and
+    fractions) costs a pool's open more than the few samples take to sort.
+
+    >>> median([30, 10, 20]), median([40, 10, 20, 30])
+    (20, 25.0)
+    """
+    ordered = sorted(samples)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
 
 class HostHealth(NamedTuple):
     """A host's record: counters, the last outcomes, and a latency median."""
@@ -133,7 +147,7 @@ class Health:
                 successes=successes, failures=failures,
                 consecutive_failures=consecutive_failures, last_error=last_error,
                 last_success=last_success, last_failure=last_failure,
-                latency_ms=statistics.median(samples) if samples else None)
+                latency_ms=median(samples) if samples else None)
         return health
 
     def breakers(self) -> Dict[str, Tuple[int, Optional[float]]]:

@@ -30,7 +30,7 @@ from typing import Any, Iterator, List, NamedTuple, Optional, Tuple
 from urllib.parse import quote
 
 from ..errors import DatabaseError, LegacyPoolError
-from .postgres import INSTALL_HINT, _secrets, is_postgres_url, redact
+from .urls import INSTALL_HINT, is_postgres_url, passwords_in, redact
 
 #: The columns of the original's ``files`` table: those every version had,
 #: and those its third migration added.
@@ -73,7 +73,7 @@ class LegacyPool:
         #: As it may be shown (no password).
         self.path = shown(database)
         self.dialect = "postgresql" if is_postgres_url(database) else "sqlite"
-        self._secrets = _secrets(database) if self.dialect == "postgresql" else []
+        self._secrets = passwords_in(database) if self.dialect == "postgresql" else []
         self._conn: Any = None
         if self.dialect == "sqlite":
             self._open_sqlite()

@@ -40,69 +40,19 @@ from importlib import resources
 from typing import (
     Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple,
 )
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import DatabaseError
+# Re-exported: the URL helpers were born here, and callers import them from here.
+from .urls import INSTALL_HINT, URL_SCHEMES, is_postgres_url, passwords_in, redact  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-#: URL schemes that name a PostgreSQL catalog.
-URL_SCHEMES = ("postgresql", "postgres")
-#: The one-line hint when the driver is missing.
-INSTALL_HINT = "PostgreSQL catalogs need psycopg: pip install 'cloudmanager[postgres]'"
 #: The advisory lock every catalog write transaction takes (any fixed 64-bit number).
 WRITE_LOCK = 0x636D5F706F6F6C  # "cm_pool"
 #: Connections kept per process, and the most it opens.
 POOL_MIN, POOL_MAX = 1, 16
 #: Seconds to wait for a pooled connection (or for the server to accept one).
 CONNECT_TIMEOUT_S = 15.0
-
-
-def is_postgres_url(value: object) -> bool:
-    """Whether ``value`` is a ``postgresql://`` or ``postgres://`` URL.
-
-    >>> is_postgres_url("postgresql://cm@db.example/pool"), is_postgres_url("pool.sqlite3")
-    (True, False)
-    """
-    return isinstance(value, str) and value.split("://", 1)[0].lower() in URL_SCHEMES \
-        and "://" in value
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced by ``***``, for logs, errors and reports.
-
-    >>> redact("postgresql://cm:hunter2@db.example:5432/pool?password=x&sslmode=require")
-    'postgresql://cm:***@db.example:5432/pool?password=***&sslmode=require'
-    """
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, hostport = netloc.rsplit("@", 1)
-            if ":" in userinfo:
-                userinfo = userinfo.split(":", 1)[0] + ":***"
-            netloc = userinfo + "@" + hostport
-        query = parts.query
-        if query:
-            query = urlencode([(k, "***" if k.lower() == "password" else v)
-                               for k, v in parse_qsl(query, keep_blank_values=True)],
-                              safe="*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return "postgresql://***"
-
-
-def _secrets(url: str) -> List[str]:
-    """The password(s) in ``url``, raw and as libpq may echo them."""
-    found = []
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            found.append(parts.password)
-        found += [v for k, v in parse_qsl(parts.query) if k.lower() == "password" and v]
-    except ValueError:
-        pass
-    return [s for s in found if s]
 
 
 # -- the dialect ------------------------------------------------------------------------
@@ -370,7 +320,7 @@ class PostgresDatabase:
         self.url = url
         #: The URL as it may be shown: no password.
         self.path = redact(url)
-        self._secrets = _secrets(url)
+        self._secrets = passwords_in(url)
         self._local = threading.local()
         self._writer = threading.Lock()
         #: ``{table: {column: type}}``, read when a bulk insert first needs it.

@@ -11,6 +11,9 @@ from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tu
 from .connection import Store, json_list
 from .copies import recount
 
+#: Records merged per transaction by :meth:`cloudmanager.records.RecordStore.load_from`
+#: (here, not there, so that the facade can name it without loading the JSON side).
+LOAD_BATCH = 5000
 
 #: Files whose record is neither exported nor loaded from a source.
 _UNPUBLISHED = "NOT EXISTS (SELECT 1 FROM published AS p WHERE p.hash = f.hash)"

@@ -6,8 +6,7 @@ sessions and releases what they held."""
 
 from __future__ import annotations
 
-import secrets
-import socket
+import os
 import sqlite3
 import time
 from typing import Iterable, List, NamedTuple, Optional
@@ -43,7 +42,9 @@ class Sessions:
         with self.db.transaction() as conn:
             row = conn.execute("SELECT node FROM this_node").fetchone()
             if row is None:
-                node = "%s-%s" % (socket.gethostname()[:64], secrets.token_hex(4))
+                # The machine's name (socket.gethostname()'s) and secrets.token_hex(4),
+                # without loading socket or secrets (hmac, OpenSSL) at every open.
+                node = "%s-%s" % (os.uname().nodename[:64], os.urandom(4).hex())
                 conn.execute("INSERT INTO this_node (node) VALUES (?)", (node,))
                 return node
             return str(row[0])

@@ -23,7 +23,6 @@ their object name or aborts them (:class:`Staged`).
 import logging
 import os
 import re
-import secrets
 from typing import (
     IO, Any, Callable, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Tuple, Union,
 )
@@ -59,7 +58,7 @@ def staging_name() -> str:
 
     :return: a name that no object name (a SHA-256 hex digest) can equal
     """
-    return "%s%s.tmp" % (STAGING_PREFIX, secrets.token_hex(8))
+    return "%s%s.tmp" % (STAGING_PREFIX, fsutil.random_hex(8))
 
 
 def is_staging_name(name: object) -> bool:

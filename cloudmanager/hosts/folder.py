@@ -14,7 +14,6 @@ the marker is then an empty mount point, an outage, not a folder whose every
 copy is lost.
 """
 
-import hashlib
 import logging
 import os
 import stat
@@ -509,7 +508,7 @@ class FolderHost(Host):
             fsutil.remove_quietly(dest_path)
             raise
         meter.tick(len(data))  # the transfer's progress and bandwidth limit
-        return Received(hashlib.sha256(data).hexdigest(), len(data))
+        return Received(fsutil.sha256(data).hexdigest(), len(data))
 
     def find(self, name: str) -> Optional[Tuple[Location, ObjectInfo]]:
         """The object file ``ROOT/name``, if there; see :meth:`Host.find`.
