@@ -103,4 +103,7 @@ def test_opening_a_pool_loads_nothing_optional_and_each_operation_loads_what_it_
 def test_starting_cm_loads_no_optional_module():
     _, modules = loaded_by("import cloudmanager.cli\nprint('null')")
     assert "click" in modules
-    assert sorted(modules.intersection(NOT_IN_THE_CLI)) == []
+    # What click itself loads is not ours to avoid: on Python 3.10 its uuid
+    # import loads platform, which loads subprocess.
+    _, by_click = loaded_by("import click\nprint('null')")
+    assert sorted(modules.intersection(NOT_IN_THE_CLI) - by_click) == []
