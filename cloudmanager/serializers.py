@@ -29,7 +29,7 @@ True
 import json
 import logging
 import re
-from typing import Any, Dict, NamedTuple, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 from .errors import InvalidInputError, SerializationError
 from .validation import check_hash, check_host_name, check_url, safe_basename
@@ -169,16 +169,18 @@ def parse_record(obj):
                                  % (file_hash, len(raw_uploads), MAX_UPLOADS))
     # A dict: duplicates merged in O(1) each, the first order kept.
     uploads: Dict[Tuple[str, str, bool], None] = {}
-    objects: Dict[Tuple[str, str], Tuple[str, str, str, int, str]] = {}
+    objects: Optional[Dict[Tuple[str, str], Tuple[str, str, str, int, str]]] = None
     for entry in raw_uploads:
         try:
             item, obj = _upload(entry)
         except (SerializationError, InvalidInputError) as exc:
             log.warning("record %s: skipping an upload entry: %s", file_hash, exc)
             continue
-        uploads.setdefault(item)
+        uploads[item] = None
         if obj is not None:
             host_name, url, _ = item
+            if objects is None:  # made for encrypted copies only: most records have none
+                objects = {}
             objects.setdefault((host_name, url), (host_name, url) + obj)
     return Record(file_hash, filename, size, when, tuple(uploads),
                   tuple(objects.values()) if objects else ())
@@ -320,7 +322,10 @@ def iter_documents(fileobj, chunk_size=1 << 16):
     pos += 1
     first = True
     while True:
-        skip_space()
+        # skip_space() only when there may be space to skip: between most
+        # records there is none, and the call costs more than the test.
+        if pos >= len(buf) or buf[pos] in " \t\r\n":
+            skip_space()
         if pos >= len(buf):
             raise SerializationError("unterminated JSON array")
         if buf[pos] == "]":
@@ -333,7 +338,8 @@ def iter_documents(fileobj, chunk_size=1 << 16):
             if buf[pos] != ",":
                 raise SerializationError("expected ',' between records")
             pos += 1
-            skip_space()
+            if pos >= len(buf) or buf[pos] in " \t\r\n":
+                skip_space()
         try:
             value, end = decoder.raw_decode(buf, pos)
         except RecursionError as exc:
@@ -343,7 +349,7 @@ def iter_documents(fileobj, chunk_size=1 << 16):
                 raise SerializationError("not JSON: %s" % exc) from exc
             value, end = read_element()  # it may continue in the next reads
         else:
-            if not eof and _may_continue(value, buf, end):
+            if not eof and value.__class__ is not dict and _may_continue(value, buf, end):
                 value, end = read_element()  # a number cut by the read: "1." or "2e"
         pos = end
         first = False

@@ -115,7 +115,8 @@ class Records:
         """``{hash: KnownRecord}`` for the known ones among ``hashes``. Two statements."""
         param = (json_list(hashes),)
         # json_each joined to the table: a probe per hash, no temp index.
-        known = {h: KnownRecord(size, name, set()) for h, size, name in self.db.read(
+        make = tuple.__new__  # KnownRecord(...) without its Python-level __new__
+        known = {h: make(KnownRecord, (size, name, set())) for h, size, name in self.db.read(
             "SELECT f.hash, f.size, f.filename FROM json_each(?) AS j"
             " JOIN files AS f ON f.hash = j.value", param)}
         for h, host_name, url in self.db.read(
