@@ -192,7 +192,7 @@ def _entry(item: Any, index: int) -> TreeEntry:
     if not isinstance(item, dict):
         raise TreeError("entry #%d is not an object" % index)
     path = check_path(item.get("path"))
-    if set(item) != _ENTRY_KEYS:
+    if item.keys() != _ENTRY_KEYS:
         raise TreeError("entry %r: fields must be exactly %s (got %s)"
                         % (path, ", ".join(sorted(_ENTRY_KEYS)), ", ".join(sorted(item))))
     try:
@@ -218,10 +218,10 @@ def encode(entries: Iterable[TreeEntry]) -> bytes:
     """
     ordered = sorted(entries, key=lambda e: e.path)
     _check_layout(ordered)
-    for index, e in enumerate(ordered):
-        _entry(e._asdict(), index)
-    document = {"format": FORMAT, "version": VERSION,
-                "entries": [e._asdict() for e in ordered]}
+    items = [e._asdict() for e in ordered]
+    for index, item in enumerate(items):  # each checked as decode() will read it
+        _entry(item, index)
+    document = {"format": FORMAT, "version": VERSION, "entries": items}
     return json.dumps(document, sort_keys=True, separators=(",", ":"),
                       ensure_ascii=False).encode("utf-8") + b"\n"
 
@@ -344,7 +344,7 @@ class TreeStore:
         for e in entries:
             if e.hash not in sizes:
                 raise TreeError("%s (%s) is not in the pool" % (e.path, e.hash))
-            checked.append(e._replace(size=sizes[e.hash]))
+            checked.append(e if e.size == sizes[e.hash] else e._replace(size=sizes[e.hash]))
         data = encode(checked)
         name = safe_basename(name) or "tree"
         with tempfile.TemporaryDirectory(prefix="cm-tree-") as scratch:
