@@ -39,7 +39,9 @@ import threading
 from typing import IO, Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 from . import fsutil
-from .errors import ConfigError, IntegrityError, MissingDependencyError
+from .errors import (
+    ConfigError, IntegrityError, MissingDependencyError, UnconfirmedIntegrityError,
+)
 from .fsutil import HashingWriter, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -202,7 +204,7 @@ class PoolKey:
         with ``write``), streaming."""
         _pyrage().encrypt_io(source, destination, self._recipients)
 
-    def decrypt(self, source: IO[bytes], destination: Any) -> None:
+    def decrypt(self, source: Any, destination: Any) -> None:
         """Decrypt ``source`` into ``destination``, streaming.
 
         Bytes may reach ``destination`` before a later chunk fails to
@@ -305,6 +307,70 @@ class PoolKey:
             raw.flush()
             return sink.digest.hexdigest(), sink.size
 
+    def decrypt_stream(self, source: Any, out_fd: int, limit: Optional[int] = None,
+                       length: Optional[int] = None, use_binary: bool = True
+                       ) -> Tuple[str, int]:
+        """Decrypt ``source`` (a readable binary stream: a host's download),
+        read once to its end, into ``out_fd`` as it arrives; :return: the
+        plaintext's ``(sha256 hex, size)``, hashed as it is written.
+
+        The ciphertext is never stored. A large one (``length`` from
+        :data:`AGE_BINARY_MIN` bytes) goes through the ``age`` command, fed
+        by a thread that reads ``source`` while this one hashes and writes
+        what comes out; a smaller one is read whole and decrypted in memory
+        by pyrage (as is a large one without the command).
+
+        An exception ``source`` raises is raised as it is, rather than the
+        decryption failure its cut-short ciphertext causes: a transfer that
+        broke is not a bad copy. Bytes may reach ``out_fd`` before a failure:
+        the caller writes into a temp file.
+
+        :param limit: write at most this many bytes (the recorded size)
+        :param length: the ciphertext's expected size (chooses the way)
+        :param use_binary: False to leave the ``age`` command out (to confirm
+            what it refused)
+        :raises IntegrityError: if the ciphertext is not for this key, fails
+            to authenticate, or decrypts past ``limit``;
+            :class:`~cloudmanager.errors.UnconfirmedIntegrityError` if the
+            ``age`` command refused it (or failed): the stream cannot be read
+            again, so the caller confirms with ``use_binary=False``
+        """
+        src = _FirstError(source)
+        try:
+            if use_binary and self._use_binary(length):
+                try:
+                    return self._run_binary(["--decrypt"], -1, out_fd, limit, limit,
+                                            identity=True, feed=src)
+                except (IntegrityError, OSError) as exc:
+                    if src.error is not None:
+                        raise
+                    raise UnconfirmedIntegrityError("the age command could not decrypt it: %s"
+                                                    % exc) from None
+            if length is not None and length <= AGE_BINARY_MIN:
+                return self._decrypt_in_memory(src, out_fd, limit)
+            with os.fdopen(out_fd, "wb", closefd=False) as raw:
+                sink = HashingWriter(raw, limit)
+                self.decrypt(src, sink)
+            return sink.digest.hexdigest(), sink.size
+        except (IntegrityError, OSError):
+            if src.error is not None:
+                raise src.error from None
+            raise
+
+    def _decrypt_in_memory(self, src: Any, out_fd: int, limit: Optional[int]
+                           ) -> Tuple[str, int]:
+        """:meth:`decrypt_stream` of a small ciphertext: one read, one call into
+        pyrage, one write."""
+        pyrage = _pyrage()
+        try:
+            plain = pyrage.decrypt(src.read(), [self._identity])
+        except pyrage.DecryptError as exc:
+            raise IntegrityError("not decryptable with this pool's key: %s" % exc) from None
+        if limit is not None and len(plain) > limit:
+            raise IntegrityError("more than the %s bytes recorded" % limit)
+        fsutil.write_all(out_fd, plain)
+        return hashlib.sha256(plain).hexdigest(), len(plain)
+
     # -- the age command -----------------------------------------------------------
 
     def _use_binary(self, size: Optional[int]) -> bool:
@@ -321,10 +387,11 @@ class PoolKey:
         return args
 
     def _run_binary(self, args: List[str], stdin_fd: int, out_fd: int, limit: Optional[int],
-                    length: Optional[int], identity: bool = False) -> Tuple[str, int]:
-        """Run ``age ARGS`` from ``stdin_fd`` into ``out_fd``, hashing its
-        output here (:func:`~cloudmanager.fsutil.copy_and_hash`, pipelined
-        for a large one) while it works on the other core.
+                    length: Optional[int], identity: bool = False,
+                    feed: Optional[Any] = None) -> Tuple[str, int]:
+        """Run ``age ARGS`` from ``stdin_fd`` (or ``feed``) into ``out_fd``,
+        hashing its output here (:func:`~cloudmanager.fsutil.copy_and_hash`,
+        pipelined for a large one) while it works on the other core.
 
         No path, name or other input is on its command line: it reads a
         descriptor and writes a pipe. The identity (``identity=True``) goes
@@ -333,6 +400,8 @@ class PoolKey:
 
         :param limit: stop, kill it and raise past this many output bytes
         :param length: the output's expected size (chooses the copy's pipeline)
+        :param feed: a stream to read (to its end) into the command's input,
+            on a thread of its own, in place of ``stdin_fd``
         :return: the output's ``(sha256 hex, size)``
         :raises IntegrityError: if it exits with an error (the input is not
             age for this key, or fails to authenticate), or writes past ``limit``
@@ -351,17 +420,30 @@ class PoolKey:
                     os.close(key_w)
                 command += ["--identity", "/dev/fd/%d" % key_fd]
                 pass_fds = (key_fd,)
-            proc = subprocess.Popen(command, stdin=stdin_fd, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, pass_fds=pass_fds, bufsize=0)
+            proc = subprocess.Popen(command,
+                                    stdin=subprocess.PIPE if feed is not None else stdin_fd,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    pass_fds=pass_fds, bufsize=0)
         finally:
             if key_fd is not None:
                 os.close(key_fd)
         assert proc.stdout is not None and proc.stderr is not None
+        feeder = None
         try:
-            try:
-                fcntl.fcntl(proc.stdout.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
-            except OSError:
-                pass  # not Linux, or a lower limit: smaller reads, same bytes
+            for pipe in (proc.stdin, proc.stdout):
+                try:
+                    if pipe is not None:
+                        fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
+                except OSError:
+                    pass  # not Linux, or a lower limit: smaller reads, same bytes
+            if feed is not None:
+                assert proc.stdin is not None
+                # A daemon: if this side fails, the command is killed and the
+                # feeder's next write fails; one blocked in a read ends when
+                # the caller closes the stream.
+                feeder = threading.Thread(target=_feed, args=(feed, proc.stdin), daemon=True,
+                                          name="cloudmanager-unseal")
+                feeder.start()
             try:
                 digest, size = fsutil.copy_and_hash(proc.stdout, out_fd, limit=limit,
                                                     length=length)
@@ -375,6 +457,8 @@ class PoolKey:
             errors = proc.stderr.read()  # a line or two: age says little
             proc.stderr.close()
             code = proc.wait()
+        if feeder is not None:
+            feeder.join()  # the command read its input to the end: the feeder is done
         if code < 0:
             raise OSError("the age command was killed (signal %d)" % -code)
         if code != 0:
@@ -382,6 +466,46 @@ class PoolKey:
             log.debug("age: %s", text)
             raise IntegrityError(text or "the age command failed (exit status %d)" % code)
         return digest, size
+
+
+def _feed(source: Any, stdin: IO[bytes]) -> None:
+    """Copy ``source`` to its end into the ``age`` command's input, then close it.
+    Its own errors are the source's to report (:class:`_FirstError`) or the
+    command's (its input ends early)."""
+    try:
+        while True:
+            data = source.read(fsutil.CHUNK)
+            if not data:
+                break
+            fsutil.write_all(stdin.fileno(), data)
+    except BaseException:  # reported by the source, or by the command's status
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            stdin.close()
+
+
+class _FirstError:
+    """A readable stream that keeps the first exception its reads raised
+    (:attr:`error`), so that a broken transfer is told from the bad
+    ciphertext its cut makes."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        #: The first exception a read raised, or None.
+        self.error: Optional[BaseException] = None
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            data: bytes = self._raw.read(size)
+        except BaseException as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+        return data
 
 
 class SealingStream:

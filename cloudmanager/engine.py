@@ -60,6 +60,7 @@ from .errors import (
     IntegrityError,
     InvalidInputError,
     TransientHostError,
+    UnconfirmedIntegrityError,
 )
 from .health import Fact, Health
 from .hosts.base import Host, ListedObject, Location, ObjectInfo, Received, Staged
@@ -248,6 +249,21 @@ class DownloadJob(NamedTuple):
     last_resort: Sequence[Tuple[str, str]] = ()
 
 
+class SealedObject(NamedTuple):
+    """What :meth:`UploadEngine.download` needs to fetch a file from its
+    encrypted copies: the ciphertext each holds, and how to decrypt it."""
+
+    #: ``decrypt(stream, out_fd, limit, length, use_binary)``: decrypt a
+    #: ciphertext stream into ``out_fd``, writing at most ``limit`` bytes; the
+    #: plaintext's ``(sha256 hex, size)``
+    #: (:meth:`cloudmanager.crypto.PoolKey.decrypt_stream`)
+    decrypt: Callable[[Any, int, Optional[int], Optional[int], bool], Tuple[str, int]]
+    #: The recorded SHA-256 hex digest of the ciphertext.
+    sha256: str
+    #: Its recorded size.
+    size: int
+
+
 class _Attempt(NamedTuple):
     """One download attempt's outcome (:meth:`UploadEngine._download_one`)."""
 
@@ -406,6 +422,12 @@ class UploadEngine:
             if candidate.accepts(url):
                 return candidate
         return None
+
+    def streams(self, host_name: str, url: str) -> bool:
+        """Whether the host that would fetch ``url`` can hand its bytes over as
+        a stream (:attr:`~cloudmanager.hosts.base.Host.can_stream`)."""
+        host = self.host_for(host_name, url)
+        return host is not None and host.can_stream
 
     def reaches(self, copies: Iterable[Tuple[str, str]]) -> bool:
         """Whether a configured host can fetch any of ``copies`` (``(host_name, url)`` pairs)."""
@@ -935,7 +957,8 @@ class UploadEngine:
     def download(self, file_hash: str, size: int, sources: Iterable[Tuple[str, str]],
                  dest_path: Optional[str] = None, last_resort: Iterable[Tuple[str, str]] = (),
                  ranked: bool = True, room: Optional[Callable[[], Room]] = None,
-                 durable: bool = True) -> DownloadResult:
+                 durable: bool = True, sealed: Optional[SealedObject] = None
+                 ) -> DownloadResult:
         """Fetch a verified copy into ``dest_path`` from the first source that has one.
 
         :param sources: copies as ``(host_name, url)`` pairs; tried healthiest
@@ -963,6 +986,11 @@ class UploadEngine:
             :func:`~cloudmanager.fsutil.atomic_write` do not flush it; the
             caller makes its batch durable at once
             (:func:`~cloudmanager.fsutil.sync_filesystem`)
+        :param sealed: for copies that are the file's encrypted object (every
+            source on a host that :attr:`~cloudmanager.hosts.base.Host.can_stream`):
+            each attempt decrypts the host's stream as it arrives into the
+            temp file, and checks the ciphertext against this record and the
+            plaintext against ``file_hash`` and ``size``
         :raises DownloadError: if no source delivered a good copy; its
             ``failures`` list each attempt's error, and its ``facts`` and
             ``verdicts`` what they found. Also when ``room()`` fails after an
@@ -977,7 +1005,8 @@ class UploadEngine:
                 + self._plan_sources(last_resort, unreachable, ranked))
         tries = _Tries()
         try:
-            result = self._try_sources(file_hash, size, plan, dest_path, room, durable, tries)
+            result = self._try_sources(file_hash, size, plan, dest_path, room, durable, tries,
+                                       sealed)
             if result is not None:
                 return result
         finally:
@@ -999,7 +1028,8 @@ class UploadEngine:
 
     def _try_sources(self, file_hash: str, size: int, plan: Sequence[Tuple[Host, Location]],
                      dest_path: Optional[str], room: Optional[Callable[[], Room]],
-                     durable: bool, tries: _Tries) -> Optional[DownloadResult]:
+                     durable: bool, tries: _Tries, sealed: Optional[SealedObject] = None
+                     ) -> Optional[DownloadResult]:
         """Attempt ``plan``'s copies in turn, as :meth:`download` does, adding
         to ``tries``: the result of the first that delivers, or None. The
         room the next attempt would have used is left in ``tries.held``.
@@ -1032,7 +1062,7 @@ class UploadEngine:
             attempt_room, tries.held = tries.held, None
             tries.tried.add(host.name)
             outcome = self._download_one(file_hash, size, host, location, dest, temp,
-                                         attempt_room, durable)
+                                         attempt_room, durable, sealed)
             if outcome.abandoned:
                 tries.abandoned += 1
                 self._note_abandoned(attempt_room)
@@ -1478,7 +1508,8 @@ class UploadEngine:
 
     def _download_one(self, file_hash: str, size: int, host: Host, location: Location,
                       dest_path: str, temp: str, room: Optional[Room] = None,
-                      durable: bool = True) -> _Attempt:
+                      durable: bool = True, sealed: Optional[SealedObject] = None
+                      ) -> _Attempt:
         """One attempt, written to ``temp`` (an empty file beside ``dest_path``),
         renamed to ``dest_path`` once verified.
 
@@ -1494,10 +1525,14 @@ class UploadEngine:
             if room is not None:
                 self._give_back(room, what)
 
+        fetch: Callable[..., Any] = host.download
+        if sealed is not None:
+            def fetch(url: str, into: str, max_bytes: int) -> Received:
+                return self._fetch_sealed(host, sealed, file_hash, url, into, max_bytes)
         started = time.monotonic()
         try:
             received = self._call(host, what, self.deadline(host, size),
-                                  host.download if durable else self._undurable(host.download),
+                                  fetch if durable else self._undurable(fetch),
                                   location.url, temp, size, cleanup=cleanup)
             self._verified(host, file_hash, size, temp, received)
             os.replace(temp, dest_path)
@@ -1521,6 +1556,60 @@ class UploadEngine:
         fact = Fact(host.name, True, (time.monotonic() - started) * 1000, downloaded=size)
         # Bytes that match prove the copy good, whichever host served them.
         return _Attempt(None, fact, Verdict(location, "good"))
+
+    @classmethod
+    def _fetch_sealed(cls, host: Host, sealed: SealedObject, file_hash: str, url: str,
+                      temp: str, size: int) -> Received:
+        """An attempt's fetch of an encrypted copy: the host's stream, hashed as
+        it is read, decrypted into ``temp`` (the attempt's empty temp file) as
+        it arrives. The ciphertext is never stored. What the ``age`` command
+        refuses is fetched again and decrypted without it before the copy is
+        condemned (the command may be the broken part).
+
+        :return: the plaintext's :class:`~cloudmanager.hosts.base.Received`
+        :raises HostError: the host's, opening or reading (a broken transfer
+            is not a bad copy); TransientHostError when the ciphertext is the
+            recorded one but of another size (the record is wrong)
+        :raises IntegrityError: if the ciphertext is not the recorded one, does
+            not decrypt with the pool's key, or does not decrypt to the file
+        """
+        try:
+            return cls._unseal(host, sealed, file_hash, url, temp, size, use_binary=True)
+        except UnconfirmedIntegrityError as exc:
+            log.info("%s: %s; fetching it again to decrypt it without the command", url, exc)
+            return cls._unseal(host, sealed, file_hash, url, temp, size, use_binary=False)
+
+    @staticmethod
+    def _unseal(host: Host, sealed: SealedObject, file_hash: str, url: str, temp: str,
+                size: int, use_binary: bool) -> Received:
+        """One fetch and decryption of :meth:`_fetch_sealed`."""
+        flags = os.O_WRONLY | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) \
+            | getattr(os, "O_CLOEXEC", 0)
+        with host.open_stream(url, sealed.size) as stream:
+            reader = fsutil.HashingReader(stream, limit=sealed.size)
+            fd = os.open(temp, flags)
+            try:
+                try:
+                    plain_hash, plain_size = sealed.decrypt(reader, fd, size, sealed.size,
+                                                            use_binary)
+                except OverflowError:
+                    raise TransientHostError(host.name, "%s is larger than the %d bytes recorded "
+                                             "for its ciphertext" % (url, sealed.size)) from None
+                if getattr(host, "fsync", True) and not fsutil.syncs_are_deferred():
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        digest = reader.hexdigest()
+        if digest != sealed.sha256:
+            raise IntegrityError("%s sent %d bytes of ciphertext hashing to %s, not the "
+                                 "recorded %s" % (host.name, reader.count, digest, sealed.sha256))
+        if reader.count != sealed.size:  # the right bytes: the recorded size is wrong
+            raise TransientHostError(host.name, "the ciphertext has %d bytes but %d are "
+                                     "recorded; not using it" % (reader.count, sealed.size))
+        if (plain_hash, plain_size) != (file_hash, size):
+            raise IntegrityError("it decrypts to %d bytes hashing to %s"
+                                 % (plain_size, plain_hash))
+        return Received(plain_hash, plain_size)
 
     def _download_failed(self, file_hash: str, host: Host, location: Location,
                          exc: Exception) -> Tuple[HostError, Fact, Optional[Verdict]]:

@@ -93,6 +93,12 @@ class IntegrityError(CloudManagerError):
     """Downloaded or cached bytes did not match the expected SHA-256."""
 
 
+class UnconfirmedIntegrityError(IntegrityError):
+    """An external tool (the ``age`` command) refused the bytes. Its word
+    alone condemns no copy, since the tool itself may be broken: the caller
+    checks the bytes again another way."""
+
+
 class _FailuresError(CloudManagerError):
     def __init__(self, message, failures=(), facts=(), verdicts=()):
         super().__init__(message)

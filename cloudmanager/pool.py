@@ -35,7 +35,7 @@ from . import fsutil, meter
 from .cache import CacheStore, Reservation, fsck
 from .db import FileDatabase, index_path_for
 from .db.copies import HeldCopy
-from .engine import DownloadJob, DownloadResult, UploadEngine, Verdict
+from .engine import DownloadJob, DownloadResult, SealedObject, UploadEngine, Verdict
 from .errors import (
     CacheError,
     CacheFullError,
@@ -640,10 +640,15 @@ class Pool:
     def _download_sealed(self, file_hash: str, size: int, sealed: Sequence[HeldCopy],
                          dest: Optional[str], room: Optional[Callable[[], Reservation]]
                          ) -> DownloadResult:
-        """Fetch a file from its encrypted copies: the ciphertext first, checked
-        against its recorded hash (into room of its own in the cache), then
-        decrypted into ``dest`` (or ``room()``) while the plaintext is hashed.
-        A ciphertext that does not decrypt to the file is a bad copy."""
+        """Fetch a file from its encrypted copies into ``dest`` (or ``room()``).
+
+        From a host that can stream, the ciphertext is decrypted as it
+        arrives, hashed on its way in (against its record) and out (against
+        the file): it is never stored. From the others (a tool that writes
+        files), it is fetched first, checked against its recorded hash (into
+        room of its own in the cache), then decrypted. Either way a
+        ciphertext that is not the recorded one, or does not decrypt to the
+        file, is a bad copy."""
         key = self.key
         if key is None or not any(c.key_id == key.key_id for c in sealed):
             raise DownloadError("%s is only on hosts encrypted for another key (%s); this "
@@ -659,6 +664,24 @@ class Pool:
         verdicts: List[Verdict] = []
         for (digest, osize), copies in groups.items():
             sources = [(c.host_name, c.url) for c in copies]
+            streamed = [s for s in sources if self.engine.streams(*s)]
+            if streamed:
+                try:
+                    result = self.engine.download(
+                        file_hash, size, streamed, dest, room=room,
+                        sealed=SealedObject(key.decrypt_stream, digest, osize))
+                except DownloadError as exc:
+                    self.replication.apply(exc.verdicts, exc.facts, file_hash=file_hash)
+                    failures += exc.failures
+                    facts += exc.facts
+                    verdicts += exc.verdicts
+                else:
+                    self.replication.apply(result.verdicts, result.facts, file_hash=file_hash)
+                    return DownloadResult(result.location, facts + result.facts,
+                                          verdicts + result.verdicts, room=result.room)
+                sources = [s for s in sources if s not in streamed]
+                if not sources:
+                    continue
             with contextlib.ExitStack() as stack:
                 try:
                     got, ciphertext = self._fetch_ciphertext(digest, osize, sources, stack)

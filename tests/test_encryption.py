@@ -20,6 +20,7 @@ import pytest
 
 from cloudmanager import CloudManager
 from cloudmanager.crypto import PoolKey, new_identity_file
+from cloudmanager.hosts.memory import MemoryHost
 from hosts.s3_server import aws_env, bucket, moto_endpoint, s3_admin  # noqa: F401
 from hosts.webdav_server import PASSWORD, USER, webdav_server_fixture  # noqa: F401
 
@@ -248,7 +249,89 @@ def test_a_failing_age_command_leaves_the_work_to_pyrage(make_pool, folders, key
     assert open_with_age(age, key, blob, tmp_path) == data
     assert cm.evict(0) == 1 and open(cm.warm_up(digest), "rb").read() == data
     assert "broken on purpose" in caplog.text and "sealing it first" in caplog.text
-    assert "using pyrage" in caplog.text and "trying pyrage" in caplog.text
+    assert "using pyrage" in caplog.text and "decrypt it without the command" in caplog.text
+
+
+# -- fetching encrypted copies ------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_an_encrypted_copy_is_decrypted_as_it_arrives_never_stored(
+        make_pool, folders, key, age, write_file, tmp_path, monkeypatch, size):
+    """A miss from a host that streams: no room for the ciphertext beside the
+    file (the cache holds the file and a few KiB more), no work file (the
+    temp directory does not exist), nothing left in the cache but the file.
+    A large one goes through the ``age`` command, a small one through pyrage."""
+    from cloudmanager.crypto import AGE_BINARY_MIN
+
+    data = os.urandom(AGE_BINARY_MIN + 100_000 if size == "large" else 50_000) + SENTENCE
+    cm = make_pool(capacity=len(data) + 4096, hosts=["dir:%s" % folders[0]], redundancy=1,
+                   encryption_key=key)
+    digest = cm.upload(write_file(NAME, data))
+    (blob,) = objects_in(folders[0]).values()
+    assert len(blob) > len(data)  # the ciphertext and the file would not fit together
+    assert cm.evict(0) == 1
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "no-such-dir"))
+    path = cm.warm_up(digest)
+    assert path and open(path, "rb").read() == data
+    cache = tmp_path / "node" / "cache"
+    held = [p for p in cache.rglob("*") if p.is_file() and p.stat().st_size >= len(data)]
+    assert [p.name for p in held] == [digest]
+    assert not list((cache / "tmp").iterdir())
+    dest = tmp_path / "back"
+    assert cm.evict(0) == 1 and cm.download(digest, str(dest)) and dest.read_bytes() == data
+
+
+class BreakingStreams(MemoryHost):
+    """A memory host whose next ``breaks`` streams fail after their first
+    ``after`` bytes, as a connection cut mid-transfer does."""
+
+    def __init__(self, store_name, after):
+        super().__init__(store_name, name="breaking")
+        self.after = after
+        self.breaks = 0
+
+    def open_stream(self, url, max_bytes=None):
+        stream = super().open_stream(url, max_bytes)
+        if self.breaks:
+            self.breaks -= 1
+            stream._raw = _CutAfter(stream._raw, self.after)
+        return stream
+
+
+class _CutAfter:
+    def __init__(self, raw, after):
+        self.raw, self.left = raw, after
+
+    def read(self, size=-1):
+        if self.left <= 0:
+            raise ConnectionResetError("connection reset by peer (on purpose)")
+        data = self.raw.read(self.left if size < 0 else min(size, self.left))
+        self.left -= len(data)
+        return data
+
+    def close(self):
+        self.raw.close()
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_a_transfer_cut_midway_is_not_a_bad_copy(make_pool, key, age, write_file, size,
+                                                 caplog):
+    """The stream of an encrypted copy breaks after 1 MiB: the warm-up fails
+    (one host), the copy is not condemned, and the next warm-up gets the file.
+    The ``age`` command's failure on the cut ciphertext is the transfer's."""
+    from cloudmanager.crypto import AGE_BINARY_MIN
+
+    data = os.urandom(AGE_BINARY_MIN + 100_000 if size == "large" else 3_000_000)
+    host = BreakingStreams("cut-" + uuid.uuid4().hex, after=1 << 20)
+    cm = make_pool(capacity=16 << 20, hosts=[host], redundancy=1, encryption_key=key)
+    digest = cm.upload(write_file(NAME, data))
+    assert cm.evict(0) == 1
+    host.breaks = 1
+    assert cm.warm_up(digest) is False
+    assert "connection reset by peer (on purpose)" in caplog.text
+    (entry,) = cm.info(digest)["uploads"]
+    assert not entry.get("error")  # still believed good: nothing proved it bad
+    assert open(cm.warm_up(digest), "rb").read() == data
 
 
 # -- bad copies, other keys, hostile records ---------------------------------------------------

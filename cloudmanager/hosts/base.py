@@ -148,6 +148,61 @@ class Stream(Protocol):
         ...
 
 
+class HostStream:
+    """What :meth:`Host.open_stream` returns: a host's readable binary stream
+    whose read errors are :class:`~cloudmanager.errors.HostError`, never a
+    :class:`~cloudmanager.errors.HostNotFoundError` (the object was there
+    when it was opened); by default a
+    :class:`~cloudmanager.errors.TransientHostError`.
+
+    :param raw: the host's own stream (a file, an HTTP body)
+    :param host_name: the host's name, for errors
+    :param url: the object's URL, for errors
+    :param translate: the host's own translation of a read's exception (one
+        that hides secrets, say); it must return a transient error
+    """
+
+    def __init__(self, raw: Any, host_name: str, url: str,
+                 translate: Optional[Callable[[Exception], HostError]] = None) -> None:
+        self._raw = raw
+        self.host_name = host_name
+        self.url = url
+        self._translate = translate
+
+    def readable(self) -> bool:
+        """Always True."""
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (the rest when negative); ``b""`` at the end.
+
+        :raises HostError: if the transfer fails
+        """
+        try:
+            data: bytes = self._raw.read(size)
+        except HostError:
+            raise
+        except Exception as exc:  # whatever the host's library raises mid-transfer
+            if self._translate is not None:
+                raise self._translate(exc) from exc
+            raise TransientHostError(self.host_name, "cannot read %s: %s"
+                                     % (self.url, exc)) from exc
+        return data
+
+    def close(self) -> None:
+        """Close the host's stream (ending its transfer, if not read to the end)."""
+        try:
+            self._raw.close()
+        except Exception as exc:  # a connection already gone: nothing left to release
+            log.debug("closing the stream of %s: %s", self.url, exc)
+
+    def __enter__(self) -> "HostStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Staged:
     """Bytes a host received under a private staging name (:meth:`Host.stage`),
     waiting for their object name (:meth:`publish`) or removal (:meth:`abort`).
@@ -246,6 +301,10 @@ class Host:
     #: Whether :meth:`stage` works: the host can receive a stream under a
     #: staging name and give it its object name afterwards.
     can_stage = False
+    #: Whether :meth:`open_stream` works: the host can hand over an object's
+    #: bytes as a stream (an encrypted copy is then decrypted as it
+    #: arrives, its ciphertext never stored).
+    can_stream = False
     #: Whether the host keeps a marker in its root that tells it from an
     #: empty mount point: it then implements :meth:`has_marker` and
     #: :meth:`mark`, and honours :attr:`require_marker` (see
@@ -358,6 +417,27 @@ class Host:
         :return: the :class:`Received` SHA-256 and size of exactly the bytes
             now at ``dest_path``, or None if the host did not hash them
         :raises HostNotFoundError: if the host does not hold the object
+        :raises HostError: on any other failure
+        """
+        raise NotImplementedError
+
+    def open_stream(self, url: str, max_bytes: Optional[int] = None) -> "HostStream":
+        """The object at ``url`` as a readable binary stream, from its first
+        byte. Only when :attr:`can_stream`.
+
+        The caller reads as much as it wants and closes it. Nothing is
+        written locally: the caller decides where the bytes go (and checks
+        them). Opening fails with the host's errors, as :meth:`download`
+        does; a failure while reading is a
+        :class:`~cloudmanager.errors.HostError` of the transfer (see
+        :class:`HostStream`), never proof that the object is missing or bad.
+
+        :param url: a URL this host :meth:`accepts`
+        :param max_bytes: the expected size; an object the host knows to be
+            larger is refused before its bytes are read (the caller still
+            bounds what it reads)
+        :raises HostNotFoundError: if the object is not there
+        :raises TransientHostError: if it is larger than ``max_bytes``
         :raises HostError: on any other failure
         """
         raise NotImplementedError

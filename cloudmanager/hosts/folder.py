@@ -31,8 +31,8 @@ from ..errors import (
 )
 from ..validation import check_url, is_hash
 from .base import (
-    STAGING_PREFIX, Host, ListedObject, Location, ObjectInfo, PathLike, Received, Staged, Stream,
-    check_name_prefix,
+    STAGING_PREFIX, Host, HostStream, ListedObject, Location, ObjectInfo, PathLike, Received,
+    Staged, Stream, check_name_prefix,
 )
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class FolderHost(Host):
     can_batch = True
     can_mark = True
     can_stage = True
+    can_stream = True
 
     #: The marker file written into the root on the first successful write.
     #: Its name is not a SHA-256, so it is never taken for an object.
@@ -394,16 +395,37 @@ class FolderHost(Host):
         :raises TransientHostError: if it is larger than ``max_bytes``, or
             the copy failed
         """
-        path = self._path_of(url)
-        self._check_marker()
-        try:
-            src = open(path, "rb")
-        except OSError as exc:
-            raise self._failed("read", url, exc) from exc
+        src = self._open_object(url)
         # Errors from here on are about the destination or the copy, not a
         # missing object: they must not get a good copy marked bad.
         with src:
             return self.receive(src, url, dest_path, max_bytes, self.fsync)
+
+    def open_stream(self, url: str, max_bytes: Optional[int] = None) -> HostStream:
+        """The object's file, open for reading; see :meth:`Host.open_stream`.
+
+        :raises TransientHostError: if it is larger than ``max_bytes``
+        :raises HostError: as :meth:`download` does, for opening it
+        """
+        src = self._open_object(url)
+        try:
+            size = os.fstat(src.fileno()).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise TransientHostError(self.name, "%s is %d bytes, more than the %d expected"
+                                         % (url, size, max_bytes))
+        except BaseException:
+            src.close()
+            raise
+        return HostStream(src, self.name, url)
+
+    def _open_object(self, url: str) -> Any:
+        """The object's file, open for reading."""
+        path = self._path_of(url)
+        self._check_marker()
+        try:
+            return open(path, "rb")
+        except OSError as exc:
+            raise self._failed("read", url, exc) from exc
 
     def download_batch(self, items: Sequence[Tuple[str, str, Optional[int]]],
                        landed: Optional[Callable[[int, Union[Received, None, HostError]],

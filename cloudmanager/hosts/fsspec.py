@@ -85,7 +85,7 @@ from ..validation import (
     redact_url_passwords,
 )
 from .base import (
-    Host, ListedObject, Location, ObjectInfo, PathLike, Received, Staged, Stream,
+    Host, HostStream, ListedObject, Location, ObjectInfo, PathLike, Received, Staged, Stream,
     check_name_prefix, staging_name,
 )
 
@@ -144,6 +144,7 @@ class FsspecHost(Host):
     can_check = True
     can_list = True
     can_stage = True
+    can_stream = True
     url_prefix: str  # set by __init__: every fsspec host has one
 
     def __init__(self, url: str, name: Optional[str] = None, timeout: Optional[float] = None,
@@ -514,6 +515,29 @@ class FsspecHost(Host):
             copy failed
         :raises HostError: on any other failure
         """
+        remote = self._open_remote(url, max_bytes)
+        try:
+            with remote:
+                received = self.receive(remote, url, dest_path, max_bytes)
+        except Exception as exc:
+            # the object was there when opened: a failure now is the transfer's
+            raise self._error(exc, "cannot read %s" % url, missing_is_not_found=False) from exc
+        log.debug("fetched %s into %s", url, dest_path)
+        return received
+
+    def open_stream(self, url: str, max_bytes: Optional[int] = None) -> HostStream:
+        """The object, open for reading on the filesystem; see :meth:`Host.open_stream`.
+
+        :raises HostNotFoundError: if the object is not there
+        :raises TransientHostError: if it is larger than ``max_bytes``
+        :raises HostError: on any other failure
+        """
+        return HostStream(self._open_remote(url, max_bytes), self.name, url,
+                          translate=lambda exc: self._error(exc, "cannot read %s" % url,
+                                                            missing_is_not_found=False))
+
+    def _open_remote(self, url: str, max_bytes: Optional[int]) -> Any:
+        """The object's fsspec file, open for reading."""
         name = self.object_name(url)
         try:
             fs, root = self._filesystem()
@@ -526,17 +550,9 @@ class FsspecHost(Host):
                 if size > max_bytes:
                     raise TransientHostError(self.name, "%s is %d bytes, more than the %d expected"
                                              % (url, size, max_bytes))
-            remote = fs.open(path, "rb")
+            return fs.open(path, "rb")
         except Exception as exc:
             raise self._unless_root_missing(self._error(exc, "cannot open %s" % url)) from exc
-        try:
-            with remote:
-                received = self.receive(remote, url, dest_path, max_bytes)
-        except Exception as exc:
-            # the object was there when opened: a failure now is the transfer's
-            raise self._error(exc, "cannot read %s" % url, missing_is_not_found=False) from exc
-        log.debug("fetched %s into %s", url, dest_path)
-        return received
 
     def stat(self, url: str) -> ObjectInfo:
         """Size of the object, from the filesystem's metadata.

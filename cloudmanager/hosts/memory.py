@@ -20,7 +20,7 @@ from ..errors import (
 )
 from ..validation import is_hash
 from .base import (
-    Host, ListedObject, Location, ObjectInfo, PathLike, Received, Staged, Stream,
+    Host, HostStream, ListedObject, Location, ObjectInfo, PathLike, Received, Staged, Stream,
     check_name_prefix, staging_name,
 )
 
@@ -52,6 +52,7 @@ class MemoryHost(Host):
     can_check = True
     can_list = True
     can_stage = True
+    can_stream = True
     url_prefix: str  # set by __init__: every memory host has one
 
     def __init__(self, store_name: str, name: Optional[str] = None, latency: float = 0.0,
@@ -135,10 +136,26 @@ class MemoryHost(Host):
         :raises TransientHostError: if it is larger than ``max_bytes``
         :raises HostError: on any other failure
         """
+        return self.receive(self._served(url), url, dest_path, max_bytes, fsync=False)
+
+    def open_stream(self, url: str, max_bytes: Optional[int] = None) -> HostStream:
+        """The object's bytes as a stream; see :meth:`Host.open_stream`.
+
+        :raises HostNotFoundError: if the object is not there
+        :raises TransientHostError: if it is larger than ``max_bytes``
+        """
+        served = self._served(url)
+        if max_bytes is not None and len(served.getbuffer()) > max_bytes:
+            raise TransientHostError(self.name, "%s is %d bytes, more than the %d expected"
+                                     % (url, len(served.getbuffer()), max_bytes))
+        return HostStream(served, self.name, url)
+
+    def _served(self, url: str) -> io.BytesIO:
+        """The object's bytes as a download gets them (the ``corrupt`` fault flips one)."""
         data = self._object(url)
         if self.faults["corrupt"] and data:
             data = bytes([data[0] ^ 1]) + data[1:]
-        return self.receive(io.BytesIO(data), url, dest_path, max_bytes, fsync=False)
+        return io.BytesIO(data)
 
     def stat(self, url: str) -> ObjectInfo:
         """The object's size and the SHA-256 the store computes for it.

@@ -80,7 +80,7 @@ from ..errors import (
 )
 from ..validation import is_hash
 from .base import (
-    Host, ListedObject, Location, ObjectInfo, PathLike, Received, Staged, Stream,
+    Host, HostStream, ListedObject, Location, ObjectInfo, PathLike, Received, Staged, Stream,
     check_name_prefix, staging_name,
 )
 
@@ -196,6 +196,7 @@ class S3Host(Host):
     can_check = True
     can_list = True
     can_stage = True
+    can_stream = True
     url_prefix: str  # set by __init__: every S3 host has one
 
     def __init__(self, bucket: str, prefix: Optional[str] = "", *,
@@ -559,18 +560,48 @@ class S3Host(Host):
         if max_bytes is not None and max_bytes >= self._transfer.multipart_threshold \
                 and self.max_connections > 1:
             return self._download_ranged(key, url, dest_path, max_bytes)
+        body, length = self._open_body(key, url, max_bytes)
+        try:
+            with self._translated("download", url):
+                return self.receive(body, url, dest_path, max_bytes, length=length)
+        finally:
+            body.close()
+
+    def open_stream(self, url: str, max_bytes: Optional[int] = None) -> HostStream:
+        """The object's body, as one ``GetObject`` sends it; see
+        :meth:`Host.open_stream`.
+
+        :raises HostNotFoundError: if the object is not there
+        :raises TransientHostError: if it is larger than ``max_bytes``
+        :raises HostError: on any other failure
+        """
+        body, _ = self._open_body(self._key_of_url(url), url, max_bytes)
+        return HostStream(body, self.name, url,
+                          translate=lambda exc: self._transfer_error(exc, url))
+
+    def _open_body(self, key: str, url: str, max_bytes: Optional[int]) -> Tuple[Any, Optional[int]]:
+        """``(body, its length)`` of a ``GetObject`` of ``key``, its bytes unread."""
         with self._translated("download", url):
             # ChecksumMode: botocore also checks the bytes against the
-            # stored checksum (single-part objects).
+            # stored checksum (single-part objects), as they are read.
             response = self._client.get_object(Bucket=self.bucket, Key=key,
                                                ChecksumMode="ENABLED")
             body = response["Body"]
             try:
                 length = response.get("ContentLength")
                 self._check_length(url, length, max_bytes)
-                return self.receive(body, url, dest_path, max_bytes, length=length)
-            finally:
+            except BaseException:
                 body.close()
+                raise
+        return body, length
+
+    def _transfer_error(self, exc: Exception, url: str) -> HostError:
+        """The error of a body's read that failed: the transfer's, never a missing object."""
+        if isinstance(exc, (bexc.ClientError, bexc.BotoCoreError)):
+            error = self._error(exc, "download", url)
+            if isinstance(error, TransientHostError):
+                return error
+        return TransientHostError(self.name, "cannot download %s: %s" % (url, exc))
 
     def _check_length(self, url: str, length: Optional[int], max_bytes: Optional[int]) -> None:
         if max_bytes is not None and length is not None and length > max_bytes:

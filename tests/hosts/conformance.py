@@ -33,6 +33,7 @@ look for leftovers are skipped.
 import concurrent.futures
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -420,6 +421,69 @@ class HostConformance:
         assert len({s.temp for s in staged}) == len(blobs)
         for blob, item in zip(blobs, staged):
             assert self.fetch(stager, item.publish(sha(blob)).url, tmp_path) == blob
+
+    # -- streams (can_stream) -------------------------------------------------
+
+    @pytest.fixture
+    def streamer(self, host):
+        if not host.can_stream:
+            pytest.skip("this host cannot stream")
+        return host
+
+    def test_stream_is_declared_honestly(self, host):
+        if host.can_stream:
+            return
+        with pytest.raises(NotImplementedError):
+            host.open_stream("unused")
+
+    @staticmethod
+    def read_all(stream):
+        chunks = []
+        while True:
+            chunk = stream.read(1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    def test_a_stream_gives_the_object_byte_exact(self, streamer, put):
+        for data in (b"", os.urandom(100_000) + bytes(range(256)), os.urandom(self.large_size)):
+            _, location = put(data)
+            with streamer.open_stream(location.url, max_bytes=len(data)) as stream:
+                assert self.read_all(stream) == data
+
+    def test_a_stream_closed_early_is_harmless(self, streamer, put):
+        data = os.urandom(self.large_size)
+        _, location = put(data)
+        stream = streamer.open_stream(location.url)
+        assert stream.read(1000) == data[:1000]
+        stream.close()
+        stream.close()
+        with streamer.open_stream(location.url) as again:  # the object is still whole
+            assert self.read_all(again) == data
+
+    def test_a_stream_of_a_missing_object_is_not_found(self, streamer, missing_url):
+        with pytest.raises(HostNotFoundError) as info:
+            streamer.open_stream(missing_url)
+        assert info.value.host == streamer.name and not info.value.transient
+
+    def test_a_stream_of_an_object_larger_than_expected_is_refused(self, streamer, put):
+        data = os.urandom(50_000)
+        _, location = put(data)
+        with pytest.raises(HostError) as info:
+            streamer.open_stream(location.url, max_bytes=len(data) - 1)
+        assert info.value.transient
+
+    def test_unreachable_host_stream_errors_are_transient(self, unreachable_host):
+        if not unreachable_host.can_stream:
+            pytest.skip("this host cannot stream")
+        if unreachable_host.url_prefix is not None:
+            url = unreachable_host.url_prefix + sha(b"data")
+        else:  # a folder: a file URL in its (missing) root
+            url = Path(unreachable_host.root, sha(b"data")).as_uri()
+        assert unreachable_host.accepts(url)
+        with pytest.raises(HostError) as info:
+            unreachable_host.open_stream(url)
+        assert info.value.transient and info.value.host == unreachable_host.name
 
     def test_unreachable_host_stage_errors_are_transient(self, unreachable_host):
         if not unreachable_host.can_stage:
