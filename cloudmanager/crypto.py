@@ -36,7 +36,7 @@ import stat
 import subprocess
 import tempfile
 import threading
-from typing import IO, Any, Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, cast
 
 from . import fsutil
 from .errors import (
@@ -211,16 +211,25 @@ class PoolKey:
         authenticate: the caller writes into a temp file and keeps it only
         when this returns and the plaintext's hash matches.
 
+        A failure of ``destination`` itself (a full disk, a limit of a
+        :class:`~cloudmanager.fsutil.HashingWriter`) is raised as it is, kept
+        in its ``error``: it says nothing of the ciphertext.
+
         :raises IntegrityError: if the ciphertext is not for this key, or a
             chunk fails to authenticate (a bad copy)
         """
         pyrage = _pyrage()
         try:
             pyrage.decrypt_io(source, destination, [self._identity])
-        except pyrage.DecryptError as exc:
-            raise IntegrityError("not decryptable with this pool's key: %s" % exc) from None
-        except OSError as exc:  # rage reports a chunk that fails to authenticate so
-            raise IntegrityError("the ciphertext fails to authenticate: %s" % exc) from None
+        except Exception as exc:
+            failed = getattr(destination, "error", None)
+            if failed is not None:  # pyrage reports it as an OSError of its own
+                raise failed from None
+            if isinstance(exc, pyrage.DecryptError):
+                raise IntegrityError("not decryptable with this pool's key: %s" % exc) from None
+            if isinstance(exc, OSError):  # rage reports a chunk that fails to authenticate so
+                raise IntegrityError("the ciphertext fails to authenticate: %s" % exc) from None
+            raise
 
     def encrypt_file(self, source_path: str, destination_path: str) -> Tuple[str, int]:
         """Encrypt a file into a new private file; :return: the ciphertext's
@@ -276,7 +285,7 @@ class PoolKey:
         return hashlib.sha256(sealed).hexdigest(), len(sealed)
 
     def decrypt_file(self, source_path: str, destination_path: str,
-                     limit: Optional[int] = None) -> Tuple[str, int]:
+                     limit: Optional[int] = None, use_binary: bool = True) -> Tuple[str, int]:
         """Decrypt a file into ``destination_path`` (created private, or
         truncated); :return: the plaintext's ``(sha256 hex, size)``, hashed as
         it is written.
@@ -285,14 +294,18 @@ class PoolKey:
         :data:`AGE_BINARY_MIN`); a failure there is confirmed by pyrage
         before it condemns the copy (a broken or foreign ``age`` must not).
 
-        :param limit: write at most this many bytes (the recorded size): more
-            is a bad copy, refused before it can overfill a reservation
-        :raises IntegrityError: see :meth:`decrypt`; also past ``limit``
+        :param limit: write at most this many bytes (the recorded size):
+            more is refused before it can overfill a reservation
+        :param use_binary: False to leave the ``age`` command out (to confirm
+            what it made)
+        :raises IntegrityError: see :meth:`decrypt`
+        :raises OverflowError: past ``limit`` (the record or the copy is wrong)
+        :raises OSError: if the destination cannot be written
         """
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
         fd = os.open(destination_path, flags, 0o600)
         with open(source_path, "rb") as src, os.fdopen(fd, "wb") as raw:
-            if self._use_binary(os.fstat(src.fileno()).st_size):
+            if use_binary and self._use_binary(os.fstat(src.fileno()).st_size):
                 try:
                     return self._run_binary(["--decrypt"], src.fileno(), raw.fileno(), limit,
                                             limit, identity=True)
@@ -302,7 +315,7 @@ class PoolKey:
                 src.seek(0)
                 raw.seek(0)
                 raw.truncate()
-            sink = HashingWriter(raw, limit)
+            sink = HashingWriter(raw, limit, overflow=OverflowError)
             self.decrypt(src, sink)
             raw.flush()
             return sink.digest.hexdigest(), sink.size
@@ -311,63 +324,63 @@ class PoolKey:
                        length: Optional[int] = None, use_binary: bool = True
                        ) -> Tuple[str, int]:
         """Decrypt ``source`` (a readable binary stream: a host's download),
-        read once to its end, into ``out_fd`` as it arrives; :return: the
-        plaintext's ``(sha256 hex, size)``, hashed as it is written.
+        read once, into ``out_fd`` as it arrives; :return: the plaintext's
+        ``(sha256 hex, size)``, hashed as it is written.
 
         The ciphertext is never stored. A large one (``length`` from
-        :data:`AGE_BINARY_MIN` bytes) goes through the ``age`` command, fed
-        by a thread that reads ``source`` while this one hashes and writes
-        what comes out; a smaller one is read whole and decrypted in memory
-        by pyrage (as is a large one without the command).
+        :data:`AGE_BINARY_MIN` bytes) goes through the ``age`` command: this
+        thread reads ``source`` into it while another hashes and writes what
+        comes out. A smaller one is read whole and decrypted in memory by
+        pyrage (as is a large one without the command, streaming).
 
-        An exception ``source`` raises is raised as it is, rather than the
-        decryption failure its cut-short ciphertext causes: a transfer that
-        broke is not a bad copy. Bytes may reach ``out_fd`` before a failure:
-        the caller writes into a temp file.
+        What ``source`` raises is raised as it is, never the decryption
+        failure its cut-short ciphertext causes (a transfer that broke is not
+        a bad copy); so is a failure to write ``out_fd``. Bytes may reach
+        ``out_fd`` before a failure: the caller writes into a temp file.
 
         :param limit: write at most this many bytes (the recorded size)
         :param length: the ciphertext's expected size (chooses the way)
         :param use_binary: False to leave the ``age`` command out (to confirm
-            what it refused)
-        :raises IntegrityError: if the ciphertext is not for this key, fails
-            to authenticate, or decrypts past ``limit``;
-            :class:`~cloudmanager.errors.UnconfirmedIntegrityError` if the
-            ``age`` command refused it (or failed): the stream cannot be read
-            again, so the caller confirms with ``use_binary=False``
+            what it refused or made)
+        :raises IntegrityError: if the ciphertext is not for this key or fails
+            to authenticate; :class:`~cloudmanager.errors.UnconfirmedIntegrityError`
+            if the ``age`` command refused it or failed (the stream cannot be
+            read again: the caller confirms with ``use_binary=False``)
+        :raises OverflowError: if it decrypts to more than ``limit`` bytes
+        :raises OSError: if ``out_fd`` cannot be written
         """
+        if use_binary and self._use_binary(length):
+            try:
+                return self._run_binary_fed(["--decrypt"], source, out_fd, limit, limit,
+                                            identity=True)
+            except (IntegrityError, AgeCommandError) as exc:
+                raise UnconfirmedIntegrityError("the age command could not decrypt it: %s"
+                                                % exc) from None
+        if length is not None and length <= AGE_BINARY_MIN:
+            return self._decrypt_in_memory(source, out_fd, limit)
         src = _FirstError(source)
-        try:
-            if use_binary and self._use_binary(length):
-                try:
-                    return self._run_binary(["--decrypt"], -1, out_fd, limit, limit,
-                                            identity=True, feed=src)
-                except (IntegrityError, OSError) as exc:
-                    if src.error is not None:
-                        raise
-                    raise UnconfirmedIntegrityError("the age command could not decrypt it: %s"
-                                                    % exc) from None
-            if length is not None and length <= AGE_BINARY_MIN:
-                return self._decrypt_in_memory(src, out_fd, limit)
-            with os.fdopen(out_fd, "wb", closefd=False) as raw:
-                sink = HashingWriter(raw, limit)
+        with os.fdopen(out_fd, "wb", closefd=False) as raw:
+            sink = HashingWriter(raw, limit, overflow=OverflowError)
+            try:
                 self.decrypt(src, sink)
-            return sink.digest.hexdigest(), sink.size
-        except (IntegrityError, OSError):
-            if src.error is not None:
-                raise src.error from None
-            raise
+            except IntegrityError:
+                if src.error is not None:  # the source's failure, seen by pyrage
+                    raise src.error from None
+                raise
+        return sink.digest.hexdigest(), sink.size
 
-    def _decrypt_in_memory(self, src: Any, out_fd: int, limit: Optional[int]
+    def _decrypt_in_memory(self, source: Any, out_fd: int, limit: Optional[int]
                            ) -> Tuple[str, int]:
         """:meth:`decrypt_stream` of a small ciphertext: one read, one call into
         pyrage, one write."""
         pyrage = _pyrage()
+        data = source.read()
         try:
-            plain = pyrage.decrypt(src.read(), [self._identity])
+            plain = pyrage.decrypt(data, [self._identity])
         except pyrage.DecryptError as exc:
             raise IntegrityError("not decryptable with this pool's key: %s" % exc) from None
         if limit is not None and len(plain) > limit:
-            raise IntegrityError("more than the %s bytes recorded" % limit)
+            raise OverflowError("it decrypts to more than the %d bytes recorded" % limit)
         fsutil.write_all(out_fd, plain)
         return hashlib.sha256(plain).hexdigest(), len(plain)
 
@@ -387,11 +400,10 @@ class PoolKey:
         return args
 
     def _run_binary(self, args: List[str], stdin_fd: int, out_fd: int, limit: Optional[int],
-                    length: Optional[int], identity: bool = False,
-                    feed: Optional[Any] = None) -> Tuple[str, int]:
-        """Run ``age ARGS`` from ``stdin_fd`` (or ``feed``) into ``out_fd``,
-        hashing its output here (:func:`~cloudmanager.fsutil.copy_and_hash`,
-        pipelined for a large one) while it works on the other core.
+                    length: Optional[int], identity: bool = False) -> Tuple[str, int]:
+        """Run ``age ARGS`` from ``stdin_fd`` into ``out_fd``, hashing its
+        output here (:func:`~cloudmanager.fsutil.copy_and_hash`, pipelined
+        for a large one) while it works on the other core.
 
         No path, name or other input is on its command line: it reads a
         descriptor and writes a pipe. The identity (``identity=True``) goes
@@ -400,12 +412,83 @@ class PoolKey:
 
         :param limit: stop, kill it and raise past this many output bytes
         :param length: the output's expected size (chooses the copy's pipeline)
-        :param feed: a stream to read (to its end) into the command's input,
-            on a thread of its own, in place of ``stdin_fd``
         :return: the output's ``(sha256 hex, size)``
         :raises IntegrityError: if it exits with an error (the input is not
-            age for this key, or fails to authenticate), or writes past ``limit``
-        :raises OSError: if it cannot run, or is killed
+            age for this key, or fails to authenticate)
+        :raises OverflowError: past ``limit``
+        :raises AgeCommandError: if it cannot run, or is killed
+        :raises OSError: if ``out_fd`` cannot be written
+        """
+        proc = self._spawn(args, stdin_fd, identity)
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            digest, size = fsutil.copy_and_hash(proc.stdout, out_fd, limit=limit, length=length)
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            errors = _reap(proc)
+        _check_exit(proc.returncode, errors)
+        return digest, size
+
+    def _run_binary_fed(self, args: List[str], source: Any, out_fd: int, limit: Optional[int],
+                        length: Optional[int], identity: bool = False) -> Tuple[str, int]:
+        """:meth:`_run_binary` with ``source`` (a stream, read to its end) as
+        the command's input.
+
+        This thread reads ``source`` into the command; a thread of its own
+        hashes and writes what comes out, and kills the command if that
+        fails (so that this side's next write fails too). Every wait is
+        bounded by the command's end, never by the source: nothing else reads
+        ``source``, and the caller may close it as soon as this returns.
+
+        :raises: what ``source`` raises, as it is, before anything else; then
+            what writing the output raised (OverflowError past ``limit``,
+            OSError); then as :meth:`_run_binary` for the command's status
+        """
+        proc = self._spawn(args, subprocess.PIPE, identity)
+        assert proc.stdin is not None and proc.stdout is not None
+        stdout = proc.stdout
+        out: Dict[str, Any] = {}
+
+        def drain() -> None:
+            try:
+                out["result"] = fsutil.copy_and_hash(stdout, out_fd, limit=limit, length=length)
+            except BaseException as exc:  # raised by the caller once the command ended
+                out["error"] = exc
+                proc.kill()
+
+        drainer = threading.Thread(target=drain, daemon=True, name="cloudmanager-unseal")
+        try:
+            drainer.start()
+            try:
+                while True:
+                    data = source.read(fsutil.CHUNK)
+                    if not data:
+                        break
+                    fsutil.write_all(proc.stdin.fileno(), data)
+            except BrokenPipeError:
+                pass  # it stopped reading: its status, or the drainer's error, says why
+            finally:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            if drainer.ident is not None:
+                drainer.join()  # bounded: the command has its input's end, or is killed
+            errors = _reap(proc)
+        if "error" in out:
+            raise out["error"]
+        _check_exit(proc.returncode, errors)
+        return cast(Tuple[str, int], out["result"])
+
+    def _spawn(self, args: List[str], stdin: Any, identity: bool) -> subprocess.Popen[bytes]:
+        """Start ``age ARGS`` reading ``stdin``, its output and errors piped here
+        (see :meth:`_run_binary` for the identity).
+
+        :raises AgeCommandError: if it cannot run
         """
         assert self.binary is not None
         command = [self.binary] + args
@@ -420,69 +503,49 @@ class PoolKey:
                     os.close(key_w)
                 command += ["--identity", "/dev/fd/%d" % key_fd]
                 pass_fds = (key_fd,)
-            proc = subprocess.Popen(command,
-                                    stdin=subprocess.PIPE if feed is not None else stdin_fd,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    pass_fds=pass_fds, bufsize=0)
+            proc = subprocess.Popen(command, stdin=stdin, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, pass_fds=pass_fds, bufsize=0)
+        except OSError as exc:
+            raise AgeCommandError("cannot run the age command: %s" % exc) from None
         finally:
             if key_fd is not None:
                 os.close(key_fd)
-        assert proc.stdout is not None and proc.stderr is not None
-        feeder = None
-        try:
-            for pipe in (proc.stdin, proc.stdout):
-                try:
-                    if pipe is not None:
-                        fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
-                except OSError:
-                    pass  # not Linux, or a lower limit: smaller reads, same bytes
-            if feed is not None:
-                assert proc.stdin is not None
-                # A daemon: if this side fails, the command is killed and the
-                # feeder's next write fails; one blocked in a read ends when
-                # the caller closes the stream.
-                feeder = threading.Thread(target=_feed, args=(feed, proc.stdin), daemon=True,
-                                          name="cloudmanager-unseal")
-                feeder.start()
+        for pipe in (proc.stdin, proc.stdout):
             try:
-                digest, size = fsutil.copy_and_hash(proc.stdout, out_fd, limit=limit,
-                                                    length=length)
-            except OverflowError:
-                raise IntegrityError("more than the %s bytes recorded" % limit) from None
-        except BaseException:
-            proc.kill()
-            raise
-        finally:
-            proc.stdout.close()
-            errors = proc.stderr.read()  # a line or two: age says little
-            proc.stderr.close()
-            code = proc.wait()
-        if feeder is not None:
-            feeder.join()  # the command read its input to the end: the feeder is done
-        if code < 0:
-            raise OSError("the age command was killed (signal %d)" % -code)
-        if code != 0:
-            text = " ".join(errors.decode("utf-8", "replace").split())[:300]
-            log.debug("age: %s", text)
-            raise IntegrityError(text or "the age command failed (exit status %d)" % code)
-        return digest, size
+                if pipe is not None:
+                    fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
+            except OSError:
+                pass  # not Linux, or a lower limit: smaller reads, same bytes
+        return proc
 
 
-def _feed(source: Any, stdin: IO[bytes]) -> None:
-    """Copy ``source`` to its end into the ``age`` command's input, then close it.
-    Its own errors are the source's to report (:class:`_FirstError`) or the
-    command's (its input ends early)."""
-    try:
-        while True:
-            data = source.read(fsutil.CHUNK)
-            if not data:
-                break
-            fsutil.write_all(stdin.fileno(), data)
-    except BaseException:  # reported by the source, or by the command's status
-        pass
-    finally:
-        with contextlib.suppress(OSError):
-            stdin.close()
+class AgeCommandError(OSError):
+    """The ``age`` command could not run, or was killed: it said nothing of its input."""
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> bytes:
+    """Close the command's output, read its errors, wait for it; :return: its errors."""
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    errors = proc.stderr.read()  # a line or two: age says little
+    proc.stderr.close()
+    proc.wait()
+    return errors
+
+
+def _check_exit(code: int, errors: bytes) -> None:
+    """Raise what the ``age`` command's exit status ``code`` says.
+
+    :raises AgeCommandError: if it was killed
+    :raises IntegrityError: if it failed (its input is not age for this key,
+        or fails to authenticate)
+    """
+    if code < 0:
+        raise AgeCommandError("the age command was killed (signal %d)" % -code)
+    if code != 0:
+        text = " ".join(errors.decode("utf-8", "replace").split())[:300]
+        log.debug("age: %s", text)
+        raise IntegrityError(text or "the age command failed (exit status %d)" % code)
 
 
 class _FirstError:

@@ -1582,7 +1582,14 @@ class UploadEngine:
     @staticmethod
     def _unseal(host: Host, sealed: SealedObject, file_hash: str, url: str, temp: str,
                 size: int, use_binary: bool) -> Received:
-        """One fetch and decryption of :meth:`_fetch_sealed`."""
+        """One fetch and decryption of :meth:`_fetch_sealed`.
+
+        Only what this process proves condemns the copy: the host's bytes
+        hashed here differ from the recorded ciphertext, or pyrage refuses
+        them, or they decrypt to another file without the ``age`` command.
+        What the command alone refuses or makes is
+        :class:`~cloudmanager.errors.UnconfirmedIntegrityError`.
+        """
         flags = os.O_WRONLY | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) \
             | getattr(os, "O_CLOEXEC", 0)
         with host.open_stream(url, sealed.size) as stream:
@@ -1592,23 +1599,33 @@ class UploadEngine:
                 try:
                     plain_hash, plain_size = sealed.decrypt(reader, fd, size, sealed.size,
                                                             use_binary)
+                    # All of the object is hashed, however much the decryption read.
+                    while reader.read(fsutil.CHUNK):
+                        pass
                 except OverflowError:
-                    raise TransientHostError(host.name, "%s is larger than the %d bytes recorded "
-                                             "for its ciphertext" % (url, sealed.size)) from None
+                    if isinstance(reader.error, OverflowError):
+                        raise TransientHostError(host.name, "%s is larger than the %d bytes "
+                                                 "recorded for its ciphertext"
+                                                 % (url, sealed.size)) from None
+                    raise TransientHostError(host.name, "%s decrypts to more than the %d bytes "
+                                             "recorded; not using it" % (url, size)) from None
                 if getattr(host, "fsync", True) and not fsutil.syncs_are_deferred():
                     os.fsync(fd)
             finally:
                 os.close(fd)
         digest = reader.hexdigest()
-        if digest != sealed.sha256:
+        if digest != sealed.sha256:  # hashed here: proof, whatever decrypted it
             raise IntegrityError("%s sent %d bytes of ciphertext hashing to %s, not the "
                                  "recorded %s" % (host.name, reader.count, digest, sealed.sha256))
         if reader.count != sealed.size:  # the right bytes: the recorded size is wrong
             raise TransientHostError(host.name, "the ciphertext has %d bytes but %d are "
                                      "recorded; not using it" % (reader.count, sealed.size))
-        if (plain_hash, plain_size) != (file_hash, size):
-            raise IntegrityError("it decrypts to %d bytes hashing to %s"
-                                 % (plain_size, plain_hash))
+        if plain_hash != file_hash:
+            wrong = UnconfirmedIntegrityError if use_binary else IntegrityError
+            raise wrong("it decrypts to %d bytes hashing to %s" % (plain_size, plain_hash))
+        if plain_size != size:  # the file itself: its recorded size is wrong
+            raise TransientHostError(host.name, "the file has %d bytes but %d are recorded; "
+                                     "not using it" % (plain_size, size))
         return Received(plain_hash, plain_size)
 
     def _download_failed(self, file_hash: str, host: Host, location: Location,

@@ -611,27 +611,42 @@ class HashingWriter:
     >>> writer.write(b"abc"), writer.size, writer.digest.hexdigest()[:16]
     (3, 3, 'ba7816bf8f01cfea')
 
-    :param limit: refuse (:class:`~cloudmanager.errors.IntegrityError`) to
-        pass on more than this many bytes (a recorded size)
+    The first exception a write raised is kept in :attr:`error`, so that a
+    caller whose writer was driven by someone else (pyrage, which reports
+    it as an error of its own) can raise it as it was.
+
+    :param limit: refuse to pass on more than this many bytes (a recorded size)
+    :param overflow: the exception class raised past ``limit``
+        (:class:`~cloudmanager.errors.IntegrityError` when None)
     """
 
-    def __init__(self, raw, limit: Optional[int] = None) -> None:
+    def __init__(self, raw, limit: Optional[int] = None, overflow: Optional[type] = None) -> None:
         self.raw = raw
         self.limit = limit
+        self.overflow = overflow
         #: The SHA-256 of the bytes written so far.
         self.digest = sha256()
         #: Bytes written so far.
         self.size = 0
+        #: The first exception a write raised, if any.
+        self.error: Optional[BaseException] = None
 
     def write(self, data) -> int:
         """Hash ``data`` and pass it on; :return: its length."""
-        if self.limit is not None and self.size + len(data) > self.limit:
-            from .errors import IntegrityError
+        try:
+            if self.limit is not None and self.size + len(data) > self.limit:
+                if self.overflow is None:
+                    from .errors import IntegrityError
 
-            raise IntegrityError("more than the %d bytes recorded" % self.limit)
-        self.digest.update(data)
-        self.size += len(data)
-        self.raw.write(data)
+                    raise IntegrityError("more than the %d bytes recorded" % self.limit)
+                raise self.overflow("more than the %d bytes recorded" % self.limit)
+            self.digest.update(data)
+            self.size += len(data)
+            self.raw.write(data)
+        except BaseException as exc:
+            if self.error is None:
+                self.error = exc
+            raise
         return len(data)
 
     def flush(self) -> None:

@@ -49,6 +49,7 @@ from .errors import (
     InvalidInputError,
     NotInPoolError,
     NotStartedError,
+    TransientHostError,
 )
 from .health import Fact, Health
 from .hosts.base import Host
@@ -697,13 +698,25 @@ class Pool:
                 assert out is not None
                 try:
                     plain_hash, plain_size = key.decrypt_file(ciphertext, out, limit=size)
-                    if (plain_hash, plain_size) != (file_hash, size):
+                    if plain_hash != file_hash:  # the age command may be what is broken
+                        plain_hash, plain_size = key.decrypt_file(ciphertext, out, limit=size,
+                                                                  use_binary=False)
+                    if plain_hash != file_hash:
                         raise IntegrityError("it decrypts to %d bytes hashing to %s"
                                              % (plain_size, plain_hash))
-                except IntegrityError as exc:
+                    if plain_size != size:
+                        raise OverflowError("the file has %d bytes but %d are recorded"
+                                            % (plain_size, size))
+                except (IntegrityError, OverflowError, OSError) as exc:
                     fsutil.remove_quietly(out)
                     if target is not None:
                         target.release()
+                    if not isinstance(exc, IntegrityError):  # the record, or this disk
+                        failures.append(TransientHostError(
+                            got.location.host_name, "cannot use its encrypted copy: %s" % exc))
+                        log.warning("not using the encrypted copy of %s on %s: %s", file_hash,
+                                    got.location.host_name, exc)
+                        continue
                     bad = [Verdict(got.location, "bad")]
                     self.replication.apply(bad, file_hash=file_hash)
                     verdicts += bad

@@ -530,7 +530,7 @@ class Replicator:
                     digest, got = received if isinstance(received, Received) \
                         else fsutil.hash_file(fetched)
                     plain = key.decrypt_file(fetched, os.devnull, limit=size)
-                except (HostError, IntegrityError, OSError) as exc:
+                except (HostError, IntegrityError, OverflowError, OSError) as exc:
                     log.info("%s holds an object under %s's name that is not a copy of it "
                              "(%s); replacing it", host.name, file_hash, exc)
                     return False

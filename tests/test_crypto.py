@@ -173,8 +173,9 @@ def test_large_files_go_through_the_age_command_which_never_sees_the_key(
     secret = [line for line in path.read_text().splitlines() if line.startswith("AGE-")][0]
     assert secret not in argv_log.read_text() and str(path) not in args
     assert "pyrage" not in caplog.text  # no fallback was needed
-    # Refusals: a plaintext longer than recorded, a flipped byte, another key.
-    with pytest.raises(IntegrityError, match="more than"):
+    # Refusals: a plaintext longer than recorded (the record or the copy is
+    # wrong: not a proof), a flipped byte, another key.
+    with pytest.raises(OverflowError, match="more than"):
         key.decrypt_file(str(tmp_path / "object"), str(tmp_path / "back"), limit=len(data) - 1)
     flipped = bytearray(stored)
     flipped[len(flipped) // 2] ^= 1

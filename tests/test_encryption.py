@@ -334,6 +334,94 @@ def test_a_transfer_cut_midway_is_not_a_bad_copy(make_pool, key, age, write_file
     assert open(cm.warm_up(digest), "rb").read() == data
 
 
+@pytest.mark.parametrize("way", ["age", "pyrage"])
+def test_a_local_write_failure_is_not_a_bad_copy(make_pool, folders, key, age, write_file,
+                                                 monkeypatch, way):
+    """The plaintext cannot be written (a file-size limit here, as a full disk
+    would): the warm-up fails, the copy is not condemned, and the next one
+    gets the file. Through the ``age`` command, and through pyrage without it."""
+    import resource
+
+    from cloudmanager.crypto import AGE_BINARY_MIN
+
+    if way == "pyrage":
+        monkeypatch.setenv("PATH", "/nonexistent")
+    data = os.urandom(AGE_BINARY_MIN + 100_000)
+    cm = make_pool(capacity=16 << 20, hosts=["dir:%s" % folders[0]], redundancy=1,
+                   encryption_key=key)
+    digest = cm.upload(write_file(NAME, data))
+    assert cm.evict(0) == 1
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, before[1]))
+    try:
+        assert cm.warm_up(digest) is False
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+        signal.signal(signal.SIGXFSZ, previous)
+    (entry,) = cm.info(digest)["uploads"]
+    assert not entry.get("error")
+    assert open(cm.warm_up(digest), "rb").read() == data
+
+
+def test_an_age_command_that_makes_wrong_bytes_condemns_nothing(
+        make_pool, folders, key, age, write_file, tmp_path, monkeypatch, caplog):
+    """An ``age`` that exits 0 having read nothing and written nothing: what
+    it made is not the file, so the copy is fetched again and decrypted
+    without it; the copy is good, and the file comes back."""
+    from cloudmanager.crypto import AGE_BINARY_MIN
+
+    data = os.urandom(AGE_BINARY_MIN + 100_000)
+    cm = make_pool(capacity=16 << 20, hosts=["dir:%s" % folders[0]], redundancy=1,
+                   encryption_key=key)
+    digest = cm.upload(write_file(NAME, data))
+    assert cm.evict(0) == 1
+    cm.close()
+    lying = tmp_path / "bin" / "age"
+    lying.parent.mkdir()
+    lying.write_text("#!/bin/sh\nexit 0\n")
+    lying.chmod(0o700)
+    monkeypatch.setenv("PATH", "%s%s%s" % (lying.parent, os.pathsep, os.environ["PATH"]))
+    caplog.set_level("INFO", logger="cloudmanager")
+    node = make_pool(capacity=16 << 20, hosts=["dir:%s" % folders[0]], redundancy=1,
+                     encryption_key=key)
+    assert open(node.warm_up(digest), "rb").read() == data
+    assert "decrypt it without the command" in caplog.text
+    (entry,) = node.info(digest)["uploads"]
+    assert not entry.get("error")
+
+
+@pytest.mark.parametrize("delta", [1, -1])
+@pytest.mark.parametrize("hosted", ["folder", "plowshare"])
+def test_a_wrong_file_size_in_a_record_condemns_nothing(request, make_pool, folders, key,
+                                                         write_file, delta, hosted):
+    """A record that gives the file one byte more, or one less: the copy
+    decrypts to the file (or to more than recorded), so the record is what
+    is wrong. The node does not use the copy, and does not mark it bad. On
+    a host that streams, and on one that cannot (a file locker: its
+    ciphertext is fetched whole first); the record as it was then works."""
+    if hosted == "plowshare":
+        request.getfixturevalue("fake_plowshare")
+        hosts = ["plowshare:locker"]
+    else:
+        hosts = ["dir:%s" % folders[0]]
+    data = SENTENCE * 2000
+    cm = make_pool(hosts=hosts, redundancy=1, encryption_key=key)
+    digest = cm.upload(write_file(NAME, data))
+    (record,) = json.loads(cm.data_dump())
+    true_size = record["filesize"]
+    record["filesize"] = str(len(data) + delta)
+    node = make_pool(name="b", hosts=hosts, redundancy=1, encryption_key=key)
+    assert node.data_load(json.dumps([record])) == 1
+    assert node.warm_up(digest) is False
+    (entry,) = node.info(digest)["uploads"]
+    assert not entry.get("error")
+    record["filesize"] = true_size  # the copy itself was good all along
+    other = make_pool(name="c", hosts=hosts, redundancy=1, encryption_key=key)
+    assert other.data_load(json.dumps([record])) == 1
+    assert open(other.warm_up(digest), "rb").read() == data
+
+
 # -- bad copies, other keys, hostile records ---------------------------------------------------
 
 def test_a_flipped_ciphertext_byte_is_a_bad_copy_that_sync_replaces(make_pool, folders, key,
