@@ -67,6 +67,16 @@ def open_with_age(age, key, blob, tmp_path):
                           check=True).stdout
 
 
+def age_first_on_path(tmp_path, monkeypatch, body):
+    """Put a fake ``age`` (a shell script of ``body``) first on PATH: pools made
+    after this call take it for the command."""
+    fake = tmp_path / "bin" / "age"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\n%s\n" % body)
+    fake.chmod(0o700)
+    monkeypatch.setenv("PATH", "%s%s%s" % (fake.parent, os.pathsep, os.environ["PATH"]))
+
+
 def objects_in(root):
     """``{name: bytes}`` of a folder host's objects (its marker left out)."""
     return {p.name: p.read_bytes() for p in root.iterdir() if not p.name.startswith(".")}
@@ -234,11 +244,7 @@ def test_a_failing_age_command_leaves_the_work_to_pyrage(make_pool, folders, key
     opened (by pyrage), and what the host holds still opens with the real one."""
     from cloudmanager.crypto import AGE_BINARY_MIN
 
-    broken = tmp_path / "bin" / "age"
-    broken.parent.mkdir()
-    broken.write_text("#!/bin/sh\necho 'age: error: broken on purpose' >&2\nexit 1\n")
-    broken.chmod(0o700)
-    monkeypatch.setenv("PATH", "%s%s%s" % (broken.parent, os.pathsep, os.environ["PATH"]))
+    age_first_on_path(tmp_path, monkeypatch, "echo 'age: error: broken on purpose' >&2\nexit 1")
     caplog.set_level("INFO", logger="cloudmanager")
     data = os.urandom(AGE_BINARY_MIN + 10_000)
     cm = make_pool(capacity=64 << 20, hosts=["dir:%s" % folders[0]], redundancy=1,
@@ -377,11 +383,7 @@ def test_an_age_command_that_makes_wrong_bytes_condemns_nothing(
     digest = cm.upload(write_file(NAME, data))
     assert cm.evict(0) == 1
     cm.close()
-    lying = tmp_path / "bin" / "age"
-    lying.parent.mkdir()
-    lying.write_text("#!/bin/sh\nexit 0\n")
-    lying.chmod(0o700)
-    monkeypatch.setenv("PATH", "%s%s%s" % (lying.parent, os.pathsep, os.environ["PATH"]))
+    age_first_on_path(tmp_path, monkeypatch, "exit 0")
     caplog.set_level("INFO", logger="cloudmanager")
     node = make_pool(capacity=16 << 20, hosts=["dir:%s" % folders[0]], redundancy=1,
                      encryption_key=key)
