@@ -127,6 +127,12 @@ class CacheStore:
         if self.file_mode != fsutil.FILE_MODE:
             os.chmod(temp, self.file_mode)
 
+    def _publish(self, temp: str, path: str, published: List[str]) -> None:
+        """Rename a verified temp file into place, noting it in ``published``."""
+        self._set_mode(temp)
+        fsutil.publish(temp, path, self.fsync)
+        published.append(path)
+
     # -- reading -------------------------------------------------------------
 
     def lookup(self, file_hash: str) -> Optional[str]:
@@ -566,19 +572,23 @@ class CacheStore:
                 raise IntegrityError("%s is recorded with another size than %d" % (file_hash, size))
             if outcome == "new" and must_exist:  # rolled back with the transaction
                 raise NotInPoolError("%s was removed while it was fetched" % file_hash)
-            protected = bool(self.db.files.protected_among(conn, [file_hash]))
-            state = self.db.cache_index.state(file_hash)
-            cached = state is not None and state.cached
-            if cached and self.layout.is_file(file_hash, size):
-                self.db.cache_index.touch([(file_hash, now)], local)
-                fsutil.remove_quietly(reservation.temp)  # a duplicate of the cached copy
+            # A file the catalog has just learned of has no copy yet.
+            protected = outcome != "new" and bool(
+                self.db.files.protected_among(conn, [file_hash]))
+            # The common case, a file this node has no row for, is one statement.
+            if self.db.cache_index.put_new(local, file_hash, size, protected, now):
+                self._publish(reservation.temp, path, published)
             else:
-                self._set_mode(reservation.temp)
-                fsutil.publish(reservation.temp, path, self.fsync)
-                published.append(path)
-                self.db.cache_index.put(local, [(file_hash, size, protected)], now,
-                                        cached_before={file_hash: state.size}
-                                        if state is not None and cached else {})
+                state = self.db.cache_index.state(file_hash)
+                cached = state is not None and state.cached
+                if cached and self.layout.is_file(file_hash, size):
+                    self.db.cache_index.touch([(file_hash, now)], local)
+                    fsutil.remove_quietly(reservation.temp)  # a duplicate of the cached copy
+                else:
+                    self._publish(reservation.temp, path, published)
+                    self.db.cache_index.put(local, [(file_hash, size, protected)], now,
+                                            cached_before={file_hash: state.size}
+                                            if state is not None and cached else {})
             self.db.sessions.release(local, [reservation.id])
             if queue and not protected and self.queue is not None:
                 self.queue(conn, [file_hash], now, lease=lease)

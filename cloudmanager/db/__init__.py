@@ -145,8 +145,7 @@ class FileDatabase:
                                 "server, the cache index local")
         return self.local.transaction()
 
-    @contextlib.contextmanager
-    def both(self) -> Iterator[Tuple[Any, Any]]:
+    def both(self) -> ContextManager[Tuple[Any, Any]]:
         """A write transaction on each part: yields ``(catalog_conn, local_conn)``.
 
         In one SQLite file they are one transaction (the same connection).
@@ -156,9 +155,11 @@ class FileDatabase:
         promising a file this node does not hold.
         """
         if not self.shared:  # one file: one transaction, no savepoint
-            with self.local.transaction() as conn:
-                yield conn, conn
-            return
+            return _Twice(self.local.transaction())
+        return self._both_parts()
+
+    @contextlib.contextmanager
+    def _both_parts(self) -> Iterator[Tuple[Any, Any]]:
         with self.catalog.transaction() as catalog_conn:
             with self.local.transaction() as local_conn:
                 yield catalog_conn, local_conn
@@ -194,3 +195,20 @@ class FileDatabase:
         finally:
             if self.shared:
                 self.catalog.close()
+
+
+class _Twice:
+    """One SQLite transaction yielded as both parts, ``(conn, conn)``: a class,
+    not a generator, on the path of every upload."""
+
+    __slots__ = ("_transaction",)
+
+    def __init__(self, transaction: ContextManager[Any]) -> None:
+        self._transaction = transaction
+
+    def __enter__(self) -> Tuple[Any, Any]:
+        conn = self._transaction.__enter__()
+        return conn, conn
+
+    def __exit__(self, *exc_info: Any) -> Optional[bool]:
+        return self._transaction.__exit__(*exc_info)

@@ -124,6 +124,18 @@ class CacheIndex:
         self._count(conn, sum(after.values()) - sum(before.values()),
                     len(after) - len(before))
 
+    def put_new(self, conn: sqlite3.Connection, file_hash: str, size: int, protected: bool,
+                when: float) -> bool:
+        """Record a file as cached, used at ``when``, if the index has no row
+        for it (one statement); :return: False, having written nothing, if it
+        has one (then see :meth:`put`)."""
+        if conn.execute("INSERT INTO cache_entries (hash, size, cached, last_access, protected)"
+                        " VALUES (?, ?, 1, ?, ?) ON CONFLICT (hash) DO NOTHING",
+                        (file_hash, size, when, 1 if protected else 0)).rowcount != 1:
+            return False
+        self._count(conn, size, 1)
+        return True
+
     def _cached_sizes(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> Dict[str, int]:
         """``{hash: size}`` of those of ``hashes`` cached now (before a write
         changes them: the counters follow from the difference)."""

@@ -85,12 +85,13 @@ class Files:
             ``"corrected"`` (the size was fixed), or ``"conflict"`` when the
             pool knows this hash with another size
         """
+        # Insert first: a new file, the common case, is one statement.
+        if conn.execute("INSERT INTO files (hash, filename, size, created) VALUES (?, ?, ?, ?)"
+                        " ON CONFLICT (hash) DO NOTHING",
+                        (file_hash, filename, size, created)).rowcount == 1:
+            return "new"
         row = conn.execute("SELECT size, filename FROM files WHERE hash = ?",
                            (file_hash,)).fetchone()
-        if row is None:
-            conn.execute("INSERT INTO files (hash, filename, size, created) VALUES (?, ?, ?, ?)",
-                         (file_hash, filename, size, created))
-            return "new"
         if row[0] != size:
             if not size_known:
                 return "conflict"
