@@ -45,6 +45,8 @@ import threading
 import time
 from typing import (
     TYPE_CHECKING,
+    AbstractSet,
+    Any,
     Callable,
     ContextManager,
     Dict,
@@ -302,7 +304,8 @@ class Replicator:
     def _record_rounds(self, rounds: Sequence[Tuple[str, Set[str], int, UploadResult]],
                        facts: Iterable[Fact] = (), settled: Iterable[str] = (),
                        release: Iterable[str] = (),
-                       objects: Optional[Dict[str, ObjectMeta]] = None
+                       objects: Optional[Dict[str, ObjectMeta]] = None,
+                       conn: Optional[Any] = None, fresh: AbstractSet[str] = frozenset()
                        ) -> List[Tuple[str, int, int, str]]:
         """Record upload rounds ``[(hash, holders, target, result)]`` in one
         transaction: good copies, pending ones, the queue, protection, health.
@@ -316,6 +319,12 @@ class Replicator:
         :param release: files whose ``replicate`` leases this round ends
         :param objects: ``{hash: ObjectMeta}``: the ciphertext each file's new
             copies hold (an encrypted pool); None: the copies are the plaintext
+        :param conn: record inside this transaction (a publish's, see
+            :meth:`sending`) rather than in one of its own
+        :param fresh: files the enclosing transaction adds to the pool: none
+            was queued, a short one is queued as pending on this node, and
+            their cache rows, written after, take their protection from the
+            copies recorded here (no flag is set for them)
         :return: ``[(hash, copies, target, why)]`` of files still short; a
             file whose removal is in progress has ``why`` starting with
             ``"removal in progress"``
@@ -323,15 +332,12 @@ class Replicator:
         now = time.time()
         shorts = []
         settled = list(settled)
-        with self.db.catalog.transaction() as conn:
+        with contextlib.nullcontext(conn) if conn is not None \
+                else self.db.catalog.transaction() as conn:
             removing = self.db.copies.removing(conn, [r[0] for r in rounds])
             good, pending, short_hashes = [], [], []
             for file_hash, holders, target, result in rounds:
                 made = [(file_hash, loc.host_name, loc.url) for loc in result.successes]
-                for loc in result.successes:  # it holds copies now: no marker, no pool
-                    host = self.engine.hosts.get(loc.host_name)
-                    if host is not None and host.can_mark:
-                        host.require_marker = True
                 if file_hash in removing:
                     log.warning("%s is being removed by another process; its new copies "
                                 "are not trusted until that ends", file_hash)
@@ -347,18 +353,25 @@ class Replicator:
                 else:
                     short_hashes.append(file_hash)
                     shorts.append((file_hash, copies, target, short_reason(result)))
+            # The hosts hold copies now: no marker, no pool.
+            for host_name in {loc.host_name for r in rounds for loc in r[3].successes}:
+                host = self.engine.hosts.get(host_name)
+                if host is not None and host.can_mark:
+                    host.require_marker = True
             kept = getattr(objects, "kept", {})
             made_objects = None if objects is None else \
                 {g: kept.get(g) or objects[g[0]] for g in good if g in kept or g[0] in objects}
             self.db.copies.record_good(conn, good, int(now), objects=made_objects)
             self.db.copies.record_pending(conn, pending, int(now))
-            self.db.queue.remove(conn, settled)
-            self.db.queue.add(conn, short_hashes, now)
+            self.db.queue.remove(conn, [h for h in settled if h not in fresh])
+            self.db.queue.add(conn, [h for h in short_hashes if h not in fresh], now)
+            self.db.queue.add(conn, [h for h in short_hashes if h in fresh], now, known=True,
+                              node=self.node)
             for file_hash, _, _, why in shorts:
                 self.db.queue.note_failure(conn, file_hash, why[:500])
             # A good copy made protects its file; a round that made none took
             # nothing away, so no other flag changes.
-            self._set_protected({g[0] for g in good}, True)
+            self._set_protected({g[0] for g in good if g[0] not in fresh}, True)
             released = list(release)
             self.db.leases.release(conn, "replicate", released, self.owner)
             self._released(released)
@@ -582,25 +595,7 @@ class Replicator:
                     continue
                 jobs.append(UploadJob(path, file_hash, state.size, frozenset(holders), target))
                 plans.append((file_hash, holders, target))
-            objects: Optional[Dict[str, ObjectMeta]]
-            sent = None
-            if self._streams(jobs):
-                try:
-                    sent = self._send_streamed(jobs[0])
-                except OSError as exc:  # the age command failed, say: the usual way
-                    log.warning("could not seal %s as it streams (%s); sealing it first",
-                                jobs[0].file_hash, exc)
-            if sent is not None:
-                results, objects = sent
-            else:
-                with self._sealed(jobs) as (jobs, objects):
-                    if len(jobs) == 1:  # one file: each host's own upload, no group overhead
-                        job = jobs[0]
-                        results = [self.engine.upload(job.path, job.file_hash, job.size,
-                                                      holders=job.holders, target=job.target,
-                                                      vet=job.vet)]
-                    else:
-                        results = self.engine.upload_many(jobs) if jobs else []
+            results, objects = self._send(jobs)
             rounds = [(h, holders, target, result)
                       for (h, holders, target), result in zip(plans, results)]
             if rounds or settled:
@@ -615,6 +610,90 @@ class Replicator:
                 # One file with no good copy left must not hold back the rest.
                 log.error("cannot top up %s: %s; it stays queued", file_hash, exc)
         return made
+
+    @contextlib.contextmanager
+    def sending(self, files: Dict[str, Tuple[str, int]]
+                ) -> Iterator[Callable[[Any, AbstractSet[str]], Set[str]]]:
+        """Send files not yet published to the hosts, from where they wait
+        (a batch's temp files), to be recorded with their publish.
+
+        For an upload that replicates at once: the files are published, and
+        their copies, queue rows and cache rows written, in the publish's one
+        transaction, so a file sent in full is never queued or leased, and
+        its cache row is written once, protected. Files the pool already
+        knows follow :meth:`replicate`'s rules (a lease, the good copies
+        there are). A file another process holds the lease of is left to it.
+
+        The block runs the publish with ``record(conn, in_pool)``, which
+        records, inside ``conn``'s transaction, the copies of those of the
+        files whose rows ``in_pool`` names (queueing the short ones as
+        pending on this node) and returns the hashes that now have a good
+        copy. What the block does not publish stays on the hosts unrecorded
+        (an object named by its hash, which a later upload reuses).
+
+        :param files: ``{hash: (path, size)}``
+        """
+        hashes = list(files)
+        with self.locks.hold(hashes):
+            states = self.db.copies.replication_states(hashes)
+            with self._leases("replicate", [h for h in hashes if h in states]) as leased:
+                mine = set(leased)
+                jobs, plans, settled = [], [], []
+                for file_hash in hashes:
+                    state = states.get(file_hash)
+                    if state is not None and file_hash not in mine:
+                        continue  # another process's work
+                    holders, target, done = self._plan(set(state.good) if state else set())
+                    if done:
+                        if holders:
+                            settled.append(file_hash)
+                        continue
+                    path, size = files[file_hash]
+                    jobs.append(UploadJob(path, file_hash, size, frozenset(holders), target))
+                    plans.append((file_hash, holders, target))
+                try:
+                    results, objects = self._send(jobs)
+                except (OSError, CloudManagerError) as exc:
+                    log.error("uploading %d files to hosts failed: %s; they are queued",
+                              len(jobs), exc)
+                    results, objects, plans = [], None, []
+                fresh = frozenset(hashes) - set(states)
+                sent = {h for (h, _, _), r in zip(plans, results) if r.successes}
+
+                def record(conn: Any, in_pool: AbstractSet[str]) -> Set[str]:
+                    rounds = [(h, holders, target, result) for (h, holders, target), result
+                              in zip(plans, results) if h in in_pool]
+                    shorts = self._record_rounds(
+                        rounds, settled=[h for h in settled if h in in_pool],
+                        release=mine & in_pool, objects=objects, conn=conn,
+                        fresh=fresh & in_pool)
+                    # Fresh files not sent (no host, or an engine failure):
+                    # pending on this node like any short one.
+                    planned = {p[0] for p in plans}
+                    self.db.queue.add(conn, [h for h in fresh & in_pool if h not in planned],
+                                      time.time(), known=True, node=self.node)
+                    left = {s[0] for s in shorts if s[3].startswith("removal in progress")}
+                    return (sent & in_pool) - left
+
+                yield record
+
+    def _send(self, jobs: List[UploadJob]
+              ) -> Tuple[List[UploadResult], Optional[Dict[str, ObjectMeta]]]:
+        """Upload ``jobs`` (sealed first in an encrypted pool): a result per
+        job, in order, and what the copies hold (see :meth:`_record_rounds`)."""
+        if self._streams(jobs):
+            try:
+                return self._send_streamed(jobs[0])
+            except OSError as exc:  # the age command failed, say: the usual way
+                log.warning("could not seal %s as it streams (%s); sealing it first",
+                            jobs[0].file_hash, exc)
+        with self._sealed(jobs) as (jobs, objects):
+            if len(jobs) == 1:  # one file: each host's own upload, no group overhead
+                job = jobs[0]
+                return [self.engine.upload(job.path, job.file_hash, job.size,
+                                           holders=job.holders, target=job.target,
+                                           vet=job.vet)], objects
+            return (self.engine.upload_many(jobs) if jobs else []), objects
 
     def replicate_logged(self, hashes: Sequence[str]) -> int:
         """:meth:`replicate`, logging instead of raising: the files are already

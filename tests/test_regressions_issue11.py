@@ -291,13 +291,29 @@ def test_p13_batch_records_copies_when_one_file_was_removed(pool, src, tmp_path)
     host = RemovingHost(str(root), name="nas", fsync=False)
     cm = pool([host], redundancy=1)
     other = pool([], redundancy=1)  # same database and cache: another process
-    host.victim, host.remover = sha(b"file 0"), other
-    # Not deferred: the batch goes to the host (upload_batch) and is recorded
-    # in one transaction, after the other process removed file 0.
-    digests = cm.upload_many([src("f%d" % i, b"file %d" % i) for i in range(20)])
+    # In the pool and queued; sync sends the batch to the host (upload_batch)
+    # and records it in one transaction, after the other process removed file 0.
+    digests = cm.upload_many([src("f%d" % i, b"file %d" % i) for i in range(20)], defer=True)
+    host.victim, host.remover = digests[0], other
+    cm.sync()
     assert host.remover is None  # the removal ran mid-batch
     assert not cm.exists(digests[0])
     assert [cm.status(d)["verified"] for d in digests[1:]] == [1] * 19
+
+
+def test_p13_a_removal_before_a_sent_batch_is_published_comes_first(pool, src, tmp_path):
+    """Sent at once, a batch's files enter the pool with their publish: a
+    removal that ran while they were on their way to the host found nothing
+    to remove, and the file is in the pool after it, with its copy."""
+    root = tmp_path / "hosts" / "nas"
+    root.mkdir(parents=True)
+    host = RemovingHost(str(root), name="nas", fsync=False)
+    cm = pool([host], redundancy=1)
+    other = pool([], redundancy=1)
+    host.victim, host.remover = sha(b"file 0"), other
+    digests = cm.upload_many([src("f%d" % i, b"file %d" % i) for i in range(20)])
+    assert host.remover is None
+    assert [cm.status(d)["verified"] for d in digests] == [1] * 20
 
 
 # -- circuit breaker --------------------------------------------------------------------

@@ -271,3 +271,83 @@ def test_a_batch_host_bug_leaves_the_files_queued(make_pool, write_file, tmp_pat
     assert all(results) and sorted(cm.db.queue.hashes()) == sorted(results)
     health = cm.db.health.all()["dir:" + str(tmp_path / "buggy")]
     assert "upload_batch" in health.last_error or "a bug in a host" in health.last_error
+
+
+# -- a batch sent at once is recorded in its publish ------------------------------------
+
+
+def traced(cm):
+    """The statements every connection of ``cm`` runs from now on."""
+    statements = []
+    for conn in cm.db.local._all_connections:
+        conn.set_trace_callback(statements.append)
+    cm.db.connection.set_trace_callback(statements.append)
+    return statements
+
+
+def test_a_batch_sent_at_once_is_recorded_in_its_publish_and_never_queued_or_leased(
+        make_pool, write_file):
+    cm = make_pool(1 << 20, redundancy=3)
+    cm.upload(write_file("warm", b"first upload opens everything"))
+    files = [write_file("f%d" % i, b"sent at once %d" % i) for i in range(40)]
+    statements = traced(cm)
+    results = cm.upload_many(files)
+    assert all(results)
+    writes = [s for s in statements if s.lstrip().upper().startswith(("INSERT", "DELETE",
+                                                                       "UPDATE"))]
+    assert not [s for s in writes if "upload_queue" in s or "leases" in s], writes
+    # The reservation, then the publish with the copies and the health: two.
+    assert len([s for s in statements if s.lstrip().upper().startswith("BEGIN")]) == 2
+    assert cm.stats()["queued"] == 0
+    for digest in results:
+        assert cm.db.files.verified(digest) == 3
+        assert len(cm.info(digest)["uploads"]) == 3
+    # Written once, protected: every one of them may be evicted.
+    assert cm.evict(0) == len(files) + 1
+
+
+def test_files_of_a_sent_batch_that_no_host_took_are_pending_on_this_node(make_pool,
+                                                                          write_file, tmp_path):
+    down = tmp_path / "hosts" / "down"
+    down.parent.mkdir(parents=True, exist_ok=True)
+    down.write_text("a file where the folder should be")  # every upload to it fails
+    cm = make_pool(1 << 20, hosts=["dir:%s" % down], redundancy=1)
+    files = [write_file("f%d" % i, b"kept here %d" % i) for i in range(12)]
+    results = cm.upload_many(files)
+    assert all(results)
+    assert cm.stats()["queued"] == len(files)
+    node = cm.pool.replication.node
+    assert {row.queued_on for row in cm.db.files.unprotected(None)} == {node}
+    assert cm.evict(0) == 0  # no host holds them: pinned
+    down.unlink()
+    down.mkdir()
+    assert cm.sync()["complete"] == len(files)
+    assert cm.evict(0) == len(files)
+
+
+def test_a_batch_interrupted_between_its_uploads_and_its_publish_records_nothing(
+        make_pool, write_file, tmp_path, monkeypatch):
+    """The hosts hold the batch's objects, unrecorded; the pool is as before,
+    its cache holds no temp file, and the next upload records the same objects."""
+    from cloudmanager.cache import store
+
+    cm = make_pool(1 << 20, redundancy=3)
+    files = [write_file("f%d" % i, b"interrupted %d" % i) for i in range(8)]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store.CacheStore, "_publish_many", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            cm.upload_many(files)
+    assert cm.stats()["files"] == 0 and cm.usage_ratio() == 0
+    assert os.listdir(cm.cache.tmp_dir) == []
+    assert cm.db.sessions.reserved_bytes() == 0
+    on_host = tmp_path / "hosts" / "h1"
+    assert {p.name for p in on_host.iterdir() if not p.name.startswith(".")} \
+        == {sha(f.read_bytes()) for f in files}
+    results = cm.upload_many(files)
+    assert results == [sha(f.read_bytes()) for f in files]
+    assert all(cm.db.files.verified(d) == 3 for d in results)
+    assert cm.verify(deep=True)["good"] == 3 * len(files)

@@ -27,7 +27,8 @@ import tempfile
 import threading
 import time
 from typing import (
-    Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast,
+    AbstractSet, Any, BinaryIO, Callable, ContextManager, Dict, Iterator, List, Optional,
+    Sequence, Set, Tuple, Union, cast,
 )
 
 from .. import fsutil
@@ -50,6 +51,15 @@ SMALL_FILE = 1 << 20
 #: One file's outcome in :meth:`CacheStore.ingest_many`: ``(hash, size)``, or
 #: the exception that stopped it.
 Ingested = Union[Tuple[str, int], Exception]
+
+#: ``send(files)`` for :meth:`CacheStore.ingest_many`: sends a batch's files,
+#: ``{hash: (temp_path, size)}``, to the hosts before they are published
+#: (:meth:`cloudmanager.replication.Replicator.sending`), and yields
+#: ``record(conn, in_pool)``, which the publish calls inside its transaction
+#: once the files' rows are in: it records their copies and returns the
+#: hashes those protect.
+Send = Callable[[Dict[str, Tuple[str, int]]],
+                ContextManager[Callable[[Any, AbstractSet[str]], Set[str]]]]
 
 
 class CacheStore:
@@ -598,7 +608,7 @@ class CacheStore:
     def ingest_many(self, sources: Sequence[Tuple[str, str, Optional[float], int]],
                     queue: bool = True,
                     progress: Optional[Callable[[int], None]] = None,
-                    lease: bool = False) -> List[Ingested]:
+                    lease: bool = False, send: Optional[Send] = None) -> List[Ingested]:
         """Copy several files into the cache under one reservation and one transaction.
 
         Like :meth:`ingest` for each source, but room is reserved once for
@@ -613,6 +623,10 @@ class CacheStore:
             bytes the file must hold when it is read
         :param progress: called with each chunk's byte count while the larger
             files are streamed (small ones are read in one go)
+        :param send: see :data:`Send`: the files go to the hosts from their
+            temp files before they are published, and their copies are
+            recorded in the publish's transaction (``queue`` and ``lease``
+            are then unused)
         :return: a list, one entry per source in order: ``(hash, size)``, or
             the exception (:class:`OSError`, :class:`CacheError`) that
             stopped that file; the others are ingested all the same
@@ -640,7 +654,14 @@ class CacheStore:
                         fsutil.remove_quietly(temps.pop(k))
                 if batch_sync and temps:
                     fsutil.sync_filesystem(self.tmp_dir)  # the files, before any rename
-                self._publish_many(res, sources, results, temps, queue, batch_sync, lease)
+                if send is None or not temps:
+                    self._publish_many(res, sources, results, temps, queue, batch_sync, lease)
+                else:
+                    waiting = {cast(Tuple[str, int], results[k])[0]: (temps[k], sizes[k])
+                               for k in temps}
+                    with send(waiting) as record:
+                        self._publish_many(res, sources, results, temps, queue, batch_sync,
+                                           record=record)
         finally:
             for temp in temps.values():
                 fsutil.remove_quietly(temp)
@@ -685,15 +706,16 @@ class CacheStore:
         return file_hash, nbytes
 
     def _publish_many(self, reservation, sources, results, temps, queue, batch_sync=False,
-                      lease=False):
+                      lease=False, record=None):
         """Publish a batch's temp files and record them, in one transaction.
 
         ``batch_sync``: the temp files are on disk already; make the renames
         durable with one :func:`~cloudmanager.fsutil.sync_filesystem` rather
-        than an fsync per shard directory.
+        than an fsync per shard directory. ``record``: see :data:`Send`.
         """
         now = time.time()
         done: Dict[str, int] = {}  # hash -> the size published (or found cached) in this batch
+        touched: Set[str] = set()  # cached already: their rows stay
         shards = set()
         with self._unpublished_on_failure() as published, self.db.both() as (conn, local):
             hashes = {r[0] for r in results if isinstance(r, tuple)}
@@ -729,6 +751,7 @@ class CacheStore:
                         self.db.cache_index.touch([(file_hash, now)], local)
                         fsutil.remove_quietly(temps.pop(k))
                         done[file_hash] = size
+                        touched.add(file_hash)
                         continue
                     entries.append((file_hash, size, state.verified > 0))
                     if queue and state.verified == 0:
@@ -740,9 +763,15 @@ class CacheStore:
                 shards.add(self.layout.shard_dir(file_hash))
                 done[file_hash] = size
             self.db.files.insert(conn, new_rows)
+            if record is not None:  # the copies made meanwhile, and what they protect
+                sent = record(conn, set(done))
+                new_entries = [(h, size, h in sent) for h, size, _ in new_entries]
+                entries = [(h, size, held or h in sent) for h, size, held in entries]
+                if sent & touched:  # cached already, short: their rows exist
+                    self.db.cache_index.set_protected(local, sent & touched, True)
             self.db.cache_index.put(local, new_entries, now, new=True)
             self.db.cache_index.put(local, entries, now)
-            if to_queue and self.queue is not None:
+            if to_queue and self.queue is not None and record is None:
                 self.queue(conn, to_queue, now, lease=lease)
             if batch_sync and shards:
                 fsutil.sync_filesystem(self.root)

@@ -322,11 +322,17 @@ class Copies:
         copies = list(copies)
         if not copies:
             return
-        # Which files are still in the pool: one statement for the batch.
-        present = {h for (h,) in conn.execute(
-            "SELECT f.hash FROM json_each(?) AS j JOIN files AS f ON f.hash = j.value",
-            (json_list({c[0] for c in copies}),))}
-        copies = [c for c in copies if c[0] in present]
+        # Which files are still in the pool: a count for the batch, and their
+        # hashes only when one is gone (rare: a removal meanwhile).
+        hashes = {c[0] for c in copies}
+        param = json_list(hashes)
+        if conn.execute("SELECT count(*) FROM json_each(?) AS j JOIN files AS f"
+                        " ON f.hash = j.value", (param,)).fetchone()[0] != len(hashes):
+            hashes = {h for (h,) in conn.execute(
+                "SELECT f.hash FROM json_each(?) AS j JOIN files AS f ON f.hash = j.value",
+                (param,))}
+            copies = [c for c in copies if c[0] in hashes]
+            param = json_list(hashes)
         if objects is None:  # looked at: what the copy holds stays as recorded
             conn.executemany(
                 "INSERT INTO uploads (hash, host_name, url, state, time, checked)"
@@ -353,11 +359,10 @@ class Copies:
                  for h, host, url in copies])
         # Pending rows are few (uploads that failed): one probe for the batch
         # spares a delete per copy when there are none.
-        hashes = {c[0] for c in copies}
         pending = {(h, host) for h, host in conn.execute(
             "SELECT u.hash, u.host_name FROM json_each(?) AS j JOIN uploads AS u"
             " ON u.hash = j.value WHERE u.url = '' AND u.state = 'pending'",
-            (json_list(hashes),))} if copies else set()
+            (param,))} if copies else set()
         if pending:
             conn.executemany("DELETE FROM uploads WHERE hash = ? AND host_name = ? AND url = ''"
                              " AND state = 'pending'",

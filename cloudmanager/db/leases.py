@@ -82,6 +82,9 @@ class Leases:
 
     def release(self, conn: Conn, kind: str, hashes: Iterable[str], owner: str) -> None:
         """End ``owner``'s ``kind`` leases on ``hashes`` (others' stay)."""
+        hashes = list(hashes)
+        if not hashes:
+            return
         fragment, param = in_list(hashes)
         conn.execute("DELETE FROM leases WHERE kind = ? AND owner = ? AND hash " + fragment,
                      (kind, owner, param))
