@@ -361,18 +361,12 @@ class CacheStore:
         """
         return BatchRooms(self, self._reserve_row(sum(sizes)), sizes)
 
-    @contextlib.contextmanager
-    def _unpublished_on_failure(self) -> Iterator[List[str]]:
-        """Yield a list for the paths a transaction renames into the shards;
-        if the block fails (its rows did not go in), they are removed again:
-        a file no row counts would hold room that no bound sees."""
-        published: List[str] = []
-        try:
-            yield published
-        except BaseException:
-            for path in published:
-                fsutil.remove_quietly(path)
-            raise
+    def _unpublished_on_failure(self) -> "_Unpublished":
+        """A context manager yielding a list for the paths a transaction
+        renames into the shards; if the block fails (its rows did not go
+        in), they are removed again: a file no row counts would hold room
+        that no bound sees."""
+        return _Unpublished()
 
     def commit_many(self, items: Sequence[Tuple[str, int, Any]]
                     ) -> Dict[str, Union[str, Exception]]:
@@ -465,9 +459,9 @@ class CacheStore:
                 log.debug("recency updates deferred: %s", exc)
         return found
 
-    @contextlib.contextmanager
-    def reserve(self, size: int) -> Iterator["Reservation"]:
-        """Reserve room for a ``size``-byte write, evicting LRU files as needed.
+    def reserve(self, size: int) -> "Reservation":
+        """Reserve room for a ``size``-byte write, evicting LRU files as needed,
+        as a context manager.
 
         Yields a :class:`Reservation`, whose ``temp`` is where to write. The
         reservation is released on exit; the temp file is removed unless it
@@ -475,11 +469,7 @@ class CacheStore:
 
         :raises CacheFullError: if pinned files leave no room
         """
-        reservation = self.reservation(size)
-        try:
-            yield reservation
-        finally:
-            reservation.release()
+        return self.reservation(size)
 
     def _release(self, reservation: "Reservation") -> None:
         """Remove a reservation's temp file, then give its room back (the
@@ -837,6 +827,24 @@ class CacheStore:
             self.db.sessions.end(conn, [self.owner])
 
 
+class _Unpublished:
+    """See :meth:`CacheStore._unpublished_on_failure` (a class: it is on the
+    path of every upload)."""
+
+    __slots__ = ("published",)
+
+    def __init__(self) -> None:
+        self.published: List[str] = []
+
+    def __enter__(self) -> List[str]:
+        return self.published
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            for path in self.published:
+                fsutil.remove_quietly(path)
+
+
 class Reservation:
     """Room promised to one write. ``temp`` is the temp file's path.
 
@@ -854,6 +862,12 @@ class Reservation:
         #: The engine gave up on the call writing here (:meth:`abandoned`).
         self.given_up = False
         self._store = store
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()  # the block's exception, if any, goes on
 
     def abandoned(self) -> None:
         """The engine gave up on the call writing here, which keeps writing:
