@@ -332,6 +332,7 @@ class Replicator:
         now = time.time()
         shorts = []
         settled = list(settled)
+        outer = conn is not None
         with contextlib.nullcontext(conn) if conn is not None \
                 else self.db.catalog.transaction() as conn:
             removing = self.db.copies.removing(conn, [r[0] for r in rounds])
@@ -374,7 +375,8 @@ class Replicator:
             self._set_protected({g[0] for g in good if g[0] not in fresh}, True)
             released = list(release)
             self.db.leases.release(conn, "replicate", released, self.owner)
-            self._released(released)
+            if not outer:  # else the caller notes them once its transaction commits
+                self._released(released)
             self.health.record(list(facts) + [f for r in rounds for f in r[3].facts])
         for file_hash, copies, target, why in shorts:
             log.warning("%s has %d of %d copies: %s", file_hash, copies, target, why)
@@ -613,7 +615,7 @@ class Replicator:
 
     @contextlib.contextmanager
     def sending(self, files: Dict[str, Tuple[str, int]]
-                ) -> Iterator[Callable[[Any, AbstractSet[str]], Set[str]]]:
+                ) -> Iterator[Callable[[Any, AbstractSet[str], AbstractSet[str]], Set[str]]]:
         """Send files not yet published to the hosts, from where they wait
         (a batch's temp files), to be recorded with their publish.
 
@@ -624,17 +626,28 @@ class Replicator:
         knows follow :meth:`replicate`'s rules (a lease, the good copies
         there are). A file another process holds the lease of is left to it.
 
-        The block runs the publish with ``record(conn, in_pool)``, which
-        records, inside ``conn``'s transaction, the copies of those of the
-        files whose rows ``in_pool`` names (queueing the short ones as
-        pending on this node) and returns the hashes that now have a good
-        copy. What the block does not publish stays on the hosts unrecorded
-        (an object named by its hash, which a later upload reuses).
+        The block runs the publish with ``record(conn, in_pool, inserted)``,
+        which records, inside ``conn``'s transaction, the copies of those of
+        the files whose rows ``in_pool`` names (``inserted``: the rows the
+        publish itself added), queueing the short ones as pending on this
+        node, and returns the hashes that now have a good copy. What the
+        block does not publish stays on the hosts unrecorded (an object
+        named by its hash, which a later upload reuses).
+
+        A removal by another process while the files were on their way may
+        have deleted what was sent (the same object name). So no copy made
+        is trusted, and the file is queued and left pinned for sync to send
+        again, when the file had a removal in progress as the sending began,
+        was known then but is added anew by the publish, or when a copy
+        made has a tombstone from since then (less :data:`LEASE_S`, for the
+        clocks of other nodes).
 
         :param files: ``{hash: (path, size)}``
         """
         hashes = list(files)
         with self.locks.hold(hashes):
+            started = time.time()
+            removing_then = self.db.copies.removing(None, hashes)
             states = self.db.copies.replication_states(hashes)
             with self._leases("replicate", [h for h in hashes if h in states]) as leased:
                 mine = set(leased)
@@ -660,22 +673,40 @@ class Replicator:
                 fresh = frozenset(hashes) - set(states)
                 sent = {h for (h, _, _), r in zip(plans, results) if r.successes}
 
-                def record(conn: Any, in_pool: AbstractSet[str]) -> Set[str]:
-                    rounds = [(h, holders, target, result) for (h, holders, target), result
-                              in zip(plans, results) if h in in_pool]
+                def record(conn: Any, in_pool: AbstractSet[str],
+                           inserted: AbstractSet[str]) -> Set[str]:
+                    # What a removal meanwhile may have deleted (see above).
+                    made = {(h, loc.host_name, loc.url) for (h, _, _), r in zip(plans, results)
+                            for loc in r.successes}
+                    tombs = self.db.copies.tombstones_since(
+                        conn, {m[0] for m in made}, started - LEASE_S)
+                    untrusted = ((inserted - fresh) | removing_then
+                                 | {m[0] for m in made & tombs}) & in_pool
+                    fresh_now = (fresh | untrusted) & in_pool
+                    rounds = []
+                    for (h, holders, target), result in zip(plans, results):
+                        if h not in in_pool:
+                            continue
+                        if h in untrusted:
+                            result = UploadResult([], result.failures, result.cooling,
+                                                  result.facts)
+                            holders = set()
+                        rounds.append((h, holders, target, result))
                     shorts = self._record_rounds(
-                        rounds, settled=[h for h in settled if h in in_pool],
-                        release=mine & in_pool, objects=objects, conn=conn,
-                        fresh=fresh & in_pool)
+                        rounds, settled=[h for h in settled if h in in_pool - untrusted],
+                        release=mine & in_pool, objects=objects, conn=conn, fresh=fresh_now)
                     # Fresh files not sent (no host, or an engine failure):
                     # pending on this node like any short one.
                     planned = {p[0] for p in plans}
-                    self.db.queue.add(conn, [h for h in fresh & in_pool if h not in planned],
+                    self.db.queue.add(conn, [h for h in fresh_now if h not in planned],
                                       time.time(), known=True, node=self.node)
                     left = {s[0] for s in shorts if s[3].startswith("removal in progress")}
-                    return (sent & in_pool) - left
+                    released.update(mine & in_pool)
+                    return (sent & in_pool) - left - untrusted
 
+                released: Set[str] = set()
                 yield record
+                self._released(released)  # the publish committed: they are released
 
     def _send(self, jobs: List[UploadJob]
               ) -> Tuple[List[UploadResult], Optional[Dict[str, ObjectMeta]]]:

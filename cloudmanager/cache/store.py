@@ -55,11 +55,11 @@ Ingested = Union[Tuple[str, int], Exception]
 #: ``send(files)`` for :meth:`CacheStore.ingest_many`: sends a batch's files,
 #: ``{hash: (temp_path, size)}``, to the hosts before they are published
 #: (:meth:`cloudmanager.replication.Replicator.sending`), and yields
-#: ``record(conn, in_pool)``, which the publish calls inside its transaction
-#: once the files' rows are in: it records their copies and returns the
-#: hashes those protect.
+#: ``record(conn, in_pool, inserted)``, which the publish calls inside its
+#: transaction once the files' rows are in (``inserted``: those it added):
+#: it records their copies and returns the hashes those protect.
 Send = Callable[[Dict[str, Tuple[str, int]]],
-                ContextManager[Callable[[Any, AbstractSet[str]], Set[str]]]]
+                ContextManager[Callable[[Any, AbstractSet[str], AbstractSet[str]], Set[str]]]]
 
 
 class CacheStore:
@@ -754,7 +754,7 @@ class CacheStore:
                 done[file_hash] = size
             self.db.files.insert(conn, new_rows)
             if record is not None:  # the copies made meanwhile, and what they protect
-                sent = record(conn, set(done))
+                sent = record(conn, set(done), {r[0] for r in new_rows})
                 new_entries = [(h, size, h in sent) for h, size, _ in new_entries]
                 entries = [(h, size, held or h in sent) for h, size, held in entries]
                 if sent & touched:  # cached already, short: their rows exist

@@ -275,11 +275,25 @@ class Copies:
                            " AND state IN " + _HOLDING_SQL + " LIMIT 1", (host_name,)).fetchone()
         return None if row is None else row[0]
 
-    def removing(self, conn: Conn, hashes: Iterable[str]) -> Set[str]:
-        """Those of ``hashes`` whose removal is in progress."""
-        return {h for (h,) in conn.execute(
+    def removing(self, conn: Optional[Conn], hashes: Iterable[str]) -> Set[str]:
+        """Those of ``hashes`` whose removal is in progress (in the transaction
+        of ``conn``, or, with None, as committed)."""
+        run = self.db.read if conn is None else conn.execute
+        return {h for (h,) in run(
             "SELECT r.hash FROM json_each(?) AS j JOIN removals AS r ON r.hash = j.value",
             (json_list(hashes),))}
+
+    def tombstones_since(self, conn: Conn, hashes: Iterable[str],
+                         since: float) -> Set[CopyKey]:
+        """``(hash, host_name, url)`` of the copies of ``hashes`` deleted at or
+        after ``since`` (a removal that may have deleted an object sent meanwhile)."""
+        hashes = list(hashes)
+        if not hashes:
+            return set()
+        return {(h, host, url) for h, host, url in conn.execute(
+            "SELECT t.hash, t.host_name, t.url FROM json_each(?) AS j"
+            " JOIN tombstones AS t ON t.hash = j.value WHERE t.deleted >= ?",
+            (json_list(hashes), since))}
 
     # -- writes (inside a transaction) ------------------------------------------------
 

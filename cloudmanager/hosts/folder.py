@@ -268,12 +268,8 @@ class FolderHost(Host):
             while :attr:`require_marker` is set (nothing is written)
         :raises TransientHostError: if the copy failed
         """
-        return self._copy_in(local_path, name, self._before_write())
-
-    def _copy_in(self, local_path: PathLike, name: str, marked: bool) -> Location:
-        """Copy one file in as :meth:`upload` does, the root checked by the
-        caller (``marked``: whether it holds the marker already)."""
         dest = self._object_path(name)
+        marked = self._before_write()
         try:
             fsutil.copy_file(local_path, dest, self.fsync)
             if not marked:
@@ -289,9 +285,8 @@ class FolderHost(Host):
         With fsync, where Linux has ``syncfs``, every file is copied to its
         temp file first, one filesystem sync makes them all durable, they are
         renamed into place, and a second sync makes the renames durable: two
-        flushes for the batch instead of two per file. Otherwise each file
-        is copied as :meth:`upload` copies it. Either way the root (and its
-        marker) is checked once, for the batch.
+        flushes for the batch instead of two per file. Otherwise it is
+        :meth:`upload` file by file.
 
         :param items: ``[(local_path, name)]``
         :return: per item, in order: its :class:`Location`, or the
@@ -301,19 +296,12 @@ class FolderHost(Host):
             :class:`~cloudmanager.errors.HostUnavailableError`)
         :raises InvalidInputError: if a name is not a SHA-256 hex digest
         """
-        try:  # the root is checked once for the batch, as one operation
+        if not (self.fsync and fsutil.sync_filesystem_available()):
+            return super().upload_batch(items)
+        try:
             marked = self._before_write()
         except HostUnavailableError as exc:
             return [exc] * len(items)
-        if not (self.fsync and fsutil.sync_filesystem_available()):
-            copied: List[Union[Location, HostError]] = []
-            for local_path, name in items:
-                try:
-                    copied.append(self._copy_in(local_path, name, marked))
-                    marked = True  # the first copy wrote the marker
-                except HostError as exc:
-                    copied.append(exc)
-            return copied
         results: List[Union[Location, HostError, None]] = [None] * len(items)
         temps = {}  # index -> (temp, dest), until renamed
         try:
