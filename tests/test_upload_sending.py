@@ -8,40 +8,11 @@ import os
 
 import pytest
 
-from cloudmanager import CloudManager
 from cloudmanager.hosts.folder import FolderHost
 
 
 def sha(data):
     return hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def pool(tmp_path):
-    made = []
-
-    def make(hosts, name="node", capacity=1 << 20, **kw):
-        kw.setdefault("fsync", False)
-        cm = CloudManager(str(tmp_path / name / "db.sqlite3"), str(tmp_path / name / "cache"),
-                          capacity, hosts=hosts, **kw)
-        made.append(cm)
-        return cm
-
-    yield make
-    for cm in made:
-        cm.close()
-
-
-@pytest.fixture
-def src(tmp_path):
-    d = tmp_path / "src"
-    d.mkdir()
-
-    def write(name, data):
-        p = d / name
-        p.write_bytes(data)
-        return p
-    return write
 
 
 def consistent(cm, h, roots):
@@ -79,30 +50,30 @@ class HookHost(FolderHost):
         return loc
 
 
-def setup(tmp_path, pool, redundancy=1):
+def setup(tmp_path, make_pool, redundancy=1):
     root = tmp_path / "hosts" / "nas"
     root.mkdir(parents=True)
     host = HookHost(str(root), name="nas", fsync=False)
-    cm = pool([host], redundancy=redundancy)
+    cm = make_pool(hosts=[host], redundancy=redundancy)
     # Another process on the same node: same catalog, same cache, same host.
-    other = pool([FolderHost(str(root), name="nas", fsync=False)], redundancy=redundancy)
+    other = make_pool(hosts=[FolderHost(str(root), name="nas", fsync=False)], redundancy=redundancy)
     return root, host, cm, other
 
 
-def test_a_new_file_added_and_removed_elsewhere_while_sent_is_not_believed_held(pool, src, tmp_path):
+def test_a_new_file_added_and_removed_elsewhere_while_sent_is_not_believed_held(make_pool, write_file, tmp_path):
     """A (fresh to us) file another process uploads then removes while our
     batch is on its way: the removal deletes the object we had just sent
     (same name), our publish then records it good and protected."""
-    root, host, cm, other = setup(tmp_path, pool)
+    root, host, cm, other = setup(tmp_path, make_pool)
     data = b"file 0"
-    f0 = src("f0", data)
+    f0 = write_file("f0", data)
     h0 = sha(data)
 
     def meanwhile():
-        assert other.upload(src("g0", data)) == h0   # other process: add...
+        assert other.upload(write_file("g0", data)) == h0   # other process: add...
         other.remove(h0)                              # ...and remove it
     host.hook = meanwhile
-    digests = cm.upload_many([f0] + [src("f%d" % i, b"file %d" % i) for i in (1, 2)])
+    digests = cm.upload_many([f0] + [write_file("f%d" % i, b"file %d" % i) for i in (1, 2)])
     assert digests[0] == h0 and host.hook is None
     assert not (root / h0).exists()            # the host holds no copy
     # No good copy believed where the removal deleted it, and the cached
@@ -111,35 +82,35 @@ def test_a_new_file_added_and_removed_elsewhere_while_sent_is_not_believed_held(
     assert h0 in cm.db.queue.hashes()
 
 
-def test_a_new_file_removed_elsewhere_while_sent_still_comes_back(pool, src, tmp_path):
-    root, host, cm, other = setup(tmp_path, pool)
+def test_a_new_file_removed_elsewhere_while_sent_still_comes_back(make_pool, write_file, tmp_path):
+    root, host, cm, other = setup(tmp_path, make_pool)
     data = b"precious bytes"
     h0 = sha(data)
 
     def meanwhile():
-        other.upload(src("g0", data))
+        other.upload(write_file("g0", data))
         other.remove(h0)
     host.hook = meanwhile
-    assert cm.upload_many([src("f0", data), src("f1", b"x"), src("f2", b"y")])[0] == h0
+    assert cm.upload_many([write_file("f0", data), write_file("f1", b"x"), write_file("f2", b"y")])[0] == h0
     assert cm.evict(0) >= 1
     out = tmp_path / "out"
     got = cm.download(h0, str(out))   # upload_many returned h0: must come back
     assert got and out.read_bytes() == data, "file returned by upload_many is lost"
 
 
-def test_a_known_file_sent_again_and_removed_meanwhile_still_comes_back(pool, src, tmp_path):
+def test_a_known_file_sent_again_and_removed_meanwhile_still_comes_back(make_pool, write_file, tmp_path):
     """Known file whose copy on the host is condemned (missing): the batch
     sends it there again; another process removes the file meanwhile (it
     deletes the object under the recorded URL, ours); the publish records it
     good and protected."""
-    root, host, cm, other = setup(tmp_path, pool)
+    root, host, cm, other = setup(tmp_path, make_pool)
     data = b"known file"
-    h0 = cm.upload(src("f0", data))
+    h0 = cm.upload(write_file("f0", data))
     (root / h0).unlink()
     cm.verify()                                  # -> missing, pinned, queued
     assert cm.db.files.verified(h0) == 0
     host.hook = lambda: other.remove(h0)
-    assert cm.upload_many([src("f0b", data), src("f1", b"a"), src("f2", b"b")])[0] == h0
+    assert cm.upload_many([write_file("f0b", data), write_file("f1", b"a"), write_file("f2", b"b")])[0] == h0
     assert not (root / h0).exists()
     assert cm.evict(0) >= 1
     out = tmp_path / "out"
@@ -148,22 +119,22 @@ def test_a_known_file_sent_again_and_removed_meanwhile_still_comes_back(pool, sr
 
 
 def test_a_settled_file_removed_meanwhile_is_queued_when_added_again(
-        pool, src, tmp_path):
+        make_pool, write_file, tmp_path):
     """Known and at target when the batch starts (settled, not sent); removed
     by another process while the batch's other files are sent: the publish
     adds it again, pinned, with no copy, and takes it off the queue."""
-    root, host, cm, other = setup(tmp_path, pool)
+    root, host, cm, other = setup(tmp_path, make_pool)
     data = b"settled file"
-    h0 = cm.upload(src("f0", data))
+    h0 = cm.upload(write_file("f0", data))
     assert cm.db.files.verified(h0) == 1
     host.hook = lambda: other.remove(h0)
-    assert cm.upload_many([src("f0b", data), src("f1", b"a"), src("f2", b"b")])[0] == h0
+    assert cm.upload_many([write_file("f0b", data), write_file("f1", b"a"), write_file("f2", b"b")])[0] == h0
     assert cm.exists(h0)
     assert cm.db.files.verified(h0) == 0
     assert h0 in cm.db.queue.hashes(), "in the pool, no copy, pinned, not queued"
 
 
-def test_a_short_file_removed_meanwhile_counts_no_stale_holder(pool, src, tmp_path):
+def test_a_short_file_removed_meanwhile_counts_no_stale_holder(make_pool, write_file, tmp_path):
     """Redundancy 2: a known file with a copy on A only is sent to B; another
     process removes it meanwhile (A's copy deleted); the publish counts A as a
     holder still: 1 real copy of 2, not queued."""
@@ -173,73 +144,75 @@ def test_a_short_file_removed_meanwhile_counts_no_stale_holder(pool, src, tmp_pa
     b.mkdir(parents=True)
     ha = FolderHost(str(a), name="a", fsync=False)
     hb = HookHost(str(b), name="b", fsync=False)
-    cm = pool([ha, hb], redundancy=2)
-    other = pool([FolderHost(str(a), name="a", fsync=False),
+    cm = make_pool(hosts=[ha, hb], redundancy=2)
+    other = make_pool(hosts=[FolderHost(str(a), name="a", fsync=False),
                   FolderHost(str(b), name="b", fsync=False)], redundancy=2)
     data = b"short file"
     # one copy only: b is unusable at first
     os.rename(b, str(b) + ".off")
-    h0 = cm.upload(src("f0", data))
+    h0 = cm.upload(write_file("f0", data))
     os.rename(str(b) + ".off", b)
     assert cm.db.files.verified(h0) == 1
     hb.hook = lambda: other.remove(h0)
     cm.retry_hosts(["b"])
-    assert cm.upload_many([src("f0b", data), src("f1", b"a"), src("f2", b"b")])[0] == h0
+    assert cm.upload_many([write_file("f0b", data), write_file("f1", b"a"), write_file("f2", b"b")])[0] == h0
     assert hb.hook is None and (b / h0).exists() and not (a / h0).exists()
     assert h0 in cm.db.queue.hashes(), "1 of 2 copies and not queued"
 
 
 # -- the same scenarios, judged by the invariant alone ------------------------------
 
-def _fresh(pool, src, tmp_path):
-    root, host, cm, other = setup(tmp_path, pool)
+def _fresh(make_pool, write_file, tmp_path):
+    root, host, cm, other = setup(tmp_path, make_pool)
     data = b"precious bytes"
     h0 = sha(data)
 
     def meanwhile():
-        other.upload(src("g0", data))
+        other.upload(write_file("g0", data))
         other.remove(h0)
     host.hook = meanwhile
-    assert cm.upload_many([src("f0", data), src("f1", b"x"), src("f2", b"y")])[0] == h0
+    assert cm.upload_many([write_file("f0", data), write_file("f1", b"x"), write_file("f2", b"y")])[0] == h0
     return consistent(cm, h0, {"nas": str(root)})
 
 
-def _condemned(pool, src, tmp_path):
-    root, host, cm, other = setup(tmp_path, pool)
+def _condemned(make_pool, write_file, tmp_path):
+    root, host, cm, other = setup(tmp_path, make_pool)
     data = b"known file"
-    h0 = cm.upload(src("f0", data))
+    h0 = cm.upload(write_file("f0", data))
     (root / h0).unlink()
     cm.verify()
     host.hook = lambda: other.remove(h0)
-    assert cm.upload_many([src("f0b", data), src("f1", b"a"), src("f2", b"b")])[0] == h0
+    assert cm.upload_many([write_file("f0b", data), write_file("f1", b"a"), write_file("f2", b"b")])[0] == h0
     return consistent(cm, h0, {"nas": str(root)})
 
 
-def _settled(pool, src, tmp_path):
-    root, host, cm, other = setup(tmp_path, pool)
+def _settled(make_pool, write_file, tmp_path):
+    root, host, cm, other = setup(tmp_path, make_pool)
     data = b"settled file"
-    h0 = cm.upload(src("f0", data))
+    h0 = cm.upload(write_file("f0", data))
     host.hook = lambda: other.remove(h0)
-    assert cm.upload_many([src("f0b", data), src("f1", b"a"), src("f2", b"b")])[0] == h0
+    assert cm.upload_many([write_file("f0b", data), write_file("f1", b"a"), write_file("f2", b"b")])[0] == h0
     assert host.hook is None
     return consistent(cm, h0, {"nas": str(root)})
 
 
 @pytest.mark.parametrize("scenario", [_fresh, _condemned, _settled])
-def test_every_copy_believed_good_exists_and_a_short_file_is_queued(scenario, pool, src, tmp_path):
-    assert scenario(pool, src, tmp_path) in ("ok", "not in pool (removal won)")
+def test_every_copy_believed_good_exists_and_a_short_file_is_queued(scenario, make_pool,
+                                                                   write_file, tmp_path):
+    assert scenario(make_pool, write_file, tmp_path) in ("ok", "not in pool (removal won)")
 
 
-def test_an_interrupt_after_recording_leaves_no_lease_held(pool, src, tmp_path, monkeypatch):
+def test_an_interrupt_after_recording_leaves_no_lease_held(make_pool, write_file, tmp_path, monkeypatch):
     """record() notes the leases released (Replicator._released) inside the
     publish's transaction; an interrupt after it rolls the release back, and
     _leases' finally no longer releases them: they stay held until they run out."""
     from cloudmanager.db.cache_index import CacheIndex
     a = tmp_path / "hosts" / "a"
     a.mkdir(parents=True)
-    cm = pool([FolderHost(str(a), name="a", fsync=False),
-               "dir:%s" % (tmp_path / "hosts" / "missing")], redundancy=2)
-    h0 = cm.upload(src("f0", b"short one"))       # 1 of 2: known, short
+    cm = make_pool(hosts=[FolderHost(str(a), name="a", fsync=False),
+               "dir:%s" % (tmp_path / "hosts" / "missing")], redundancy=2,
+                   make_roots=False)
+    h0 = cm.upload(write_file("f0", b"short one"))       # 1 of 2: known, short
     assert cm.db.files.verified(h0) == 1
     real_put = CacheIndex.put
 
@@ -249,22 +222,22 @@ def test_an_interrupt_after_recording_leaves_no_lease_held(pool, src, tmp_path, 
         return real_put(self, conn, entries, when, new, cached_before)
     monkeypatch.setattr(CacheIndex, "put", put)
     with pytest.raises(KeyboardInterrupt):
-        cm.upload_many([src("f0b", b"short one"), src("f1", b"new one")])
+        cm.upload_many([write_file("f0b", b"short one"), write_file("f1", b"new one")])
     monkeypatch.setattr(CacheIndex, "put", real_put)
     rows = cm.db.connection.execute("SELECT hash, kind, owner FROM leases").fetchall()
     assert not rows, "leases left held after the interrupted publish"
 
 
-def test_duplicates_known_and_conflict_in_one_batch(pool, src, tmp_path):
+def test_duplicates_known_and_conflict_in_one_batch(make_pool, write_file, tmp_path):
     root = tmp_path / "hosts" / "nas"
     root.mkdir(parents=True)
-    cm = pool([FolderHost(str(root), name="nas", fsync=False)], redundancy=1)
-    hk = cm.upload(src("k", b"known complete"))
-    hc = cm.upload(src("c", b"conflicting"))
+    cm = make_pool(hosts=[FolderHost(str(root), name="nas", fsync=False)], redundancy=1)
+    hk = cm.upload(write_file("k", b"known complete"))
+    hc = cm.upload(write_file("c", b"conflicting"))
     cm.evict(0)                                  # known, not cached
     cm.db.connection.execute("UPDATE files SET size = 999 WHERE hash = ?", (hc,))
-    out = cm.upload_many([src("a", b"dup"), src("a2", b"dup"), src("k2", b"known complete"),
-                          src("c2", b"conflicting"), src("n", b"new")])
+    out = cm.upload_many([write_file("a", b"dup"), write_file("a2", b"dup"), write_file("k2", b"known complete"),
+                          write_file("c2", b"conflicting"), write_file("n", b"new")])
     assert out[0] == out[1] == sha(b"dup") and out[2] == hk and out[4] == sha(b"new")
     assert out[3] == hc and cm.db.files.get(hc).size == len(b"conflicting")  # corrected
     for h in (out[0], hk, hc, out[4]):
@@ -275,7 +248,7 @@ def test_duplicates_known_and_conflict_in_one_batch(pool, src, tmp_path):
     assert os.listdir(cm.cache.tmp_dir) == []
 
 
-def test_interrupt_during_sending_releases_leases(pool, src, tmp_path, monkeypatch):
+def test_interrupt_during_sending_releases_leases(make_pool, write_file, tmp_path, monkeypatch):
     a = tmp_path / "hosts" / "a"
     a.mkdir(parents=True)
 
@@ -292,8 +265,9 @@ def test_interrupt_during_sending_releases_leases(pool, src, tmp_path, monkeypat
                 raise KeyboardInterrupt
             return super().upload(p, n)
     host = Boom(str(a), name="a", fsync=False)
-    cm = pool([host, "dir:%s" % (tmp_path / "hosts" / "missing")], redundancy=2)
-    h0 = cm.upload(src("f0", b"short one"))
+    cm = make_pool(hosts=[host, "dir:%s" % (tmp_path / "hosts" / "missing")], redundancy=2,
+                   make_roots=False)
+    h0 = cm.upload(write_file("f0", b"short one"))
     from cloudmanager.replication import Replicator
     real = Replicator._send
 
@@ -302,15 +276,15 @@ def test_interrupt_during_sending_releases_leases(pool, src, tmp_path, monkeypat
         raise KeyboardInterrupt  # Ctrl-C in the main thread, the uploads made
     monkeypatch.setattr(Replicator, "_send", send)
     with pytest.raises(KeyboardInterrupt):
-        cm.upload_many([src("f0b", b"short one"), src("f1", b"new one")])
+        cm.upload_many([write_file("f0b", b"short one"), write_file("f1", b"new one")])
     assert cm.db.connection.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
     assert os.listdir(cm.cache.tmp_dir) == [] and cm.db.sessions.reserved_bytes() == 0
     assert not cm.exists(sha(b"new one")) and h0 in cm.db.queue.hashes()
 
 
-def test_a_settled_file_removed_meanwhile_leaves_check_clean(pool, src, tmp_path):
-    root, host, cm, other = setup(tmp_path, pool)
-    h0 = cm.upload(src("f0", b"settled file"))
+def test_a_settled_file_removed_meanwhile_leaves_check_clean(make_pool, write_file, tmp_path):
+    root, host, cm, other = setup(tmp_path, make_pool)
+    h0 = cm.upload(write_file("f0", b"settled file"))
     host.hook = lambda: other.remove(h0)
-    cm.upload_many([src("f0b", b"settled file"), src("f1", b"a"), src("f2", b"b")])
+    cm.upload_many([write_file("f0b", b"settled file"), write_file("f1", b"a"), write_file("f2", b"b")])
     assert cm.check()["unprotected"] == [], cm.check()["unprotected"]
