@@ -202,16 +202,17 @@ def test_every_copy_believed_good_exists_and_a_short_file_is_queued(scenario, ma
     assert scenario(make_pool, write_file, tmp_path) in ("ok", "not in pool (removal won)")
 
 
-def test_an_interrupt_after_recording_leaves_no_lease_held(make_pool, write_file, tmp_path, monkeypatch):
-    """record() notes the leases released (Replicator._released) inside the
-    publish's transaction; an interrupt after it rolls the release back, and
-    _leases' finally no longer releases them: they stay held until they run out."""
+def test_an_interrupt_after_recording_leaves_no_lease_held(make_pool, write_file, tmp_path,
+                                                           monkeypatch):
+    """record() releases the leases inside the publish's transaction; an
+    interrupt after it rolls that back with the rest, so they are released
+    when the sending ends, not left to run out."""
     from cloudmanager.db.cache_index import CacheIndex
     a = tmp_path / "hosts" / "a"
     a.mkdir(parents=True)
     cm = make_pool(hosts=[FolderHost(str(a), name="a", fsync=False),
-               "dir:%s" % (tmp_path / "hosts" / "missing")], redundancy=2,
-                   make_roots=False)
+                          "dir:%s" % (tmp_path / "hosts" / "missing")],
+                   redundancy=2, make_roots=False)
     h0 = cm.upload(write_file("f0", b"short one"))       # 1 of 2: known, short
     assert cm.db.files.verified(h0) == 1
     real_put = CacheIndex.put
