@@ -61,9 +61,9 @@ def setup(tmp_path, make_pool, redundancy=1):
 
 
 def test_a_new_file_added_and_removed_elsewhere_while_sent_is_not_believed_held(make_pool, write_file, tmp_path):
-    """A (fresh to us) file another process uploads then removes while our
+    """A file new to us that another process uploads then removes while our
     batch is on its way: the removal deletes the object we had just sent
-    (same name), our publish then records it good and protected."""
+    (same name), so the publish must not record it good nor protect it."""
     root, host, cm, other = setup(tmp_path, make_pool)
     data = b"file 0"
     f0 = write_file("f0", data)
@@ -99,10 +99,10 @@ def test_a_new_file_removed_elsewhere_while_sent_still_comes_back(make_pool, wri
 
 
 def test_a_known_file_sent_again_and_removed_meanwhile_still_comes_back(make_pool, write_file, tmp_path):
-    """Known file whose copy on the host is condemned (missing): the batch
+    """A known file whose copy on the host is condemned (missing): the batch
     sends it there again; another process removes the file meanwhile (it
-    deletes the object under the recorded URL, ours); the publish records it
-    good and protected."""
+    deletes the object under the recorded URL, ours). The file returned must
+    still come back after an eviction."""
     root, host, cm, other = setup(tmp_path, make_pool)
     data = b"known file"
     h0 = cm.upload(write_file("f0", data))
@@ -122,7 +122,7 @@ def test_a_settled_file_removed_meanwhile_is_queued_when_added_again(
         make_pool, write_file, tmp_path):
     """Known and at target when the batch starts (settled, not sent); removed
     by another process while the batch's other files are sent: the publish
-    adds it again, pinned, with no copy, and takes it off the queue."""
+    adds it again, pinned, with no copy, so it must be queued."""
     root, host, cm, other = setup(tmp_path, make_pool)
     data = b"settled file"
     h0 = cm.upload(write_file("f0", data))
@@ -136,8 +136,8 @@ def test_a_settled_file_removed_meanwhile_is_queued_when_added_again(
 
 def test_a_short_file_removed_meanwhile_counts_no_stale_holder(make_pool, write_file, tmp_path):
     """Redundancy 2: a known file with a copy on A only is sent to B; another
-    process removes it meanwhile (A's copy deleted); the publish counts A as a
-    holder still: 1 real copy of 2, not queued."""
+    process removes it meanwhile (A's copy deleted). The publish must not
+    count A as a holder: the file is short and queued."""
     a = tmp_path / "hosts" / "a"
     b = tmp_path / "hosts" / "b"
     a.mkdir(parents=True)
