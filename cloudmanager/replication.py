@@ -647,8 +647,11 @@ class Replicator:
         hashes = list(files)
         with self.locks.hold(hashes):
             started = time.time()
-            removing_then = self.db.copies.removing(None, hashes)
+            # The states first: a removal that commits between the two reads
+            # is then either seen here in progress (it ends only once its
+            # deletes returned) or makes the publish insert a known file anew.
             states = self.db.copies.replication_states(hashes)
+            removing_then = self.db.copies.removing(None, hashes)
             with self._leases("replicate", [h for h in hashes if h in states]) as leased:
                 mine = set(leased)
                 jobs, plans, settled = [], [], []

@@ -4,7 +4,9 @@ meanwhile (a removal of the same bytes) must not make the pool believe in a
 copy that is gone. Real pools on one SQLite file, real folder hosts; a host
 subclass runs the other process's steps right after it took the batch."""
 import hashlib
+import json
 import os
+import time
 
 import pytest
 
@@ -289,3 +291,58 @@ def test_a_settled_file_removed_meanwhile_leaves_check_clean(make_pool, write_fi
     host.hook = lambda: other.remove(h0)
     cm.upload_many([write_file("f0b", b"settled file"), write_file("f1", b"a"), write_file("f2", b"b")])
     assert cm.check()["unprotected"] == [], cm.check()["unprotected"]
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["tombstone-now", "tombstone-old"])
+def test_a_removal_written_between_the_sendings_reads_is_not_missed(make_pool, write_file,
+                                                                  tmp_path, stale,
+                                                                  monkeypatch):
+    """Another process's removal commits its first transaction (begin, tombstones,
+    forget) just as the sending reads the files' states, and deletes the host's
+    object after our upload, ending before our publish. Its tombstones may carry
+    an old time (a remover that waited on its lock): the file must still not be
+    believed held."""
+    root, host, cm, other = setup(tmp_path, make_pool)
+    data = b"X bytes"
+    h = sha(data)
+    assert other.upload(write_file("g", data)) == h
+    replication = cm.pool.replication
+    real_states = replication.db.copies.replication_states
+    when = 1000.0 if stale else time.time()
+
+    def states_then_removal_begins(hashes):
+        found = real_states(hashes)
+        db = other.db
+        with db.catalog.transaction() as conn:
+            db.copies.begin_removal(conn, h, "node:p3", when)
+            db.copies.record_deleted(conn, [(h, "nas", u["url"])
+                                            for u in other.status(h)["uploads"]], when)
+            db.files.forget(conn, h)
+            db.cache_index.forget(conn, [h])
+        return found
+    monkeypatch.setattr(replication.db.copies, "replication_states", states_then_removal_begins)
+
+    def removal_deletes_and_ends():
+        os.remove(root / h)
+        with other.db.catalog.transaction() as conn:
+            other.db.copies.end_removals(conn, [h])
+    host.hook = removal_deletes_and_ends
+    cm.upload_many([write_file("f", data), write_file("f1", b"other 1")])
+    assert consistent(cm, h, {"nas": str(root)}) in ("ok", "not in pool (removal won)")
+
+
+def test_a_known_file_no_host_takes_stays_queued(make_pool, write_file, tmp_path):
+    """A file the pool knows with no good copy (learned from another node's
+    records) that the batch cannot send anywhere stays queued, pending here."""
+    down = tmp_path / "hosts" / "down"
+    down.parent.mkdir(parents=True, exist_ok=True)
+    down.write_text("a file where the folder should be")  # every upload to it fails
+    cm = make_pool(hosts=["dir:%s" % down], redundancy=1, make_roots=False)
+    data = b"known from a record"
+    h = sha(data)
+    cm.data_load(json.dumps([{"version": "0.2", "datetime": "1700000000", "filename": "k",
+                              "filesize": str(len(data)), "filehash": h, "uploads": []}]))
+    assert cm.exists(h) and h not in cm.db.queue.hashes()
+    assert cm.upload_many([write_file("k", data)]) == [h]
+    assert h in cm.db.queue.hashes()
+    assert cm.evict(0) == 0  # pinned: no host holds it

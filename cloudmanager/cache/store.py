@@ -754,7 +754,12 @@ class CacheStore:
                 done[file_hash] = size
             self.db.files.insert(conn, new_rows)
             if record is not None:  # the copies made meanwhile, and what they protect
-                sent = record(conn, set(done), {r[0] for r in new_rows})
+                inserted = {r[0] for r in new_rows}
+                # Known files no copy protects are queued as without `record`
+                # (which takes off the queue those it brings to their target).
+                if self.queue is not None:
+                    self.queue(conn, [h for h in to_queue if h not in inserted], now)
+                sent = record(conn, set(done), inserted)
                 new_entries = [(h, size, h in sent) for h, size, _ in new_entries]
                 entries = [(h, size, held or h in sent) for h, size, held in entries]
                 if sent & touched:  # cached already, short: their rows exist
