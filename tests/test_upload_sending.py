@@ -294,12 +294,12 @@ def test_a_settled_file_removed_meanwhile_leaves_check_clean(make_pool, write_fi
 
 
 @pytest.mark.parametrize("stale", [False, True], ids=["tombstone-now", "tombstone-old"])
-def test_a_removal_written_between_the_sendings_reads_is_not_missed(make_pool, write_file,
-                                                                  tmp_path, stale,
-                                                                  monkeypatch):
+def test_a_removal_begun_as_the_sending_starts_is_not_missed(make_pool, write_file,
+                                                             tmp_path, stale, monkeypatch):
     """Another process's removal commits its first transaction (begin, tombstones,
-    forget) just as the sending reads the files' states, and deletes the host's
-    object after our upload, ending before our publish. Its tombstones may carry
+    forget) just before the sending reads the files' states (the file looks
+    new), and deletes the host's object after our upload, ending before our
+    publish. Its tombstones may carry
     an old time (a remover that waited on its lock): the file must still not be
     believed held."""
     root, host, cm, other = setup(tmp_path, make_pool)
@@ -310,8 +310,7 @@ def test_a_removal_written_between_the_sendings_reads_is_not_missed(make_pool, w
     real_states = replication.db.copies.replication_states
     when = 1000.0 if stale else time.time()
 
-    def states_then_removal_begins(hashes):
-        found = real_states(hashes)
+    def removal_begins_then_states(hashes):
         db = other.db
         with db.catalog.transaction() as conn:
             db.copies.begin_removal(conn, h, "node:p3", when)
@@ -319,8 +318,8 @@ def test_a_removal_written_between_the_sendings_reads_is_not_missed(make_pool, w
                                             for u in other.status(h)["uploads"]], when)
             db.files.forget(conn, h)
             db.cache_index.forget(conn, [h])
-        return found
-    monkeypatch.setattr(replication.db.copies, "replication_states", states_then_removal_begins)
+        return real_states(hashes)
+    monkeypatch.setattr(replication.db.copies, "replication_states", removal_begins_then_states)
 
     def removal_deletes_and_ends():
         os.remove(root / h)
@@ -331,13 +330,11 @@ def test_a_removal_written_between_the_sendings_reads_is_not_missed(make_pool, w
     assert consistent(cm, h, {"nas": str(root)}) in ("ok", "not in pool (removal won)")
 
 
-def test_a_known_file_no_host_takes_stays_queued(make_pool, write_file, tmp_path):
+def test_a_known_file_sent_nowhere_stays_queued(make_pool, write_file):
     """A file the pool knows with no good copy (learned from another node's
-    records) that the batch cannot send anywhere stays queued, pending here."""
-    down = tmp_path / "hosts" / "down"
-    down.parent.mkdir(parents=True, exist_ok=True)
-    down.write_text("a file where the folder should be")  # every upload to it fails
-    cm = make_pool(hosts=["dir:%s" % down], redundancy=1, make_roots=False)
+    records) that the batch sends nowhere (no host is configured yet) stays
+    queued, pending here."""
+    cm = make_pool(hosts=[], redundancy=1)
     data = b"known from a record"
     h = sha(data)
     cm.data_load(json.dumps([{"version": "0.2", "datetime": "1700000000", "filename": "k",
