@@ -1327,8 +1327,10 @@ class Replicator:
         """
         deleted: List[Tuple[str, str]] = []
         kept: List[Tuple[str, str]] = []
-        now = time.time()
         with self.locks.hold([file_hash]):
+            # Taken once the lock is had: the removal's rows and tombstones say
+            # when it began, not when it started waiting (see :meth:`sending`).
+            now = time.time()
             rows = [r for r in self.db.copies.of(file_hash) if r.url and r.state != "deleted"]
             ours, foreign, undeletable = [], [], []
             for row in rows:

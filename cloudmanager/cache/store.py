@@ -615,8 +615,8 @@ class CacheStore:
             files are streamed (small ones are read in one go)
         :param send: see :data:`Send`: the files go to the hosts from their
             temp files before they are published, and their copies are
-            recorded in the publish's transaction (``queue`` and ``lease``
-            are then unused)
+            recorded in the publish's transaction (no lease is taken, and
+            only known files no copy protects are queued first)
         :return: a list, one entry per source in order: ``(hash, size)``, or
             the exception (:class:`OSError`, :class:`CacheError`) that
             stopped that file; the others are ingested all the same
