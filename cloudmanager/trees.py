@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import stat
 import tempfile
@@ -89,7 +90,21 @@ _DEVICES = frozenset(["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
                      + ["COM%d" % n for n in range(10)] + ["LPT%d" % n for n in range(10)]
                      + ["COM\u00b9", "COM\u00b2", "COM\u00b3", "LPT\u00b9", "LPT\u00b2",
                         "LPT\u00b3"])
+#: A path plainly safe: ASCII components of letters, digits and ``_+-.``, not
+#: starting with a dot, none a device name. ASCII, so its length in
+#: characters is its length in bytes. Any other path is checked part by part
+#: (a test checks that the two agree).
+_PLAIN_COMPONENT = (r"(?!(?i:con|prn|aux|nul|com[0-9]|lpt[0-9])(?:[./]|\Z))"
+                    r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,%d}" % (MAX_COMPONENT_BYTES - 1))
+_PLAIN_PATH = re.compile(r"%s(?:/%s)*\Z" % (_PLAIN_COMPONENT, _PLAIN_COMPONENT)).match
+#: A manifest and an entry as canonical JSON: keys sorted, no spaces.
+_MANIFEST_JSON = '{"entries":[%s],"format":%s,"version":%d}\n'
+_ENTRY_JSON = '{"hash":"%s","mode":%d,"mtime_ns":%d,"path":%s,"size":%d}'
+#: A string as JSON with ensure_ascii=False (quoted, escaped), as json.dumps does it.
+_json_string = json.encoder.encode_basestring
 _ENTRY_KEYS = frozenset(["path", "hash", "size", "mode", "mtime_ns"])
+#: A hash as a manifest holds it (anything else is checked slowly, for the reason).
+_LOWERCASE_HASH = re.compile(r"[0-9a-f]{64}\Z").match
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
@@ -150,6 +165,8 @@ def check_path(path: Any) -> str:
     :return: ``path``
     :raises UnsafePathError: naming the path and why
     """
+    if isinstance(path, str) and len(path) <= MAX_PATH_BYTES and _PLAIN_PATH(path):
+        return path  # the common case, in one match; the rest is what it refuses
     if not isinstance(path, str):
         raise UnsafePathError(path, "not a string")
     if not path:
@@ -195,16 +212,28 @@ def _entry(item: Any, index: int) -> TreeEntry:
     if item.keys() != _ENTRY_KEYS:
         raise TreeError("entry %r: fields must be exactly %s (got %s)"
                         % (path, ", ".join(sorted(_ENTRY_KEYS)), ", ".join(sorted(item))))
-    try:
-        file_hash = check_hash(item["hash"])
-    except InvalidInputError as exc:
-        raise TreeError("entry %r: %s" % (path, exc)) from None
-    if file_hash != item["hash"]:
-        raise TreeError("entry %r: the hash must be lowercase" % path)
-    return TreeEntry(path, file_hash,
-                     _check_int(item["size"], "size", path, 0, 2**63 - 1),
-                     _check_int(item["mode"], "mode", path, 0, 0o777),
-                     _check_int(item["mtime_ns"], "mtime_ns", path, -2**63, 2**63 - 1))
+    return _checked_fields(TreeEntry(path, item["hash"], item["size"], item["mode"],
+                                     item["mtime_ns"]))
+
+
+def _checked_fields(e: TreeEntry) -> TreeEntry:
+    """``e``, its hash, size, mode and mtime checked (its path already is)."""
+    if not (isinstance(e.hash, str) and _LOWERCASE_HASH(e.hash)):
+        try:
+            file_hash = check_hash(e.hash)
+        except InvalidInputError as exc:
+            raise TreeError("entry %r: %s" % (e.path, exc)) from None
+        if file_hash != e.hash:
+            raise TreeError("entry %r: the hash must be lowercase" % e.path)
+    # type() is int: plain ints pass here, anything else (a bool too) is
+    # checked again for the reason.
+    if not (type(e.size) is int and 0 <= e.size < 2**63):
+        _check_int(e.size, "size", e.path, 0, 2**63 - 1)
+    if not (type(e.mode) is int and 0 <= e.mode <= 0o777):
+        _check_int(e.mode, "mode", e.path, 0, 0o777)
+    if not (type(e.mtime_ns) is int and -2**63 <= e.mtime_ns < 2**63):
+        _check_int(e.mtime_ns, "mtime_ns", e.path, -2**63, 2**63 - 1)
+    return e
 
 
 def encode(entries: Iterable[TreeEntry]) -> bytes:
@@ -218,12 +247,15 @@ def encode(entries: Iterable[TreeEntry]) -> bytes:
     """
     ordered = sorted(entries, key=lambda e: e.path)
     _check_layout(ordered)
-    items = [e._asdict() for e in ordered]
-    for index, item in enumerate(items):  # each checked as decode() will read it
-        _entry(item, index)
-    document = {"format": FORMAT, "version": VERSION, "entries": items}
-    return json.dumps(document, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8") + b"\n"
+    parts = []
+    for e in ordered:  # each checked as decode() will read it
+        check_path(e.path)
+        _checked_fields(e)
+        # As json.dumps(sort_keys=True, ensure_ascii=False) writes it (a test
+        # holds the two equal), without a dict per entry: the hash is
+        # lowercase hex and the rest are integers, so only the path is escaped.
+        parts.append(_ENTRY_JSON % (e.hash, e.mode, e.mtime_ns, _json_string(e.path), e.size))
+    return (_MANIFEST_JSON % (",".join(parts), _json_string(FORMAT), VERSION)).encode("utf-8")
 
 
 def decode(data: bytes) -> List[TreeEntry]:
@@ -262,12 +294,16 @@ def _check_layout(entries: Sequence[TreeEntry]) -> None:
         if e.path in files:
             raise UnsafePathError(e.path, "listed twice")
         files.add(e.path)
+    directories = set()  # checked already, with every directory above it
     for e in entries:
-        parts = e.path.split("/")
-        for depth in range(1, len(parts)):
-            parent = "/".join(parts[:depth])
+        parent = e.path
+        while "/" in parent:
+            parent = parent[:parent.rindex("/")]
+            if parent in directories:
+                break
             if parent in files:
                 raise UnsafePathError(e.path, "%r is a file in the same tree" % parent)
+            directories.add(parent)
 
 
 # -- making trees ---------------------------------------------------------------------
@@ -302,8 +338,9 @@ def entries_for(root: Union[str, os.PathLike[str]],
     below = root.rstrip(os.sep) + os.sep
     out = []
     for f, file_hash in files:
-        # walk() gives normalised absolute paths: slicing spares relpath's work.
-        if f.path.startswith(below) and os.path.normpath(f.path) == f.path:
+        # walk() gives absolute paths: slicing spares relpath's work. A path
+        # that is not normalised keeps a "." or ".." that encode() refuses.
+        if f.path.startswith(below):
             relative = f.path[len(below):]
         else:
             relative = os.path.relpath(f.path, root)

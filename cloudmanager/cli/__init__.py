@@ -20,6 +20,8 @@ modules to keep it so):
   (dump, load), :mod:`.migrate` (migrate), :mod:`.legacy` (import-legacy).
 """
 
+import gc
+
 import click
 
 from .. import __version__
@@ -109,4 +111,8 @@ del module, command
 
 def main(argv=None):
     """Entry point of the ``cm`` console script."""
+    # A cm process runs one command: what the imports built lives until it
+    # exits, so the collector's full passes need not walk it again (one such
+    # pass over 10,000 files' objects took 10-19 ms).
+    gc.freeze()
     cli.main(args=argv, prog_name="cm")

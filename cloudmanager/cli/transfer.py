@@ -153,15 +153,21 @@ def record_trees(cm, paths, files, results, problems, defer=None):
             continue
         root = os.path.abspath(given)
         below = root.rstrip(os.sep) + os.sep
-        mine = [f for f in files if f.path.startswith(below)]
-        failed = [f.path for f in mine if not results[f.path][0]]
+        uploaded, failed = [], []
+        for f in files:
+            if f.path.startswith(below):
+                file_hash = results[f.path][0]
+                if file_hash:
+                    uploaded.append((f, file_hash))
+                else:
+                    failed.append(f.path)
         failed += [path for path, _ in problems if path.startswith(below)]
         if failed:
             click.echo("cm: no tree recorded for %s: %d of its files were not uploaded"
                        % (given, len(failed)), err=True)
             trees.append((given, None))
             continue
-        tree = cm.record_tree(root, [(f, results[f.path][0]) for f in mine], defer=defer)
+        tree = cm.record_tree(root, uploaded, defer=defer)
         trees.append((given, tree or None))
     return trees
 

@@ -175,7 +175,7 @@ class Files:
         found: Dict[str, int] = {}
         hashes = list(dict.fromkeys(hashes))
         for start in range(0, len(hashes), batch):
-            found.update((h, size) for h, size in self.db.read(
+            found.update(self.db.read(  # (hash, size) rows
                 "SELECT f.hash, f.size FROM json_each(?) AS j JOIN files AS f"
                 " ON f.hash = j.value", (json_list(hashes[start:start + batch]),)))
         return found

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloudmanager import CloudManager, serializers, validation
-from cloudmanager.errors import InvalidInputError
+from cloudmanager import CloudManager, serializers, trees, validation
+from cloudmanager.errors import InvalidInputError, TreeError, UnsafePathError
 from cloudmanager.hosts.memory import MemoryHost
 from cloudmanager.validation import safe_basename
 from reliability.figures import FUZZ, add
@@ -161,3 +161,59 @@ def test_check_url_fast_path_agrees_with_the_full_parse(url, schemes):
         assert verdict() == fast  # every URL parsed in full
     finally:
         validation._PLAIN_URL = plain
+
+
+_path_part = st.one_of(
+    st.sampled_from(["a", "b.txt", ".", "..", "", "CON", "con.txt", "Nul", "nul.", "com1", "COM1.x",
+                     "lpt9", "lpt10", "CONIN$", "aux ", "x" * 255, "y" * 256, ".hidden", "a b",
+                     "é", "C:", "a\\\\b", "-n", "+", "9"]),
+    st.text(st.characters(codec="utf-8", blacklist_characters="/"), max_size=8),
+    st.text("abcnNuUlLoO1239._-+ $:", max_size=6))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(_path_part, min_size=1, max_size=5).map("/".join)
+       | st.sampled_from(["/a", "a//b", "a/", "x" * 4097, "/".join(["x" * 255] * 17)]))
+def test_check_path_fast_path_agrees_with_the_part_by_part_check(path):
+    add(FUZZ)
+
+    def verdict():
+        try:
+            return trees.check_path(path)
+        except UnsafePathError as exc:
+            return str(exc)
+
+    fast = verdict()
+    plain, trees._PLAIN_PATH = trees._PLAIN_PATH, re.compile(r"(?!)").match  # never matches
+    try:
+        assert verdict() == fast  # every path checked part by part
+    finally:
+        trees._PLAIN_PATH = plain
+
+
+def _reference_manifest(entries):
+    """A manifest as json.dumps writes it: what trees.encode must match byte for byte."""
+    items = [e._asdict() for e in sorted(entries, key=lambda e: e.path)]
+    return json.dumps({"format": trees.FORMAT, "version": trees.VERSION, "entries": items},
+                      sort_keys=True, separators=(",", ":"), ensure_ascii=False
+                      ).encode("utf-8") + b"\n"
+
+
+_tree_entry = st.builds(
+    trees.TreeEntry,
+    path=st.lists(_path_part, min_size=1, max_size=3).map("/".join),
+    hash=st.text("0123456789abcdef", min_size=64, max_size=64),
+    size=st.integers(0, 2**63 - 1), mode=st.integers(0, 0o777),
+    mtime_ns=st.integers(-2**63, 2**63 - 1))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_tree_entry, max_size=6, unique_by=lambda e: e.path))
+def test_a_manifest_is_written_as_json_dumps_writes_it(entries):
+    add(FUZZ)
+    try:
+        encoded = trees.encode(entries)
+    except (UnsafePathError, TreeError):
+        return  # refused: a bad path, or a file where a directory is
+    assert encoded == _reference_manifest(entries)
+    assert trees.decode(encoded) == sorted(entries, key=lambda e: e.path)
