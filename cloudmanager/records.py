@@ -236,15 +236,19 @@ class RecordStore:
         # few places many times). For the warning below, nothing else.
         reached: Dict[Tuple[str, str], bool] = {}
         for record in batch:
-            copies = [(h, u) for h, u, error in record.uploads if not error]
-            if not copies:
-                continue
-            places = [(h, u.rsplit("/", 1)[0], u) for h, u in copies]
-            for host_name, directory, url in places:
-                if (host_name, directory) not in reached:
-                    reached[(host_name, directory)] = self.engine.reaches([(host_name, url)])
-            if not any(reached[(h, d)] for h, d, _ in places):
-                unreachable.update({h for h, _ in copies})
+            hosts = set()  # of its copies, while none is reached
+            for host_name, url, error in record.uploads:
+                if error:
+                    continue
+                place = (host_name, url.rsplit("/", 1)[0])
+                can = reached.get(place)
+                if can is None:
+                    can = reached[place] = self.engine.reaches([(host_name, url)])
+                if can:
+                    break
+                hosts.add(host_name)
+            else:
+                unreachable.update(hosts)
         return changed
 
 

@@ -21,6 +21,8 @@ _UNPUBLISHED = "NOT EXISTS (SELECT 1 FROM published AS p WHERE p.hash = f.hash)"
 
 #: The object columns of a copy that holds the plaintext itself.
 _PLAINTEXT = ("", -1, "")
+#: A record's encrypted objects when it has none (read only).
+_NO_OBJECTS: Dict[Tuple[str, str], Tuple[str, int, str]] = {}
 
 
 class StoredRecord(NamedTuple):
@@ -184,7 +186,7 @@ class Records:
                 else:
                     did = False
                 objects = {(o[0], o[1]): tuple(o[2:]) for o in rec.objects} \
-                    if getattr(rec, "objects", None) else {}
+                    if getattr(rec, "objects", None) else _NO_OBJECTS
                 claimed_hosts: Set[str] = set()
                 adding = new_uploads if fresh else older
                 for host_name, url, error in rec.uploads:
@@ -196,8 +198,8 @@ class Records:
                         else:
                             state = "claimed"
                             claimed_hosts.add(host_name)
-                        adding.append(key + (state, rec.datetime)
-                                      + objects.get((host_name, url), _PLAINTEXT))
+                        adding.append((rec.hash, host_name, url, state, rec.datetime,
+                                       *objects.get((host_name, url), _PLAINTEXT)))
                         did = True
                 if fresh:
                     new_files.append((rec.hash, rec.filename, rec.size, rec.datetime,
