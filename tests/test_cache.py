@@ -238,6 +238,25 @@ def test_reservations_count_against_capacity(make_store, src, db):
     assert total() == 0
 
 
+def test_a_reservation_id_given_again_never_gives_a_temp_name_again(make_store):
+    """SQLite gives a released row's id to the next reservation (the table
+    keeps no AUTOINCREMENT sequence): temp names come from the session's own
+    count, so a name is never used twice in a session."""
+    store = make_store(300)
+    with store.reserve(10) as first:
+        pass
+    with store.reserve(10) as second:
+        pass
+    rooms = store.batch_rooms([5, 5])
+    rooms.close()
+    later = store.batch_rooms([5, 5])
+    later.close()
+    assert second.id == first.id and later.id == rooms.id  # the ids came again
+    names = [first.temp, second.temp] + [s.temp for s in rooms.shares + later.shares]
+    assert len(set(names)) == len(names) == 6
+    assert all(os.path.dirname(n) == store.tmp_dir for n in names)
+
+
 def test_a_reservation_outside_a_block_holds_until_released_from_any_thread(make_store, src,
                                                                             db):
     """The engine hands a download attempt's room to the call it gave up on,

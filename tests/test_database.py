@@ -559,6 +559,7 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
     conn.execute("INSERT INTO uploads (hash, host_name, url, verified, time)"
                  " VALUES (?, 'h', 'http://x.example/1', 1, 1)", ("a" * 64,))
     conn.execute("INSERT INTO host_health (host_name, successes, latency_ms) VALUES ('h', 4, 9.5)")
+    conn.execute("INSERT INTO reservations (id, owner, size, created) VALUES (41, 'n:1:t', 9, 1.0)")
     # A cached file with a bad copy, a failed upload and another node's claim;
     # a pinned file that is not cached.
     b, c = "b" * 64, "c" * 64
@@ -574,7 +575,7 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
 
     db = FileDatabase(path)
     try:
-        assert db.schema_version() == SCHEMA_VERSION == 7
+        assert db.schema_version() == SCHEMA_VERSION == 8
         assert db.files.copies("a" * 64) == 1
         assert db.files.verified("a" * 64) == 1
         # v4: each copy's state from its old flags; the counts are the same.
@@ -634,6 +635,12 @@ def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path):
         with db.transaction() as tx:
             db.files.forget(tx, c)
         assert db.trees.get(c) is None
+        # v8: reservations keep their rows in flight, and no AUTOINCREMENT.
+        assert db.connection.execute("SELECT id, owner, size FROM reservations").fetchall() \
+            == [(41, "n:1:t", 9)]
+        table = db.connection.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'reservations'").fetchone()[0]
+        assert "AUTOINCREMENT" not in table.upper()
     finally:
         db.close()
 

@@ -4,15 +4,17 @@ Under the storage directory::
 
     ab/abcdef...                    a cached file, named by its SHA-256, in the
                                     shard named by the hash's first two digits
-    tmp/<token>-<id>.tmp            the temp file of reservation <id>
-    tmp/<token>-<id>-<k>.tmp        item <k> of a batch reservation
-    tmp/<token>-<id>.tmp.<rnd>.tmp  a download attempt beside the reservation's
+    tmp/<token>-<n>.tmp             the temp file of the session's reservation <n>
+    tmp/<token>-<n>-<k>.tmp         item <k> of a batch reservation
+    tmp/<token>-<n>.tmp.<rnd>.tmp   a download attempt beside the reservation's
 
 ``<token>`` is the session's (the last part of its ``sessions.owner``), so
 every temp name starts with the token of the session that wrote it
 (:func:`temp_token`): repair removes a dead session's temp files and never a
-live one's. Every other module asks this one for a shard path or a temp name
-(a test walks their AST).
+live one's. ``<n>`` is a number the session counts up from 1 for each
+reservation, so no name comes twice in a session (not the reservation's row
+id, which SQLite may give again once the row is gone). Every other module
+asks this one for a shard path or a temp name (a test walks their AST).
 
 Anyone who can write into the storage directory can put a symlink where a
 shard, the temp directory or a cached file should be. Walks and deletes here
@@ -68,22 +70,22 @@ def relpath(file_hash: str) -> str:
     return os.path.join(shard_of(file_hash), file_hash)
 
 
-def reservation_temp_name(token: str, reservation_id: int) -> str:
-    """The temp file name of a session's reservation.
+def reservation_temp_name(token: str, number: int) -> str:
+    """The temp file name of a session's reservation ``number``.
 
     >>> reservation_temp_name("0123abcd", 7)
     '0123abcd-7.tmp'
     """
-    return "%s-%d%s" % (token, reservation_id, _TEMP_SUFFIX)
+    return "%s-%d%s" % (token, number, _TEMP_SUFFIX)
 
 
-def batch_temp_name(token: str, reservation_id: int, item: int) -> str:
-    """The temp file name of item ``item`` of a batch reservation.
+def batch_temp_name(token: str, number: int, item: int) -> str:
+    """The temp file name of item ``item`` of a session's batch reservation ``number``.
 
     >>> batch_temp_name("0123abcd", 7, 2)
     '0123abcd-7-2.tmp'
     """
-    return "%s-%d-%d%s" % (token, reservation_id, item, _TEMP_SUFFIX)
+    return "%s-%d-%d%s" % (token, number, item, _TEMP_SUFFIX)
 
 
 def download_prefix(dest_path: str) -> str:
@@ -177,13 +179,13 @@ class Layout:
         """The shard directory a hash's file lives in."""
         return self._root_sep + shard_of(file_hash)
 
-    def reservation_temp(self, token: str, reservation_id: int) -> str:
+    def reservation_temp(self, token: str, number: int) -> str:
         """The temp file path of a reservation (:func:`reservation_temp_name`)."""
-        return os.path.join(self.tmp_dir, reservation_temp_name(token, reservation_id))
+        return os.path.join(self.tmp_dir, reservation_temp_name(token, number))
 
-    def batch_temp(self, token: str, reservation_id: int, item: int) -> str:
+    def batch_temp(self, token: str, number: int, item: int) -> str:
         """The temp file path of a batch item (:func:`batch_temp_name`)."""
-        return self._tmp_sep + batch_temp_name(token, reservation_id, item)
+        return self._tmp_sep + batch_temp_name(token, number, item)
 
     # -- the directories -------------------------------------------------------
 

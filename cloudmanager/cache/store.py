@@ -22,6 +22,7 @@ and reconciles.
 import contextlib
 import functools
 import logging
+import itertools
 import os
 import tempfile
 import threading
@@ -110,6 +111,9 @@ class CacheStore:
         #: several nodes); sessions' owner names start with it.
         self.node_id = db.sessions.node_id()
         self.token = fsutil.random_hex(8)
+        # Numbers the temp names of this session's reservations (a row's id
+        # may come again once it is released; a name never does).
+        self._temp_numbers = itertools.count(1)
         self.owner = "%s:%d:%s" % (self.node_id, os.getpid(), self.token)
         self._lock = threading.Lock()
         self._touches: Dict[str, float] = {}
@@ -188,7 +192,7 @@ class CacheStore:
         made: List[str] = []
 
         def path(k: int) -> str:
-            made.append(self.layout.batch_temp(self.token, reservation.id, k))
+            made.append(self.layout.batch_temp(self.token, reservation.number, k))
             return made[-1]
 
         try:
@@ -334,7 +338,8 @@ class CacheStore:
         :raises CacheFullError: if pinned files and writes in flight leave no room
         """
         rid = self._reserve_row(size)
-        return Reservation(rid, self.layout.reservation_temp(self.token, rid), self)
+        number = next(self._temp_numbers)
+        return Reservation(rid, number, self.layout.reservation_temp(self.token, number), self)
 
     def _reserve_row(self, size: int) -> int:
         """Reserve ``size`` bytes, evicting LRU files as needed: the row's id.
@@ -635,7 +640,7 @@ class CacheStore:
         try:
             with self.reserve(total) as res:
                 for k, (path, _, _, _) in enumerate(sources):
-                    temps[k] = self.layout.batch_temp(self.token, res.id, k)
+                    temps[k] = self.layout.batch_temp(self.token, res.number, k)
                     try:
                         results[k] = self._copy_in(path, temps[k], sizes[k], progress,
                                                    fsync=self.fsync and not batch_sync)
@@ -857,10 +862,12 @@ class Reservation:
     :meth:`release`.
     """
 
-    __slots__ = ("id", "temp", "committed", "released", "given_up", "_store")
+    __slots__ = ("id", "number", "temp", "committed", "released", "given_up", "_store")
 
-    def __init__(self, reservation_id: int, temp: str, store: CacheStore) -> None:
+    def __init__(self, reservation_id: int, number: int, temp: str, store: CacheStore) -> None:
         self.id = reservation_id
+        #: The session's number for its temp names (``temp``, a batch's items).
+        self.number = number
         self.temp = temp
         self.committed = False
         self.released = False
@@ -952,7 +959,8 @@ class BatchRooms:
     def __init__(self, store: CacheStore, reservation_id: int, sizes: Sequence[int]) -> None:
         self.store = store
         self.id = reservation_id
-        self.shares = [_Share(self, size, store.layout.batch_temp(store.token, reservation_id, k))
+        number = next(store._temp_numbers)
+        self.shares = [_Share(self, size, store.layout.batch_temp(store.token, number, k))
                        for k, size in enumerate(sizes)]
         self._extra: List[Reservation] = []
         self._lock = threading.Lock()

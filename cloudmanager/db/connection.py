@@ -41,7 +41,7 @@ from ..errors import DatabaseError
 log = logging.getLogger(__name__)
 
 #: The schema version this code writes and expects.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 #: WAL pages between automatic checkpoints (SQLite's default is 1,000, or
 #: 4 MB); a checkpoint writes each dirty page once, however often it changed.
@@ -264,6 +264,24 @@ MIGRATIONS: Dict[int, Union[str, Dict[str, str]]] = {
             ) WITHOUT ROWID;
         """,
         "cache_index": "",
+    },
+    # 8: reservations keep no AUTOINCREMENT sequence (temp file names no
+    # longer come from their ids); the rows in flight are kept.
+    7: {
+        "catalog": "",
+        "cache_index": """
+            CREATE TABLE reservations_v8 (
+                id      INTEGER PRIMARY KEY,
+                owner   TEXT NOT NULL,
+                size    INTEGER NOT NULL CHECK (size >= 0),
+                hash    TEXT,
+                created REAL NOT NULL
+            );
+            INSERT INTO reservations_v8 (id, owner, size, hash, created)
+                SELECT id, owner, size, hash, created FROM reservations;
+            DROP TABLE reservations;
+            ALTER TABLE reservations_v8 RENAME TO reservations;
+        """,
     },
 }
 

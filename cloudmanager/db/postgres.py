@@ -647,6 +647,10 @@ POSTGRES_MIGRATIONS: Dict[int, str] = {
         );
         UPDATE cloudmanager_schema SET version = 7;
     """,
+    # 8: a change to the cache index alone (reservations, in SQLite).
+    7: """
+        UPDATE cloudmanager_schema SET version = 8;
+    """,
 }
 
 

@@ -242,10 +242,12 @@ INSERT OR IGNORE INTO counters (name, value) VALUES
 
 -- Space promised to writes in flight (a temp file being filled). Counted
 -- against the capacity with the cached bytes, so temp files never push the
--- cache over it. `owner` names the session that made it.
+-- cache over it. `owner` names the session that made it. An id may be
+-- used again once its row is gone: temp file names come from a number each
+-- session counts up itself (cache/layout.py), not from the id, so the insert
+-- keeps no sequence (AUTOINCREMENT cost a write of sqlite_sequence a file).
 CREATE TABLE IF NOT EXISTS reservations (
-    -- AUTOINCREMENT: an id is never reused, so neither is a temp file name.
-    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    id      INTEGER PRIMARY KEY,
     owner   TEXT NOT NULL,
     size    INTEGER NOT NULL CHECK (size >= 0),
     hash    TEXT,                                -- set just before the rename

@@ -1,4 +1,4 @@
--- cloudmanager catalog schema on PostgreSQL, version 6.
+-- cloudmanager catalog schema on PostgreSQL, version 8.
 --
 -- The catalog part of schema.sql (same tables, columns, keys, indexes and
 -- copy-count triggers), in PostgreSQL's types; tests/test_catalog.py checks
@@ -152,4 +152,4 @@ CREATE TABLE trees (
 CREATE TABLE cloudmanager_schema (
     version INTEGER NOT NULL
 );
-INSERT INTO cloudmanager_schema (version) VALUES (7);
+INSERT INTO cloudmanager_schema (version) VALUES (8);
