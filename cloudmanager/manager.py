@@ -15,7 +15,8 @@ import logging
 import os
 import threading
 from typing import (
-    IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union, overload,
+    IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union,
+    overload,
 )
 
 from . import meter, reports
@@ -720,7 +721,7 @@ class CloudManager(OriginalMethods):
             log.error("upload_tree of %s failed: %s", path, exc)
             return False
 
-    def record_tree(self, path, files: Iterable[Sequence[Any]], *,
+    def record_tree(self, path, files: Iterable[Tuple[Any, str]], *,
                     defer: Optional[bool] = None) -> Union[str, bool]:
         """Record files already uploaded from under ``path`` as its tree (``cm upload DIR``).
 
@@ -736,7 +737,7 @@ class CloudManager(OriginalMethods):
 
         try:
             return self.pool.trees.record(tree_name(path),
-                                          entries_for(path, ((f, h) for f, h in files)),
+                                          entries_for(path, files),
                                           defer=defer)
         except _FAILURES as exc:
             log.error("no tree recorded for %s: %s", path, exc)

@@ -336,21 +336,24 @@ def entries_for(root: Union[str, os.PathLike[str]],
     """
     root = os.path.abspath(os.fspath(root))
     below = root.rstrip(os.sep) + os.sep
+    cut = len(below)
     out = []
     for f, file_hash in files:
         # walk() gives absolute paths: slicing spares relpath's work. A path
         # that is not normalised keeps a "." or ".." that encode() refuses.
         if f.path.startswith(below):
-            relative = f.path[len(below):]
+            relative = f.path[cut:]
         else:
             relative = os.path.relpath(f.path, root)
-        if relative.startswith(os.pardir + os.sep) or relative in (os.curdir, os.pardir):
-            raise UnsafePathError(f.path, "not under %s" % root)
-        path = relative.replace(os.sep, "/")
+            if relative.startswith(os.pardir + os.sep) or relative in (os.curdir, os.pardir):
+                raise UnsafePathError(f.path, "not under %s" % root)
+        if os.sep != "/":
+            relative = relative.replace(os.sep, "/")
         # Paths and hashes are checked once, by encode(), which every
         # manifest goes through before it is stored.
-        out.append(TreeEntry(path, file_hash, f.stat.st_size,
-                             stat.S_IMODE(f.stat.st_mode) & 0o777, f.stat.st_mtime_ns))
+        st = f.stat
+        out.append(TreeEntry(relative, file_hash, st.st_size, st.st_mode & 0o777,
+                             st.st_mtime_ns))
     return out
 
 
