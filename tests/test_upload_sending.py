@@ -84,7 +84,9 @@ def test_a_new_file_added_and_removed_elsewhere_while_sent_is_not_believed_held(
     assert h0 in cm.db.queue.hashes()
 
 
-def test_a_new_file_removed_elsewhere_while_sent_still_comes_back(make_pool, write_file, tmp_path):
+def _new_file_removed_while_sent(make_pool, write_file, tmp_path):
+    """A batch whose first file, new to the pool, another process adds and
+    removes while the batch is on its way: ``(root, cm, hash, bytes)``."""
     root, host, cm, other = setup(tmp_path, make_pool)
     data = b"precious bytes"
     h0 = sha(data)
@@ -94,6 +96,25 @@ def test_a_new_file_removed_elsewhere_while_sent_still_comes_back(make_pool, wri
         other.remove(h0)
     host.hook = meanwhile
     assert cm.upload_many([write_file("f0", data), write_file("f1", b"x"), write_file("f2", b"y")])[0] == h0
+    return root, cm, h0, data
+
+
+def _known_file_removed_while_sent_again(make_pool, write_file, tmp_path):
+    """A known file whose copy is condemned (missing), sent again by a batch
+    while another process removes it: ``(root, cm, hash, bytes)``."""
+    root, host, cm, other = setup(tmp_path, make_pool)
+    data = b"known file"
+    h0 = cm.upload(write_file("f0", data))
+    (root / h0).unlink()
+    cm.verify()                                  # -> missing, pinned, queued
+    assert cm.db.files.verified(h0) == 0
+    host.hook = lambda: other.remove(h0)
+    assert cm.upload_many([write_file("f0b", data), write_file("f1", b"a"), write_file("f2", b"b")])[0] == h0
+    return root, cm, h0, data
+
+
+def test_a_new_file_removed_elsewhere_while_sent_still_comes_back(make_pool, write_file, tmp_path):
+    root, cm, h0, data = _new_file_removed_while_sent(make_pool, write_file, tmp_path)
     assert cm.evict(0) >= 1
     out = tmp_path / "out"
     got = cm.download(h0, str(out))   # upload_many returned h0: must come back
@@ -105,14 +126,7 @@ def test_a_known_file_sent_again_and_removed_meanwhile_still_comes_back(make_poo
     sends it there again; another process removes the file meanwhile (it
     deletes the object under the recorded URL, ours). The file returned must
     still come back after an eviction."""
-    root, host, cm, other = setup(tmp_path, make_pool)
-    data = b"known file"
-    h0 = cm.upload(write_file("f0", data))
-    (root / h0).unlink()
-    cm.verify()                                  # -> missing, pinned, queued
-    assert cm.db.files.verified(h0) == 0
-    host.hook = lambda: other.remove(h0)
-    assert cm.upload_many([write_file("f0b", data), write_file("f1", b"a"), write_file("f2", b"b")])[0] == h0
+    root, cm, h0, data = _known_file_removed_while_sent_again(make_pool, write_file, tmp_path)
     assert not (root / h0).exists()
     assert cm.evict(0) >= 1
     out = tmp_path / "out"
@@ -165,26 +179,12 @@ def test_a_short_file_removed_meanwhile_counts_no_stale_holder(make_pool, write_
 # -- the same scenarios, judged by the invariant alone ------------------------------
 
 def _fresh(make_pool, write_file, tmp_path):
-    root, host, cm, other = setup(tmp_path, make_pool)
-    data = b"precious bytes"
-    h0 = sha(data)
-
-    def meanwhile():
-        other.upload(write_file("g0", data))
-        other.remove(h0)
-    host.hook = meanwhile
-    assert cm.upload_many([write_file("f0", data), write_file("f1", b"x"), write_file("f2", b"y")])[0] == h0
+    root, cm, h0, _ = _new_file_removed_while_sent(make_pool, write_file, tmp_path)
     return consistent(cm, h0, {"nas": str(root)})
 
 
 def _condemned(make_pool, write_file, tmp_path):
-    root, host, cm, other = setup(tmp_path, make_pool)
-    data = b"known file"
-    h0 = cm.upload(write_file("f0", data))
-    (root / h0).unlink()
-    cm.verify()
-    host.hook = lambda: other.remove(h0)
-    assert cm.upload_many([write_file("f0b", data), write_file("f1", b"a"), write_file("f2", b"b")])[0] == h0
+    root, cm, h0, _ = _known_file_removed_while_sent_again(make_pool, write_file, tmp_path)
     return consistent(cm, h0, {"nas": str(root)})
 
 
