@@ -257,6 +257,37 @@ def test_a_reservation_id_given_again_never_gives_a_temp_name_again(make_store):
     assert all(os.path.dirname(n) == store.tmp_dir for n in names)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_and_its_parent_never_share_a_temp_name(make_store):
+    """A forked child may go on using the pool, as the same session: its
+    temp names must not follow its parent's count (helper-33's test)."""
+    store = make_store(300)
+    with store.reserve(10):
+        pass  # the count has moved: the fork copies it
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: reserve, report the temp name, leave the row in flight
+        try:
+            os.close(read)
+            room = store.reservation(10)
+            open(room.temp, "wb").close()
+            os.write(write, room.temp.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child_temp = b""
+    while True:
+        chunk = os.read(read, 4096)
+        if not chunk:
+            break
+        child_temp += chunk
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child_temp
+    with store.reserve(10) as mine:  # the child's reservation is still in flight
+        assert os.fsdecode(child_temp) != mine.temp
+
+
 def test_a_reservation_outside_a_block_holds_until_released_from_any_thread(make_store, src,
                                                                             db):
     """The engine hands a download attempt's room to the call it gave up on,

@@ -1,6 +1,7 @@
 """FileDatabase on real SQLite files: schema, triggers, eviction order, merges,
 connections, transactions and the busy retry."""
 
+import logging
 import sqlite3
 import threading
 import time
@@ -774,3 +775,17 @@ def test_a_full_database_is_a_typed_error_and_loses_nothing(db, db_path):
     assert db.files.exists(H[2])
     assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
+
+
+def test_schema_sql_stands_at_the_schema_version(tmp_path, caplog):
+    """schema.sql makes every new database: it must say SCHEMA_VERSION, so a
+    new pool is not created at an older version and migrated (helper-33)."""
+    from cloudmanager.db.connection import SCHEMA_VERSION, schema_sql
+
+    for part in ("all", "cache_index"):
+        conn = sqlite3.connect(":memory:")
+        conn.executescript(schema_sql(part))
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION, part
+    with caplog.at_level(logging.INFO, logger="cloudmanager.db.connection"):
+        FileDatabase(tmp_path / "new.sqlite3").close()
+    assert not [r for r in caplog.records if "migrated" in r.getMessage()]

@@ -21,12 +21,13 @@ and reconciles.
 
 import contextlib
 import functools
-import logging
 import itertools
+import logging
 import os
 import tempfile
 import threading
 import time
+import weakref
 from typing import (
     AbstractSet, Any, BinaryIO, Callable, ContextManager, Dict, Iterator, List, Optional,
     Sequence, Set, Tuple, Union, cast,
@@ -61,6 +62,27 @@ Ingested = Union[Tuple[str, int], Exception]
 #: it records their copies and returns the hashes those protect.
 Send = Callable[[Dict[str, Tuple[str, int]]],
                 ContextManager[Callable[[Any, AbstractSet[str], AbstractSet[str]], Set[str]]]]
+
+
+#: Every store of this process, so that a forked child renumbers their temp
+#: names (see :func:`_count_apart_after_fork`).
+_STORES: "weakref.WeakSet[CacheStore]" = weakref.WeakSet()
+
+
+def _count_apart_after_fork() -> None:
+    """In a forked child, give each store's temp names a range of their own.
+
+    The child keeps its parent's session (its owner and token), so its
+    numbers must not follow the parent's: the parent's stay below 2**32, and
+    the child's start at its pid times 2**32 (pids of live processes differ).
+    """
+    start = (os.getpid() << 32) + 1
+    for store in list(_STORES):
+        store._temp_numbers = itertools.count(start)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_count_apart_after_fork)
 
 
 class CacheStore:
@@ -112,8 +134,10 @@ class CacheStore:
         self.node_id = db.sessions.node_id()
         self.token = fsutil.random_hex(8)
         # Numbers the temp names of this session's reservations (a row's id
-        # may come again once it is released; a name never does).
+        # may come again once it is released; a name never does). A child
+        # forked from this process counts from a range of its own.
         self._temp_numbers = itertools.count(1)
+        _STORES.add(self)
         self.owner = "%s:%d:%s" % (self.node_id, os.getpid(), self.token)
         self._lock = threading.Lock()
         self._touches: Dict[str, float] = {}

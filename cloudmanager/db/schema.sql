@@ -277,4 +277,4 @@ CREATE TABLE IF NOT EXISTS sources (
     hash     TEXT NOT NULL CHECK (length(hash) = 64)
 ) WITHOUT ROWID;
 
-PRAGMA user_version = 7;
+PRAGMA user_version = 8;

@@ -728,3 +728,29 @@ def test_restore_lists_plans_keeps_what_differs_and_refuses_a_hostile_tree(home,
     assert not (home.work / "dest").exists() or not os.listdir(home.work / "dest")
     listed = home.cm("ls", digest)
     assert listed.exit_code == 1 and listed.stderr.count("\n") == 1
+
+
+def test_main_in_process_leaves_later_garbage_collectable():
+    """main() freezes what the imports built while the command runs; called
+    in a process of its own caller's, a reference cycle that was garbage
+    then is still collected afterwards (helper-33)."""
+    import gc
+    import weakref
+
+    from cloudmanager.cli import main
+
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a cycle: only the cyclic collector frees it
+    alive = weakref.ref(a)
+    del a, b
+    gc.disable()  # as if the collector's threshold had not been reached yet
+    try:
+        with pytest.raises(SystemExit):
+            main(["--version"])
+    finally:
+        gc.enable()
+    gc.collect()
+    assert alive() is None, "a garbage cycle survived gc.collect() after main()"
